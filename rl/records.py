@@ -1,0 +1,77 @@
+"""Records that cross process boundaries (driver <-> rollout <-> reward <-> learner).
+
+Plain dataclasses with shape comments; required fields stay required. Images travel as uint8 HWC numpy
+arrays (cheap to pickle, unambiguous range); tensors are CPU torch tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class DegradationLabels:
+    """What the degradation pipeline applied to one HR image, as the policy should state it."""
+
+    levels: dict[str, str]  # item -> none|light|medium|heavy, items in rl.data.degradations.ITEMS order
+    params: dict[str, object]  # the raw sampled parameters (kernel sigmas, scales, noise sigma, jpeg quality...)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prompt: an LR image synthesised from an HR crop, with its ground truth."""
+
+    prompt_id: int  # unique within a run: the data cursor position that produced it
+    image_id: str  # source image name (file stem or skimage name)
+    lr: np.ndarray  # (h, w, 3) uint8
+    hr: Optional[np.ndarray]  # (H, W, 3) uint8, H = h * scale; None for real LR without HR
+    tags: tuple[str, ...]  # ground-truth content tags for the understanding reward
+    degradation: Optional[DegradationLabels]  # None for real LR images
+
+
+@dataclass(frozen=True)
+class DiffusionTrace:
+    """One SR stage of one chain: the sampler's trajectory, re-scorable by the learner."""
+
+    stage: str  # "rough" | "middle" | "final"
+    latents: torch.Tensor  # (S+1, C, H, W) x_T ... x_0 (pixel space when the model has no VAE)
+    log_probs: torch.Tensor  # (S,) Gaussian log-prob of each transition, mean over elements, at sampling time
+    timesteps: torch.Tensor  # (S,) scheduler timesteps
+    condition: torch.Tensor  # (3, H, W) the upsampled conditioning image in [-1, 1]
+    text_ids: torch.Tensor  # (L,) tokens of the stage's understanding text for the diffusion text encoder
+    noise_level: int  # noise added to the conditioning image
+
+
+@dataclass
+class Rollout:
+    """One sampled VLCoT chain."""
+
+    prompt_id: int
+    sample_index: int  # 0..G-1 within the group
+    policy_version: int
+    diffusion_version: int
+    prompt_ids: torch.Tensor  # (P,) prompt tokens, the LR image's vision tokens included
+    token_ids: torch.Tensor  # (T,) completion: generated text + inserted image blocks
+    text_mask: torch.Tensor  # (T,) 1 on tokens the policy sampled, 0 on inserted image blocks
+    log_probs: torch.Tensor  # (T,) sampling log-probs, 0 where text_mask is 0
+    text: str  # the chain as text, each image shown as rl.chain.IMAGE_PLACEHOLDER
+    images: dict[str, np.ndarray]  # stage -> (H, W, 3) uint8
+    context_images: list[np.ndarray]  # images fed to the policy in token order: LR, rough, middle
+    traces: tuple[DiffusionTrace, ...]
+    timings: dict[str, float] = field(default_factory=dict)
+    finish_reasons: tuple[str, ...] = ()  # per text turn: "stop" (closing tag) | "length" | "eos"
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The reward of one chain, with every component kept for logging."""
+
+    prompt_id: int
+    sample_index: int
+    parts: dict[str, float]  # format, degradation, understanding, generation, quality/<metric>, ...
+    total: float  # the configured weighted sum
+    errors: dict[str, str] = field(default_factory=dict)  # metric -> why it failed (scored by the documented rule)

@@ -1,0 +1,89 @@
+"""Configs: the shipped ones validate; unknown keys, wrong types and impossible values are errors naming key and value."""
+
+from pathlib import Path
+
+import pytest
+
+from rl.config import ConfigError, ExperimentConfig, load_config, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+    assert "${" not in to_yaml(cfg)  # every interpolation resolved
+
+
+def test_local_and_cluster_configs_exist():
+    names = {p.name for p in SHIPPED}
+    assert {"grpo_local.yaml", "grpo_8node.yaml"} <= names
+
+
+def test_interpolation_and_override():
+    cfg = load_config(ROOT / "configs/grpo_local.yaml", ["name=exp1", "grpo.group_size=8"])
+    assert cfg.output_dir == "runs/exp1"
+    assert cfg.trainer.log_dir == "runs/exp1/tensorboard"
+    assert cfg.grpo.group_size == 8
+
+
+def test_cluster_config_shape():
+    cfg = load_config(ROOT / "configs/grpo_8node.yaml")
+    assert cfg.learner.zero_stage == 3 and cfg.learner.backend == "nccl" and cfg.learner.dtype == "bfloat16"
+    assert [m.name for m in cfg.reward.metrics] == ["topiq_nr", "musiq", "maniqa-pipal", "clipiqa"]
+    assert cfg.policy.bootstrap is False and cfg.policy.path.startswith("/")
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("grpo.gruop_size=4", "unknown key 'grpo.gruop_size'"),
+        ("nonsense=1", "unknown key 'nonsense'"),
+        ("learner.zero_stage=x", "learner.zero_stage"),
+        ("trainer.total_steps=1.5", "trainer.total_steps"),
+    ],
+)
+def test_unknown_key_or_wrong_type(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/grpo_local.yaml", [override])
+    assert fragment in str(err.value)
+    assert "grpo_local.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("grpo.group_size=1", "grpo.group_size"),
+        ("learner.num_ranks=3", "learner.num_ranks"),  # 2 prompts x 4 samples not divisible by 3
+        ("learner.micro_batch_size=3", "learner.micro_batch_size"),
+        ("learner.zero_stage=4", "learner.zero_stage"),
+        ("diffusion.eta=0", "diffusion.eta"),
+        ("rollout.engine=sglang", "rollout.engine"),
+        ("data.hr_size=66", "data.hr_size"),
+        ("reward.understanding_stages=[coarse]", "reward.understanding_stages"),
+        ("policy.tiny.num_heads=8", "policy.tiny.num_heads"),  # head size 16 < 32
+        ("chain.final_scale=2", "chain.final_scale"),
+    ],
+)
+def test_impossible_values_name_key_and_value(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/grpo_local.yaml", [override])
+    message = str(err.value)
+    assert f"key {key!r}" in message
+    assert override.split("=", 1)[1].strip("[]") in message
+
+
+def test_missing_file_and_malformed_override(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(ROOT / "configs/grpo_local.yaml", ["grpo.group_size"])
+
+
+def test_missing_required_path(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\n")
+    with pytest.raises(ConfigError, match="policy.path"):
+        load_config(cfg)
