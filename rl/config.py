@@ -67,6 +67,10 @@ class TinyDiffusionConfig:
     """Shape of the random text-conditioned SR diffusion model built by the bootstrap."""
 
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    # UNet resolution levels; block_out_channels is extended with its last entry to this length. 4 levels =
+    # 3 downsamplings: sizes must be multiples of 8 and the attention (deepest level only) stays <= 16x16 up to
+    # 128 px, which keeps the CPU backward pass fast (environment.md).
+    num_levels: int = 4
     layers_per_block: int = 1
     attention_head_dim: int = 8
     text_hidden_size: int = 64

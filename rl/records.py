@@ -41,9 +41,12 @@ class DiffusionTrace:
     latents: torch.Tensor  # (S+1, C, H, W) x_T ... x_0 (pixel space when the model has no VAE)
     log_probs: torch.Tensor  # (S,) Gaussian log-prob of each transition, mean over elements, at sampling time
     timesteps: torch.Tensor  # (S,) scheduler timesteps
-    condition: torch.Tensor  # (3, H, W) the upsampled conditioning image in [-1, 1]
+    condition: torch.Tensor  # (3, H, W) the upsampled conditioning image in [-1, 1], noise_level noise already
+    #                          added: exactly the UNet's extra input channels (H, W = latent size with a VAE)
     text_ids: torch.Tensor  # (L,) tokens of the stage's understanding text for the diffusion text encoder
     noise_level: int  # noise added to the conditioning image
+    eta: float = 1.0  # DDIM eta the trajectory was sampled with (the learner re-scores with the same)
+    guidance_scale: float = 1.0  # classifier-free guidance used at sampling time; 1.0 = off
 
 
 @dataclass
@@ -75,3 +78,15 @@ class Scores:
     parts: dict[str, float]  # format, degradation, understanding, generation, quality/<metric>, ...
     total: float  # the configured weighted sum
     errors: dict[str, str] = field(default_factory=dict)  # metric -> why it failed (scored by the documented rule)
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """Where the learner put a new set of weights: serialised buckets (learner.weight_sync) in Ray's object store.
+
+    The rollout group keeps the latest one, so a restarted rollout actor can catch up before it samples.
+    """
+
+    version: int  # policy version after the update (diffusion shares the counter)
+    policy: tuple = ()  # ObjectRefs of safetensors bytes, HF parameter names; empty when the policy is frozen
+    diffusion: tuple = ()  # ObjectRefs; names prefixed "unet." / "text_encoder."; empty when frozen

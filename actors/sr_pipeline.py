@@ -1,0 +1,377 @@
+"""The text-conditioned SR diffusion model: the image half of the policy.
+
+``SRPipeline`` is shaped like diffusers' ``StableDiffusionUpscalePipeline`` (named components, one
+subfolder each, ``save_pretrained``/``from_pretrained`` as mirror images), so a real SD x4 upscaler
+directory can be named in a cluster config and the tiny random model from ``build_tiny_sr_pipeline`` uses
+the same layout. The UNet sees the noisy sample concatenated with the (noised) conditioning image, and the
+conditioning noise level as ``class_labels``, as in the SD x4 upscaler.
+
+Three entry points:
+  ``sample``          rollout: stochastic DDIM (eta > 0), returns uint8 images and one DiffusionTrace each
+  ``trace_log_probs`` learner: re-scores recorded transitions, gradients through the UNet and text encoder
+  ``denoising_loss``  cold-start SFT: epsilon (or v) prediction MSE at random timesteps
+
+Without a VAE the model works in pixel space ([-1, 1]). With one, latents are VAE latents at size / f
+(f = 2^(VAE levels - 1)) and, as in the SD x4 upscaler, the conditioning image is resized to the latent size.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
+
+from actors.sde import Generator, check_stochastic_schedule, ddim_step_with_logprob, logprob_scheduler, randn
+from rl.config import TinyDiffusionConfig
+from rl.records import DiffusionTrace
+
+logger = logging.getLogger(__name__)
+
+MAX_NOISE_LEVEL = 350  # the SD x4 upscaler's default: conditioning noise levels 0..350 are embedded
+
+
+class SRPipeline(DiffusionPipeline):
+    """Text encoder + UNet on [noisy sample, conditioning image] + DDIM, optional VAE (None: pixel space)."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vae"]
+
+    def __init__(
+        self,
+        text_encoder: CLIPTextModel,
+        tokenizer: PreTrainedTokenizerBase,
+        unet: UNet2DConditionModel,
+        scheduler: DDIMScheduler,
+        low_res_scheduler: DDPMScheduler,
+        vae: Optional[AutoencoderKL] = None,
+        max_noise_level: int = MAX_NOISE_LEVEL,
+    ):
+        super().__init__()
+        fixed = logprob_scheduler(scheduler)
+        if fixed is not scheduler:
+            logger.info("SRPipeline: scheduler switched to trailing spacing, set_alpha_to_one=False (log-probs)")
+        self.register_modules(
+            text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=fixed,
+            low_res_scheduler=low_res_scheduler, vae=vae,
+        )
+        self.register_to_config(max_noise_level=max_noise_level)
+        latent_channels = vae.config.latent_channels if vae is not None else 3
+        if unet.config.in_channels != latent_channels + 3:
+            raise ValueError(
+                f"unet.config.in_channels = {unet.config.in_channels}: expected {latent_channels} sample channels "
+                f"+ 3 conditioning-image channels = {latent_channels + 3}"
+            )
+
+    # ------------------------------------------------------------------------------------------ shapes
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
+    def text_max_length(self) -> int:
+        return min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+
+    def latent_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Output image (H, W) -> latent (h, w); raises when the UNet cannot take it."""
+        H, W = size
+        f = self.vae_scale_factor
+        multiple = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if H % multiple or W % multiple or H <= 0 or W <= 0:
+            raise ValueError(f"size = {size}: height and width must be positive multiples of {multiple}")
+        return H // f, W // f
+
+    # ------------------------------------------------------------------------------------------ inputs
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """prompts -> ids (B, L), padded/truncated to the text encoder's length (SD's convention, no mask)."""
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.text_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return ids
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) -> hidden states (B, L, D) in the UNet's dtype; differentiable."""
+        hidden = self.text_encoder(ids.to(self.device))[0]
+        return hidden.to(self.unet.dtype)
+
+    def prepare_condition(
+        self, images: Sequence[np.ndarray], size: tuple[int, int], noise_level: int, generator: Generator
+    ) -> torch.Tensor:
+        """uint8 HWC images -> bicubic to the latent size, [-1, 1], plus noise_level noise: (B, 3, h, w) float32."""
+        if not 0 <= noise_level <= self.config.max_noise_level:
+            raise ValueError(f"noise_level = {noise_level}: must be in [0, {self.config.max_noise_level}]")
+        h, w = self.latent_size(size)
+        cond = torch.stack([_resize(_to_tensor(img), (h, w)) for img in images]).to(self.device)  # (B, 3, h, w)
+        noise = randn(cond.shape, generator, self.device)
+        levels = torch.full((cond.shape[0],), noise_level, dtype=torch.long, device=self.device)
+        return self.low_res_scheduler.add_noise(cond, noise, levels).float()
+
+    # ------------------------------------------------------------------------------------------ model
+    def predict(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        condition: torch.Tensor,
+        text: torch.Tensor,
+        noise_levels: torch.Tensor,
+        guidance_scale: float = 1.0,
+        uncond_text: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """UNet output for x_t (B, C, h, w), t (B,), condition (B, 3, h, w), text (B, L, D), levels (B,).
+
+        With guidance_scale != 1 the batch is doubled with ``uncond_text`` (B, L, D) and the outputs are
+        combined as uncond + g * (cond - uncond). Returns float32 (B, C, h, w).
+        """
+        dtype = self.unet.dtype
+        x_in = torch.cat([self.scheduler.scale_model_input(x_t, t), condition], dim=1).to(dtype)  # (B, C+3, h, w)
+        if guidance_scale == 1.0:
+            return self.unet(x_in, t, encoder_hidden_states=text, class_labels=noise_levels).sample.float()
+        out = self.unet(
+            torch.cat([x_in, x_in]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond_text, text]),
+            class_labels=torch.cat([noise_levels, noise_levels]),
+        ).sample.float()
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+        """x_0 (B, C, h, w) -> uint8 (H, W, 3) images."""
+        if self.vae is not None:
+            latents = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        pixels = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, H, W)
+        return list(pixels.permute(0, 2, 3, 1).cpu().numpy())
+
+    # ------------------------------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def sample(
+        self,
+        conditions: Sequence[np.ndarray],
+        size: tuple[int, int],
+        prompts: Sequence[str],
+        num_steps: int = 10,
+        eta: float = 1.0,
+        noise_level: int = 20,
+        generator: Generator = None,
+        guidance_scale: float = 1.0,
+        stage: str = "",
+    ) -> tuple[list[np.ndarray], list[DiffusionTrace]]:
+        """Sample one image per (condition, prompt) at ``size`` = (H, W) and record each trajectory.
+
+        conditions: uint8 (h, w, 3) images (the LR image or the previous stage's), any sizes; a list of
+        generators (one per image) makes each image independent of the batch it is sampled in.
+        """
+        # 1. check inputs
+        B = len(conditions)
+        if len(prompts) != B:
+            raise ValueError(f"{len(prompts)} prompts for {B} conditioning images")
+        if num_steps < 1:
+            raise ValueError(f"num_steps = {num_steps}: must be >= 1")
+        # 2. text
+        ids = self.tokenize(prompts)  # (B, L)
+        text = self.encode_text(ids)  # (B, L, D)
+        uncond = self.encode_text(self.tokenize([""] * B)) if guidance_scale != 1.0 else None
+        # 3. conditioning image with its noise
+        cond = self.prepare_condition(conditions, size, noise_level, generator)  # (B, 3, h, w)
+        levels = torch.full((B,), noise_level, dtype=torch.long, device=self.device)
+        # 4. schedule: every step must be a proper Gaussian
+        self.scheduler.set_timesteps(num_steps, device=self.device)
+        check_stochastic_schedule(self.scheduler, eta)
+        timesteps = self.scheduler.timesteps  # (S,)
+        # 5. x_T
+        channels = self.unet.config.out_channels
+        x = randn((B, channels, *cond.shape[-2:]), generator, self.device) * self.scheduler.init_noise_sigma
+        # 6. denoising loop
+        latents, log_probs = [x], []
+        for t in timesteps:
+            t_b = t.expand(B)
+            out = self.predict(x, t_b, cond, text, levels, guidance_scale, uncond)
+            step = ddim_step_with_logprob(self.scheduler, out, t_b, x, eta, generator=generator)
+            x = step.prev_sample
+            latents.append(x)
+            log_probs.append(step.log_prob)
+        # 7. images and traces
+        images = self.decode(x)
+        lat = torch.stack(latents, dim=1).cpu()  # (B, S+1, C, h, w)
+        lp = torch.stack(log_probs, dim=1).cpu()  # (B, S)
+        traces = [
+            DiffusionTrace(
+                stage=stage, latents=lat[i].clone(), log_probs=lp[i].clone(), timesteps=timesteps.cpu().clone(),
+                condition=cond[i].cpu().clone(), text_ids=ids[i].clone(), noise_level=int(noise_level),
+                eta=float(eta), guidance_scale=float(guidance_scale),
+            )
+            for i in range(B)
+        ]
+        return images, traces
+
+    # ------------------------------------------------------------------------------------------ learner
+    def trace_log_probs(
+        self, traces: Sequence[DiffusionTrace], step_indices: Optional[Sequence[int]] = None
+    ) -> torch.Tensor:
+        """Re-score recorded transitions under the current weights: (N, K) log-probs, K = len(step_indices).
+
+        step_indices: which denoising steps (0..S-1) to score, the same for every trace (default: all S).
+        Differentiable through the UNet and the text encoder. All chosen steps of a group of same-shaped
+        traces go through the UNet as one batch; to bound memory, call once per step (``[k]``) and backward
+        each (Flow-GRPO's loop).
+        """
+        if not traces:
+            raise ValueError("trace_log_probs: no traces")
+        S = len(traces[0].timesteps)
+        steps = list(range(S)) if step_indices is None else [int(k) for k in step_indices]
+        rows: list[Optional[torch.Tensor]] = [None] * len(traces)
+        for idx in _group_traces(traces):
+            group = [traces[i] for i in idx]
+            for i, row in zip(idx, self._group_log_probs(group, steps)):
+                rows[i] = row
+        return torch.stack(rows)  # (N, K)
+
+    def _group_log_probs(self, traces: list[DiffusionTrace], steps: list[int]) -> torch.Tensor:
+        """Same-shaped traces (B of them) -> (B, K) log-probs; one UNet call over B*K transitions."""
+        first = traces[0]
+        B, K, S = len(traces), len(steps), len(first.timesteps)
+        if any(not 0 <= k < S for k in steps):
+            raise ValueError(f"step_indices {steps}: must be in [0, {S})")
+        self.scheduler.set_timesteps(S, device=self.device)
+        if not torch.equal(self.scheduler.timesteps.cpu(), first.timesteps.cpu().long()):
+            raise ValueError(
+                f"trace timesteps {first.timesteps.tolist()} differ from the scheduler's "
+                f"{self.scheduler.timesteps.tolist()} for {S} steps: was the scheduler config changed?"
+            )
+        dev = self.device
+        lat = torch.stack([tr.latents for tr in traces]).to(dev)  # (B, S+1, C, h, w)
+        k = torch.tensor(steps, device=dev)
+        x_t = lat[:, k].flatten(0, 1)  # (B*K, C, h, w), sample-major
+        x_prev = lat[:, k + 1].flatten(0, 1)
+        t = first.timesteps.to(dev).long()[k].repeat(B)  # (B*K,)
+        cond = torch.stack([tr.condition for tr in traces]).to(dev).repeat_interleave(K, dim=0)
+        levels = torch.tensor([tr.noise_level for tr in traces], device=dev).repeat_interleave(K)
+        text = self.encode_text(torch.stack([tr.text_ids for tr in traces])).repeat_interleave(K, dim=0)
+        uncond = None
+        if first.guidance_scale != 1.0:
+            uncond = self.encode_text(self.tokenize([""])).expand(B * K, -1, -1)
+        out = self.predict(x_t, t, cond, text, levels, first.guidance_scale, uncond)
+        step = ddim_step_with_logprob(self.scheduler, out, t, x_t, first.eta, prev_sample=x_prev)
+        return step.log_prob.view(B, K)
+
+    # ------------------------------------------------------------------------------------------ SFT
+    def denoising_loss(
+        self,
+        targets: Sequence[np.ndarray],
+        conditions: Sequence[np.ndarray],
+        prompts: Sequence[str],
+        generator: Optional[torch.Generator] = None,
+        noise_level: int = 20,
+        prompt_dropout: float = 0.0,
+    ) -> torch.Tensor:
+        """Scalar MSE of the UNet's prediction (epsilon, v or x_0 per the scheduler) at random timesteps.
+
+        targets: same-sized uint8 (H, W, 3) HR images; conditions: what ``sample`` would be given for them.
+        prompt_dropout: share of prompts replaced by "" so that classifier-free guidance has an
+        unconditional model to contrast with.
+        """
+        B = len(targets)
+        if not (len(conditions) == len(prompts) == B) or B == 0:
+            raise ValueError(f"{B} targets, {len(conditions)} conditions, {len(prompts)} prompts: need equal, > 0")
+        sizes = {t.shape for t in targets}
+        if len(sizes) != 1:
+            raise ValueError(f"targets must share one size, got {sorted(sizes)}")
+        size = targets[0].shape[:2]
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        x0 = torch.stack([_to_tensor(t) for t in targets]).to(self.device)  # (B, 3, H, W)
+        if self.vae is not None:
+            posterior = self.vae.encode(x0.to(self.vae.dtype)).latent_dist
+            x0 = (posterior.sample(generator) * self.vae.config.scaling_factor).float()
+        keep = torch.rand(B, generator=generator, device=gen_device) >= prompt_dropout
+        prompts = [p if keep[i] else "" for i, p in enumerate(prompts)]
+        cond = self.prepare_condition(conditions, size, noise_level, generator)
+        T = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, T, (B,), generator=generator, device=gen_device).to(self.device)
+        noise = randn(x0.shape, generator, self.device)
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        kind = self.scheduler.config.prediction_type
+        target = {"epsilon": noise, "sample": x0}.get(kind)
+        if target is None:
+            target = self.scheduler.get_velocity(x0, noise, t)
+        levels = torch.full((B,), noise_level, dtype=torch.long, device=self.device)
+        pred = self.predict(x_t, t, cond, self.encode_text(self.tokenize(prompts)), levels)
+        return F.mse_loss(pred, target.float())
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1]."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        desc = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
+        raise ValueError(f"expected a uint8 (H, W, 3) image, got {desc}")
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic (antialiased when shrinking) resize of (3, H, W) to ``size``, clamped back to [-1, 1]."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    out = F.interpolate(image[None], size=size, mode="bicubic", align_corners=False, antialias=True)
+    return out[0].clamp(-1, 1)
+
+
+def _group_traces(traces: Sequence[DiffusionTrace]) -> list[list[int]]:
+    """Indices of traces that can share a UNet batch: same shapes, schedule, eta and guidance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, tr in enumerate(traces):
+        key = (tuple(tr.latents.shape), tuple(tr.text_ids.shape), tuple(tr.timesteps.tolist()), tr.eta,
+               tr.guidance_scale)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def build_tiny_sr_pipeline(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokenizerBase) -> SRPipeline:
+    """A random pixel-space SRPipeline from ``cfg``, the same for the same ``cfg.seed``.
+
+    The UNet has ``cfg.num_levels`` levels (``block_out_channels`` extended with its last entry); only the
+    deepest level and the mid block attend (self + text cross-attention), so for 4 levels attention runs at
+    size/8: <= 16x16 up to 128 px. Sizes must be multiples of 2^(num_levels - 1).
+    """
+    if len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"diffusion.tiny.vocab_size = {cfg.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
+    if not 1 <= len(cfg.block_out_channels) <= cfg.num_levels:
+        raise ValueError(
+            f"diffusion.tiny.block_out_channels = {cfg.block_out_channels}: needs 1..num_levels = {cfg.num_levels} entries"
+        )
+    channels = list(cfg.block_out_channels) + [cfg.block_out_channels[-1]] * (cfg.num_levels - len(cfg.block_out_channels))
+    groups = 8
+    if any(c % groups or c % cfg.attention_head_dim for c in channels):
+        raise ValueError(
+            f"diffusion.tiny.block_out_channels = {channels}: each must be a multiple of 8 (GroupNorm) and of "
+            f"attention_head_dim = {cfg.attention_head_dim}"
+        )
+    if cfg.text_hidden_size % cfg.text_heads:
+        raise ValueError(f"diffusion.tiny.text_heads = {cfg.text_heads} must divide text_hidden_size = {cfg.text_hidden_size}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden_size, intermediate_size=4 * cfg.text_hidden_size,
+            projection_dim=cfg.text_hidden_size, num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads, max_position_embeddings=cfg.text_max_length,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id or tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ))
+        n = cfg.num_levels
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=3 + 3, out_channels=3, block_out_channels=tuple(channels),
+            down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
+            up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+            layers_per_block=cfg.layers_per_block, norm_num_groups=groups,
+            # diffusers' naming quirk: this argument is the number of heads; we want heads of attention_head_dim
+            attention_head_dim=channels[-1] // cfg.attention_head_dim,
+            cross_attention_dim=cfg.text_hidden_size, num_class_embeds=MAX_NOISE_LEVEL + 1,
+        )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="epsilon",
+        clip_sample=True, set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing",
+    )
+    low_res_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    return SRPipeline(text_encoder, tokenizer, unet, scheduler, low_res_scheduler, vae=None, max_noise_level=MAX_NOISE_LEVEL)

@@ -1,0 +1,238 @@
+"""DeepSpeed set-up for one learner rank, pure of Ray: process group, engine config, LR schedule, ZeRO-3 gathers.
+
+Every rank of the learner group runs the same code. The process group comes from the environment
+(RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), which the Ray shell (``learner.group``) or
+torchrun sets, so this module works the same under Ray, torchrun and in a plain test process (world size 1).
+
+Choices, with their reasons:
+
+* The optimizer is ``torch.optim.AdamW``, not DeepSpeed's (CPU)Adam: those JIT-compile a C++ op for
+  60-100 s on first use, and ZeRO shards a torch optimizer's state just as well.
+* Gradient accumulation is *unmanaged* (``managed_gradient_accumulation: false``): every ``engine.step()``
+  is an optimizer step, whatever the number of micro-batches before it. The number of kept chains changes
+  from step to step (zero-variance groups are dropped), so a fixed ``gradient_accumulation_steps`` cannot
+  describe it. ``backward`` is called with ``scale_wrt_gas=False``: the caller normalises each micro-batch
+  loss by the global token count itself (``rl.grpo.token_mean``).
+* DeepSpeed *averages* gradients over data-parallel ranks; a loss normalised by the global token count needs
+  the *sum*, so the caller multiplies its loss by the world size (``dp_loss_scale``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from functools import partial
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from rl.config import LearnerConfig, OptimConfig
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"learner.dtype = {name!r}: must be one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+# ------------------------------------------------------------------------------------------ process group
+def init_distributed(backend: str, timeout_s: float = 1800.0) -> torch.device:
+    """Join the learner's process group from the environment and return this rank's device.
+
+    Idempotent: a second worker in the same process (tests) reuses the group. gloo means CPU, nccl means
+    ``cuda:LOCAL_RANK`` (under Ray each actor sees only its own GPU, so LOCAL_RANK is 0).
+    """
+    missing = [k for k in _ENV_KEYS if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"learner process group: environment variables {missing} are not set "
+                           "(learner.group sets them; under torchrun they are set for you)")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"learner.backend = {backend!r}: must be gloo (CPU) or nccl (GPU)")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=timedelta(seconds=timeout_s))
+    return device
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def dp_loss_scale() -> float:
+    """Factor on a loss normalised by a *global* count, undoing DeepSpeed's mean over data-parallel ranks."""
+    return float(world_size())
+
+
+# ------------------------------------------------------------------------------------------ schedule
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """LR / peak LR before optimizer step ``step`` (0-based).
+
+    Linear warmup over ``warmup_steps`` (starting at 1/warmup, not 0, so the first step learns), then
+    ``constant`` | ``cosine`` (to ``min_lr_ratio``) | ``linear`` (to ``min_lr_ratio``) over the rest.
+
+    >>> [round(lr_multiplier(s, 10, 2, "linear", 0.0), 3) for s in (0, 1, 2, 6, 10)]
+    [0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_lr_ratio) * progress
+    raise ValueError(f"optimizer schedule = {schedule!r}: must be constant, cosine or linear")
+
+
+# ------------------------------------------------------------------------------------------ engines
+def ds_config(learner: LearnerConfig) -> dict[str, Any]:
+    """The DeepSpeed config of one trainable model (both models share it; they differ in optimizer only)."""
+    zero: dict[str, Any] = {"stage": learner.zero_stage}
+    if learner.zero_stage >= 2:
+        # Gradients are reduced per backward with unmanaged accumulation; overlap_comm is only
+        # supported with it at stage 2/3, and on CPU there is nothing to overlap with.
+        zero["overlap_comm"] = learner.backend == "nccl"
+    return {
+        "train_micro_batch_size_per_gpu": learner.micro_batch_size,  # bookkeeping only (we feed the batches)
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,  # every step() is a boundary (see module docstring)
+        "gradient_clipping": learner.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": learner.dtype == "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # the driver logs; DeepSpeed's own prints only add noise
+        "wall_clock_breakdown": False,
+    }
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and norm weights (1-D tensors), as is usual for transformers."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class _ClipAndRecord:
+    """Optimizer pre-step hook for ZeRO stage 0 in fp32: DeepSpeed clips there but keeps no grad norm, so
+    we clip ourselves (DeepSpeed's own clipping is switched off) and record the pre-clip norm."""
+
+    def __init__(self, max_norm: float):
+        self.max_norm = max_norm
+        self.norm: Optional[float] = None
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        max_norm = self.max_norm if self.max_norm > 0 else float("inf")
+        self.norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+
+
+def build_engine(module: nn.Module, optim: OptimConfig, learner: LearnerConfig, total_steps: int):
+    """Wrap ``module`` in a DeepSpeed engine with torch AdamW and the configured LR schedule.
+
+    ``total_steps`` is the number of optimizer steps of the run (trainer steps x update epochs); the
+    schedule needs it for cosine/linear decay. Under ZeRO-3 the parameters are partitioned here.
+    """
+    import deepspeed
+
+    config = ds_config(learner)
+    hook = None
+    if learner.zero_stage == 0 and learner.dtype == "float32":
+        hook = _ClipAndRecord(learner.grad_clip)
+        config["gradient_clipping"] = 0.0
+    optimizer = torch.optim.AdamW(_param_groups(module, optim.weight_decay), lr=optim.lr,
+                                  betas=tuple(optim.betas))
+    if hook is not None:
+        optimizer.register_step_pre_hook(hook)
+    schedule = partial(lr_multiplier, total_steps=total_steps, warmup_steps=optim.warmup_steps,
+                       schedule=optim.schedule, min_lr_ratio=optim.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=config)
+    engine._realsr_clip_hook = hook  # read by grad_norm()
+    return engine
+
+
+def grad_norm(engine) -> float:
+    """Pre-clip global gradient norm of the last ``engine.step()`` (NaN when DeepSpeed did not compute one)."""
+    hook = getattr(engine, "_realsr_clip_hook", None)
+    norm = hook.norm if hook is not None else engine.get_global_grad_norm()
+    return float("nan") if norm is None else float(norm)
+
+
+def current_lr(engine) -> float:
+    return float(engine.get_lr()[0])
+
+
+# ------------------------------------------------------------------------------------------ ZeRO-3 gathers
+def is_partitioned(module: nn.Module) -> bool:
+    """True when ZeRO-3 has partitioned this module's parameters (each rank holds a shard)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@contextmanager
+def full_parameters(params: Iterable[nn.Parameter], enabled: bool = True) -> Iterator[None]:
+    """Inside the block every parameter holds its full value on every rank (ZeRO-3: an all-gather, which
+    ALL ranks must enter together; otherwise a no-op)."""
+    params = [p for p in params if hasattr(p, "ds_id")] if enabled else []
+    if not params:
+        with nullcontext():
+            yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def iter_full_state(module: nn.Module, bucket_bytes: int = 64 << 20, to_cpu: bool = True
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter and persistent buffer, in ``state_dict`` order, gathered a
+    bucket of parameters at a time so memory holds one bucket beyond the shards.
+
+    A collective under ZeRO-3: every rank must drive the generator to its end (rank 0 keeps the tensors,
+    the others may drop them). Names are those of ``module.named_parameters()`` / ``state_dict()``; a tied
+    parameter appears once, under its first name.
+    """
+    names = {id(p): n for n, p in module.named_parameters()}
+    params = list(module.parameters())
+    bucket: list[nn.Parameter] = []
+    size = 0
+
+    def flush() -> Iterator[tuple[str, torch.Tensor]]:
+        with full_parameters(bucket):
+            for p in bucket:
+                t = p.detach()
+                yield names[id(p)], (t.to("cpu", copy=True) if to_cpu else t.clone())
+
+    for p in params:
+        n = int(getattr(p, "ds_numel", p.numel())) * p.element_size()
+        if bucket and size + n > bucket_bytes:
+            yield from flush()
+            bucket, size = [], 0
+        bucket.append(p)
+        size += n
+    if bucket:
+        yield from flush()
+    persistent = set(module.state_dict(keep_vars=True).keys())
+    for name, buf in module.named_buffers():
+        if name in persistent and buf is not None:
+            yield name, (buf.detach().to("cpu", copy=True) if to_cpu else buf.detach().clone())

@@ -1,0 +1,486 @@
+"""One learner rank: the policy and the SR diffusion model under DeepSpeed, trained with the GRPO losses.
+
+``LearnerWorker`` is a plain class (no Ray). ``learner.group`` runs N of them as Ray actors forming one ZeRO
+group; a test or a single-process run builds one directly (world size 1). All methods that touch model
+weights are collectives: every rank must call them, in the same order.
+
+One train step on this rank's shard (rows of a ``rl.grpo.TrainBatch`` plus the Rollouts they came from):
+
+    for each update epoch:                                  (old log-probs stay the rollout's)
+        for each micro-batch of learner.micro_batch_size chains:
+            policy:    re-score prompt + completion with the context images -> clipped surrogate on text tokens
+                       (+ beta * k3 KL to the frozen reference)       / global text-token count -> backward
+            diffusion: re-score every denoising step of the chain's traces  -> clipped surrogate per step
+                                                                       / global step count       -> backward
+        step both engines (one optimizer step per epoch)
+
+Dividing by the *global* counts (all micro-batches on all ranks) makes the accumulated gradient exactly the
+token-mean of the whole batch however it is split (``rl.grpo.token_mean``). Every rank runs the same number
+of micro-batches (short ranks repeat one with an all-zero mask) because ZeRO's collectives run per forward /
+backward.
+
+Log-probs of the policy are taken at temperature ``logprob_temperature`` (default 1.0): vLLM reports the
+log-probs of the raw model distribution (``logprobs_mode="raw_logprobs"``), whatever the sampling
+temperature, so the learner must not divide by it either. If the rollout engine reports processed
+log-probs, pass the sampling temperature here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from learner import engine as eng
+from rl.config import DiffusionConfig, ExperimentConfig, GRPOConfig, LearnerConfig, PolicyConfig
+from rl.grpo import (
+    TrainBatch,
+    clipped_surrogate,
+    gather_token_log_probs,
+    image_surrogate,
+    k3_kl,
+    needs_reference,
+    token_mean,
+)
+from rl.records import Rollout
+
+MODELS = ("policy", "diffusion")
+WORKER_STATE_FILE = "learner_state.json"
+CHECKPOINT_TAG = "zero"  # DeepSpeed's tag subdirectory; fixed so a checkpoint dir holds exactly one state
+# Metrics of rl.grpo.SurrogateOutput that are masked means: aggregated over ranks weighted by their tokens.
+_MEAN_METRICS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "approx_kl", "ratio_mean")
+
+
+# ============================================================================================ sharding (pure)
+def masked_copy(batch: TrainBatch) -> TrainBatch:
+    """The same rows with every loss position switched off: runs the forward/backward collectives of a
+    rank that has no real work left, and contributes exactly zero loss, tokens and gradient."""
+    return replace(
+        batch,
+        loss_mask=torch.zeros_like(batch.loss_mask),
+        advantages=torch.zeros_like(batch.advantages),
+        chain_advantages=torch.zeros_like(batch.chain_advantages),
+        step_mask=torch.zeros_like(batch.step_mask),
+    )
+
+
+def shard_batch(batch: TrainBatch, rollouts: Sequence[Any], num_ranks: int) -> list[tuple[TrainBatch, list[Any]]]:
+    """Split a TrainBatch into ``num_ranks`` contiguous shards of near-equal size, each with its rollouts.
+
+    ``rollouts`` is the list given to ``rl.grpo.build_train_batch`` (``batch.rows`` index it); its items
+    may be Rollouts or anything standing for them (Ray object refs). A rank left without rows (fewer chains
+    than ranks) gets a masked copy of row 0 so it still joins every collective.
+    """
+    n = len(batch)
+    if n == 0:
+        raise ValueError("empty TrainBatch (every group was filtered): the driver must skip this step")
+    if num_ranks < 1:
+        raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
+    shards = []
+    for r in range(num_ranks):
+        lo, hi = r * n // num_ranks, (r + 1) * n // num_ranks
+        if hi > lo:
+            rows = list(range(lo, hi))
+            sub = batch.select(rows)
+        else:
+            rows = [0]
+            sub = masked_copy(batch.select(rows))
+        shards.append((sub, [rollouts[batch.rows[i]] for i in rows]))
+    return shards
+
+
+def _check_alignment(batch: TrainBatch, rollouts: Sequence[Rollout]) -> None:
+    if len(rollouts) != len(batch):
+        raise ValueError(f"train_step got {len(batch)} batch rows but {len(rollouts)} rollouts (one per row)")
+    for key, r in zip(batch.keys, rollouts):
+        if key != (int(r.prompt_id), int(r.sample_index)):
+            raise ValueError(f"batch row {key} is paired with rollout {(r.prompt_id, r.sample_index)}")
+
+
+# ============================================================================================ the diffusion module
+class TraceScorer(nn.Module):
+    """The trainable parts of the SR pipeline (UNet, text encoder) as one module, so that one DeepSpeed
+    engine owns them (and, under ZeRO-3, hooks them); ``forward(traces)`` re-scores recorded denoising
+    steps with ``pipeline.trace_log_probs``. State-dict names are ``unet.*`` / ``text_encoder.*``, the
+    pipeline's component names, which is what the rollout side loads."""
+
+    def __init__(self, pipeline: Any):
+        super().__init__()
+        self.unet = pipeline.unet
+        if getattr(pipeline, "text_encoder", None) is not None:
+            self.text_encoder = pipeline.text_encoder
+        self._pipeline = [pipeline]  # in a list: not registered as a submodule (no duplicate parameters)
+
+    @property
+    def pipeline(self) -> Any:
+        return self._pipeline[0]
+
+    def forward(self, traces: Sequence[Any]) -> Tensor:
+        return self.pipeline.trace_log_probs(traces)  # (N, S) with grad
+
+
+def load_sr_pipeline(path: str) -> Any:
+    """``actors.sr_pipeline.SRPipeline.from_pretrained(path)`` (imported here: the policy-only learner
+    does not need diffusers)."""
+    from actors.sr_pipeline import SRPipeline
+
+    return SRPipeline.from_pretrained(path)
+
+
+# ============================================================================================ the worker
+class LearnerWorker:
+    """One rank of the DeepSpeed learner. Build it with ``from_config`` (or the sub-configs)."""
+
+    def __init__(
+        self,
+        learner: LearnerConfig,
+        policy: PolicyConfig,
+        diffusion: DiffusionConfig,
+        grpo: GRPOConfig,
+        total_steps: int,
+        dist_env: Optional[Mapping[str, str]] = None,
+        logprob_temperature: float = 1.0,
+        pipeline_loader: Callable[[str], Any] = load_sr_pipeline,
+    ):
+        """``total_steps``: trainer steps of the run (the LR schedule spans total_steps x update_epochs
+        optimizer steps). ``dist_env``: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for this
+        rank (None: already in the environment). ``pipeline_loader``: path -> SR pipeline."""
+        self.cfg, self.policy_cfg, self.diffusion_cfg, self.grpo = learner, policy, diffusion, grpo
+        self.logprob_temperature = logprob_temperature
+        self._configure_env(dist_env)
+        t0 = time.perf_counter()
+        self.device = eng.init_distributed(learner.backend)
+        self.rank, self.world_size = eng.rank(), eng.world_size()
+        self.dtype = eng.torch_dtype(learner.dtype)
+        self.optimizer_steps = 0
+        optimizer_total = max(1, total_steps * grpo.update_epochs)
+
+        self.engines: dict[str, Any] = {}
+        self.tokens = None  # rl.models.policy.ChainTokens of the policy (processor + token layout)
+        self.reference: Optional[nn.Module] = None
+        if not policy.freeze:
+            from rl.models.policy import ChainTokens
+
+            self.tokens = ChainTokens.from_pretrained(policy.path)
+            model = self._load_policy(policy.path)
+            model.train()
+            if policy.gradient_checkpointing:
+                model.gradient_checkpointing_enable()
+            self.engines["policy"] = eng.build_engine(model, learner.policy_optim, learner, optimizer_total)
+            if needs_reference(grpo.kl_beta):
+                self.reference = self._load_policy(policy.init_from or policy.path).eval().requires_grad_(False)
+        self.pipeline = None
+        if not diffusion.freeze:
+            self.pipeline = pipeline_loader(diffusion.path)
+            self.pipeline.to(self.device)
+            for module in _pipeline_modules(self.pipeline):
+                module.requires_grad_(False)  # the VAE and anything else outside the TraceScorer stay frozen
+            scorer = TraceScorer(self.pipeline).to(self.dtype).requires_grad_(True).train()
+            self.engines["diffusion"] = eng.build_engine(scorer, learner.diffusion_optim, learner, optimizer_total)
+        self.setup_seconds = time.perf_counter() - t0
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig, dist_env: Optional[Mapping[str, str]] = None,
+                    **kwargs: Any) -> "LearnerWorker":
+        return cls(cfg.learner, cfg.policy, cfg.diffusion, cfg.grpo, cfg.trainer.total_steps, dist_env, **kwargs)
+
+    @staticmethod
+    def _configure_env(dist_env: Optional[Mapping[str, str]]) -> None:
+        """The one place this rank's process environment is changed: rank variables and offline flags."""
+        from rl.env import configure_process
+
+        configure_process()
+        for key, value in (dist_env or {}).items():
+            os.environ[key] = str(value)
+
+    def _load_policy(self, path: str) -> nn.Module:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"policy.path = {path!r}: no HF model there (config.json missing)")
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=self.dtype)
+        return model.to(self.device)
+
+    # ------------------------------------------------------------------ small helpers
+    def info(self) -> dict[str, Any]:
+        """Who this rank is and what it trains (the group waits on this after start-up)."""
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "trained": sorted(self.engines),
+            "zero_stage": self.cfg.zero_stage,
+            "parameters": {k: sum(int(getattr(p, "ds_numel", p.numel())) for p in e.module.parameters())
+                           for k, e in self.engines.items()},
+            "setup_seconds": self.setup_seconds,
+        }
+
+    def _engine(self, model: str):
+        if model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+        if model not in self.engines:
+            raise ValueError(f"the {model} is frozen (config {model}.freeze = true): the learner does not train "
+                             "or hold it, so it has no weights to gather or sync")
+        return self.engines[model]
+
+    def _all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
+        if self.world_size == 1:
+            return [float(v) for v in values]
+        device = self.device if self.cfg.backend == "nccl" else torch.device("cpu")
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+               "min": torch.distributed.ReduceOp.MIN}
+        torch.distributed.all_reduce(t, op=ops[op])
+        return t.cpu().tolist()
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, batch: TrainBatch, *rollouts: Rollout) -> dict[str, float]:
+        """GRPO update on this rank's shard: ``batch`` rows i pair with ``rollouts[i]``. Returns metrics
+        aggregated over all ranks (identical on every rank). Rollouts are varargs so that Ray resolves
+        object refs passed for them."""
+        t0 = time.perf_counter()
+        _check_alignment(batch, rollouts)
+        mb_size = self.cfg.micro_batch_size
+        micro = [(batch.select(range(i, min(i + mb_size, len(batch)))), list(rollouts[i:i + mb_size]))
+                 for i in range(0, len(batch), mb_size)]
+        n_micro = int(self._all_reduce([len(micro)], "max")[0])
+        while len(micro) < n_micro:  # keep collectives in step with the longest rank
+            mb, rs = micro[-1]
+            micro.append((masked_copy(mb), rs))
+
+        # Diffusion loss only on micro-batches where every rank has traces to re-score (ZeRO collectives).
+        has_traces = [float(any(len(r.traces) for r in rs)) for _, rs in micro]
+        image_ok = [v > 0 for v in self._all_reduce(has_traces, "min")] if "diffusion" in self.engines else \
+            [False] * n_micro
+        local_tokens = sum(mb.num_tokens for mb, _ in micro)
+        local_steps = sum(mb.num_steps for (mb, _), ok in zip(micro, image_ok) if ok)
+        global_tokens, global_steps = self._all_reduce([local_tokens, local_steps])
+        train_text = "policy" in self.engines and global_tokens > 0
+        train_image = "diffusion" in self.engines and global_steps > 0
+
+        sums: dict[str, float] = {}
+        extremes = {"text_ratio_max": -math.inf, "text_ratio_min": math.inf,
+                    "image_ratio_max": -math.inf, "image_ratio_min": math.inf}
+        lrs = {name: eng.current_lr(e) for name, e in self.engines.items()}
+        norms: dict[str, list[float]] = {name: [] for name in self.engines}
+        for _epoch in range(self.grpo.update_epochs):
+            for (mb, rs), ok in zip(micro, image_ok):
+                if train_text:
+                    self._text_micro_step(mb, rs, global_tokens, sums, extremes)
+                if train_image and ok:
+                    self._image_micro_step(mb, rs, global_steps, sums, extremes)
+            stepped = False
+            for name, e in self.engines.items():
+                if (name == "policy" and train_text) or (name == "diffusion" and train_image):
+                    e.step()
+                    norms[name].append(eng.grad_norm(e))
+                    stepped = True
+            self.optimizer_steps += int(stepped)
+        return self._metrics(sums, extremes, norms, lrs, global_tokens, global_steps, len(batch), t0)
+
+    def _text_micro_step(self, mb: TrainBatch, rs: Sequence[Rollout], global_tokens: float,
+                         sums: dict[str, float], extremes: dict[str, float]) -> None:
+        policy = self.engines["policy"]
+        logp = self.policy_log_probs(policy, mb, rs)  # (B, L) float32, with grad
+        old, adv, mask = (t.to(self.device) for t in (mb.old_log_probs, mb.advantages, mb.loss_mask))
+        out = clipped_surrogate(logp, old, adv, mask, self.grpo.clip_low, self.grpo.clip_high)
+        text_loss = token_mean(out.loss, mask, global_tokens)
+        loss = self.grpo.text_loss_weight * text_loss
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logp = self.policy_log_probs(self.reference, mb, rs)
+            kl = token_mean(k3_kl(logp, ref_logp), mask, global_tokens)
+            loss = loss + self.grpo.kl_beta * kl
+            _add(sums, "kl", kl.item())
+        policy.backward(loss * eng.dp_loss_scale(), scale_wrt_gas=False)
+        _add(sums, "text_loss", text_loss.item())
+        _accumulate(sums, extremes, "text", out.metrics)
+
+    def _image_micro_step(self, mb: TrainBatch, rs: Sequence[Rollout], global_steps: float,
+                          sums: dict[str, float], extremes: dict[str, float]) -> None:
+        diffusion = self.engines["diffusion"]
+        logp = self.step_log_probs(diffusion, mb, rs)  # (B, S) with grad
+        old, adv, mask = (t.to(self.device) for t in (mb.step_old_log_probs, mb.chain_advantages, mb.step_mask))
+        out = image_surrogate(logp.float(), old, adv, self.grpo.clip_low, self.grpo.clip_high, mask)
+        image_loss = token_mean(out.loss, mask, global_steps)
+        diffusion.backward(self.grpo.image_loss_weight * image_loss * eng.dp_loss_scale(), scale_wrt_gas=False)
+        _add(sums, "image_loss", image_loss.item())
+        _accumulate(sums, extremes, "image", out.metrics)
+
+    def _metrics(self, sums, extremes, norms, lrs, global_tokens, global_steps, chains, t0) -> dict[str, float]:
+        keys = sorted(sums)
+        # Every rank holds the same key set: keys exist iff the (global) branch ran on every rank.
+        totals = dict(zip(keys, self._all_reduce([sums[k] for k in keys])))
+        maxima = self._all_reduce([extremes[k] if "max" in k else -extremes[k] for k in sorted(extremes)], "max")
+        epochs = self.grpo.update_epochs
+        m: dict[str, float] = {"tokens": global_tokens, "diffusion_steps": global_steps,
+                               "chains": self._all_reduce([chains])[0], "optimizer_steps": self.optimizer_steps}
+        for k in ("text_loss", "image_loss", "kl"):
+            if k in totals:
+                m[k] = totals[k] / epochs
+        for kind, count in (("text", global_tokens), ("image", global_steps)):
+            for name in _MEAN_METRICS:
+                if f"{kind}_{name}" in totals:
+                    m[f"{kind}_{name}"] = totals[f"{kind}_{name}"] / (count * epochs)
+        for k, v in zip(sorted(extremes), maxima):
+            if math.isfinite(v):
+                m[k] = v if "max" in k else -v
+        for name, values in norms.items():
+            if values:
+                m[f"{name}_grad_norm"] = sum(values) / len(values)
+            m[f"{name}_lr"] = lrs[name]
+        m["seconds"] = time.perf_counter() - t0
+        return m
+
+    # ------------------------------------------------------------------ re-scoring
+    def policy_log_probs(self, model: nn.Module, mb: TrainBatch, rollouts: Sequence[Rollout]) -> Tensor:
+        """Log-probs (B, L) float32 of the exact rollout tokens (prompt + completion) under ``model``, with
+        the context images (LR, rough, middle) as pixel inputs; entry t is log p(token t | tokens < t), 0
+        before the first completion token. Logits are only computed from the shortest prompt on."""
+        images = [im for r in rollouts for im in r.context_images]
+        for row, r in enumerate(rollouts):
+            ids = mb.input_ids[row][mb.attention_mask[row]].tolist()
+            try:
+                self.tokens.check_context(ids, r.context_images)
+            except ValueError as exc:
+                raise ValueError(f"rollout prompt_id={r.prompt_id} sample_index={r.sample_index}: {exc}") from None
+        inputs = {k: v.to(self.device) for k, v in self.tokens.image_inputs(images).items()}
+        input_ids = mb.input_ids.to(self.device)
+        length = input_ids.shape[1]
+        start = max(int(mb.prompt_lengths.min()) - 1, 0)  # the logit at P-1 predicts the first completion token
+        out = model(input_ids=input_ids, attention_mask=mb.attention_mask.to(self.device).long(), use_cache=False,
+                    logits_to_keep=length - start, **inputs)
+        logp = gather_token_log_probs(out.logits, input_ids[:, start:], self.logprob_temperature)  # (B, L-start)
+        return F.pad(logp, (start, 0))
+
+    def step_log_probs(self, scorer: nn.Module, mb: TrainBatch, rollouts: Sequence[Rollout]) -> Tensor:
+        """Per-step log-probs (B, S) of each chain's traces, stages concatenated in trace order (the layout
+        of ``TrainBatch.step_old_log_probs``), zero-padded to S."""
+        traces = [t for r in rollouts for t in r.traces]
+        per_trace = scorer(traces)  # (N_traces, S_max)
+        width = mb.step_old_log_probs.shape[1]
+        rows, k = [], 0
+        for r in rollouts:
+            parts = []
+            for t in r.traces:
+                parts.append(per_trace[k, : t.log_probs.numel()])
+                k += 1
+            row = torch.cat(parts) if parts else per_trace.new_zeros(0)
+            rows.append(F.pad(row, (0, width - row.numel())))
+        return torch.stack(rows)
+
+    # ------------------------------------------------------------------ weights out
+    def gather_full_state(self, model: str) -> dict[str, Tensor]:
+        """Full CPU weights of ``model`` ("policy" | "diffusion") on rank 0, {} on the others. A collective:
+        ALL ranks must call it (ZeRO-3 all-gathers, a bucket at a time)."""
+        module = self._engine(model).module
+        full = eng.iter_full_state(module, bucket_bytes=self.cfg.sync_bucket_mb << 20)
+        if self.rank == 0:
+            return dict(full)
+        for _ in full:
+            pass
+        return {}
+
+    def parameter_digest(self, model: str) -> dict[str, float]:
+        """Sum of each parameter as this rank holds it (its shard under ZeRO-3). Equal on every rank for
+        ZeRO 0-2, whose ranks keep full replicas: a cheap check that replicas did not diverge."""
+        module = self._engine(model).module
+        return {n: float(getattr(p, "ds_tensor", p).detach().double().sum()) for n, p in module.named_parameters()}
+
+    def export_hf(self, directory: str) -> dict[str, str]:
+        """Write ``directory/policy`` (HF: weights, config, processor; loadable by from_pretrained and vLLM)
+        and ``directory/diffusion`` (the diffusers pipeline) on rank 0. A frozen model is copied from its
+        configured path. A collective under ZeRO-3: all ranks must call it. Returns {model: path} on rank 0."""
+        out = Path(directory)
+        written: dict[str, str] = {}
+        if "policy" in self.engines:
+            state = self.gather_full_state("policy")
+            if self.rank == 0:
+                target = out / "policy"
+                self.engines["policy"].module.save_pretrained(target, state_dict=state, safe_serialization=True)
+                self.tokens.processor.save_pretrained(target)
+                written["policy"] = str(target)
+        elif self.rank == 0:
+            written["policy"] = _copy_dir(self.policy_cfg.path, out / "policy")
+        if "diffusion" in self.engines:
+            module = self.engines["diffusion"].module
+            with eng.full_parameters(module.parameters()):  # whole pipeline gathered: diffusers has no state_dict=
+                if self.rank == 0:
+                    module.pipeline.save_pretrained(out / "diffusion")
+                    written["diffusion"] = str(out / "diffusion")
+        elif self.rank == 0:
+            written["diffusion"] = _copy_dir(self.diffusion_cfg.path, out / "diffusion")
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        return written
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory: str) -> None:
+        """DeepSpeed checkpoint of every trained model (weights, optimizer and LR-scheduler state, each rank
+        its own ZeRO shard) under ``directory/<model>/``. All ranks; ``directory`` must be on storage every
+        rank can reach (one node, or a shared filesystem)."""
+        out = Path(directory)
+        for name, e in self.engines.items():
+            e.save_checkpoint(str(out / name), tag=CHECKPOINT_TAG, client_state={"optimizer_steps": self.optimizer_steps})
+        if self.rank == 0:
+            state = {"optimizer_steps": self.optimizer_steps, "trained": sorted(self.engines),
+                     "world_size": self.world_size, "zero_stage": self.cfg.zero_stage}
+            (out / WORKER_STATE_FILE).write_text(json.dumps(state, indent=1))
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore what ``save_checkpoint`` wrote (same world size and ZeRO stage). All ranks."""
+        src = Path(directory)
+        state_file = src / WORKER_STATE_FILE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{state_file}: not a learner checkpoint (missing {WORKER_STATE_FILE})")
+        state = json.loads(state_file.read_text())
+        missing = sorted(set(self.engines) - set(state.get("trained", [])))
+        if missing:
+            raise ValueError(f"{src}: checkpoint has no state for {missing} (trained then: {state.get('trained')})")
+        for key, mine in (("world_size", self.world_size), ("zero_stage", self.cfg.zero_stage)):
+            if state.get(key) != mine:
+                raise ValueError(f"{state_file}: saved with {key}={state.get(key)}, this learner has {mine}")
+        for name, e in self.engines.items():
+            path, client = e.load_checkpoint(str(src / name), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+            if path is None:
+                raise FileNotFoundError(f"{src / name}: DeepSpeed found no checkpoint (tag {CHECKPOINT_TAG!r})")
+        self.optimizer_steps = int(state["optimizer_steps"])
+
+
+# ============================================================================================ helpers
+def _add(sums: dict[str, float], key: str, value: float) -> None:
+    sums[key] = sums.get(key, 0.0) + value
+
+
+def _accumulate(sums: dict[str, float], extremes: dict[str, float], kind: str, metrics: Mapping[str, Tensor]) -> None:
+    """Token-weighted sums of the masked-mean metrics, and running extremes of the ratio."""
+    tokens = float(metrics["tokens"])
+    for name in _MEAN_METRICS:
+        _add(sums, f"{kind}_{name}", float(metrics[name]) * tokens)
+    if tokens > 0:
+        extremes[f"{kind}_ratio_max"] = max(extremes[f"{kind}_ratio_max"], float(metrics["ratio_max"]))
+        extremes[f"{kind}_ratio_min"] = min(extremes[f"{kind}_ratio_min"], float(metrics["ratio_min"]))
+
+
+def _pipeline_modules(pipeline: Any) -> list[nn.Module]:
+    components = getattr(pipeline, "components", None) or vars(pipeline)
+    return [m for m in components.values() if isinstance(m, nn.Module)]
+
+
+def _copy_dir(src: str, dst: Path) -> str:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return str(dst)

@@ -1,0 +1,88 @@
+"""The reward of a chain: the four components and their configured weighted sum.
+
+total = sum over the applicable components c of RewardConfig.weights.c * reward_c. A component that is not
+applicable is left out of the sum and out of ``Scores.parts``, and the weights are not renormalised:
+applicability depends only on the Sample (labels, tags, HR) and every chain of a GRPO group shares its
+Sample, so the whole group loses the same term and group-relative advantages are unaffected.
+
+- format: always applicable.
+- degradation: needs DegradationLabels (synthetic LR); real LR has none.
+- understanding: needs at least one usable tag.
+- generation: needs at least one configured metric. A chain without a final image scores 0 (its fault, not
+  the sample's), with ``errors["generation"]`` saying so.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from rewards.degradation import degradation_reward
+from rewards.format import format_reward
+from rewards.quality import QualityScore, QualityScorer, generation_reward
+from rewards.understanding import understanding_reward
+from rl.chain import parse_chain
+from rl.config import RewardConfig
+from rl.records import Rollout, Sample, Scores
+
+FINAL_STAGE = "final"
+
+
+def metric_weights(cfg: RewardConfig) -> dict[str, float]:
+    """Metric name -> weight inside the generation reward (no-reference and full-reference metrics)."""
+    return {m.name: m.weight for m in list(cfg.metrics) + list(cfg.full_reference)}
+
+
+def score_chain(
+    text: str, sample: Sample, quality: Optional[QualityScore], cfg: RewardConfig, sample_index: int = 0
+) -> Scores:
+    """All reward components of one chain, from its text, its sample and its final image's metrics.
+
+    ``quality`` is None when the chain has no final image. Pure: metrics are computed beforehand by a
+    QualityScorer (batched over chains), so this function is cheap and testable without pyiqa.
+    """
+    parsed = parse_chain(text)
+    weights = vars(cfg.weights)
+    parts: dict[str, float] = {"format": format_reward(parsed)}
+    errors: dict[str, str] = {}
+    deg = degradation_reward(parsed, sample.degradation)
+    if deg is not None:
+        parts["degradation"] = deg
+    und = understanding_reward(parsed, sample.tags, cfg.understanding_stages)
+    if und is not None:
+        parts["understanding"] = und
+
+    mweights = metric_weights(cfg)
+    if mweights:
+        if quality is None:
+            parts["generation"] = 0.0
+            errors["generation"] = "the chain has no final image"
+        else:
+            gen = generation_reward(quality, mweights, cfg.failed_metric)
+            if gen is not None:
+                parts["generation"] = gen
+            parts.update({f"quality/{name}": value for name, value in quality.values.items()})
+            errors.update(quality.errors)
+    total = sum(weights[name] * parts[name] for name in weights if name in parts)
+    return Scores(prompt_id=sample.prompt_id, sample_index=sample_index, parts=parts, total=total, errors=errors)
+
+
+def score_rollouts(
+    rollouts: Sequence[Rollout], samples: Sequence[Sample], cfg: RewardConfig, scorer: Optional[QualityScorer]
+) -> list[Scores]:
+    """Score chains in one batch: one metric pass over all final images, then ``score_chain`` per chain."""
+    if len(rollouts) != len(samples):
+        raise ValueError(f"{len(rollouts)} rollouts but {len(samples)} samples")
+    for r, s in zip(rollouts, samples):
+        if r.prompt_id != s.prompt_id:
+            raise ValueError(f"rollout of prompt {r.prompt_id} (sample {r.sample_index}) paired with "
+                             f"sample of prompt {s.prompt_id}")
+    qualities: list[Optional[QualityScore]] = [None] * len(rollouts)
+    if metric_weights(cfg):
+        if scorer is None:
+            raise ValueError("reward.metrics / reward.full_reference are configured but no QualityScorer was given")
+        have = [i for i, r in enumerate(rollouts) if r.images.get(FINAL_STAGE) is not None]
+        scored = scorer([rollouts[i].images[FINAL_STAGE] for i in have], [samples[i].hr for i in have])
+        for i, q in zip(have, scored):
+            qualities[i] = q
+    return [score_chain(r.text, s, q, cfg, r.sample_index) for r, s, q in zip(rollouts, samples, qualities)]
+

@@ -1,0 +1,40 @@
+"""Process environment for every role (driver, rollout, reward, learner), set before heavy imports.
+
+Offline by construction: weights come from local paths, so any hub access is a bug and must fail fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHE_DIR = Path(os.environ.get("REALSR_CACHE", Path.home() / ".cache" / "realsr-r1-rl"))
+
+OFFLINE_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # DeepSpeed JIT-compiles a comm op on first use (~40 s); keep it across runs.
+    "TORCH_EXTENSIONS_DIR": str(CACHE_DIR / "torch_extensions"),
+}
+
+
+def worker_env() -> dict[str, str]:
+    """Variables every Ray worker gets (runtime_env env_vars): offline flags, caches, and the code path."""
+    env = {k: os.environ.get(k, v) for k, v in OFFLINE_ENV.items()}
+    path = os.environ.get("PYTHONPATH", "")
+    if str(REPO_ROOT) not in path.split(os.pathsep):
+        path = os.pathsep.join(p for p in (str(REPO_ROOT), path) if p)
+    env["PYTHONPATH"] = path
+    return env
+
+
+def configure_process() -> None:
+    """Apply the offline environment to this process (idempotent; explicit user settings win)."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)

@@ -1,0 +1,89 @@
+"""Entry point: ``python -m rl.launch CONFIG [key=value ...]``.
+
+Joins the Ray cluster in ``ray.address`` / ``$RAY_ADDRESS`` (e.g. under ``ray job submit``) or starts a local
+one bound to 127.0.0.1, builds missing embedded models, then runs the trainer the config's ``mode`` names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rl.config import ConfigError, ExperimentConfig, load_config, to_yaml
+from rl.env import configure_process, worker_env
+
+log = logging.getLogger("rl.launch")
+
+
+def init_ray(cfg: ExperimentConfig) -> None:
+    """Connect to an existing cluster when one is named, else start a private local one."""
+    import ray
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        log.info("starting a local Ray cluster on %s", cfg.ray.host)
+        ray.init(
+            num_cpus=cfg.ray.num_cpus,
+            include_dashboard=cfg.ray.include_dashboard,
+            dashboard_host=cfg.ray.host,
+            _node_ip_address=cfg.ray.host,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+        )
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m rl.launch", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML config, e.g. configs/grpo_local.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.total_steps=5")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_process()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+    from rl.models.bootstrap import ensure_models
+
+    try:
+        ensure_models(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"model error: {exc}", file=sys.stderr)
+        return 2
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+
+    import ray
+
+    init_ray(cfg)
+    try:
+        if cfg.mode == "sft":
+            from rl.sft import SFTTrainer
+
+            SFTTrainer(cfg).fit()
+        else:
+            from rl.trainer import GRPOTrainer
+
+            GRPOTrainer(cfg).fit()
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

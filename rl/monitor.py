@@ -1,0 +1,89 @@
+"""TensorBoard logging for the driver: scalars, image panels, chain text, and a console progress bar.
+
+Metric names follow ``reward/<part>``, ``grpo/<stat>``, ``learner/<metric>``, ``timing/<phase>``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+PANEL_ORDER: tuple[str, ...] = ("lr", "rough", "middle", "final", "hr")
+
+
+def image_panel(images: Mapping[str, Optional[np.ndarray]], height: int) -> np.ndarray:
+    """LR | rough | middle | final | HR side by side, each resized (nearest) to ``height``; (H, W, 3) uint8.
+
+    Missing images (e.g. no HR for real LR input) become a grey tile so the layout stays comparable.
+    """
+    tiles = []
+    for key in PANEL_ORDER:
+        img = images.get(key)
+        if img is None:
+            tiles.append(np.full((height, height, 3), 128, np.uint8))
+            continue
+        h, w = img.shape[:2]
+        width = max(1, round(w * height / h))
+        tiles.append(np.asarray(Image.fromarray(img).resize((width, height), Image.NEAREST)))
+        tiles.append(np.zeros((height, 2, 3), np.uint8))  # separator
+    return np.concatenate(tiles, axis=1)
+
+
+class RunMonitor:
+    """One TensorBoard run directory plus an optional console progress bar."""
+
+    def __init__(self, log_dir: str | Path, total_steps: int, start_step: int = 0, progress_bar: bool = True):
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self._bar = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step", dynamic_ncols=True)
+
+    def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+        for name, value in metrics.items():
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                continue
+            self.writer.add_scalar(name, float(value), step)
+
+    def panel(self, step: int, tag: str, images: Mapping[str, Optional[np.ndarray]], height: int = 128) -> None:
+        self.writer.add_image(tag, image_panel(images, height), step, dataformats="HWC")
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        # TensorBoard renders markdown: keep the chain's tags visible by quoting them as code.
+        self.writer.add_text(tag, "```\n" + text + "\n```", step)
+
+    def progress(self, step: int, postfix: Mapping[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=True)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a run directory, read with TensorBoard's own event reader (tests, plots)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """mean / std / min / max of a list (empty -> nan)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan")}
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "min": float(arr.min()), "max": float(arr.max())}

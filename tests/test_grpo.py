@@ -1,0 +1,342 @@
+"""rl.grpo against hand-computed values (the arithmetic is in the comments)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rl import grpo
+from rl.records import DiffusionTrace, Rollout, Scores
+
+LN = math.log
+
+
+# ------------------------------------------------------------------------------------------ advantages
+def test_group_advantages_hand_computed_and_all_equal_group_is_zero():
+    rewards = torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = grpo.group_advantages(rewards, group_size=4)
+    # group 0: mean 0.5, deviations -0.5 -0.5 +0.5 +0.5
+    #          unbiased var = 4 * 0.25 / (4 - 1) = 1/3, std = 0.5773503
+    #          A = +-0.5 / (0.5773503 + 1e-6) = +-0.8660239
+    # group 1: all 2.0 -> deviations 0 -> A = 0 / (0 + eps) = 0 exactly
+    expected = [-0.8660239, -0.8660239, 0.8660239, 0.8660239, 0.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(adv, torch.tensor(expected), atol=1e-6, rtol=0)
+    assert torch.all(adv[4:] == 0)
+
+
+def test_group_advantages_uses_unbiased_std_for_pairs():
+    # G = 2, rewards 1 and 3: mean 2, deviations -1 +1, unbiased var = (1 + 1) / 1 = 2, std = 1.4142136
+    # A = +-1 / 1.4142136 = +-0.7071068 (a biased std of 1 would give +-1)
+    adv = grpo.group_advantages(torch.tensor([1.0, 3.0]), group_size=2, eps=0.0)
+    torch.testing.assert_close(adv, torch.tensor([-0.7071068, 0.7071068]))
+
+
+def test_group_advantages_mean_only_dr_grpo():
+    # groups (1, 2, 6) mean 3 -> (-2, -1, 3);  (0, 0, 3) mean 1 -> (-1, -1, 2)
+    adv = grpo.group_advantages(torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0]), 3, scale_by_std=False)
+    torch.testing.assert_close(adv, torch.tensor([-2.0, -1.0, 3.0, -1.0, -1.0, 2.0]))
+
+
+def test_group_advantages_group_of_one_and_integer_rewards():
+    assert torch.equal(grpo.group_advantages(torch.tensor([3.0, 7.0]), 1), torch.zeros(2))
+    # integer rewards are promoted: (0, 2) -> mean 1, std sqrt(2) -> +-0.7071
+    adv = grpo.group_advantages(torch.tensor([0, 2]), 2, eps=0.0)
+    torch.testing.assert_close(adv, torch.tensor([-0.7071068, 0.7071068]))
+
+
+@pytest.mark.parametrize(
+    "rewards, group_size, message",
+    [
+        (torch.ones(5), 2, "not a multiple of group_size=2"),
+        (torch.ones(2, 2), 2, "must be 1-D"),
+        (torch.tensor([1.0, float("nan"), 0.0, 1.0]), 2, "not finite at indices [1]"),
+        (torch.ones(4), 0, "group_size must be a positive int"),
+    ],
+)
+def test_group_advantages_bad_input(rewards, group_size, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        grpo.group_advantages(rewards, group_size)
+
+
+def test_zero_variance_groups_counts_and_keep_mask():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.5, 0.5 + 1e-7, 0.5], dtype=torch.float64)
+    f = grpo.zero_variance_groups(rewards, group_size=3, atol=1e-6)
+    # spreads: 0 (filtered), 1 (kept), 1e-7 <= atol (filtered)
+    assert f.zero_variance.tolist() == [True, False, True]
+    assert f.keep.tolist() == [False] * 3 + [True] * 3 + [False] * 3
+    assert (f.num_groups, f.num_filtered) == (3, 2)
+    # with atol 0 the 1e-7 spread counts as signal
+    assert grpo.zero_variance_groups(rewards, 3, atol=0.0).num_filtered == 1
+
+
+def test_group_order_sorts_records_and_rejects_incomplete_groups():
+    def s(pid, idx):
+        return Scores(prompt_id=pid, sample_index=idx, parts={}, total=float(10 * pid + idx))
+
+    records = [s(7, 1), s(3, 0), s(7, 0), s(3, 1)]
+    order = grpo.group_order(records, group_size=2)
+    assert order == [2, 0, 1, 3]  # prompt 7 first seen first: (7,0) (7,1) (3,0) (3,1)
+    assert [records[i].total for i in order] == [70.0, 71.0, 30.0, 31.0]
+    with pytest.raises(ValueError, match="prompt_id=3 has sample_index \\[0\\], expected 0..1"):
+        grpo.group_order([s(7, 0), s(7, 1), s(3, 0)], 2)
+    with pytest.raises(ValueError, match="duplicate chain prompt_id=7 sample_index=0"):
+        grpo.group_order([s(7, 0), s(7, 0)], 2)
+
+
+# ------------------------------------------------------------------------------------------ surrogate
+def test_clipped_surrogate_hand_computed_both_sides():
+    # clip_low 0.2 -> lower bound 0.8; clip_high 0.28 -> upper bound 1.28 (DAPO clip-higher)
+    # token  ratio  A   ratio*A  clip(ratio)*A  min     loss   clipped?
+    #   1    1.5   +1   1.5      1.28           1.28   -1.28   high (grad 0)
+    #   2    0.5   -1  -0.5     -0.8           -0.8     0.8    low  (grad 0)
+    #   3    1.5   -1  -1.5     -1.28          -1.5     1.5    no (pessimistic side keeps the grad)
+    #   4    0.5   +1   0.5      0.8            0.5    -0.5    no
+    #   5    1.1   +2   2.2      2.2            2.2    -2.2    no (inside the range)
+    #   6    masked: log-probs are garbage (-inf / nan) -> loss 0, no grad
+    ratios = [1.5, 0.5, 1.5, 0.5, 1.1]
+    logp = torch.tensor([[LN(r) for r in ratios] + [float("-inf")]], requires_grad=True)
+    old = torch.tensor([[0.0] * 5 + [float("nan")]])
+    adv = torch.tensor([[1.0, -1.0, -1.0, 1.0, 2.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    out = grpo.clipped_surrogate(logp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    torch.testing.assert_close(out.loss, torch.tensor([[-1.28, 0.8, 1.5, -0.5, -2.2, 0.0]]))
+
+    out.loss.sum().backward()
+    # d(-ratio*A)/dlogp = -ratio*A on unclipped tokens: token 3: 1.5, token 4: -0.5, token 5: -2.2
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, 1.5, -0.5, -2.2, 0.0]]))
+
+    m = {k: float(v) for k, v in out.metrics.items()}
+    assert m["clip_fraction_high"] == pytest.approx(1 / 5)  # token 1
+    assert m["clip_fraction_low"] == pytest.approx(1 / 5)  # token 2
+    assert m["clip_fraction"] == pytest.approx(2 / 5)
+    # k3(old||new) per token = (r - 1) - ln r:
+    #   1.5 -> 0.5 - 0.4054651 = 0.0945349 (twice);  0.5 -> -0.5 + 0.6931472 = 0.1931472 (twice)
+    #   1.1 -> 0.1 - 0.0953102 = 0.0046898;  mean over 5 = 0.5800537 / 5 = 0.1160107
+    assert m["approx_kl"] == pytest.approx(sum((r - 1) - LN(r) for r in ratios) / 5, rel=1e-5)
+    assert m["approx_kl"] == pytest.approx(0.1160107, rel=1e-5)
+    assert m["ratio_mean"] == pytest.approx(5.1 / 5, rel=1e-6)  # (1.5+0.5+1.5+0.5+1.1)/5
+    assert (m["ratio_min"], m["ratio_max"], m["tokens"]) == (pytest.approx(0.5), pytest.approx(1.5), 5.0)
+
+
+def test_clipped_surrogate_per_chain_advantages_broadcast_and_shape_errors():
+    logp = torch.tensor([[LN(1.5), 0.0], [LN(0.5), 0.0]])
+    adv = torch.tensor([1.0, -1.0])
+    out = grpo.clipped_surrogate(logp, torch.zeros(2, 2), adv, torch.ones(2, 2), 0.2, 0.28)
+    # row 0 A=+1: (1.28 clipped, 1.0) ; row 1 A=-1: (0.8 clipped, 1.0)
+    torch.testing.assert_close(out.loss, torch.tensor([[-1.28, -1.0], [0.8, 1.0]]))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        grpo.clipped_surrogate(logp, torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 2), 0.2, 0.2)
+    with pytest.raises(ValueError, match="clip_low must be in"):
+        grpo.clipped_surrogate(logp, logp, torch.zeros(2), torch.ones(2, 2), 1.0, 0.2)
+
+
+def test_clipped_surrogate_all_masked_is_zero_and_finite():
+    logp = torch.full((2, 3), float("nan"), requires_grad=True)
+    out = grpo.clipped_surrogate(logp, torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3), 0.2, 0.2)
+    assert torch.equal(out.loss, torch.zeros(2, 3))
+    out.loss.sum().backward()
+    assert torch.equal(logp.grad, torch.zeros(2, 3))
+    assert float(out.metrics["clip_fraction"]) == 0.0 and float(out.metrics["tokens"]) == 0.0
+
+
+def test_image_surrogate_shares_the_chain_advantage_over_all_steps():
+    # 2 chains x 4 steps (rough 2, middle 1, final 1), old log-probs 0, A = (+1, -2),
+    # chain 1's last step padded
+    # chain 0 (A=+1): r 1.5 -> min(1.5, 1.28) = 1.28 -> -1.28;  r 1 -> -1;  r 0.9 -> -0.9;
+    #                 r 1.3 -> 1.28 -> -1.28
+    # chain 1 (A=-2): r 0.5 -> min(-1.0, 0.8*-2 = -1.6) = -1.6 -> 1.6;  r 1.1 -> -2.2 -> 2.2;
+    #                 r 1 -> 2.0;  pad -> 0
+    new = torch.tensor([[LN(1.5), 0.0, LN(0.9), LN(1.3)], [LN(0.5), LN(1.1), 0.0, 123.0]])
+    step_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -2.0])
+    out = grpo.image_surrogate(new, torch.zeros(2, 4), adv, 0.2, 0.28, step_mask)
+    torch.testing.assert_close(out.loss, torch.tensor([[-1.28, -1.0, -0.9, -1.28], [1.6, 2.2, 2.0, 0.0]]))
+    # clipped: chain 0 steps 1 and 4 (high), chain 1 step 1 (low) -> 3 of 7 real steps
+    assert float(out.metrics["clip_fraction"]) == pytest.approx(3 / 7)
+    assert float(out.metrics["clip_fraction_low"]) == pytest.approx(1 / 7)
+    # the same as the text surrogate with the chain advantage written on every step
+    per_step_adv = adv[:, None].expand(2, 4)
+    text_style = grpo.clipped_surrogate(new, torch.zeros(2, 4), per_step_adv, step_mask, 0.2, 0.28)
+    torch.testing.assert_close(out.loss, text_style.loss)
+    with pytest.raises(ValueError, match="advantages must be \\(N,\\) with N = 2"):
+        grpo.image_surrogate(new, torch.zeros(2, 4), torch.zeros(2, 4), 0.2, 0.2, step_mask)
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+def test_token_mean_over_micro_batches_equals_full_batch_token_mean():
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    # full batch: masked sum = (1+2) + (5+6+7+8) + 9 = 38 over 2+4+1 = 7 tokens -> 38/7 = 5.4285714
+    full = grpo.token_mean(values, mask)
+    assert float(full) == pytest.approx(38 / 7)
+    # micro-batches {row 0, row 1} and {row 2} with the global count 7: 29/7 + 9/7 = 38/7
+    parts = [grpo.token_mean(values[:2], mask[:2], 7), grpo.token_mean(values[2:], mask[2:], 7)]
+    assert float(parts[0]) == pytest.approx(29 / 7) and float(parts[1]) == pytest.approx(9 / 7)
+    assert float(sum(parts)) == pytest.approx(38 / 7)
+    # dividing by the local counts would be wrong: (29/6 + 9/1) / 2 = 6.9166667
+    naive = (grpo.token_mean(values[:2], mask[:2]) + grpo.token_mean(values[2:], mask[2:])) / 2
+    assert float(naive) == pytest.approx(6.9166667) and abs(float(naive) - 38 / 7) > 1
+    with pytest.raises(ValueError, match="token count must be > 0"):
+        grpo.token_mean(values, torch.zeros_like(mask))
+
+
+def test_gradient_accumulation_over_split_train_batch_matches_full_batch():
+    """Bigram policy theta (V, V): micro-batches with the global token count give the full-batch gradient."""
+    torch.manual_seed(0)
+    v = 11
+    rollouts = [_rollout(pid, s, prompt_len=2 + s, text_len=3 + 2 * pid + s, steps=(2, 1, 1), vocab=v)
+                for pid in range(2) for s in range(2)]
+    batch = grpo.build_train_batch(rollouts, torch.tensor([0.5, -0.5, 1.0, -1.0]))
+    theta0 = torch.randn(v, v)
+
+    def loss_of(b, count):
+        theta = theta_param
+        logits = theta[b.input_ids]  # (B, L, V): logits for the next token depend on the current token
+        logp = grpo.gather_token_log_probs(logits, b.input_ids)
+        out = grpo.clipped_surrogate(logp, b.old_log_probs, b.advantages, b.loss_mask, 0.2, 0.28)
+        return grpo.token_mean(out.loss, b.loss_mask, count)
+
+    theta_param = theta0.clone().requires_grad_(True)
+    loss_of(batch, None).backward()
+    full_grad = theta_param.grad.clone()
+
+    theta_param = theta0.clone().requires_grad_(True)
+    micro = batch.split(micro_batch_size=3)
+    assert [len(m) for m in micro] == [3, 1]
+    assert sum(m.num_tokens for m in micro) == batch.num_tokens
+    for m in micro:
+        loss_of(m, batch.num_tokens).backward()
+    torch.testing.assert_close(theta_param.grad, full_grad)
+    assert full_grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ KL
+def test_k3_kl_hand_computed_and_zero_when_equal():
+    logp = torch.tensor([[0.0, 0.0, -1.3]], requires_grad=True)
+    ref = torch.tensor([[LN(2.0), -LN(2.0), -1.3]])
+    kl = grpo.k3_kl(logp, ref)
+    # d = ref - logp:  ln2 -> 2 - ln2 - 1 = 0.3068528;  -ln2 -> 0.5 + ln2 - 1 = 0.1931472;  0 -> 1 - 0 - 1 = 0
+    torch.testing.assert_close(kl, torch.tensor([[1 - LN(2), LN(2) - 0.5, 0.0]]))
+    kl.sum().backward()
+    # d kl / d logp = 1 - exp(d):  1 - 2 = -1;  1 - 0.5 = 0.5;  1 - 1 = 0
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.0, 0.5, 0.0]]))
+    x = torch.randn(3, 5)
+    assert torch.equal(grpo.k3_kl(x, x.clone()), torch.zeros(3, 5))
+    assert torch.all(grpo.k3_kl(x, torch.randn(3, 5)) >= 0)
+
+
+def test_needs_reference():
+    assert grpo.needs_reference(0.0) is False and grpo.needs_reference(0) is False
+    assert grpo.needs_reference(0.04) is True
+    with pytest.raises(ValueError, match="kl beta must be a number >= 0, got -0.1"):
+        grpo.needs_reference(-0.1)
+
+
+def test_gather_token_log_probs_alignment_and_temperature():
+    logits = torch.randn(2, 4, 6)
+    ids = torch.tensor([[1, 2, 3, 4], [5, 0, 1, 2]])
+    out = grpo.gather_token_log_probs(logits, ids, temperature=0.5)
+    ref = torch.log_softmax(logits / 0.5, dim=-1)
+    assert out.shape == (2, 4) and torch.all(out[:, 0] == 0)
+    # entry t is predicted by position t - 1
+    torch.testing.assert_close(out[1, 2], ref[1, 1, 1])
+    torch.testing.assert_close(out[0, 3], ref[0, 2, 4])
+
+
+# ------------------------------------------------------------------------------------------ train batch
+def _rollout(pid, sidx, prompt_len, text_len, steps=(2, 2, 2), image_span=None, vocab=50):
+    g = torch.Generator().manual_seed(100 * pid + sidx)
+    text_mask = torch.ones(text_len, dtype=torch.bool)
+    if image_span is not None:
+        text_mask[image_span[0] : image_span[1]] = False  # an inserted image block
+    log_probs = torch.where(text_mask, -torch.rand(text_len, generator=g), torch.zeros(()))
+    traces = tuple(
+        DiffusionTrace(
+            stage=stage, latents=torch.zeros(n + 1, 3, 4, 4), log_probs=-torch.rand(n, generator=g) - 10 * k,
+            timesteps=torch.arange(n), condition=torch.zeros(3, 4, 4),
+            text_ids=torch.zeros(2, dtype=torch.long),
+            noise_level=20,
+        )
+        for k, (stage, n) in enumerate(zip(("rough", "middle", "final"), steps))
+    )
+    return Rollout(
+        prompt_id=pid, sample_index=sidx, policy_version=0, diffusion_version=0,
+        prompt_ids=torch.randint(1, vocab, (prompt_len,), generator=g),
+        token_ids=torch.randint(1, vocab, (text_len,), generator=g),
+        text_mask=text_mask, log_probs=log_probs, text="", images={}, context_images=[], traces=traces,
+    )
+
+
+def test_build_train_batch_pads_masks_and_attaches_advantages():
+    rollouts = [
+        _rollout(0, 0, prompt_len=3, text_len=5, steps=(2, 2, 2)),
+        _rollout(0, 1, prompt_len=3, text_len=5, steps=(2, 2, 2)),
+        _rollout(1, 0, prompt_len=4, text_len=6, image_span=(2, 4), steps=(2, 1, 3)),
+        _rollout(1, 1, prompt_len=2, text_len=3, steps=(1, 1, 0)),
+    ]
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0])  # group 0 all equal -> filtered
+    filt = grpo.zero_variance_groups(rewards, 2)
+    adv = grpo.group_advantages(rewards, 2)
+    batch = grpo.build_train_batch(rollouts, adv, filt.keep, pad_token_id=-7)
+
+    assert len(batch) == 2 and batch.rows == (2, 3) and batch.keys == ((1, 0), (1, 1))
+    # lengths: row 0 = 4 + 6 = 10, row 1 = 2 + 3 = 5 -> L = 10; steps: 2+1+3 = 6, 1+1+0 = 2 -> S = 6
+    assert batch.input_ids.shape == (2, 10) and batch.step_old_log_probs.shape == (2, 6)
+    r2, r3 = rollouts[2], rollouts[3]
+    assert torch.equal(batch.input_ids[0], torch.cat([r2.prompt_ids, r2.token_ids]))
+    assert torch.equal(batch.input_ids[1, :5], torch.cat([r3.prompt_ids, r3.token_ids]))
+    assert batch.input_ids[1, 5:].tolist() == [-7] * 5
+    assert batch.attention_mask.sum(1).tolist() == [10, 5]
+    # loss tokens: row 0 completion columns 4..9 minus the image block at completion 2..3 (columns 6, 7)
+    assert batch.loss_mask[0].tolist() == [False] * 4 + [True, True, False, False, True, True]
+    assert batch.loss_mask[1].tolist() == [False] * 2 + [True] * 3 + [False] * 5
+    assert batch.num_tokens == 4 + 3 and batch.num_steps == 6 + 2
+    # advantages (G=2, rewards 0 and 1): -0.7071 and +0.7071 on every loss token, 0 elsewhere
+    a = adv[2:]
+    torch.testing.assert_close(batch.chain_advantages, a)
+    torch.testing.assert_close(batch.advantages, a[:, None] * batch.loss_mask)
+    assert float(batch.chain_advantages[0]) == pytest.approx(-0.7071, abs=1e-4)
+    sampled_lp = torch.where(r2.text_mask, r2.log_probs, torch.zeros(()))
+    torch.testing.assert_close(batch.old_log_probs[0, 4:], sampled_lp)
+    # diffusion steps: the three stages concatenated in trace order, padding masked
+    torch.testing.assert_close(batch.step_old_log_probs[0], torch.cat([t.log_probs for t in r2.traces]))
+    assert batch.step_mask[1].tolist() == [True, True] + [False] * 4
+    assert batch.prompt_lengths.tolist() == [4, 2]
+
+    # selecting the short row trims columns nobody uses
+    short = batch.select([1])
+    assert short.input_ids.shape == (1, 5) and short.step_mask.shape == (1, 2) and short.rows == (3,)
+
+
+def test_build_train_batch_empty_and_bad_records():
+    rollouts = [_rollout(0, 0, 2, 3), _rollout(0, 1, 2, 3)]
+    empty = grpo.build_train_batch(rollouts, torch.zeros(2), torch.tensor([False, False]))
+    assert len(empty) == 0 and empty.num_tokens == 0 and empty.input_ids.shape == (0, 0)
+    bad = _rollout(5, 1, 2, 3)
+    bad.log_probs = torch.zeros(4)
+    with pytest.raises(ValueError, match="prompt_id=5 sample_index=1: log_probs has shape \\(4,\\)"):
+        grpo.build_train_batch([bad], torch.zeros(1))
+    bad2 = _rollout(6, 0, 2, 3)
+    bad2.log_probs = torch.tensor([0.0, float("nan"), 0.0])
+    with pytest.raises(ValueError, match="prompt_id=6 sample_index=0: log_probs are not finite"):
+        grpo.build_train_batch([bad2], torch.zeros(1))
+    with pytest.raises(ValueError, match="advantages must be \\(N,\\) with N = 2"):
+        grpo.build_train_batch(rollouts, torch.zeros(3))
+
+
+def test_end_to_end_rewards_to_batch_in_group_order():
+    """Scores arrive in any order; group_order aligns them with the rollouts before the advantages."""
+    rollouts = [_rollout(pid, s, 2, 3) for pid in (4, 9) for s in range(3)]
+    scores = [Scores(r.prompt_id, r.sample_index, {}, float(r.sample_index == 2)) for r in rollouts]
+    rng = np.random.default_rng(0)
+    shuffled = [scores[i] for i in rng.permutation(len(scores))]
+    order = grpo.group_order(shuffled, 3)
+    rewards = torch.tensor([shuffled[i].total for i in order])
+    by_key = {(r.prompt_id, r.sample_index): r for r in rollouts}
+    ordered = [by_key[(shuffled[i].prompt_id, shuffled[i].sample_index)] for i in order]
+    batch = grpo.build_train_batch(ordered, grpo.group_advantages(rewards, 3))
+    # each group (0, 0, 1): mean 1/3, unbiased std = sqrt((2*(1/9) + 4/9) / 2) = sqrt(1/3) = 0.5773503
+    # -> A(sample 2) = (2/3) / 0.5773503 = 1.1547005, A(others) = -(1/3) / 0.5773503 = -0.5773503
+    for key, a in zip(batch.keys, batch.chain_advantages.tolist()):
+        assert a == pytest.approx(1.1547005 if key[1] == 2 else -0.5773503, abs=1e-5)

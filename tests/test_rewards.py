@@ -1,0 +1,253 @@
+"""The pure rewards: format, degradation, understanding, and their combination (no pyiqa, no Ray)."""
+
+import doctest
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import rewards.degradation
+import rewards.format
+import rewards.quality
+import rewards.total
+import rewards.understanding
+from rewards.degradation import degradation_reward
+from rewards.format import format_reward
+from rewards.quality import QualityScore, QualityScorer
+from rewards.total import score_chain, score_rollouts
+from rewards.understanding import tag_recall, understanding_reward
+from rl.chain import IMAGE_PLACEHOLDER, TAGS, parse_chain, render_chain
+from rl.config import QualityMetricConfig, RewardConfig, RewardWeights
+from rl.records import DegradationLabels, Rollout, Sample
+
+UNDERSTAND = {"rough": "a cat on a sofa", "middle": "a grey cat on a sofa", "final": "fur, whiskers"}
+DEG = "medium blur, light downsample, heavy noise, light compression, no upsample"
+GOOD = render_chain(DEG, UNDERSTAND, separator="\n")
+LEVELS = {"blur": "medium", "downsample": "light", "noise": "heavy", "compression": "light", "upsample": "none"}
+
+
+def make_sample(prompt_id=0, tags=("cat", "sofa"), levels=LEVELS, hr=None) -> Sample:
+    labels = DegradationLabels(levels=dict(levels), params={}) if levels is not None else None
+    lr = np.zeros((16, 16, 3), np.uint8)
+    return Sample(prompt_id=prompt_id, image_id="x", lr=lr, hr=hr, tags=tuple(tags), degradation=labels)
+
+
+def make_rollout(prompt_id=0, sample_index=0, text=GOOD, final=None) -> Rollout:
+    one = torch.zeros(1)
+    return Rollout(
+        prompt_id=prompt_id, sample_index=sample_index, policy_version=0, diffusion_version=0,
+        prompt_ids=one.long(), token_ids=one.long(), text_mask=one, log_probs=one, text=text,
+        images={} if final is None else {"final": final}, context_images=[], traces=(),
+    )
+
+
+@pytest.mark.parametrize("module", [rewards.format, rewards.degradation, rewards.understanding, rewards.quality])
+def test_doctests(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_reward_modules_import_without_ray_or_pyiqa():
+    code = ("import sys, rewards.format, rewards.degradation, rewards.understanding, rewards.quality, rewards.total\n"
+            "print('ray' in sys.modules, 'pyiqa' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False"]
+
+
+# ------------------------------------------------------------------------------------------------ format
+@pytest.mark.parametrize("text", [GOOD, render_chain(DEG, UNDERSTAND), "\n  " + GOOD + "\n\n"])
+def test_format_accepts_the_grammar(text):
+    assert format_reward(text) == 1.0
+    assert format_reward(parse_chain(text)) == 1.0
+
+
+def _drop(text, tag):
+    start, end = text.index(f"<{tag}>"), text.index(f"</{tag}>") + len(f"</{tag}>")
+    return text[:start] + text[end:]
+
+
+MALFORMED = {
+    "missing tag": _drop(GOOD, "middle_understand"),
+    "missing image tag": _drop(GOOD, "final_image"),
+    "duplicated tag": GOOD + "\n<final_understand>again</final_understand>",
+    "wrong order": GOOD.replace("<degradation>", "<x>", 1)  # move degradation to the end
+    .replace(f"<x>{DEG}</degradation>", "") + f"<degradation>{DEG}</degradation>",
+    "two images in one tag": GOOD.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * 2, 1),
+    "no image in an image tag": GOOD.replace(IMAGE_PLACEHOLDER, "", 1),
+    "text beside the image": GOOD.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER + " here", 1),
+    "image in understanding text": GOOD.replace("a cat on a sofa", "a cat " + IMAGE_PLACEHOLDER),
+    "text before": "Sure, here it is: " + GOOD,
+    "text after": GOOD + " Done.",
+    "text between sections": GOOD.replace("\n", "\nand then\n", 1),
+    "tag written inside a section": GOOD.replace("a cat on a sofa", "a cat <final_image>"),
+    "nested section": GOOD.replace("a cat on a sofa", "a cat <degradation>x</degradation>"),
+    "unclosed tag": GOOD.replace("</middle_understand>", ""),
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_format_rejects_malformed_chains(name):
+    assert format_reward(MALFORMED[name]) == 0.0
+
+
+@pytest.mark.parametrize("value", [None, 3, b"<degradation>", ["<degradation>"], {"text": GOOD}])
+def test_format_of_non_text_is_zero(value):
+    assert format_reward(value) == 0.0
+
+
+def test_wrong_order_case_really_is_only_reordered():
+    parsed = parse_chain(MALFORMED["wrong order"])
+    assert sorted(parsed.order) == sorted(TAGS) and parsed.order != list(TAGS)
+
+
+# ------------------------------------------------------------------------------------------- degradation
+PAPER_PREDICTED = "medium blur, light downsample, heavy noise, light compression, no upsample"
+PAPER_TRUTH = {"blur": "light", "downsample": "light", "noise": "medium", "compression": "light", "upsample": "none"}
+
+
+def test_degradation_paper_example_is_0_6():
+    chain = render_chain(PAPER_PREDICTED, UNDERSTAND)
+    assert degradation_reward(chain, DegradationLabels(levels=PAPER_TRUTH, params={})) == pytest.approx(0.6)
+
+
+def test_degradation_all_right_all_wrong_and_partial():
+    assert degradation_reward(GOOD, LEVELS) == 1.0
+    wrong = render_chain("light blur, heavy downsample, light noise, heavy compression, light upsample", {})
+    assert degradation_reward(wrong, LEVELS) == 0.0
+    two_stated = render_chain("medium blur and heavy noise", {})
+    assert degradation_reward(two_stated, LEVELS) == pytest.approx(0.4)
+
+
+def test_degradation_unstated_none_item_is_wrong():
+    # "upsample" is truly none; saying nothing about it earns nothing
+    chain = render_chain("medium blur, light downsample, heavy noise, light compression", {})
+    assert degradation_reward(chain, LEVELS) == pytest.approx(0.8)
+    assert degradation_reward(render_chain("", {}), LEVELS) == 0.0
+
+
+def test_degradation_not_applicable_without_labels():
+    assert degradation_reward(GOOD, None) is None
+
+
+@pytest.mark.parametrize("value", [None, 7, b"x"])
+def test_degradation_never_raises_on_bad_chains(value):
+    assert degradation_reward(value, LEVELS) == 0.0
+
+
+# ----------------------------------------------------------------------------------------- understanding
+PAPER_TEXT = "This image shows the group of lions lying on a large rock, surrounded by open sky."
+
+
+def test_understanding_paper_example_is_0_75():
+    chain = render_chain(DEG, {"rough": PAPER_TEXT})
+    assert understanding_reward(chain, ["Lions", "Rock", "Sky", "Clouds"]) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize(
+    "tag, text",
+    [("lion", "two lions"), ("lions", "a lion"), ("fox", "three foxes"), ("foxes", "a fox"),
+     ("berry", "some berries"), ("berries", "one berry"), ("Sea Lion", "a SEA-LION basking"),
+     ("sea lions", "two sea lion pups"), ("leaf", "autumn leaves"), ("glass", "a glass of water")],
+)
+def test_understanding_matches_plurals_case_and_multiword(tag, text):
+    assert tag_recall(text, [tag]) == 1.0
+
+
+@pytest.mark.parametrize(
+    "tag, text",
+    [("cat", "a category of things"), ("rock", "rocket launch"), ("sea lion", "a lion by the sea"),
+     ("sky", "skyline"), ("sea lion", "sea and lion")],
+)
+def test_understanding_needs_whole_words_in_order(tag, text):
+    assert tag_recall(text, [tag]) == 0.0
+
+
+def test_understanding_not_applicable_without_tags():
+    assert understanding_reward(GOOD, []) is None
+    assert understanding_reward(GOOD, ("", " ,")) is None
+    assert understanding_reward(GOOD, None) is None
+
+
+def test_understanding_duplicate_tags_count_once():
+    assert tag_recall("a lion", ["lion", "Lions", "rock"]) == 0.5
+
+
+def test_understanding_reads_only_the_configured_stages():
+    chain = render_chain(DEG, {"rough": "a cat", "middle": "a sofa", "final": "a cat on a sofa"})
+    assert understanding_reward(chain, ["cat", "sofa"]) == 0.5
+    assert understanding_reward(chain, ["cat", "sofa"], stages=["final"]) == 1.0
+    # several stages: the mean of the per-stage recalls
+    assert understanding_reward(chain, ["cat", "sofa"], stages=["rough", "middle", "final"]) == pytest.approx(2 / 3)
+
+
+def test_understanding_of_malformed_or_non_text_chain():
+    assert understanding_reward(None, ["cat"]) == 0.0
+    assert understanding_reward("a cat without tags", ["cat"]) == 0.0  # no <rough_understand> section
+
+
+# ------------------------------------------------------------------------------------------------- total
+def test_total_is_the_weighted_sum_of_all_parts():
+    cfg = RewardConfig(weights=RewardWeights(format=1.0, degradation=2.0, understanding=0.5, generation=3.0),
+                       metrics=[QualityMetricConfig(name="a", weight=1.0), QualityMetricConfig(name="b", weight=3.0)])
+    chain = render_chain(PAPER_PREDICTED, {"rough": "a cat"})
+    sample = make_sample(tags=("cat", "sofa"), levels=PAPER_TRUTH)
+    q = QualityScore(values={"a": 0.2, "b": 0.6}, raw={"a": 20.0, "b": 0.6})
+    s = score_chain(chain, sample, q, cfg, sample_index=3)
+    assert (s.prompt_id, s.sample_index) == (0, 3)
+    assert s.parts == pytest.approx({"format": 1.0, "degradation": 0.6, "understanding": 0.5,
+                                     "generation": 0.5, "quality/a": 0.2, "quality/b": 0.6})
+    assert s.total == pytest.approx(1.0 + 2 * 0.6 + 0.5 * 0.5 + 3 * 0.5)
+    assert s.errors == {}
+
+
+def test_total_leaves_out_parts_that_do_not_apply():
+    cfg = RewardConfig()  # no metrics: generation does not apply
+    s = score_chain(GOOD, make_sample(tags=(), levels=None), None, cfg)
+    assert s.parts == {"format": 1.0} and s.total == 1.0
+
+
+def test_total_keeps_metric_errors_and_applies_the_failed_metric_rule():
+    metrics = [QualityMetricConfig(name="a", weight=1.0), QualityMetricConfig(name="b", weight=1.0)]
+    q = QualityScore(values={"a": 0.8}, errors={"b": "TimeoutError: slow"})
+    for rule, generation in (("renormalize", 0.8), ("zero", 0.4)):
+        s = score_chain(GOOD, make_sample(), q, RewardConfig(metrics=metrics, failed_metric=rule))
+        assert s.parts["generation"] == pytest.approx(generation)
+        assert s.errors == {"b": "TimeoutError: slow"} and "quality/b" not in s.parts
+
+
+def test_total_without_final_image_scores_generation_zero():
+    cfg = RewardConfig(metrics=[QualityMetricConfig(name="a")])
+    s = score_chain(GOOD, make_sample(), None, cfg)
+    assert s.parts["generation"] == 0.0 and "generation" in s.errors
+    assert s.total == pytest.approx(3.0)  # format + degradation + understanding
+
+
+def test_total_of_garbage_text_is_zero_not_an_error():
+    s = score_chain(None, make_sample(), None, RewardConfig())
+    assert s.parts == {"format": 0.0, "degradation": 0.0, "understanding": 0.0} and s.total == 0.0
+
+
+def test_score_rollouts_batches_final_images_through_the_scorer():
+    calls = []
+
+    def brightness(x):  # (N, 3, H, W) in [0, 1] -> (N,)
+        calls.append(x.shape[0])
+        return x.mean(dim=(1, 2, 3))
+
+    cfg = RewardConfig(metrics=[QualityMetricConfig(name="bright")])
+    scorer = QualityScorer([(cfg.metrics[0], brightness)])
+    img = lambda v: np.full((8, 8, 3), v, np.uint8)  # noqa: E731
+    rollouts = [make_rollout(0, 0, final=img(255)), make_rollout(0, 1, final=None), make_rollout(1, 0, final=img(51))]
+    samples = [make_sample(0), make_sample(0), make_sample(1)]
+    scores = score_rollouts(rollouts, samples, cfg, scorer)
+    assert calls == [2]  # one batch of the two final images
+    assert [(s.prompt_id, s.sample_index) for s in scores] == [(0, 0), (0, 1), (1, 0)]
+    assert [s.parts["generation"] for s in scores] == pytest.approx([1.0, 0.0, 0.2])
+    with pytest.raises(ValueError, match="prompt 1"):
+        score_rollouts(rollouts, [make_sample(0)] * 3, cfg, scorer)
+    with pytest.raises(ValueError, match="no QualityScorer"):
+        score_rollouts(rollouts, samples, cfg, None)
