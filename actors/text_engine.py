@@ -368,8 +368,11 @@ class VLLMTextEngine:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         else:
             self.llm.collective_rpc("load_weights_from_bytes", args=(_to_safetensors_blobs(named_tensors),))
-        # Cached KV blocks of earlier prompts were computed with the old weights: drop them.
-        self.llm.reset_prefix_cache()
+        # Derived state of the old weights must go: vision-encoder outputs (reload_weights clears only the worker's
+        # copy; the scheduler would still count them as cached -> "Encoder cache miss") and prefix-cached KV blocks.
+        self.llm.llm_engine.reset_encoder_cache()
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache (requests still running during load_weights?)")
         self.version = version
 
 

@@ -14,8 +14,16 @@ import pytest
 from rl.chain import LEVELS, degradation_text, parse_degradation_text
 from rl.config import DegradationConfig
 from rl.data.degradations import (
-    ITEMS, KERNEL_TYPES, LEVEL_RULES, apply_params, build_kernel, degrade, kernel_sigma, levels_from_measures,
-    measures_of, sample_params,
+    ITEMS,
+    KERNEL_TYPES,
+    LEVEL_RULES,
+    apply_params,
+    build_kernel,
+    degrade,
+    kernel_sigma,
+    levels_from_measures,
+    measures_of,
+    sample_params,
 )
 
 

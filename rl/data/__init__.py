@@ -6,12 +6,35 @@ config and the cursor.
 """
 
 from rl.data.dataset import DataSourceError, ImageEntry, PairDataset, list_source, split_entries
-from rl.data.degradations import ITEMS, LEVEL_RULES, apply_params, degrade, levels_from_measures, sample_params
+from rl.data.degradations import (
+    ITEMS,
+    LEVEL_RULES,
+    apply_params,
+    degrade,
+    levels_from_measures,
+    sample_params,
+)
 from rl.data.images import BadImageError, load_rgb, save_png, to_rgb_array
 from rl.data.photos import PHOTOS, PHOTOS_BY_NAME, PhotoInfo, load_photo
 
 __all__ = [
-    "BadImageError", "DataSourceError", "ImageEntry", "ITEMS", "LEVEL_RULES", "PHOTOS", "PHOTOS_BY_NAME",
-    "PairDataset", "PhotoInfo", "apply_params", "degrade", "levels_from_measures", "list_source", "load_photo",
-    "load_rgb", "sample_params", "save_png", "split_entries", "to_rgb_array",
+    "ITEMS",
+    "LEVEL_RULES",
+    "PHOTOS",
+    "PHOTOS_BY_NAME",
+    "BadImageError",
+    "DataSourceError",
+    "ImageEntry",
+    "PairDataset",
+    "PhotoInfo",
+    "apply_params",
+    "degrade",
+    "levels_from_measures",
+    "list_source",
+    "load_photo",
+    "load_rgb",
+    "sample_params",
+    "save_png",
+    "split_entries",
+    "to_rgb_array",
 ]

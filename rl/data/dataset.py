@@ -27,7 +27,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import cv2
 import numpy as np
@@ -253,7 +253,7 @@ class PairDataset:
         self.stats[reason] += 1
         log.warning("skipping image %s: %s", self.entries[index].path, detail)
 
-    def _image(self, index: int) -> Optional[np.ndarray]:
+    def _image(self, index: int) -> np.ndarray | None:
         """The decoded (and, if needed, enlarged) image at ``index``, or None once it is known to be bad."""
         if index in self._bad:
             return None
@@ -275,7 +275,7 @@ class PairDataset:
                 self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
         return image
 
-    def _fit(self, index: int, image: np.ndarray) -> Optional[np.ndarray]:
+    def _fit(self, index: int, image: np.ndarray) -> np.ndarray | None:
         """Enlarge an image whose short side is below the crop (if at least half of it), else skip it."""
         size = self.cfg.hr_size
         h, w = image.shape[:2]

@@ -221,7 +221,7 @@ def _sample_noise(rng: np.random.Generator, gaussian_prob: float, sigma: list[fl
 
 
 def _sample_quality(rng: np.random.Generator, bounds: list[float]) -> int:
-    return int(round(_uniform(rng, bounds)))
+    return round(_uniform(rng, bounds))
 
 
 def sample_params(cfg: DegradationConfig, scale: int, rng: np.random.Generator) -> dict[str, Any]:

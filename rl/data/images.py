@@ -7,6 +7,7 @@ grey images are expanded, and EXIF orientation is applied so tags and pixels agr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -112,10 +113,8 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
                 im.load()  # decode now: truncated and corrupt data fail here, inside the try
                 array = _read_png16_color(path) if im.format == "PNG" and im.mode in ("RGB", "RGBA") else None
                 if array is None:
-                    try:
+                    with contextlib.suppress(Exception):  # a broken EXIF block must not lose a good image
                         im = ImageOps.exif_transpose(im)
-                    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose a good image
-                        pass
                     array = _pil_to_array(im)
         return to_rgb_array(array)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -1,0 +1,147 @@
+"""The learner's Ray shell: N ``LearnerWorker`` actors in one placement group, forming one DeepSpeed ZeRO group.
+
+The only Ray-aware part of the learner (OpenRLHF's ``RayActorGroup`` shape): it reserves one bundle per rank,
+finds a free port on rank 0's node, starts the ranks with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT, and fans each call out to every rank. Methods are named (no string RPC); a ``submit_*`` method
+returns one ObjectRef per rank, its plain twin blocks and returns rank 0's answer (the ranks agree).
+
+    group = LearnerGroup(cfg)                           # ~ start-up: actors, process group, engines
+    metrics = group.train_step(batch, rollouts)         # rollouts: the list given to build_train_batch
+    weights = group.gather_full_state("policy")         # rank 0's full CPU state dict
+    group.save_checkpoint(path); group.export_hf(path)
+    group.shutdown()
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Optional, Sequence, Union
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from learner.worker import LearnerWorker, shard_batch
+from rl.config import ExperimentConfig
+from rl.env import worker_env
+from rl.grpo import TrainBatch
+from rl.records import Rollout
+
+RolloutLike = Union[Rollout, ray.ObjectRef]
+
+
+@ray.remote(num_cpus=0)
+def _master_address(port: Optional[int]) -> tuple[str, int]:
+    """Rank 0's node address and a port free on it (runs inside rank 0's bundle, so on its node).
+
+    The port is released before rank 0 binds it; another process could take it in between (the usual
+    race of this pattern, rare; set learner.master_port to pin one)."""
+    if port is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), int(port)
+
+
+class LearnerGroup:
+    """N learner ranks as Ray actors (``learner.num_ranks``), one ZeRO group."""
+
+    def __init__(self, cfg: ExperimentConfig, ready_timeout_s: float = 600.0, **worker_kwargs: Any):
+        """Blocks until every rank has built its engines. ``worker_kwargs`` go to ``LearnerWorker``
+        (e.g. ``logprob_temperature``)."""
+        ln = cfg.learner
+        if ln.backend == "nccl" and ln.num_gpus <= 0:
+            raise ValueError(f"learner.backend = nccl needs learner.num_gpus > 0, got {ln.num_gpus}")
+        self.num_ranks = ln.num_ranks
+        bundle = {"CPU": float(ln.num_cpus), **({"GPU": float(ln.num_gpus)} if ln.num_gpus > 0 else {})}
+        self.placement_group = placement_group([dict(bundle) for _ in range(ln.num_ranks)],
+                                               strategy=cfg.ray.placement_strategy)
+        try:
+            ray.get(self.placement_group.ready(), timeout=ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.placement_group)
+            raise RuntimeError(
+                f"learner placement group ({ln.num_ranks} x {bundle}, strategy {cfg.ray.placement_strategy}) not "
+                f"placed after {ready_timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}") from None
+
+        addr, port = ray.get(_master_address.options(scheduling_strategy=self._bundle(0)).remote(ln.master_port))
+        actor_cls = ray.remote(LearnerWorker)
+        env = worker_env()
+        self.actors = []
+        for rank in range(ln.num_ranks):
+            dist_env = {"RANK": str(rank), "WORLD_SIZE": str(ln.num_ranks), "MASTER_ADDR": addr,
+                        "MASTER_PORT": str(port),
+                        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES: its device is always cuda:0
+                        "LOCAL_RANK": "0"}
+            self.actors.append(actor_cls.options(
+                num_cpus=ln.num_cpus, num_gpus=ln.num_gpus, scheduling_strategy=self._bundle(rank),
+                runtime_env={"env_vars": env}, name=None,
+            ).remote(ln, cfg.policy, cfg.diffusion, cfg.grpo, cfg.trainer.total_steps, dist_env, **worker_kwargs))
+        self.master = (addr, port)
+        try:
+            self.infos: list[dict[str, Any]] = ray.get([a.info.remote() for a in self.actors], timeout=ready_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=index)
+
+    # ------------------------------------------------------------------ training
+    def submit_train_step(self, batch: TrainBatch, rollouts: Sequence[RolloutLike]) -> list[ray.ObjectRef]:
+        """One GRPO update; ``rollouts`` is the list given to ``build_train_batch`` (Rollouts or refs to them).
+        Each rank receives only its shard; refs are resolved on the rank, never in the driver."""
+        shards = shard_batch(batch, rollouts, self.num_ranks)
+        return [a.train_step.remote(sub, *rs) for a, (sub, rs) in zip(self.actors, shards)]
+
+    def train_step(self, batch: TrainBatch, rollouts: Sequence[RolloutLike]) -> dict[str, float]:
+        """Metrics of the update (aggregated over ranks)."""
+        return ray.get(self.submit_train_step(batch, rollouts))[0]
+
+    # ------------------------------------------------------------------ weights
+    def submit_gather_full_state(self, model: str) -> list[ray.ObjectRef]:
+        return [a.gather_full_state.remote(model) for a in self.actors]
+
+    def gather_full_state(self, model: str) -> dict[str, Any]:
+        """Rank 0's full CPU state dict of ``model`` ("policy" | "diffusion")."""
+        return ray.get(self.submit_gather_full_state(model))[0]
+
+    def parameter_digests(self, model: str) -> list[dict[str, float]]:
+        """Per-rank sums of each local parameter (replicas must agree under ZeRO 0-2)."""
+        return ray.get([a.parameter_digest.remote(model) for a in self.actors])
+
+    def submit_export_hf(self, directory: str) -> list[ray.ObjectRef]:
+        return [a.export_hf.remote(str(directory)) for a in self.actors]
+
+    def export_hf(self, directory: str) -> dict[str, str]:
+        """HF/diffusers directories of both models under ``directory`` (written by rank 0)."""
+        return ray.get(self.submit_export_hf(directory))[0]
+
+    # ------------------------------------------------------------------ checkpoints
+    def submit_save_checkpoint(self, directory: str) -> list[ray.ObjectRef]:
+        return [a.save_checkpoint.remote(str(directory)) for a in self.actors]
+
+    def save_checkpoint(self, directory: str) -> None:
+        ray.get(self.submit_save_checkpoint(directory))
+
+    def submit_load_checkpoint(self, directory: str) -> list[ray.ObjectRef]:
+        return [a.load_checkpoint.remote(str(directory)) for a in self.actors]
+
+    def load_checkpoint(self, directory: str) -> None:
+        ray.get(self.submit_load_checkpoint(directory))
+
+    # ------------------------------------------------------------------ lifetime
+    def shutdown(self) -> None:
+        """Kill the ranks and release their placement group (idempotent)."""
+        for a in getattr(self, "actors", []):
+            ray.kill(a, no_restart=True)
+        self.actors = []
+        if getattr(self, "placement_group", None) is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+    def __enter__(self) -> "LearnerGroup":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

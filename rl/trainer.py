@@ -1,0 +1,176 @@
+"""The single-controller GRPO loop (design.md): data -> rollout -> reward -> advantages -> learner -> sync.
+
+``GRPOTrainer.step`` reads like the data-flow diagram: one line and one timer per phase. The driver holds
+ObjectRefs of the chains, never their pixels or tokens (except the one chain of an image panel); rewards and
+learner ranks fetch the chains they need from Ray's object store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import ray
+import torch
+
+from actors.group import RolloutGroup
+from learner.group import LearnerGroup
+from rewards.pool import RewardPool
+from rl import checkpoint as ckpt
+from rl import grpo
+from rl.config import ExperimentConfig
+from rl.data.dataset import PairDataset
+from rl.monitor import RunMonitor, summarize
+from rl.records import Rollout, Sample, Scores
+
+log = logging.getLogger("rl.trainer")
+REWARD_PARTS = ("format", "degradation", "understanding", "generation")
+
+
+class PhaseTimer:
+    """Wall time per phase of one step -> ``timing/<phase>`` seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def reward_metrics(scores: list[Scores], group_size: int) -> dict[str, float]:
+    """``reward/<part>/mean`` and ``reward/<part>/group_std`` (mean within-group std) for every scored part."""
+    out: dict[str, float] = {}
+    parts = sorted({k for s in scores for k in s.parts} | {"total"})
+    for part in parts:
+        values = np.array([s.total if part == "total" else s.parts.get(part, np.nan) for s in scores], dtype=float)
+        if np.all(np.isnan(values)):
+            continue
+        out[f"reward/{part}/mean"] = float(np.nanmean(values))
+        groups = values.reshape(-1, group_size)
+        with np.errstate(invalid="ignore"):
+            out[f"reward/{part}/group_std"] = float(np.nanmean(np.nanstd(groups, axis=1)))
+    out["reward/metric_failures"] = float(sum(len(s.errors) for s in scores))
+    return out
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.data = PairDataset(cfg.data, "train")
+        self.rollouts = RolloutGroup(cfg)
+        self.rewards = RewardPool(cfg.reward, placement_strategy=cfg.ray.placement_strategy, name=cfg.name)
+        self.learner = LearnerGroup(cfg)
+        self.ckpt_root = Path(cfg.trainer.checkpoint_dir)
+        self.step_id = 0
+        self.cursor = 0
+        self.version = 0
+        if cfg.trainer.resume:
+            self._resume()
+        self.monitor = RunMonitor(cfg.trainer.log_dir, cfg.trainer.total_steps, self.step_id,
+                                  cfg.trainer.progress_bar)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        try:
+            while self.step_id < self.cfg.trainer.total_steps:
+                metrics = self.step()
+                self.monitor.progress(self.step_id, {"reward": metrics.get("reward/total/mean", float("nan")),
+                                                     "s/step": metrics["timing/step"]})
+                every = self.cfg.trainer.checkpoint_every
+                if every and (self.step_id % every == 0 or self.step_id == self.cfg.trainer.total_steps):
+                    self.save_checkpoint()
+        finally:
+            self.monitor.close()
+
+    def step(self) -> dict[str, float]:
+        cfg, t = self.cfg, PhaseTimer()
+        B, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
+        with t("step"):
+            with t("rollout"):
+                samples = self.data.batch(self.cursor, B)
+                refs = self.rollouts.submit_generate(samples, G, seed=cfg.trainer.seed * 1_000_003 + self.step_id)
+                ray.wait(refs, num_returns=len(refs), fetch_local=False)
+            with t("reward"):
+                chain_samples = [s for s in samples for _ in range(G)]
+                scores = self.rewards.score(refs, chain_samples)
+            rewards = torch.tensor([s.total for s in scores], dtype=torch.float32)
+            advantages = grpo.group_advantages(rewards, G, cfg.grpo.scale_by_std, cfg.grpo.eps)
+            groups = grpo.zero_variance_groups(rewards, G)
+            keep = groups.keep if cfg.grpo.filter_zero_variance else torch.ones_like(groups.keep)
+            learner_metrics: dict[str, float] = {}
+            sync_metrics: dict[str, float] = {}
+            if bool(keep.any()):
+                with t("learner"):
+                    learner_metrics = self.learner.train(refs, advantages.tolist(), keep.tolist())
+                with t("sync"):
+                    update, sync_metrics = self.learner.publish_weights(self.version + 1)
+                    self.rollouts.load_weights(update)
+                    self.version = update.version
+            self.cursor += B
+            self.step_id += 1
+        metrics = {
+            **reward_metrics(scores, G),
+            **{f"learner/{k}": v for k, v in learner_metrics.items()},
+            **sync_metrics,
+            **{f"timing/{k}": v for k, v in t.seconds.items()},
+            "grpo/advantage_mean": float(advantages.mean()),
+            "grpo/advantage_std": float(advantages.std()),
+            "grpo/advantage_abs_max": float(advantages.abs().max()),
+            "grpo/filtered_groups": float(groups.num_filtered),
+            "grpo/kept_chains": float(keep.sum()),
+            "policy/version": float(self.version),
+            "throughput/samples_per_s": B * G / t.seconds["step"],
+            "data/skipped_files": float(sum(self.data.stats.values())) if hasattr(self.data, "stats") else 0.0,
+        }
+        self.monitor.scalars(self.step_id, metrics)
+        if cfg.trainer.image_every and self.step_id % cfg.trainer.image_every == 0:
+            self._log_example(refs[0], samples[0], scores[0])
+        self.monitor.flush()
+        return metrics
+
+    def _log_example(self, ref, sample: Sample, score: Scores) -> None:
+        rollout: Rollout = ray.get(ref)
+        self.monitor.panel(self.step_id, "chain/images", {"lr": sample.lr, **rollout.images, "hr": sample.hr})
+        parts = ", ".join(f"{k}={v:.3f}" for k, v in sorted(score.parts.items()))
+        self.monitor.text(self.step_id, "chain/text", f"{rollout.text}\n\nreward {score.total:.3f}: {parts}")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """DeepSpeed state (all ranks) + HF/diffusers export + trainer state, committed atomically."""
+        tmp = ckpt.begin_checkpoint(self.ckpt_root, self.step_id)
+        try:
+            self.learner.save_checkpoint(str(tmp / "deepspeed"))
+            self.learner.export_hf(str(tmp / "export"))
+            state = ckpt.TrainerState(step=self.step_id, data_cursor=self.cursor, rng=ckpt.capture_rng_state(),
+                                      extra={"policy_version": self.version})
+            ckpt.save_trainer_state(tmp, state)
+            final = ckpt.commit_checkpoint(tmp)
+        except BaseException:
+            ckpt.abort_checkpoint(tmp)
+            raise
+        ckpt.prune(self.ckpt_root, self.cfg.trainer.keep_checkpoints)
+        log.info("checkpoint %s", final)
+        return final
+
+    def _resume(self) -> None:
+        latest = ckpt.latest_complete(self.ckpt_root)
+        if latest is None:
+            log.info("resume: no complete checkpoint under %s, starting fresh", self.ckpt_root)
+            return
+        state = ckpt.load_trainer_state(latest)
+        self.learner.load_checkpoint(str(latest / "deepspeed"))
+        ckpt.restore_rng_state(state.rng)
+        self.step_id, self.cursor = state.step, state.data_cursor
+        self.version = int(state.extra.get("policy_version", state.step))
+        update, _ = self.learner.publish_weights(self.version)
+        self.rollouts.load_weights(update)
+        log.info("resumed from %s at step %d (data cursor %d)", latest, self.step_id, self.cursor)

@@ -1,0 +1,202 @@
+"""actors.sr_pipeline: the tiny SR diffusion policy samples, re-scores, trains and round-trips."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from actors.sr_pipeline import SRPipeline, build_tiny_sr_pipeline
+from rl.config import TinyDiffusionConfig
+from rl.models.tokenizer import build_chain_tokenizer
+
+PROMPTS = ["a cat with whiskers", "a red rocket on a launch pad in the sky"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_chain_tokenizer(1024)
+
+
+@pytest.fixture(scope="module")
+def pipe(tokenizer):
+    return build_tiny_sr_pipeline(TinyDiffusionConfig(), tokenizer)
+
+
+def _conditions(n=2, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _sample(pipe, size=(16, 16), steps=3, seeds=(0, 1), **kw):
+    n = len(seeds)
+    return pipe.sample(_conditions(n), size, PROMPTS[:n] * (n // 2) + PROMPTS[: n % 2], num_steps=steps, eta=1.0,
+                       noise_level=20, generator=_gens(*seeds), stage="rough", **kw)
+
+
+def test_sample_sizes_dtype_and_traces(pipe):
+    images, traces = _sample(pipe, size=(24, 40), steps=4)
+    assert [im.shape for im in images] == [(24, 40, 3)] * 2 and all(im.dtype == np.uint8 for im in images)
+    tr = traces[0]
+    assert tr.latents.shape == (5, 3, 24, 40) and tr.log_probs.shape == (4,) and tr.timesteps.shape == (4,)
+    assert tr.condition.shape == (3, 24, 40) and tr.text_ids.shape == (77,) and tr.stage == "rough"
+    assert tr.timesteps[0] == 999 and tr.eta == 1.0 and tr.noise_level == 20
+    assert all(torch.isfinite(t.log_probs).all() and torch.isfinite(t.latents).all() for t in traces)
+    # the decoded image is x_0 of the trajectory
+    x0 = ((tr.latents[-1].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(images[0], x0)
+
+
+def test_sampler_is_deterministic_per_generator_and_batch_invariant(pipe):
+    a_img, a_tr = _sample(pipe, seeds=(0, 1))
+    b_img, b_tr = _sample(pipe, seeds=(0, 1))
+    assert all(np.array_equal(x, y) for x, y in zip(a_img, b_img))
+    assert all(torch.equal(x.latents, y.latents) for x, y in zip(a_tr, b_tr))
+    c_img, c_tr = _sample(pipe, seeds=(0, 2))
+    assert torch.equal(c_tr[0].latents, a_tr[0].latents)  # sample 0 does not see sample 1's stream
+    assert not torch.equal(c_tr[1].latents, a_tr[1].latents)
+    # one generator for the batch is deterministic too
+    one = [pipe.sample(_conditions(), (16, 16), PROMPTS, num_steps=2, generator=torch.Generator().manual_seed(3))[1]
+           for _ in range(2)]
+    assert torch.equal(one[0][0].latents, one[1][0].latents)
+
+
+def test_recomputed_log_probs_equal_sampling_ones(pipe):
+    _, rough = _sample(pipe, size=(16, 16), steps=4, seeds=(0, 1))
+    _, middle = _sample(pipe, size=(32, 32), steps=4, seeds=(2, 3))
+    traces = [rough[0], middle[0], rough[1], middle[1]]  # mixed shapes, order must be kept
+    with torch.no_grad():
+        lp = pipe.trace_log_probs(traces)
+        sub = pipe.trace_log_probs(traces, step_indices=[3, 0])
+    recorded = torch.stack([t.log_probs for t in traces])
+    assert lp.shape == (4, 4) and sub.shape == (4, 2)
+    torch.testing.assert_close(lp, recorded, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sub, recorded[:, [3, 0]], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="step_indices"):
+        pipe.trace_log_probs(traces, step_indices=[4])
+
+
+def test_log_prob_gradient_reaches_unet_and_text_encoder(pipe):
+    _, traces = _sample(pipe, steps=2)
+    pipe.unet.zero_grad(set_to_none=True)
+    pipe.text_encoder.zero_grad(set_to_none=True)
+    pipe.trace_log_probs(traces).mean().backward()
+    unet_grads = [p.grad for p in pipe.unet.parameters() if p.grad is not None]
+    text_grads = [p.grad for p in pipe.text_encoder.parameters() if p.grad is not None]
+    assert unet_grads and sum(float(g.abs().sum()) for g in unet_grads) > 0
+    assert text_grads and sum(float(g.abs().sum()) for g in text_grads) > 0
+    assert pipe.unet.conv_in.weight.grad.abs().sum() > 0
+    pipe.unet.zero_grad(set_to_none=True)
+    pipe.text_encoder.zero_grad(set_to_none=True)
+
+
+def test_classifier_free_guidance_is_recorded_and_rescored(pipe):
+    _, plain = _sample(pipe, steps=2)
+    _, guided = _sample(pipe, steps=2, guidance_scale=3.0)
+    assert guided[0].guidance_scale == 3.0
+    assert not torch.equal(plain[0].latents[-1], guided[0].latents[-1])
+    with torch.no_grad():
+        lp = pipe.trace_log_probs(guided)
+    torch.testing.assert_close(lp, torch.stack([t.log_probs for t in guided]), atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_round_trip_gives_identical_samples(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["vae"] == [None, None] and index["_class_name"] == "SRPipeline"
+    loaded = SRPipeline.from_pretrained(tmp_path)
+    assert loaded.vae is None and loaded.config.max_noise_level == pipe.config.max_noise_level
+    a_img, a_tr = _sample(pipe)
+    b_img, b_tr = _sample(loaded)
+    assert all(np.array_equal(x, y) for x, y in zip(a_img, b_img))
+    assert all(torch.equal(x.log_probs, y.log_probs) for x, y in zip(a_tr, b_tr))
+    assert torch.equal(a_tr[1].text_ids, b_tr[1].text_ids)  # the tokenizer round-tripped too
+
+
+def test_tiny_build_is_seeded_and_attends_only_at_low_resolution(tokenizer):
+    cfg = TinyDiffusionConfig()
+    a = build_tiny_sr_pipeline(cfg, tokenizer)
+    b = build_tiny_sr_pipeline(cfg, tokenizer)
+    c = build_tiny_sr_pipeline(TinyDiffusionConfig(seed=1), tokenizer)
+    sa, sb, sc = a.unet.state_dict(), b.unet.state_dict(), c.unet.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert torch.equal(a.text_encoder.text_model.embeddings.token_embedding.weight,
+                       b.text_encoder.text_model.embeddings.token_embedding.weight)
+    # self-attention token counts at a 64 px sample: only the deepest level (8x8) attends
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kw: seen.append(args[0].shape[1]), with_kwargs=True)
+             for name, m in a.unet.named_modules() if name.endswith("attn1")]
+    with torch.no_grad():
+        a.unet(torch.zeros(1, 6, 64, 64), 10, torch.zeros(1, 77, 64), class_labels=torch.tensor([20]))
+    for h in hooks:
+        h.remove()
+    assert seen and max(seen) <= 8 * 8
+
+
+def test_denoising_loss_trains(tokenizer):
+    pipe = build_tiny_sr_pipeline(TinyDiffusionConfig(), tokenizer)
+    rng = np.random.default_rng(0)
+    targets = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)]
+    conditions = [t[::2, ::2] for t in targets]  # an 8 px LR version
+
+    def loss():
+        return pipe.denoising_loss(targets, conditions, PROMPTS, generator=torch.Generator().manual_seed(0))
+
+    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3)
+    before = loss()
+    assert before.ndim == 0 and torch.isfinite(before)
+    for _ in range(8):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    with torch.no_grad():
+        after = loss()
+    assert after < 0.9 * before
+    with pytest.raises(ValueError, match="share one size"):
+        pipe.denoising_loss([targets[0], targets[0][:8]], conditions, PROMPTS)
+
+
+def test_bad_inputs_are_named(pipe):
+    with pytest.raises(ValueError, match=r"size = \(20, 16\).*multiples of 8"):
+        pipe.sample(_conditions(), (20, 16), PROMPTS)
+    with pytest.raises(ValueError, match="uint8"):
+        pipe.sample([np.zeros((8, 8, 3), np.float32)] * 2, (16, 16), PROMPTS)
+    with pytest.raises(ValueError, match="noise_level = 400"):
+        pipe.sample(_conditions(), (16, 16), PROMPTS, noise_level=400)
+    with pytest.raises(ValueError, match="1 prompts for 2"):
+        pipe.sample(_conditions(), (16, 16), PROMPTS[:1])
+    with pytest.raises(ValueError, match="vocab_size = 10"):
+        build_tiny_sr_pipeline(TinyDiffusionConfig(vocab_size=10), build_chain_tokenizer(1024))
+
+
+def test_vae_branch_samples_in_latent_space_and_round_trips(pipe, tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, scaling_factor=0.5)
+    cfg = dict(pipe.unet.config)
+    cfg.update(in_channels=4 + 3, out_channels=4)
+    unet = UNet2DConditionModel.from_config(cfg)
+    with pytest.raises(ValueError, match="in_channels = 6"):
+        SRPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, pipe.low_res_scheduler, vae=vae)
+    latent = SRPipeline(pipe.text_encoder, pipe.tokenizer, unet, pipe.scheduler, pipe.low_res_scheduler, vae=vae)
+    assert latent.vae_scale_factor == 2
+    images, traces = _sample(latent, size=(32, 32), steps=2)
+    assert images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
+    assert traces[0].latents.shape == (3, 4, 16, 16) and traces[0].condition.shape == (3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(latent.trace_log_probs(traces), torch.stack([t.log_probs for t in traces]),
+                                   atol=1e-5, rtol=1e-5)
+    loss = latent.denoising_loss([images[0]], [_conditions(1)[0]], PROMPTS[:1], torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    latent.save_pretrained(tmp_path)
+    loaded = SRPipeline.from_pretrained(tmp_path)
+    assert isinstance(loaded.vae, AutoencoderKL)
+    assert all(np.array_equal(x, y) for x, y in zip(images, _sample(loaded, size=(32, 32), steps=2)[0]))
