@@ -25,7 +25,7 @@ class RolloutWorker:
     """Generates grouped VLCoT chains with the latest weights it was given."""
 
     def __init__(self, cfg: ExperimentConfig, worker_index: int = 0):
-        configure_process()
+        configure_process(cfg.rollout.num_cpus)
         device = "cuda" if cfg.rollout.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.worker_index = worker_index
         self.engine = build_text_engine(

@@ -11,8 +11,9 @@ Zero variance. DDIM's sigma_t^2 = eta^2 (1 - a_prev)/(1 - a_t) (1 - a_t/a_prev) 
 than dropping the last one from the loss: ``logprob_scheduler`` switches the scheduler to "trailing" spacing
 (timesteps T-1, ..., T/S - 1: the last step starts at t >= 1 and the first at pure noise) and
 ``set_alpha_to_one=False`` (the last step lands on a_0 = 1 - beta_0 < 1). The last step's std is then small
-but positive (~0.01 in [-1, 1] pixel units for the linear schedule and 10 steps), and ``check_stochastic_schedule``
-rejects any schedule that still has a zero-variance step, naming the config keys.
+but positive (~0.01 in [-1, 1] pixel units for the linear schedule and 10 steps), and
+``check_stochastic_schedule`` rejects any schedule that still has a zero-variance step, naming the config
+keys.
 
 Log-probs are the *mean* over all non-batch elements of the per-element Gaussian log-density: a sum over
 64x64x3 values would make the importance ratio exp(sum) overflow (environment.md). All math runs in float32
@@ -25,12 +26,13 @@ Pure module: torch only (no diffusers import, no Ray); the scheduler is used thr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
-Generator = Union[torch.Generator, Sequence[torch.Generator], None]
+Generator = torch.Generator | Sequence[torch.Generator] | None
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -69,8 +71,8 @@ def _alphas(scheduler: Any, timestep: torch.Tensor) -> tuple[torch.Tensor, torch
     return a_t, a_prev
 
 
-def step_std(scheduler: Any, timestep: Union[int, torch.Tensor], eta: float) -> torch.Tensor:
-    """sigma_t(eta) = eta * sqrt((1 - a_prev)/(1 - a_t) * (1 - a_t/a_prev)), float32, shape of ``timestep``."""
+def step_std(scheduler: Any, timestep: int | torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t(eta) = eta sqrt((1 - a_prev)/(1 - a_t) (1 - a_t/a_prev)), float32, shaped like ``timestep``."""
     t = torch.as_tensor(timestep, dtype=torch.long)
     a_t, a_prev = _alphas(scheduler, t.reshape(-1))
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
@@ -93,7 +95,9 @@ def check_stochastic_schedule(scheduler: Any, eta: float) -> None:
             f"{cfg.get('set_alpha_to_one')!r}: the log-prob would be NaN; use actors.sde.logprob_scheduler"
         )
     if (1 - a_prev - std**2 < 0).any():
-        raise ValueError(f"eta = {eta!r} is too large: sigma_t^2 exceeds 1 - a_prev at some step (use eta <= 1)")
+        raise ValueError(
+            f"eta = {eta!r} is too large: sigma_t^2 exceeds 1 - a_prev at some step (use eta <= 1)"
+        )
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -108,7 +112,10 @@ def randn(shape: Sequence[int], generator: Generator, device: torch.device) -> t
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        parts = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=torch.float32) for g in generator]
+        parts = [
+            torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=torch.float32)
+            for g in generator
+        ]
         return torch.stack(parts).to(device)
     gen_device = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32).to(device)
@@ -117,19 +124,19 @@ def randn(shape: Sequence[int], generator: Generator, device: torch.device) -> t
 def ddim_step_with_logprob(
     scheduler: Any,
     model_output: torch.Tensor,
-    timestep: Union[int, torch.Tensor],
+    timestep: int | torch.Tensor,
     sample: torch.Tensor,
     eta: float,
-    prev_sample: Optional[torch.Tensor] = None,
+    prev_sample: torch.Tensor | None = None,
     generator: Generator = None,
-    variance_noise: Optional[torch.Tensor] = None,
+    variance_noise: torch.Tensor | None = None,
 ) -> SDEStepOutput:
     """One DDIM step x_t -> x_{t-1} as a Gaussian with its log-prob.
 
     model_output, sample: (B, C, H, W); timestep: an int or a (B,) tensor (per-sample timesteps, all on the
-    schedule set by ``scheduler.set_timesteps``). With ``prev_sample=None`` x_{t-1} is drawn with ``generator``
-    (or taken as mean + std * ``variance_noise``); otherwise the given x_{t-1} is scored. Gradients flow
-    through ``model_output`` into ``mean`` and ``log_prob``.
+    schedule set by ``scheduler.set_timesteps``). With ``prev_sample=None`` x_{t-1} is drawn with
+    ``generator`` (or taken as mean + std * ``variance_noise``); otherwise the given x_{t-1} is scored.
+    Gradients flow through ``model_output`` into ``mean`` and ``log_prob``.
     """
     cfg = scheduler.config
     eps_or_v = model_output.float()  # (B, C, H, W)
@@ -152,7 +159,9 @@ def ddim_step_with_logprob(
         x0 = a_t.sqrt() * x_t - beta_t.sqrt() * eps_or_v
         eps = a_t.sqrt() * eps_or_v + beta_t.sqrt() * x_t
     else:
-        raise ValueError(f"scheduler.config.prediction_type = {cfg.prediction_type!r}: not epsilon|sample|v_prediction")
+        raise ValueError(
+            f"scheduler.config.prediction_type = {cfg.prediction_type!r}: not epsilon|sample|v_prediction"
+        )
 
     # 4. clip or threshold x_0 (x_0 only; eps stays the model's, as with use_clipped_model_output=False)
     if cfg.get("thresholding", False):
@@ -165,8 +174,8 @@ def ddim_step_with_logprob(
     std = eta * variance.clamp(min=0).sqrt()  # (B, 1, 1, 1)
     if (std <= 0).any():
         raise ValueError(
-            f"zero-variance DDIM step at timesteps {t[(std <= 0).flatten()].tolist()} (eta = {eta!r}): the log-prob "
-            "is undefined; build the scheduler with actors.sde.logprob_scheduler"
+            f"zero-variance DDIM step at timesteps {t[(std <= 0).flatten()].tolist()} (eta = {eta!r}): "
+            "the log-prob is undefined; build the scheduler with actors.sde.logprob_scheduler"
         )
 
     # 6-7. mean = sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps, formula (12)

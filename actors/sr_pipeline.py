@@ -18,7 +18,8 @@ Without a VAE the model works in pixel space ([-1, 1]). With one, latents are VA
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ class SRPipeline(DiffusionPipeline):
     """Text encoder + UNet on [noisy sample, conditioning image] + DDIM, optional VAE (None: pixel space)."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["vae"]
+    _optional_components: ClassVar[list[str]] = ["vae"]
 
     def __init__(
         self,
@@ -48,23 +49,29 @@ class SRPipeline(DiffusionPipeline):
         unet: UNet2DConditionModel,
         scheduler: DDIMScheduler,
         low_res_scheduler: DDPMScheduler,
-        vae: Optional[AutoencoderKL] = None,
+        vae: AutoencoderKL | None = None,
         max_noise_level: int = MAX_NOISE_LEVEL,
     ):
         super().__init__()
         fixed = logprob_scheduler(scheduler)
         if fixed is not scheduler:
-            logger.info("SRPipeline: scheduler switched to trailing spacing, set_alpha_to_one=False (log-probs)")
+            logger.info(
+                "SRPipeline: scheduler switched to trailing spacing, set_alpha_to_one=False (log-probs)"
+            )
         self.register_modules(
-            text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=fixed,
-            low_res_scheduler=low_res_scheduler, vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=fixed,
+            low_res_scheduler=low_res_scheduler,
+            vae=vae,
         )
         self.register_to_config(max_noise_level=max_noise_level)
         latent_channels = vae.config.latent_channels if vae is not None else 3
         if unet.config.in_channels != latent_channels + 3:
             raise ValueError(
-                f"unet.config.in_channels = {unet.config.in_channels}: expected {latent_channels} sample channels "
-                f"+ 3 conditioning-image channels = {latent_channels + 3}"
+                f"unet.config.in_channels = {unet.config.in_channels}: expected {latent_channels} sample "
+                f"channels + 3 conditioning-image channels = {latent_channels + 3}"
             )
 
     # ------------------------------------------------------------------------------------------ shapes
@@ -89,7 +96,10 @@ class SRPipeline(DiffusionPipeline):
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """prompts -> ids (B, L), padded/truncated to the text encoder's length (SD's convention, no mask)."""
         ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.text_max_length, truncation=True,
+            list(prompts),
+            padding="max_length",
+            max_length=self.text_max_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids
         return ids
@@ -102,11 +112,12 @@ class SRPipeline(DiffusionPipeline):
     def prepare_condition(
         self, images: Sequence[np.ndarray], size: tuple[int, int], noise_level: int, generator: Generator
     ) -> torch.Tensor:
-        """uint8 HWC images -> bicubic to the latent size, [-1, 1], plus noise_level noise: (B, 3, h, w) float32."""
+        """uint8 HWC images -> bicubic to the latent size, [-1, 1], + noise_level noise: (B, 3, h, w)."""
         if not 0 <= noise_level <= self.config.max_noise_level:
             raise ValueError(f"noise_level = {noise_level}: must be in [0, {self.config.max_noise_level}]")
         h, w = self.latent_size(size)
-        cond = torch.stack([_resize(_to_tensor(img), (h, w)) for img in images]).to(self.device)  # (B, 3, h, w)
+        cond = torch.stack([_resize(_to_tensor(img), (h, w)) for img in images])  # (B, 3, h, w)
+        cond = cond.to(self.device)
         noise = randn(cond.shape, generator, self.device)
         levels = torch.full((cond.shape[0],), noise_level, dtype=torch.long, device=self.device)
         return self.low_res_scheduler.add_noise(cond, noise, levels).float()
@@ -120,19 +131,21 @@ class SRPipeline(DiffusionPipeline):
         text: torch.Tensor,
         noise_levels: torch.Tensor,
         guidance_scale: float = 1.0,
-        uncond_text: Optional[torch.Tensor] = None,
+        uncond_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """UNet output for x_t (B, C, h, w), t (B,), condition (B, 3, h, w), text (B, L, D), levels (B,).
 
         With guidance_scale != 1 the batch is doubled with ``uncond_text`` (B, L, D) and the outputs are
         combined as uncond + g * (cond - uncond). Returns float32 (B, C, h, w).
         """
-        dtype = self.unet.dtype
-        x_in = torch.cat([self.scheduler.scale_model_input(x_t, t), condition], dim=1).to(dtype)  # (B, C+3, h, w)
+        x_in = torch.cat([self.scheduler.scale_model_input(x_t, t), condition], dim=1)  # (B, C+3, h, w)
+        x_in = x_in.to(self.unet.dtype)
         if guidance_scale == 1.0:
             return self.unet(x_in, t, encoder_hidden_states=text, class_labels=noise_levels).sample.float()
         out = self.unet(
-            torch.cat([x_in, x_in]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond_text, text]),
+            torch.cat([x_in, x_in]),
+            torch.cat([t, t]),
+            encoder_hidden_states=torch.cat([uncond_text, text]),
             class_labels=torch.cat([noise_levels, noise_levels]),
         ).sample.float()
         uncond, cond = out.chunk(2)
@@ -199,9 +212,15 @@ class SRPipeline(DiffusionPipeline):
         lp = torch.stack(log_probs, dim=1).cpu()  # (B, S)
         traces = [
             DiffusionTrace(
-                stage=stage, latents=lat[i].clone(), log_probs=lp[i].clone(), timesteps=timesteps.cpu().clone(),
-                condition=cond[i].cpu().clone(), text_ids=ids[i].clone(), noise_level=int(noise_level),
-                eta=float(eta), guidance_scale=float(guidance_scale),
+                stage=stage,
+                latents=lat[i].clone(),
+                log_probs=lp[i].clone(),
+                timesteps=timesteps.cpu().clone(),
+                condition=cond[i].cpu().clone(),
+                text_ids=ids[i].clone(),
+                noise_level=int(noise_level),
+                eta=float(eta),
+                guidance_scale=float(guidance_scale),
             )
             for i in range(B)
         ]
@@ -209,11 +228,12 @@ class SRPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------ learner
     def trace_log_probs(
-        self, traces: Sequence[DiffusionTrace], step_indices: Optional[Sequence[int]] = None
+        self, traces: Sequence[DiffusionTrace], step_indices: Sequence[int] | None = None
     ) -> torch.Tensor:
         """Re-score recorded transitions under the current weights: (N, K) log-probs, K = len(step_indices).
 
-        step_indices: which denoising steps (0..S-1) to score, the same for every trace (default: all S).
+        step_indices: which denoising steps (0..S-1) to score, the same for every trace (default: all S);
+        every trace must have the same S.
         Differentiable through the UNet and the text encoder. All chosen steps of a group of same-shaped
         traces go through the UNet as one batch; to bound memory, call once per step (``[k]``) and backward
         each (Flow-GRPO's loop).
@@ -221,8 +241,12 @@ class SRPipeline(DiffusionPipeline):
         if not traces:
             raise ValueError("trace_log_probs: no traces")
         S = len(traces[0].timesteps)
+        if any(len(tr.timesteps) != S for tr in traces):
+            raise ValueError(
+                f"traces have {sorted({len(tr.timesteps) for tr in traces})} steps: one count per call"
+            )
         steps = list(range(S)) if step_indices is None else [int(k) for k in step_indices]
-        rows: list[Optional[torch.Tensor]] = [None] * len(traces)
+        rows: list[torch.Tensor | None] = [None] * len(traces)
         for idx in _group_traces(traces):
             group = [traces[i] for i in idx]
             for i, row in zip(idx, self._group_log_probs(group, steps)):
@@ -263,7 +287,7 @@ class SRPipeline(DiffusionPipeline):
         targets: Sequence[np.ndarray],
         conditions: Sequence[np.ndarray],
         prompts: Sequence[str],
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
         noise_level: int = 20,
         prompt_dropout: float = 0.0,
     ) -> torch.Tensor:
@@ -275,7 +299,9 @@ class SRPipeline(DiffusionPipeline):
         """
         B = len(targets)
         if not (len(conditions) == len(prompts) == B) or B == 0:
-            raise ValueError(f"{B} targets, {len(conditions)} conditions, {len(prompts)} prompts: need equal, > 0")
+            raise ValueError(
+                f"{B} targets, {len(conditions)} conditions, {len(prompts)} prompts: need equal, > 0"
+            )
         sizes = {t.shape for t in targets}
         if len(sizes) != 1:
             raise ValueError(f"targets must share one size, got {sorted(sizes)}")
@@ -322,8 +348,13 @@ def _group_traces(traces: Sequence[DiffusionTrace]) -> list[list[int]]:
     """Indices of traces that can share a UNet batch: same shapes, schedule, eta and guidance."""
     groups: dict[tuple, list[int]] = {}
     for i, tr in enumerate(traces):
-        key = (tuple(tr.latents.shape), tuple(tr.text_ids.shape), tuple(tr.timesteps.tolist()), tr.eta,
-               tr.guidance_scale)
+        key = (
+            tuple(tr.latents.shape),
+            tuple(tr.text_ids.shape),
+            tuple(tr.timesteps.tolist()),
+            tr.eta,
+            tr.guidance_scale,
+        )
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 
@@ -336,42 +367,75 @@ def build_tiny_sr_pipeline(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokeni
     size/8: <= 16x16 up to 128 px. Sizes must be multiples of 2^(num_levels - 1).
     """
     if len(tokenizer) > cfg.vocab_size:
-        raise ValueError(f"diffusion.tiny.vocab_size = {cfg.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
+        raise ValueError(
+            f"diffusion.tiny.vocab_size = {cfg.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
+        )
     if not 1 <= len(cfg.block_out_channels) <= cfg.num_levels:
         raise ValueError(
-            f"diffusion.tiny.block_out_channels = {cfg.block_out_channels}: needs 1..num_levels = {cfg.num_levels} entries"
+            f"diffusion.tiny.block_out_channels = {cfg.block_out_channels}: needs 1..num_levels = "
+            f"{cfg.num_levels} entries"
         )
-    channels = list(cfg.block_out_channels) + [cfg.block_out_channels[-1]] * (cfg.num_levels - len(cfg.block_out_channels))
+    channels = list(cfg.block_out_channels) + [cfg.block_out_channels[-1]] * (
+        cfg.num_levels - len(cfg.block_out_channels)
+    )
     groups = 8
     if any(c % groups or c % cfg.attention_head_dim for c in channels):
         raise ValueError(
-            f"diffusion.tiny.block_out_channels = {channels}: each must be a multiple of 8 (GroupNorm) and of "
-            f"attention_head_dim = {cfg.attention_head_dim}"
+            f"diffusion.tiny.block_out_channels = {channels}: each must be a multiple of 8 (GroupNorm) "
+            f"and of attention_head_dim = {cfg.attention_head_dim}"
         )
     if cfg.text_hidden_size % cfg.text_heads:
-        raise ValueError(f"diffusion.tiny.text_heads = {cfg.text_heads} must divide text_hidden_size = {cfg.text_hidden_size}")
+        raise ValueError(
+            f"diffusion.tiny.text_heads = {cfg.text_heads} must divide "
+            f"text_hidden_size = {cfg.text_hidden_size}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.text_hidden_size, intermediate_size=4 * cfg.text_hidden_size,
-            projection_dim=cfg.text_hidden_size, num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.text_heads, max_position_embeddings=cfg.text_max_length,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id or tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=cfg.vocab_size,
+                hidden_size=cfg.text_hidden_size,
+                intermediate_size=4 * cfg.text_hidden_size,
+                projection_dim=cfg.text_hidden_size,
+                num_hidden_layers=cfg.text_layers,
+                num_attention_heads=cfg.text_heads,
+                max_position_embeddings=cfg.text_max_length,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id or tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
         n = cfg.num_levels
         unet = UNet2DConditionModel(
-            sample_size=64, in_channels=3 + 3, out_channels=3, block_out_channels=tuple(channels),
+            sample_size=64,
+            in_channels=3 + 3,
+            out_channels=3,
+            block_out_channels=tuple(channels),
             down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
             up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
-            layers_per_block=cfg.layers_per_block, norm_num_groups=groups,
-            # diffusers' naming quirk: this argument is the number of heads; we want heads of attention_head_dim
+            layers_per_block=cfg.layers_per_block,
+            norm_num_groups=groups,
+            # diffusers' naming quirk: this argument is the number of heads (of size attention_head_dim)
             attention_head_dim=channels[-1] // cfg.attention_head_dim,
-            cross_attention_dim=cfg.text_hidden_size, num_class_embeds=MAX_NOISE_LEVEL + 1,
+            cross_attention_dim=cfg.text_hidden_size,
+            num_class_embeds=MAX_NOISE_LEVEL + 1,
         )
+    # pixel space: DDPM's linear betas (Ho et al. 2020) and x_0 clipped to the image range; trailing spacing and
+    # set_alpha_to_one=False keep every step stochastic (actors.sde)
     scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="epsilon",
-        clip_sample=True, set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing",
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type="epsilon",
+        clip_sample=True,
+        set_alpha_to_one=False,
+        steps_offset=0,
+        timestep_spacing="trailing",
     )
-    low_res_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-    return SRPipeline(text_encoder, tokenizer, unet, scheduler, low_res_scheduler, vae=None, max_noise_level=MAX_NOISE_LEVEL)
+    low_res_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02
+    )
+    return SRPipeline(
+        text_encoder, tokenizer, unet, scheduler, low_res_scheduler, vae=None, max_noise_level=MAX_NOISE_LEVEL
+    )

@@ -10,11 +10,12 @@ Both engines implement ``TextEngine``:
 * ``load_weights(named_tensors, version)``: replace every policy weight in place (HF parameter names, e.g.
   ``model.language_model.layers.0.mlp.up_proj.weight``); afterwards ``version`` is the engine's version.
 
-Log-probs are those of the distribution the token was sampled from: ``log_softmax(logits / temperature)``, after
+Log-probs are those of the distribution the token was sampled from: ``log_softmax(logits / temperature)`` over
+the vocabulary minus ``ChainTokens.banned_ids`` (vision tokens and padded rows, which are never sampled), after
 top-k / top-p truncation (renormalised over the kept tokens) when those are enabled; for greedy decoding
-(temperature 0) the plain ``log_softmax(logits)``. With the default top_p = 1 and top_k = -1 the learner
-reproduces them with a teacher-forced forward, logits divided by the same temperature
-(``rl.models.policy.sequence_log_probs``). vLLM is run with ``logprobs_mode="processed_logprobs"`` for this
+(temperature 0) the same without the temperature. With the default top_p = 1 and top_k = -1 the learner
+reproduces them with a teacher-forced forward, logits divided by the same temperature and the same ids masked
+(``rl.models.policy.sequence_log_probs(model, inputs, temperature, banned_ids)``). vLLM is run with ``logprobs_mode="processed_logprobs"`` for this
 (its default, raw log-probs, ignores the temperature); HF ``generate`` scores are the processed logits.
 
 A turn is multi-turn-exact: the rollout appends the sampled ids and the inserted image section ids
@@ -122,6 +123,19 @@ def _init_cpu_amx() -> None:
 
 
 # ============================================================================================ HF engine
+_LEGACY_PREFIXES = (("model.visual.", "model.visual."), ("visual.", "model.visual."),
+                    ("model.language_model.", "model.language_model."), ("model.", "model.language_model."))
+
+
+def hf_param_name(name: str) -> str:
+    """Checkpoint names (``model.layers.0...``, ``visual.blocks...``, as transformers 5 writes them to disk) ->
+    in-memory names (``model.language_model.layers.0...``, ``model.visual.blocks...``); vLLM accepts both."""
+    for old, new in _LEGACY_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 def _stop_per_row(stop_sets: list[set[int]]):
     """A StoppingCriteria: row i is done once its last token is in its own stop set (rows' turns may differ)."""
     from transformers import StoppingCriteria
@@ -165,6 +179,7 @@ class HFTextEngine:
         self.model.generation_config = GenerationConfig(
             bos_token_id=tok.pad_token_id, eos_token_id=sorted(self.eos_ids), pad_token_id=tok.pad_token_id
         )
+        self.banned_ids = self.tokens.banned_ids(self.model.config.get_text_config().vocab_size)
         self.version = 0
         self._seeds = _Seeds(sampling.seed)
 
@@ -178,6 +193,7 @@ class HFTextEngine:
             top_p=1.0 if greedy else s.top_p,
             top_k=0 if (greedy or s.top_k < 0) else s.top_k,
             repetition_penalty=1.0,
+            suppress_tokens=self.banned_ids,  # never sample vision tokens / padded vocab rows
             max_new_tokens=max_new_tokens,
             num_beams=1,
             output_scores=True,
@@ -219,9 +235,13 @@ class HFTextEngine:
         finally:
             if seed is not None:
                 torch.random.set_rng_state(state)
-        new = out.sequences[:, prompt_len:].tolist()  # (rows, steps)
-        logp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)  # (rows, steps, V)
-        picked = logp.gather(-1, out.sequences[:, prompt_len:].unsqueeze(-1)).squeeze(-1).tolist()
+        sampled = out.sequences[:, prompt_len:]  # (rows, steps)
+        new = sampled.tolist()
+        # per step, so a 150k vocabulary never materialises (rows, steps, V) log-probs
+        picked = torch.stack(
+            [scores.float().gather(-1, sampled[:, k : k + 1]).squeeze(-1) - torch.logsumexp(scores.float(), dim=-1)
+             for k, scores in enumerate(out.scores)], dim=1
+        ).tolist()  # (rows, steps)
         results: list[list[TextSample]] = [[] for _ in requests]
         for row, req_idx in enumerate(rows):
             ids: list[int] = []
@@ -243,6 +263,7 @@ class HFTextEngine:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         params = dict(self.model.named_parameters())
         for name, tensor in named_tensors:
+            name = hf_param_name(name)
             if name not in params:
                 raise KeyError(f"load_weights: {name!r} is not a parameter of the policy")
             if params[name].shape != tensor.shape:
@@ -313,6 +334,9 @@ class VLLMTextEngine:
         if vllm.in_process and vllm.tensor_parallel_size == 1:
             kwargs["distributed_executor_backend"] = "uni"
         self.llm = LLM(**kwargs)
+        banned = set(self.tokens.banned_ids(self.llm.llm_engine.model_config.get_vocab_size()))
+        self.banned_ids = sorted(banned)
+        self._allowed_ids = [i for i in range(len(tok)) if i not in banned]
         self.version = 0
         self._seeds = _Seeds(sampling.seed)
 
@@ -327,6 +351,7 @@ class VLLMTextEngine:
             seed=self._seeds(request),
             max_tokens=request.max_tokens or self.max_tokens,
             stop_token_ids=sorted(set(request.stop_token_ids) | self.eos_ids),
+            allowed_token_ids=self._allowed_ids,  # never sample vision tokens / padded vocab rows
             logprobs=0,  # the sampled token's log-prob only
             detokenize=False,  # text is decoded from the ids, identically for both engines
         )
@@ -389,6 +414,10 @@ def _to_safetensors_blobs(named_tensors: Iterable[tuple[str, torch.Tensor]], buc
     if bucket:
         blobs.append(save(bucket))
     return blobs
+
+
+# vLLM imports this module in its worker processes (worker_extension_cls): initialise AMX there for bf16.
+_init_cpu_amx()
 
 
 # ============================================================================================ factory

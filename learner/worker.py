@@ -86,8 +86,10 @@ def shard_batch(batch: TrainBatch, rollouts: Sequence[Any], num_ranks: int) -> l
     if num_ranks < 1:
         raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
     shards = []
+    sizes = [n // num_ranks + (r < n % num_ranks) for r in range(num_ranks)]  # the first ranks take the rest
     for r in range(num_ranks):
-        lo, hi = r * n // num_ranks, (r + 1) * n // num_ranks
+        lo = sum(sizes[:r])
+        hi = lo + sizes[r]
         if hi > lo:
             rows = list(range(lo, hi))
             sub = batch.select(rows)

@@ -33,52 +33,57 @@ class RewardWorker:
 
     def score(self, pairs: Sequence[tuple[Any, Sample]]) -> list[Scores]:
         """pairs: (Rollout or ObjectRef of a Rollout, its Sample) -> Scores in the same order."""
-        rollouts = [_resolve(r) for r, _ in pairs]
-        return score_rollouts(rollouts, [s for _, s in pairs], self.cfg, self.scorer)
+        return score_rollouts(_resolve([r for r, _ in pairs]), [s for _, s in pairs], self.cfg, self.scorer)
 
     def pid(self) -> int:
         return os.getpid()
 
 
-def _resolve(rollout: Any) -> Rollout:
-    if isinstance(rollout, Rollout):
-        return rollout
-    if type(rollout).__name__ == "ObjectRef":  # refs nested in a list are not resolved by Ray: fetch here
+def _resolve(items: Sequence[Any]) -> list[Rollout]:
+    """Rollouts, fetching the ObjectRefs among them in one call (refs nested in a list are not resolved by Ray)."""
+    refs = [k for k, r in enumerate(items) if type(r).__name__ == "ObjectRef"]
+    out = list(items)
+    if refs:
         import ray
 
         try:
-            rollout = ray.get(rollout)
+            for k, value in zip(refs, ray.get([items[k] for k in refs])):
+                out[k] = value
         except Exception as exc:
-            raise RolloutUnavailable(f"rollout ref {rollout} failed: {type(exc).__name__}: {exc}") from None
-    if not isinstance(rollout, Rollout):
-        raise TypeError(f"expected a Rollout (or a ref to one), got {type(rollout).__name__}")
-    return rollout
+            raise RolloutUnavailable(f"a rollout ref failed: {type(exc).__name__}: {exc}") from None
+    for r in out:
+        if not isinstance(r, Rollout):
+            raise TypeError(f"expected a Rollout (or a ref to one), got {type(r).__name__}")
+    return out
 
 
 @dataclass
 class _Actor:
     handle: Any
+    state: str = "ready"  # ready | recovering (Ray is restarting it; a probe waits for it) | dead
     tasks: int = 0  # tasks in flight
     chains: int = 0  # chains in flight
-    deaths: int = 0  # deaths seen by this pool
-    epoch: int = 0  # bumped on each counted death; tasks submitted earlier that fail are the same death
-    alive: bool = True
 
 
 class RewardPool:
     """K reward actors behind one blocking call, ``score(rollouts_or_refs, samples) -> list[Scores]``.
 
-    Dispatch: a chain is sent once its rollout is ready (``ray.wait`` over the refs), in chunks of at most
-    ``max_batch`` chains, to the live actor with the fewest chains in flight; an actor holds at most
-    ``max_inflight`` tasks, so the rest waits here for whichever actor frees first. Results keep input order.
+    Dispatch: a chain is sent once its rollout is ready (``ray.wait`` over the refs) to the ready actor with
+    the fewest chains in flight. The chains ready at that moment are split evenly over the ready actors, at
+    most ``max_batch`` per task (bounds a task's memory): chains that arrive one by one go out one by one,
+    a burst goes out as a few large batches, which network metrics need (TOPIQ on CPU: a batch of 4 costs
+    ~4x more per image than a batch of 32). An actor holds at most ``max_inflight`` tasks; the rest waits
+    here for whichever actor frees first. Results keep input order.
 
     Failures:
     - a metric that raises or runs past ``cfg.metric_timeout_s`` is handled inside the worker: it is reported
       in ``Scores.errors`` and scored by ``cfg.failed_metric``; the chain is still scored once.
-    - an actor process that dies is restarted by Ray (``cfg.max_restarts``); the chains of its lost tasks are
-      re-issued by the pool to the least-loaded live actor. Ray does not retry them itself
-      (``max_task_retries=0``), so a chain is never scored by both Ray's retry and the pool: every chain gets
-      exactly one result. A chain that kills its actor ``max_attempts`` times raises RuntimeError.
+    - an actor process that dies loses its in-flight tasks; their chains go back to the front of the queue
+      and are re-issued to the other ready actors. Ray restarts the actor (``cfg.max_restarts``) while a probe
+      (one ``pid`` call that Ray retries through the restart) tells the pool when it may be used again, or
+      that it is gone for good. Scoring tasks are not retried by Ray (``max_task_retries=0``), so only the
+      pool re-issues work and every chain gets exactly one result. A chain whose task loses its actor
+      ``max_attempts`` times (a chain that crashes every process) raises RuntimeError, as do all actors dead.
     - an exception raised by the scoring code (a bug, a failed rollout ref) is raised, naming the chains.
     """
 
@@ -87,7 +92,7 @@ class RewardPool:
         cfg: RewardConfig,
         *,
         worker_cls: type = RewardWorker,
-        max_batch: int = 4,
+        max_batch: int = 16,
         max_inflight: int = 2,
         max_attempts: int = 3,
     ) -> None:
@@ -101,6 +106,7 @@ class RewardPool:
             num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts, max_task_retries=0
         )
         self._actors = [_Actor(remote_cls.remote(cfg, device)) for _ in range(cfg.num_actors)]
+        self._probes: dict[Any, int] = {}  # probe ref -> actor index
 
     @property
     def actors(self) -> list[Any]:
@@ -115,74 +121,82 @@ class RewardPool:
         attempts = [0] * len(rollouts)
         waiting = {r: i for i, r in enumerate(rollouts) if isinstance(r, ray.ObjectRef)}  # rollout ref -> chain
         ready = deque(i for i, r in enumerate(rollouts) if not isinstance(r, ray.ObjectRef))
-        running: dict[Any, tuple[int, list[int], int]] = {}  # result ref -> (actor, chains, actor epoch)
+        running: dict[Any, tuple[int, list[int]]] = {}  # result ref -> (actor, chains)
         remaining = len(rollouts)
         while remaining:
             self._dispatch(ready, running, rollouts, samples)
-            pending = list(running) + list(waiting)
+            pending = list(running) + list(waiting) + list(self._probes)
             ray.wait(pending, num_returns=1)  # block for the first; then take everything already done
             finished, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
             for ref in finished:
                 if ref in waiting:
                     ready.append(waiting.pop(ref))
-                    continue
-                a, chains, epoch = running.pop(ref)
-                actor = self._actors[a]
-                actor.tasks -= 1
-                actor.chains -= len(chains)
-                try:
-                    scores = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    self._count_death(actor, epoch)
-                    self._requeue(chains, attempts, ready, rollouts, samples, exc)
-                    continue
-                except Exception as exc:
-                    ids = [(samples[i].prompt_id, _sample_index(rollouts[i])) for i in chains]
-                    raise RuntimeError(f"reward actor {a} failed scoring chains {ids}: {exc}") from exc
-                for i, s in zip(chains, scores):
-                    results[i] = s
-                remaining -= len(chains)
+                elif ref in self._probes:
+                    self._probe_done(ref)
+                else:
+                    remaining -= self._task_done(ref, running, results, attempts, ready, rollouts, samples)
         return results  # type: ignore[return-value]
 
     def shutdown(self) -> None:
         for a in self._actors:
             self._ray.kill(a.handle, no_restart=True)
-            a.alive = False
+            a.state = "dead"
 
     # ------------------------------------------------------------------------------------------ internals
     def _dispatch(self, ready: deque, running: dict, rollouts: Sequence[Any], samples: Sequence[Sample]) -> None:
         while ready:
-            alive = [k for k, a in enumerate(self._actors) if a.alive]
-            if not alive:
+            usable = [k for k, a in enumerate(self._actors) if a.state == "ready"]
+            if not usable and not self._probes:
                 raise RuntimeError(f"all {len(self._actors)} reward actors are dead "
                                    f"(each died more than reward.max_restarts = {self.cfg.max_restarts} times)")
-            free = [k for k in alive if self._actors[k].tasks < self.max_inflight]
+            free = [k for k in usable if self._actors[k].tasks < self.max_inflight]
             if not free:
                 return
-            k = min(free, key=lambda j: (self._actors[j].chains, self._actors[j].deaths))
-            size = max(1, min(self.max_batch, math.ceil(len(ready) / len(alive))))
+            k = min(free, key=lambda j: self._actors[j].chains)
+            size = max(1, min(self.max_batch, math.ceil(len(ready) / len(usable))))
             chains = [ready.popleft() for _ in range(min(size, len(ready)))]
             actor = self._actors[k]
             ref = actor.handle.score.remote([(rollouts[i], samples[i]) for i in chains])
-            running[ref] = (k, chains, actor.epoch)
+            running[ref] = (k, chains)
             actor.tasks += 1
             actor.chains += len(chains)
 
-    def _count_death(self, actor: _Actor, epoch: int) -> None:
-        if epoch == actor.epoch:  # submitted after the last counted death: a new death
-            actor.deaths += 1
-            actor.epoch += 1
-            actor.alive = actor.deaths <= self.cfg.max_restarts
+    def _task_done(self, ref, running, results, attempts, ready: deque, rollouts, samples) -> int:
+        """Collect one scoring task; returns how many chains it finished (0 when they were re-queued)."""
+        ray = self._ray
+        k, chains = running.pop(ref)
+        actor = self._actors[k]
+        actor.tasks -= 1
+        actor.chains -= len(chains)
+        try:
+            scores = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:  # the process died (or is restarting): re-issue
+            if actor.state == "ready":
+                actor.state = "recovering"
+                self._probes[actor.handle.pid.options(max_task_retries=-1).remote()] = k
+            for i in chains:
+                attempts[i] += 1
+                if attempts[i] >= self.max_attempts:
+                    raise RuntimeError(
+                        f"chain (prompt {samples[i].prompt_id}, sample {_sample_index(rollouts[i])}) lost its "
+                        f"reward actor {attempts[i]} times; last error: {type(exc).__name__}: {exc}"
+                    ) from exc
+            ready.extendleft(reversed(chains))  # first in line: they have waited longest
+            return 0
+        except Exception as exc:
+            ids = [(samples[i].prompt_id, _sample_index(rollouts[i])) for i in chains]
+            raise RuntimeError(f"reward actor {k} failed scoring chains {ids}: {exc}") from exc
+        for i, s in zip(chains, scores):
+            results[i] = s
+        return len(chains)
 
-    def _requeue(self, chains, attempts, ready: deque, rollouts, samples, exc: Exception) -> None:
-        for i in chains:
-            attempts[i] += 1
-            if attempts[i] >= self.max_attempts:
-                raise RuntimeError(
-                    f"chain (prompt {samples[i].prompt_id}, sample {_sample_index(rollouts[i])}) lost its reward "
-                    f"actor {attempts[i]} times; last error: {type(exc).__name__}: {exc}"
-                ) from exc
-        ready.extendleft(reversed(chains))  # first in line: they have waited longest
+    def _probe_done(self, ref) -> None:
+        actor = self._actors[self._probes.pop(ref)]
+        try:
+            self._ray.get(ref)
+            actor.state = "ready"
+        except Exception:  # Ray retried through the restarts and gave up: out of restarts
+            actor.state = "dead"
 
 
 def _sample_index(rollout: Any) -> Any:

@@ -91,9 +91,9 @@ def test_chain_tokens_match_hf_processor(policy_dir):
     hf = processor(text=[text], images=[to_pil(x) for x in (lr, rough, middle)], return_tensors="pt")
     assert hf["input_ids"][0].tolist() == ids  # same expansion as the HF processor
     assert [ct.num_image_tokens(x) for x in (lr, rough, middle)] == [4, 4, 6]
-    mine = ct.image_inputs([lr, rough, middle])
-    assert torch.equal(mine["pixel_values"], hf["pixel_values"])
-    assert torch.equal(mine["image_grid_thw"], hf["image_grid_thw"])
+    mine = ct.batch_inputs([ids], [[lr, rough, middle]])
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+        assert torch.equal(mine[key], torch.as_tensor(hf[key]).to(mine[key].dtype)), key
     assert ct.expand_image_pads(ct.compact_image_pads(ids), [lr, rough, middle]) == ids
     ct.check_context(ids, [lr, rough, middle])
     with pytest.raises(ValueError, match="do not match"):
@@ -106,13 +106,13 @@ def test_hf_generate_from_image_prompt(policy_dir):
     model = load_policy(policy_dir)
     ct = ChainTokens.from_pretrained(policy_dir)
     lr = _image(16, 16)
-    ids = torch.tensor([ct.prompt_ids(lr)])
-    inputs = ct.image_inputs([lr])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs, max_new_tokens=6,
-                         do_sample=False)
-    assert out.shape == (1, ids.shape[1] + 6)
+    ids = ct.prompt_ids(lr)
+    inputs = ct.batch_inputs([ids], [[lr]])  # mm_token_type_ids included: 3D M-RoPE positions
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert out.shape == (1, len(ids) + 6) and out[0, : len(ids)].tolist() == ids
     # the image matters: a different LR image changes the next-token distribution
-    logits = [model(input_ids=ids, **ct.image_inputs([im])).logits[0, -1] for im in (lr, _image(16, 16, 5))]
+    with torch.no_grad():
+        logits = [model(**ct.batch_inputs([ids], [[im]])).logits[0, -1] for im in (lr, _image(16, 16, 5))]
     assert not torch.allclose(logits[0], logits[1])
 
 
@@ -142,14 +142,14 @@ def test_cli_builds_policy(tmp_path, capsys):
         assert (tmp_path / "m" / "diffusion" / "model_index.json").is_file()
 
 
-def test_build_all_diffusion_when_available(tmp_path):
+def test_build_all_keeps_existing_models(tmp_path):
     cfg = load_config(ROOT / "configs/grpo_local.yaml")
-    if bootstrap._sr_pipeline_builder() is None:
-        with pytest.raises(NotImplementedError, match="build_tiny_sr_pipeline"):
-            build_all(tmp_path, cfg.policy.tiny, cfg.diffusion.tiny, require_diffusion=True)
-    else:
-        built = build_all(tmp_path, cfg.policy.tiny, cfg.diffusion.tiny, require_diffusion=True)
-        assert (built["diffusion"] / "model_index.json").is_file()
+    for name in ("policy", "diffusion"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine").write_text("a real checkpoint")
+    built = build_all(tmp_path, cfg.policy.tiny, cfg.diffusion.tiny, require_diffusion=True)
+    assert set(built) == {"policy", "diffusion"}
+    assert sorted(os.listdir(tmp_path / "policy")) == sorted(os.listdir(tmp_path / "diffusion")) == ["mine"]
 
 
 @pytest.mark.slow

@@ -18,8 +18,15 @@ from actors.sde import (
 
 
 def _scheduler(**kw) -> DDIMScheduler:
-    base = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing")
+    base = {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
+        "set_alpha_to_one": False,
+        "steps_offset": 0,
+        "timestep_spacing": "trailing",
+    }
     base.update(kw)
     return DDIMScheduler(**base)
 
@@ -68,8 +75,14 @@ def test_per_sample_timesteps_equal_one_call_per_timestep():
     x, out, prev = (torch.randn(4, 3, 8, 8, generator=g) for _ in range(3))
     ts = sched.timesteps[[0, 3, 7, 9]]
     batched = ddim_step_with_logprob(sched, out, ts, x, 1.0, prev_sample=prev).log_prob
-    single = torch.cat([ddim_step_with_logprob(sched, out[i : i + 1], ts[i], x[i : i + 1], 1.0,
-                                               prev_sample=prev[i : i + 1]).log_prob for i in range(4)])
+    single = torch.cat(
+        [
+            ddim_step_with_logprob(
+                sched, out[i : i + 1], ts[i], x[i : i + 1], 1.0, prev_sample=prev[i : i + 1]
+            ).log_prob
+            for i in range(4)
+        ]
+    )
     torch.testing.assert_close(batched, single, atol=1e-6, rtol=0)
 
 
@@ -88,10 +101,14 @@ def test_gradient_flows_through_model_output_only():
 @pytest.mark.parametrize(
     "config",
     [
-        dict(timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True),  # diffusers' defaults
-        dict(timestep_spacing="leading", steps_offset=0, set_alpha_to_one=False),  # last t = 0 = prev alpha
-        dict(timestep_spacing="linspace", steps_offset=0, set_alpha_to_one=False),
-        dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=True),
+        {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True},  # diffusers' defaults
+        {
+            "timestep_spacing": "leading",
+            "steps_offset": 0,
+            "set_alpha_to_one": False,
+        },  # last t = 0: a_t = a_prev
+        {"timestep_spacing": "linspace", "steps_offset": 0, "set_alpha_to_one": False},
+        {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": True},
     ],
 )
 def test_zero_variance_schedules_are_rejected_and_fixed(config):
@@ -156,6 +173,8 @@ def test_generator_list_gives_batch_invariant_noise():
 
 def test_sde_module_is_pure():
     code = "import sys, actors.sde; print('ray' in sys.modules, 'diffusers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "False"]

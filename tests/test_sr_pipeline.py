@@ -14,6 +14,15 @@ from rl.models.tokenizer import build_chain_tokenizer
 PROMPTS = ["a cat with whiskers", "a red rocket on a launch pad in the sky"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """2 OpenMP threads on 2 cores shared with other jobs spin at barriers (100x slower seen); 1 is fast."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_chain_tokenizer(1024)
@@ -35,8 +44,17 @@ def _gens(*seeds):
 
 def _sample(pipe, size=(16, 16), steps=3, seeds=(0, 1), **kw):
     n = len(seeds)
-    return pipe.sample(_conditions(n), size, PROMPTS[:n] * (n // 2) + PROMPTS[: n % 2], num_steps=steps, eta=1.0,
-                       noise_level=20, generator=_gens(*seeds), stage="rough", **kw)
+    return pipe.sample(
+        _conditions(n),
+        size,
+        PROMPTS[:n] * (n // 2) + PROMPTS[: n % 2],
+        num_steps=steps,
+        eta=1.0,
+        noise_level=20,
+        generator=_gens(*seeds),
+        stage="rough",
+        **kw,
+    )
 
 
 def test_sample_sizes_dtype_and_traces(pipe):
@@ -57,12 +75,16 @@ def test_sampler_is_deterministic_per_generator_and_batch_invariant(pipe):
     b_img, b_tr = _sample(pipe, seeds=(0, 1))
     assert all(np.array_equal(x, y) for x, y in zip(a_img, b_img))
     assert all(torch.equal(x.latents, y.latents) for x, y in zip(a_tr, b_tr))
-    c_img, c_tr = _sample(pipe, seeds=(0, 2))
+    _, c_tr = _sample(pipe, seeds=(0, 2))
     assert torch.equal(c_tr[0].latents, a_tr[0].latents)  # sample 0 does not see sample 1's stream
     assert not torch.equal(c_tr[1].latents, a_tr[1].latents)
     # one generator for the batch is deterministic too
-    one = [pipe.sample(_conditions(), (16, 16), PROMPTS, num_steps=2, generator=torch.Generator().manual_seed(3))[1]
-           for _ in range(2)]
+    one = [
+        pipe.sample(
+            _conditions(), (16, 16), PROMPTS, num_steps=2, generator=torch.Generator().manual_seed(3)
+        )[1]
+        for _ in range(2)
+    ]
     assert torch.equal(one[0][0].latents, one[1][0].latents)
 
 
@@ -99,7 +121,7 @@ def test_classifier_free_guidance_is_recorded_and_rescored(pipe):
     _, plain = _sample(pipe, steps=2)
     _, guided = _sample(pipe, steps=2, guidance_scale=3.0)
     assert guided[0].guidance_scale == 3.0
-    assert not torch.equal(plain[0].latents[-1], guided[0].latents[-1])
+    assert float((plain[0].latents[-1] - guided[0].latents[-1]).abs().max()) > 1e-3  # not numerical noise
     with torch.no_grad():
         lp = pipe.trace_log_probs(guided)
     torch.testing.assert_close(lp, torch.stack([t.log_probs for t in guided]), atol=1e-5, rtol=1e-5)
@@ -126,12 +148,16 @@ def test_tiny_build_is_seeded_and_attends_only_at_low_resolution(tokenizer):
     sa, sb, sc = a.unet.state_dict(), b.unet.state_dict(), c.unet.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
-    assert torch.equal(a.text_encoder.text_model.embeddings.token_embedding.weight,
-                       b.text_encoder.text_model.embeddings.token_embedding.weight)
+    assert torch.equal(
+        a.text_encoder.get_input_embeddings().weight, b.text_encoder.get_input_embeddings().weight
+    )
     # self-attention token counts at a 64 px sample: only the deepest level (8x8) attends
     seen = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args, kw: seen.append(args[0].shape[1]), with_kwargs=True)
-             for name, m in a.unet.named_modules() if name.endswith("attn1")]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, kw: seen.append(args[0].shape[1]), with_kwargs=True)
+        for name, m in a.unet.named_modules()
+        if name.endswith("attn1")
+    ]
     with torch.no_grad():
         a.unet(torch.zeros(1, 6, 64, 64), 10, torch.zeros(1, 77, 64), class_labels=torch.tensor([20]))
     for h in hooks:
@@ -178,23 +204,38 @@ def test_bad_inputs_are_named(pipe):
 
 def test_vae_branch_samples_in_latent_space_and_round_trips(pipe, tmp_path):
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, scaling_factor=0.5)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        scaling_factor=0.5,
+    )
     cfg = dict(pipe.unet.config)
     cfg.update(in_channels=4 + 3, out_channels=4)
     unet = UNet2DConditionModel.from_config(cfg)
     with pytest.raises(ValueError, match="in_channels = 6"):
-        SRPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, pipe.low_res_scheduler, vae=vae)
-    latent = SRPipeline(pipe.text_encoder, pipe.tokenizer, unet, pipe.scheduler, pipe.low_res_scheduler, vae=vae)
+        SRPipeline(
+            pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, pipe.low_res_scheduler, vae=vae
+        )
+    latent = SRPipeline(
+        pipe.text_encoder, pipe.tokenizer, unet, pipe.scheduler, pipe.low_res_scheduler, vae=vae
+    )
     assert latent.vae_scale_factor == 2
     images, traces = _sample(latent, size=(32, 32), steps=2)
     assert images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
     assert traces[0].latents.shape == (3, 4, 16, 16) and traces[0].condition.shape == (3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(latent.trace_log_probs(traces), torch.stack([t.log_probs for t in traces]),
-                                   atol=1e-5, rtol=1e-5)
-    loss = latent.denoising_loss([images[0]], [_conditions(1)[0]], PROMPTS[:1], torch.Generator().manual_seed(0))
+        torch.testing.assert_close(
+            latent.trace_log_probs(traces), torch.stack([t.log_probs for t in traces]), atol=1e-5, rtol=1e-5
+        )
+    loss = latent.denoising_loss(
+        [images[0]], [_conditions(1)[0]], PROMPTS[:1], torch.Generator().manual_seed(0)
+    )
     assert torch.isfinite(loss)
     latent.save_pretrained(tmp_path)
     loaded = SRPipeline.from_pretrained(tmp_path)

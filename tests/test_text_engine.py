@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from actors.text_engine import (
     HFTextEngine,
@@ -67,11 +68,15 @@ def reference(policy_dir):
     return load_policy(policy_dir)
 
 
+def _banned(model, tokens: ChainTokens) -> list[int]:
+    return tokens.banned_ids(model.config.get_text_config().vocab_size)
+
+
 def _score(model, tokens: ChainTokens, contexts, images) -> list[torch.Tensor]:
     """Teacher-forced log-probs, one (L,) row per context (right-padded batch, as the learner does)."""
     inputs = tokens.batch_inputs(contexts, images)
     with torch.no_grad():
-        lp = sequence_log_probs(model, inputs)
+        lp = sequence_log_probs(model, inputs, temperature=SAMPLING.temperature, banned_ids=_banned(model, tokens))
     return [lp[i, : len(c)] for i, c in enumerate(contexts)]
 
 
@@ -86,9 +91,10 @@ def _check_against_forward(model, tokens, request: TextRequest, samples: list[Te
     return worst
 
 
-def _common_checks(tokens, request: TextRequest, samples: list[TextSample]) -> None:
+def _common_checks(tokens, request: TextRequest, samples: list[TextSample], banned: list[int]) -> None:
     assert len(samples) == request.n
     for s in samples:
+        assert not set(s.token_ids) & set(banned)  # ~25% of the random model's mass sits on banned ids
         assert 1 <= len(s.token_ids) == len(s.log_probs) <= (request.max_tokens or MAX_TOKENS)
         assert s.text == tokens.decode(s.token_ids)
         assert all(lp <= 0 for lp in s.log_probs)
@@ -125,7 +131,7 @@ def test_hf_engine_batched_logprobs_match_forward(hf_engine, reference):
     out = hf_engine.generate([r0, r1])
     assert [len(o) for o in out] == [2, 1]
     for req, samples in zip((r0, r1), out):
-        _common_checks(t, req, samples)
+        _common_checks(t, req, samples, _banned(reference, t))
         _check_against_forward(reference, t, req, samples, tol=1e-4)
 
 
@@ -140,7 +146,7 @@ def test_vllm_multiturn_logprobs_match_hf_forward(vllm_engine, reference):
     for k, stage in enumerate(("rough", "middle", "final")):
         out = vllm_engine.generate(requests)
         for req, samples in zip(requests, out):
-            _common_checks(t, req, samples)
+            _common_checks(t, req, samples, _banned(reference, t))
             worst = max(worst, _check_against_forward(reference, t, req, samples, tol=1e-3))
         if stage == "final":
             break
@@ -157,7 +163,7 @@ def test_vllm_multiturn_logprobs_match_hf_forward(vllm_engine, reference):
     inputs = t.batch_inputs([list(last.context_ids) + list(sample.token_ids)], [last.images])
     inputs.pop("mm_token_type_ids")
     with torch.no_grad():
-        wrong = sequence_log_probs(reference, inputs)[0, len(last.context_ids):]
+        wrong = sequence_log_probs(reference, inputs, banned_ids=_banned(reference, t))[0, len(last.context_ids):]
     assert (wrong - torch.tensor(sample.log_probs)).abs().max().item() > 100 * max(worst, 1e-5)
 
 
@@ -177,8 +183,9 @@ def test_vllm_stops_on_the_turn_tag(vllm_engine, hf_engine):
 
 
 @pytest.mark.slow
-def test_weight_update_in_place(vllm_engine, hf_engine, reference):
-    """After load_weights with perturbed weights, vLLM greedy == HF greedy, both differ from before."""
+def test_weight_update_in_place(vllm_engine, hf_engine, reference, policy_dir):
+    """After load_weights with perturbed weights (in-memory HF names), vLLM greedy == HF greedy, both differ from
+    before; restoring from the checkpoint file (on-disk names) brings the old output back."""
     t = vllm_engine.tokens
     lr, rough = _image(16, 16, 30), _image(16, 16, 31)
     ctx = t.prompt_ids(lr) + t.tokenizer.encode("<degradation>no blur</degradation>", add_special_tokens=False)
@@ -202,8 +209,10 @@ def test_weight_update_in_place(vllm_engine, hf_engine, reference):
         assert after_v.token_ids != before_v.token_ids
         assert np.allclose(after_v.log_probs, after_h.log_probs, atol=1e-3)
     finally:
-        vllm_engine.load_weights(iter(original.items()), version=2)
-        hf_engine.load_weights(((k, original[k]) for k, _ in hf_engine.model.named_parameters()), version=2)
-    assert greedy(vllm_engine).token_ids == before_v.token_ids
+        on_disk = load_file(policy_dir / "model.safetensors")  # model.layers.*, visual.* names
+        assert "model.layers.0.mlp.up_proj.weight" in on_disk and "visual.merger.mlp.0.weight" in on_disk
+        vllm_engine.load_weights(iter(on_disk.items()), version=2)
+        hf_engine.load_weights(on_disk.items(), version=2)
+    assert greedy(vllm_engine).token_ids == greedy(hf_engine).token_ids == before_v.token_ids
     with pytest.raises(KeyError, match="not a parameter"):
         hf_engine.load_weights([("model.nope.weight", torch.zeros(1))], version=3)

@@ -41,6 +41,7 @@ VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VISION_BLOCK = f"{VISION_START}{IMAGE_PAD}{VISION_END}"  # one image in compact form
+VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>", "<|vision_pad|>")  # never sampled
 
 # Tiny-model image budget: 16x16 .. 64x64 images become 4 vision tokens, up to 112x112 px -> 16 tokens.
 TINY_MIN_PIXELS = 56 * 56
@@ -402,9 +403,24 @@ class ChainTokens:
         if runs != want:
             raise ValueError(f"context image-pad runs {runs} do not match the images' token counts {want}")
 
-    def mm_token_type_ids(self, ids: Sequence[int]) -> list[int]:
-        """1 on image pads, 0 elsewhere. HF Qwen2.5-VL (transformers 5) builds the 3D M-RoPE positions only when
-        this is passed; without it a forward silently falls back to 1D positions and disagrees with vLLM."""
+    def banned_ids(self, vocab_size: int) -> list[int]:
+        """Ids the policy must never sample: Qwen's vision/video tokens (a sampled ``<|image_pad|>`` would claim an
+        image that does not exist and break the context) and the padded embedding rows beyond the tokenizer.
+
+        Engines mask them before sampling, so sampling log-probs are normalised over the other ids; the learner
+        passes the same list to ``sequence_log_probs`` to reproduce them.
+        """
+        vision = [self.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+        return sorted(set(vision) | set(range(len(self.tokenizer), vocab_size)))
+
+    def mm_token_type_ids(self, ids: Union[Sequence[int], torch.Tensor]) -> Union[list[int], torch.Tensor]:
+        """1 on image pads, 0 elsewhere (a list for a list, an int tensor of the same shape for a tensor).
+
+        HF Qwen2.5-VL (transformers 5) builds the 3D M-RoPE positions only when ``mm_token_type_ids`` is passed to
+        its forward; without it the forward silently falls back to 1D positions and disagrees with vLLM.
+        """
+        if isinstance(ids, torch.Tensor):
+            return (ids == self.image_pad_id).int()
         return [1 if t == self.image_pad_id else 0 for t in ids]
 
     def batch_inputs(
@@ -443,17 +459,30 @@ class ChainTokens:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def sequence_log_probs(model, inputs: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+def sequence_log_probs(
+    model,
+    inputs: dict[str, torch.Tensor],
+    temperature: float = 1.0,
+    banned_ids: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
     """Teacher-forced log p(token_t | tokens_<t) for every position of ``inputs`` (from ``batch_inputs``).
 
-    Returns (B, L) float32; column 0 and padding are 0. ``temperature`` divides the logits, the way the engines
-    report sampling log-probs (see actors.text_engine). This is the reference the learner's re-scoring must match.
+    Returns (B, L) float32; column 0 and padding are 0. ``temperature`` divides the logits and ``banned_ids``
+    (``ChainTokens.banned_ids``) are masked out, the way the engines report sampling log-probs (see
+    actors.text_engine). This is the reference the learner's re-scoring must match. Positions whose own token is
+    banned (image pads: never sampled, masked out of the loss anyway) get 0 rather than -inf, so that
+    ``log_probs * mask`` stays finite.
     """
     logits = model(**inputs, use_cache=False).logits.float()  # (B, L, V)
     if temperature > 0:
         logits = logits / temperature
+    if banned_ids:
+        logits[..., list(banned_ids)] = float("-inf")
     logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, L-1, V)
     target = inputs["input_ids"][:, 1:]
     picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, L-1)
-    picked = picked * inputs["attention_mask"][:, 1:]
+    keep = inputs["attention_mask"][:, 1:].bool()
+    if banned_ids:
+        keep &= ~torch.isin(target, torch.as_tensor(list(banned_ids), device=target.device))
+    picked = torch.where(keep, picked, torch.zeros_like(picked))
     return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)

@@ -1,0 +1,124 @@
+"""Reward scoring throughput: a pool of K=2 Ray reward actors vs one in-process RewardWorker, same chains.
+
+    PYTHONPATH=. python benchmarks/bench_reward_pool.py [--chains 32] [--metrics piqe] [--repeats 5]
+
+Both sides score the same chains (64x64 final images: real photo crops with noise). ``--metrics`` is a comma
+list of: piqe, entropy (offline classical metrics; piqe is the local config's), topiq_nr (the cluster's network
+metric, here with random weights saved to a temporary file and loaded through pyiqa's own path). After one
+warm-up call each, the two sides are timed alternately (so both see the same load on a shared machine) and the
+best of ``--repeats`` is reported; the ratio is measured in this one run. Compare ratios, not seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from rewards.pool import RewardPool, RewardWorker
+from rl.chain import render_chain
+from rl.config import QualityMetricConfig, RewardConfig
+from rl.records import DegradationLabels, Rollout, Sample
+
+LEVELS = {"blur": "medium", "downsample": "light", "noise": "heavy", "compression": "light", "upsample": "none"}
+
+
+def metric_configs(names: list[str], tmp: str) -> list[QualityMetricConfig]:
+    table = {
+        "piqe": lambda: QualityMetricConfig(name="piqe", weight=1.0, scale=100.0, lower_better=True),
+        "entropy": lambda: QualityMetricConfig(name="entropy", weight=0.25, scale=8.0),
+        "topiq_nr": lambda: QualityMetricConfig(name="topiq_nr", weight=1.0, options={
+            "pretrained_model_path": random_topiq_weights(tmp), "backbone_pretrain": False}),
+    }
+    unknown = sorted(set(names) - set(table))
+    if unknown:
+        raise SystemExit(f"--metrics: unknown {unknown}; choose from {sorted(table)}")
+    return [table[n]() for n in names]
+
+
+def random_topiq_weights(tmp: str) -> str:
+    """CFANet (topiq_nr's architecture) with random weights, saved in pyiqa's {"params": state_dict} layout."""
+    import pyiqa
+
+    path = os.path.join(tmp, "cfanet_nr_random.pth")
+    if not os.path.exists(path):
+        net = pyiqa.create_metric("topiq_nr", device="cpu", pretrained=False, backbone_pretrain=False).net
+        torch.save({"params": net.state_dict()}, path)
+    return path
+
+
+def make_chains(n: int, group: int = 4) -> tuple[list[Rollout], list[Sample]]:
+    from skimage import data
+
+    photo = data.astronaut()  # (512, 512, 3)
+    rng = np.random.default_rng(0)
+    text = render_chain("medium blur, light downsample, heavy noise, light compression, no upsample",
+                        {"rough": "a woman in a space suit", "middle": "a face", "final": "hair"})
+    one = torch.zeros(1)
+    rollouts, samples = [], []
+    for i in range(n):
+        y, x = rng.integers(0, 512 - 64, 2)
+        final = np.clip(photo[y:y + 64, x:x + 64] + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(np.uint8)
+        rollouts.append(Rollout(prompt_id=i // group, sample_index=i % group, policy_version=0, diffusion_version=0,
+                                prompt_ids=one.long(), token_ids=one.long(), text_mask=one, log_probs=one,
+                                text=text, images={"final": final}, context_images=[], traces=()))
+        if i % group == 0:
+            sample = Sample(prompt_id=i // group, image_id="astronaut", lr=final[::4, ::4].copy(), hr=None,
+                            tags=("woman", "space suit", "flag"), degradation=DegradationLabels(LEVELS, {}))
+        samples.append(sample)
+    return rollouts, samples
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--chains", type=int, default=32)
+    ap.add_argument("--metrics", default="piqe")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--actors", type=int, default=2)
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="bench_reward_pool_")
+    os.environ.setdefault("TORCH_HOME", tmp)  # nothing is downloaded; keep any cache out of ~/.cache
+    metrics = metric_configs(args.metrics.split(","), tmp)
+    cfg = RewardConfig(num_actors=args.actors, num_cpus=1.0, metrics=metrics)
+    rollouts, samples = make_chains(args.chains)
+    pairs = list(zip(rollouts, samples))
+
+    import ray
+
+    ray.init(num_cpus=max(2, args.actors), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        pool = RewardPool(cfg)
+        worker = RewardWorker(cfg)
+        refs = [ray.put(r) for r in rollouts]  # as a rollout actor would hand them over
+        local_scores, pool_scores = worker.score(pairs), pool.score(refs, samples)  # warm-up
+        t_local, t_pool = [], []
+        for _ in range(args.repeats):  # alternate, so both sides see the same background load
+            t_local.append(timed(lambda: worker.score(pairs)))
+            t_pool.append(timed(lambda: pool.score(refs, samples)))
+        pool.shutdown()
+    finally:
+        ray.shutdown()
+    # network metrics differ in the last float bits between batch sizes and thread counts
+    assert np.allclose([s.total for s in pool_scores], [s.total for s in local_scores], atol=1e-4), \
+        "pool and in-process disagree"
+
+    n, best_local, best_pool = args.chains, min(t_local), min(t_pool)
+    print(f"reward scoring: {n} chains, 64x64 final images, metrics {args.metrics}, {os.cpu_count()} cores, "
+          f"in-process torch threads {torch.get_num_threads()}, best of {args.repeats}")
+    print(f"  in-process RewardWorker : {best_local * 1e3:8.1f} ms  {n / best_local:8.1f} chains/s")
+    print(f"  RewardPool K={args.actors}         : {best_pool * 1e3:8.1f} ms  {n / best_pool:8.1f} chains/s")
+    print(f"  throughput ratio pool / in-process: {best_local / best_pool:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
