@@ -2,13 +2,13 @@
 
     PYTHONPATH=. python benchmarks/bench_reward_pool.py [--chains 32] [--metrics piqe] [--repeats 5]
 
-Both sides score the same chains (64x64 final images: real photo crops with noise). ``--metrics`` is a comma
-list of: piqe, entropy (offline classical metrics; piqe is the local config's), topiq_nr (the cluster's network
-metric, here with random weights saved to a temporary file and loaded through pyiqa's own path). After one
-warm-up call each, the two sides are timed alternately (so both see the same load on a shared machine) and the
-best of ``--repeats`` is reported; the ratio is measured in this one run. Compare ratios, not seconds.
-A third line times the in-process worker with one torch thread, the share each actor gets: on a machine with
-few cores the in-process worker already uses them all, and the pool can only match it there.
+Both sides score the same chains (64x64 final images: real photo crops with noise). ``--metrics`` is a
+comma list of: piqe, entropy (offline classical metrics; piqe is the local config's), topiq_nr (the
+cluster's network metric, here with random weights saved to a temporary file and loaded through pyiqa's own
+path). After one warm-up call each, the sides are timed alternately (so all see the same load on a shared
+machine) and the best of ``--repeats`` is reported; the ratio is measured in this one run. Compare ratios,
+not seconds. A third line times the in-process worker with one torch thread, the share each actor gets: on
+a machine with few cores the in-process worker already uses them all, and the pool can at best match it.
 """
 
 from __future__ import annotations
@@ -26,15 +26,24 @@ from rl.chain import render_chain
 from rl.config import QualityMetricConfig, RewardConfig
 from rl.records import DegradationLabels, Rollout, Sample
 
-LEVELS = {"blur": "medium", "downsample": "light", "noise": "heavy", "compression": "light", "upsample": "none"}
+LEVELS = {
+    "blur": "medium",
+    "downsample": "light",
+    "noise": "heavy",
+    "compression": "light",
+    "upsample": "none",
+}
 
 
 def metric_configs(names: list[str], tmp: str) -> list[QualityMetricConfig]:
     table = {
         "piqe": lambda: QualityMetricConfig(name="piqe", weight=1.0, scale=100.0, lower_better=True),
         "entropy": lambda: QualityMetricConfig(name="entropy", weight=0.25, scale=8.0),
-        "topiq_nr": lambda: QualityMetricConfig(name="topiq_nr", weight=1.0, options={
-            "pretrained_model_path": random_topiq_weights(tmp), "backbone_pretrain": False}),
+        "topiq_nr": lambda: QualityMetricConfig(
+            name="topiq_nr",
+            weight=1.0,
+            options={"pretrained_model_path": random_topiq_weights(tmp), "backbone_pretrain": False},
+        ),
     }
     unknown = sorted(set(names) - set(table))
     if unknown:
@@ -43,7 +52,7 @@ def metric_configs(names: list[str], tmp: str) -> list[QualityMetricConfig]:
 
 
 def random_topiq_weights(tmp: str) -> str:
-    """CFANet (topiq_nr's architecture) with random weights, saved in pyiqa's {"params": state_dict} layout."""
+    """CFANet (topiq_nr's architecture), random weights, saved in pyiqa's {"params": state_dict} layout."""
     import pyiqa
 
     path = os.path.join(tmp, "cfanet_nr_random.pth")
@@ -58,19 +67,42 @@ def make_chains(n: int, group: int = 4) -> tuple[list[Rollout], list[Sample]]:
 
     photo = data.astronaut()  # (512, 512, 3)
     rng = np.random.default_rng(0)
-    text = render_chain("medium blur, light downsample, heavy noise, light compression, no upsample",
-                        {"rough": "a woman in a space suit", "middle": "a face", "final": "hair"})
+    text = render_chain(
+        "medium blur, light downsample, heavy noise, light compression, no upsample",
+        {"rough": "a woman in a space suit", "middle": "a face", "final": "hair"},
+    )
     one = torch.zeros(1)
     rollouts, samples = [], []
     for i in range(n):
         y, x = rng.integers(0, 512 - 64, 2)
-        final = np.clip(photo[y:y + 64, x:x + 64] + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(np.uint8)
-        rollouts.append(Rollout(prompt_id=i // group, sample_index=i % group, policy_version=0, diffusion_version=0,
-                                prompt_ids=one.long(), token_ids=one.long(), text_mask=one, log_probs=one,
-                                text=text, images={"final": final}, context_images=[], traces=()))
+        final = np.clip(photo[y : y + 64, x : x + 64] + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(
+            np.uint8
+        )
+        rollouts.append(
+            Rollout(
+                prompt_id=i // group,
+                sample_index=i % group,
+                policy_version=0,
+                diffusion_version=0,
+                prompt_ids=one.long(),
+                token_ids=one.long(),
+                text_mask=one,
+                log_probs=one,
+                text=text,
+                images={"final": final},
+                context_images=[],
+                traces=(),
+            )
+        )
         if i % group == 0:
-            sample = Sample(prompt_id=i // group, image_id="astronaut", lr=final[::4, ::4].copy(), hr=None,
-                            tags=("woman", "space suit", "flag"), degradation=DegradationLabels(LEVELS, {}))
+            sample = Sample(
+                prompt_id=i // group,
+                image_id="astronaut",
+                lr=final[::4, ::4].copy(),
+                hr=None,
+                tags=("woman", "space suit", "flag"),
+                degradation=DegradationLabels(LEVELS, {}),
+            )
         samples.append(sample)
     return rollouts, samples
 
@@ -97,7 +129,9 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=max(2, args.actors), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        num_cpus=max(2, args.actors), include_dashboard=False, logging_level="ERROR", log_to_driver=False
+    )
     try:
         pool = RewardPool(cfg)
         worker = RewardWorker(cfg)
@@ -108,25 +142,32 @@ def main() -> None:
         for _ in range(args.repeats):  # alternate, so all see the same background load
             t_local.append(timed(lambda: worker.score(pairs)))
             t_pool.append(timed(lambda: pool.score(refs, samples)))
-            torch.set_num_threads(1)  # one core's worth, as each actor has (Ray sets OMP_NUM_THREADS=num_cpus)
+            # one core's worth, as each actor has (Ray sets OMP_NUM_THREADS to the actor's num_cpus)
+            torch.set_num_threads(1)
             t_one.append(timed(lambda: worker.score(pairs)))
             torch.set_num_threads(threads)
         pool.shutdown()
     finally:
         ray.shutdown()
     # network metrics differ in the last float bits between batch sizes and thread counts
-    assert np.allclose([s.total for s in pool_scores], [s.total for s in local_scores], atol=1e-4), \
+    assert np.allclose([s.total for s in pool_scores], [s.total for s in local_scores], atol=1e-4), (
         "pool and in-process disagree"
+    )
 
     n, best_local, best_pool = args.chains, min(t_local), min(t_pool)
-    print(f"reward scoring: {n} chains, 64x64 final images, metrics {args.metrics}, {os.cpu_count()} cores, "
-          f"in-process torch threads {torch.get_num_threads()}, best of {args.repeats}")
+    print(
+        f"reward scoring: {n} chains, 64x64 final images, metrics {args.metrics}, {os.cpu_count()} cores, "
+        f"in-process torch threads {torch.get_num_threads()}, best of {args.repeats}"
+    )
     best_one = min(t_one)
     print(f"  in-process RewardWorker          : {best_local * 1e3:8.1f} ms  {n / best_local:8.1f} chains/s")
     print(f"  in-process, 1 torch thread       : {best_one * 1e3:8.1f} ms  {n / best_one:8.1f} chains/s")
-    print(f"  RewardPool K={args.actors} (1 CPU per actor) : {best_pool * 1e3:8.1f} ms  {n / best_pool:8.1f} chains/s")
-    print(f"  throughput ratio pool / in-process: {best_local / best_pool:.2f}x "
-          f"(pool / one-thread process: {best_one / best_pool:.2f}x)")
+    pool_name = f"RewardPool K={args.actors} (1 CPU per actor)"
+    print(f"  {pool_name} : {best_pool * 1e3:8.1f} ms  {n / best_pool:8.1f} chains/s")
+    print(
+        f"  throughput ratio pool / in-process: {best_local / best_pool:.2f}x "
+        f"(pool / one-thread process: {best_one / best_pool:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DeepSpeed set-up for one learner rank, pure of Ray: process group, engine config, LR schedule, ZeRO-3 gathers.
+"""DeepSpeed set-up for one learner rank, pure of Ray: process group, config, LR schedule, ZeRO-3 gathers.
 
 Every rank of the learner group runs the same code. The process group comes from the environment
 (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), which the Ray shell (``learner.group``) or
@@ -50,8 +50,10 @@ def init_distributed(backend: str, timeout_s: float = 1800.0) -> torch.device:
     """
     missing = [k for k in _ENV_KEYS if k not in os.environ]
     if missing:
-        raise RuntimeError(f"learner process group: environment variables {missing} are not set "
-                           "(learner.group sets them; under torchrun they are set for you)")
+        raise RuntimeError(
+            f"learner process group: environment variables {missing} are not set "
+            "(learner.group sets them; under torchrun they are set for you)"
+        )
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"learner.backend = {backend!r}: must be gloo (CPU) or nccl (GPU)")
     if backend == "nccl":
@@ -62,8 +64,9 @@ def init_distributed(backend: str, timeout_s: float = 1800.0) -> torch.device:
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
+        )
     return device
 
 
@@ -81,7 +84,9 @@ def dp_loss_scale() -> float:
 
 
 # ------------------------------------------------------------------------------------------ schedule
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
+def lr_multiplier(
+    step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float
+) -> float:
     """LR / peak LR before optimizer step ``step`` (0-based).
 
     Linear warmup over ``warmup_steps`` (starting at 1/warmup, not 0, so the first step learns), then
@@ -124,7 +129,7 @@ def ds_config(learner: LearnerConfig) -> dict[str, Any]:
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and norm weights (1-D tensors), as is usual for transformers."""
+    """AdamW groups: no weight decay on biases and norm weights (1-D tensors), as usual for transformers."""
     decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -145,7 +150,7 @@ class _ClipAndRecord:
         self.norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
 
 
-def build_engine(module: nn.Module, optim: OptimConfig, learner: LearnerConfig, total_steps: int):
+def build_engine(module: nn.Module, optim: OptimConfig, learner: LearnerConfig, total_steps: int) -> Any:
     """Wrap ``module`` in a DeepSpeed engine with torch AdamW and the configured LR schedule.
 
     ``total_steps`` is the number of optimizer steps of the run (trainer steps x update epochs); the
@@ -158,36 +163,39 @@ def build_engine(module: nn.Module, optim: OptimConfig, learner: LearnerConfig, 
     if learner.zero_stage == 0 and learner.dtype == "float32":
         hook = _ClipAndRecord(learner.grad_clip)
         config["gradient_clipping"] = 0.0
-    optimizer = torch.optim.AdamW(_param_groups(module, optim.weight_decay), lr=optim.lr,
-                                  betas=tuple(optim.betas))
+    optimizer = torch.optim.AdamW(
+        _param_groups(module, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas)
+    )
     if hook is not None:
         optimizer.register_step_pre_hook(hook)
-    schedule = partial(lr_multiplier, total_steps=total_steps, warmup_steps=optim.warmup_steps,
-                       schedule=optim.schedule, min_lr_ratio=optim.min_lr_ratio)
+    schedule = partial(
+        lr_multiplier,
+        total_steps=total_steps,
+        warmup_steps=optim.warmup_steps,
+        schedule=optim.schedule,
+        min_lr_ratio=optim.min_lr_ratio,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
     engine._realsr_clip_hook = hook  # read by grad_norm()
     return engine
 
 
-def grad_norm(engine) -> float:
-    """Pre-clip global gradient norm of the last ``engine.step()`` (NaN when DeepSpeed did not compute one)."""
+def grad_norm(engine: Any) -> float:
+    """Pre-clip global gradient norm of the last ``engine.step()`` (NaN if DeepSpeed did not compute one)."""
     hook = getattr(engine, "_realsr_clip_hook", None)
     norm = hook.norm if hook is not None else engine.get_global_grad_norm()
     return float("nan") if norm is None else float(norm)
 
 
-def current_lr(engine) -> float:
+def current_lr(engine: Any) -> float:
+    """The learning rate the engine's next step will use."""
     return float(engine.get_lr()[0])
 
 
 # ------------------------------------------------------------------------------------------ ZeRO-3 gathers
-def is_partitioned(module: nn.Module) -> bool:
-    """True when ZeRO-3 has partitioned this module's parameters (each rank holds a shard)."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
 @contextmanager
 def full_parameters(params: Iterable[nn.Parameter], enabled: bool = True) -> Iterator[None]:
     """Inside the block every parameter holds its full value on every rank (ZeRO-3: an all-gather, which
@@ -203,10 +211,11 @@ def full_parameters(params: Iterable[nn.Parameter], enabled: bool = True) -> Ite
         yield
 
 
-def iter_full_state(module: nn.Module, bucket_bytes: int = 64 << 20, to_cpu: bool = True
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) for every parameter and persistent buffer, in ``state_dict`` order, gathered a
-    bucket of parameters at a time so memory holds one bucket beyond the shards.
+def iter_full_state(
+    module: nn.Module, bucket_bytes: int = 64 << 20, to_cpu: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter, then every persistent buffer, gathered a bucket of
+    parameters at a time so memory holds one bucket beyond the shards.
 
     A collective under ZeRO-3: every rank must drive the generator to its end (rank 0 keeps the tensors,
     the others may drop them). Names are those of ``module.named_parameters()`` / ``state_dict()``; a tied

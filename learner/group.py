@@ -1,4 +1,4 @@
-"""The learner's Ray shell: N ``LearnerWorker`` actors in one placement group, forming one DeepSpeed ZeRO group.
+"""The learner's Ray shell: N ``LearnerWorker`` actors in one placement group, one DeepSpeed ZeRO group.
 
 The only Ray-aware part of the learner (OpenRLHF's ``RayActorGroup`` shape): it reserves one bundle per rank,
 finds a free port on rank 0's node, starts the ranks with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
@@ -54,42 +54,65 @@ class LearnerGroup:
             raise ValueError(f"learner.backend = nccl needs learner.num_gpus > 0, got {ln.num_gpus}")
         self.num_ranks = ln.num_ranks
         bundle = {"CPU": float(ln.num_cpus), **({"GPU": float(ln.num_gpus)} if ln.num_gpus > 0 else {})}
-        self.placement_group = placement_group([dict(bundle) for _ in range(ln.num_ranks)],
-                                               strategy=cfg.ray.placement_strategy)
+        self.placement_group = placement_group(
+            [dict(bundle) for _ in range(ln.num_ranks)], strategy=cfg.ray.placement_strategy
+        )
         try:
             ray.get(self.placement_group.ready(), timeout=ready_timeout_s)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.placement_group)
             raise RuntimeError(
-                f"learner placement group ({ln.num_ranks} x {bundle}, strategy {cfg.ray.placement_strategy}) not "
-                f"placed after {ready_timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}") from None
+                f"learner placement group ({ln.num_ranks} x {bundle}, strategy {cfg.ray.placement_strategy}) "
+                f"not placed after {ready_timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}"
+            ) from None
+        try:
+            self._start_ranks(cfg, worker_kwargs, ready_timeout_s)
+        except BaseException:
+            self.shutdown()  # a rank that failed to build: release the others and the bundles
+            raise
 
-        addr, port = ray.get(_master_address.options(scheduling_strategy=self._bundle(0)).remote(ln.master_port))
+    def _start_ranks(self, cfg: ExperimentConfig, worker_kwargs: dict[str, Any], timeout_s: float) -> None:
+        ln = cfg.learner
+        addr, port = ray.get(
+            _master_address.options(scheduling_strategy=self._bundle(0)).remote(ln.master_port)
+        )
         actor_cls = ray.remote(LearnerWorker)
         env = worker_env()
         self.actors = []
         for rank in range(ln.num_ranks):
-            dist_env = {"RANK": str(rank), "WORLD_SIZE": str(ln.num_ranks), "MASTER_ADDR": addr,
-                        "MASTER_PORT": str(port),
-                        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES: its device is always cuda:0
-                        "LOCAL_RANK": "0"}
-            self.actors.append(actor_cls.options(
-                num_cpus=ln.num_cpus, num_gpus=ln.num_gpus, scheduling_strategy=self._bundle(rank),
-                runtime_env={"env_vars": env}, name=None,
-            ).remote(ln, cfg.policy, cfg.diffusion, cfg.grpo, cfg.trainer.total_steps, dist_env, **worker_kwargs))
+            dist_env = {
+                "RANK": str(rank),
+                "WORLD_SIZE": str(ln.num_ranks),
+                "MASTER_ADDR": addr,
+                "MASTER_PORT": str(port),
+                # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES: its device is always cuda:0
+                "LOCAL_RANK": "0",
+            }
+            self.actors.append(
+                actor_cls.options(
+                    num_cpus=ln.num_cpus,
+                    num_gpus=ln.num_gpus,
+                    scheduling_strategy=self._bundle(rank),
+                    runtime_env={"env_vars": env},
+                ).remote(
+                    ln,
+                    cfg.policy,
+                    cfg.diffusion,
+                    cfg.grpo,
+                    cfg.trainer.total_steps,
+                    dist_env,
+                    **worker_kwargs,
+                )
+            )
         self.master = (addr, port)
-        try:
-            self.infos: list[dict[str, Any]] = ray.get([a.info.remote() for a in self.actors], timeout=ready_timeout_s)
-        except BaseException:
-            self.shutdown()
-            raise
+        self.infos: list[dict[str, Any]] = ray.get([a.info.remote() for a in self.actors], timeout=timeout_s)
 
     def _bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=index)
 
     # ------------------------------------------------------------------ training
     def submit_train_step(self, batch: TrainBatch, rollouts: Sequence[RolloutLike]) -> list[ray.ObjectRef]:
-        """One GRPO update; ``rollouts`` is the list given to ``build_train_batch`` (Rollouts or refs to them).
+        """One GRPO update; ``rollouts`` is the list given to ``build_train_batch`` (Rollouts or refs).
         Each rank receives only its shard; refs are resolved on the rank, never in the driver."""
         shards = shard_batch(batch, rollouts, self.num_ranks)
         return [a.train_step.remote(sub, *rs) for a, (sub, rs) in zip(self.actors, shards)]

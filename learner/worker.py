@@ -8,7 +8,7 @@ One train step on this rank's shard (rows of a ``rl.grpo.TrainBatch`` plus the R
 
     for each update epoch:                                  (old log-probs stay the rollout's)
         for each micro-batch of learner.micro_batch_size chains:
-            policy:    re-score prompt + completion with the context images -> clipped surrogate on text tokens
+            policy:    re-score prompt + completion with the context images -> clipped surrogate, text tokens
                        (+ beta * k3 KL to the frozen reference)       / global text-token count -> backward
             diffusion: re-score every denoising step of the chain's traces  -> clipped surrogate per step
                                                                        / global step count       -> backward
@@ -34,7 +34,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,9 @@ def masked_copy(batch: TrainBatch) -> TrainBatch:
     )
 
 
-def shard_batch(batch: TrainBatch, rollouts: Sequence[Any], num_ranks: int) -> list[tuple[TrainBatch, list[Any]]]:
+def shard_batch(
+    batch: TrainBatch, rollouts: Sequence[Any], num_ranks: int
+) -> list[tuple[TrainBatch, list[Any]]]:
     """Split a TrainBatch into ``num_ranks`` contiguous shards of near-equal size, each with its rollouts.
 
     ``rollouts`` is the list given to ``rl.grpo.build_train_batch`` (``batch.rows`` index it); its items
@@ -108,7 +110,7 @@ def _check_alignment(batch: TrainBatch, rollouts: Sequence[Rollout]) -> None:
             raise ValueError(f"batch row {key} is paired with rollout {(r.prompt_id, r.sample_index)}")
 
 
-# ============================================================================================ the diffusion module
+# ======================================================================================= the diffusion module
 class TraceScorer(nn.Module):
     """The trainable parts of the SR pipeline (UNet, text encoder) as one module, so that one DeepSpeed
     engine owns them (and, under ZeRO-3, hooks them); ``forward(traces)`` re-scores recorded denoising
@@ -135,6 +137,10 @@ def load_sr_pipeline(path: str) -> Any:
     does not need diffusers)."""
     from actors.sr_pipeline import SRPipeline
 
+    if not (Path(path) / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"diffusion.path = {path!r}: no diffusers pipeline (model_index.json missing)"
+        )
     return SRPipeline.from_pretrained(path)
 
 
@@ -151,11 +157,10 @@ class LearnerWorker:
         total_steps: int,
         dist_env: Optional[Mapping[str, str]] = None,
         logprob_temperature: float = 1.0,
-        pipeline_loader: Callable[[str], Any] = load_sr_pipeline,
     ):
         """``total_steps``: trainer steps of the run (the LR schedule spans total_steps x update_epochs
         optimizer steps). ``dist_env``: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for this
-        rank (None: already in the environment). ``pipeline_loader``: path -> SR pipeline."""
+        rank (None: already in the environment). ``logprob_temperature``: see the module docstring."""
         self.cfg, self.policy_cfg, self.diffusion_cfg, self.grpo = learner, policy, diffusion, grpo
         self.logprob_temperature = logprob_temperature
         self._configure_env(dist_env)
@@ -179,21 +184,26 @@ class LearnerWorker:
                 model.gradient_checkpointing_enable()
             self.engines["policy"] = eng.build_engine(model, learner.policy_optim, learner, optimizer_total)
             if needs_reference(grpo.kl_beta):
-                self.reference = self._load_policy(policy.init_from or policy.path).eval().requires_grad_(False)
+                self.reference = self._load_policy(policy.path).eval().requires_grad_(False)
         self.pipeline = None
         if not diffusion.freeze:
-            self.pipeline = pipeline_loader(diffusion.path)
+            self.pipeline = load_sr_pipeline(diffusion.path)
             self.pipeline.to(self.device)
             for module in _pipeline_modules(self.pipeline):
                 module.requires_grad_(False)  # the VAE and anything else outside the TraceScorer stay frozen
             scorer = TraceScorer(self.pipeline).to(self.dtype).requires_grad_(True).train()
-            self.engines["diffusion"] = eng.build_engine(scorer, learner.diffusion_optim, learner, optimizer_total)
+            self.engines["diffusion"] = eng.build_engine(
+                scorer, learner.diffusion_optim, learner, optimizer_total
+            )
         self.setup_seconds = time.perf_counter() - t0
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig, dist_env: Optional[Mapping[str, str]] = None,
-                    **kwargs: Any) -> "LearnerWorker":
-        return cls(cfg.learner, cfg.policy, cfg.diffusion, cfg.grpo, cfg.trainer.total_steps, dist_env, **kwargs)
+    def from_config(
+        cls, cfg: ExperimentConfig, dist_env: Optional[Mapping[str, str]] = None, **kwargs: Any
+    ) -> "LearnerWorker":
+        return cls(
+            cfg.learner, cfg.policy, cfg.diffusion, cfg.grpo, cfg.trainer.total_steps, dist_env, **kwargs
+        )
 
     @staticmethod
     def _configure_env(dist_env: Optional[Mapping[str, str]]) -> None:
@@ -221,8 +231,10 @@ class LearnerWorker:
             "device": str(self.device),
             "trained": sorted(self.engines),
             "zero_stage": self.cfg.zero_stage,
-            "parameters": {k: sum(int(getattr(p, "ds_numel", p.numel())) for p in e.module.parameters())
-                           for k, e in self.engines.items()},
+            "parameters": {
+                k: sum(int(getattr(p, "ds_numel", p.numel())) for p in e.module.parameters())
+                for k, e in self.engines.items()
+            },
             "setup_seconds": self.setup_seconds,
         }
 
@@ -230,8 +242,10 @@ class LearnerWorker:
         if model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {model!r}")
         if model not in self.engines:
-            raise ValueError(f"the {model} is frozen (config {model}.freeze = true): the learner does not train "
-                             "or hold it, so it has no weights to gather or sync")
+            raise ValueError(
+                f"the {model} is frozen (config {model}.freeze = true): the learner does not train "
+                "or hold it, so it has no weights to gather or sync"
+            )
         return self.engines[model]
 
     def _all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
@@ -239,8 +253,11 @@ class LearnerWorker:
             return [float(v) for v in values]
         device = self.device if self.cfg.backend == "nccl" else torch.device("cpu")
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-        ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
-               "min": torch.distributed.ReduceOp.MIN}
+        ops = {
+            "sum": torch.distributed.ReduceOp.SUM,
+            "max": torch.distributed.ReduceOp.MAX,
+            "min": torch.distributed.ReduceOp.MIN,
+        }
         torch.distributed.all_reduce(t, op=ops[op])
         return t.cpu().tolist()
 
@@ -250,10 +267,12 @@ class LearnerWorker:
         aggregated over all ranks (identical on every rank). Rollouts are varargs so that Ray resolves
         object refs passed for them."""
         t0 = time.perf_counter()
-        _check_alignment(batch, rollouts)
+        self._validate(batch, rollouts)
         mb_size = self.cfg.micro_batch_size
-        micro = [(batch.select(range(i, min(i + mb_size, len(batch)))), list(rollouts[i:i + mb_size]))
-                 for i in range(0, len(batch), mb_size)]
+        micro = [
+            (batch.select(range(i, min(i + mb_size, len(batch)))), list(rollouts[i : i + mb_size]))
+            for i in range(0, len(batch), mb_size)
+        ]
         n_micro = int(self._all_reduce([len(micro)], "max")[0])
         while len(micro) < n_micro:  # keep collectives in step with the longest rank
             mb, rs = micro[-1]
@@ -261,8 +280,11 @@ class LearnerWorker:
 
         # Diffusion loss only on micro-batches where every rank has traces to re-score (ZeRO collectives).
         has_traces = [float(any(len(r.traces) for r in rs)) for _, rs in micro]
-        image_ok = [v > 0 for v in self._all_reduce(has_traces, "min")] if "diffusion" in self.engines else \
-            [False] * n_micro
+        image_ok = (
+            [v > 0 for v in self._all_reduce(has_traces, "min")]
+            if "diffusion" in self.engines
+            else [False] * n_micro
+        )
         local_tokens = sum(mb.num_tokens for mb, _ in micro)
         local_steps = sum(mb.num_steps for (mb, _), ok in zip(micro, image_ok) if ok)
         global_tokens, global_steps = self._all_reduce([local_tokens, local_steps])
@@ -270,8 +292,12 @@ class LearnerWorker:
         train_image = "diffusion" in self.engines and global_steps > 0
 
         sums: dict[str, float] = {}
-        extremes = {"text_ratio_max": -math.inf, "text_ratio_min": math.inf,
-                    "image_ratio_max": -math.inf, "image_ratio_min": math.inf}
+        extremes = {
+            "text_ratio_max": -math.inf,
+            "text_ratio_min": math.inf,
+            "image_ratio_max": -math.inf,
+            "image_ratio_min": math.inf,
+        }
         lrs = {name: eng.current_lr(e) for name, e in self.engines.items()}
         norms: dict[str, list[float]] = {name: [] for name in self.engines}
         for _epoch in range(self.grpo.update_epochs):
@@ -289,8 +315,37 @@ class LearnerWorker:
             self.optimizer_steps += int(stepped)
         return self._metrics(sums, extremes, norms, lrs, global_tokens, global_steps, len(batch), t0)
 
-    def _text_micro_step(self, mb: TrainBatch, rs: Sequence[Rollout], global_tokens: float,
-                         sums: dict[str, float], extremes: dict[str, float]) -> None:
+    def _validate(self, batch: TrainBatch, rollouts: Sequence[Rollout]) -> None:
+        """Check the shard on every rank and agree on the outcome before the first collective, so a bad
+        shard on one rank is an error on all ranks instead of a hang in the others' all-reduce."""
+        error = None
+        try:
+            _check_alignment(batch, rollouts)
+            if "policy" in self.engines:
+                for row, r in enumerate(rollouts):
+                    ids = batch.input_ids[row][batch.attention_mask[row]].tolist()
+                    try:
+                        self.tokens.check_context(ids, r.context_images)
+                    except ValueError as exc:
+                        raise ValueError(
+                            f"rollout prompt_id={r.prompt_id} sample_index={r.sample_index}: {exc}"
+                        ) from None
+        except ValueError as exc:
+            error = exc
+        all_ok = self._all_reduce([0.0 if error else 1.0], "min")[0] > 0
+        if error is not None:
+            raise error
+        if not all_ok:
+            raise RuntimeError("train_step: another learner rank rejected its shard (its error says why)")
+
+    def _text_micro_step(
+        self,
+        mb: TrainBatch,
+        rs: Sequence[Rollout],
+        global_tokens: float,
+        sums: dict[str, float],
+        extremes: dict[str, float],
+    ) -> None:
         policy = self.engines["policy"]
         logp = self.policy_log_probs(policy, mb, rs)  # (B, L) float32, with grad
         old, adv, mask = (t.to(self.device) for t in (mb.old_log_probs, mb.advantages, mb.loss_mask))
@@ -307,25 +362,52 @@ class LearnerWorker:
         _add(sums, "text_loss", text_loss.item())
         _accumulate(sums, extremes, "text", out.metrics)
 
-    def _image_micro_step(self, mb: TrainBatch, rs: Sequence[Rollout], global_steps: float,
-                          sums: dict[str, float], extremes: dict[str, float]) -> None:
+    def _image_micro_step(
+        self,
+        mb: TrainBatch,
+        rs: Sequence[Rollout],
+        global_steps: float,
+        sums: dict[str, float],
+        extremes: dict[str, float],
+    ) -> None:
         diffusion = self.engines["diffusion"]
         logp = self.step_log_probs(diffusion, mb, rs)  # (B, S) with grad
-        old, adv, mask = (t.to(self.device) for t in (mb.step_old_log_probs, mb.chain_advantages, mb.step_mask))
+        old, adv, mask = (
+            t.to(self.device) for t in (mb.step_old_log_probs, mb.chain_advantages, mb.step_mask)
+        )
         out = image_surrogate(logp.float(), old, adv, self.grpo.clip_low, self.grpo.clip_high, mask)
         image_loss = token_mean(out.loss, mask, global_steps)
-        diffusion.backward(self.grpo.image_loss_weight * image_loss * eng.dp_loss_scale(), scale_wrt_gas=False)
+        diffusion.backward(
+            self.grpo.image_loss_weight * image_loss * eng.dp_loss_scale(), scale_wrt_gas=False
+        )
         _add(sums, "image_loss", image_loss.item())
         _accumulate(sums, extremes, "image", out.metrics)
 
-    def _metrics(self, sums, extremes, norms, lrs, global_tokens, global_steps, chains, t0) -> dict[str, float]:
+    def _metrics(
+        self,
+        sums: dict[str, float],
+        extremes: dict[str, float],
+        norms: dict[str, list[float]],
+        lrs: dict[str, float],
+        global_tokens: float,
+        global_steps: float,
+        chains: int,
+        t0: float,
+    ) -> dict[str, float]:
+        """Sum the per-rank partial sums over ranks and turn them into batch means."""
         keys = sorted(sums)
         # Every rank holds the same key set: keys exist iff the (global) branch ran on every rank.
         totals = dict(zip(keys, self._all_reduce([sums[k] for k in keys])))
-        maxima = self._all_reduce([extremes[k] if "max" in k else -extremes[k] for k in sorted(extremes)], "max")
+        maxima = self._all_reduce(
+            [extremes[k] if "max" in k else -extremes[k] for k in sorted(extremes)], "max"
+        )
         epochs = self.grpo.update_epochs
-        m: dict[str, float] = {"tokens": global_tokens, "diffusion_steps": global_steps,
-                               "chains": self._all_reduce([chains])[0], "optimizer_steps": self.optimizer_steps}
+        m: dict[str, float] = {
+            "tokens": global_tokens,
+            "diffusion_steps": global_steps,
+            "chains": self._all_reduce([chains])[0],
+            "optimizer_steps": self.optimizer_steps,
+        }
         for k in ("text_loss", "image_loss", "kl"):
             if k in totals:
                 m[k] = totals[k] / epochs
@@ -349,20 +431,21 @@ class LearnerWorker:
         the context images (LR, rough, middle) as pixel inputs; entry t is log p(token t | tokens < t), 0
         before the first completion token. Logits are only computed from the shortest prompt on."""
         images = [im for r in rollouts for im in r.context_images]
-        for row, r in enumerate(rollouts):
-            ids = mb.input_ids[row][mb.attention_mask[row]].tolist()
-            try:
-                self.tokens.check_context(ids, r.context_images)
-            except ValueError as exc:
-                raise ValueError(f"rollout prompt_id={r.prompt_id} sample_index={r.sample_index}: {exc}") from None
         inputs = {k: v.to(self.device) for k, v in self.tokens.image_inputs(images).items()}
         input_ids = mb.input_ids.to(self.device)
         length = input_ids.shape[1]
-        start = max(int(mb.prompt_lengths.min()) - 1, 0)  # the logit at P-1 predicts the first completion token
-        out = model(input_ids=input_ids, attention_mask=mb.attention_mask.to(self.device).long(), use_cache=False,
-                    logits_to_keep=length - start, **inputs)
-        logp = gather_token_log_probs(out.logits, input_ids[:, start:], self.logprob_temperature)  # (B, L-start)
-        return F.pad(logp, (start, 0))
+        # the logit at position P-1 predicts the first completion token: nothing before it is needed
+        start = max(int(mb.prompt_lengths.min()) - 1, 0)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mb.attention_mask.to(self.device).long(),
+            use_cache=False,
+            logits_to_keep=length - start,
+            **inputs,
+        )
+        # (B, L - start): entry 0 is position `start`, a prompt token with no loss
+        logp = gather_token_log_probs(out.logits, input_ids[:, start:], self.logprob_temperature)
+        return F.pad(logp, (start, 0))  # (B, L)
 
     def step_log_probs(self, scorer: nn.Module, mb: TrainBatch, rollouts: Sequence[Rollout]) -> Tensor:
         """Per-step log-probs (B, S) of each chain's traces, stages concatenated in trace order (the layout
@@ -396,26 +479,32 @@ class LearnerWorker:
         """Sum of each parameter as this rank holds it (its shard under ZeRO-3). Equal on every rank for
         ZeRO 0-2, whose ranks keep full replicas: a cheap check that replicas did not diverge."""
         module = self._engine(model).module
-        return {n: float(getattr(p, "ds_tensor", p).detach().double().sum()) for n, p in module.named_parameters()}
+        return {
+            n: float(getattr(p, "ds_tensor", p).detach().double().sum()) for n, p in module.named_parameters()
+        }
 
     def export_hf(self, directory: str) -> dict[str, str]:
         """Write ``directory/policy`` (HF: weights, config, processor; loadable by from_pretrained and vLLM)
         and ``directory/diffusion`` (the diffusers pipeline) on rank 0. A frozen model is copied from its
-        configured path. A collective under ZeRO-3: all ranks must call it. Returns {model: path} on rank 0."""
+        configured path. A collective under ZeRO-3: all ranks must call it. Returns {model: path} on rank 0.
+        """
         out = Path(directory)
         written: dict[str, str] = {}
         if "policy" in self.engines:
             state = self.gather_full_state("policy")
             if self.rank == 0:
                 target = out / "policy"
-                self.engines["policy"].module.save_pretrained(target, state_dict=state, safe_serialization=True)
+                self.engines["policy"].module.save_pretrained(
+                    target, state_dict=state, safe_serialization=True
+                )
                 self.tokens.processor.save_pretrained(target)
                 written["policy"] = str(target)
         elif self.rank == 0:
             written["policy"] = _copy_dir(self.policy_cfg.path, out / "policy")
         if "diffusion" in self.engines:
             module = self.engines["diffusion"].module
-            with eng.full_parameters(module.parameters()):  # whole pipeline gathered: diffusers has no state_dict=
+            # diffusers' save_pretrained takes no state_dict: gather the whole module for the save
+            with eng.full_parameters(module.parameters()):
                 if self.rank == 0:
                     module.pipeline.save_pretrained(out / "diffusion")
                     written["diffusion"] = str(out / "diffusion")
@@ -431,11 +520,18 @@ class LearnerWorker:
         its own ZeRO shard) under ``directory/<model>/``. All ranks; ``directory`` must be on storage every
         rank can reach (one node, or a shared filesystem)."""
         out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
         for name, e in self.engines.items():
-            e.save_checkpoint(str(out / name), tag=CHECKPOINT_TAG, client_state={"optimizer_steps": self.optimizer_steps})
+            e.save_checkpoint(
+                str(out / name), tag=CHECKPOINT_TAG, client_state={"optimizer_steps": self.optimizer_steps}
+            )
         if self.rank == 0:
-            state = {"optimizer_steps": self.optimizer_steps, "trained": sorted(self.engines),
-                     "world_size": self.world_size, "zero_stage": self.cfg.zero_stage}
+            state = {
+                "optimizer_steps": self.optimizer_steps,
+                "trained": sorted(self.engines),
+                "world_size": self.world_size,
+                "zero_stage": self.cfg.zero_stage,
+            }
             (out / WORKER_STATE_FILE).write_text(json.dumps(state, indent=1))
         if self.world_size > 1:
             torch.distributed.barrier()
@@ -449,15 +545,20 @@ class LearnerWorker:
         state = json.loads(state_file.read_text())
         missing = sorted(set(self.engines) - set(state.get("trained", [])))
         if missing:
-            raise ValueError(f"{src}: checkpoint has no state for {missing} (trained then: {state.get('trained')})")
+            raise ValueError(
+                f"{src}: checkpoint has no state for {missing} (trained then: {state.get('trained')})"
+            )
         for key, mine in (("world_size", self.world_size), ("zero_stage", self.cfg.zero_stage)):
             if state.get(key) != mine:
                 raise ValueError(f"{state_file}: saved with {key}={state.get(key)}, this learner has {mine}")
         for name, e in self.engines.items():
-            path, client = e.load_checkpoint(str(src / name), tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+            path, _client_state = e.load_checkpoint(
+                str(src / name), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
             if path is None:
-                raise FileNotFoundError(f"{src / name}: DeepSpeed found no checkpoint (tag {CHECKPOINT_TAG!r})")
+                raise FileNotFoundError(
+                    f"{src / name}: DeepSpeed found no checkpoint (tag {CHECKPOINT_TAG!r})"
+                )
         self.optimizer_steps = int(state["optimizer_steps"])
 
 
@@ -466,7 +567,9 @@ def _add(sums: dict[str, float], key: str, value: float) -> None:
     sums[key] = sums.get(key, 0.0) + value
 
 
-def _accumulate(sums: dict[str, float], extremes: dict[str, float], kind: str, metrics: Mapping[str, Tensor]) -> None:
+def _accumulate(
+    sums: dict[str, float], extremes: dict[str, float], kind: str, metrics: Mapping[str, Tensor]
+) -> None:
     """Token-weighted sums of the masked-mean metrics, and running extremes of the ratio."""
     tokens = float(metrics["tokens"])
     for name in _MEAN_METRICS:

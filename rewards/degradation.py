@@ -8,15 +8,15 @@ empty <degradation> section would earn the "none" items for free.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 from rl.chain import DEGRADATION_ITEMS, ParsedChain, parse_chain, parse_degradation_text
 from rl.records import DegradationLabels
 
 
 def degradation_reward(
-    chain: ParsedChain | str, labels: Optional[DegradationLabels | Mapping[str, str]]
-) -> Optional[float]:
+    chain: ParsedChain | str, labels: DegradationLabels | Mapping[str, str] | None
+) -> float | None:
     """Fraction of ``rl.chain.DEGRADATION_ITEMS`` whose stated level equals the label level. Never raises.
 
     Returns None (not applicable, left out of the total) when there are no labels: real LR images carry no

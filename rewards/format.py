@@ -20,7 +20,7 @@ def format_reward(chain: ParsedChain | str) -> float:
     """1.0 when the chain follows the grammar exactly, else 0.0. Never raises.
 
     >>> from rl.chain import render_chain
-    >>> good = render_chain("light blur", {"rough": "a cat", "middle": "a cat", "final": "a cat"}, separator="\\n")
+    >>> good = render_chain("light blur", {"rough": "a cat", "final": "fur"}, separator="\\n")
     >>> format_reward(good)
     1.0
     >>> format_reward(good.replace("<|image|>", "<|image|><|image|>", 1))  # two images in <rough_image>

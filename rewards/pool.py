@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from rewards.quality import QualityScorer, build_quality_scorer
 from rewards.total import score_rollouts
@@ -27,7 +28,7 @@ class RewardWorker:
 
     def __init__(self, cfg: RewardConfig, device: str = "cpu") -> None:
         self.cfg = cfg
-        self.scorer: Optional[QualityScorer] = None
+        self.scorer: QualityScorer | None = None
         if cfg.metrics or cfg.full_reference:
             self.scorer = build_quality_scorer(cfg.metrics, device, cfg.full_reference, cfg.metric_timeout_s)
 
@@ -40,7 +41,7 @@ class RewardWorker:
 
 
 def _resolve(items: Sequence[Any]) -> list[Rollout]:
-    """Rollouts, fetching the ObjectRefs among them in one call (refs nested in a list are not resolved by Ray)."""
+    """Rollouts, the ObjectRefs among them fetched in one call (Ray leaves refs nested in a list alone)."""
     refs = [k for k, r in enumerate(items) if type(r).__name__ == "ObjectRef"]
     out = list(items)
     if refs:
@@ -49,7 +50,7 @@ def _resolve(items: Sequence[Any]) -> list[Rollout]:
         try:
             for k, value in zip(refs, ray.get([items[k] for k in refs])):
                 out[k] = value
-        except Exception as exc:
+        except ray.exceptions.RayError as exc:  # the rollout's producer failed, or its object was lost
             raise RolloutUnavailable(f"a rollout ref failed: {type(exc).__name__}: {exc}") from None
     for r in out:
         if not isinstance(r, Rollout):
@@ -117,24 +118,34 @@ class RewardPool:
         ray = self._ray
         if len(rollouts) != len(samples):
             raise ValueError(f"{len(rollouts)} rollouts but {len(samples)} samples")
-        results: list[Optional[Scores]] = [None] * len(rollouts)
+        results: list[Scores | None] = [None] * len(rollouts)
         attempts = [0] * len(rollouts)
-        waiting = {r: i for i, r in enumerate(rollouts) if isinstance(r, ray.ObjectRef)}  # rollout ref -> chain
+        waiting: dict[Any, list[int]] = {}  # rollout ref -> chains (a ref may be passed twice)
+        for i, r in enumerate(rollouts):
+            if isinstance(r, ray.ObjectRef):
+                waiting.setdefault(r, []).append(i)
         ready = deque(i for i, r in enumerate(rollouts) if not isinstance(r, ray.ObjectRef))
         running: dict[Any, tuple[int, list[int]]] = {}  # result ref -> (actor, chains)
         remaining = len(rollouts)
-        while remaining:
-            self._dispatch(ready, running, rollouts, samples)
-            pending = list(running) + list(waiting) + list(self._probes)
-            ray.wait(pending, num_returns=1)  # block for the first; then take everything already done
-            finished, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
-            for ref in finished:
-                if ref in waiting:
-                    ready.append(waiting.pop(ref))
-                elif ref in self._probes:
-                    self._probe_done(ref)
-                else:
-                    remaining -= self._task_done(ref, running, results, attempts, ready, rollouts, samples)
+        try:
+            while remaining:
+                self._dispatch(ready, running, rollouts, samples)
+                pending = list(running) + list(waiting) + list(self._probes)
+                ray.wait(pending, num_returns=1)  # block for the first; then take everything already done
+                finished, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
+                for ref in finished:
+                    if ref in waiting:
+                        ready.extend(waiting.pop(ref))
+                    elif ref in self._probes:
+                        self._probe_done(ref)
+                    else:
+                        remaining -= self._task_done(
+                            ref, running, results, attempts, ready, rollouts, samples
+                        )
+        finally:  # after an error, tasks still in flight must not count as load in the next call
+            for k, chains in running.values():
+                self._actors[k].tasks -= 1
+                self._actors[k].chains -= len(chains)
         return results  # type: ignore[return-value]
 
     def shutdown(self) -> None:
@@ -143,12 +154,16 @@ class RewardPool:
             a.state = "dead"
 
     # ------------------------------------------------------------------------------------------ internals
-    def _dispatch(self, ready: deque, running: dict, rollouts: Sequence[Any], samples: Sequence[Sample]) -> None:
+    def _dispatch(
+        self, ready: deque, running: dict, rollouts: Sequence[Any], samples: Sequence[Sample]
+    ) -> None:
         while ready:
             usable = [k for k, a in enumerate(self._actors) if a.state == "ready"]
             if not usable and not self._probes:
-                raise RuntimeError(f"all {len(self._actors)} reward actors are dead "
-                                   f"(each died more than reward.max_restarts = {self.cfg.max_restarts} times)")
+                raise RuntimeError(
+                    f"all {len(self._actors)} reward actors are dead "
+                    f"(each died more than reward.max_restarts = {self.cfg.max_restarts} times)"
+                )
             free = [k for k in usable if self._actors[k].tasks < self.max_inflight]
             if not free:
                 return
@@ -178,8 +193,8 @@ class RewardPool:
                 attempts[i] += 1
                 if attempts[i] >= self.max_attempts:
                     raise RuntimeError(
-                        f"chain (prompt {samples[i].prompt_id}, sample {_sample_index(rollouts[i])}) lost its "
-                        f"reward actor {attempts[i]} times; last error: {type(exc).__name__}: {exc}"
+                        f"chain (prompt {samples[i].prompt_id}, sample {_sample_index(rollouts[i])}) "
+                        f"lost its reward actor {attempts[i]} times; last error: {type(exc).__name__}: {exc}"
                     ) from exc
             ready.extendleft(reversed(chains))  # first in line: they have waited longest
             return 0
@@ -195,7 +210,7 @@ class RewardPool:
         try:
             self._ray.get(ref)
             actor.state = "ready"
-        except Exception:  # Ray retried through the restarts and gave up: out of restarts
+        except self._ray.exceptions.RayActorError:  # Ray retried through the restarts and gave up: none left
             actor.state = "dead"
 
 

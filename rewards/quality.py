@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ def normalize_score(raw: float, scale: float, lower_better: bool) -> float:
 
 def generation_reward(
     score: QualityScore, weights: Mapping[str, float], failed_metric: str = "renormalize"
-) -> Optional[float]:
+) -> float | None:
     """Weighted mean of the normalised metrics; failed metrics follow ``failed_metric``.
 
     None when no weighted metric applies (none configured, or only full-reference ones without HR).
@@ -102,14 +102,18 @@ class QualityScorer:
         self,
         metrics: Sequence[tuple[QualityMetricConfig, MetricFn]],
         full_reference: Sequence[tuple[QualityMetricConfig, MetricFn]] = (),
-        timeout_s: Optional[float] = None,
+        timeout_s: float | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
-        self._metrics = [_Metric(c, f, False) for c, f in metrics] + [_Metric(c, f, True) for c, f in full_reference]
+        self._metrics = [_Metric(c, f, False) for c, f in metrics] + [
+            _Metric(c, f, True) for c, f in full_reference
+        ]
         names = [m.cfg.name for m in self._metrics]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"reward.metrics / reward.full_reference: metric names must be unique, got {duplicates}")
+            raise ValueError(
+                f"reward.metrics / reward.full_reference: metric names must be unique, got {duplicates}"
+            )
         self.timeout_s = timeout_s
         self.device = torch.device(device)
         self._busy: dict[str, threading.Thread] = {}  # metric -> a timed-out call that is still running
@@ -124,7 +128,7 @@ class QualityScorer:
         return {m.cfg.name: m.fn for m in self._metrics}
 
     def __call__(
-        self, images: Sequence[np.ndarray], references: Optional[Sequence[Optional[np.ndarray]]] = None
+        self, images: Sequence[np.ndarray], references: Sequence[np.ndarray | None] | None = None
     ) -> list[QualityScore]:
         """images[i]: (H, W, 3) uint8; references[i]: HR (H, W, 3) uint8 or None -> one QualityScore each."""
         n = len(images)
@@ -167,14 +171,14 @@ class QualityScorer:
             y = _to_tensor([refs[idx[k]] for k in usable], self.device)  # (M, 3, H, W)
             self._score(m, [idx[k] for k in usable], x[usable], y, out)
 
-    def _score(self, m: _Metric, idx: list[int], x: torch.Tensor, y: Optional[torch.Tensor], out) -> None:
+    def _score(self, m: _Metric, idx: list[int], x: torch.Tensor, y: torch.Tensor | None, out) -> None:
         name = m.cfg.name
         try:
             result = self._call(name, m.fn, (x,) if y is None else (x, y))
             raw = torch.as_tensor(result).detach().float().cpu().reshape(-1)  # (N,)
             if raw.numel() != len(idx):
                 raise ValueError(f"returned {raw.numel()} scores for {len(idx)} images")
-        except Exception as exc:  # any metric failure is data for the failed_metric rule, not a crash
+        except Exception as exc:  # noqa: BLE001 - a metric failure is data for the failed_metric rule
             message = f"{type(exc).__name__}: {exc}"[:300]
             for i in idx:
                 out[i].errors[name] = message
@@ -231,7 +235,7 @@ def build_quality_scorer(
     metrics: Sequence[QualityMetricConfig],
     device: str | torch.device = "cpu",
     full_reference: Sequence[QualityMetricConfig] = (),
-    timeout_s: Optional[float] = None,
+    timeout_s: float | None = None,
 ) -> QualityScorer:
     """Create the pyiqa metrics once. Config mistakes fail here, naming the metric, not at scoring time.
 
@@ -241,7 +245,10 @@ def build_quality_scorer(
     import pyiqa  # heavy (timm, CLIP helpers); only reward workers need it
 
     built: dict[bool, list[tuple[QualityMetricConfig, MetricFn]]] = {False: [], True: []}
-    for fr, key, configs in ((False, "reward.metrics", metrics), (True, "reward.full_reference", full_reference)):
+    for fr, key, configs in (
+        (False, "reward.metrics", metrics),
+        (True, "reward.full_reference", full_reference),
+    ):
         for i, cfg in enumerate(configs):
             where = f"{key}[{i}] (name {cfg.name!r}, options {dict(cfg.options)!r})"
             try:
@@ -254,7 +261,7 @@ def build_quality_scorer(
                 raise ValueError(f"{where}: pyiqa metric_mode is {mode!r}; list it under {wanted}")
             if bool(getattr(fn, "lower_better", False)) != bool(cfg.lower_better):
                 raise ValueError(
-                    f"{where}: lower_better = {cfg.lower_better} but pyiqa says lower_better = {fn.lower_better}"
+                    f"{where}: lower_better = {cfg.lower_better} but pyiqa says {fn.lower_better}"
                 )
             built[fr].append((cfg, fn))
     return QualityScorer(built[False], built[True], timeout_s=timeout_s, device=device)

@@ -14,7 +14,7 @@ Sample, so the whole group loses the same term and group-relative advantages are
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from rewards.degradation import degradation_reward
 from rewards.format import format_reward
@@ -33,7 +33,7 @@ def metric_weights(cfg: RewardConfig) -> dict[str, float]:
 
 
 def score_chain(
-    text: str, sample: Sample, quality: Optional[QualityScore], cfg: RewardConfig, sample_index: int = 0
+    text: str, sample: Sample, quality: QualityScore | None, cfg: RewardConfig, sample_index: int = 0
 ) -> Scores:
     """All reward components of one chain, from its text, its sample and its final image's metrics.
 
@@ -63,26 +63,31 @@ def score_chain(
             parts.update({f"quality/{name}": value for name, value in quality.values.items()})
             errors.update(quality.errors)
     total = sum(weights[name] * parts[name] for name in weights if name in parts)
-    return Scores(prompt_id=sample.prompt_id, sample_index=sample_index, parts=parts, total=total, errors=errors)
+    return Scores(
+        prompt_id=sample.prompt_id, sample_index=sample_index, parts=parts, total=total, errors=errors
+    )
 
 
 def score_rollouts(
-    rollouts: Sequence[Rollout], samples: Sequence[Sample], cfg: RewardConfig, scorer: Optional[QualityScorer]
+    rollouts: Sequence[Rollout], samples: Sequence[Sample], cfg: RewardConfig, scorer: QualityScorer | None
 ) -> list[Scores]:
     """Score chains in one batch: one metric pass over all final images, then ``score_chain`` per chain."""
     if len(rollouts) != len(samples):
         raise ValueError(f"{len(rollouts)} rollouts but {len(samples)} samples")
     for r, s in zip(rollouts, samples):
         if r.prompt_id != s.prompt_id:
-            raise ValueError(f"rollout of prompt {r.prompt_id} (sample {r.sample_index}) paired with "
-                             f"sample of prompt {s.prompt_id}")
-    qualities: list[Optional[QualityScore]] = [None] * len(rollouts)
+            raise ValueError(
+                f"rollout of prompt {r.prompt_id} (sample {r.sample_index}) paired with "
+                f"sample of prompt {s.prompt_id}"
+            )
+    qualities: list[QualityScore | None] = [None] * len(rollouts)
     if metric_weights(cfg):
         if scorer is None:
-            raise ValueError("reward.metrics / reward.full_reference are configured but no QualityScorer was given")
+            raise ValueError(
+                "reward.metrics / reward.full_reference are configured but no QualityScorer was given"
+            )
         have = [i for i, r in enumerate(rollouts) if r.images.get(FINAL_STAGE) is not None]
         scored = scorer([rollouts[i].images[FINAL_STAGE] for i in have], [samples[i].hr for i in have])
         for i, q in zip(have, scored):
             qualities[i] = q
     return [score_chain(r.text, s, q, cfg, r.sample_index) for r, s, q in zip(rollouts, samples, qualities)]
-

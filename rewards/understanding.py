@@ -10,17 +10,32 @@ berry/berries, leaf/leaves), multi-word tags ("sea lion") included.
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from rl.chain import ParsedChain, parse_chain
 
 _WORD_RE = re.compile(r"[a-z0-9]+")
 # Irregular plurals common in photo tags; regular ones are handled by the suffix rules in `singular`.
 _IRREGULAR = {
-    "people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
-    "geese": "goose", "teeth": "tooth", "feet": "foot", "leaves": "leaf", "wolves": "wolf",
-    "knives": "knife", "shelves": "shelf", "calves": "calf", "halves": "half", "loaves": "loaf",
-    "tomatoes": "tomato", "potatoes": "potato", "heroes": "hero", "cacti": "cactus",
+    "people": "person",
+    "men": "man",
+    "women": "woman",
+    "children": "child",
+    "mice": "mouse",
+    "geese": "goose",
+    "teeth": "tooth",
+    "feet": "foot",
+    "leaves": "leaf",
+    "wolves": "wolf",
+    "knives": "knife",
+    "shelves": "shelf",
+    "calves": "calf",
+    "halves": "half",
+    "loaves": "loaf",
+    "tomatoes": "tomato",
+    "potatoes": "potato",
+    "heroes": "hero",
+    "cacti": "cactus",
 }
 
 
@@ -51,7 +66,7 @@ def _contains(haystack: list[str], needle: list[str]) -> bool:
     return any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
 
 
-def tag_recall(text: str, tags: Sequence[str]) -> Optional[float]:
+def tag_recall(text: str, tags: Sequence[str]) -> float | None:
     """Share of distinct tags whose words occur, in order and adjacent, in ``text``; None without usable tags.
 
     >>> tag_recall("The red fox sat by two sea lions.", ["Foxes", "sea lion", "lion sea", "cat"])
@@ -74,12 +89,13 @@ def tag_recall(text: str, tags: Sequence[str]) -> Optional[float]:
 
 def understanding_reward(
     chain: ParsedChain | str, tags: Sequence[str], stages: Sequence[str] = ("rough",)
-) -> Optional[float]:
+) -> float | None:
     """Tag recall of the <{stage}_understand> text, averaged over ``stages``. Never raises.
 
     With several stages the reward is the mean of the per-stage recalls, so every rewarded stage must name
-    the content (a stage whose section is missing scores 0). None (not applicable, left out of the total) when
-    there are no usable tags or no stages. The paper's example (Fig. 2): Lions, Rock, Sky recalled, Clouds not:
+    the content (a stage whose section is missing scores 0). None (not applicable, left out of the total)
+    when there are no usable tags or no stages. The paper's example (Fig. 2): Lions, Rock, Sky recalled,
+    Clouds not:
 
     >>> text = ("<rough_understand>This image shows the group of lions lying on a large rock, surrounded by "
     ...         "open sky.</rough_understand>")

@@ -214,6 +214,11 @@ def parse_chain(text: str) -> ParsedChain:
         for body in out.sections.get(tag, []):
             if IMAGE_PLACEHOLDER in body:
                 out.problems.append(f"<{tag}> holds an image")
+    for tag, bodies in out.sections.items():
+        for body in bodies:
+            nested = _ANY_TAG_RE.findall(body)
+            if nested:
+                out.problems.append(f"<{tag}> holds other tags: {nested[:4]}")
     if stray:
         out.problems.append(f"unmatched tags: {stray[:6]}")
     if out.outside:

@@ -67,7 +67,7 @@ class GRPOTrainer:
         self.cfg = cfg
         self.data = PairDataset(cfg.data, "train")
         self.rollouts = RolloutGroup(cfg)
-        self.rewards = RewardPool(cfg.reward, placement_strategy=cfg.ray.placement_strategy, name=cfg.name)
+        self.rewards = RewardPool(cfg.reward)
         self.learner = LearnerGroup(cfg)
         self.ckpt_root = Path(cfg.trainer.checkpoint_dir)
         self.step_id = 0

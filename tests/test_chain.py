@@ -73,6 +73,7 @@ def test_turns_concatenate_to_the_chain():
         (lambda t: t.replace("</final_understand>", ""), "final_understand"),
         (lambda t: t.replace(f"<degradation>{DEG}</degradation>", "") + f"<degradation>{DEG}</degradation>", "order"),
         (lambda t: t.replace("a cat on a sofa", "a cat " + IMAGE_PLACEHOLDER), "holds an image"),
+        (lambda t: t.replace("a cat on a sofa", "a cat <final_image>"), "holds other tags"),
     ],
 )
 def test_malformed_chains_report_problems(mutate, problem):

@@ -46,10 +46,22 @@ def _toy_batch(n: int) -> tuple[grpo.TrainBatch, list[Rollout]]:
     rollouts = []
     for i in range(n):
         t = 2 + i
-        rollouts.append(Rollout(
-            prompt_id=i // 2, sample_index=i % 2, policy_version=0, diffusion_version=0,
-            prompt_ids=torch.arange(3), token_ids=torch.arange(t), text_mask=torch.ones(t, dtype=torch.long),
-            log_probs=-torch.ones(t), text="", images={}, context_images=[], traces=()))
+        rollouts.append(
+            Rollout(
+                prompt_id=i // 2,
+                sample_index=i % 2,
+                policy_version=0,
+                diffusion_version=0,
+                prompt_ids=torch.arange(3),
+                token_ids=torch.arange(t),
+                text_mask=torch.ones(t, dtype=torch.long),
+                log_probs=-torch.ones(t),
+                text="",
+                images={},
+                context_images=[],
+                traces=(),
+            )
+        )
     return grpo.build_train_batch(rollouts, torch.arange(n, dtype=torch.float32)), rollouts
 
 
@@ -71,7 +83,7 @@ def test_shard_batch_covers_every_row_once_and_pads_idle_ranks():
         shard_batch(small.select([]), [], 2)
 
 
-# ============================================================================================ tiny models + chains
+# ======================================================================================= tiny models + chains
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,30 +91,44 @@ def _free_port() -> int:
 
 
 def _dir_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     from rl.models.bootstrap import build_tiny_diffusion
     from rl.models.policy import build_tiny_policy
-    from rl.models.tokenizer import build_chain_tokenizer
+    from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("learner_models")
-    policy = TinyPolicyConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2, num_kv_heads=1,
-                              vision_hidden_size=32, vision_depth=1, vision_heads=2)
-    diffusion = TinyDiffusionConfig(block_out_channels=[16, 32], num_levels=2, text_hidden_size=32, text_layers=1,
-                                    text_max_length=16)
+    policy = TinyPolicyConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        vision_hidden_size=32,
+        vision_depth=1,
+        vision_heads=2,
+    )
+    diffusion = TinyDiffusionConfig(
+        block_out_channels=[16, 32], num_levels=2, text_hidden_size=32, text_layers=1, text_max_length=16
+    )
     t = time.perf_counter()
     build_tiny_policy(policy, root / "policy")
-    build_tiny_diffusion(diffusion, root / "diffusion", build_chain_tokenizer(diffusion.vocab_size))
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "policy"))  # the policy's, as the bootstrap does
+    build_tiny_diffusion(diffusion, root / "diffusion", tokenizer)
     TIMINGS["build tiny models"] = time.perf_counter() - t
     return {"policy": root / "policy", "diffusion": root / "diffusion", "root": root}
 
 
-def _sample_rollouts(policy_dir: Path, diffusion_dir: Path, prompts: int = 2, group: int = 2,
-                     steps: int = 2) -> list[Rollout]:
+def _sample_rollouts(
+    policy_dir: Path, diffusion_dir: Path, prompts: int = 2, group: int = 2, steps: int = 2
+) -> list[Rollout]:
     """Real chains: random text turns around two inserted stage images sampled by the SR pipeline.
 
     Text log-probs come from a direct HF forward of the full sequence (no learner code involved)."""
@@ -116,28 +142,50 @@ def _sample_rollouts(policy_dir: Path, diffusion_dir: Path, prompts: int = 2, gr
     rng = np.random.default_rng(0)
     special = set(tok.tokenizer.all_special_ids)
     vocab = [i for i in range(len(tok.tokenizer)) if i not in special]
+    n = prompts * group
+    lrs = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(prompts)]
+    conds = [lrs[i // group] for i in range(n)]
+    rough, rough_tr = pipe.sample(
+        conds, (16, 16), ["rough"] * n, num_steps=steps, generator=gen, stage="rough"
+    )
+    middle, mid_tr = pipe.sample(rough, (32, 32), ["mid"] * n, num_steps=steps, generator=gen, stage="middle")
     out = []
-    for p in range(prompts):
-        lr = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    for p, lr in enumerate(lrs):
         prompt = tok.prompt_ids(lr)
         for s in range(group):
-            rough, rough_tr = pipe.sample([lr], (16, 16), ["rough"], num_steps=steps, generator=gen, stage="rough")
-            middle, mid_tr = pipe.sample([rough[0]], (32, 32), ["mid"], num_steps=steps, generator=gen, stage="middle")
+            i = p * group + s
             turns = [[int(x) for x in rng.choice(vocab, int(rng.integers(2, 6)))] for _ in range(3)]
-            sections = [tok.image_section_ids("rough", rough[0]), tok.image_section_ids("middle", middle[0])]
+            sections = [tok.image_section_ids("rough", rough[i]), tok.image_section_ids("middle", middle[i])]
             ids = turns[0] + sections[0] + turns[1] + sections[1] + turns[2]
-            mask = torch.tensor([1] * len(turns[0]) + [0] * len(sections[0]) + [1] * len(turns[1])
-                                + [0] * len(sections[1]) + [1] * len(turns[2]))
-            images = [lr, rough[0], middle[0]]
+            mask = torch.tensor(
+                [1] * len(turns[0])
+                + [0] * len(sections[0])
+                + [1] * len(turns[1])
+                + [0] * len(sections[1])
+                + [1] * len(turns[2])
+            )
+            images = [lr, rough[i], middle[i]]
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([prompt + ids]), **tok.image_inputs(images)).logits[0]
-            logp = torch.log_softmax(logits.float(), -1)[len(prompt) - 1:-1].gather(-1, torch.tensor(ids)[:, None])[:, 0]
-            out.append(Rollout(
-                prompt_id=p, sample_index=s, policy_version=0, diffusion_version=0,
-                prompt_ids=torch.tensor(prompt), token_ids=torch.tensor(ids), text_mask=mask,
-                log_probs=torch.where(mask.bool(), logp, torch.zeros(())), text="",
-                images={"rough": rough[0], "middle": middle[0]}, context_images=images,
-                traces=(rough_tr[0], mid_tr[0])))
+            logp = torch.log_softmax(logits.float(), -1)[len(prompt) - 1 : -1].gather(
+                -1, torch.tensor(ids)[:, None]
+            )[:, 0]
+            out.append(
+                Rollout(
+                    prompt_id=p,
+                    sample_index=s,
+                    policy_version=0,
+                    diffusion_version=0,
+                    prompt_ids=torch.tensor(prompt),
+                    token_ids=torch.tensor(ids),
+                    text_mask=mask,
+                    log_probs=torch.where(mask.bool(), logp, torch.zeros(())),
+                    text="",
+                    images={"rough": rough[i], "middle": middle[i]},
+                    context_images=images,
+                    traces=(rough_tr[i], mid_tr[i]),
+                )
+            )
     return out
 
 
@@ -153,17 +201,32 @@ def chains(models) -> tuple[grpo.TrainBatch, list[Rollout]]:
 
 
 def _config(models, *overrides: str) -> ExperimentConfig:
-    return load_config(ROOT / "configs/grpo_local.yaml", [
-        f"policy.path={models['policy']}", f"diffusion.path={models['diffusion']}", "grpo.group_size=2",
-        "grpo.prompts_per_step=2", "learner.num_cpus=0.5", "trainer.total_steps=4", *overrides])
+    return load_config(
+        ROOT / "configs/grpo_local.yaml",
+        [
+            f"policy.path={models['policy']}",
+            f"diffusion.path={models['diffusion']}",
+            "grpo.group_size=2",
+            "grpo.prompts_per_step=2",
+            "learner.num_cpus=0.5",
+            "trainer.total_steps=4",
+            *overrides,
+        ],
+    )
 
 
 def _solo(cfg: ExperimentConfig, port: int) -> LearnerWorker:
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     return LearnerWorker.from_config(cfg, env)
 
 
-# ============================================================================================ in-process, ZeRO-3
+# ========================================================================================= in-process, ZeRO-3
 @pytest.fixture(scope="module")
 def port() -> int:
     return _free_port()  # one process group for every in-process worker of this module
@@ -200,7 +263,9 @@ def test_first_epoch_rescoring_reproduces_the_rollout_log_probs(zero3, chains):
     assert m["tokens"] == batch.num_tokens and m["diffusion_steps"] == batch.num_steps and m["chains"] == 4
     # at ratio 1 the surrogate is -mean(A) over tokens: the advantages of the chains weighted by their tokens
     per_chain = batch.loss_mask.sum(1).float()
-    assert m["text_loss"] == pytest.approx(float(-(batch.chain_advantages * per_chain).sum() / per_chain.sum()), abs=1e-5)
+    assert m["text_loss"] == pytest.approx(
+        float(-(batch.chain_advantages * per_chain).sum() / per_chain.sum()), abs=1e-5
+    )
     assert m["policy_grad_norm"] > 0 and m["diffusion_grad_norm"] > 0
     assert m["policy_lr"] == pytest.approx(zero3["cfg"].learner.policy_optim.lr)
 
@@ -277,13 +342,18 @@ def test_bad_inputs_are_clear_errors(zero3, chains, tmp_path):
         worker.train_step(batch.select([0]), broken)
 
 
-# ============================================================================================ in-process, ZeRO-0, frozen diffusion
+# ================================================================= in-process: ZeRO-0 and ZeRO-1, policy only
 @pytest.mark.slow
 def test_frozen_diffusion_is_not_held_trained_or_changed(models, chains, zero3, port, tmp_path):
     batch, rollouts = chains
     source = _dir_digest(models["diffusion"])
-    cfg = _config(models, "learner.num_ranks=1", "learner.zero_stage=0", "learner.micro_batch_size=1",
-                  "diffusion.freeze=true")
+    cfg = _config(
+        models,
+        "learner.num_ranks=1",
+        "learner.zero_stage=0",
+        "learner.micro_batch_size=1",
+        "diffusion.freeze=true",
+    )
     worker = _solo(cfg, port)
     assert worker.info()["trained"] == ["policy"] and worker.pipeline is None
     m = worker.train_step(batch, *rollouts)
@@ -298,7 +368,35 @@ def test_frozen_diffusion_is_not_held_trained_or_changed(models, chains, zero3, 
     assert _dir_digest(Path(written["diffusion"])) == source == _dir_digest(models["diffusion"])
 
 
-# ============================================================================================ Ray, 2 ranks, ZeRO-2
+@pytest.mark.slow
+def test_kl_to_reference_update_epochs_and_warmup_zero1(models, chains, port):
+    from learner.engine import current_lr
+
+    batch, rollouts = chains
+    cfg = _config(
+        models,
+        "learner.num_ranks=1",
+        "learner.zero_stage=1",
+        "learner.micro_batch_size=2",
+        "diffusion.freeze=true",
+        "grpo.kl_beta=0.5",
+        "grpo.update_epochs=2",
+        "learner.policy_optim.schedule=linear",
+        "learner.policy_optim.warmup_steps=2",
+    )
+    worker = _solo(cfg, port)
+    assert worker.reference is not None and not worker.reference.training
+    m = worker.train_step(batch, *rollouts)
+    assert m["optimizer_steps"] == 2  # one optimizer step per update epoch
+    # epoch 1 starts at the reference (KL 0, ratio 1); epoch 2 re-scores the same rollout after an update
+    assert m["kl"] > 0
+    assert m["text_ratio_max"] > 1 + 1e-6 or m["text_ratio_min"] < 1 - 1e-6
+    lr = cfg.learner.policy_optim.lr
+    assert m["policy_lr"] == pytest.approx(0.5 * lr)  # warmup step 1 of 2
+    assert current_lr(worker.engines["policy"]) == pytest.approx(lr)  # warmup done, linear decay starts
+
+
+# ======================================================================================= Ray, 2 ranks, ZeRO-2
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
@@ -324,10 +422,11 @@ def group(ray_local, models):
 
 
 @pytest.fixture(scope="module")
-def group_step(group, chains) -> dict:
+def group_step(ray_local, group, chains) -> dict:
     batch, rollouts = chains
+    refs = [ray_local.put(r) for r in rollouts]  # as the driver holds them: each rank fetches only its shard
     t = time.perf_counter()
-    metrics = group.train_step(batch, rollouts)
+    metrics = group.train_step(batch, refs)
     TIMINGS["Ray 2-rank ZeRO-2 train step (4 chains)"] = time.perf_counter() - t
     return metrics
 
@@ -364,10 +463,9 @@ def test_replicas_stay_identical_on_both_ranks(group, group_step, zero3):
 
 
 @pytest.mark.slow
-def test_group_checkpoint_loads_into_a_fresh_group(group, group_step, models, chains, tmp_path):
+def test_group_checkpoint_loads_into_a_fresh_group(group, group_step, models, tmp_path):
     from learner.group import LearnerGroup
 
-    batch, rollouts = chains
     saved = {m: group.gather_full_state(m) for m in ("policy", "diffusion")}
     t = time.perf_counter()
     group.save_checkpoint(str(tmp_path))

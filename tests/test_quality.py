@@ -1,4 +1,4 @@
-"""The generation reward's metrics: pyiqa offline metrics, failures, timeouts, a network metric from local weights."""
+"""Generation-reward metrics: offline pyiqa ones, failures, timeouts, a network metric from a local file."""
 
 import os
 import socket
@@ -13,8 +13,8 @@ import torch
 if "pyiqa" not in sys.modules:  # pyiqa fixes its weight cache ($TORCH_HOME/hub/pyiqa) at import
     os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="torch_home_")
 
-from rewards.quality import QualityScore, QualityScorer, build_quality_scorer, generation_reward  # noqa: E402
-from rl.config import QualityMetricConfig  # noqa: E402
+from rewards.quality import QualityScore, QualityScorer, build_quality_scorer, generation_reward
+from rl.config import QualityMetricConfig
 
 # The offline metrics recommended for configs/grpo_local.yaml (see the rewards report).
 PIQE = QualityMetricConfig(name="piqe", weight=1.0, scale=100.0, lower_better=True)
@@ -25,8 +25,13 @@ def crops() -> np.ndarray:
     """Three real 64x64 photo crops (scikit-image ships them): (3, 64, 64, 3) uint8."""
     from skimage import data
 
-    return np.stack([data.astronaut()[100:164, 180:244], data.chelsea()[100:164, 100:164],
-                     data.coffee()[200:264, 200:264]])
+    return np.stack(
+        [
+            data.astronaut()[100:164, 180:244],
+            data.chelsea()[100:164, 100:164],
+            data.coffee()[200:264, 200:264],
+        ]
+    )
 
 
 def noisy(images: np.ndarray, sigma: float = 25.0) -> np.ndarray:
@@ -78,9 +83,12 @@ def test_mixed_sizes_and_a_bad_image_are_scored_separately(offline_scorer):
 def test_a_failing_metric_does_not_sink_the_others():
     # ms_ssim really fails on 64x64 (its five scales need >= 161 px); psnr and piqe work.
     scorer = build_quality_scorer(
-        [PIQE], "cpu",
-        full_reference=[QualityMetricConfig(name="psnr", scale=40.0),
-                        QualityMetricConfig(name="ms_ssim", weight=2.0)],
+        [PIQE],
+        "cpu",
+        full_reference=[
+            QualityMetricConfig(name="psnr", scale=40.0),
+            QualityMetricConfig(name="ms_ssim", weight=2.0),
+        ],
     )
     hr = crops()
     s = scorer(list(noisy(hr)), list(hr))[0]
@@ -115,10 +123,15 @@ def test_raising_and_non_finite_metrics_are_reported():
         out[0] = float("nan")
         return out
 
-    scorer = QualityScorer([(_cfg("ok"), lambda x: x.mean(dim=(1, 2, 3))), (_cfg("boom"), boom),
-                            (_cfg("nan"), half_nan)])
+    scorer = QualityScorer(
+        [(_cfg("ok"), lambda x: x.mean(dim=(1, 2, 3))), (_cfg("boom"), boom), (_cfg("nan"), half_nan)]
+    )
     a, b = scorer([np.full((8, 8, 3), 255, np.uint8), np.zeros((8, 8, 3), np.uint8)])
-    assert a.values == {"ok": 1.0} and a.errors["boom"] == "RuntimeError: kaput" and "non-finite" in a.errors["nan"]
+    assert (
+        a.values == {"ok": 1.0}
+        and a.errors["boom"] == "RuntimeError: kaput"
+        and "non-finite" in a.errors["nan"]
+    )
     assert b.values == {"ok": 0.0, "nan": 0.5} and set(b.errors) == {"boom"}
 
 
@@ -130,8 +143,9 @@ def test_slow_metric_is_bounded_by_the_timeout():
         time.sleep(1.5 if len(calls) == 1 else 0.0)
         return torch.ones(x.shape[0])
 
-    scorer = QualityScorer([(_cfg("fast"), lambda x: torch.full((x.shape[0],), 0.7)), (_cfg("slow"), slow)],
-                           timeout_s=0.3)
+    scorer = QualityScorer(
+        [(_cfg("fast"), lambda x: torch.full((x.shape[0],), 0.7)), (_cfg("slow"), slow)], timeout_s=0.3
+    )
     img = [np.zeros((8, 8, 3), np.uint8)]
     start = time.perf_counter()
     first = scorer(img)[0]
@@ -180,8 +194,10 @@ def test_network_metric_loads_local_random_weights_through_pyiqa(tmp_path, no_ne
     # 1. the architecture with no weights at all: nothing to download
     blank = pyiqa.create_metric("topiq_nr", device="cpu", pretrained=False, backbone_pretrain=False)
     gen = torch.Generator().manual_seed(0)
-    state = {k: (v + 0.01 * torch.randn(v.shape, generator=gen)) if v.is_floating_point() else v
-             for k, v in blank.net.state_dict().items()}
+    state = {
+        k: (v + 0.01 * torch.randn(v.shape, generator=gen)) if v.is_floating_point() else v
+        for k, v in blank.net.state_dict().items()
+    }
     path = tmp_path / "cfanet_nr_random.pth"
     torch.save({"params": state}, path)  # pyiqa's checkpoint layout: {"params": state_dict}
     del blank

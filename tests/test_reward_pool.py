@@ -17,14 +17,26 @@ from rl.chain import render_chain
 from rl.config import QualityMetricConfig, RewardConfig
 from rl.records import DegradationLabels, Rollout, Sample
 
-LEVELS = {"blur": "medium", "downsample": "light", "noise": "heavy", "compression": "light", "upsample": "none"}
+LEVELS = {
+    "blur": "medium",
+    "downsample": "light",
+    "noise": "heavy",
+    "compression": "light",
+    "upsample": "none",
+}
 PIQE = QualityMetricConfig(name="piqe", weight=1.0, scale=100.0, lower_better=True)
 LOG_ENV = "REWARD_POOL_TEST_LOG_DIR"
 
 
 def make_sample(prompt_id: int) -> Sample:
-    return Sample(prompt_id=prompt_id, image_id=f"img{prompt_id}", lr=np.zeros((16, 16, 3), np.uint8), hr=None,
-                  tags=("cat", "sofa"), degradation=DegradationLabels(levels=dict(LEVELS), params={}))
+    return Sample(
+        prompt_id=prompt_id,
+        image_id=f"img{prompt_id}",
+        lr=np.zeros((16, 16, 3), np.uint8),
+        hr=None,
+        tags=("cat", "sofa"),
+        degradation=DegradationLabels(levels=dict(LEVELS), params={}),
+    )
 
 
 def make_rollout(prompt_id: int, sample_index: int, rough: str = "a cat", seed: int = 0) -> Rollout:
@@ -32,16 +44,31 @@ def make_rollout(prompt_id: int, sample_index: int, rough: str = "a cat", seed: 
     final = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     text = render_chain("medium blur, light downsample, heavy noise", {"rough": rough}, separator="\n")
     one = torch.zeros(1)
-    return Rollout(prompt_id=prompt_id, sample_index=sample_index, policy_version=0, diffusion_version=0,
-                   prompt_ids=one.long(), token_ids=one.long(), text_mask=one, log_probs=one, text=text,
-                   images={"final": final}, context_images=[], traces=())
+    return Rollout(
+        prompt_id=prompt_id,
+        sample_index=sample_index,
+        policy_version=0,
+        diffusion_version=0,
+        prompt_ids=one.long(),
+        token_ids=one.long(),
+        text_mask=one,
+        log_probs=one,
+        text=text,
+        images={"final": final},
+        context_images=[],
+        traces=(),
+    )
 
 
 def batch(n_prompts: int, group: int, crash_at: tuple = ()) -> tuple[list[Rollout], list[Sample]]:
     rollouts, samples = [], []
     for p in range(n_prompts):
         for g in range(group):
-            rough = "CRASH a cat" if (p, g) in crash_at else ["a cat", "a sofa", "a cat on a sofa", "a dog"][g % 4]
+            rough = (
+                "CRASH a cat"
+                if (p, g) in crash_at
+                else ["a cat", "a sofa", "a cat on a sofa", "a dog"][g % 4]
+            )
             rollouts.append(make_rollout(p, g, rough, seed=p * 100 + g))
             samples.append(make_sample(p))
     return rollouts, samples
@@ -58,7 +85,7 @@ class LoggingWorker(RewardWorker):
 
 
 class CrashingWorker(LoggingWorker):
-    """Its process dies while scoring a chain whose text says CRASH: once per chain (or always, if poisoned)."""
+    """Its process dies while scoring a chain whose text says CRASH: once per chain, or always if POISON."""
 
     def score(self, pairs):
         log_dir = Path(os.environ[LOG_ENV])
@@ -95,7 +122,9 @@ def test_worker_in_process_matches_score_rollouts():
 
 def test_importing_the_pool_does_not_import_ray():
     code = "import sys, rewards.pool; print('ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
 
 
@@ -103,12 +132,16 @@ def test_importing_the_pool_does_not_import_ray():
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     ray = pytest.importorskip("ray")
-    import ray.cloudpickle
 
     log_root = tmp_path_factory.mktemp("reward_pool")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors need the test worker classes
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {LOG_ENV: str(log_root)}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+        runtime_env={"env_vars": {LOG_ENV: str(log_root)}},
+    )
     yield ray, log_root
     ray.shutdown()
 
@@ -139,7 +172,9 @@ def test_pool_scores_refs_and_objects_in_input_order_once_each(ray_cluster):
         scores = pool.score(inputs, samples)
     finally:
         pool.shutdown()
-    assert [(s.prompt_id, s.sample_index) for s in scores] == [(r.prompt_id, r.sample_index) for r in rollouts]
+    assert [(s.prompt_id, s.sample_index) for s in scores] == [
+        (r.prompt_id, r.sample_index) for r in rollouts
+    ]
     local = RewardWorker(cfg).score(list(zip(rollouts, samples)))
     assert [s.total for s in scores] == pytest.approx([s.total for s in local])
     assert [s.parts for s in scores] == [s.parts for s in local]
@@ -161,7 +196,9 @@ def test_pool_reissues_the_work_of_an_actor_that_dies(ray_cluster):
         assert (log_dir / "crashed_0_1").exists() and (log_dir / "crashed_2_2").exists()
         log = read_log(log_dir)
         assert sorted((p, g) for _, p, g in log) == sorted((r.prompt_id, r.sample_index) for r in rollouts)
-        assert [(s.prompt_id, s.sample_index) for s in scores] == [(r.prompt_id, r.sample_index) for r in rollouts]
+        assert [(s.prompt_id, s.sample_index) for s in scores] == [
+            (r.prompt_id, r.sample_index) for r in rollouts
+        ]
         assert scores[1].parts["understanding"] == 0.5  # "CRASH a cat": the re-issued chain was really scored
         again = pool.score(rollouts[:4], samples[:4])  # restarted actors keep serving
         assert [s.total for s in again] == [s.total for s in scores[:4]]
@@ -171,7 +208,7 @@ def test_pool_reissues_the_work_of_an_actor_that_dies(ray_cluster):
 
 @pytest.mark.slow
 def test_pool_gives_up_on_a_chain_that_always_kills_its_actor(ray_cluster):
-    ray, log_root = ray_cluster
+    _, log_root = ray_cluster
     _fresh_log(log_root)
     cfg = RewardConfig(num_actors=2, num_cpus=0.5, metrics=[], max_restarts=3)
     pool = RewardPool(cfg, worker_cls=CrashingWorker, max_attempts=2)

@@ -25,7 +25,13 @@ from rl.records import DegradationLabels, Rollout, Sample
 UNDERSTAND = {"rough": "a cat on a sofa", "middle": "a grey cat on a sofa", "final": "fur, whiskers"}
 DEG = "medium blur, light downsample, heavy noise, light compression, no upsample"
 GOOD = render_chain(DEG, UNDERSTAND, separator="\n")
-LEVELS = {"blur": "medium", "downsample": "light", "noise": "heavy", "compression": "light", "upsample": "none"}
+LEVELS = {
+    "blur": "medium",
+    "downsample": "light",
+    "noise": "heavy",
+    "compression": "light",
+    "upsample": "none",
+}
 
 
 def make_sample(prompt_id=0, tags=("cat", "sofa"), levels=LEVELS, hr=None) -> Sample:
@@ -37,22 +43,38 @@ def make_sample(prompt_id=0, tags=("cat", "sofa"), levels=LEVELS, hr=None) -> Sa
 def make_rollout(prompt_id=0, sample_index=0, text=GOOD, final=None) -> Rollout:
     one = torch.zeros(1)
     return Rollout(
-        prompt_id=prompt_id, sample_index=sample_index, policy_version=0, diffusion_version=0,
-        prompt_ids=one.long(), token_ids=one.long(), text_mask=one, log_probs=one, text=text,
-        images={} if final is None else {"final": final}, context_images=[], traces=(),
+        prompt_id=prompt_id,
+        sample_index=sample_index,
+        policy_version=0,
+        diffusion_version=0,
+        prompt_ids=one.long(),
+        token_ids=one.long(),
+        text_mask=one,
+        log_probs=one,
+        text=text,
+        images={} if final is None else {"final": final},
+        context_images=[],
+        traces=(),
     )
 
 
-@pytest.mark.parametrize("module", [rewards.format, rewards.degradation, rewards.understanding, rewards.quality])
+@pytest.mark.parametrize(
+    "module", [rewards.format, rewards.degradation, rewards.understanding, rewards.quality]
+)
 def test_doctests(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
 
 
 def test_reward_modules_import_without_ray_or_pyiqa():
-    code = ("import sys, rewards.format, rewards.degradation, rewards.understanding, rewards.quality, rewards.total\n"
-            "print('ray' in sys.modules, 'pyiqa' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, rewards.format, rewards.degradation, rewards.understanding\n"
+        "import rewards.quality, rewards.total\n"
+        "print('ray' in sys.modules, 'pyiqa' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "False"]
 
@@ -73,8 +95,10 @@ MALFORMED = {
     "missing tag": _drop(GOOD, "middle_understand"),
     "missing image tag": _drop(GOOD, "final_image"),
     "duplicated tag": GOOD + "\n<final_understand>again</final_understand>",
-    "wrong order": GOOD.replace("<degradation>", "<x>", 1)  # move degradation to the end
-    .replace(f"<x>{DEG}</degradation>", "") + f"<degradation>{DEG}</degradation>",
+    "wrong order": GOOD.replace("<degradation>", "<x>", 1).replace(  # move degradation to the end
+        f"<x>{DEG}</degradation>", ""
+    )
+    + f"<degradation>{DEG}</degradation>",
     "two images in one tag": GOOD.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * 2, 1),
     "no image in an image tag": GOOD.replace(IMAGE_PLACEHOLDER, "", 1),
     "text beside the image": GOOD.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER + " here", 1),
@@ -106,7 +130,13 @@ def test_wrong_order_case_really_is_only_reordered():
 
 # ------------------------------------------------------------------------------------------- degradation
 PAPER_PREDICTED = "medium blur, light downsample, heavy noise, light compression, no upsample"
-PAPER_TRUTH = {"blur": "light", "downsample": "light", "noise": "medium", "compression": "light", "upsample": "none"}
+PAPER_TRUTH = {
+    "blur": "light",
+    "downsample": "light",
+    "noise": "medium",
+    "compression": "light",
+    "upsample": "none",
+}
 
 
 def test_degradation_paper_example_is_0_6():
@@ -149,9 +179,18 @@ def test_understanding_paper_example_is_0_75():
 
 @pytest.mark.parametrize(
     "tag, text",
-    [("lion", "two lions"), ("lions", "a lion"), ("fox", "three foxes"), ("foxes", "a fox"),
-     ("berry", "some berries"), ("berries", "one berry"), ("Sea Lion", "a SEA-LION basking"),
-     ("sea lions", "two sea lion pups"), ("leaf", "autumn leaves"), ("glass", "a glass of water")],
+    [
+        ("lion", "two lions"),
+        ("lions", "a lion"),
+        ("fox", "three foxes"),
+        ("foxes", "a fox"),
+        ("berry", "some berries"),
+        ("berries", "one berry"),
+        ("Sea Lion", "a SEA-LION basking"),
+        ("sea lions", "two sea lion pups"),
+        ("leaf", "autumn leaves"),
+        ("glass", "a glass of water"),
+    ],
 )
 def test_understanding_matches_plurals_case_and_multiword(tag, text):
     assert tag_recall(text, [tag]) == 1.0
@@ -159,8 +198,13 @@ def test_understanding_matches_plurals_case_and_multiword(tag, text):
 
 @pytest.mark.parametrize(
     "tag, text",
-    [("cat", "a category of things"), ("rock", "rocket launch"), ("sea lion", "a lion by the sea"),
-     ("sky", "skyline"), ("sea lion", "sea and lion")],
+    [
+        ("cat", "a category of things"),
+        ("rock", "rocket launch"),
+        ("sea lion", "a lion by the sea"),
+        ("sky", "skyline"),
+        ("sea lion", "sea and lion"),
+    ],
 )
 def test_understanding_needs_whole_words_in_order(tag, text):
     assert tag_recall(text, [tag]) == 0.0
@@ -181,7 +225,9 @@ def test_understanding_reads_only_the_configured_stages():
     assert understanding_reward(chain, ["cat", "sofa"]) == 0.5
     assert understanding_reward(chain, ["cat", "sofa"], stages=["final"]) == 1.0
     # several stages: the mean of the per-stage recalls
-    assert understanding_reward(chain, ["cat", "sofa"], stages=["rough", "middle", "final"]) == pytest.approx(2 / 3)
+    assert understanding_reward(chain, ["cat", "sofa"], stages=["rough", "middle", "final"]) == pytest.approx(
+        2 / 3
+    )
 
 
 def test_understanding_of_malformed_or_non_text_chain():
@@ -191,15 +237,25 @@ def test_understanding_of_malformed_or_non_text_chain():
 
 # ------------------------------------------------------------------------------------------------- total
 def test_total_is_the_weighted_sum_of_all_parts():
-    cfg = RewardConfig(weights=RewardWeights(format=1.0, degradation=2.0, understanding=0.5, generation=3.0),
-                       metrics=[QualityMetricConfig(name="a", weight=1.0), QualityMetricConfig(name="b", weight=3.0)])
+    cfg = RewardConfig(
+        weights=RewardWeights(format=1.0, degradation=2.0, understanding=0.5, generation=3.0),
+        metrics=[QualityMetricConfig(name="a", weight=1.0), QualityMetricConfig(name="b", weight=3.0)],
+    )
     chain = render_chain(PAPER_PREDICTED, {"rough": "a cat"})
     sample = make_sample(tags=("cat", "sofa"), levels=PAPER_TRUTH)
     q = QualityScore(values={"a": 0.2, "b": 0.6}, raw={"a": 20.0, "b": 0.6})
     s = score_chain(chain, sample, q, cfg, sample_index=3)
     assert (s.prompt_id, s.sample_index) == (0, 3)
-    assert s.parts == pytest.approx({"format": 1.0, "degradation": 0.6, "understanding": 0.5,
-                                     "generation": 0.5, "quality/a": 0.2, "quality/b": 0.6})
+    assert s.parts == pytest.approx(
+        {
+            "format": 1.0,
+            "degradation": 0.6,
+            "understanding": 0.5,
+            "generation": 0.5,
+            "quality/a": 0.2,
+            "quality/b": 0.6,
+        }
+    )
     assert s.total == pytest.approx(1.0 + 2 * 0.6 + 0.5 * 0.5 + 3 * 0.5)
     assert s.errors == {}
 
@@ -240,8 +296,12 @@ def test_score_rollouts_batches_final_images_through_the_scorer():
 
     cfg = RewardConfig(metrics=[QualityMetricConfig(name="bright")])
     scorer = QualityScorer([(cfg.metrics[0], brightness)])
-    img = lambda v: np.full((8, 8, 3), v, np.uint8)  # noqa: E731
-    rollouts = [make_rollout(0, 0, final=img(255)), make_rollout(0, 1, final=None), make_rollout(1, 0, final=img(51))]
+    img = lambda v: np.full((8, 8, 3), v, np.uint8)
+    rollouts = [
+        make_rollout(0, 0, final=img(255)),
+        make_rollout(0, 1, final=None),
+        make_rollout(1, 0, final=img(51)),
+    ]
     samples = [make_sample(0), make_sample(0), make_sample(1)]
     scores = score_rollouts(rollouts, samples, cfg, scorer)
     assert calls == [2]  # one batch of the two final images
