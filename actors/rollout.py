@@ -80,6 +80,8 @@ class RolloutWorker:
         return self.worker_index
 
 
-def _stream(blobs: Sequence[bytes]) -> Iterable[tuple[str, torch.Tensor]]:
-    for blob in blobs:
-        yield from deserialize_bucket(blob)
+def _stream(objects: Sequence) -> Iterable[tuple[str, torch.Tensor]]:
+    """Tensors of serialised buckets; each resolved object is one bucket (bytes) or a list of them."""
+    for obj in objects:
+        for blob in ([obj] if isinstance(obj, (bytes, bytearray)) else obj):
+            yield from deserialize_bucket(blob)

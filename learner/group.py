@@ -15,6 +15,7 @@ returns one ObjectRef per rank, its plain twin blocks and returns rank 0's answe
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any, Optional, Sequence, Union
 
 import ray
@@ -25,7 +26,7 @@ from learner.worker import LearnerWorker, shard_batch
 from rl.config import ExperimentConfig
 from rl.env import worker_env
 from rl.grpo import TrainBatch
-from rl.records import Rollout
+from rl.records import Rollout, WeightUpdate
 
 RolloutLike = Union[Rollout, ray.ObjectRef]
 
@@ -106,6 +107,8 @@ class LearnerGroup:
             )
         self.master = (addr, port)
         self.infos: list[dict[str, Any]] = ray.get([a.info.remote() for a in self.actors], timeout=timeout_s)
+        self.trained = tuple(m for m, frozen in (("policy", cfg.policy.freeze), ("diffusion", cfg.diffusion.freeze))
+                             if not frozen)
 
     def _bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=index)
@@ -120,6 +123,51 @@ class LearnerGroup:
     def train_step(self, batch: TrainBatch, rollouts: Sequence[RolloutLike]) -> dict[str, float]:
         """Metrics of the update (aggregated over ranks)."""
         return ray.get(self.submit_train_step(batch, rollouts))[0]
+
+    def submit_train(self, chains: Sequence[ray.ObjectRef], advantages: Sequence[float],
+                     keep: Sequence[bool]) -> list[ray.ObjectRef]:
+        """One GRPO update from chain refs: kept chains are split contiguously over the ranks, and each rank
+        fetches and batches its own (the driver never touches tokens or pixels)."""
+        kept = [i for i, k in enumerate(keep) if k]
+        if not kept:
+            raise ValueError("every group was filtered: the driver must skip the learner for this step")
+        sizes = [len(kept) // self.num_ranks + (r < len(kept) % self.num_ranks) for r in range(self.num_ranks)]
+        refs, lo = [], 0
+        for actor, size in zip(self.actors, sizes):
+            idx = kept[lo:lo + size]
+            lo += size
+            if idx:
+                refs.append(actor.train_chains.remote([float(advantages[i]) for i in idx], False,
+                                                      *[chains[i] for i in idx]))
+            else:  # fewer chains than ranks: a zero-loss copy keeps the collectives in step
+                refs.append(actor.train_chains.remote([0.0], True, chains[kept[0]]))
+        return refs
+
+    def train(self, chains: Sequence[ray.ObjectRef], advantages: Sequence[float],
+              keep: Sequence[bool]) -> dict[str, float]:
+        """Metrics of the update, aggregated over ranks."""
+        return ray.get(self.submit_train(chains, advantages, keep))[0]
+
+    def publish_weights(self, version: int, models: Sequence[str] = ("policy", "diffusion")
+                        ) -> tuple[WeightUpdate, dict[str, float]]:
+        """Gather the trained models' full weights on rank 0 into safetensors buckets left in the object
+        store; returns a WeightUpdate of refs for the rollout actors (nothing passes through the driver)."""
+        start = time.perf_counter()
+        refs: dict[str, tuple] = {}
+        metrics: dict[str, float] = {}
+        for model in models:
+            if model not in self.trained:
+                continue
+            outs = [a.serialized_state.options(num_returns=2).remote(model) for a in self.actors]
+            blobs_ref, stats_ref = outs[0]
+            ray.get([o[1] for o in outs])  # every rank took part in the gather
+            stats = ray.get(stats_ref)
+            refs[model] = (blobs_ref,)
+            metrics[f"weight_sync/{model}_mb"] = stats["bytes"] / 2**20
+            metrics[f"weight_sync/{model}_buckets"] = stats["buckets"]
+        metrics["weight_sync/gather_s"] = time.perf_counter() - start
+        update = WeightUpdate(version=version, policy=refs.get("policy", ()), diffusion=refs.get("diffusion", ()))
+        return update, metrics
 
     # ------------------------------------------------------------------ weights
     def submit_gather_full_state(self, model: str) -> list[ray.ObjectRef]:

@@ -19,10 +19,9 @@ token-mean of the whole batch however it is split (``rl.grpo.token_mean``). Ever
 of micro-batches (short ranks repeat one with an all-zero mask) because ZeRO's collectives run per forward /
 backward.
 
-Log-probs of the policy are taken at temperature ``logprob_temperature`` (default 1.0): vLLM reports the
-log-probs of the raw model distribution (``logprobs_mode="raw_logprobs"``), whatever the sampling
-temperature, so the learner must not divide by it either. If the rollout engine reports processed
-log-probs, pass the sampling temperature here.
+Log-probs of the policy are taken at temperature ``logprob_temperature``, which must be the rollout's sampling
+temperature: the engines report processed log-probs, ``log_softmax(logits / T)`` over every id except the
+banned ones (``ChainTokens.banned_ids``), and the learner re-scores the same way (see actors/text_engine.py).
 """
 
 from __future__ import annotations
@@ -42,8 +41,10 @@ from torch import Tensor, nn
 
 from learner import engine as eng
 from rl.config import DiffusionConfig, ExperimentConfig, GRPOConfig, LearnerConfig, PolicyConfig
+from learner.weight_sync import bucket_named_tensors, serialize_bucket
 from rl.grpo import (
     TrainBatch,
+    build_train_batch,
     clipped_surrogate,
     gather_token_log_probs,
     image_surrogate,
@@ -163,7 +164,7 @@ class LearnerWorker:
         rank (None: already in the environment). ``logprob_temperature``: see the module docstring."""
         self.cfg, self.policy_cfg, self.diffusion_cfg, self.grpo = learner, policy, diffusion, grpo
         self.logprob_temperature = logprob_temperature
-        self._configure_env(dist_env)
+        self._configure_env(dist_env, learner.num_cpus)
         t0 = time.perf_counter()
         self.device = eng.init_distributed(learner.backend)
         self.rank, self.world_size = eng.rank(), eng.world_size()
@@ -206,11 +207,11 @@ class LearnerWorker:
         )
 
     @staticmethod
-    def _configure_env(dist_env: Optional[Mapping[str, str]]) -> None:
-        """The one place this rank's process environment is changed: rank variables and offline flags."""
+    def _configure_env(dist_env: Optional[Mapping[str, str]], num_cpus: Optional[float] = None) -> None:
+        """The one place this rank's process environment is changed: rank variables, offline flags, threads."""
         from rl.env import configure_process
 
-        configure_process()
+        configure_process(num_cpus)
         for key, value in (dist_env or {}).items():
             os.environ[key] = str(value)
 
@@ -436,15 +437,25 @@ class LearnerWorker:
         length = input_ids.shape[1]
         # the logit at position P-1 predicts the first completion token: nothing before it is needed
         start = max(int(mb.prompt_lengths.min()) - 1, 0)
+        attention_mask = mb.attention_mask.to(self.device).long()
         out = model(
             input_ids=input_ids,
-            attention_mask=mb.attention_mask.to(self.device).long(),
+            attention_mask=attention_mask,
+            # transformers 5 builds Qwen2.5-VL's 3D M-RoPE positions only when told where the image pads
+            # are; without it the forward silently uses 1D positions and disagrees with vLLM by nats.
+            mm_token_type_ids=(input_ids == self.tokens.image_pad_id).int() * attention_mask,
             use_cache=False,
             logits_to_keep=length - start,
             **inputs,
         )
+        logits = out.logits
+        banned = self.tokens.banned_ids(logits.shape[-1])
+        if banned:  # the engines never sample these: their log-probs are normalised over the other ids
+            logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
         # (B, L - start): entry 0 is position `start`, a prompt token with no loss
-        logp = gather_token_log_probs(out.logits, input_ids[:, start:], self.logprob_temperature)
+        temperature = self.logprob_temperature if self.logprob_temperature > 0 else 1.0  # greedy: T = 1
+        logp = gather_token_log_probs(logits, input_ids[:, start:], temperature)
+        logp = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))  # banned image pads: no loss
         return F.pad(logp, (start, 0))  # (B, L)
 
     def step_log_probs(self, scorer: nn.Module, mb: TrainBatch, rollouts: Sequence[Rollout]) -> Tensor:
@@ -464,6 +475,26 @@ class LearnerWorker:
         return torch.stack(rows)
 
     # ------------------------------------------------------------------ weights out
+    def train_chains(self, advantages: Sequence[float], padding: bool, *rollouts: Rollout) -> dict[str, float]:
+        """``train_step`` on this rank's own chains: the batch is built here from the rollouts, so the driver
+        only ever holds refs. ``padding``: this rank got no chain and trains a masked copy (zero loss) to stay
+        in step with the others' collectives."""
+        pad_id = self.tokens.tokenizer.pad_token_id if self.tokens is not None else 0
+        batch = build_train_batch(list(rollouts), torch.tensor(advantages, dtype=torch.float32),
+                                  pad_token_id=pad_id or 0)
+        if padding:
+            batch = masked_copy(batch)
+        return self.train_step(batch, *rollouts)
+
+    def serialized_state(self, model: str) -> tuple[list[bytes], dict[str, float]]:
+        """Rank 0: the full weights of ``model`` as safetensors buckets of ``learner.sync_bucket_mb`` (ready for
+        the object store); other ranks: []. A collective (ZeRO-3 gathers): all ranks must call it."""
+        start = time.perf_counter()
+        state = self.gather_full_state(model)
+        blobs = [serialize_bucket(b) for b in bucket_named_tensors(state.items(), self.cfg.sync_bucket_mb << 20)]
+        return blobs, {"bytes": float(sum(len(b) for b in blobs)), "buckets": float(len(blobs)),
+                       "tensors": float(len(state)), "seconds": time.perf_counter() - start}
+
     def gather_full_state(self, model: str) -> dict[str, Tensor]:
         """Full CPU weights of ``model`` ("policy" | "diffusion") on rank 0, {} on the others. A collective:
         ALL ranks must call it (ZeRO-3 all-gathers, a bucket at a time)."""

@@ -96,17 +96,27 @@ class RewardPool:
         max_batch: int = 16,
         max_inflight: int = 2,
         max_attempts: int = 3,
+        placement_group: Any = None,
     ) -> None:
+        """``placement_group``: one bundle per actor (actors.group.role_placement_group); None: Ray places them."""
         import ray
 
         self._ray = ray
         self.cfg = cfg
         self.max_batch, self.max_inflight, self.max_attempts = max_batch, max_inflight, max_attempts
         device = "cuda" if cfg.num_gpus > 0 else "cpu"
-        remote_cls = ray.remote(worker_cls).options(
-            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts, max_task_retries=0
-        )
-        self._actors = [_Actor(remote_cls.remote(cfg, device)) for _ in range(cfg.num_actors)]
+        remote_cls = ray.remote(worker_cls)
+        opts = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts, max_task_retries=0)
+
+        def options(i: int):
+            if placement_group is None:
+                return remote_cls.options(**opts)
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            strategy = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=i)
+            return remote_cls.options(**opts, scheduling_strategy=strategy)
+
+        self._actors = [_Actor(options(i).remote(cfg, device)) for i in range(cfg.num_actors)]
         self._probes: dict[Any, int] = {}  # probe ref -> actor index
 
     @property

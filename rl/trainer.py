@@ -17,7 +17,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.group import RolloutGroup
+from actors.group import RolloutGroup, role_placement_group
 from learner.group import LearnerGroup
 from rewards.pool import RewardPool
 from rl import checkpoint as ckpt
@@ -67,8 +67,11 @@ class GRPOTrainer:
         self.cfg = cfg
         self.data = PairDataset(cfg.data, "train")
         self.rollouts = RolloutGroup(cfg)
-        self.rewards = RewardPool(cfg.reward)
-        self.learner = LearnerGroup(cfg)
+        rw = cfg.reward
+        self.reward_pg = role_placement_group(rw.num_actors, rw.num_cpus, rw.num_gpus, cfg.ray.placement_strategy,
+                                              f"{cfg.name}-reward")
+        self.rewards = RewardPool(rw, placement_group=self.reward_pg)
+        self.learner = LearnerGroup(cfg, logprob_temperature=cfg.rollout.sampling.temperature)
         self.ckpt_root = Path(cfg.trainer.checkpoint_dir)
         self.step_id = 0
         self.cursor = 0
