@@ -118,6 +118,7 @@ class RewardPool:
 
         self._actors = [_Actor(options(i).remote(cfg, device)) for i in range(cfg.num_actors)]
         self._probes: dict[Any, int] = {}  # probe ref -> actor index
+        self.reissued = 0  # chains whose scoring task died with its actor and was sent again (for logging)
 
     @property
     def actors(self) -> list[Any]:
@@ -206,6 +207,7 @@ class RewardPool:
                         f"chain (prompt {samples[i].prompt_id}, sample {_sample_index(rollouts[i])}) "
                         f"lost its reward actor {attempts[i]} times; last error: {type(exc).__name__}: {exc}"
                     ) from exc
+            self.reissued += len(chains)
             ready.extendleft(reversed(chains))  # first in line: they have waited longest
             return 0
         except Exception as exc:

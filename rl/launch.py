@@ -30,6 +30,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
     else:
         log.info("starting a local Ray cluster on %s", cfg.ray.host)
         ray.init(
+            address="local",  # always a new private cluster: never attach to someone else's `ray start`
             num_cpus=cfg.ray.num_cpus,
             include_dashboard=cfg.ray.include_dashboard,
             dashboard_host=cfg.ray.host,

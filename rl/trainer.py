@@ -8,6 +8,7 @@ learner ranks fetch the chains they need from Ray's object store.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,13 @@ def reward_metrics(scores: list[Scores], group_size: int) -> dict[str, float]:
             out[f"reward/{part}/group_std"] = float(np.nanmean(np.nanstd(groups, axis=1)))
     out["reward/metric_failures"] = float(sum(len(s.errors) for s in scores))
     return out
+
+
+def _fault_injection_pause() -> None:
+    """Tests kill the run while a checkpoint is half written: REALSR_FAULT_CHECKPOINT_PAUSE_S widens that window."""
+    pause = float(os.environ.get("REALSR_FAULT_CHECKPOINT_PAUSE_S", "0") or 0)
+    if pause > 0:
+        time.sleep(pause)
 
 
 class GRPOTrainer:
@@ -156,6 +164,7 @@ class GRPOTrainer:
             state = ckpt.TrainerState(step=self.step_id, data_cursor=self.cursor, rng=ckpt.capture_rng_state(),
                                       extra={"policy_version": self.version})
             ckpt.save_trainer_state(tmp, state)
+            _fault_injection_pause()
             final = ckpt.commit_checkpoint(tmp)
         except BaseException:
             ckpt.abort_checkpoint(tmp)

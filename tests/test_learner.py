@@ -24,6 +24,7 @@ from learner.worker import LearnerWorker, masked_copy, shard_batch
 from rl import grpo
 from rl.config import ExperimentConfig, TinyDiffusionConfig, TinyPolicyConfig, load_config
 from rl.records import Rollout
+from rl.models.policy import sequence_log_probs
 
 ROOT = Path(__file__).resolve().parents[1]
 ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5])
@@ -165,11 +166,10 @@ def _sample_rollouts(
                 + [1] * len(turns[2])
             )
             images = [lr, rough[i], middle[i]]
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([prompt + ids]), **tok.image_inputs(images)).logits[0]
-            logp = torch.log_softmax(logits.float(), -1)[len(prompt) - 1 : -1].gather(
-                -1, torch.tensor(ids)[:, None]
-            )[:, 0]
+            with torch.no_grad():  # the engines' definition: 3D M-RoPE positions, banned ids masked
+                inputs = tok.batch_inputs([prompt + ids], [images])
+                banned = tok.banned_ids(model.config.get_text_config().vocab_size)
+                logp = sequence_log_probs(model, inputs, banned_ids=banned)[0, len(prompt):]
             out.append(
                 Rollout(
                     prompt_id=p,
