@@ -24,9 +24,15 @@ OFFLINE_ENV: dict[str, str] = {
 }
 
 
-def worker_env() -> dict[str, str]:
-    """Variables every Ray worker gets (runtime_env env_vars): offline flags, caches, and the code path."""
+def worker_env(code_path: bool = True) -> dict[str, str]:
+    """Variables every Ray worker gets (runtime_env env_vars): offline flags, caches, and the code path.
+
+    ``code_path=False`` on a cluster joined through ``ray job submit --working-dir``: Ray ships the code to
+    every node itself, and this driver's path would be wrong on the others.
+    """
     env = {k: os.environ.get(k, v) for k, v in OFFLINE_ENV.items()}
+    if not code_path:
+        return env
     path = os.environ.get("PYTHONPATH", "")
     if str(REPO_ROOT) not in path.split(os.pathsep):
         path = os.pathsep.join(p for p in (str(REPO_ROOT), path) if p)

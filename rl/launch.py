@@ -16,6 +16,9 @@ from rl.config import ConfigError, ExperimentConfig, load_config, to_yaml
 from rl.env import configure_process, worker_env
 
 log = logging.getLogger("rl.launch")
+# Ray replaces a loopback node address by the machine's reachable one unless multi-node support is off; with it
+# off (as Ray does on macOS), GCS, raylet, workers and agents of the local cluster listen on 127.0.0.1 only.
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def init_ray(cfg: ExperimentConfig) -> None:
@@ -23,11 +26,15 @@ def init_ray(cfg: ExperimentConfig) -> None:
     import ray
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": worker_env()}
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": worker_env(code_path=False)}, log_to_driver=True)
     else:
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            log.warning("Ray was imported before %s=0 was set: its processes may listen beyond %s",
+                        LOOPBACK_ONLY_ENV, cfg.ray.host)
         log.info("starting a local Ray cluster on %s", cfg.ray.host)
         ray.init(
             address="local",  # always a new private cluster: never attach to someone else's `ray start`
@@ -35,7 +42,7 @@ def init_ray(cfg: ExperimentConfig) -> None:
             include_dashboard=cfg.ray.include_dashboard,
             dashboard_host=cfg.ray.host,
             _node_ip_address=cfg.ray.host,
-            runtime_env=runtime_env,
+            runtime_env={"env_vars": worker_env()},
             log_to_driver=True,
         )
 
@@ -56,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and cfg.ray.host in ("127.0.0.1", "localhost"):
+        os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")  # before Ray is imported: it reads this at import
 
     from rl.models.bootstrap import ensure_models
 

@@ -63,11 +63,15 @@ def reward_metrics(scores: list[Scores], group_size: int) -> dict[str, float]:
     return out
 
 
-def _fault_injection_pause() -> None:
-    """Tests kill the run while a checkpoint is half written: REALSR_FAULT_CHECKPOINT_PAUSE_S widens that window."""
-    pause = float(os.environ.get("REALSR_FAULT_CHECKPOINT_PAUSE_S", "0") or 0)
-    if pause > 0:
-        time.sleep(pause)
+def _fault_injection_pause(step: int) -> None:
+    """Fault injection for tests that kill the run while a checkpoint is half written:
+    REALSR_FAULT_CHECKPOINT_PAUSE="STEP:SECONDS" holds step STEP's checkpoint uncommitted that long."""
+    spec = os.environ.get("REALSR_FAULT_CHECKPOINT_PAUSE", "")
+    if spec:
+        at, seconds = spec.split(":")
+        if int(at) == step:
+            log.warning("fault injection: holding checkpoint %d uncommitted for %s s", step, seconds)
+            time.sleep(float(seconds))
 
 
 class GRPOTrainer:
@@ -140,6 +144,7 @@ class GRPOTrainer:
             "grpo/kept_chains": float(keep.sum()),
             "policy/version": float(self.version),
             "throughput/samples_per_s": B * G / t.seconds["step"],
+            "reward/reissued_chains": float(self.rewards.reissued),
             "data/skipped_files": float(sum(self.data.stats.values())) if hasattr(self.data, "stats") else 0.0,
         }
         self.monitor.scalars(self.step_id, metrics)
@@ -164,7 +169,7 @@ class GRPOTrainer:
             state = ckpt.TrainerState(step=self.step_id, data_cursor=self.cursor, rng=ckpt.capture_rng_state(),
                                       extra={"policy_version": self.version})
             ckpt.save_trainer_state(tmp, state)
-            _fault_injection_pause()
+            _fault_injection_pause(self.step_id)
             final = ckpt.commit_checkpoint(tmp)
         except BaseException:
             ckpt.abort_checkpoint(tmp)

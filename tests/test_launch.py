@@ -1,0 +1,137 @@
+"""``python -m rl.launch`` as a user runs it: a bad config exits with a clear message; the whole run killed while a
+checkpoint is half written resumes from the previous complete one; ``ray job submit`` against a real head on
+127.0.0.1 runs the job."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from rl import checkpoint as ckpt
+from rl.config import load_config
+from rl.models.bootstrap import build_all
+from rl.monitor import read_scalars
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    cfg = load_config(ROOT / "configs/grpo_local.yaml")
+    return build_all(tmp_path_factory.mktemp("models"), cfg.policy.tiny, cfg.diffusion.tiny)
+
+
+def _overrides(out: Path, models: dict, *extra: str) -> list[str]:
+    return [
+        f"output_dir={out}", f"policy.path={models['policy']}", f"diffusion.path={models['diffusion']}",
+        "trainer.progress_bar=false", "chain.max_stage_tokens=16", "diffusion.num_steps=4", *extra,
+    ]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    # as a user with the project's venv activated: `python` and `ray` are the venv's
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PATH=path, **extra)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path):
+    out = subprocess.run([PY, "-m", "rl.launch", "configs/grpo_local.yaml", "grpo.group_size=1"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "grpo.group_size" in out.stderr and "= 1" in out.stderr
+
+
+@pytest.mark.slow
+def test_run_killed_mid_checkpoint_resumes_from_the_previous_complete_one(tmp_path, models):
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    args = [PY, "-m", "rl.launch", "configs/grpo_local.yaml",
+            *_overrides(out, models, "trainer.total_steps=4", "trainer.checkpoint_every=2")]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(REALSR_FAULT_CHECKPOINT_PAUSE="4:600"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 480
+        while time.time() < deadline:  # wait until step 4's checkpoint is written but not committed
+            half = [p for p in root.glob(".tmp-step_000004-*") if (p / "trainer_state.json").exists()]
+            if half:
+                break
+            assert proc.poll() is None, "the run ended before its second checkpoint"
+            time.sleep(1)
+        else:
+            pytest.fail("no half-written checkpoint of step 4 appeared")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole run: driver and its local Ray cluster
+        proc.wait(timeout=60)
+    assert ckpt.latest_complete(root).name == "step_000002"  # the half-written one is never picked
+
+    resumed = subprocess.run([*args, "trainer.resume=true", "trainer.total_steps=3"], cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=480)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step_000002 at step 2" in resumed.stderr
+    state = ckpt.load_trainer_state(ckpt.latest_complete(root))
+    cfg = load_config(ROOT / "configs/grpo_local.yaml")
+    assert state.step == 3 and state.data_cursor == 3 * cfg.grpo.prompts_per_step
+    steps = [s for s, _ in read_scalars(out / "tensorboard")["policy/version"]]
+    assert 3 in steps
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_local_head(tmp_path, models):
+    port, dash = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    env = _env(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # listen on 127.0.0.1 only
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=4",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out = tmp_path / "job"
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while time.time() < deadline:  # the job server is up once `ray job list` answers
+            if subprocess.run([RAY, "job", "list", f"--address={address}"], env=env,
+                              capture_output=True).returncode == 0:
+                break
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(2)
+        else:
+            pytest.fail(f"the Ray head at {address} did not answer within 120 s")
+        submit = [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
+                  "python", "-m", "rl.launch", "configs/grpo_local.yaml",
+                  *_overrides(out, models, "trainer.total_steps=1", "trainer.checkpoint_every=0")]
+        for _ in range(30):  # the job agent registers a few seconds after the dashboard answers
+            job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(2)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout.lower()
+        assert "joining Ray cluster" in job.stdout + job.stderr
+        assert "policy/version" in read_scalars(out / "tensorboard")
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
