@@ -27,6 +27,7 @@ A turn is multi-turn-exact: the rollout appends the sampled ids and the inserted
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from dataclasses import dataclass
 from typing import Iterable, Literal, Optional, Protocol, Sequence, runtime_checkable
@@ -357,6 +358,10 @@ class VLLMTextEngine:
         if vllm.in_process and vllm.tensor_parallel_size == 1:
             kwargs["distributed_executor_backend"] = "uni"
         self.llm = LLM(**kwargs)
+        # With the in-process CPU engine, vLLM's own renderer calls torch.set_num_threads per multimodal request
+        # and its CPU worker (which pinned the threads) warns every time: drop that one message.
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+            lambda record: "set_num_threads" not in record.getMessage())
         banned = set(self.tokens.banned_ids(self.llm.llm_engine.model_config.get_vocab_size()))
         self.banned_ids = sorted(banned)
         self._allowed_ids = [i for i in range(len(tok)) if i not in banned]

@@ -1,0 +1,119 @@
+"""Distributed GRPO loop (Ray actors: rollout, reward pool, DeepSpeed learner ranks) vs a sequential
+one-process loop with the same models and settings (generate, score, update in turn, as the paper's trainer
+does), measured in one run, plus the share of step time spent in weight sync.
+
+    python benchmarks/bench_loop.py [--steps 4] [key=value ...]
+
+Both loops run the same number of steps after one warm-up step each; the ratio printed is
+distributed samples/s over sequential samples/s. On a 2-core machine the distributed loop has no spare
+cores to run phases in parallel, so expect a ratio at or below 1 there; the printout says what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rl.config import load_config  # noqa: E402
+from rl.env import configure_process, worker_env  # noqa: E402
+
+
+def sequential_steps(cfg, steps: int) -> dict[str, float]:
+    """The paper-style loop in this process: vLLM in-process, rewards in-process, a world-size-1 learner."""
+    from actors.chain_sampler import ChainSampler
+    from actors.rollout import RolloutWorker
+    from learner.worker import LearnerWorker
+    from rewards.quality import build_quality_scorer
+    from rewards.total import score_rollouts
+    from rl import grpo
+    from rl.data.dataset import PairDataset
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    cfg.learner.num_ranks = 1
+    rollout = RolloutWorker(cfg)  # the same plain class the Ray rollout actors wrap
+    sampler: ChainSampler = rollout.sampler
+    scorer = build_quality_scorer(cfg.reward.metrics, full_reference=cfg.reward.full_reference)
+    learner = LearnerWorker.from_config(cfg, dist, logprob_temperature=cfg.rollout.sampling.temperature)
+    data = PairDataset(cfg.data, "train")
+    B, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
+    times, sync = [], []
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        samples = data.batch(step * B, B)
+        rollouts = sampler.sample(samples, G, seed=step, policy_version=step)
+        scores = score_rollouts(rollouts, [s for s in samples for _ in range(G)], cfg.reward, scorer)
+        rewards = torch.tensor([s.total for s in scores])
+        adv = grpo.group_advantages(rewards, G, cfg.grpo.scale_by_std, cfg.grpo.eps)
+        keep = grpo.zero_variance_groups(rewards, G).keep
+        if keep.any():
+            batch = grpo.build_train_batch(rollouts, adv, keep, rollout.engine.tokens.tokenizer.pad_token_id)
+            learner.train_step(batch, *[r for r, k in zip(rollouts, keep.tolist()) if k])
+            t1 = time.perf_counter()
+            rollout.engine.load_weights(learner.gather_full_state("policy").items(), step + 1)
+            rollout.load_diffusion_state(learner.gather_full_state("diffusion").items())
+            sync.append(time.perf_counter() - t1)
+        if step > 0:  # step 0 warms up
+            times.append(time.perf_counter() - t0)
+    return {"samples_per_s": B * G * len(times) / sum(times), "step_s": sum(times) / len(times),
+            "sync_share": sum(sync[1:]) / sum(times) if len(sync) > 1 else float("nan")}
+
+
+def distributed_steps(cfg, steps: int) -> dict[str, float]:
+    import ray
+
+    from rl.trainer import GRPOTrainer
+
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": worker_env()})
+    try:
+        trainer = GRPOTrainer(cfg)
+        trainer.step()  # warm-up
+        ms = [trainer.step() for _ in range(steps)]
+        trainer.rollouts.shutdown()
+        trainer.learner.shutdown()
+        trainer.rewards.shutdown()
+    finally:
+        ray.shutdown()
+    step_s = sum(m["timing/step"] for m in ms) / len(ms)
+    sync_s = sum(m.get("timing/sync", 0.0) for m in ms) / len(ms)
+    return {"samples_per_s": cfg.grpo.prompts_per_step * cfg.grpo.group_size / step_s, "step_s": step_s,
+            "sync_share": sync_s / step_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    configure_process()
+    overrides = ["trainer.progress_bar=false", "trainer.image_every=0", "trainer.checkpoint_every=0",
+                 "output_dir=runs/bench_loop", *args.overrides]
+    from rl.models.bootstrap import ensure_models
+
+    cfg = load_config(ROOT / "configs/grpo_local.yaml", overrides)
+    ensure_models(cfg)
+    dist = distributed_steps(cfg, args.steps)
+    seq = sequential_steps(load_config(ROOT / "configs/grpo_local.yaml", overrides), args.steps)
+    print(f"machine: {os.cpu_count()} CPUs; {args.steps} timed steps each after one warm-up; "
+          f"B x G = {cfg.grpo.prompts_per_step} x {cfg.grpo.group_size}")
+    print(f"{'loop':<13}{'step s':>9}{'samples/s':>11}{'sync share':>12}")
+    for name, r in (("distributed", dist), ("sequential", seq)):
+        print(f"{name:<13}{r['step_s']:>9.2f}{r['samples_per_s']:>11.2f}{r['sync_share']:>12.1%}")
+    print(f"ratio distributed / sequential samples/s: {dist['samples_per_s'] / seq['samples_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
