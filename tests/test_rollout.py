@@ -1,0 +1,91 @@
+"""RolloutWorker / ChainSampler: interleaved multimodal episodes with a real vLLM engine and SR diffusion.
+
+Each chain is three text turns with the stage images fed back as real image inputs; the record carries
+exactly the token sequence the learner re-scores, a mask that is 1 only on sampled tokens, and the traces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rl.chain import IMAGE_TAGS, parse_chain
+from rl.config import load_config
+from rl.data.dataset import PairDataset
+from rl.models.bootstrap import build_all
+from rl.models.policy import load_policy, sequence_log_probs
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+B, G = 2, 3
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from actors.rollout import RolloutWorker
+
+    tmp = tmp_path_factory.mktemp("rollout")
+    base = load_config(ROOT / "configs/grpo_local.yaml")
+    models = build_all(tmp / "models", base.policy.tiny, base.diffusion.tiny)
+    cfg = load_config(ROOT / "configs/grpo_local.yaml", [
+        f"policy.path={models['policy']}", f"diffusion.path={models['diffusion']}", "diffusion.num_steps=3",
+        "chain.max_stage_tokens=12"])
+    worker = RolloutWorker(cfg)
+    samples = PairDataset(cfg.data, "train").batch(0, B)
+    rollouts = worker.generate(samples, G, seed=7)
+    return {"cfg": cfg, "worker": worker, "samples": samples, "rollouts": rollouts, "models": models}
+
+
+def test_records_are_grouped_and_ordered(run):
+    rs = run["rollouts"]
+    assert len(rs) == B * G
+    assert [(r.prompt_id, r.sample_index) for r in rs] == [(s.prompt_id, g) for s in run["samples"] for g in range(G)]
+    assert all(r.policy_version == 0 and len(r.finish_reasons) == 3 for r in rs)
+
+
+def test_mask_is_one_only_on_sampled_tokens(run):
+    tokens = run["worker"].engine.tokens
+    vision = {tokens.image_pad_id, tokens.vision_start_id, tokens.vision_end_id}
+    for r in run["rollouts"]:
+        ids, mask, lp = r.token_ids.tolist(), r.text_mask.bool(), r.log_probs
+        assert len(ids) == len(mask) == len(lp)
+        assert not any(t in vision for t, m in zip(ids, mask.tolist()) if m)  # sampled text has no image tokens
+        assert sum(t == tokens.image_pad_id for t in ids) > 0  # the rough and middle images were inserted
+        assert torch.all(lp[~mask] == 0) and torch.all(lp[mask] <= 0) and torch.isfinite(lp).all()
+        assert int(mask.sum()) >= 3  # at least one token per turn
+
+
+def test_images_sizes_and_context(run):
+    lr_h = run["cfg"].data.hr_size // run["cfg"].data.scale
+    tokens = run["worker"].engine.tokens
+    for r, s in zip(run["rollouts"], [s for s in run["samples"] for _ in range(G)]):
+        assert {k: v.shape for k, v in r.images.items()} == {
+            "rough": (lr_h, lr_h, 3), "middle": (2 * lr_h, 2 * lr_h, 3), "final": (4 * lr_h, 4 * lr_h, 3)}
+        assert np.array_equal(r.context_images[0], s.lr)
+        assert np.array_equal(r.context_images[1], r.images["rough"])
+        assert np.array_equal(r.context_images[2], r.images["middle"])
+        tokens.check_context(r.prompt_ids.tolist() + r.token_ids.tolist(), r.context_images)
+        assert [t.stage for t in r.traces] == ["rough", "middle", "final"]
+        assert all(t.log_probs.numel() == 3 and torch.isfinite(t.log_probs).all() for t in r.traces)
+        parsed = parse_chain(r.text)
+        assert all(parsed.image_counts.get(tag) == 1 for tag in IMAGE_TAGS)
+
+
+def test_learner_view_reproduces_sampling_log_probs_with_the_fed_back_images(run):
+    """The HF policy, given the recorded sequence and images, reproduces the sampled log-probs; swapping the
+    rough image for a blank one changes them: the image really is an input of the next turn."""
+    tokens = run["worker"].engine.tokens
+    model = load_policy(run["models"]["policy"]).eval()
+    banned = tokens.banned_ids(model.config.get_text_config().vocab_size)
+    r = run["rollouts"][0]
+    ids = r.prompt_ids.tolist() + r.token_ids.tolist()
+    mask = r.text_mask.bool()
+    P = r.prompt_ids.numel()
+    with torch.no_grad():
+        lp = sequence_log_probs(model, tokens.batch_inputs([ids], [r.context_images]), banned_ids=banned)[0, P:]
+        blank = [r.context_images[0], np.zeros_like(r.context_images[1]), r.context_images[2]]
+        lp_blank = sequence_log_probs(model, tokens.batch_inputs([ids], [blank]), banned_ids=banned)[0, P:]
+    assert torch.allclose(lp[mask], r.log_probs[mask], atol=1e-3)
+    assert not torch.allclose(lp_blank[mask], r.log_probs[mask], atol=1e-7)
