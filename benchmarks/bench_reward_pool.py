@@ -71,29 +71,14 @@ def make_chains(n: int, group: int = 4) -> tuple[list[Rollout], list[Sample]]:
         "medium blur, light downsample, heavy noise, light compression, no upsample",
         {"rough": "a woman in a space suit", "middle": "a face", "final": "hair"},
     )
-    one = torch.zeros(1)
+    torch.zeros(1)
     rollouts, samples = [], []
     for i in range(n):
         y, x = rng.integers(0, 512 - 64, 2)
         final = np.clip(photo[y : y + 64, x : x + 64] + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(
             np.uint8
         )
-        rollouts.append(
-            Rollout(
-                prompt_id=i // group,
-                sample_index=i % group,
-                policy_version=0,
-                diffusion_version=0,
-                prompt_ids=one.long(),
-                token_ids=one.long(),
-                text_mask=one,
-                log_probs=one,
-                text=text,
-                images={"final": final},
-                context_images=[],
-                traces=(),
-            )
-        )
+        rollouts.append(Rollout.for_scoring(i // group, i % group, text, {"final": final}))
         if i % group == 0:
             sample = Sample(
                 prompt_id=i // group,

@@ -68,6 +68,16 @@ class Rollout:
     timings: dict[str, float] = field(default_factory=dict)
     finish_reasons: tuple[str, ...] = ()  # per text turn: "stop" (closing tag) | "length" | "eos"
 
+    @classmethod
+    def for_scoring(cls, prompt_id: int, sample_index: int, text: str,
+                    images: Optional[dict[str, np.ndarray]] = None) -> "Rollout":
+        """A chain known only by its text and images (external chains, reward tests and benchmarks):
+        enough for the rewards, not for the learner (no tokens, no traces)."""
+        one = torch.zeros(1)
+        return cls(prompt_id=prompt_id, sample_index=sample_index, policy_version=0, diffusion_version=0,
+                   prompt_ids=one.long(), token_ids=one.long(), text_mask=one, log_probs=one, text=text,
+                   images=dict(images or {}), context_images=[], traces=())
+
 
 @dataclass(frozen=True)
 class Scores:

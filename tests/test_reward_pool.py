@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from rewards.pool import RewardPool, RewardWorker
 from rewards.total import score_rollouts
@@ -43,21 +42,7 @@ def make_rollout(prompt_id: int, sample_index: int, rough: str = "a cat", seed: 
     rng = np.random.default_rng(seed)
     final = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     text = render_chain("medium blur, light downsample, heavy noise", {"rough": rough}, separator="\n")
-    one = torch.zeros(1)
-    return Rollout(
-        prompt_id=prompt_id,
-        sample_index=sample_index,
-        policy_version=0,
-        diffusion_version=0,
-        prompt_ids=one.long(),
-        token_ids=one.long(),
-        text_mask=one,
-        log_probs=one,
-        text=text,
-        images={"final": final},
-        context_images=[],
-        traces=(),
-    )
+    return Rollout.for_scoring(prompt_id, sample_index, text, {"final": final})
 
 
 def batch(n_prompts: int, group: int, crash_at: tuple = ()) -> tuple[list[Rollout], list[Sample]]:

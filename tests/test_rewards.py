@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 import rewards.degradation
 import rewards.format
@@ -41,21 +40,7 @@ def make_sample(prompt_id=0, tags=("cat", "sofa"), levels=LEVELS, hr=None) -> Sa
 
 
 def make_rollout(prompt_id=0, sample_index=0, text=GOOD, final=None) -> Rollout:
-    one = torch.zeros(1)
-    return Rollout(
-        prompt_id=prompt_id,
-        sample_index=sample_index,
-        policy_version=0,
-        diffusion_version=0,
-        prompt_ids=one.long(),
-        token_ids=one.long(),
-        text_mask=one,
-        log_probs=one,
-        text=text,
-        images={} if final is None else {"final": final},
-        context_images=[],
-        traces=(),
-    )
+    return Rollout.for_scoring(prompt_id, sample_index, text, None if final is None else {"final": final})
 
 
 @pytest.mark.parametrize(
