@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from rl.trainer import RunFailed
+
     init_ray(cfg)
     try:
         if cfg.mode == "sft":
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             from rl.trainer import GRPOTrainer
 
             GRPOTrainer(cfg).fit()
+    except RunFailed as exc:
+        print(f"run failed: {exc}", file=sys.stderr)
+        return 1
     finally:
         ray.shutdown()
     return 0

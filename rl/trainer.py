@@ -32,6 +32,10 @@ log = logging.getLogger("rl.trainer")
 REWARD_PARTS = ("format", "degradation", "understanding", "generation")
 
 
+class RunFailed(RuntimeError):
+    """The run cannot go on; the message names the last complete checkpoint to resume from."""
+
+
 class PhaseTimer:
     """Wall time per phase of one step -> ``timing/<phase>`` seconds."""
 
@@ -97,7 +101,14 @@ class GRPOTrainer:
     def fit(self) -> None:
         try:
             while self.step_id < self.cfg.trainer.total_steps:
-                metrics = self.step()
+                try:
+                    metrics = self.step()
+                except ray.exceptions.RayError as exc:  # a group that cannot recover (e.g. a learner rank died)
+                    latest = ckpt.latest_complete(self.ckpt_root)
+                    raise RunFailed(
+                        f"step {self.step_id + 1} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}; "
+                        f"last complete checkpoint: {latest or 'none'}; continue with trainer.resume=true"
+                    ) from exc
                 self.monitor.progress(self.step_id, {"reward": metrics.get("reward/total/mean", float("nan")),
                                                      "s/step": metrics["timing/step"]})
                 every = self.cfg.trainer.checkpoint_every

@@ -153,6 +153,7 @@ def test_checkpoint_then_resume_restores_step_cursor_and_weights(setup):
     from rl.trainer import GRPOTrainer
 
     resumed = GRPOTrainer(_config(setup["tmp"], setup["models"], "trainer.resume=true"))
+    setup["resumed"] = resumed
     assert (resumed.step_id, resumed.cursor) == (step, cursor)
     live = resumed.learner.gather_full_state("policy")
     assert len(saved) > 0
@@ -161,3 +162,17 @@ def test_checkpoint_then_resume_restores_step_cursor_and_weights(setup):
     metrics = resumed.step()  # and it trains on from there
     assert resumed.step_id == step + 1 and resumed.cursor == cursor + B
     assert metrics["policy/version"] >= 1
+
+
+def test_learner_rank_death_ends_the_run_cleanly_with_the_checkpoint_intact(setup):
+    from rl.trainer import RunFailed
+
+    trainer = setup["resumed"]
+    root = Path(setup["cfg"].trainer.checkpoint_dir)
+    before = ckpt.latest_complete(root)
+    ray.kill(trainer.learner.actors[1], no_restart=True)  # the ZeRO group cannot continue without a rank
+    trainer.cfg.trainer.total_steps = trainer.step_id + 1
+    with pytest.raises(RunFailed, match="last complete checkpoint: .*step_"):
+        trainer.fit()
+    assert ckpt.latest_complete(root) == before
+    ckpt.verify_checkpoint(before)  # every file of the manifest is there, sizes match
