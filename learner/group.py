@@ -8,6 +8,7 @@ returns one ObjectRef per rank, its plain twin blocks and returns rank 0's answe
     group = LearnerGroup(cfg)                           # ~ start-up: actors, process group, engines
     metrics = group.train_step(batch, rollouts)         # rollouts: the list given to build_train_batch
     weights = group.gather_full_state("policy")         # rank 0's full CPU state dict
+    metrics = group.sft(records)                        # cold start: rl.sft_data.SFTRecords
     group.save_checkpoint(path); group.export_hf(path)
     group.shutdown()
 """
@@ -44,6 +45,11 @@ def _master_address(port: Optional[int]) -> tuple[str, int]:
     return ray.util.get_node_ip_address(), int(port)
 
 
+def contiguous_sizes(n: int, num_ranks: int) -> list[int]:
+    """Near-equal contiguous shard sizes, the first ranks taking the remainder: (5, 2) -> [3, 2]."""
+    return [n // num_ranks + (r < n % num_ranks) for r in range(num_ranks)]
+
+
 class LearnerGroup:
     """N learner ranks as Ray actors (``learner.num_ranks``), one ZeRO group."""
 
@@ -51,6 +57,7 @@ class LearnerGroup:
         """Blocks until every rank has built its engines. ``worker_kwargs`` go to ``LearnerWorker``
         (e.g. ``logprob_temperature``)."""
         ln = cfg.learner
+        worker_kwargs.setdefault("sft", cfg.sft if cfg.mode == "sft" else None)  # sft_step needs it
         if ln.backend == "nccl" and ln.num_gpus <= 0:
             raise ValueError(f"learner.backend = nccl needs learner.num_gpus > 0, got {ln.num_gpus}")
         self.num_ranks = ln.num_ranks
@@ -131,7 +138,7 @@ class LearnerGroup:
         kept = [i for i, k in enumerate(keep) if k]
         if not kept:
             raise ValueError("every group was filtered: the driver must skip the learner for this step")
-        sizes = [len(kept) // self.num_ranks + (r < len(kept) % self.num_ranks) for r in range(self.num_ranks)]
+        sizes = contiguous_sizes(len(kept), self.num_ranks)
         refs, lo = [], 0
         for actor, size in zip(self.actors, sizes):
             idx = kept[lo:lo + size]
@@ -147,6 +154,27 @@ class LearnerGroup:
               keep: Sequence[bool]) -> dict[str, float]:
         """Metrics of the update, aggregated over ranks."""
         return ray.get(self.submit_train(chains, advantages, keep))[0]
+
+    def submit_sft(self, records: Sequence[Any]) -> list[ray.ObjectRef]:
+        """One supervised cold-start step on ``rl.sft_data.SFTRecord``s (or refs to them): contiguous shards
+        per rank; a rank left without records trains a zero-weight copy of the first (no loss, no gradient)
+        so that its collectives stay in step."""
+        if not records:
+            raise ValueError("sft: no records")
+        refs, lo = [], 0
+        for actor, size in zip(self.actors, contiguous_sizes(len(records), self.num_ranks)):
+            shard = list(records[lo:lo + size])
+            lo += size
+            if shard:
+                refs.append(actor.sft_step.remote(*shard))
+            else:
+                first = records[0] if not isinstance(records[0], ray.ObjectRef) else ray.get(records[0])
+                refs.append(actor.sft_step.remote(first.zero_weight()))
+        return refs
+
+    def sft(self, records: Sequence[Any]) -> dict[str, float]:
+        """Metrics of the step, aggregated over ranks (``LearnerWorker.sft_step``)."""
+        return ray.get(self.submit_sft(records))[0]
 
     def publish_weights(self, version: int, models: Sequence[str] = ("policy", "diffusion")
                         ) -> tuple[WeightUpdate, dict[str, float]]:

@@ -19,6 +19,10 @@ token-mean of the whole batch however it is split (``rl.grpo.token_mean``). Ever
 of micro-batches (short ranks repeat one with an all-zero mask) because ZeRO's collectives run per forward /
 backward.
 
+The supervised cold start (``sft_step``, records from ``rl.sft_data``) runs the same loop with a different loss:
+text cross-entropy on the target tokens / global target-token count, plus the SR pipeline's denoising MSE
+over every stage triple / global triple count; one optimizer step per call.
+
 Log-probs of the policy are taken at temperature ``logprob_temperature``, which must be the rollout's sampling
 temperature: the engines report processed log-probs, ``log_softmax(logits / T)`` over every id except the
 banned ones (``ChainTokens.banned_ids``), and the learner re-scores the same way (see actors/text_engine.py).
@@ -40,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learner import engine as eng
-from rl.config import DiffusionConfig, ExperimentConfig, GRPOConfig, LearnerConfig, PolicyConfig
+from rl.config import DiffusionConfig, ExperimentConfig, GRPOConfig, LearnerConfig, PolicyConfig, SFTConfig
 from learner.weight_sync import bucket_named_tensors, serialize_bucket
 from rl.grpo import (
     TrainBatch,
@@ -129,7 +133,22 @@ class TraceScorer(nn.Module):
     def pipeline(self) -> Any:
         return self._pipeline[0]
 
-    def forward(self, traces: Sequence[Any]) -> Tensor:
+    def forward(
+        self,
+        traces: Sequence[Any] = (),
+        stages: Optional[Sequence[Any]] = None,
+        generator: Optional[torch.Generator] = None,
+        noise_level: int = 20,
+        prompt_dropout: float = 0.0,
+    ) -> Tensor:
+        """GRPO: (N, S) log-probs of recorded ``traces``. SFT (``stages`` given: ``rl.sft_data.StageTarget``s of
+        one size): the scalar denoising MSE of ``pipeline.denoising_loss``. Both go through this forward so
+        that DeepSpeed's hooks (ZeRO-3 gathers) see every use of the weights."""
+        if stages is not None:
+            return self.pipeline.denoising_loss(
+                [s.target for s in stages], [s.condition for s in stages], [s.text for s in stages],
+                generator=generator, noise_level=noise_level, prompt_dropout=prompt_dropout,
+            )
         return self.pipeline.trace_log_probs(traces)  # (N, S) with grad
 
 
@@ -158,11 +177,15 @@ class LearnerWorker:
         total_steps: int,
         dist_env: Optional[Mapping[str, str]] = None,
         logprob_temperature: float = 1.0,
+        sft: Optional[SFTConfig] = None,
     ):
         """``total_steps``: trainer steps of the run (the LR schedule spans total_steps x update_epochs
-        optimizer steps). ``dist_env``: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for this
-        rank (None: already in the environment). ``logprob_temperature``: see the module docstring."""
+        optimizer steps; with ``sft``, total_steps: one optimizer step per SFT step). ``dist_env``: RANK /
+        WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for this rank (None: already in the environment).
+        ``logprob_temperature``: see the module docstring. ``sft``: the cold-start config; ``sft_step`` needs
+        it (None for a GRPO learner)."""
         self.cfg, self.policy_cfg, self.diffusion_cfg, self.grpo = learner, policy, diffusion, grpo
+        self.sft = sft
         self.logprob_temperature = logprob_temperature
         self._configure_env(dist_env, learner.num_cpus)
         t0 = time.perf_counter()
@@ -170,7 +193,7 @@ class LearnerWorker:
         self.rank, self.world_size = eng.rank(), eng.world_size()
         self.dtype = eng.torch_dtype(learner.dtype)
         self.optimizer_steps = 0
-        optimizer_total = max(1, total_steps * grpo.update_epochs)
+        optimizer_total = max(1, total_steps if sft is not None else total_steps * grpo.update_epochs)
 
         self.engines: dict[str, Any] = {}
         self.tokens = None  # rl.models.policy.ChainTokens of the policy (processor + token layout)
@@ -202,6 +225,7 @@ class LearnerWorker:
     def from_config(
         cls, cfg: ExperimentConfig, dist_env: Optional[Mapping[str, str]] = None, **kwargs: Any
     ) -> "LearnerWorker":
+        kwargs.setdefault("sft", cfg.sft if cfg.mode == "sft" else None)
         return cls(
             cfg.learner, cfg.policy, cfg.diffusion, cfg.grpo, cfg.trainer.total_steps, dist_env, **kwargs
         )
@@ -426,11 +450,135 @@ class LearnerWorker:
         m["seconds"] = time.perf_counter() - t0
         return m
 
+    # ------------------------------------------------------------------ supervised cold start
+    def sft_step(self, *records: Any) -> dict[str, float]:
+        """One supervised step on this rank's ``rl.sft_data.SFTRecord``s (varargs, so Ray resolves refs):
+        cross-entropy on the target text tokens, a token-mean over the GLOBAL target-token count, weighted
+        ``sft.text_loss_weight``; plus the diffusion denoising MSE of every stage triple, a mean over the
+        global (record, stage) count, weighted ``sft.image_loss_weight``. Same micro-batching, equal
+        micro-batch count on every rank, clipping and LR schedule as ``train_step``; frozen models are skipped.
+        Returns metrics aggregated over all ranks (identical on every rank)."""
+        from rl.sft_data import to_rollout
+
+        if self.sft is None:
+            raise ValueError("sft_step: this learner was built without the sft config "
+                             "(LearnerWorker(..., sft=cfg.sft), or a config with mode: sft)")
+        if not records:
+            raise ValueError("sft_step: no records (a rank without data gets a zero-weight copy)")
+        weights = {float(r.weight) for r in records}
+        if not weights <= {0.0, 1.0} or len(weights) != 1:
+            raise ValueError(f"sft_step: record weights must be all 1.0 (data) or all 0.0 (a padding copy), "
+                             f"got {sorted(weights)}")
+        real = weights == {1.0}
+        t0 = time.perf_counter()
+        rollouts = [to_rollout(r) for r in records]
+        pad_id = self.tokens.tokenizer.pad_token_id if self.tokens is not None else 0
+        batch = build_train_batch(rollouts, torch.zeros(len(rollouts)), pad_token_id=pad_id or 0)
+        self._validate(batch, rollouts)
+        mb_size = self.cfg.micro_batch_size
+        micro = [
+            (batch.select(range(i, min(i + mb_size, len(batch)))), rollouts[i : i + mb_size],
+             list(records[i : i + mb_size]), real)
+            for i in range(0, len(batch), mb_size)
+        ]
+        n_micro = int(self._all_reduce([len(micro)], "max")[0])
+        while len(micro) < n_micro:  # keep collectives in step with the longest rank
+            mb, rs, recs, _ = micro[-1]
+            micro.append((masked_copy(mb), rs, recs, False))
+        local_images = sum(len(r.stages) for r in records) if real else 0
+        global_tokens, global_images, global_records = self._all_reduce(
+            [batch.num_tokens, local_images, len(records) if real else 0]
+        )
+        train_text = "policy" in self.engines and global_tokens > 0
+        train_image = "diffusion" in self.engines and global_images > 0
+
+        sums: dict[str, float] = {}
+        lrs = {name: eng.current_lr(e) for name, e in self.engines.items()}
+        for k, (mb, rs, recs, is_real) in enumerate(micro):
+            if train_text:
+                self._sft_text_micro_step(mb, rs, global_tokens, sums)
+            if train_image:
+                seed = ((self.optimizer_steps * 1009 + self.rank) * 1013 + k) % (2**31 - 1)
+                self._sft_image_micro_step(recs, is_real, global_images, sums, seed)
+        norms: dict[str, float] = {}
+        for name, e in self.engines.items():
+            if (name == "policy" and train_text) or (name == "diffusion" and train_image):
+                e.step()
+                norms[name] = eng.grad_norm(e)
+        self.optimizer_steps += int(bool(norms))
+
+        keys = sorted(sums)  # the same keys on every rank: each branch runs on all ranks or none
+        totals = dict(zip(keys, self._all_reduce([sums[k] for k in keys])))
+        m: dict[str, float] = {
+            "tokens": global_tokens,
+            "images": global_images,
+            "records": global_records,
+            "optimizer_steps": self.optimizer_steps,
+        }
+        if "text_loss" in totals:
+            m["text_loss"] = totals["text_loss"]
+            m["token_accuracy"] = totals["correct_tokens"] / global_tokens
+        if "image_loss" in totals:
+            m["image_loss"] = totals["image_loss"]
+        for name in self.engines:
+            if name in norms:
+                m[f"{name}_grad_norm"] = norms[name]
+            m[f"{name}_lr"] = lrs[name]
+        m["seconds"] = time.perf_counter() - t0
+        return m
+
+    def _sft_text_micro_step(
+        self, mb: TrainBatch, rs: Sequence[Rollout], global_tokens: float, sums: dict[str, float]
+    ) -> None:
+        policy = self.engines["policy"]
+        logits, start = self._policy_logits(policy, mb, rs)  # (B, L - start, V), banned ids -inf
+        ids = mb.input_ids.to(self.device)[:, start:]  # (B, L - start)
+        mask = mb.loss_mask.to(self.device)[:, start:]
+        logp = gather_token_log_probs(logits, ids, 1.0)  # (B, L - start), entry t: log p(ids[t] | < t)
+        logp = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
+        text_loss = token_mean(-logp, mask, global_tokens)
+        policy.backward(self.sft.text_loss_weight * text_loss * eng.dp_loss_scale(), scale_wrt_gas=False)
+        with torch.no_grad():
+            correct = (logits[:, :-1].argmax(-1) == ids[:, 1:]) & mask[:, 1:].bool()  # logit t predicts t+1
+        _add(sums, "text_loss", text_loss.item())
+        _add(sums, "correct_tokens", float(correct.sum()))
+
+    def _sft_image_micro_step(
+        self, records: Sequence[Any], real: bool, global_images: float, sums: dict[str, float], seed: int
+    ) -> None:
+        """One forward per stage size over the micro-batch (the same count on every rank: ZeRO-3 gathers per
+        forward), one backward; a padding micro-batch runs it at weight 0."""
+        diffusion = self.engines["diffusion"]
+        groups: dict[tuple, list[Any]] = {}
+        for r in records:
+            for st in r.stages:
+                groups.setdefault((st.stage, st.target.shape, st.condition.shape), []).append(st)
+        generator = torch.Generator().manual_seed(seed)
+        dropout = 0.1 if self.diffusion_cfg.guidance_scale != 1.0 else 0.0  # CFG needs an unconditional model
+        loss = None
+        for stages in groups.values():
+            mse = diffusion(stages=stages, generator=generator, noise_level=self.diffusion_cfg.noise_level,
+                            prompt_dropout=dropout)
+            part = mse * (len(stages) / global_images if real else 0.0)  # mean over the global triple count
+            loss = part if loss is None else loss + part
+        diffusion.backward(self.sft.image_loss_weight * loss * eng.dp_loss_scale(), scale_wrt_gas=False)
+        _add(sums, "image_loss", loss.item())
+
     # ------------------------------------------------------------------ re-scoring
     def policy_log_probs(self, model: nn.Module, mb: TrainBatch, rollouts: Sequence[Rollout]) -> Tensor:
         """Log-probs (B, L) float32 of the exact rollout tokens (prompt + completion) under ``model``, with
         the context images (LR, rough, middle) as pixel inputs; entry t is log p(token t | tokens < t), 0
         before the first completion token. Logits are only computed from the shortest prompt on."""
+        logits, start = self._policy_logits(model, mb, rollouts)
+        input_ids = mb.input_ids.to(self.device)
+        # (B, L - start): entry 0 is position `start`, a prompt token with no loss
+        temperature = self.logprob_temperature if self.logprob_temperature > 0 else 1.0  # greedy: T = 1
+        logp = gather_token_log_probs(logits, input_ids[:, start:], temperature)
+        logp = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))  # banned image pads: no loss
+        return F.pad(logp, (start, 0))  # (B, L)
+
+    def _policy_logits(self, model: nn.Module, mb: TrainBatch, rollouts: Sequence[Rollout]) -> tuple[Tensor, int]:
+        """Logits (B, L - start, V) of positions start..L-1 (start = shortest prompt - 1), banned ids -inf."""
         images = [im for r in rollouts for im in r.context_images]
         inputs = {k: v.to(self.device) for k, v in self.tokens.image_inputs(images).items()}
         input_ids = mb.input_ids.to(self.device)
@@ -452,11 +600,7 @@ class LearnerWorker:
         banned = self.tokens.banned_ids(logits.shape[-1])
         if banned:  # the engines never sample these: their log-probs are normalised over the other ids
             logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
-        # (B, L - start): entry 0 is position `start`, a prompt token with no loss
-        temperature = self.logprob_temperature if self.logprob_temperature > 0 else 1.0  # greedy: T = 1
-        logp = gather_token_log_probs(logits, input_ids[:, start:], temperature)
-        logp = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))  # banned image pads: no loss
-        return F.pad(logp, (start, 0))  # (B, L)
+        return logits, start
 
     def step_log_probs(self, scorer: nn.Module, mb: TrainBatch, rollouts: Sequence[Rollout]) -> Tensor:
         """Per-step log-probs (B, S) of each chain's traces, stages concatenated in trace order (the layout

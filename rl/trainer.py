@@ -8,11 +8,7 @@ learner ranks fetch the chains they need from Ray's object store.
 from __future__ import annotations
 
 import logging
-import os
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import ray
@@ -21,34 +17,16 @@ import torch
 from actors.group import RolloutGroup, role_placement_group
 from learner.group import LearnerGroup
 from rewards.pool import RewardPool
-from rl import checkpoint as ckpt
 from rl import grpo
+from rl import run_state
 from rl.config import ExperimentConfig
 from rl.data.dataset import PairDataset
 from rl.monitor import RunMonitor, summarize
 from rl.records import Rollout, Sample, Scores
+from rl.run_state import PhaseTimer, RunFailed, _fault_injection_pause  # noqa: F401 (re-exported)
 
 log = logging.getLogger("rl.trainer")
 REWARD_PARTS = ("format", "degradation", "understanding", "generation")
-
-
-class RunFailed(RuntimeError):
-    """The run cannot go on; the message names the last complete checkpoint to resume from."""
-
-
-class PhaseTimer:
-    """Wall time per phase of one step -> ``timing/<phase>`` seconds."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def reward_metrics(scores: list[Scores], group_size: int) -> dict[str, float]:
@@ -65,17 +43,6 @@ def reward_metrics(scores: list[Scores], group_size: int) -> dict[str, float]:
             out[f"reward/{part}/group_std"] = float(np.nanmean(np.nanstd(groups, axis=1)))
     out["reward/metric_failures"] = float(sum(len(s.errors) for s in scores))
     return out
-
-
-def _fault_injection_pause(step: int) -> None:
-    """Fault injection for tests that kill the run while a checkpoint is half written:
-    REALSR_FAULT_CHECKPOINT_PAUSE="STEP:SECONDS" holds step STEP's checkpoint uncommitted that long."""
-    spec = os.environ.get("REALSR_FAULT_CHECKPOINT_PAUSE", "")
-    if spec:
-        at, seconds = spec.split(":")
-        if int(at) == step:
-            log.warning("fault injection: holding checkpoint %d uncommitted for %s s", step, seconds)
-            time.sleep(float(seconds))
 
 
 class GRPOTrainer:
@@ -104,15 +71,11 @@ class GRPOTrainer:
                 try:
                     metrics = self.step()
                 except ray.exceptions.RayError as exc:  # a group that cannot recover (e.g. a learner rank died)
-                    latest = ckpt.latest_complete(self.ckpt_root)
-                    raise RunFailed(
-                        f"step {self.step_id + 1} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}; "
-                        f"last complete checkpoint: {latest or 'none'}; continue with trainer.resume=true"
-                    ) from exc
+                    raise run_state.run_failed(self.step_id + 1, exc, self.ckpt_root) from exc
                 self.monitor.progress(self.step_id, {"reward": metrics.get("reward/total/mean", float("nan")),
                                                      "s/step": metrics["timing/step"]})
-                every = self.cfg.trainer.checkpoint_every
-                if every and (self.step_id % every == 0 or self.step_id == self.cfg.trainer.total_steps):
+                if run_state.should_checkpoint(self.step_id, self.cfg.trainer.checkpoint_every,
+                                               self.cfg.trainer.total_steps):
                     self.save_checkpoint()
         finally:
             self.monitor.close()
@@ -173,30 +136,14 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """DeepSpeed state (all ranks) + HF/diffusers export + trainer state, committed atomically."""
-        tmp = ckpt.begin_checkpoint(self.ckpt_root, self.step_id)
-        try:
-            self.learner.save_checkpoint(str(tmp / "deepspeed"))
-            self.learner.export_hf(str(tmp / "export"))
-            state = ckpt.TrainerState(step=self.step_id, data_cursor=self.cursor, rng=ckpt.capture_rng_state(),
-                                      extra={"policy_version": self.version})
-            ckpt.save_trainer_state(tmp, state)
-            _fault_injection_pause(self.step_id)
-            final = ckpt.commit_checkpoint(tmp)
-        except BaseException:
-            ckpt.abort_checkpoint(tmp)
-            raise
-        ckpt.prune(self.ckpt_root, self.cfg.trainer.keep_checkpoints)
-        log.info("checkpoint %s", final)
-        return final
+        return run_state.save_checkpoint(self.learner, self.ckpt_root, self.step_id, self.cursor,
+                                         self.cfg.trainer.keep_checkpoints, {"policy_version": self.version})
 
     def _resume(self) -> None:
-        latest = ckpt.latest_complete(self.ckpt_root)
-        if latest is None:
-            log.info("resume: no complete checkpoint under %s, starting fresh", self.ckpt_root)
+        found = run_state.load_latest(self.learner, self.ckpt_root)
+        if found is None:
             return
-        state = ckpt.load_trainer_state(latest)
-        self.learner.load_checkpoint(str(latest / "deepspeed"))
-        ckpt.restore_rng_state(state.rng)
+        latest, state = found
         self.step_id, self.cursor = state.step, state.data_cursor
         self.version = int(state.extra.get("policy_version", state.step))
         update, _ = self.learner.publish_weights(self.version)

@@ -5,7 +5,7 @@ import sys
 
 PURE_MODULES = [
     "rl.config", "rl.records", "rl.chain", "rl.grpo", "rl.checkpoint", "rl.data.degradations",
-    "rl.data.dataset", "rewards.format", "rewards.degradation", "rewards.understanding", "actors.sde", "rewards.quality", "rewards.total", "rewards.pool", "rl.monitor",
+    "rl.data.dataset", "rewards.format", "rewards.degradation", "rewards.understanding", "actors.sde", "rewards.quality", "rewards.total", "rewards.pool", "rl.monitor", "rl.resources",
     "learner.weight_sync",
 ]
 

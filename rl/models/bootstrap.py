@@ -86,12 +86,52 @@ def build_all(
     return built
 
 
+INIT_SOURCE_FILE = ".init_from"  # inside <output_dir>/init/<model>: the resolved path it was copied from
+_INIT_MARKERS = {"policy": ("config.json", "an HF Qwen2.5-VL directory"),
+                 "diffusion": ("model_index.json", "a diffusers SR pipeline directory")}
+
+
+def apply_init_from(cfg: ExperimentConfig) -> dict[str, Path]:
+    """Start the run from ``policy.init_from`` / ``diffusion.init_from`` (e.g. a cold-start checkpoint's
+    ``export/policy`` and ``export/diffusion``): copy each into ``<output_dir>/init/<model>`` once and point
+    ``<model>.path`` at the copy, so rollout workers and learner ranks all load the same weights, and the run
+    does not depend on the source staying put. Call before any actor starts. Returns {model: copy}.
+
+    A copy made earlier from the same source is reused; one from another source is replaced. Raises
+    ModelMissingError naming the key and the path when the source is not a model directory.
+    """
+    out: dict[str, Path] = {}
+    for key, sub in (("policy", cfg.policy), ("diffusion", cfg.diffusion)):
+        if not sub.init_from:
+            continue
+        marker, what = _INIT_MARKERS[key]
+        src = Path(sub.init_from)
+        if not (src / marker).is_file():
+            raise ModelMissingError(
+                f"{key}.init_from = {sub.init_from!r}: not {what} ({src / marker} is missing)"
+            )
+        dst = Path(cfg.output_dir) / "init" / key
+        source = str(src.resolve())
+        stamp = dst / INIT_SOURCE_FILE
+        if not (stamp.is_file() and stamp.read_text() == source):
+            if dst.exists():
+                shutil.rmtree(dst)
+            with atomic_dir(dst) as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
+                (tmp / INIT_SOURCE_FILE).write_text(source)
+        sub.path = str(dst)
+        out[key] = dst
+    return out
+
+
 def ensure_models(cfg: ExperimentConfig) -> None:
     """Make sure ``policy.path`` and ``diffusion.path`` exist: build the tiny random ones where allowed.
 
-    Raises ModelMissingError naming the key and the path when a directory is missing and its ``bootstrap`` is
+    ``<model>.init_from``, when set, wins: the path becomes a copy of it (``apply_init_from``). Raises
+    ModelMissingError naming the key and the path when a directory is missing and its ``bootstrap`` is
     false. Existing directories are never touched (a real checkpoint is never overwritten).
     """
+    apply_init_from(cfg)
     if not Path(cfg.policy.path).exists():
         if not cfg.policy.bootstrap:
             raise ModelMissingError(
