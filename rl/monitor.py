@@ -37,13 +37,14 @@ def image_panel(images: Mapping[str, Optional[np.ndarray]], height: int) -> np.n
 class RunMonitor:
     """One TensorBoard run directory plus an optional console progress bar."""
 
-    def __init__(self, log_dir: str | Path, total_steps: int, start_step: int = 0, progress_bar: bool = True):
+    def __init__(self, log_dir: str | Path, total_steps: int, start_step: int = 0, progress_bar: bool = True,
+                 desc: str = "grpo"):
         self.writer = SummaryWriter(log_dir=str(log_dir))
         self._bar = None
         if progress_bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
 
     def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
         for name, value in metrics.items():

@@ -44,7 +44,7 @@ class SFTTrainer:
         if cfg.trainer.resume:
             self._resume()
         self.monitor = RunMonitor(cfg.trainer.log_dir, cfg.trainer.total_steps, self.step_id,
-                                  cfg.trainer.progress_bar)
+                                  cfg.trainer.progress_bar, desc="sft")
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> None:
