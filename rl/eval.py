@@ -310,6 +310,8 @@ def _mean(values: Sequence[float]) -> Optional[float]:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
+    import torch
+
     from rl.env import configure_process
     from rl.inference import build_sampler, crop_output, default_device, fit_lr, load_inference_config, \
         lr_multiple, resolve_checkpoint
@@ -347,7 +349,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     for group in by_shape.values():
         for i in range(0, len(group), args.batch_size):
             batch = [replace(s, lr=fitted[s.prompt_id].lr) for s in group[i:i + args.batch_size]]
-            for r in sampler.sample(batch, group_size=spi, seed=args.seed):
+            with torch.no_grad():  # sampling only: no autograd graph for the chain
+                rollouts_batch = sampler.sample(batch, group_size=spi, seed=args.seed)
+            for r in rollouts_batch:
                 f = fitted[r.prompt_id]
                 r.images = {k: crop_output(v, f, sampler.scales[k]) for k, v in r.images.items()}
                 rollouts[(r.prompt_id, r.sample_index)] = r

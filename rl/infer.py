@@ -68,6 +68,7 @@ def output_names(files: list[Path]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from tqdm.auto import tqdm
 
     from rl.data.images import BadImageError, load_rgb, save_png
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_checkpoint
     from rl.records import Sample
 
-    configure_process()
+    configure_process(args.threads)  # CPU: torch threads capped (oversubscribed shared cores ran ~20x slower)
     start = time.perf_counter()
     ckpt = resolve_checkpoint(args.checkpoint)
     cfg, _ = load_inference_config(args.config, ckpt, args.overrides)
@@ -100,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
             bar.write(f"note: {path.name}: {note}", file=sys.stderr)
         sample = Sample(prompt_id=index, image_id=name, lr=fitted.lr, hr=None, tags=(), degradation=None)
         try:
-            (rollout,) = sampler.sample([sample], group_size=1, seed=args.seed)
+            with torch.no_grad():
+                (rollout,) = sampler.sample([sample], group_size=1, seed=args.seed)
         except Exception as exc:  # noqa: BLE001 - one image must not end the batch; said, counted, exit code
             bar.write(f"failed {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
             summary.failed.append((str(path), f"{type(exc).__name__}: {exc}"))
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="greedy text decoding (temperature 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; no effect on GPU)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. diffusion.num_steps=20 chain.max_stage_tokens=64")
     return p

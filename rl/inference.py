@@ -145,9 +145,8 @@ def build_sampler(cfg: ExperimentConfig, engine: str = "vllm", greedy: bool = Fa
     sampling = cfg.rollout.sampling
     if greedy:
         sampling = replace(sampling, temperature=0.0, top_p=1.0, top_k=-1)
-    torch.set_grad_enabled(False)
     args = (cfg.policy.path, sampling, cfg.chain.max_stage_tokens)
-    kwargs = dict(vllm=cfg.rollout.vllm, dtype=cfg.policy.dtype, device=device, seed=seed)
+    kwargs = {"vllm": cfg.rollout.vllm, "dtype": cfg.policy.dtype, "device": device, "seed": seed}
     if engine == "vllm":
         try:
             text = build_text_engine("vllm", *args, **kwargs)
@@ -207,7 +206,7 @@ def fit_lr(image: np.ndarray, multiple: int, max_side: Optional[int] = None) -> 
         image = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode=mode)
         notes.append(f"padded {w}x{h} -> {w + pw}x{h + ph} ({mode}; sides must be multiples of {multiple}), "
                      "outputs cropped back")
-    return Fitted(np.ascontiguousarray(image), (h, w), tuple(notes))
+    return Fitted(np.array(image, order="C"), (h, w), tuple(notes))  # a writable copy (PIL arrays are not)
 
 
 def crop_output(image: np.ndarray, fitted: Fitted, scale: int) -> np.ndarray:

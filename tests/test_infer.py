@@ -1,0 +1,138 @@
+"""rl.infer and rl.inference: checkpoint resolution, LR sizing, and the CLI on a folder with a corrupt file.
+
+The CLI runs in this process (``rl.infer.main``) on tiny bootstrap models with the HF engine and a short chain
+(8 tokens per turn, 2 denoising steps): the test is about files, sizes and exit codes, not image quality.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rl.checkpoint import CheckpointError, write_checkpoint
+from rl.config import load_config
+from rl.env import REPO_ROOT
+from rl.inference import crop_output, fit_lr, resolve_checkpoint
+
+FAST = ["--engine", "hf", "chain.max_stage_tokens=8", "diffusion.num_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    from rl.models.bootstrap import build_all
+
+    cfg = load_config(REPO_ROOT / "configs" / "grpo_local.yaml")
+    out = tmp_path_factory.mktemp("infer_models")
+    build_all(out, cfg.policy.tiny, cfg.diffusion.tiny, require_diffusion=True)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The CLI caps torch threads for its process; give the other tests theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _png(path: Path, h: int, w: int, seed: int) -> None:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+# ------------------------------------------------------------------------------------------ pure helpers
+def test_fit_lr_pads_to_the_multiple_and_crop_output_undoes_it():
+    image = np.arange(13 * 30 * 3, dtype=np.uint8).reshape(13, 30, 3)
+    f = fit_lr(image, 8)
+    assert f.lr.shape == (16, 32, 3) and f.size == (13, 30)
+    assert np.array_equal(f.lr[:13, :30], image)  # padding only at the bottom/right: the input is untouched
+    assert len(f.notes) == 1 and "30x13 -> 32x16" in f.notes[0]
+    sr = np.zeros((16 * 4, 32 * 4, 3), np.uint8)
+    assert crop_output(sr, f, 4).shape == (52, 120, 3)
+    # already a multiple: unchanged, no note
+    g = fit_lr(np.zeros((16, 24, 3), np.uint8), 8)
+    assert g.lr.shape == (16, 24, 3) and g.notes == ()
+    # smaller than the multiple: edge padding (reflect would need a larger image)
+    assert fit_lr(np.zeros((3, 5, 3), np.uint8), 8).lr.shape == (8, 8, 3)
+
+
+def test_fit_lr_max_side_downscales_before_padding():
+    f = fit_lr(np.zeros((1000, 600, 3), np.uint8), 8, max_side=100)
+    assert f.size == (100, 60) and f.lr.shape == (104, 64, 3)
+    assert "downscaled 600x1000 -> 60x100" in f.notes[0]
+
+
+def test_resolve_checkpoint_accepts_export_step_and_checkpoints_root(models, tmp_path):
+    root = tmp_path / "runs" / "r" / "checkpoints"
+    copy = lambda d: shutil.copytree(models, d / "export")  # noqa: E731
+    write_checkpoint(root, 1, copy)
+    write_checkpoint(root, 3, copy)
+    (root / "step_000003" / "COMPLETE").unlink()  # step 3 never completed: must not be picked
+    (tmp_path / "runs" / "r" / "config.yaml").write_text((REPO_ROOT / "configs" / "grpo_local.yaml").read_text())
+
+    for arg in (root, root.parent, root / "step_000001", root / "step_000001" / "export"):
+        ck = resolve_checkpoint(arg)
+        assert ck.step == 1 and ck.export == (root / "step_000001" / "export").resolve()
+        assert ck.run_config == root.parent / "config.yaml"
+    ck = resolve_checkpoint(models)  # a bare export (the bootstrap layout)
+    assert ck.step is None and ck.policy == (models / "policy").resolve() and ck.run_config is None
+    with pytest.raises(CheckpointError, match="COMPLETE"):
+        resolve_checkpoint(root / "step_000003")
+    with pytest.raises(CheckpointError, match="no such file"):
+        resolve_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no complete step_N"):
+        resolve_checkpoint(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+def test_infer_folder_writes_4x_outputs_and_skips_the_corrupt_file(models, tmp_path, capsys):
+    from rl.infer import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _png(src / "a.png", 16, 24, 0)
+    _png(src / "b.png", 13, 21, 1)  # not a multiple of 8: padded, outputs cropped back to 4x
+    (src / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG header and nothing else
+    (src / "notes.md").write_text("not an image suffix: ignored")
+    out = tmp_path / "out"
+
+    rc = main(["--checkpoint", str(models), "--input", str(src), "--output", str(out), *FAST])
+    err = capsys.readouterr().err
+
+    assert rc == 0, err[-3000:]
+    for name, (h, w) in {"a": (16, 24), "b": (13, 21)}.items():
+        d = out / name
+        assert sorted(p.name for p in d.iterdir()) == ["chain.txt", "middle.png", "rough.png", "sr.png"]
+        assert Image.open(d / "sr.png").size == (w * 4, h * 4)
+        assert Image.open(d / "middle.png").size == (w * 2, h * 2)
+        assert Image.open(d / "rough.png").size == (w, h)
+        text = (d / "chain.txt").read_text()
+        assert "<final_image><|image|></final_image>" in text
+    assert "padded 21x13 -> 24x16" in (out / "b" / "chain.txt").read_text()
+    assert not (out / "c").exists()
+    bad_lines = [line for line in err.splitlines() if "c.png" in line]
+    assert len(bad_lines) == 1 and bad_lines[0].strip().startswith("skipped ") and str(src / "c.png") in bad_lines[0]
+    assert "2 super-resolved, 1 skipped (unreadable)" in err
+
+
+def test_infer_exit_code_1_when_no_image_succeeds(models, tmp_path, capsys):
+    from rl.infer import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    rc = main(["--checkpoint", str(models), "--input", str(src), "--output", str(tmp_path / "out"), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "skipped " + str(src / "broken.jpg") in err and "0 super-resolved, 1 skipped" in err
+
+
+def test_infer_bad_arguments_exit_2_naming_the_path(tmp_path, capsys):
+    from rl.infer import main
+
+    rc = main(["--checkpoint", str(tmp_path / "missing"), "--input", str(tmp_path), "--output", str(tmp_path)])
+    assert rc == 2 and str(tmp_path / "missing") in capsys.readouterr().err
