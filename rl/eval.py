@@ -1,21 +1,25 @@
 """Held-out evaluation of a trained checkpoint: rewards and the paper's image metrics, against bicubic x4.
 
     python -m rl.eval --checkpoint runs/grpo_local/checkpoints --data skimage [--split eval] [--num N]
-                      [--out DIR] [--config FILE] [--engine vllm|hf] [--greedy] [--real-lr]
-                      [--metric-weights DIR] [--save-images]
+                      [--samples-per-image K] [--out DIR] [--config FILE] [--engine vllm|hf] [--greedy]
+                      [--real-lr] [--metric-weights DIR] [--save-images] [--threads T] [key=value ...]
 
 Synthetic mode (default): LR images are synthesised from HR crops by the training degradation pipeline
 (``PairDataset`` with the config's data section, ``source`` = ``--data``), so every reward applies and the
-full-reference metrics have their HR. ``--real-lr``: ``--data`` is a folder of real LR images, used as they are
-(no HR, no degradation labels): only the format / understanding (if tags exist) / no-reference terms apply.
+full-reference metrics have their HR (``--split all`` takes every image of a folder of held-out HR images).
+``--real-lr``: ``--data`` is a folder of real LR images, used as they are (no HR, no degradation labels): only
+the format / understanding (if tags exist) / no-reference terms apply; sizes the SR model cannot take are
+reflect-padded and every stage image cropped back (``rl.inference.fit_lr``).
 
-Writes ``OUT/eval.json`` (summary + per-image values) and ``OUT/eval.md`` (two tables).
+Writes ``OUT/eval.json`` (summary + per-chain values) and ``OUT/eval.md`` (two tables). Reward means are over
+all chains (``--samples-per-image`` per image); the bicubic baseline is computed once per image.
 
 Metrics (paper.md 7.1): with HR, PSNR and SSIM on the Y channel (``test_y_channel=True, color_space='ycbcr'``),
 LPIPS, DISTS; on every image NIQE, MUSIQ, MANIQA (pipal), CLIPIQA, TOPIQ (topiq_nr, the reward's KonIQ
 variant), plus PIQE (classical, offline). Network metrics need weight files; each is looked up on disk BEFORE
 the metric is created (pyiqa would otherwise try to download, which fails or hangs offline), and a metric
-whose files are missing is listed as skipped with the file it lacks. Every metric is also computed for the
+whose files are missing is listed as skipped with the file it lacks; any other download pyiqa attempts while
+a metric is created fails at once (``no_downloads``) and skips that metric, naming the URL. Every metric is also computed for the
 bicubic x4 upsampling of the same LR image, the baseline column.
 """
 
@@ -230,7 +234,7 @@ def score_image(metric: ImageMetric, image: np.ndarray, hr: Optional[np.ndarray]
         with torch.no_grad():
             args = (_tensor(image, device),) + ((_tensor(hr, device),) if metric.spec.full_reference else ())
             value = float(torch.as_tensor(metric.fn(*args)).float().reshape(-1)[0])
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - a failed image is counted (nan), not fatal
         log.warning("%s failed on an image: %s: %s", metric.spec.label, type(exc).__name__, exc)
         return math.nan
     return value
@@ -297,9 +301,11 @@ def load_samples(cfg, data: str, split: str, num: Optional[int], real_lr: bool) 
         return samples, {"source": data, "mode": "real-lr", "skipped": skipped}
     dcfg = replace(cfg.data, source=data, eval_source=data if split == "all" else None)
     ds = PairDataset(dcfg, "train" if split == "train" else "eval")
-    n = len(ds) if num is None else num
+    # default: one crop of each usable image (sample() moves past skipped files to the next usable one)
+    n = num if num is not None else max(1, len(ds) - sum(ds.stats.values()))
     samples = ds.batch(0, n)
-    return samples, {"source": data, "mode": "synthetic", "split": split, "images": ds.image_ids,
+    return samples, {"source": data, "mode": "synthetic", "split": split,
+                     "images": list(dict.fromkeys(s.image_id for s in samples)),
                      "skipped": {k: v for k, v in ds.stats.items() if v}}
 
 
@@ -312,12 +318,19 @@ def _mean(values: Sequence[float]) -> Optional[float]:
 def evaluate(args: argparse.Namespace) -> dict:
     import torch
 
-    from rl.env import configure_process
-    from rl.inference import build_sampler, crop_output, default_device, fit_lr, load_inference_config, \
-        lr_multiple, resolve_checkpoint
-    from rl.records import Sample
     from rewards.quality import build_quality_scorer
     from rewards.total import metric_weights, score_rollouts
+    from rl.env import configure_process
+    from rl.inference import (
+        build_sampler,
+        crop_output,
+        default_device,
+        fit_lr,
+        load_inference_config,
+        lr_multiple,
+        resolve_checkpoint,
+    )
+    from rl.records import Sample
 
     configure_process(args.threads)  # CPU: torch threads capped (oversubscribed cores ran 20x slower here)
     start = time.perf_counter()
@@ -388,7 +401,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         for m in metrics:
             if m.fn is None:
                 continue
-            row["model"][m.spec.label] = score_image(m, final, s.hr, device) if final is not None else math.nan
+            row["model"][m.spec.label] = (score_image(m, final, s.hr, device) if final is not None
+                                          else math.nan)
             if first:
                 row["bicubic"][m.spec.label] = score_image(m, bicubic, s.hr, device)
         if first:
@@ -444,7 +458,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     report = {
         "checkpoint": str(args.checkpoint), "export": str(ckpt.export), "step": ckpt.step,
         "config": str(config_path), "overrides": list(getattr(args, "overrides", ())),
-        "engine": getattr(sampler, "engine_name", args.engine), "greedy": bool(args.greedy), "seed": args.seed,
+        "engine": getattr(sampler, "engine_name", args.engine), "greedy": bool(args.greedy),
+        "seed": args.seed,
         "device": device, "scale": scale, "data": data_info, "num_images": len(samples),
         "samples_per_image": spi, "num_chains": len(per_chain),
         "rewards": rewards_summary, "metrics": metrics_summary, "per_chain": _jsonable(per_chain),
@@ -474,14 +489,14 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def to_markdown(report: dict) -> str:
-    arrow = lambda lower: "↓" if lower else "↑"  # noqa: E731
+    arrow = lambda lower: "↓" if lower else "↑"
     mode = report["data"]["mode"]
     lines = [
         f"# Evaluation of {report['export']}" + (f" (step {report['step']})" if report["step"] is not None else ""),
         "",
         f"- data: `{report['data']['source']}` ({mode}"
-        + (f", split {report['data']['split']}" if mode == "synthetic" else "") + f"), {report['num_images']} images"
-        f" x {report['samples_per_image']} chain(s)",
+        + (f", split {report['data']['split']}" if mode == "synthetic" else "")
+        + f"), {report['num_images']} images x {report['samples_per_image']} chain(s)",
         f"- engine: {report['engine']}{', greedy text' if report['greedy'] else ''}; config `{report['config']}`;"
         f" device {report['device']}; seed {report['seed']}",
         "",
@@ -496,8 +511,8 @@ def to_markdown(report: dict) -> str:
               "| metric | model | bicubic | beats bicubic | n | note |", "|---|---|---|---|---|---|"]
     for label, m in report["metrics"].items():
         beats = {True: "yes", False: "no"}.get(m.get("beats_bicubic"), "-")
-        lines.append(f"| {label}{arrow(m['lower_better'])} | {_fmt(m['model'])} | {_fmt(m['bicubic'])} | {beats} "
-                     f"| {m['n']} | {m['note']} |")
+        lines.append(f"| {label}{arrow(m['lower_better'])} | {_fmt(m['model'])} | {_fmt(m['bicubic'])} "
+                     f"| {beats} | {m['n']} | {m['note']} |")
     lines += ["", f"Total time {report['timings']['total_s']:.1f} s.", ""]
     return "\n".join(lines)
 

@@ -10,11 +10,12 @@ synthesis, no HR. For each one the whole VLCoT chain runs and ``OUTPUT/<stem>/``
     rough.png   the rough stage image (rough_scale x), middle.png the middle one (middle_scale x)
     chain.txt   the chain text (images shown as <|image|>), then the size notes
 
-The SR model needs sides that are multiples of its downsampling factor (8 for the tiny models): other inputs are
-reflect-padded and every output is cropped back, so the outputs are exactly scale x the input; ``--max-side``
-first downscales inputs whose longer side exceeds it (both are noted on the console and in chain.txt).
-A file that cannot be read as an image is reported in one line naming it and skipped. Exit code 0 when at least
-one image was super-resolved, 1 when none was, 2 for a bad argument (checkpoint, config, folder).
+The SR model needs sides that are multiples of its downsampling factor (8 for the tiny models): other inputs
+are reflect-padded and every output is cropped back, so the outputs are exactly scale x the input;
+``--max-side`` first downscales inputs whose longer side exceeds it (both are noted on the console and in
+chain.txt). A file that cannot be read as an image is reported in one line naming it and skipped. Exit code
+0 when at least one image was super-resolved, 1 when none was, 2 for a bad argument (checkpoint, config,
+folder).
 """
 
 from __future__ import annotations
@@ -73,8 +74,14 @@ def run(args: argparse.Namespace) -> int:
 
     from rl.data.images import BadImageError, load_rgb, save_png
     from rl.env import configure_process
-    from rl.inference import build_sampler, crop_output, fit_lr, load_inference_config, lr_multiple, \
-        resolve_checkpoint
+    from rl.inference import (
+        build_sampler,
+        crop_output,
+        fit_lr,
+        load_inference_config,
+        lr_multiple,
+        resolve_checkpoint,
+    )
     from rl.records import Sample
 
     configure_process(args.threads)  # CPU: torch threads capped (oversubscribed shared cores ran ~20x slower)
@@ -122,12 +129,14 @@ def run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rl.infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True,
-                   help="a step_N dir, an export dir (policy/ + diffusion/), or a run's checkpoints root (latest)")
+                   help="a step_N dir, an export dir (policy/ + diffusion/), "
+                        "or a run's checkpoints root (latest)")
     p.add_argument("--input", required=True, help="a folder of LR images (or one image file)")
     p.add_argument("--output", required=True, help="writes OUTPUT/<stem>/{sr,rough,middle}.png and chain.txt")
     p.add_argument("--engine", default="vllm", choices=("vllm", "hf"),
                    help="text engine (vllm falls back to hf when it is not usable)")
-    p.add_argument("--config", default=None, help="default: the run's config.yaml, else configs/grpo_local.yaml")
+    p.add_argument("--config", default=None,
+                   help="default: the run's config.yaml, else configs/grpo_local.yaml")
     p.add_argument("--max-side", type=int, default=None,
                    help="downscale inputs whose longer side exceeds this many pixels (before SR)")
     p.add_argument("--greedy", action="store_true", help="greedy text decoding (temperature 0)")

@@ -8,6 +8,8 @@ in-process ChainSampler from it (no Ray: one process, the same engines and pipel
 
 The config (chain scales, token budget, denoising steps, rewards, data) defaults to the run's own
 ``config.yaml`` when the checkpoint sits in a run directory, so a model is evaluated the way it was trained.
+Real LR images of any size go through ``fit_lr`` (downscale to ``--max-side``, pad to the SR model's size
+multiple) and ``crop_output`` (undo the padding on each stage image).
 """
 
 from __future__ import annotations
@@ -185,9 +187,10 @@ class Fitted:
 
 
 def fit_lr(image: np.ndarray, multiple: int, max_side: Optional[int] = None) -> Fitted:
-    """Downscale so the longer side is at most ``max_side`` (area filter), then reflect-pad the bottom and right
-    to multiples of ``multiple``. Padding (not cropping) keeps every input pixel; ``crop_output`` removes the
-    padded border from each stage image, so the final image is exactly ``scale x`` the (downscaled) input.
+    """Downscale so the longer side is at most ``max_side`` (area filter), then reflect-pad the bottom and
+    right to multiples of ``multiple``. Padding (not cropping) keeps every input pixel; ``crop_output``
+    removes the padded border from each stage image, so the final image is exactly ``scale x`` the
+    (downscaled) input.
     """
     import cv2
 

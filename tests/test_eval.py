@@ -2,15 +2,14 @@
 weight checks that keep pyiqa from downloading.
 
 The evaluation runs in this process (``rl.eval.main``) on tiny bootstrap models with the HF engine and a short
-chain (8 tokens per turn, 2 denoising steps); TORCH_HOME points at an empty folder so which metrics are skipped
-does not depend on what this machine has cached.
+chain (8 tokens per turn, 2 denoising steps); TORCH_HOME points at an empty folder so which metrics are
+skipped does not depend on what this machine has cached.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,8 +34,13 @@ def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("eval")
     cfg = load_config(REPO_ROOT / "configs" / "grpo_local.yaml")
     build_all(base / "models", cfg.policy.tiny, cfg.diffusion.tiny, require_diffusion=True)
+    # pyiqa fixes its cache dir at import: import it first, then point both it and TORCH_HOME at an empty
+    # folder, so that undo() leaves pyiqa as the other tests of this process expect it
+    import pyiqa.utils.download_util as pyiqa_download
+
     mp = pytest.MonkeyPatch()
     mp.setenv("TORCH_HOME", str(base / "torch_home"))
+    mp.setattr(pyiqa_download, "DEFAULT_CACHE_DIR", str(base / "torch_home" / "hub" / "pyiqa"))
     threads = torch.get_num_threads()
     yield base
     torch.set_num_threads(threads)
@@ -84,7 +88,7 @@ def test_synthetic_report_metrics(synthetic):
         assert math.isfinite(m[label]["model"]) and math.isfinite(m[label]["bicubic"])
         assert isinstance(m[label]["beats_bicubic"], bool)
     assert 0 < m["SSIM"]["bicubic"] <= 1 and m["PSNR"]["bicubic"] > 10  # bicubic of a real LR crop vs its HR
-    for label in NEED_WEIGHTS:  # nothing cached: skipped, saying which file is missing and where it was looked for
+    for label in NEED_WEIGHTS:  # nothing cached: skipped, naming the missing file and where it was looked for
         assert m[label]["skipped"] and m[label]["n"] == 0 and m[label]["model"] is None, m[label]
         assert m[label]["note"].startswith("skipped: ") and "not found in" in m[label]["note"]
 
@@ -110,8 +114,8 @@ def test_real_lr_report_without_hr(env):
     Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)).save(src / "b.png")  # padded to 16x24
     (src / "a.txt").write_text("noise, texture")  # tags: the understanding reward applies to a only
     out = env / "real_out"
-    rc = _run(["--checkpoint", str(env / "models"), "--data", str(src), "--real-lr", "--samples-per-image", "2",
-               "--out", str(out), *FAST])
+    rc = _run(["--checkpoint", str(env / "models"), "--data", str(src), "--real-lr",
+               "--samples-per-image", "2", "--out", str(out), *FAST])
     assert rc == 0
     report = json.loads((out / "eval.json").read_text())
     assert report["data"]["mode"] == "real-lr" and report["num_images"] == 2 and report["num_chains"] == 4

@@ -68,11 +68,11 @@ def test_fit_lr_max_side_downscales_before_padding():
 
 def test_resolve_checkpoint_accepts_export_step_and_checkpoints_root(models, tmp_path):
     root = tmp_path / "runs" / "r" / "checkpoints"
-    copy = lambda d: shutil.copytree(models, d / "export")  # noqa: E731
+    copy = lambda d: shutil.copytree(models, d / "export")
     write_checkpoint(root, 1, copy)
     write_checkpoint(root, 3, copy)
     (root / "step_000003" / "COMPLETE").unlink()  # step 3 never completed: must not be picked
-    (tmp_path / "runs" / "r" / "config.yaml").write_text((REPO_ROOT / "configs" / "grpo_local.yaml").read_text())
+    shutil.copy(REPO_ROOT / "configs" / "grpo_local.yaml", tmp_path / "runs" / "r" / "config.yaml")
 
     for arg in (root, root.parent, root / "step_000001", root / "step_000001" / "export"):
         ck = resolve_checkpoint(arg)
@@ -115,7 +115,8 @@ def test_infer_folder_writes_4x_outputs_and_skips_the_corrupt_file(models, tmp_p
     assert "padded 21x13 -> 24x16" in (out / "b" / "chain.txt").read_text()
     assert not (out / "c").exists()
     bad_lines = [line for line in err.splitlines() if "c.png" in line]
-    assert len(bad_lines) == 1 and bad_lines[0].strip().startswith("skipped ") and str(src / "c.png") in bad_lines[0]
+    assert len(bad_lines) == 1, bad_lines
+    assert bad_lines[0].strip().startswith("skipped ") and str(src / "c.png") in bad_lines[0]
     assert "2 super-resolved, 1 skipped (unreadable)" in err
 
 
@@ -134,5 +135,24 @@ def test_infer_exit_code_1_when_no_image_succeeds(models, tmp_path, capsys):
 def test_infer_bad_arguments_exit_2_naming_the_path(tmp_path, capsys):
     from rl.infer import main
 
-    rc = main(["--checkpoint", str(tmp_path / "missing"), "--input", str(tmp_path), "--output", str(tmp_path)])
+    rc = main(["--checkpoint", str(tmp_path / "missing"), "--input", str(tmp_path),
+               "--output", str(tmp_path / "out")])
     assert rc == 2 and str(tmp_path / "missing") in capsys.readouterr().err
+
+
+def test_infer_falls_back_to_hf_when_vllm_is_missing(models, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from rl.infer import main
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails, as on a machine without vllm
+    src = tmp_path / "in"
+    src.mkdir()
+    _png(src / "a.png", 8, 8, 2)
+    out = tmp_path / "out"
+    rc = main(["--checkpoint", str(models), "--input", str(src), "--output", str(out),
+               "chain.max_stage_tokens=4", "diffusion.num_steps=1"])  # --engine defaults to vllm
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    assert "vLLM engine is not usable (ModuleNotFoundError" in err and "using the HF engine instead" in err
+    assert Image.open(out / "a" / "sr.png").size == (32, 32)
