@@ -1,0 +1,40 @@
+"""TensorBoard monitor: panels, scalars read back with TensorBoard's own reader, curves exported to PNG."""
+
+import numpy as np
+from PIL import Image
+
+from rl.monitor import RunMonitor, image_panel, read_scalars
+from rl.plot import moving_average, plot_runs
+
+
+def test_panel_layout_and_missing_hr():
+    lr = np.zeros((16, 16, 3), np.uint8)
+    panel = image_panel({"lr": lr, "rough": lr, "middle": np.zeros((32, 32, 3), np.uint8),
+                         "final": np.zeros((64, 64, 3), np.uint8), "hr": None}, height=32)
+    assert panel.shape[0] == 32 and panel.dtype == np.uint8
+    assert (panel[:, -32:] == 128).all()  # no HR: a grey tile keeps the layout
+
+
+def test_scalars_round_trip_and_png(tmp_path):
+    mon = RunMonitor(tmp_path / "run" / "tensorboard", total_steps=3, progress_bar=False)
+    for step in range(1, 4):
+        mon.scalars(step, {"reward/total/mean": step / 10, "skip": float("nan")})
+    mon.text(1, "chain/text", "<degradation>x</degradation>")
+    mon.close()
+    scalars = read_scalars(tmp_path / "run" / "tensorboard")
+    assert [v for _, v in scalars["reward/total/mean"]] == pytest_approx([0.1, 0.2, 0.3])
+    assert "skip" not in scalars  # non-finite values are not written
+    out = tmp_path / "curves.png"
+    assert plot_runs([tmp_path / "run"], ["reward/total/mean", "absent"], out) == ["reward/total/mean"]
+    assert Image.open(out).size[0] > 100
+
+
+def test_moving_average():
+    v = np.array([0.0, 2.0, 4.0, 6.0])
+    assert np.allclose(moving_average(v, 2), [0.0, 1.0, 3.0, 5.0])
+
+
+def pytest_approx(values):
+    import pytest
+
+    return pytest.approx(values, rel=1e-6)
