@@ -67,7 +67,27 @@ def init_distributed(backend: str, timeout_s: float = 1800.0) -> torch.device:
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
         )
+    _drop_stale_deepspeed_groups()
     return device
+
+
+def _drop_stale_deepspeed_groups() -> None:
+    """Forget DeepSpeed's cached sub-groups when they belong to an earlier default process group.
+
+    Only matters when one process hosts several workers over time (tests): an in-process vLLM engine destroys
+    and re-creates torch.distributed's default group, and DeepSpeed would keep using groups of the old one.
+    """
+    from deepspeed.utils import groups
+    from torch.distributed import distributed_c10d as c10d
+
+    live = c10d._world.pg_group_ranks
+    for name, value in list(vars(groups).items()):
+        if isinstance(value, torch.distributed.ProcessGroup) and value not in live:
+            setattr(groups, name, None)
+        elif isinstance(value, dict) and any(
+            isinstance(v, torch.distributed.ProcessGroup) and v not in live for v in value.values()
+        ):
+            value.clear()
 
 
 def rank() -> int:

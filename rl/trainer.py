@@ -17,8 +17,7 @@ import torch
 from actors.group import RolloutGroup, role_placement_group
 from learner.group import LearnerGroup
 from rewards.pool import RewardPool
-from rl import grpo
-from rl import run_state
+from rl import grpo, run_state
 from rl.config import ExperimentConfig
 from rl.data.dataset import PairDataset
 from rl.monitor import RunMonitor, summarize

@@ -119,7 +119,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path, models):
         submit = [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
                   "python", "-m", "rl.launch", "configs/grpo_local.yaml",
                   *_overrides(out, models, "trainer.total_steps=1", "trainer.checkpoint_every=0")]
-        for _ in range(30):  # the job agent registers a few seconds after the dashboard answers
+        for _ in range(90):  # the job agent registers a few seconds (more on a loaded machine) after the dashboard
             job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
             if "No available agent" not in job.stderr:
                 break

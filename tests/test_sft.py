@@ -132,6 +132,16 @@ def test_texts_from_tags_grow_in_detail_and_bad_samples_are_named(samples, token
         build_record(Sample(8, "x", samples[0].lr, None, (), labels), tokens, SCALES)
 
 
+def test_target_synthesis_and_run_state_import_without_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, rl.sft_data, rl.run_state; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
 # ============================================================================================ init_from
 def test_init_from_copies_once_and_points_both_paths_at_the_copy(tmp_path, models):
     from rl.models.bootstrap import ModelMissingError, apply_init_from, ensure_models
@@ -161,17 +171,25 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def worker(models):
+def port() -> int:
+    return _free_port()  # one process group for every in-process worker of this module
+
+
+def _solo(models, port: int, *overrides: str):
     from learner.worker import LearnerWorker
 
     cfg = load_config(ROOT / "configs/sft_local.yaml", [
         f"policy.path={models['policy']}", f"diffusion.path={models['diffusion']}", "learner.num_ranks=1",
         "learner.micro_batch_size=1", "sft.batch_size=2", "learner.num_cpus=1",
         "learner.policy_optim.warmup_steps=0", "learner.diffusion_optim.warmup_steps=0",
-        "learner.diffusion_optim.lr=2e-3"])
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+        "learner.diffusion_optim.lr=2e-3", *overrides])
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     return LearnerWorker.from_config(cfg, env)
+
+
+@pytest.fixture(scope="module")
+def worker(models, port):
+    return _solo(models, port)
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +232,12 @@ def test_zero_weight_copy_changes_nothing_and_mixed_weights_are_rejected(worker,
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="weights must be all 1.0"):
         worker.sft_step(records[0], records[1].zero_weight())
+
+
+@pytest.mark.slow
+def test_a_frozen_policy_is_skipped(models, records, port):
+    frozen = _solo(models, port, "policy.freeze=true")
+    assert frozen.info()["trained"] == ["diffusion"]
+    m = frozen.sft_step(*records)
+    assert "text_loss" not in m and "policy_grad_norm" not in m and "token_accuracy" not in m
+    assert m["image_loss"] > 0 and m["diffusion_grad_norm"] > 0 and m["optimizer_steps"] == 1
