@@ -16,7 +16,7 @@ sft:
 	@V=$$(scripts/setup_env.sh) && "$$V/bin/python" -m rl.launch configs/sft_local.yaml $(ARGS)
 
 test:
-	@V=$$(scripts/setup_env.sh) && "$$V/bin/python" -m pytest tests $(ARGS)
+	@V=$$(scripts/setup_env.sh) && "$$V/bin/python" -m pytest $(ARGS)  # no path: pyproject testpaths = tests
 
 bench:
 	@V=$$(scripts/setup_env.sh) && for b in benchmarks/bench_*.py; do "$$V/bin/python" $$b || exit 1; done
