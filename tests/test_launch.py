@@ -96,12 +96,14 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ray_job_submit_against_a_local_head(tmp_path, models):
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, agent_grpc = _free_port(), _free_port(), _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     env = _env(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # listen on 127.0.0.1 only
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=4",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         # own agent ports: another Ray on this machine may hold the defaults (52365), and then jobs never start
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}", "--include-dashboard=true", "--num-cpus=4",
          "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
