@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from rl.trainer import RunFailed
+    from rl.run_state import RunFailed
 
     init_ray(cfg)
     try:

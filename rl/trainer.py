@@ -20,9 +20,9 @@ from rewards.pool import RewardPool
 from rl import grpo, run_state
 from rl.config import ExperimentConfig
 from rl.data.dataset import PairDataset
-from rl.monitor import RunMonitor, summarize
+from rl.monitor import RunMonitor
 from rl.records import Rollout, Sample, Scores
-from rl.run_state import PhaseTimer, RunFailed, _fault_injection_pause  # noqa: F401 (re-exported)
+from rl.run_state import PhaseTimer
 
 log = logging.getLogger("rl.trainer")
 REWARD_PARTS = ("format", "degradation", "understanding", "generation")
@@ -118,7 +118,7 @@ class GRPOTrainer:
             "policy/version": float(self.version),
             "throughput/samples_per_s": B * G / t.seconds["step"],
             "reward/reissued_chains": float(self.rewards.reissued),
-            "data/skipped_files": float(sum(self.data.stats.values())) if hasattr(self.data, "stats") else 0.0,
+            "data/skipped_files": float(sum(self.data.stats.values())),
         }
         self.monitor.scalars(self.step_id, metrics)
         if cfg.trainer.image_every and self.step_id % cfg.trainer.image_every == 0:

@@ -165,7 +165,7 @@ def test_checkpoint_then_resume_restores_step_cursor_and_weights(setup):
 
 
 def test_learner_rank_death_ends_the_run_cleanly_with_the_checkpoint_intact(setup):
-    from rl.trainer import RunFailed
+    from rl.run_state import RunFailed
 
     trainer = setup["resumed"]
     root = Path(setup["cfg"].trainer.checkpoint_dir)
