@@ -22,18 +22,9 @@ import numpy as np
 import torch
 
 from rewards.pool import RewardPool, RewardWorker
-from rl.chain import render_chain
+from rl.chain import parse_degradation_text, render_chain
 from rl.config import QualityMetricConfig, RewardConfig
 from rl.records import DegradationLabels, Rollout, Sample
-
-LEVELS = {
-    "blur": "medium",
-    "downsample": "light",
-    "noise": "heavy",
-    "compression": "light",
-    "upsample": "none",
-}
-
 
 def metric_configs(names: list[str], tmp: str) -> list[QualityMetricConfig]:
     table = {
@@ -67,10 +58,9 @@ def make_chains(n: int, group: int = 4) -> tuple[list[Rollout], list[Sample]]:
 
     photo = data.astronaut()  # (512, 512, 3)
     rng = np.random.default_rng(0)
-    text = render_chain(
-        "medium blur, light downsample, heavy noise, light compression, no upsample",
-        {"rough": "a woman in a space suit", "middle": "a face", "final": "hair"},
-    )
+    stated = "medium blur, light downsample, heavy noise, light compression, no upsample"
+    levels = parse_degradation_text(stated)  # the labels the chains state, so the degradation reward is 1
+    text = render_chain(stated, {"rough": "a woman in a space suit", "middle": "a face", "final": "hair"})
     torch.zeros(1)
     rollouts, samples = [], []
     for i in range(n):
@@ -86,7 +76,7 @@ def make_chains(n: int, group: int = 4) -> tuple[list[Rollout], list[Sample]]:
                 lr=final[::4, ::4].copy(),
                 hr=None,
                 tags=("woman", "space suit", "flag"),
-                degradation=DegradationLabels(LEVELS, {}),
+                degradation=DegradationLabels(levels, {}),
             )
         samples.append(sample)
     return rollouts, samples

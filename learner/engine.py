@@ -6,7 +6,7 @@ torchrun sets, so this module works the same under Ray, torchrun and in a plain 
 
 Choices, with their reasons:
 
-* The optimizer is ``torch.optim.AdamW``, not DeepSpeed's (CPU)Adam: those JIT-compile a C++ op for
+* The optimizer is ``torch.optim.AdamW`` (or SGD), not DeepSpeed's (CPU)Adam: those JIT-compile a C++ op for
   60-100 s on first use, and ZeRO shards a torch optimizer's state just as well.
 * Gradient accumulation is *unmanaged* (``managed_gradient_accumulation: false``): every ``engine.step()``
   is an optimizer step, whatever the number of micro-batches before it. The number of kept chains changes
@@ -170,8 +170,18 @@ class _ClipAndRecord:
         self.norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
 
 
+def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """torch AdamW (the default) or SGD over ``module``'s trainable parameters, by ``optim.name``."""
+    groups = _param_groups(module, optim.weight_decay)
+    if optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
+    raise ValueError(f"optimizer name = {optim.name!r}: must be adamw or sgd")
+
+
 def build_engine(module: nn.Module, optim: OptimConfig, learner: LearnerConfig, total_steps: int) -> Any:
-    """Wrap ``module`` in a DeepSpeed engine with torch AdamW and the configured LR schedule.
+    """Wrap ``module`` in a DeepSpeed engine with the configured torch optimizer and LR schedule.
 
     ``total_steps`` is the number of optimizer steps of the run (trainer steps x update epochs); the
     schedule needs it for cosine/linear decay. Under ZeRO-3 the parameters are partitioned here.
@@ -183,9 +193,7 @@ def build_engine(module: nn.Module, optim: OptimConfig, learner: LearnerConfig, 
     if learner.zero_stage == 0 and learner.dtype == "float32":
         hook = _ClipAndRecord(learner.grad_clip)
         config["gradient_clipping"] = 0.0
-    optimizer = torch.optim.AdamW(
-        _param_groups(module, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas)
-    )
+    optimizer = make_optimizer(module, optim)
     if hook is not None:
         optimizer.register_step_pre_hook(hook)
     schedule = partial(

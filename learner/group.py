@@ -132,9 +132,13 @@ class LearnerGroup:
         return ray.get(self.submit_train_step(batch, rollouts))[0]
 
     def submit_train(self, chains: Sequence[ray.ObjectRef], advantages: Sequence[float],
-                     keep: Sequence[bool]) -> list[ray.ObjectRef]:
+                     keep: Sequence[bool],
+                     image_advantages: Optional[Sequence[float]] = None,
+                     section_advantages: Optional[Sequence[Sequence[float]]] = None) -> list[ray.ObjectRef]:
         """One GRPO update from chain refs: kept chains are split contiguously over the ranks, and each rank
-        fetches and batches its own (the driver never touches tokens or pixels)."""
+        fetches and batches its own (the driver never touches tokens or pixels). ``image_advantages``: the
+        diffusion steps' own advantages, aligned with ``chains`` (None: they share the text's);
+        ``section_advantages``: per chain, one per text section (rl.chain.TEXT_TAGS; None: the text's)."""
         kept = [i for i, k in enumerate(keep) if k]
         if not kept:
             raise ValueError("every group was filtered: the driver must skip the learner for this step")
@@ -144,16 +148,21 @@ class LearnerGroup:
             idx = kept[lo:lo + size]
             lo += size
             if idx:
+                image = None if image_advantages is None else [float(image_advantages[i]) for i in idx]
+                sections = (None if section_advantages is None
+                            else [[float(a) for a in section_advantages[i]] for i in idx])
                 refs.append(actor.train_chains.remote([float(advantages[i]) for i in idx], False,
-                                                      *[chains[i] for i in idx]))
+                                                      *[chains[i] for i in idx], image_advantages=image,
+                                                      section_advantages=sections))
             else:  # fewer chains than ranks: a zero-loss copy keeps the collectives in step
                 refs.append(actor.train_chains.remote([0.0], True, chains[kept[0]]))
         return refs
 
     def train(self, chains: Sequence[ray.ObjectRef], advantages: Sequence[float],
-              keep: Sequence[bool]) -> dict[str, float]:
+              keep: Sequence[bool], image_advantages: Optional[Sequence[float]] = None,
+              section_advantages: Optional[Sequence[Sequence[float]]] = None) -> dict[str, float]:
         """Metrics of the update, aggregated over ranks."""
-        return ray.get(self.submit_train(chains, advantages, keep))[0]
+        return ray.get(self.submit_train(chains, advantages, keep, image_advantages, section_advantages))[0]
 
     def submit_sft(self, records: Sequence[Any]) -> list[ray.ObjectRef]:
         """One supervised cold-start step on ``rl.sft_data.SFTRecord``s (or refs to them): contiguous shards

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learner import engine as eng
+from rl.chain import TAGS, TEXT_TAGS, open_tag
 from rl.config import DiffusionConfig, ExperimentConfig, GRPOConfig, LearnerConfig, PolicyConfig, SFTConfig
 from learner.weight_sync import bucket_named_tensors, serialize_bucket
 from rl.grpo import (
@@ -62,7 +63,30 @@ MODELS = ("policy", "diffusion")
 WORKER_STATE_FILE = "learner_state.json"
 CHECKPOINT_TAG = "zero"  # DeepSpeed's tag subdirectory; fixed so a checkpoint dir holds exactly one state
 # Metrics of rl.grpo.SurrogateOutput that are masked means: aggregated over ranks weighted by their tokens.
-_MEAN_METRICS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "approx_kl", "ratio_mean")
+_MEAN_METRICS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "approx_kl", "ratio_mean",
+                 "old_logp_mean")
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    """The vision encoder of a Qwen2.5-VL model (``model.visual`` in older transformers, ``model.model.visual``
+    in newer ones)."""
+    for owner in (model, getattr(model, "model", None)):
+        tower = getattr(owner, "visual", None) if owner is not None else None
+        if isinstance(tower, nn.Module):
+            return tower
+    raise ValueError(f"{type(model).__name__} has no vision tower (.visual): policy.freeze_vision needs one")
+
+
+def section_tag_columns(tokenizer) -> dict[int, int]:
+    """Opening-tag token id -> column of ``build_train_batch``'s section table: 1 + index in TEXT_TAGS for
+    the sections the policy writes, 0 (the text's own advantage) for the image sections."""
+    columns = {}
+    for tag in TAGS:
+        ids = tokenizer.encode(open_tag(tag), add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"opening tag {open_tag(tag)!r} is {len(ids)} tokens; section credit needs one")
+        columns[ids[0]] = TEXT_TAGS.index(tag) + 1 if tag in TEXT_TAGS else 0
+    return columns
 
 
 # ============================================================================================ sharding (pure)
@@ -204,6 +228,8 @@ class LearnerWorker:
             self.tokens = ChainTokens.from_pretrained(policy.path)
             model = self._load_policy(policy.path)
             model.train()
+            if policy.freeze_vision:
+                vision_tower(model).requires_grad_(False)
             if policy.gradient_checkpointing:
                 model.gradient_checkpointing_enable()
             self.engines["policy"] = eng.build_engine(model, learner.policy_optim, learner, optimizer_total)
@@ -619,13 +645,23 @@ class LearnerWorker:
         return torch.stack(rows)
 
     # ------------------------------------------------------------------ weights out
-    def train_chains(self, advantages: Sequence[float], padding: bool, *rollouts: Rollout) -> dict[str, float]:
+    def train_chains(self, advantages: Sequence[float], padding: bool, *rollouts: Rollout,
+                     image_advantages: Optional[Sequence[float]] = None,
+                     section_advantages: Optional[Sequence[Sequence[float]]] = None) -> dict[str, float]:
         """``train_step`` on this rank's own chains: the batch is built here from the rollouts, so the driver
         only ever holds refs. ``padding``: this rank got no chain and trains a masked copy (zero loss) to stay
-        in step with the others' collectives."""
+        in step with the others' collectives. ``image_advantages``: the diffusion steps' own advantages
+        (None: the text's); ``section_advantages``: per chain, one per rl.chain.TEXT_TAGS section (None: the
+        text's everywhere)."""
         pad_id = self.tokens.tokenizer.pad_token_id if self.tokens is not None else 0
+        image_adv = None if image_advantages is None else torch.tensor(image_advantages, dtype=torch.float32)
+        sections = tag_columns = None
+        if section_advantages is not None and self.tokens is not None:  # (a frozen policy trains no text)
+            sections = torch.tensor(section_advantages, dtype=torch.float32)
+            tag_columns = section_tag_columns(self.tokens.tokenizer)
         batch = build_train_batch(list(rollouts), torch.tensor(advantages, dtype=torch.float32),
-                                  pad_token_id=pad_id or 0)
+                                  pad_token_id=pad_id or 0, image_advantages=image_adv,
+                                  section_advantages=sections, tag_columns=tag_columns)
         if padding:
             batch = masked_copy(batch)
         return self.train_step(batch, *rollouts)

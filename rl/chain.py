@@ -29,6 +29,7 @@ TAGS: tuple[str, ...] = (
 STAGES: tuple[str, ...] = ("rough", "middle", "final")
 IMAGE_TAGS: tuple[str, ...] = tuple(f"{s}_image" for s in STAGES)
 UNDERSTAND_TAGS: tuple[str, ...] = tuple(f"{s}_understand" for s in STAGES)
+TEXT_TAGS: tuple[str, ...] = ("degradation",) + UNDERSTAND_TAGS  # the sections the policy writes
 IMAGE_PLACEHOLDER = "<|image|>"
 
 # The five degradation items of the paper's <degradation> text, in its order, and the level words.

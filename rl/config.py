@@ -16,7 +16,9 @@ from typing import Any, Optional, Sequence
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-STAGES = ("rough", "middle", "final")
+from rl.chain import STAGES, TEXT_TAGS
+
+OPTIMIZERS = ("adamw", "sgd")  # learner.*_optim.name
 
 
 class ConfigError(ValueError):
@@ -59,6 +61,9 @@ class PolicyConfig:
     tiny: TinyPolicyConfig = field(default_factory=TinyPolicyConfig)
     dtype: str = "float32"  # float32 on CPU, bfloat16 on GPU
     freeze: bool = False
+    # keep the vision tower as it is and train the language model only (a common choice for VLM RL: the
+    # tower's gradient reaches every image the policy reads, the fed-back stage images included)
+    freeze_vision: bool = False
     gradient_checkpointing: bool = False
 
 
@@ -232,13 +237,27 @@ class GRPOConfig:
     update_epochs: int = 1
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
+    # Which reward components (weighted by reward.weights) the advantage of the text tokens / of the diffusion
+    # steps is normalised from. null: the chain's total, shared by both (the paper); []: none (advantage 0).
+    # E.g. image_rewards: [generation] judges the images only by the reward they can change; format and the
+    # text rewards then no longer move the SR model at random.
+    text_rewards: Optional[list[str]] = None
+    image_rewards: Optional[list[str]] = None
+    # Section-level credit: the tokens of a text section (degradation, rough/middle/final_understand) get the
+    # advantage of these components instead of text_rewards', e.g. {degradation: [format, degradation]}.
+    # null: every text token shares one advantage (the paper).
+    section_rewards: Optional[dict[str, list[str]]] = None
 
 
 @dataclass
 class OptimConfig:
+    # adamw, or sgd: an update proportional to the gradient, so parameters whose gradient is only noise barely
+    # move (Adam moves every parameter ~lr a step whatever its gradient's size)
+    name: str = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    momentum: float = 0.0  # sgd
     warmup_steps: int = 0
     schedule: str = "constant"  # constant | cosine | linear
     min_lr_ratio: float = 0.1
@@ -358,6 +377,18 @@ def validate(cfg: ExperimentConfig, source: str = "<config>") -> None:
         f("grpo.clip_high", g.clip_high, "must be >= 0")
     if g.kl_beta < 0:
         f("grpo.kl_beta", g.kl_beta, "must be >= 0")
+    components = list(vars(RewardWeights()))
+    reward_lists = {f"grpo.{key}": getattr(g, key) for key in ("text_rewards", "image_rewards")}
+    for section, names in (g.section_rewards or {}).items():
+        if section not in TEXT_TAGS:
+            f("grpo.section_rewards", dict(g.section_rewards), f"{section!r} is not one of {list(TEXT_TAGS)}")
+        reward_lists[f"grpo.section_rewards.{section}"] = names
+    for key, names in reward_lists.items():
+        if names is None:
+            continue
+        for name in names:
+            if name not in components:
+                f(key, names, f"{name!r} is not one of {components}")
     if g.update_epochs < 1:
         f("grpo.update_epochs", g.update_epochs, "must be >= 1")
     if g.eps <= 0:
@@ -387,8 +418,12 @@ def validate(cfg: ExperimentConfig, source: str = "<config>") -> None:
         if cfg.sft.batch_size % ln.num_ranks:
             f("sft.batch_size", cfg.sft.batch_size, f"not divisible by learner.num_ranks = {ln.num_ranks}")
     for name, opt in (("learner.policy_optim", ln.policy_optim), ("learner.diffusion_optim", ln.diffusion_optim)):
+        if opt.name not in OPTIMIZERS:
+            f(f"{name}.name", opt.name, f"must be one of {list(OPTIMIZERS)}")
         if opt.lr <= 0:
             f(f"{name}.lr", opt.lr, "must be > 0")
+        if not 0 <= opt.momentum < 1:
+            f(f"{name}.momentum", opt.momentum, "must be in [0, 1)")
         if opt.schedule not in ("constant", "cosine", "linear"):
             f(f"{name}.schedule", opt.schedule, "must be constant, cosine or linear")
         if len(opt.betas) != 2:

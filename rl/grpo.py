@@ -19,7 +19,7 @@ by every diffusion step of its three images)::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -75,6 +75,40 @@ def group_advantages(
     return (centred / (std + eps)).reshape(-1)
 
 
+def component_rewards(
+    parts: Sequence[Mapping[str, float]], weights: Mapping[str, float], components: Sequence[str]
+) -> Tensor:
+    """The weighted sum of only the named reward components of each chain -> (N,) float32.
+
+    parts[i] is ``Scores.parts`` of chain i; a component a chain's sample does not have (no labels, no tags)
+    is left out, as in the total. Used to give the text tokens and the diffusion steps advantages from the
+    rewards each can change (``grpo.text_rewards`` / ``grpo.image_rewards``).
+    """
+    unknown = sorted(set(components) - set(weights))
+    if unknown:
+        raise ValueError(f"unknown reward components {unknown}; known: {sorted(weights)}")
+    return torch.tensor([sum(weights[c] * p[c] for c in components if c in p) for p in parts],
+                        dtype=torch.float32)
+
+
+def token_sections(token_ids: Tensor, tag_columns: Mapping[int, int]) -> Tensor:
+    """Which section each position of a completion is in: (T,) long.
+
+    tag_columns maps the id of an opening tag (a single token) to a column; a position takes the column of
+    the most recent opening tag at or before it (the tag token itself included), and 0 before any tag. A
+    chain's text is sectioned by what the policy actually wrote, so a stray tag starts a new section.
+    """
+    t = token_ids.numel()
+    column = torch.zeros(t, dtype=torch.long)
+    is_tag = torch.zeros(t, dtype=torch.bool)
+    for tag_id, col in tag_columns.items():
+        hit = token_ids == tag_id
+        column[hit] = col
+        is_tag |= hit
+    last = torch.where(is_tag, torch.arange(t), torch.full((t,), -1)).cummax(0).values if t else column
+    return torch.where(last >= 0, column[last.clamp(min=0)], torch.zeros_like(column))
+
+
 @dataclass(frozen=True)
 class GroupFilter:
     """Which groups carry no learning signal (every chain scored the same)."""
@@ -105,6 +139,21 @@ def zero_variance_groups(rewards: Tensor, group_size: int, atol: float = 1e-6) -
     spread = r.max(dim=1).values - r.min(dim=1).values  # (num_groups,)
     zero = spread <= atol
     return GroupFilter(zero_variance=zero, keep=(~zero).repeat_interleave(group_size))
+
+
+def column_advantages(
+    rewards: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> tuple[Tensor, GroupFilter]:
+    """Group advantages of several rewards at once: rewards (N, C), one column per use (the text tokens,
+    the diffusion steps, a section of the text) -> advantages (N, C), each column normalised on its own,
+    and a GroupFilter that drops a group only when every column is flat in it (nothing left to learn)."""
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (N, C), got shape {tuple(rewards.shape)}")
+    columns = [group_advantages(rewards[:, c].contiguous(), group_size, scale_by_std, eps)
+               for c in range(rewards.shape[1])]
+    flat = torch.stack([zero_variance_groups(rewards[:, c].contiguous(), group_size).zero_variance
+                        for c in range(rewards.shape[1])]).all(dim=0)
+    return torch.stack(columns, dim=1), GroupFilter(zero_variance=flat, keep=(~flat).repeat_interleave(group_size))
 
 
 def group_order(records: Sequence[object], group_size: int) -> list[int]:
@@ -170,7 +219,9 @@ def clipped_surrogate(
     Metrics (masked means, detached): ``clip_fraction_low`` = ratio < 1 - clip_low with A < 0,
     ``clip_fraction_high`` = ratio > 1 + clip_high with A > 0 (the tokens whose gradient the clip removes),
     ``clip_fraction`` = their sum; ``approx_kl`` = mean of Schulman's k3 estimate of KL(old || new),
-    (ratio - 1) - log ratio, which is >= 0; ``ratio_mean/min/max``; ``tokens`` = mask count.
+    (ratio - 1) - log ratio, which is >= 0; ``ratio_mean/min/max``; ``old_logp_mean`` = the sampling
+    policy's mean log-prob of what it sampled (minus a one-sample entropy estimate: a falling value means
+    the policy is going flat); ``tokens`` = mask count.
     """
     if not 0 <= clip_low < 1:
         raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
@@ -211,6 +262,7 @@ def clipped_surrogate(
             "clip_fraction_high": _masked_mean(high, m),
             "approx_kl": _masked_mean(k3, m),
             "ratio_mean": _masked_mean(r, m),
+            "old_logp_mean": _masked_mean(old_log_probs.detach().masked_fill(~on, 0.0), m),
             "ratio_min": r[on].min() if any_on else r.new_tensor(1.0),
             "ratio_max": r[on].max() if any_on else r.new_tensor(1.0),
             "tokens": m.sum(),
@@ -402,6 +454,9 @@ def build_train_batch(
     advantages: Tensor,
     keep: Tensor | None = None,
     pad_token_id: int = 0,
+    image_advantages: Tensor | None = None,
+    section_advantages: Tensor | None = None,
+    tag_columns: Mapping[int, int] | None = None,
 ) -> TrainBatch:
     """Pad the kept chains into a TrainBatch, each token carrying its chain's advantage.
 
@@ -409,10 +464,23 @@ def build_train_batch(
     ``zero_variance_groups(...).keep`` (None keeps all). Rows keep the rollouts' order. Only tokens with
     text_mask 1 are loss tokens: prompt, inserted image blocks and padding carry no loss, no advantage
     and no old log-prob. All kept chains filtered out is a valid, empty batch (len 0); the driver skips it.
+    ``image_advantages`` (N,), when given, is what the diffusion steps get instead of ``advantages``
+    (``grpo.image_rewards``: the images judged by the rewards they can change).
+    ``section_advantages`` (N, K), when given with ``tag_columns`` (opening-tag id -> column 1..K, 0 for
+    tags that keep ``advantages``), gives each text token the advantage of the section it is in
+    (``token_sections``); tokens before any tag or in a column-0 section keep ``advantages``
+    (``grpo.section_rewards``: a section judged by the reward that scores it).
     """
     n = len(rollouts)
     if advantages.dim() != 1 or advantages.shape[0] != n:
         raise ValueError(f"advantages must be (N,) with N = {n} rollouts, got {tuple(advantages.shape)}")
+    if section_advantages is not None and (section_advantages.dim() != 2 or section_advantages.shape[0] != n
+                                           or tag_columns is None):
+        raise ValueError(f"section_advantages must be (N, K) with N = {n} rollouts, with tag_columns; got "
+                         f"{None if section_advantages is None else tuple(section_advantages.shape)}")
+    if image_advantages is not None and tuple(image_advantages.shape) != (n,):
+        raise ValueError(f"image_advantages must be (N,) with N = {n} rollouts, "
+                         f"got {tuple(image_advantages.shape)}")
     if keep is None:
         keep = torch.ones(n, dtype=torch.bool)
     if keep.shape != (n,):
@@ -434,7 +502,10 @@ def build_train_batch(
     old_log_probs = torch.zeros((b, length), dtype=torch.float32)
     step_old = torch.zeros((b, num_steps), dtype=torch.float32)
     step_mask = torch.zeros((b, num_steps), dtype=torch.bool)
-    chain_adv = advantages.detach().float()[rows] if rows else torch.zeros(0)
+    text_adv = advantages.detach().float()[rows] if rows else torch.zeros(0)
+    image_source = advantages if image_advantages is None else image_advantages
+    chain_adv = image_source.detach().float()[rows] if rows else torch.zeros(0)
+    per_token = torch.zeros((b, length), dtype=torch.float32)
 
     for row, (r, p, total) in enumerate(zip(kept, p_len, lengths)):
         input_ids[row, :p] = r.prompt_ids
@@ -443,6 +514,10 @@ def build_train_batch(
         sampled = r.text_mask.bool()
         loss_mask[row, p:total] = sampled
         old_log_probs[row, p:total] = torch.where(sampled, r.log_probs.float(), torch.zeros(()))
+        if section_advantages is not None:
+            table = torch.cat([advantages[rows[row]].reshape(1).float(),
+                               section_advantages[rows[row]].float()])  # column 0: the text's own
+            per_token[row, p:total] = table[token_sections(r.token_ids, tag_columns)] * sampled
         if steps[row]:
             step_old[row, : steps[row]] = torch.cat([t.log_probs.float() for t in r.traces])
             step_mask[row, : steps[row]] = True
@@ -452,7 +527,7 @@ def build_train_batch(
         attention_mask=attention_mask,
         loss_mask=loss_mask,
         old_log_probs=old_log_probs,
-        advantages=chain_adv[:, None] * loss_mask,
+        advantages=per_token if section_advantages is not None else text_adv[:, None] * loss_mask,
         chain_advantages=chain_adv,
         prompt_lengths=torch.tensor(p_len, dtype=torch.long),
         step_old_log_probs=step_old,

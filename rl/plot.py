@@ -42,12 +42,13 @@ def plot_runs(runs: list[Path], tags: list[str], out: Path, window: int = 5) -> 
     rows = (len(found) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
     for ax, tag in zip(axes.flat, found):
-        for run, d in data.items():
+        for i, (run, d) in enumerate(data.items()):
             if tag not in d:
                 continue
             steps, values = map(np.asarray, zip(*d[tag]))
-            line = ax.plot(steps, values, alpha=0.35, linewidth=1)[0]
-            ax.plot(steps, moving_average(values, window), color=line.get_color(), label=run.name)
+            color = f"C{i % 10}"  # a run keeps its colour in every panel
+            ax.plot(steps, values, alpha=0.35, linewidth=1, color=color)
+            ax.plot(steps, moving_average(values, window), color=color, label=run.name)
         ax.set_title(tag)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -14,7 +14,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from rl import checkpoint as ckpt
 
@@ -63,6 +63,30 @@ def _fault_injection_pause(step: int) -> None:
 def should_checkpoint(step: int, every: int, total_steps: int) -> bool:
     """Every ``every`` steps and at the last one; never when ``every`` is 0."""
     return bool(every) and (step % every == 0 or step == total_steps)
+
+
+def run_steps(trainer: Any, progress: Mapping[str, str]) -> None:
+    """The loop both drivers share: ``trainer.step()`` until ``cfg.trainer.total_steps``, the progress bar
+    fed from the step's metrics (``progress``: bar label -> metric key), a checkpoint when due, and a Ray
+    failure the run cannot recover from (a learner rank died) turned into RunFailed naming the checkpoint.
+
+    ``trainer`` has ``cfg``, ``step_id``, ``ckpt_root``, ``monitor``, ``step()`` and ``save_checkpoint()``.
+    """
+    from ray.exceptions import RayError  # here, so this module imports without Ray
+
+    cfg = trainer.cfg.trainer
+    try:
+        while trainer.step_id < cfg.total_steps:
+            try:
+                metrics = trainer.step()
+            except RayError as exc:
+                raise run_failed(trainer.step_id + 1, exc, trainer.ckpt_root) from exc
+            trainer.monitor.progress(trainer.step_id, {label: metrics.get(key, float("nan"))
+                                                       for label, key in progress.items()})
+            if should_checkpoint(trainer.step_id, cfg.checkpoint_every, cfg.total_steps):
+                trainer.save_checkpoint()
+    finally:
+        trainer.monitor.close()
 
 
 def save_checkpoint(learner: Any, root: Path, step: int, cursor: int, keep: int,

@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import ray
-
 from learner.group import LearnerGroup
 from rl import run_state
 from rl.config import ExperimentConfig
@@ -48,21 +46,8 @@ class SFTTrainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> None:
-        try:
-            while self.step_id < self.cfg.trainer.total_steps:
-                try:
-                    metrics = self.step()
-                except ray.exceptions.RayError as exc:  # a learner rank died: the ZeRO group cannot go on
-                    raise run_state.run_failed(self.step_id + 1, exc, self.ckpt_root) from exc
-                self.monitor.progress(self.step_id, {"text": metrics.get("sft/text_loss", float("nan")),
-                                                     "img": metrics.get("sft/image_loss", float("nan")),
-                                                     "acc": metrics.get("sft/token_accuracy", float("nan")),
-                                                     "s/step": metrics["timing/step"]})
-                if run_state.should_checkpoint(self.step_id, self.cfg.trainer.checkpoint_every,
-                                               self.cfg.trainer.total_steps):
-                    self.save_checkpoint()
-        finally:
-            self.monitor.close()
+        run_state.run_steps(self, {"text": "sft/text_loss", "img": "sft/image_loss", "acc": "sft/token_accuracy",
+                                   "s/step": "timing/step"})
 
     def records(self, cursor: int, n: int) -> list[SFTRecord]:
         """The target chains of data positions cursor .. cursor + n - 1."""

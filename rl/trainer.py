@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import ray
@@ -18,6 +19,7 @@ from actors.group import RolloutGroup, role_placement_group
 from learner.group import LearnerGroup
 from rewards.pool import RewardPool
 from rl import grpo, run_state
+from rl.chain import TEXT_TAGS
 from rl.config import ExperimentConfig
 from rl.data.dataset import PairDataset
 from rl.monitor import RunMonitor
@@ -65,19 +67,7 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> None:
-        try:
-            while self.step_id < self.cfg.trainer.total_steps:
-                try:
-                    metrics = self.step()
-                except ray.exceptions.RayError as exc:  # a group that cannot recover (e.g. a learner rank died)
-                    raise run_state.run_failed(self.step_id + 1, exc, self.ckpt_root) from exc
-                self.monitor.progress(self.step_id, {"reward": metrics.get("reward/total/mean", float("nan")),
-                                                     "s/step": metrics["timing/step"]})
-                if run_state.should_checkpoint(self.step_id, self.cfg.trainer.checkpoint_every,
-                                               self.cfg.trainer.total_steps):
-                    self.save_checkpoint()
-        finally:
-            self.monitor.close()
+        run_state.run_steps(self, {"reward": "reward/total/mean", "s/step": "timing/step"})
 
     def step(self) -> dict[str, float]:
         cfg, t = self.cfg, PhaseTimer()
@@ -90,15 +80,18 @@ class GRPOTrainer:
             with t("reward"):
                 chain_samples = [s for s in samples for _ in range(G)]
                 scores = self.rewards.score(refs, chain_samples)
-            rewards = torch.tensor([s.total for s in scores], dtype=torch.float32)
-            advantages = grpo.group_advantages(rewards, G, cfg.grpo.scale_by_std, cfg.grpo.eps)
-            groups = grpo.zero_variance_groups(rewards, G)
+            adv = self._advantages(scores)
+            advantages, groups = adv["text"], adv["groups"]
+            image_advantages, section_advantages = adv.get("image"), adv.get("sections")
             keep = groups.keep if cfg.grpo.filter_zero_variance else torch.ones_like(groups.keep)
             learner_metrics: dict[str, float] = {}
             sync_metrics: dict[str, float] = {}
             if bool(keep.any()):
                 with t("learner"):
-                    learner_metrics = self.learner.train(refs, advantages.tolist(), keep.tolist())
+                    learner_metrics = self.learner.train(
+                        refs, advantages.tolist(), keep.tolist(),
+                        None if image_advantages is None else image_advantages.tolist(),
+                        None if section_advantages is None else section_advantages.tolist())
                 with t("sync"):
                     update, sync_metrics = self.learner.publish_weights(self.version + 1)
                     self.rollouts.load_weights(update)
@@ -113,6 +106,12 @@ class GRPOTrainer:
             "grpo/advantage_mean": float(advantages.mean()),
             "grpo/advantage_std": float(advantages.std()),
             "grpo/advantage_abs_max": float(advantages.abs().max()),
+            **({} if image_advantages is None else
+               {"grpo/image_advantage_std": float(image_advantages.std()),
+                "grpo/image_advantage_abs_max": float(image_advantages.abs().max())}),
+            **({} if section_advantages is None else
+               {f"grpo/{tag}_advantage_std": float(section_advantages[:, i].std())
+                for i, tag in enumerate(TEXT_TAGS)}),
             "grpo/filtered_groups": float(groups.num_filtered),
             "grpo/kept_chains": float(keep.sum()),
             "policy/version": float(self.version),
@@ -125,6 +124,31 @@ class GRPOTrainer:
             self._log_example(refs[0], samples[0], scores[0])
         self.monitor.flush()
         return metrics
+
+    def _advantages(self, scores: list[Scores]) -> dict:
+        """The group advantages the learner needs: "text" (N,), and where grpo.image_rewards /
+        grpo.section_rewards give them rewards of their own, "image" (N,) and "sections" (N, len(TEXT_TAGS));
+        "groups": the GroupFilter (a group is dropped only when all of them are flat in it)."""
+        g = self.cfg.grpo
+        columns = {"text": self._rewards(scores, g.text_rewards)}
+        if g.image_rewards != g.text_rewards:
+            columns["image"] = self._rewards(scores, g.image_rewards)
+        if g.section_rewards:
+            for tag in TEXT_TAGS:
+                names = g.section_rewards.get(tag)
+                columns[tag] = columns["text"] if names is None else self._rewards(scores, list(names))
+        table, groups = grpo.column_advantages(torch.stack(list(columns.values()), dim=1), g.group_size,
+                                               g.scale_by_std, g.eps)
+        out = {name: table[:, i] for i, name in enumerate(columns)}
+        if g.section_rewards:
+            out["sections"] = torch.stack([out.pop(tag) for tag in TEXT_TAGS], dim=1)
+        return {**out, "groups": groups}
+
+    def _rewards(self, scores: list[Scores], components: Optional[list[str]]) -> torch.Tensor:
+        """(N,) the chains' totals, or the weighted sum of only ``components`` (grpo.text/image_rewards)."""
+        if components is None:
+            return torch.tensor([s.total for s in scores], dtype=torch.float32)
+        return grpo.component_rewards([s.parts for s in scores], vars(self.cfg.reward.weights), components)
 
     def _log_example(self, ref, sample: Sample, score: Scores) -> None:
         rollout: Rollout = ray.get(ref)

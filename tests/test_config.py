@@ -65,6 +65,9 @@ def test_unknown_key_or_wrong_type(override, fragment):
         ("reward.understanding_stages=[coarse]", "reward.understanding_stages"),
         ("policy.tiny.num_heads=8", "policy.tiny.num_heads"),  # head size 16 < 32
         ("chain.final_scale=2", "chain.final_scale"),
+        ("grpo.image_rewards=[sharpness]", "grpo.image_rewards"),
+        ("learner.policy_optim.name=lion", "learner.policy_optim.name"),
+        ("learner.diffusion_optim.momentum=1.0", "learner.diffusion_optim.momentum"),
     ],
 )
 def test_impossible_values_name_key_and_value(override, key):
@@ -73,6 +76,19 @@ def test_impossible_values_name_key_and_value(override, key):
     message = str(err.value)
     assert f"key {key!r}" in message
     assert override.split("=", 1)[1].strip("[]") in message
+
+
+@pytest.mark.parametrize(
+    "override, key, named",
+    [
+        ("grpo.section_rewards={rough_image: [generation]}", "grpo.section_rewards", "'rough_image'"),
+        ("grpo.section_rewards={degradation: [sharpness]}", "grpo.section_rewards.degradation", "'sharpness'"),
+    ],
+)
+def test_bad_section_rewards_name_the_section_or_the_reward(override, key, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/grpo_local.yaml", [override])
+    assert f"key {key!r}" in str(err.value) and f"{named} is not one of" in str(err.value)
 
 
 def test_missing_file_and_malformed_override(tmp_path):

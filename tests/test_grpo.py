@@ -119,6 +119,26 @@ def test_clipped_surrogate_hand_computed_both_sides():
     assert (m["ratio_min"], m["ratio_max"], m["tokens"]) == (pytest.approx(0.5), pytest.approx(1.5), 5.0)
 
 
+def test_component_rewards_sum_only_the_named_weighted_parts():
+    weights = {"format": 1.0, "degradation": 0.5, "understanding": 1.0, "generation": 2.0}
+    parts = [{"format": 1.0, "degradation": 0.4, "generation": 0.25, "quality/piqe": 0.9},
+             {"format": 0.0, "generation": 0.5}]  # no degradation labels: left out, as in the total
+    torch.testing.assert_close(grpo.component_rewards(parts, weights, ["generation"]), torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(grpo.component_rewards(parts, weights, ["format", "degradation"]),
+                               torch.tensor([1.2, 0.0]))
+    with pytest.raises(ValueError, match="quality"):
+        grpo.component_rewards(parts, weights, ["quality"])
+
+
+def test_clipped_surrogate_reports_the_sampled_tokens_mean_log_prob():
+    # masked positions (NaN here) are left out: (-0.5 - 2.0 - 0.1) / 3
+    old = torch.tensor([[-0.5, -2.0, float("nan")], [-0.1, float("nan"), float("nan")]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    logp = torch.where(mask.bool(), old, torch.zeros(()))
+    out = grpo.clipped_surrogate(logp, old, torch.tensor([1.0, -1.0]), mask, 0.2, 0.28)
+    assert float(out.metrics["old_logp_mean"]) == pytest.approx(-2.6 / 3)
+
+
 def test_clipped_surrogate_per_chain_advantages_broadcast_and_shape_errors():
     logp = torch.tensor([[LN(1.5), 0.0], [LN(0.5), 0.0]])
     adv = torch.tensor([1.0, -1.0])
@@ -325,6 +345,18 @@ def test_build_train_batch_empty_and_bad_records():
         grpo.build_train_batch(rollouts, torch.zeros(3))
 
 
+def test_build_train_batch_gives_the_diffusion_steps_their_own_advantages():
+    rollouts = [_rollout(0, 0, 2, 3, steps=(1, 1, 1)), _rollout(0, 1, 2, 3, steps=(1, 1, 1)),
+                _rollout(1, 0, 2, 3, steps=(1, 1, 1)), _rollout(1, 1, 2, 3, steps=(1, 1, 1))]
+    text, image = torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.tensor([-2.0, 2.0, 0.0, 0.0])
+    batch = grpo.build_train_batch(rollouts, text, torch.tensor([False, False, True, True]),
+                                   image_advantages=image)
+    torch.testing.assert_close(batch.chain_advantages, torch.tensor([0.0, 0.0]))  # the image's, kept rows
+    torch.testing.assert_close(batch.advantages, torch.tensor([0.5, -0.5])[:, None] * batch.loss_mask)
+    with pytest.raises(ValueError, match="image_advantages must be \\(N,\\) with N = 4"):
+        grpo.build_train_batch(rollouts, text, image_advantages=torch.zeros(2))
+
+
 def test_end_to_end_rewards_to_batch_in_group_order():
     """Scores arrive in any order; group_order aligns them with the rollouts before the advantages."""
     rollouts = [_rollout(pid, s, 2, 3) for pid in (4, 9) for s in range(3)]
@@ -340,3 +372,38 @@ def test_end_to_end_rewards_to_batch_in_group_order():
     # -> A(sample 2) = (2/3) / 0.5773503 = 1.1547005, A(others) = -(1/3) / 0.5773503 = -0.5773503
     for key, a in zip(batch.keys, batch.chain_advantages.tolist()):
         assert a == pytest.approx(1.1547005 if key[1] == 2 else -0.5773503, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ section credit
+def test_token_sections_follow_the_tags_the_policy_wrote():
+    # ids: 100 <degradation>, 101 <rough_understand>, 102 <rough_image> (column 0: the text's own)
+    cols = {100: 1, 101: 2, 102: 0}
+    ids = torch.tensor([7, 100, 5, 5, 101, 6, 102, 9, 100, 3])  # text before a tag; a stray second <degradation>
+    assert grpo.token_sections(ids, cols).tolist() == [0, 1, 1, 1, 2, 2, 0, 0, 1, 1]
+    assert grpo.token_sections(torch.zeros(0, dtype=torch.long), cols).tolist() == []
+
+
+def test_column_advantages_normalise_each_column_and_filter_only_all_flat_groups():
+    # group 0: text flat, image varies -> kept; group 1: both flat -> dropped
+    rewards = torch.tensor([[1.0, 0.2], [1.0, 0.4], [0.5, 0.3], [0.5, 0.3]])
+    adv, groups = grpo.column_advantages(rewards, 2)
+    torch.testing.assert_close(adv[:, 0], torch.zeros(4))
+    torch.testing.assert_close(adv[:, 1], grpo.group_advantages(rewards[:, 1].contiguous(), 2))
+    assert groups.zero_variance.tolist() == [False, True] and groups.keep.tolist() == [True, True, False, False]
+    with pytest.raises(ValueError, match="\\(N, C\\)"):
+        grpo.column_advantages(torch.zeros(4), 2)
+
+
+def test_build_train_batch_gives_each_section_its_own_advantage():
+    r = _rollout(0, 0, prompt_len=2, text_len=6, image_span=(4, 5))
+    r.token_ids = torch.tensor([100, 5, 101, 6, 9, 102])  # <degradation> x <rough_understand> y [image] <img>
+    r.text_mask[5] = True
+    cols = {100: 1, 101: 2, 102: 0}
+    sections = torch.tensor([[0.5, -2.0]])  # degradation, rough_understand
+    batch = grpo.build_train_batch([r], torch.tensor([3.0]), section_advantages=sections, tag_columns=cols,
+                                   image_advantages=torch.tensor([-1.0]))
+    # completion columns 2..7: sections 1, 1, 2, 2, (image block: no loss), 0 -> the text's own 3.0
+    assert batch.advantages[0].tolist() == [0.0, 0.0, 0.5, 0.5, -2.0, -2.0, 0.0, 3.0]
+    assert batch.chain_advantages.tolist() == [-1.0]
+    with pytest.raises(ValueError, match="section_advantages must be \\(N, K\\)"):
+        grpo.build_train_batch([r], torch.tensor([3.0]), section_advantages=sections)

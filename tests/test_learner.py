@@ -396,6 +396,50 @@ def test_kl_to_reference_update_epochs_and_warmup_zero1(models, chains, port):
     assert current_lr(worker.engines["policy"]) == pytest.approx(lr)  # warmup done, linear decay starts
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.05), ("adamw", 1e-4)])
+def test_an_update_raises_a_positive_chains_likelihood_and_lowers_a_negative_ones(
+        models, chains, port, optimizer, lr):
+    # The direction of the whole path (advantage -> token loss -> DeepSpeed backward -> optimizer step): after
+    # one step on a single chain with A = +1 (or -1), re-scoring that chain gives mean ratio > 1 (< 1).
+    # The second step's text_loss at A = +1 on that chain alone is -sum(ratio) / tokens, so it reads the ratio.
+    batch, rollouts = chains
+    cfg = _config(models, "learner.num_ranks=1", "learner.zero_stage=2", "learner.micro_batch_size=2",
+                  "diffusion.freeze=true", f"learner.policy_optim.name={optimizer}",
+                  f"learner.policy_optim.lr={lr}", "learner.grad_clip=0")
+    worker = _solo(cfg, port)
+    one = (torch.arange(len(batch)) == 0).float()
+    probe = grpo.build_train_batch(rollouts, one)
+    mean_ratio = {}
+    for sign in (1.0, -1.0):
+        if sign < 0:
+            worker = _solo(cfg, port)  # fresh weights
+        worker.train_step(grpo.build_train_batch(rollouts, sign * one), *rollouts)
+        m = worker.train_step(probe, *rollouts)
+        mean_ratio[sign] = -m["text_loss"] * m["tokens"] / float(probe.loss_mask[0].sum())
+    assert mean_ratio[1.0] > 1.0 + 1e-4, mean_ratio
+    assert mean_ratio[-1.0] < 1.0 - 1e-4, mean_ratio
+
+
+@pytest.mark.slow
+def test_frozen_vision_tower_stays_while_the_language_model_trains(models, chains, port):
+    from learner.worker import vision_tower
+
+    batch, rollouts = chains
+    cfg = _config(models, "learner.num_ranks=1", "learner.zero_stage=2", "learner.micro_batch_size=2",
+                  "diffusion.freeze=true", "policy.freeze_vision=true")
+    worker = _solo(cfg, port)
+    before = worker.gather_full_state("policy")
+    worker.train_step(batch, *rollouts)
+    after = worker.gather_full_state("policy")
+    tower = vision_tower(worker.engines["policy"].module)
+    assert not any(p.requires_grad for p in tower.parameters())
+    visual = [n for n in before if "visual." in n]
+    assert len(visual) == len(list(tower.parameters()))  # the tower's weights, by their full names
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert not changed & set(visual) and any("language_model" in n for n in changed)
+
+
 # ======================================================================================= Ray, 2 ranks, ZeRO-2
 @pytest.fixture(scope="module")
 def ray_local():
@@ -460,6 +504,20 @@ def test_replicas_stay_identical_on_both_ranks(group, group_step, zero3):
         assert rank0 == rank1, model  # bitwise: ZeRO-2 all-gathers the same updated partitions
         before = {k: float(v.double().sum()) for k, v in zero3["before"][model].items()}
         assert any(before[k] != v for k, v in rank0.items()), model  # ... and the step did change them
+
+
+@pytest.mark.slow
+def test_image_advantages_drive_only_the_diffusion_update(ray_local, group, group_step, chains):
+    # grpo.image_rewards: the text keeps its advantages, the diffusion steps get their own (zeros here), so
+    # the SR model gets no gradient while the policy does; and the other way round.
+    _, rollouts = chains
+    refs = [ray_local.put(r) for r in rollouts]
+    n = len(refs)
+    signs = [1.0 if i % 2 else -1.0 for i in range(n)]
+    m = group.train(refs, signs, [True] * n, image_advantages=[0.0] * n)
+    assert m["policy_grad_norm"] > 0 and m["diffusion_grad_norm"] == 0.0
+    m = group.train(refs, [0.0] * n, [True] * n, image_advantages=signs)
+    assert m["policy_grad_norm"] == 0.0 and m["diffusion_grad_norm"] > 0
 
 
 @pytest.mark.slow

@@ -9,33 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reward_fixtures import make_sample
 
 from rewards.pool import RewardPool, RewardWorker
 from rewards.total import score_rollouts
 from rl.chain import render_chain
 from rl.config import QualityMetricConfig, RewardConfig
-from rl.records import DegradationLabels, Rollout, Sample
+from rl.records import Rollout, Sample
 
-LEVELS = {
-    "blur": "medium",
-    "downsample": "light",
-    "noise": "heavy",
-    "compression": "light",
-    "upsample": "none",
-}
 PIQE = QualityMetricConfig(name="piqe", weight=1.0, scale=100.0, lower_better=True)
 LOG_ENV = "REWARD_POOL_TEST_LOG_DIR"
-
-
-def make_sample(prompt_id: int) -> Sample:
-    return Sample(
-        prompt_id=prompt_id,
-        image_id=f"img{prompt_id}",
-        lr=np.zeros((16, 16, 3), np.uint8),
-        hr=None,
-        tags=("cat", "sofa"),
-        degradation=DegradationLabels(levels=dict(LEVELS), params={}),
-    )
 
 
 def make_rollout(prompt_id: int, sample_index: int, rough: str = "a cat", seed: int = 0) -> Rollout:

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from reward_fixtures import LEVELS, make_sample
 
 import rewards.degradation
 import rewards.format
@@ -19,26 +20,11 @@ from rewards.total import score_chain, score_rollouts
 from rewards.understanding import tag_recall, understanding_reward
 from rl.chain import IMAGE_PLACEHOLDER, TAGS, parse_chain, render_chain
 from rl.config import QualityMetricConfig, RewardConfig, RewardWeights
-from rl.records import DegradationLabels, Rollout, Sample
+from rl.records import DegradationLabels, Rollout
 
 UNDERSTAND = {"rough": "a cat on a sofa", "middle": "a grey cat on a sofa", "final": "fur, whiskers"}
 DEG = "medium blur, light downsample, heavy noise, light compression, no upsample"
 GOOD = render_chain(DEG, UNDERSTAND, separator="\n")
-LEVELS = {
-    "blur": "medium",
-    "downsample": "light",
-    "noise": "heavy",
-    "compression": "light",
-    "upsample": "none",
-}
-
-
-def make_sample(prompt_id=0, tags=("cat", "sofa"), levels=LEVELS, hr=None) -> Sample:
-    labels = DegradationLabels(levels=dict(levels), params={}) if levels is not None else None
-    lr = np.zeros((16, 16, 3), np.uint8)
-    return Sample(prompt_id=prompt_id, image_id="x", lr=lr, hr=hr, tags=tuple(tags), degradation=labels)
-
-
 def make_rollout(prompt_id=0, sample_index=0, text=GOOD, final=None) -> Rollout:
     return Rollout.for_scoring(prompt_id, sample_index, text, None if final is None else {"final": final})
 

@@ -72,6 +72,27 @@ def test_one_step_logs_every_scalar(setup):
     assert not missing, missing
 
 
+def test_text_and_images_can_be_judged_by_their_own_rewards(setup):
+    trainer = setup["trainer"]
+    g = trainer.cfg.grpo
+    g.text_rewards, g.image_rewards = ["format", "understanding"], ["generation"]
+    g.section_rewards = {"degradation": ["format", "degradation"]}
+    try:
+        metrics = trainer.step()
+    finally:
+        g.text_rewards = g.image_rewards = g.section_rewards = None
+    # generation differs between any two chains (the SDE sampler's noise), so no group is filtered even when
+    # the text rewards tie, and the images' advantages are the generation reward normalised in each group:
+    # unit (unbiased) std per group, so sqrt(B (G - 1) / (B G - 1)) over the batch (a little less: grpo.eps is
+    # added to each group's std, and the tiny models' generation rewards differ by ~1e-3)
+    assert metrics["grpo/filtered_groups"] == 0 and metrics["grpo/kept_chains"] == B * G
+    assert metrics["grpo/image_advantage_std"] == pytest.approx((B * (G - 1) / (B * G - 1)) ** 0.5, rel=5e-3)
+    assert metrics["learner/diffusion_grad_norm"] > 0
+    # the <degradation> tokens were trained on their own column; the other sections share the text's
+    assert "grpo/degradation_advantage_std" in metrics
+    assert metrics["grpo/rough_understand_advantage_std"] == pytest.approx(metrics["grpo/advantage_std"])
+
+
 def _kill_during_step(trainer, pick_actor, delay_s: float):
     """Run one step in a thread and kill an actor (Ray restarts it) while the step is in flight."""
     result: dict = {}

@@ -1,0 +1,54 @@
+"""rl.compare: held-out change against its standard error and the training curve's step-to-step noise."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from rl import compare
+
+
+def _report(step, per_reward):
+    n = len(next(iter(per_reward.values())))
+    chains = [{"rewards": {k: v[i] for k, v in per_reward.items()}} for i in range(n)]
+    return {"step": step, "per_chain": chains}
+
+
+def test_step_to_step_noise_ignores_a_steady_trend():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.1, 400)
+    flat = compare.step_to_step_noise(noise)
+    trending = compare.step_to_step_noise(noise + np.linspace(0, 5, 400))  # +5 over the run
+    assert flat == pytest.approx(0.1, rel=0.1)
+    assert trending == pytest.approx(flat, rel=0.02)
+    with pytest.raises(ValueError, match="at least 3 steps"):
+        compare.step_to_step_noise([1.0, float("nan"), 2.0])
+
+
+def test_compare_reports_change_stderr_and_noise_per_reward():
+    before = _report(0, {"format": [0, 0, 0, 1], "total": [1.0, 2.0, 1.0, 2.0]})
+    after = _report(30, {"format": [1, 1, 1, 1], "total": [2.5, 2.5, 2.5, 2.6]})
+    curves = {"reward/total/mean": [(i, v) for i, v in enumerate([1.0, 1.1, 1.0, 1.1, 1.0])]}
+    changes = {c.reward: c for c in compare.compare(before, after, curves)}
+    assert set(changes) == {"format", "total"}  # rewards absent from the reports are left out
+    fmt, total = changes["format"], changes["total"]
+    assert (fmt.before, fmt.after, fmt.delta) == (0.25, 1.0, 0.75)
+    assert fmt.stderr == pytest.approx(0.25)  # sqrt(var([0, 0, 0, 1], ddof=1) / 4 + 0)
+    assert fmt.step_noise is None and fmt.beyond_noise  # 0.75 > 2 x 0.25
+    # total: differences of the curve are +-0.1 -> std(ddof=1) 0.1155 / sqrt 2 = 0.0816
+    assert total.step_noise == pytest.approx(np.diff([1.0, 1.1, 1.0, 1.1, 1.0]).std(ddof=1) / math.sqrt(2))
+    assert total.delta == pytest.approx(1.025) and total.beyond_noise  # > 2 x 0.29 and > 0.08
+    small = compare.compare(before, _report(1, {"total": [1.5, 1.6, 1.5, 1.5]}), curves)[0]
+    assert not small.beyond_noise  # +0.025, well inside 2 x std. error
+
+
+def test_cli_writes_the_table_and_names_a_bad_report(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_report(0, {"total": [1.0, 1.2]})))
+    b.write_text(json.dumps(_report(5, {"total": [1.5, 1.7]})))
+    assert compare.main([str(a), str(b), "--out", str(tmp_path / "t.md")]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "| total | 1.100 | 1.600 | +0.500 |" in table and "after (step 5)" in table
+    with pytest.raises(SystemExit, match="cannot read eval report .*missing.json"):
+        compare.main([str(a), str(tmp_path / "missing.json")])
