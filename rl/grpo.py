@@ -4,8 +4,10 @@ Pure torch functions (no Ray, no config objects: every knob is a scalar argument
 terms of the GRPO / DAPO / Flow-GRPO papers. Shapes are in the docstrings: N chains in group order
 ``[g0s0, g0s1, ..., g0s(G-1), g1s0, ...]``, B rows of a train batch, L token positions, S diffusion steps.
 
-How the learner composes them for one micro-batch (the chain's advantage is shared by its text tokens and
-by every diffusion step of its three images)::
+How the learner composes them for one micro-batch (by default, as in the paper, the chain's advantage is
+shared by its text tokens and by every diffusion step of its three images; ``column_advantages`` +
+``build_train_batch(image_advantages=, section_advantages=)`` give the images, or a text section, the
+advantage of only the rewards that judge them)::
 
     text = clipped_surrogate(logp, batch.old_log_probs, batch.advantages, batch.loss_mask, lo, hi)
     image = image_surrogate(step_logp, batch.step_old_log_probs, batch.chain_advantages, lo_img, hi_img,
