@@ -131,7 +131,7 @@ class GRPOTrainer:
         "groups": the GroupFilter (a group is dropped only when all of them are flat in it)."""
         g = self.cfg.grpo
         columns = {"text": self._rewards(scores, g.text_rewards)}
-        if g.image_rewards != g.text_rewards:
+        if g.image_rewards != g.text_rewards and not self.cfg.diffusion.freeze:  # (a frozen SR model keeps no group)
             columns["image"] = self._rewards(scores, g.image_rewards)
         if g.section_rewards:
             for tag in TEXT_TAGS:
