@@ -77,16 +77,12 @@ def vision_tower(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(model).__name__} has no vision tower (.visual): policy.freeze_vision needs one")
 
 
-def section_tag_columns(tokenizer) -> dict[int, int]:
+def section_tag_columns(tokens: Any) -> dict[int, int]:
     """Opening-tag token id -> column of ``build_train_batch``'s section table: 1 + index in TEXT_TAGS for
-    the sections the policy writes, 0 (the text's own advantage) for the image sections."""
-    columns = {}
-    for tag in TAGS:
-        ids = tokenizer.encode(open_tag(tag), add_special_tokens=False)
-        if len(ids) != 1:
-            raise ValueError(f"opening tag {open_tag(tag)!r} is {len(ids)} tokens; section credit needs one")
-        columns[ids[0]] = TEXT_TAGS.index(tag) + 1 if tag in TEXT_TAGS else 0
-    return columns
+    the sections the policy writes, 0 (the text's own advantage) for the image sections. ``tokens``: the
+    policy's ``rl.models.policy.ChainTokens``."""
+    return {tokens.single_token_id(open_tag(tag), "opening tag"): TEXT_TAGS.index(tag) + 1 if tag in TEXT_TAGS
+            else 0 for tag in TAGS}
 
 
 # ============================================================================================ sharding (pure)
@@ -221,6 +217,7 @@ class LearnerWorker:
 
         self.engines: dict[str, Any] = {}
         self.tokens = None  # rl.models.policy.ChainTokens of the policy (processor + token layout)
+        self._tag_columns: Optional[dict[int, int]] = None  # section_tag_columns, on first use
         self.reference: Optional[nn.Module] = None
         if not policy.freeze:
             from rl.models.policy import ChainTokens
@@ -655,13 +652,14 @@ class LearnerWorker:
         text's everywhere)."""
         pad_id = self.tokens.tokenizer.pad_token_id if self.tokens is not None else 0
         image_adv = None if image_advantages is None else torch.tensor(image_advantages, dtype=torch.float32)
-        sections = tag_columns = None
+        sections = None
         if section_advantages is not None and self.tokens is not None:  # (a frozen policy trains no text)
             sections = torch.tensor(section_advantages, dtype=torch.float32)
-            tag_columns = section_tag_columns(self.tokens.tokenizer)
+            if self._tag_columns is None:  # the tags' ids do not change: look them up once
+                self._tag_columns = section_tag_columns(self.tokens)
         batch = build_train_batch(list(rollouts), torch.tensor(advantages, dtype=torch.float32),
                                   pad_token_id=pad_id or 0, image_advantages=image_adv,
-                                  section_advantages=sections, tag_columns=tag_columns)
+                                  section_advantages=sections, tag_columns=self._tag_columns)
         if padding:
             batch = masked_copy(batch)
         return self.train_step(batch, *rollouts)

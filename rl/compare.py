@@ -59,6 +59,11 @@ def chain_values(report: dict, reward: str) -> np.ndarray:
     return np.asarray([c["rewards"][reward] for c in report["per_chain"] if reward in c["rewards"]], dtype=float)
 
 
+def _mean_variance(x: np.ndarray) -> float:
+    """The variance of the mean of ``x`` (0 for a single value: no spread to measure)."""
+    return float(x.var(ddof=1) / x.size) if x.size > 1 else 0.0
+
+
 def compare(before: dict, after: dict, curves: Optional[dict] = None,
             rewards: Sequence[str] = REWARDS) -> list[Change]:
     out = []
@@ -66,7 +71,7 @@ def compare(before: dict, after: dict, curves: Optional[dict] = None,
         a, b = chain_values(before, reward), chain_values(after, reward)
         if not a.size or not b.size:
             continue
-        se = math.sqrt((a.var(ddof=1) / a.size if a.size > 1 else 0.0) + (b.var(ddof=1) / b.size if b.size > 1 else 0.0))
+        se = math.sqrt(_mean_variance(a) + _mean_variance(b))
         curve = (curves or {}).get(f"reward/{reward}/mean")
         noise = step_to_step_noise([v for _, v in curve]) if curve and len(curve) >= 3 else None
         out.append(Change(reward, float(a.mean()), float(b.mean()), int(a.size), int(b.size), se, noise))
@@ -74,7 +79,8 @@ def compare(before: dict, after: dict, curves: Optional[dict] = None,
 
 
 def markdown(changes: Sequence[Change], before_name: str, after_name: str) -> str:
-    lines = [f"| reward | {before_name} | {after_name} | change | 2 x std. error | step-to-step noise | beyond noise |",
+    lines = [f"| reward | {before_name} | {after_name} | change | 2 x std. error | step-to-step noise "
+             "| beyond noise |",
              "|---|---|---|---|---|---|---|"]
     for c in changes:
         noise = "-" if c.step_noise is None else f"{c.step_noise:.3f}"

@@ -155,7 +155,8 @@ def column_advantages(
                for c in range(rewards.shape[1])]
     flat = torch.stack([zero_variance_groups(rewards[:, c].contiguous(), group_size).zero_variance
                         for c in range(rewards.shape[1])]).all(dim=0)
-    return torch.stack(columns, dim=1), GroupFilter(zero_variance=flat, keep=(~flat).repeat_interleave(group_size))
+    keep = (~flat).repeat_interleave(group_size)
+    return torch.stack(columns, dim=1), GroupFilter(zero_variance=flat, keep=keep)
 
 
 def group_order(records: Sequence[object], group_size: int) -> list[int]:
@@ -504,10 +505,9 @@ def build_train_batch(
     old_log_probs = torch.zeros((b, length), dtype=torch.float32)
     step_old = torch.zeros((b, num_steps), dtype=torch.float32)
     step_mask = torch.zeros((b, num_steps), dtype=torch.bool)
-    text_adv = advantages.detach().float()[rows] if rows else torch.zeros(0)
+    token_adv = torch.zeros((b, length), dtype=torch.float32)
     image_source = advantages if image_advantages is None else image_advantages
     chain_adv = image_source.detach().float()[rows] if rows else torch.zeros(0)
-    per_token = torch.zeros((b, length), dtype=torch.float32)
 
     for row, (r, p, total) in enumerate(zip(kept, p_len, lengths)):
         input_ids[row, :p] = r.prompt_ids
@@ -516,10 +516,12 @@ def build_train_batch(
         sampled = r.text_mask.bool()
         loss_mask[row, p:total] = sampled
         old_log_probs[row, p:total] = torch.where(sampled, r.log_probs.float(), torch.zeros(()))
-        if section_advantages is not None:
-            table = torch.cat([advantages[rows[row]].reshape(1).float(),
-                               section_advantages[rows[row]].float()])  # column 0: the text's own
-            per_token[row, p:total] = table[token_sections(r.token_ids, tag_columns)] * sampled
+        own = advantages[rows[row]].detach().float()
+        if section_advantages is None:
+            token_adv[row, p:total] = own * sampled
+        else:  # column 0: the text's own advantage
+            table = torch.cat([own.reshape(1), section_advantages[rows[row]].detach().float()])
+            token_adv[row, p:total] = table[token_sections(r.token_ids, tag_columns)] * sampled
         if steps[row]:
             step_old[row, : steps[row]] = torch.cat([t.log_probs.float() for t in r.traces])
             step_mask[row, : steps[row]] = True
@@ -529,7 +531,7 @@ def build_train_batch(
         attention_mask=attention_mask,
         loss_mask=loss_mask,
         old_log_probs=old_log_probs,
-        advantages=per_token if section_advantages is not None else text_adv[:, None] * loss_mask,
+        advantages=token_adv,
         chain_advantages=chain_adv,
         prompt_lengths=torch.tensor(p_len, dtype=torch.long),
         step_old_log_probs=step_old,

@@ -111,6 +111,19 @@ def save_checkpoint(learner: Any, root: Path, step: int, cursor: int, keep: int,
     return final
 
 
+def resume(trainer: Any) -> Optional[ckpt.TrainerState]:
+    """Both drivers' resume: the learner from the latest complete checkpoint, ``trainer.step_id`` and
+    ``trainer.cursor`` from its state, which is returned for the driver's own ``extra`` (None: nothing to
+    resume from, the run starts fresh)."""
+    found = load_latest(trainer.learner, trainer.ckpt_root)
+    if found is None:
+        return None
+    latest, state = found
+    trainer.step_id, trainer.cursor = state.step, state.data_cursor
+    log.info("resumed from %s at step %d (data cursor %d)", latest, state.step, state.data_cursor)
+    return state
+
+
 def load_latest(learner: Any, root: Path) -> Optional[tuple[Path, ckpt.TrainerState]]:
     """Load the newest complete checkpoint under ``root`` into ``learner`` and restore the driver's RNGs;
     returns (its path, its TrainerState), or None (logged) when there is none."""

@@ -40,14 +40,14 @@ class SFTTrainer:
         self.step_id = 0
         self.cursor = 0
         if cfg.trainer.resume:
-            self._resume()
+            run_state.resume(self)
         self.monitor = RunMonitor(cfg.trainer.log_dir, cfg.trainer.total_steps, self.step_id,
                                   cfg.trainer.progress_bar, desc="sft")
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> None:
-        run_state.run_steps(self, {"text": "sft/text_loss", "img": "sft/image_loss", "acc": "sft/token_accuracy",
-                                   "s/step": "timing/step"})
+        run_state.run_steps(self, {"text": "sft/text_loss", "img": "sft/image_loss",
+                                   "acc": "sft/token_accuracy", "s/step": "timing/step"})
 
     def records(self, cursor: int, n: int) -> list[SFTRecord]:
         """The target chains of data positions cursor .. cursor + n - 1."""
@@ -87,14 +87,6 @@ class SFTTrainer:
         """DeepSpeed state (all ranks) + HF/diffusers export + trainer state, committed atomically."""
         return run_state.save_checkpoint(self.learner, self.ckpt_root, self.step_id, self.cursor,
                                          self.cfg.trainer.keep_checkpoints, {"mode": "sft"})
-
-    def _resume(self) -> None:
-        found = run_state.load_latest(self.learner, self.ckpt_root)
-        if found is None:
-            return
-        latest, state = found
-        self.step_id, self.cursor = state.step, state.data_cursor
-        log.info("resumed from %s at step %d (data cursor %d)", latest, self.step_id, self.cursor)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

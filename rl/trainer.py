@@ -131,7 +131,8 @@ class GRPOTrainer:
         "groups": the GroupFilter (a group is dropped only when all of them are flat in it)."""
         g = self.cfg.grpo
         columns = {"text": self._rewards(scores, g.text_rewards)}
-        if g.image_rewards != g.text_rewards and not self.cfg.diffusion.freeze:  # (a frozen SR model keeps no group)
+        # a frozen SR model has no column: its reward must not keep a group for the learner
+        if g.image_rewards != g.text_rewards and not self.cfg.diffusion.freeze:
             columns["image"] = self._rewards(scores, g.image_rewards)
         if g.section_rewards:
             for tag in TEXT_TAGS:
@@ -163,12 +164,9 @@ class GRPOTrainer:
                                          self.cfg.trainer.keep_checkpoints, {"policy_version": self.version})
 
     def _resume(self) -> None:
-        found = run_state.load_latest(self.learner, self.ckpt_root)
-        if found is None:
+        state = run_state.resume(self)
+        if state is None:
             return
-        latest, state = found
-        self.step_id, self.cursor = state.step, state.data_cursor
         self.version = int(state.extra.get("policy_version", state.step))
-        update, _ = self.learner.publish_weights(self.version)
+        update, _ = self.learner.publish_weights(self.version)  # the rollout actors sample the resumed policy
         self.rollouts.load_weights(update)
-        log.info("resumed from %s at step %d (data cursor %d)", latest, self.step_id, self.cursor)

@@ -323,14 +323,15 @@ class ChainTokens:
         self.min_pixels: int = int(ip.size["shortest_edge"])
         self.max_pixels: int = int(ip.size["longest_edge"])
         # Each turn stops at its closing tag, which must be one token so engines can stop on its id.
-        self.stop_ids: dict[str, int] = {}
-        for turn in TURNS:
-            ids = tok.encode(turn.stop, add_special_tokens=False)
-            if len(ids) != 1:
-                raise ValueError(
-                    f"stop tag {turn.stop!r} is {len(ids)} tokens in this tokenizer; it must be one"
-                )
-            self.stop_ids[turn.stage] = ids[0]
+        self.stop_ids: dict[str, int] = {turn.stage: self.single_token_id(turn.stop, "stop tag")
+                                         for turn in TURNS}
+
+    def single_token_id(self, text: str, what: str = "tag") -> int:
+        """The id of ``text`` (a chain tag), which must be exactly one token in this tokenizer."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"{what} {text!r} is {len(ids)} tokens in this tokenizer; it must be one")
+        return ids[0]
 
     @property
     def tokenizer(self):
