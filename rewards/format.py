@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from rl.chain import TAGS, ParsedChain, parse_chain
+from rl.chain import IMAGE_PLACEHOLDER, TAGS, TEXT_TAGS, ParsedChain, close_tag, open_tag, parse_chain
 
 _TAG_TEXT_RE = re.compile(r"</?(?:" + "|".join(TAGS) + r")>")
 
@@ -39,3 +39,42 @@ def format_reward(chain: ParsedChain | str) -> float:
         if any(_TAG_TEXT_RE.search(body) for body in bodies):
             return 0.0
     return 1.0
+
+
+_OPEN_TAG_RE = re.compile(r"<(?:" + "|".join(TAGS) + r")>")
+
+
+def section_format_rewards(text: str) -> dict[str, float]:
+    """Per text section (rl.chain.TEXT_TAGS): 1.0 when the text the learner credits to it is exactly one
+    ``<tag>body</tag>`` whose body holds no tag and no image, else 0.0. Never raises.
+
+    The learner credits a token to the section of the latest opening tag before it (rl.grpo.token_sections),
+    so the text is cut at every opening tag the same way here: a stray closing tag, an unclosed section or
+    rambling text after the closing tag counts against the section it was written in, and only that one. A
+    well-formed chain (``format_reward`` 1) scores 1 in every section.
+
+    >>> from rl.chain import render_chain
+    >>> good = render_chain("light blur", {"rough": "a cat", "middle": "a cat", "final": "fur"})
+    >>> stray = good.replace("a cat</middle_understand>", "a</final_understand> cat</middle_understand>")
+    >>> section_format_rewards(stray)
+    {'degradation': 1.0, 'rough_understand': 1.0, 'middle_understand': 0.0, 'final_understand': 1.0}
+    """
+    out = dict.fromkeys(TEXT_TAGS, 0.0)
+    if not isinstance(text, str):
+        return out
+    starts = [m.start() for m in _OPEN_TAG_RE.finditer(text)] + [len(text)]
+    segments: dict[str, list[str]] = {}
+    for lo, hi in zip(starts, starts[1:]):
+        segment = text[lo:hi]
+        segments.setdefault(segment[1:segment.index(">")], []).append(segment)
+    for tag in TEXT_TAGS:
+        found = segments.get(tag, [])
+        if len(found) != 1:
+            continue
+        body = found[0].rstrip()
+        head, tail = open_tag(tag), close_tag(tag)
+        if body.endswith(tail) and len(body) >= len(head) + len(tail):
+            inner = body[len(head):-len(tail)]
+            if not _TAG_TEXT_RE.search(inner) and IMAGE_PLACEHOLDER not in inner:
+                out[tag] = 1.0
+    return out

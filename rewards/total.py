@@ -5,7 +5,9 @@ applicable is left out of the sum and out of ``Scores.parts``, and the weights a
 applicability depends only on the Sample (labels, tags, HR) and every chain of a GRPO group shares its
 Sample, so the whole group loses the same term and group-relative advantages are unaffected.
 
-- format: always applicable.
+- format: always applicable. ``format/<section>`` parts score each text section on its own
+  (rewards.format.section_format_rewards) for section-level credit; like ``quality/<metric>`` they are
+  details, not terms of the total.
 - degradation: needs DegradationLabels (synthetic LR); real LR has none.
 - understanding: needs at least one usable tag.
 - generation: needs at least one configured metric. A chain without a final image scores 0 (its fault, not
@@ -17,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rewards.degradation import degradation_reward
-from rewards.format import format_reward
+from rewards.format import format_reward, section_format_rewards
 from rewards.quality import QualityScore, QualityScorer, generation_reward
 from rewards.understanding import understanding_reward
 from rl.chain import parse_chain
@@ -43,6 +45,8 @@ def score_chain(
     parsed = parse_chain(text)
     weights = vars(cfg.weights)
     parts: dict[str, float] = {"format": format_reward(parsed)}
+    # per-section format (grpo.section_rewards credit); not summed into the total
+    parts.update({f"format/{tag}": v for tag, v in section_format_rewards(text).items()})
     errors: dict[str, str] = {}
     deg = degradation_reward(parsed, sample.degradation)
     if deg is not None:

@@ -68,6 +68,12 @@ TURNS: tuple[Turn, ...] = (
 )
 
 
+# The tags the policy itself writes, in the only order the grammar allows (the image sections are inserted by
+# the system): <degradation> </degradation> <rough_understand> </rough_understand> <middle_understand> ...
+WRITTEN_TAGS: tuple[str, ...] = tuple(t for turn in TURNS for tag in turn.tags for t in (open_tag(tag),
+                                                                                        close_tag(tag)))
+
+
 def image_section(stage: str, image_text: str = IMAGE_PLACEHOLDER) -> str:
     """The section the system inserts after a turn: ``<rough_image>IMG</rough_image>``."""
     tag = f"{stage}_image"

@@ -244,9 +244,14 @@ class GRPOConfig:
     text_rewards: Optional[list[str]] = None
     image_rewards: Optional[list[str]] = None
     # Section-level credit: the tokens of a text section (degradation, rough/middle/final_understand) get the
-    # advantage of these components instead of text_rewards', e.g. {degradation: [format, degradation]}.
+    # advantage of these components instead of text_rewards', e.g. {degradation: [format, degradation]}, or
+    # {final_understand: [format/final_understand]}: only that section's own format (rewards.format).
     # null: every text token shares one advantage (the paper).
     section_rewards: Optional[dict[str, list[str]]] = None
+    # > 0: subtracted from the advantage of each sampled tag the grammar does not allow where it was written (a
+    # closing tag of another section, a repeated tag): the format reward's credit on the token that broke it.
+    # 0: off (the paper).
+    stray_tag_penalty: float = 0.0
 
 
 @dataclass
@@ -377,7 +382,7 @@ def validate(cfg: ExperimentConfig, source: str = "<config>") -> None:
         f("grpo.clip_high", g.clip_high, "must be >= 0")
     if g.kl_beta < 0:
         f("grpo.kl_beta", g.kl_beta, "must be >= 0")
-    components = list(vars(RewardWeights()))
+    components = list(vars(RewardWeights())) + [f"format/{tag}" for tag in TEXT_TAGS]  # rewards.total
     reward_lists = {f"grpo.{key}": getattr(g, key) for key in ("text_rewards", "image_rewards")}
     for section, names in (g.section_rewards or {}).items():
         if section not in TEXT_TAGS:
@@ -389,6 +394,8 @@ def validate(cfg: ExperimentConfig, source: str = "<config>") -> None:
         for name in names:
             if name not in components:
                 f(key, names, f"{name!r} is not one of {components}")
+    if g.stray_tag_penalty < 0:
+        f("grpo.stray_tag_penalty", g.stray_tag_penalty, "must be >= 0 (it is subtracted from an advantage)")
     if g.update_epochs < 1:
         f("grpo.update_epochs", g.update_epochs, "must be >= 1")
     if g.eps <= 0:

@@ -39,6 +39,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from rl.chain import TEXT_TAGS
+
 log = logging.getLogger("rl.eval")
 
 REWARD_PARTS: tuple[str, ...] = ("format", "degradation", "understanding", "generation", "total")
@@ -425,8 +427,10 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     # 4. summary
     rewards_summary = {}
-    quality_parts = sorted({k for row in per_chain for k in row["rewards"] if k.startswith("quality/")})
-    for part in REWARD_PARTS[:-1] + tuple(quality_parts) + REWARD_PARTS[-1:]:
+    details = {k for row in per_chain for k in row["rewards"] if "/" in k}  # format/<section>, quality/<metric>
+    section_parts = tuple(f"format/{tag}" for tag in TEXT_TAGS if f"format/{tag}" in details)
+    quality_parts = tuple(sorted(k for k in details if k.startswith("quality/")))
+    for part in REWARD_PARTS[:1] + section_parts + REWARD_PARTS[1:-1] + quality_parts + REWARD_PARTS[-1:]:
         vals = [row["rewards"][part] for row in per_chain if part in row["rewards"]]
         note = "" if vals else REWARD_NOTES.get(part, "not applicable")
         if part == "generation" and dropped:

@@ -5,7 +5,7 @@ terms of the GRPO / DAPO / Flow-GRPO papers. Shapes are in the docstrings: N cha
 ``[g0s0, g0s1, ..., g0s(G-1), g1s0, ...]``, B rows of a train batch, L token positions, S diffusion steps.
 
 How the learner composes them for one micro-batch (by default, as in the paper, the chain's advantage is
-shared by its text tokens and by every diffusion step of its three images; ``column_advantages`` +
+shared by its text tokens and by every diffusion step of its three images; ``chain_advantages`` +
 ``build_train_batch(image_advantages=, section_advantages=)`` give the images, or a text section, the
 advantage of only the rewards that judge them)::
 
@@ -21,7 +21,7 @@ advantage of only the rewards that judge them)::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -83,13 +83,15 @@ def component_rewards(
     """The weighted sum of only the named reward components of each chain -> (N,) float32.
 
     parts[i] is ``Scores.parts`` of chain i; a component a chain's sample does not have (no labels, no tags)
-    is left out, as in the total. Used to give the text tokens and the diffusion steps advantages from the
-    rewards each can change (``grpo.text_rewards`` / ``grpo.image_rewards``).
+    is left out, as in the total. A detail part ``name/detail`` (e.g. ``format/final_understand``) takes the
+    weight of ``name``. Used to give the text tokens, the text sections and the diffusion steps advantages from
+    the rewards each can change (``grpo.text_rewards`` / ``section_rewards`` / ``image_rewards``).
     """
-    unknown = sorted(set(components) - set(weights))
+    base = {c: c.split("/", 1)[0] for c in components}
+    unknown = sorted(c for c, b in base.items() if b not in weights)
     if unknown:
         raise ValueError(f"unknown reward components {unknown}; known: {sorted(weights)}")
-    return torch.tensor([sum(weights[c] * p[c] for c in components if c in p) for p in parts],
+    return torch.tensor([sum(weights[base[c]] * p[c] for c in components if c in p) for p in parts],
                         dtype=torch.float32)
 
 
@@ -157,6 +159,65 @@ def column_advantages(
                         for c in range(rewards.shape[1])]).all(dim=0)
     keep = (~flat).repeat_interleave(group_size)
     return torch.stack(columns, dim=1), GroupFilter(zero_variance=flat, keep=keep)
+
+
+@dataclass(frozen=True)
+class ChainAdvantages:
+    """What the learner needs from one step's rewards (N chains in group order).
+
+    text (N,): the text tokens' advantage; image (N,) or None (the diffusion steps share ``text``);
+    sections (N, len(section_tags)) or None (every text token has ``text``); groups: the filter (a group is
+    dropped only when every column is flat in it)."""
+
+    text: Tensor
+    image: Tensor | None
+    sections: Tensor | None
+    groups: GroupFilter
+
+
+def chain_advantages(
+    parts: Sequence[Mapping[str, float]],
+    totals: Sequence[float],
+    weights: Mapping[str, float],
+    group_size: int,
+    text_rewards: Sequence[str] | None = None,
+    image_rewards: Sequence[str] | None = None,
+    section_rewards: Mapping[str, Sequence[str]] | None = None,
+    section_tags: Sequence[str] = (),
+    train_images: bool = True,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+) -> ChainAdvantages:
+    """The advantages of every part of the chain from the chains' reward parts (``Scores.parts``) and totals.
+
+    ``text_rewards`` / ``image_rewards``: the components the text / the diffusion steps learn from (None: the
+    total). The images get a column of their own only when they are trained and judged differently from the
+    text; otherwise they share the text's (the paper), and a frozen SR model's reward keeps no group alive.
+    ``section_rewards``: tag -> components for the tokens of that text section (a tag of ``section_tags``
+    not named there takes the text's advantage). Each column is normalised within its groups on its own.
+    """
+    def rewards(components: Sequence[str] | None) -> Tensor:
+        if components is None:
+            return torch.tensor([float(t) for t in totals], dtype=torch.float32)
+        return component_rewards(parts, weights, components)
+
+    text_key = None if text_rewards is None else list(text_rewards)
+    image_key = None if image_rewards is None else list(image_rewards)
+    columns = {"text": rewards(text_rewards)}
+    if train_images and image_key != text_key:
+        columns["image"] = rewards(image_rewards)
+    if section_rewards:
+        unknown = sorted(set(section_rewards) - set(section_tags))
+        if unknown:
+            raise ValueError(f"section_rewards names {unknown}, not sections of {list(section_tags)}")
+        for tag in section_tags:
+            names = section_rewards.get(tag)
+            columns[f"section/{tag}"] = columns["text"] if names is None else rewards(names)
+    table, groups = column_advantages(torch.stack(list(columns.values()), dim=1), group_size, scale_by_std, eps)
+    out = {name: table[:, i] for i, name in enumerate(columns)}
+    sections = (torch.stack([out[f"section/{tag}"] for tag in section_tags], dim=1) if section_rewards
+                else None)
+    return ChainAdvantages(text=out["text"], image=out.get("image"), sections=sections, groups=groups)
 
 
 def group_order(records: Sequence[object], group_size: int) -> list[int]:
@@ -372,6 +433,28 @@ def gather_token_log_probs(logits: Tensor, input_ids: Tensor, temperature: float
     return torch.cat([picked.new_zeros(picked.shape[0], 1), picked], dim=1)
 
 
+def stray_tags(token_ids: Tensor, sampled: Tensor, tag_order: Sequence[int], tag_ids: Collection[int]) -> Tensor:
+    """Which sampled tokens are tags the grammar does not allow there: (T,) bool.
+
+    ``tag_order``: the ids of the tags the policy writes, in the grammar's order (rl.chain.WRITTEN_TAGS);
+    ``tag_ids``: the ids of every chain tag. Walking the sampled tokens, a tag that is the next expected one
+    advances the grammar; any other tag (a closing tag of another section, a second opening tag, an image tag
+    the system should insert) is stray, and the grammar still expects the same tag after it. Tokens the system
+    inserted (``sampled`` 0) are skipped. A stray tag is exactly what makes ``rewards.format`` score 0 in most
+    sampled chains: this marks the token that did it (``grpo.stray_tag_penalty``).
+    """
+    out = torch.zeros(token_ids.numel(), dtype=torch.bool)
+    ids = torch.tensor(sorted(tag_ids), dtype=token_ids.dtype)
+    candidates = (torch.isin(token_ids, ids) & sampled.bool()).nonzero().flatten().tolist()
+    k = 0
+    for pos in candidates:
+        if k < len(tag_order) and int(token_ids[pos]) == tag_order[k]:
+            k += 1
+        else:
+            out[pos] = True
+    return out
+
+
 # ------------------------------------------------------------------------------------------ train batch
 @dataclass(frozen=True)
 class TrainBatch:
@@ -460,6 +543,8 @@ def build_train_batch(
     image_advantages: Tensor | None = None,
     section_advantages: Tensor | None = None,
     tag_columns: Mapping[int, int] | None = None,
+    stray_tag_penalty: float = 0.0,
+    tag_order: Sequence[int] = (),
 ) -> TrainBatch:
     """Pad the kept chains into a TrainBatch, each token carrying its chain's advantage.
 
@@ -473,6 +558,9 @@ def build_train_batch(
     tags that keep ``advantages``), gives each text token the advantage of the section it is in
     (``token_sections``); tokens before any tag or in a column-0 section keep ``advantages``
     (``grpo.section_rewards``: a section judged by the reward that scores it).
+    ``stray_tag_penalty`` > 0 (with ``tag_order`` and ``tag_columns``, whose keys and ``tag_order`` make up
+    the tag ids) is subtracted from the advantage of every sampled tag the grammar does not allow there
+    (``stray_tags``): the format reward's credit given to the token that broke the format.
     """
     n = len(rollouts)
     if advantages.dim() != 1 or advantages.shape[0] != n:
@@ -481,6 +569,9 @@ def build_train_batch(
                                            or tag_columns is None):
         raise ValueError(f"section_advantages must be (N, K) with N = {n} rollouts, with tag_columns; got "
                          f"{None if section_advantages is None else tuple(section_advantages.shape)}")
+    if stray_tag_penalty and (not tag_order or tag_columns is None):
+        raise ValueError("stray_tag_penalty needs tag_order and tag_columns (the chain tags' token ids)")
+    tag_ids = set(tag_order) | set(tag_columns or {})
     if image_advantages is not None and tuple(image_advantages.shape) != (n,):
         raise ValueError(f"image_advantages must be (N,) with N = {n} rollouts, "
                          f"got {tuple(image_advantages.shape)}")
@@ -522,6 +613,8 @@ def build_train_batch(
         else:  # column 0: the text's own advantage
             table = torch.cat([own.reshape(1), section_advantages[rows[row]].detach().float()])
             token_adv[row, p:total] = table[token_sections(r.token_ids, tag_columns)] * sampled
+        if stray_tag_penalty:
+            token_adv[row, p:total] -= stray_tag_penalty * stray_tags(r.token_ids, sampled, tag_order, tag_ids)
         if steps[row]:
             step_old[row, : steps[row]] = torch.cat([t.log_probs.float() for t in r.traces])
             step_mask[row, : steps[row]] = True

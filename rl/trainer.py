@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import ray
@@ -27,7 +26,6 @@ from rl.records import Rollout, Sample, Scores
 from rl.run_state import PhaseTimer
 
 log = logging.getLogger("rl.trainer")
-REWARD_PARTS = ("format", "degradation", "understanding", "generation")
 
 
 def reward_metrics(scores: list[Scores], group_size: int) -> dict[str, float]:
@@ -81,8 +79,8 @@ class GRPOTrainer:
                 chain_samples = [s for s in samples for _ in range(G)]
                 scores = self.rewards.score(refs, chain_samples)
             adv = self._advantages(scores)
-            advantages, groups = adv["text"], adv["groups"]
-            image_advantages, section_advantages = adv.get("image"), adv.get("sections")
+            advantages, groups = adv.text, adv.groups
+            image_advantages, section_advantages = adv.image, adv.sections
             keep = groups.keep if cfg.grpo.filter_zero_variance else torch.ones_like(groups.keep)
             learner_metrics: dict[str, float] = {}
             sync_metrics: dict[str, float] = {}
@@ -125,31 +123,13 @@ class GRPOTrainer:
         self.monitor.flush()
         return metrics
 
-    def _advantages(self, scores: list[Scores]) -> dict:
-        """The group advantages the learner needs: "text" (N,), and where grpo.image_rewards /
-        grpo.section_rewards give them rewards of their own, "image" (N,) and "sections" (N, len(TEXT_TAGS));
-        "groups": the GroupFilter (a group is dropped only when all of them are flat in it)."""
+    def _advantages(self, scores: list[Scores]) -> grpo.ChainAdvantages:
         g = self.cfg.grpo
-        columns = {"text": self._rewards(scores, g.text_rewards)}
-        # a frozen SR model has no column: its reward must not keep a group for the learner
-        if g.image_rewards != g.text_rewards and not self.cfg.diffusion.freeze:
-            columns["image"] = self._rewards(scores, g.image_rewards)
-        if g.section_rewards:
-            for tag in TEXT_TAGS:
-                names = g.section_rewards.get(tag)
-                columns[tag] = columns["text"] if names is None else self._rewards(scores, list(names))
-        table, groups = grpo.column_advantages(torch.stack(list(columns.values()), dim=1), g.group_size,
-                                               g.scale_by_std, g.eps)
-        out = {name: table[:, i] for i, name in enumerate(columns)}
-        if g.section_rewards:
-            out["sections"] = torch.stack([out.pop(tag) for tag in TEXT_TAGS], dim=1)
-        return {**out, "groups": groups}
-
-    def _rewards(self, scores: list[Scores], components: Optional[list[str]]) -> torch.Tensor:
-        """(N,) the chains' totals, or the weighted sum of only ``components`` (grpo.text/image_rewards)."""
-        if components is None:
-            return torch.tensor([s.total for s in scores], dtype=torch.float32)
-        return grpo.component_rewards([s.parts for s in scores], vars(self.cfg.reward.weights), components)
+        return grpo.chain_advantages(
+            [s.parts for s in scores], [s.total for s in scores], vars(self.cfg.reward.weights), g.group_size,
+            text_rewards=g.text_rewards, image_rewards=g.image_rewards, section_rewards=g.section_rewards,
+            section_tags=TEXT_TAGS, train_images=not self.cfg.diffusion.freeze, scale_by_std=g.scale_by_std,
+            eps=g.eps)
 
     def _log_example(self, ref, sample: Sample, score: Scores) -> None:
         rollout: Rollout = ray.get(ref)

@@ -68,6 +68,7 @@ def test_unknown_key_or_wrong_type(override, fragment):
         ("grpo.image_rewards=[sharpness]", "grpo.image_rewards"),
         ("learner.policy_optim.name=lion", "learner.policy_optim.name"),
         ("learner.diffusion_optim.momentum=1.0", "learner.diffusion_optim.momentum"),
+        ("grpo.stray_tag_penalty=-1.0", "grpo.stray_tag_penalty"),
     ],
 )
 def test_impossible_values_name_key_and_value(override, key):
@@ -83,12 +84,20 @@ def test_impossible_values_name_key_and_value(override, key):
     [
         ("grpo.section_rewards={rough_image: [generation]}", "grpo.section_rewards", "'rough_image'"),
         ("grpo.section_rewards={degradation: [sharpness]}", "grpo.section_rewards.degradation", "'sharpness'"),
+        ("grpo.section_rewards={final_understand: [format/rough_image]}", "grpo.section_rewards.final_understand",
+         "'format/rough_image'"),
     ],
 )
 def test_bad_section_rewards_name_the_section_or_the_reward(override, key, named):
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "configs/grpo_local.yaml", [override])
     assert f"key {key!r}" in str(err.value) and f"{named} is not one of" in str(err.value)
+
+
+def test_section_rewards_accept_a_sections_own_format():
+    cfg = load_config(ROOT / "configs/grpo_local.yaml",
+                      ["grpo.section_rewards={final_understand: [format/final_understand, understanding]}"])
+    assert cfg.grpo.section_rewards == {"final_understand": ["format/final_understand", "understanding"]}
 
 
 def test_missing_file_and_malformed_override(tmp_path):

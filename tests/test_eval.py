@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from rl.chain import TEXT_TAGS
 from rl.config import load_config
 from rl.env import REPO_ROOT
 
@@ -77,6 +78,10 @@ def test_synthetic_report_rewards(synthetic):
         assert all(0.0 <= parts[k] <= 1.0 for k in REWARDS[:-1])
         assert parts["total"] == pytest.approx(sum(weights[k] * parts[k] for k in weights))
         assert row["text"].endswith("<final_image><|image|></final_image>")
+        # each text section's own format: 1 everywhere exactly when the chain's format is 1
+        sections = [parts[f"format/{tag}"] for tag in TEXT_TAGS]
+        assert parts["format"] <= min(sections)
+    assert [k for k in report["rewards"] if k.startswith("format/")] == [f"format/{t}" for t in TEXT_TAGS]
 
 
 def test_synthetic_report_metrics(synthetic):

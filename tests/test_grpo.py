@@ -130,6 +130,14 @@ def test_component_rewards_sum_only_the_named_weighted_parts():
         grpo.component_rewards(parts, weights, ["quality"])
 
 
+def test_component_rewards_weigh_a_detail_part_as_its_component():
+    weights = {"format": 2.0, "degradation": 1.0}
+    parts = [{"format": 0.0, "format/final_understand": 1.0, "degradation": 0.5},
+             {"format": 1.0, "format/final_understand": 0.0}]
+    torch.testing.assert_close(grpo.component_rewards(parts, weights, ["format/final_understand", "degradation"]),
+                               torch.tensor([2.5, 0.0]))
+
+
 def test_clipped_surrogate_reports_the_sampled_tokens_mean_log_prob():
     # masked positions (NaN here) are left out: (-0.5 - 2.0 - 0.1) / 3
     old = torch.tensor([[-0.5, -2.0, float("nan")], [-0.1, float("nan"), float("nan")]])
@@ -394,6 +402,47 @@ def test_column_advantages_normalise_each_column_and_filter_only_all_flat_groups
         grpo.column_advantages(torch.zeros(4), 2)
 
 
+# two groups of G=2; group 1 ties on format and on the section's own format
+CHAIN_PARTS = [{"format": 1.0, "format/final_understand": 1.0, "degradation": 0.2, "generation": 0.3},
+               {"format": 0.0, "format/final_understand": 0.0, "degradation": 0.6, "generation": 0.5},
+               {"format": 1.0, "format/final_understand": 1.0, "degradation": 0.4, "generation": 0.1},
+               {"format": 1.0, "format/final_understand": 1.0, "degradation": 0.4, "generation": 0.2}]
+CHAIN_TOTALS = [sum(p[k] for k in ("format", "degradation", "generation")) for p in CHAIN_PARTS]
+UNIT = {"format": 1.0, "degradation": 1.0, "generation": 1.0}
+
+
+def test_chain_advantages_default_is_the_papers_one_total_per_chain():
+    adv = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2)
+    torch.testing.assert_close(adv.text, grpo.group_advantages(torch.tensor(CHAIN_TOTALS), 2))
+    assert adv.image is None and adv.sections is None  # the images and every token share it
+    assert adv.groups.keep.tolist() == [True] * 4
+
+
+def test_chain_advantages_give_each_part_its_own_column():
+    tags = ("degradation", "final_understand")
+    adv = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, text_rewards=["format"],
+                                image_rewards=["generation"],
+                                section_rewards={"final_understand": ["format/final_understand"]},
+                                section_tags=tags)
+    a = 1 / (2 ** 0.5 + 1e-6)  # G=2: +-1/sqrt(2) around the mean, unbiased std
+    torch.testing.assert_close(adv.text, torch.tensor([a, -a, 0.0, 0.0]))
+    torch.testing.assert_close(adv.image, torch.tensor([-a, a, -a, a]))
+    # degradation is not named: it takes the text's column; final_understand its own format
+    torch.testing.assert_close(adv.sections[:, 0], adv.text)
+    torch.testing.assert_close(adv.sections[:, 1], torch.tensor([a, -a, 0.0, 0.0]))
+    assert adv.groups.keep.tolist() == [True] * 4  # group 1's images still differ
+
+
+def test_chain_advantages_of_a_frozen_sr_model_keep_no_group_alive():
+    adv = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, text_rewards=["format"],
+                                image_rewards=["generation"], train_images=False)
+    assert adv.image is None
+    assert adv.groups.zero_variance.tolist() == [False, True]  # only generation differed in group 1
+    with pytest.raises(ValueError, match="rough_image"):
+        grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, section_rewards={"rough_image": ["format"]},
+                              section_tags=("degradation",))
+
+
 def test_build_train_batch_gives_each_section_its_own_advantage():
     r = _rollout(0, 0, prompt_len=2, text_len=6, image_span=(4, 5))
     r.token_ids = torch.tensor([100, 5, 101, 6, 9, 102])  # <degradation> x <rough_understand> y [image] <img>
@@ -407,3 +456,34 @@ def test_build_train_batch_gives_each_section_its_own_advantage():
     assert batch.chain_advantages.tolist() == [-1.0]
     with pytest.raises(ValueError, match="section_advantages must be \\(N, K\\)"):
         grpo.build_train_batch([r], torch.tensor([3.0]), section_advantages=sections)
+
+
+# ids for the grammar tests: the written tags in order, and two image tags the system inserts
+ORDER = [100, 101, 102, 103, 104, 105, 106, 107]  # <degradation> </degradation> <rough_understand> ...
+IMAGE_TAGS_IDS = {110, 111}
+
+
+def test_stray_tags_mark_only_tags_the_grammar_does_not_allow_there():
+    #        <deg> x </deg> <ru> x </mu>! x </ru> [<ri> img </ri>] <mu> x <deg>! x </mu>
+    ids = torch.tensor([100, 5, 101, 102, 5, 105, 5, 103, 110, 9, 111, 104, 5, 100, 5, 105])
+    sampled = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1])
+    stray = grpo.stray_tags(ids, sampled, ORDER, set(ORDER) | IMAGE_TAGS_IDS)
+    assert stray.nonzero().flatten().tolist() == [5, 13]  # inserted image tags are not the policy's
+    well_formed = torch.tensor(ORDER)
+    assert not grpo.stray_tags(well_formed, torch.ones(8), ORDER, set(ORDER)).any()
+    # the same tag sampled where the system would insert it is the policy's own stray tag
+    assert grpo.stray_tags(torch.tensor([100, 110]), torch.ones(2), ORDER, set(ORDER) | IMAGE_TAGS_IDS).tolist() \
+        == [False, True]
+
+
+def test_build_train_batch_subtracts_the_stray_tag_penalty_at_the_stray_tag_only():
+    r = _rollout(0, 0, prompt_len=2, text_len=6)
+    r.token_ids = torch.tensor([100, 5, 105, 101, 5, 102])  # <deg> x </mu>! </deg> x <ru>
+    cols = {100: 1, 102: 2}
+    batch = grpo.build_train_batch([r], torch.tensor([0.5]), tag_columns=cols, stray_tag_penalty=2.0,
+                                   tag_order=ORDER)
+    assert batch.advantages[0].tolist() == [0.0, 0.0, 0.5, 0.5, -1.5, 0.5, 0.5, 0.5]
+    plain = grpo.build_train_batch([r], torch.tensor([0.5]), tag_columns=cols, tag_order=ORDER)
+    assert plain.advantages[0, 2:].tolist() == [0.5] * 6
+    with pytest.raises(ValueError, match="stray_tag_penalty needs tag_order"):
+        grpo.build_train_batch([r], torch.tensor([0.5]), stray_tag_penalty=1.0)

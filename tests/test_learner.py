@@ -422,6 +422,26 @@ def test_an_update_raises_a_positive_chains_likelihood_and_lowers_a_negative_one
 
 
 @pytest.mark.slow
+def test_stray_tag_penalty_reaches_the_learners_loss(models, chains, port):
+    # The first sampled token of one chain becomes </final_understand>, which the grammar does not allow there.
+    # The learner finds it from the token ids: with the penalty, that token's advantage drops from +1 to 0, so
+    # the first step's text loss -sum(A * ratio) / tokens rises by that token's ratio / tokens.
+    _, rollouts = chains
+    losses = {}
+    for penalty in (0.0, 1.0):
+        cfg = _config(models, "learner.num_ranks=1", "learner.zero_stage=2", "learner.micro_batch_size=2",
+                      "diffusion.freeze=true", f"grpo.stray_tag_penalty={penalty}")
+        worker = _solo(cfg, port)
+        ids = rollouts[0].token_ids.clone()
+        ids[int(rollouts[0].text_mask.nonzero()[0])] = worker.tokens.single_token_id("</final_understand>")
+        doctored = replace(rollouts[0], token_ids=ids)
+        m = worker.train_chains([1.0], False, doctored)
+        losses[penalty] = (m["text_loss"], m["tokens"])
+    (plain, tokens), (penalised, _) = losses[0.0], losses[1.0]
+    assert 0.1 / tokens < penalised - plain < 10.0 / tokens, losses  # one token's ratio, ~1
+
+
+@pytest.mark.slow
 def test_frozen_vision_tower_stays_while_the_language_model_trains(models, chains, port):
     from learner.worker import vision_tower
 

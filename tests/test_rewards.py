@@ -14,11 +14,11 @@ import rewards.quality
 import rewards.total
 import rewards.understanding
 from rewards.degradation import degradation_reward
-from rewards.format import format_reward
+from rewards.format import format_reward, section_format_rewards
 from rewards.quality import QualityScore, QualityScorer
 from rewards.total import score_chain, score_rollouts
 from rewards.understanding import tag_recall, understanding_reward
-from rl.chain import IMAGE_PLACEHOLDER, TAGS, parse_chain, render_chain
+from rl.chain import IMAGE_PLACEHOLDER, TAGS, TEXT_TAGS, parse_chain, render_chain
 from rl.config import QualityMetricConfig, RewardConfig, RewardWeights
 from rl.records import DegradationLabels, Rollout
 
@@ -92,6 +92,50 @@ def test_format_rejects_malformed_chains(name):
 @pytest.mark.parametrize("value", [None, 3, b"<degradation>", ["<degradation>"], {"text": GOOD}])
 def test_format_of_non_text_is_zero(value):
     assert format_reward(value) == 0.0
+
+
+ALL_SECTIONS_OK = dict.fromkeys(TEXT_TAGS, 1.0)
+
+
+def _sections_ok_except(*bad: str) -> dict[str, float]:
+    return {tag: 0.0 if tag in bad else 1.0 for tag in TEXT_TAGS}
+
+
+@pytest.mark.parametrize("text", [GOOD, render_chain(DEG, UNDERSTAND), "\n  " + GOOD + "\n\n"])
+def test_section_format_of_a_well_formed_chain_is_one_everywhere(text):
+    assert section_format_rewards(text) == ALL_SECTIONS_OK
+
+
+SECTION_FAULTS = {  # the fault, and the only section the learner would credit it to
+    "stray closing tag": (GOOD.replace("a grey cat", "a grey</final_understand> cat"), ("middle_understand",)),
+    "unclosed section": (GOOD.replace("</final_understand>", ""), ("final_understand",)),
+    "rambling after the closing tag": (GOOD.replace("</rough_understand>", "</rough_understand> and so on"),
+                                       ("rough_understand",)),
+    "section written twice": (GOOD.replace("<middle_understand>", "<final_understand>x</final_understand>"
+                                           "<middle_understand>"), ("final_understand",)),
+    "missing section": (MALFORMED["missing tag"], ("middle_understand",)),
+    "image in the text": (MALFORMED["image in understanding text"], ("rough_understand",)),
+    "stray opening tag": (GOOD.replace("fur, whiskers", "fur <degradation>, whiskers"),
+                          ("degradation", "final_understand")),  # a second <degradation>; final unclosed
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECTION_FAULTS))
+def test_section_format_blames_only_the_section_the_fault_is_in(name):
+    text, bad = SECTION_FAULTS[name]
+    assert format_reward(text) == 0.0
+    assert section_format_rewards(text) == _sections_ok_except(*bad)
+
+
+def test_section_format_leaves_text_before_any_tag_to_the_chain_format():
+    """Tokens before the first opening tag belong to no section (rl.grpo.token_sections column 0)."""
+    assert section_format_rewards(MALFORMED["text before"]) == ALL_SECTIONS_OK
+    assert format_reward(MALFORMED["text before"]) == 0.0
+
+
+@pytest.mark.parametrize("value", [None, 3, b"<degradation>"])
+def test_section_format_of_non_text_is_zero(value):
+    assert section_format_rewards(value) == dict.fromkeys(TEXT_TAGS, 0.0)
 
 
 def test_wrong_order_case_really_is_only_reordered():
@@ -225,6 +269,7 @@ def test_total_is_the_weighted_sum_of_all_parts():
             "generation": 0.5,
             "quality/a": 0.2,
             "quality/b": 0.6,
+            **{f"format/{tag}": 1.0 for tag in TEXT_TAGS},  # details: not in the total
         }
     )
     assert s.total == pytest.approx(1.0 + 2 * 0.6 + 0.5 * 0.5 + 3 * 0.5)
@@ -234,7 +279,7 @@ def test_total_is_the_weighted_sum_of_all_parts():
 def test_total_leaves_out_parts_that_do_not_apply():
     cfg = RewardConfig()  # no metrics: generation does not apply
     s = score_chain(GOOD, make_sample(tags=(), levels=None), None, cfg)
-    assert s.parts == {"format": 1.0} and s.total == 1.0
+    assert s.parts == {"format": 1.0, **{f"format/{tag}": 1.0 for tag in TEXT_TAGS}} and s.total == 1.0
 
 
 def test_total_keeps_metric_errors_and_applies_the_failed_metric_rule():
@@ -255,7 +300,8 @@ def test_total_without_final_image_scores_generation_zero():
 
 def test_total_of_garbage_text_is_zero_not_an_error():
     s = score_chain(None, make_sample(), None, RewardConfig())
-    assert s.parts == {"format": 0.0, "degradation": 0.0, "understanding": 0.0} and s.total == 0.0
+    assert s.parts == {"format": 0.0, "degradation": 0.0, "understanding": 0.0,
+                       **{f"format/{tag}": 0.0 for tag in TEXT_TAGS}} and s.total == 0.0
 
 
 def test_score_rollouts_batches_final_images_through_the_scorer():
