@@ -21,9 +21,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from rl.chain import TEXT_TAGS
 from rl.monitor import read_scalars
 
-REWARDS = ("format", "degradation", "understanding", "generation", "total")
+# each text section's own format (rewards.format.section_format_rewards) right after the chain's
+REWARDS = ("format", *(f"format/{tag}" for tag in TEXT_TAGS),
+           "degradation", "understanding", "generation", "total")
 
 
 @dataclass(frozen=True)

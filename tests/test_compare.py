@@ -43,6 +43,14 @@ def test_compare_reports_change_stderr_and_noise_per_reward():
     assert not small.beyond_noise  # +0.025, well inside 2 x std. error
 
 
+def test_compare_lists_each_sections_format_after_the_chains():
+    parts = {"total": [1.0, 2.0], "format/final_understand": [0.0, 1.0], "format": [0.0, 1.0]}
+    curves = {"reward/format/final_understand/mean": [(i, v) for i, v in enumerate([0.5, 0.7, 0.6])]}
+    changes = compare.compare(_report(0, parts), _report(1, parts), curves)
+    assert [c.reward for c in changes] == ["format", "format/final_understand", "total"]
+    assert changes[1].step_noise == pytest.approx(np.diff([0.5, 0.7, 0.6]).std(ddof=1) / math.sqrt(2))
+
+
 def test_cli_writes_the_table_and_names_a_bad_report(tmp_path, capsys):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(_report(0, {"total": [1.0, 1.2]})))
