@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learner import engine as eng
-from rl.chain import TAGS, TEXT_TAGS, WRITTEN_TAGS, open_tag
+from rl.chain import TAGS, TEXT_TAGS, WRITTEN_TAGS, close_tag, open_tag
 from rl.config import DiffusionConfig, ExperimentConfig, GRPOConfig, LearnerConfig, PolicyConfig, SFTConfig
 from learner.weight_sync import bucket_named_tensors, serialize_bucket
 from rl.grpo import (
@@ -77,10 +77,12 @@ def vision_tower(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(model).__name__} has no vision tower (.visual): policy.freeze_vision needs one")
 
 
-def written_tag_order(tokens: Any) -> list[int]:
-    """The ids of the tags the policy writes, in grammar order (rl.chain.WRITTEN_TAGS), for
-    ``build_train_batch``'s stray-tag penalty."""
-    return [tokens.single_token_id(tag, "chain tag") for tag in WRITTEN_TAGS]
+def tag_grammar(tokens: Any) -> tuple[list[int], frozenset[int]]:
+    """For ``build_train_batch``'s stray-tag penalty: the ids of the tags the policy writes, in grammar order
+    (rl.chain.WRITTEN_TAGS), and the ids of every opening and closing chain tag."""
+    every = frozenset(tokens.single_token_id(t, "chain tag")
+                      for tag in TAGS for t in (open_tag(tag), close_tag(tag)))
+    return [tokens.single_token_id(tag, "chain tag") for tag in WRITTEN_TAGS], every
 
 
 def section_tag_columns(tokens: Any) -> dict[int, int]:
@@ -224,7 +226,7 @@ class LearnerWorker:
         self.engines: dict[str, Any] = {}
         self.tokens = None  # rl.models.policy.ChainTokens of the policy (processor + token layout)
         self._tag_columns: Optional[dict[int, int]] = None  # section_tag_columns, on first use
-        self._tag_order: list[int] = []  # written_tag_order, on first use
+        self._tag_grammar: tuple[list[int], frozenset[int]] = ([], frozenset())  # tag_grammar, on first use
         self.reference: Optional[nn.Module] = None
         if not policy.freeze:
             from rl.models.policy import ChainTokens
@@ -662,13 +664,14 @@ class LearnerWorker:
         sections = None
         penalty = self.grpo.stray_tag_penalty if self.tokens is not None else 0.0  # (a frozen policy: no text)
         if self.tokens is not None and self._tag_columns is None:  # the tags' ids do not change: look up once
-            self._tag_columns, self._tag_order = section_tag_columns(self.tokens), written_tag_order(self.tokens)
+            self._tag_columns, self._tag_grammar = section_tag_columns(self.tokens), tag_grammar(self.tokens)
         if section_advantages is not None and self.tokens is not None:
             sections = torch.tensor(section_advantages, dtype=torch.float32)
         batch = build_train_batch(list(rollouts), torch.tensor(advantages, dtype=torch.float32),
                                   pad_token_id=pad_id or 0, image_advantages=image_adv,
                                   section_advantages=sections, tag_columns=self._tag_columns,
-                                  stray_tag_penalty=penalty, tag_order=self._tag_order)
+                                  stray_tag_penalty=penalty, tag_order=self._tag_grammar[0],
+                                  tag_ids=self._tag_grammar[1])
         if padding:
             batch = masked_copy(batch)
         return self.train_step(batch, *rollouts)

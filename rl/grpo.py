@@ -545,6 +545,7 @@ def build_train_batch(
     tag_columns: Mapping[int, int] | None = None,
     stray_tag_penalty: float = 0.0,
     tag_order: Sequence[int] = (),
+    tag_ids: Collection[int] = (),
 ) -> TrainBatch:
     """Pad the kept chains into a TrainBatch, each token carrying its chain's advantage.
 
@@ -558,9 +559,9 @@ def build_train_batch(
     tags that keep ``advantages``), gives each text token the advantage of the section it is in
     (``token_sections``); tokens before any tag or in a column-0 section keep ``advantages``
     (``grpo.section_rewards``: a section judged by the reward that scores it).
-    ``stray_tag_penalty`` > 0 (with ``tag_order`` and ``tag_columns``, whose keys and ``tag_order`` make up
-    the tag ids) is subtracted from the advantage of every sampled tag the grammar does not allow there
-    (``stray_tags``): the format reward's credit given to the token that broke the format.
+    ``stray_tag_penalty`` > 0 (with ``tag_order`` and ``tag_ids``, see ``stray_tags``) is subtracted from the
+    advantage of every sampled tag the grammar does not allow there: the format reward's credit given to the
+    token that broke the format.
     """
     n = len(rollouts)
     if advantages.dim() != 1 or advantages.shape[0] != n:
@@ -569,9 +570,8 @@ def build_train_batch(
                                            or tag_columns is None):
         raise ValueError(f"section_advantages must be (N, K) with N = {n} rollouts, with tag_columns; got "
                          f"{None if section_advantages is None else tuple(section_advantages.shape)}")
-    if stray_tag_penalty and (not tag_order or tag_columns is None):
-        raise ValueError("stray_tag_penalty needs tag_order and tag_columns (the chain tags' token ids)")
-    tag_ids = set(tag_order) | set(tag_columns or {})
+    if stray_tag_penalty and not (tag_order and tag_ids):
+        raise ValueError("stray_tag_penalty needs tag_order and tag_ids (the chain tags' token ids)")
     if image_advantages is not None and tuple(image_advantages.shape) != (n,):
         raise ValueError(f"image_advantages must be (N,) with N = {n} rollouts, "
                          f"got {tuple(image_advantages.shape)}")

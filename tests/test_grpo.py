@@ -479,11 +479,11 @@ def test_stray_tags_mark_only_tags_the_grammar_does_not_allow_there():
 def test_build_train_batch_subtracts_the_stray_tag_penalty_at_the_stray_tag_only():
     r = _rollout(0, 0, prompt_len=2, text_len=6)
     r.token_ids = torch.tensor([100, 5, 105, 101, 5, 102])  # <deg> x </mu>! </deg> x <ru>
-    cols = {100: 1, 102: 2}
-    batch = grpo.build_train_batch([r], torch.tensor([0.5]), tag_columns=cols, stray_tag_penalty=2.0,
-                                   tag_order=ORDER)
+    ids = set(ORDER) | IMAGE_TAGS_IDS
+    batch = grpo.build_train_batch([r], torch.tensor([0.5]), stray_tag_penalty=2.0, tag_order=ORDER,
+                                   tag_ids=ids)
     assert batch.advantages[0].tolist() == [0.0, 0.0, 0.5, 0.5, -1.5, 0.5, 0.5, 0.5]
-    plain = grpo.build_train_batch([r], torch.tensor([0.5]), tag_columns=cols, tag_order=ORDER)
+    plain = grpo.build_train_batch([r], torch.tensor([0.5]), tag_order=ORDER, tag_ids=ids)
     assert plain.advantages[0, 2:].tolist() == [0.5] * 6
     with pytest.raises(ValueError, match="stray_tag_penalty needs tag_order"):
-        grpo.build_train_batch([r], torch.tensor([0.5]), stray_tag_penalty=1.0)
+        grpo.build_train_batch([r], torch.tensor([0.5]), stray_tag_penalty=1.0, tag_order=ORDER)

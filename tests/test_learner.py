@@ -422,8 +422,9 @@ def test_an_update_raises_a_positive_chains_likelihood_and_lowers_a_negative_one
 
 
 @pytest.mark.slow
-def test_stray_tag_penalty_reaches_the_learners_loss(models, chains, port):
-    # The first sampled token of one chain becomes </final_understand>, which the grammar does not allow there.
+@pytest.mark.parametrize("stray", ["</final_understand>", "</rough_image>"])  # a written tag, an inserted one
+def test_stray_tag_penalty_reaches_the_learners_loss(models, chains, port, stray):
+    # The first sampled token of one chain becomes a tag the grammar does not allow there.
     # The learner finds it from the token ids: with the penalty, that token's advantage drops from +1 to 0, so
     # the first step's text loss -sum(A * ratio) / tokens rises by that token's ratio / tokens.
     _, rollouts = chains
@@ -433,7 +434,7 @@ def test_stray_tag_penalty_reaches_the_learners_loss(models, chains, port):
                       "diffusion.freeze=true", f"grpo.stray_tag_penalty={penalty}")
         worker = _solo(cfg, port)
         ids = rollouts[0].token_ids.clone()
-        ids[int(rollouts[0].text_mask.nonzero()[0])] = worker.tokens.single_token_id("</final_understand>")
+        ids[int(rollouts[0].text_mask.nonzero()[0])] = worker.tokens.single_token_id(stray)
         doctored = replace(rollouts[0], token_ids=ids)
         m = worker.train_chains([1.0], False, doctored)
         losses[penalty] = (m["text_loss"], m["tokens"])
