@@ -134,17 +134,20 @@ class LearnerGroup:
     def submit_train(self, chains: Sequence[ray.ObjectRef], advantages: Sequence[float],
                      keep: Sequence[bool],
                      image_advantages: Optional[Sequence[float]] = None,
-                     section_advantages: Optional[Sequence[Sequence[float]]] = None) -> list[ray.ObjectRef]:
+                     section_advantages: Optional[Sequence[Sequence[float]]] = None,
+                     sft_records: Sequence[Any] = ()) -> list[ray.ObjectRef]:
         """One GRPO update from chain refs: kept chains are split contiguously over the ranks, and each rank
         fetches and batches its own (the driver never touches tokens or pixels). ``image_advantages``: the
         diffusion steps' own advantages, aligned with ``chains`` (None: they share the text's);
-        ``section_advantages``: per chain, one per text section (rl.chain.TEXT_TAGS; None: the text's)."""
+        ``section_advantages``: per chain, one per text section (rl.chain.TEXT_TAGS; None: the text's);
+        ``sft_records``: target chains for ``grpo.sft_coef``'s cross-entropy, split like ``submit_sft``'s."""
         kept = [i for i, k in enumerate(keep) if k]
         if not kept:
             raise ValueError("every group was filtered: the driver must skip the learner for this step")
         sizes = contiguous_sizes(len(kept), self.num_ranks)
+        targets = self._record_shards(sft_records) if sft_records else [[] for _ in self.actors]
         refs, lo = [], 0
-        for actor, size in zip(self.actors, sizes):
+        for actor, size, shard in zip(self.actors, sizes, targets):
             idx = kept[lo:lo + size]
             lo += size
             if idx:
@@ -153,16 +156,18 @@ class LearnerGroup:
                             else [[float(a) for a in section_advantages[i]] for i in idx])
                 refs.append(actor.train_chains.remote([float(advantages[i]) for i in idx], False,
                                                       *[chains[i] for i in idx], image_advantages=image,
-                                                      section_advantages=sections))
+                                                      section_advantages=sections, sft_records=shard))
             else:  # fewer chains than ranks: a zero-loss copy keeps the collectives in step
-                refs.append(actor.train_chains.remote([0.0], True, chains[kept[0]]))
+                refs.append(actor.train_chains.remote([0.0], True, chains[kept[0]], sft_records=shard))
         return refs
 
     def train(self, chains: Sequence[ray.ObjectRef], advantages: Sequence[float],
               keep: Sequence[bool], image_advantages: Optional[Sequence[float]] = None,
-              section_advantages: Optional[Sequence[Sequence[float]]] = None) -> dict[str, float]:
+              section_advantages: Optional[Sequence[Sequence[float]]] = None,
+              sft_records: Sequence[Any] = ()) -> dict[str, float]:
         """Metrics of the update, aggregated over ranks."""
-        return ray.get(self.submit_train(chains, advantages, keep, image_advantages, section_advantages))[0]
+        return ray.get(self.submit_train(chains, advantages, keep, image_advantages, section_advantages,
+                                         sft_records))[0]
 
     def submit_sft(self, records: Sequence[Any]) -> list[ray.ObjectRef]:
         """One supervised cold-start step on ``rl.sft_data.SFTRecord``s (or refs to them): contiguous shards
@@ -170,16 +175,20 @@ class LearnerGroup:
         so that its collectives stay in step."""
         if not records:
             raise ValueError("sft: no records")
-        refs, lo = [], 0
-        for actor, size in zip(self.actors, contiguous_sizes(len(records), self.num_ranks)):
-            shard = list(records[lo:lo + size])
+        shards = self._record_shards(records)
+        return [actor.sft_step.remote(*shard) for actor, shard in zip(self.actors, shards)]
+
+    def _record_shards(self, records: Sequence[Any]) -> list[list[Any]]:
+        """Contiguous shards of SFTRecords (or refs) per rank; a rank left without gets a zero-weight copy of
+        the first (no loss, no gradient), so that its collectives stay in step."""
+        shards, lo = [], 0
+        for size in contiguous_sizes(len(records), self.num_ranks):
+            shards.append(list(records[lo:lo + size]))
             lo += size
-            if shard:
-                refs.append(actor.sft_step.remote(*shard))
-            else:
-                first = records[0] if not isinstance(records[0], ray.ObjectRef) else ray.get(records[0])
-                refs.append(actor.sft_step.remote(first.zero_weight()))
-        return refs
+        if all(shards):
+            return shards
+        first = records[0] if not isinstance(records[0], ray.ObjectRef) else ray.get(records[0])
+        return [shard or [first.zero_weight()] for shard in shards]
 
     def sft(self, records: Sequence[Any]) -> dict[str, float]:
         """Metrics of the step, aggregated over ranks (``LearnerWorker.sft_step``)."""

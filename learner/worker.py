@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -75,6 +76,23 @@ def vision_tower(model: nn.Module) -> nn.Module:
         if isinstance(tower, nn.Module):
             return tower
     raise ValueError(f"{type(model).__name__} has no vision tower (.visual): policy.freeze_vision needs one")
+
+
+def restrict_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Freeze every parameter whose name no pattern matches (``re.search``; ``policy.trainable``) and return
+    the names left trainable. A pattern that matches no parameter is an error naming it."""
+    names = [n for n, _ in model.named_parameters()]
+    unmatched = [p for p in patterns if not any(re.search(p, n) for n in names)]
+    if unmatched:
+        raise ValueError(f"policy.trainable: {unmatched} match no parameter of {type(model).__name__}; "
+                         f"its names look like {names[:2] + names[-2:]}")
+    kept = []
+    for name, param in model.named_parameters():
+        if not any(re.search(p, name) for p in patterns):
+            param.requires_grad_(False)
+        elif param.requires_grad:  # (policy.freeze_vision wins over a pattern)
+            kept.append(name)
+    return kept
 
 
 def tag_grammar(tokens: Any) -> tuple[list[int], frozenset[int]]:
@@ -236,6 +254,8 @@ class LearnerWorker:
             model.train()
             if policy.freeze_vision:
                 vision_tower(model).requires_grad_(False)
+            if policy.trainable is not None:
+                restrict_trainable(model, policy.trainable)
             if policy.gradient_checkpointing:
                 model.gradient_checkpointing_enable()
             self.engines["policy"] = eng.build_engine(model, learner.policy_optim, learner, optimizer_total)
@@ -319,12 +339,19 @@ class LearnerWorker:
         return t.cpu().tolist()
 
     # ------------------------------------------------------------------ training
-    def train_step(self, batch: TrainBatch, *rollouts: Rollout) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, *rollouts: Rollout, sft_records: Sequence[Any] = ()
+                   ) -> dict[str, float]:
         """GRPO update on this rank's shard: ``batch`` rows i pair with ``rollouts[i]``. Returns metrics
         aggregated over all ranks (identical on every rank). Rollouts are varargs so that Ray resolves
-        object refs passed for them."""
+        object refs passed for them. ``sft_records``: this rank's target chains (``rl.sft_data.SFTRecord``,
+        a zero-weight copy on a rank without) for the ``grpo.sft_coef`` cross-entropy term; every rank gets
+        some or none."""
         t0 = time.perf_counter()
         self._validate(batch, rollouts)
+        ptx_micro: list = []
+        if self.grpo.sft_coef > 0 and sft_records and "policy" in self.engines:
+            ptx_micro, ptx_tokens = self._target_micro_batches(sft_records, "train_step")
+            ptx_micro = ptx_micro if ptx_tokens > 0 else []
         mb_size = self.cfg.micro_batch_size
         micro = [
             (batch.select(range(i, min(i + mb_size, len(batch)))), list(rollouts[i : i + mb_size]))
@@ -363,9 +390,11 @@ class LearnerWorker:
                     self._text_micro_step(mb, rs, global_tokens, sums, extremes)
                 if train_image and ok:
                     self._image_micro_step(mb, rs, global_steps, sums, extremes)
+            for mb, rs, _, _ in ptx_micro:
+                self._sft_text_micro_step(mb, rs, ptx_tokens, sums, self.grpo.sft_coef, prefix="ptx_")
             stepped = False
             for name, e in self.engines.items():
-                if (name == "policy" and train_text) or (name == "diffusion" and train_image):
+                if (name == "policy" and (train_text or ptx_micro)) or (name == "diffusion" and train_image):
                     e.step()
                     norms[name].append(eng.grad_norm(e))
                     stepped = True
@@ -468,6 +497,9 @@ class LearnerWorker:
         for k in ("text_loss", "image_loss", "kl"):
             if k in totals:
                 m[k] = totals[k] / epochs
+        if "ptx_text_loss" in totals:  # grpo.sft_coef's cross-entropy on the target chains
+            m["ptx_loss"] = totals["ptx_text_loss"] / epochs
+            m["ptx_token_accuracy"] = totals["ptx_correct_tokens"] / totals["ptx_target_tokens"]
         for kind, count in (("text", global_tokens), ("image", global_steps)):
             for name in _MEAN_METRICS:
                 if f"{kind}_{name}" in totals:
@@ -490,37 +522,14 @@ class LearnerWorker:
         global (record, stage) count, weighted ``sft.image_loss_weight``. Same micro-batching, equal
         micro-batch count on every rank, clipping and LR schedule as ``train_step``; frozen models are skipped.
         Returns metrics aggregated over all ranks (identical on every rank)."""
-        from rl.sft_data import to_rollout
-
         if self.sft is None:
             raise ValueError("sft_step: this learner was built without the sft config "
                              "(LearnerWorker(..., sft=cfg.sft), or a config with mode: sft)")
-        if not records:
-            raise ValueError("sft_step: no records (a rank without data gets a zero-weight copy)")
-        weights = {float(r.weight) for r in records}
-        if not weights <= {0.0, 1.0} or len(weights) != 1:
-            raise ValueError(f"sft_step: record weights must be all 1.0 (data) or all 0.0 (a padding copy), "
-                             f"got {sorted(weights)}")
-        real = weights == {1.0}
         t0 = time.perf_counter()
-        rollouts = [to_rollout(r) for r in records]
-        pad_id = self.tokens.tokenizer.pad_token_id if self.tokens is not None else 0
-        batch = build_train_batch(rollouts, torch.zeros(len(rollouts)), pad_token_id=pad_id or 0)
-        self._validate(batch, rollouts)
-        mb_size = self.cfg.micro_batch_size
-        micro = [
-            (batch.select(range(i, min(i + mb_size, len(batch)))), rollouts[i : i + mb_size],
-             list(records[i : i + mb_size]), real)
-            for i in range(0, len(batch), mb_size)
-        ]
-        n_micro = int(self._all_reduce([len(micro)], "max")[0])
-        while len(micro) < n_micro:  # keep collectives in step with the longest rank
-            mb, rs, recs, _ = micro[-1]
-            micro.append((masked_copy(mb), rs, recs, False))
+        micro, global_tokens = self._target_micro_batches(records, "sft_step")
+        real = micro[0][3]
         local_images = sum(len(r.stages) for r in records) if real else 0
-        global_tokens, global_images, global_records = self._all_reduce(
-            [batch.num_tokens, local_images, len(records) if real else 0]
-        )
+        global_images, global_records = self._all_reduce([local_images, len(records) if real else 0])
         train_text = "policy" in self.engines and global_tokens > 0
         train_image = "diffusion" in self.engines and global_images > 0
 
@@ -528,7 +537,7 @@ class LearnerWorker:
         lrs = {name: eng.current_lr(e) for name, e in self.engines.items()}
         for k, (mb, rs, recs, is_real) in enumerate(micro):
             if train_text:
-                self._sft_text_micro_step(mb, rs, global_tokens, sums)
+                self._sft_text_micro_step(mb, rs, global_tokens, sums, self.sft.text_loss_weight)
             if train_image:
                 seed = ((self.optimizer_steps * 1009 + self.rank) * 1013 + k) % (2**31 - 1)
                 self._sft_image_micro_step(recs, is_real, global_images, sums, seed)
@@ -559,8 +568,40 @@ class LearnerWorker:
         m["seconds"] = time.perf_counter() - t0
         return m
 
+    def _target_micro_batches(
+        self, records: Sequence[Any], caller: str
+    ) -> tuple[list[tuple[TrainBatch, list[Rollout], list[Any], bool]], float]:
+        """``rl.sft_data.SFTRecord``s -> micro-batches (batch, rollouts, records, real), as many on every rank
+        (the longest rank's count; padding copies carry no loss), and the global count of target tokens."""
+        from rl.sft_data import to_rollout
+
+        if not records:
+            raise ValueError(f"{caller}: no records (a rank without data gets a zero-weight copy)")
+        weights = {float(r.weight) for r in records}
+        if not weights <= {0.0, 1.0} or len(weights) != 1:
+            raise ValueError(f"{caller}: record weights must be all 1.0 (data) or all 0.0 (a padding copy), "
+                             f"got {sorted(weights)}")
+        real = weights == {1.0}
+        rollouts = [to_rollout(r) for r in records]
+        pad_id = self.tokens.tokenizer.pad_token_id if self.tokens is not None else 0
+        batch = build_train_batch(rollouts, torch.zeros(len(rollouts)), pad_token_id=pad_id or 0)
+        self._validate(batch, rollouts)
+        mb_size = self.cfg.micro_batch_size
+        micro = [
+            (batch.select(range(i, min(i + mb_size, len(batch)))), rollouts[i : i + mb_size],
+             list(records[i : i + mb_size]), real)
+            for i in range(0, len(batch), mb_size)
+        ]
+        n_micro = int(self._all_reduce([len(micro)], "max")[0])
+        (global_tokens,) = self._all_reduce([batch.num_tokens])
+        while len(micro) < n_micro:  # keep collectives in step with the longest rank
+            mb, rs, recs, _ = micro[-1]
+            micro.append((masked_copy(mb), rs, recs, False))
+        return micro, global_tokens
+
     def _sft_text_micro_step(
-        self, mb: TrainBatch, rs: Sequence[Rollout], global_tokens: float, sums: dict[str, float]
+        self, mb: TrainBatch, rs: Sequence[Rollout], global_tokens: float, sums: dict[str, float],
+        weight: float, prefix: str = "",
     ) -> None:
         policy = self.engines["policy"]
         logits, start = self._policy_logits(policy, mb, rs)  # (B, L - start, V), banned ids -inf
@@ -569,11 +610,12 @@ class LearnerWorker:
         logp = gather_token_log_probs(logits, ids, 1.0)  # (B, L - start), entry t: log p(ids[t] | < t)
         logp = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
         text_loss = token_mean(-logp, mask, global_tokens)
-        policy.backward(self.sft.text_loss_weight * text_loss * eng.dp_loss_scale(), scale_wrt_gas=False)
+        policy.backward(weight * text_loss * eng.dp_loss_scale(), scale_wrt_gas=False)
         with torch.no_grad():
             correct = (logits[:, :-1].argmax(-1) == ids[:, 1:]) & mask[:, 1:].bool()  # logit t predicts t+1
-        _add(sums, "text_loss", text_loss.item())
-        _add(sums, "correct_tokens", float(correct.sum()))
+        _add(sums, f"{prefix}text_loss", text_loss.item())
+        _add(sums, f"{prefix}correct_tokens", float(correct.sum()))
+        _add(sums, f"{prefix}target_tokens", float(mb.num_tokens))
 
     def _sft_image_micro_step(
         self, records: Sequence[Any], real: bool, global_images: float, sums: dict[str, float], seed: int
@@ -653,12 +695,13 @@ class LearnerWorker:
     # ------------------------------------------------------------------ weights out
     def train_chains(self, advantages: Sequence[float], padding: bool, *rollouts: Rollout,
                      image_advantages: Optional[Sequence[float]] = None,
-                     section_advantages: Optional[Sequence[Sequence[float]]] = None) -> dict[str, float]:
+                     section_advantages: Optional[Sequence[Sequence[float]]] = None,
+                     sft_records: Sequence[Any] = ()) -> dict[str, float]:
         """``train_step`` on this rank's own chains: the batch is built here from the rollouts, so the driver
         only ever holds refs. ``padding``: this rank got no chain and trains a masked copy (zero loss) to stay
         in step with the others' collectives. ``image_advantages``: the diffusion steps' own advantages
         (None: the text's); ``section_advantages``: per chain, one per rl.chain.TEXT_TAGS section (None: the
-        text's everywhere)."""
+        text's everywhere); ``sft_records``: see ``train_step``."""
         pad_id = self.tokens.tokenizer.pad_token_id if self.tokens is not None else 0
         image_adv = None if image_advantages is None else torch.tensor(image_advantages, dtype=torch.float32)
         sections = None
@@ -674,7 +717,7 @@ class LearnerWorker:
                                   tag_ids=self._tag_grammar[1])
         if padding:
             batch = masked_copy(batch)
-        return self.train_step(batch, *rollouts)
+        return self.train_step(batch, *rollouts, sft_records=sft_records)
 
     def serialized_state(self, model: str) -> tuple[list[bytes], dict[str, float]]:
         """Rank 0: the full weights of ``model`` as safetensors buckets of ``learner.sync_bucket_mb`` (ready for

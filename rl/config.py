@@ -9,6 +9,7 @@ Each actor receives only its own sub-config.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -64,6 +65,11 @@ class PolicyConfig:
     # keep the vision tower as it is and train the language model only (a common choice for VLM RL: the
     # tower's gradient reaches every image the policy reads, the fed-back stage images included)
     freeze_vision: bool = False
+    # Regular expressions (re.search) over the policy's parameter names: only the parameters one matches
+    # train, e.g. ["language_model.norm.weight"] (the final norm: 128 gains here); the rest stays as loaded.
+    # Fewer trained parameters, less of the update's noise (Adam moves every trained parameter ~lr a step).
+    # null: all.
+    trainable: Optional[list[str]] = None
     gradient_checkpointing: bool = False
 
 
@@ -252,6 +258,20 @@ class GRPOConfig:
     # closing tag of another section, a repeated tag): the format reward's credit on the token that broke it.
     # 0: off (the paper).
     stray_tag_penalty: float = 0.0
+    # Multiplies every negative advantage after group normalisation (W-REINFORCE's lambda, Zhu et al. 2025,
+    # "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning"): below 1 the update leans on
+    # the chains better than their group's mean, which sharpens the policy; 0 learns only from those. 1: the
+    # paper.
+    negative_advantage_scale: float = 1.0
+    # PPO-ptx (InstructGPT, Ouyang et al. 2022): > 0 adds sft_coef x the cold start's cross-entropy on the
+    # target chains of the step's own training images (rl.sft_data) to the text loss of every update. It
+    # holds the policy on the supervised chains while the GRPO term moves it. The text only: the SR model's
+    # denoising loss is not mixed in. 0: off (the paper).
+    sft_coef: float = 0.0
+    # A placebo control, not a training setting: every chain takes the advantages of another chain of its
+    # group (a random permutation per group and step). The update keeps its size and noise but loses the
+    # reward's signal, so a run with it measures what the reward adds. false: off.
+    shuffle_advantages: bool = False
 
 
 @dataclass
@@ -371,6 +391,11 @@ def validate(cfg: ExperimentConfig, source: str = "<config>") -> None:
     f = lambda key, value, why: _fail(source, key, value, why)  # noqa: E731
     if cfg.mode not in ("grpo", "sft"):
         f("mode", cfg.mode, "must be grpo or sft")
+    for pattern in cfg.policy.trainable or []:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            f("policy.trainable", cfg.policy.trainable, f"{pattern!r} is not a regular expression: {exc}")
     g = cfg.grpo
     if g.group_size < 2:
         f("grpo.group_size", g.group_size, "GRPO needs at least 2 chains per group to normalise rewards")
@@ -396,6 +421,10 @@ def validate(cfg: ExperimentConfig, source: str = "<config>") -> None:
                 f(key, names, f"{name!r} is not one of {components}")
     if g.stray_tag_penalty < 0:
         f("grpo.stray_tag_penalty", g.stray_tag_penalty, "must be >= 0 (it is subtracted from an advantage)")
+    if g.sft_coef < 0:
+        f("grpo.sft_coef", g.sft_coef, "must be >= 0 (the weight of the cold start's cross-entropy)")
+    if not 0 <= g.negative_advantage_scale <= 1:
+        f("grpo.negative_advantage_scale", g.negative_advantage_scale, "must be in [0, 1]")
     if g.update_epochs < 1:
         f("grpo.update_epochs", g.update_epochs, "must be >= 1")
     if g.eps <= 0:

@@ -187,6 +187,8 @@ def chain_advantages(
     train_images: bool = True,
     scale_by_std: bool = True,
     eps: float = 1e-6,
+    negative_scale: float = 1.0,
+    shuffle: torch.Generator | None = None,
 ) -> ChainAdvantages:
     """The advantages of every part of the chain from the chains' reward parts (``Scores.parts``) and totals.
 
@@ -194,7 +196,9 @@ def chain_advantages(
     total). The images get a column of their own only when they are trained and judged differently from the
     text; otherwise they share the text's (the paper), and a frozen SR model's reward keeps no group alive.
     ``section_rewards``: tag -> components for the tokens of that text section (a tag of ``section_tags``
-    not named there takes the text's advantage). Each column is normalised within its groups on its own.
+    not named there takes the text's advantage). Each column is normalised within its groups on its own;
+    ``negative_scale`` then multiplies its negative entries (``grpo.negative_advantage_scale``). With a
+    ``shuffle`` generator, the rows are permuted within each group (``grpo.shuffle_advantages``: the placebo).
     """
     def rewards(components: Sequence[str] | None) -> Tensor:
         if components is None:
@@ -214,6 +218,12 @@ def chain_advantages(
             names = section_rewards.get(tag)
             columns[f"section/{tag}"] = columns["text"] if names is None else rewards(names)
     table, groups = column_advantages(torch.stack(list(columns.values()), dim=1), group_size, scale_by_std, eps)
+    if negative_scale != 1.0:
+        table = torch.where(table < 0, table * negative_scale, table)
+    if shuffle is not None:
+        n = table.shape[0]
+        table = table[torch.cat([g + torch.randperm(group_size, generator=shuffle)
+                                 for g in range(0, n, group_size)])]
     out = {name: table[:, i] for i, name in enumerate(columns)}
     sections = (torch.stack([out[f"section/{tag}"] for tag in section_tags], dim=1) if section_rewards
                 else None)

@@ -23,7 +23,7 @@ from rl.data.dataset import PairDataset
 from rl.models.policy import ChainTokens
 from rl.monitor import RunMonitor
 from rl.run_state import PhaseTimer
-from rl.sft_data import SFTRecord, build_record
+from rl.sft_data import SFTRecord, target_records
 
 log = logging.getLogger("rl.sft")
 
@@ -33,8 +33,6 @@ class SFTTrainer:
         self.cfg = cfg
         self.data = PairDataset(cfg.data, "train")
         self.tokens = ChainTokens.from_pretrained(cfg.policy.path)
-        c = cfg.chain
-        self.scales = {"rough": c.rough_scale, "middle": c.middle_scale, "final": c.final_scale}
         self.learner = LearnerGroup(cfg, sft=cfg.sft)
         self.ckpt_root = Path(cfg.trainer.checkpoint_dir)
         self.step_id = 0
@@ -51,9 +49,7 @@ class SFTTrainer:
 
     def records(self, cursor: int, n: int) -> list[SFTRecord]:
         """The target chains of data positions cursor .. cursor + n - 1."""
-        photo_captions = self.cfg.data.source == "skimage"
-        return [build_record(s, self.tokens, self.scales, self.cfg.chain.prompt, photo_captions)
-                for s in self.data.batch(cursor, n)]
+        return target_records(self.data.batch(cursor, n), self.tokens, self.cfg)
 
     def step(self) -> dict[str, float]:
         cfg, t = self.cfg, PhaseTimer()

@@ -175,6 +175,15 @@ def build_record(
     )
 
 
+def target_records(samples: Sequence[Sample], tokens, cfg) -> list[SFTRecord]:
+    """The target chains of ``samples`` under the experiment config ``cfg`` (its chain scales and prompt; the
+    photographs' own captions for the skimage source): what the cold start trains on, and GRPO's ``sft_coef``
+    term."""
+    c = cfg.chain
+    scales = {"rough": c.rough_scale, "middle": c.middle_scale, "final": c.final_scale}
+    return [build_record(s, tokens, scales, c.prompt, cfg.data.source == "skimage") for s in samples]
+
+
 def to_rollout(record: SFTRecord) -> Rollout:
     """The record in the learner's rollout layout (so ``rl.grpo.build_train_batch`` pads it): loss tokens =
     target tokens (none for a zero-weight record), no sampling log-probs, no traces."""

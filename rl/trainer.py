@@ -21,9 +21,11 @@ from rl import grpo, run_state
 from rl.chain import TEXT_TAGS
 from rl.config import ExperimentConfig
 from rl.data.dataset import PairDataset
+from rl.models.policy import ChainTokens
 from rl.monitor import RunMonitor
 from rl.records import Rollout, Sample, Scores
 from rl.run_state import PhaseTimer
+from rl.sft_data import target_records
 
 log = logging.getLogger("rl.trainer")
 
@@ -54,6 +56,8 @@ class GRPOTrainer:
                                               f"{cfg.name}-reward")
         self.rewards = RewardPool(rw, placement_group=self.reward_pg)
         self.learner = LearnerGroup(cfg, logprob_temperature=cfg.rollout.sampling.temperature)
+        # grpo.sft_coef: the step's target chains are tokenized here, as the cold start's driver does
+        self.tokens = ChainTokens.from_pretrained(cfg.policy.path) if cfg.grpo.sft_coef > 0 else None
         self.ckpt_root = Path(cfg.trainer.checkpoint_dir)
         self.step_id = 0
         self.cursor = 0
@@ -79,6 +83,7 @@ class GRPOTrainer:
                 chain_samples = [s for s in samples for _ in range(G)]
                 scores = self.rewards.score(refs, chain_samples)
             adv = self._advantages(scores)
+            targets = target_records(samples, self.tokens, cfg) if self.tokens is not None else []
             advantages, groups = adv.text, adv.groups
             image_advantages, section_advantages = adv.image, adv.sections
             keep = groups.keep if cfg.grpo.filter_zero_variance else torch.ones_like(groups.keep)
@@ -89,7 +94,7 @@ class GRPOTrainer:
                     learner_metrics = self.learner.train(
                         refs, advantages.tolist(), keep.tolist(),
                         None if image_advantages is None else image_advantages.tolist(),
-                        None if section_advantages is None else section_advantages.tolist())
+                        None if section_advantages is None else section_advantages.tolist(), targets)
                 with t("sync"):
                     update, sync_metrics = self.learner.publish_weights(self.version + 1)
                     self.rollouts.load_weights(update)
@@ -129,7 +134,9 @@ class GRPOTrainer:
             [s.parts for s in scores], [s.total for s in scores], vars(self.cfg.reward.weights), g.group_size,
             text_rewards=g.text_rewards, image_rewards=g.image_rewards, section_rewards=g.section_rewards,
             section_tags=TEXT_TAGS, train_images=not self.cfg.diffusion.freeze, scale_by_std=g.scale_by_std,
-            eps=g.eps)
+            eps=g.eps, negative_scale=g.negative_advantage_scale,
+            shuffle=(torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + self.step_id)
+                     if g.shuffle_advantages else None))
 
     def _log_example(self, ref, sample: Sample, score: Scores) -> None:
         rollout: Rollout = ray.get(ref)

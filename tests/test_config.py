@@ -69,6 +69,9 @@ def test_unknown_key_or_wrong_type(override, fragment):
         ("learner.policy_optim.name=lion", "learner.policy_optim.name"),
         ("learner.diffusion_optim.momentum=1.0", "learner.diffusion_optim.momentum"),
         ("grpo.stray_tag_penalty=-1.0", "grpo.stray_tag_penalty"),
+        ("grpo.negative_advantage_scale=1.5", "grpo.negative_advantage_scale"),
+        ("grpo.sft_coef=-0.1", "grpo.sft_coef"),
+        ("policy.trainable=[norm(]", "policy.trainable"),
     ],
 )
 def test_impossible_values_name_key_and_value(override, key):

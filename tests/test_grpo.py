@@ -443,6 +443,36 @@ def test_chain_advantages_of_a_frozen_sr_model_keep_no_group_alive():
                               section_tags=("degradation",))
 
 
+def test_chain_advantages_scale_only_the_negative_entries_of_every_column():
+    kw = dict(text_rewards=["format"], image_rewards=["generation"], section_tags=("final_understand",),
+              section_rewards={"final_understand": ["format/final_understand"]})
+    full = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, **kw)
+    half = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, negative_scale=0.25, **kw)
+    for a, b in ((full.text, half.text), (full.image, half.image), (full.sections, half.sections)):
+        assert bool((a < 0).any()) and bool((a > 0).any())
+        torch.testing.assert_close(b, torch.where(a < 0, 0.25 * a, a))
+    only_better = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, negative_scale=0.0, **kw)
+    assert float(only_better.text.min()) == 0.0 and float(only_better.text.max()) > 0
+    assert only_better.groups.keep.tolist() == full.groups.keep.tolist()  # the filter is the rewards'
+
+
+def test_shuffled_advantages_are_a_permutation_within_each_group():
+    kw = dict(text_rewards=["format"], image_rewards=["generation"], section_tags=("final_understand",),
+              section_rewards={"final_understand": ["format/final_understand"]})
+    real = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, **kw)
+    seen = set()
+    for seed in range(8):
+        placebo = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2,
+                                        shuffle=torch.Generator().manual_seed(seed), **kw)
+        rows = torch.cat([placebo.text[:, None], placebo.image[:, None], placebo.sections], dim=1)
+        ref = torch.cat([real.text[:, None], real.image[:, None], real.sections], dim=1)
+        for g in (0, 2):  # each group's rows are its own rows, whole, in some order
+            assert sorted(map(tuple, rows[g:g + 2].tolist())) == sorted(map(tuple, ref[g:g + 2].tolist()))
+        seen.add(tuple(placebo.image.tolist()))
+        assert placebo.groups.keep.tolist() == real.groups.keep.tolist()
+    assert len(seen) > 1  # some seeds do move a chain
+
+
 def test_build_train_batch_gives_each_section_its_own_advantage():
     r = _rollout(0, 0, prompt_len=2, text_len=6, image_span=(4, 5))
     r.token_ids = torch.tensor([100, 5, 101, 6, 9, 102])  # <degradation> x <rough_understand> y [image] <img>

@@ -442,23 +442,44 @@ def test_stray_tag_penalty_reaches_the_learners_loss(models, chains, port, stray
     assert 0.1 / tokens < penalised - plain < 10.0 / tokens, losses  # one token's ratio, ~1
 
 
-@pytest.mark.slow
-def test_frozen_vision_tower_stays_while_the_language_model_trains(models, chains, port):
-    from learner.worker import vision_tower
-
+def _one_policy_step(models, chains, port, override: str):
+    """A one-rank worker with ``override`` after one step: (worker, the policy's names, the names it changed)."""
     batch, rollouts = chains
     cfg = _config(models, "learner.num_ranks=1", "learner.zero_stage=2", "learner.micro_batch_size=2",
-                  "diffusion.freeze=true", "policy.freeze_vision=true")
+                  "diffusion.freeze=true", override)
     worker = _solo(cfg, port)
     before = worker.gather_full_state("policy")
     worker.train_step(batch, *rollouts)
     after = worker.gather_full_state("policy")
+    return worker, list(before), {n for n in before if not torch.equal(before[n], after[n])}
+
+
+@pytest.mark.slow
+def test_frozen_vision_tower_stays_while_the_language_model_trains(models, chains, port):
+    from learner.worker import vision_tower
+
+    worker, names, changed = _one_policy_step(models, chains, port, "policy.freeze_vision=true")
     tower = vision_tower(worker.engines["policy"].module)
     assert not any(p.requires_grad for p in tower.parameters())
-    visual = [n for n in before if "visual." in n]
+    visual = [n for n in names if "visual." in n]
     assert len(visual) == len(list(tower.parameters()))  # the tower's weights, by their full names
-    changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert not changed & set(visual) and any("language_model" in n for n in changed)
+
+
+@pytest.mark.slow
+def test_only_the_trainable_parameters_change(models, chains, port):
+    _, names, changed = _one_policy_step(models, chains, port, "policy.trainable=[language_model.norm.weight]")
+    assert changed == {n for n in names if n.endswith("language_model.norm.weight")} and len(changed) == 1
+
+
+def test_a_trainable_pattern_that_matches_nothing_is_named():
+    from learner.worker import restrict_trainable
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    assert restrict_trainable(model, [r"^1\."]) == ["1.weight", "1.bias"]
+    assert [p.requires_grad for p in model.parameters()] == [False, False, True, True]
+    with pytest.raises(ValueError, match=r"\['lm_head'\] match no parameter of Sequential"):
+        restrict_trainable(model, ["lm_head", "0.weight"])
 
 
 # ======================================================================================= Ray, 2 ranks, ZeRO-2

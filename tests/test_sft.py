@@ -197,18 +197,25 @@ def records(samples, tokens) -> list[SFTRecord]:
     return [build_record(s, tokens, SCALES) for s in samples[:2]]
 
 
-@pytest.mark.slow
-def test_sft_steps_compute_the_plain_cross_entropy_and_lower_the_loss(worker, records, tokens, models):
+def _target_nll(records, tokens, policy_dir) -> tuple[float, int]:
+    """The summed NLL of the records' target tokens under the policy saved at ``policy_dir``, and their
+    count."""
     from rl.models.policy import load_policy, sequence_log_probs
 
-    with torch.no_grad():  # the loss by hand: mean NLL over both records' target tokens, before any update
-        model = load_policy(models["policy"])
+    with torch.no_grad():
+        model = load_policy(policy_dir)
         nll, count = 0.0, 0
         for r in records:
             inputs = tokens.batch_inputs([r.prompt_ids.tolist() + r.token_ids.tolist()], [r.context_images])
             logp = sequence_log_probs(model, inputs, banned_ids=tokens.banned_ids(model.config.text_config.vocab_size))
             target = logp[0, len(r.prompt_ids):][r.target_mask.bool()]
             nll, count = nll - float(target.sum()), count + int(target.numel())
+    return nll, count
+
+
+@pytest.mark.slow
+def test_sft_steps_compute_the_plain_cross_entropy_and_lower_the_loss(worker, records, tokens, models):
+    nll, count = _target_nll(records, tokens, models["policy"])  # by hand, before any update
     first = worker.sft_step(*records)  # micro_batch_size 1: two micro-batches, normalised by the global count
     assert first["tokens"] == count and first["records"] == 2 and first["images"] == 6
     assert first["text_loss"] == pytest.approx(nll / count, rel=1e-4)
@@ -241,3 +248,28 @@ def test_a_frozen_policy_is_skipped(models, records, port):
     m = frozen.sft_step(*records)
     assert "text_loss" not in m and "policy_grad_norm" not in m and "token_accuracy" not in m
     assert m["image_loss"] > 0 and m["diffusion_grad_norm"] > 0 and m["optimizer_steps"] == 1
+
+
+@pytest.mark.slow
+def test_grpo_sft_coef_adds_the_cold_start_cross_entropy_to_the_update(models, records, tokens, port):
+    """PPO-ptx: with every GRPO advantage 0, only the sft_coef term can move the policy."""
+    from rl.grpo import build_train_batch
+
+    rollouts = [to_rollout(r) for r in records]
+    batch = build_train_batch(rollouts, torch.zeros(len(rollouts)))  # the GRPO term: advantage 0 everywhere
+    plain = _solo(models, port, "mode=grpo", "diffusion.freeze=true")
+    before = {k: v.clone() for k, v in plain.gather_full_state("policy").items()}
+    m = plain.train_step(batch, *rollouts, sft_records=records)  # sft_coef 0 (the paper): records unused
+    assert "ptx_loss" not in m
+    assert all(torch.equal(before[k], v) for k, v in plain.gather_full_state("policy").items())
+
+    ptx = _solo(models, port, "mode=grpo", "diffusion.freeze=true", "grpo.sft_coef=0.5")
+    nll, count = _target_nll(records, tokens, models["policy"])
+    first = ptx.train_step(batch, *rollouts, sft_records=records)
+    assert first["ptx_loss"] == pytest.approx(nll / count, rel=1e-4)  # the plain cross-entropy, unweighted
+    assert 0 <= first["ptx_token_accuracy"] <= 1 and first["policy_grad_norm"] > 0
+    assert not all(torch.equal(before[k], v) for k, v in ptx.gather_full_state("policy").items())
+    later = [ptx.train_step(batch, *rollouts, sft_records=records) for _ in range(3)]
+    assert later[-1]["ptx_loss"] < first["ptx_loss"]
+    m = ptx.train_step(batch, *rollouts, sft_records=[records[0].zero_weight()])  # a rank without targets
+    assert "ptx_loss" not in m

@@ -197,3 +197,23 @@ def test_learner_rank_death_ends_the_run_cleanly_with_the_checkpoint_intact(setu
         trainer.fit()
     assert ckpt.latest_complete(root) == before
     ckpt.verify_checkpoint(before)  # every file of the manifest is there, sizes match
+
+
+def test_sft_coef_trains_the_step_target_chains_on_every_rank(setup):
+    """grpo.sft_coef (PPO-ptx) end to end: the driver builds the step's target chains, the group shards them
+    over both learner ranks (one prompt: the second rank gets a zero-weight copy) and the update adds their
+    cross-entropy."""
+    old = setup["resumed"]  # free its CPUs: this test starts a run of its own
+    old.rollouts.shutdown()
+    old.learner.shutdown()
+    old.rewards.shutdown()
+    ray.util.remove_placement_group(old.reward_pg)
+    from rl.trainer import GRPOTrainer
+
+    cfg = _config(setup["tmp"] / "ptx", setup["models"], "grpo.sft_coef=0.5", "grpo.prompts_per_step=1",
+                  "grpo.filter_zero_variance=false")
+    assert cfg.learner.num_ranks == 2
+    trainer = GRPOTrainer(cfg)
+    metrics = trainer.step()
+    assert metrics["learner/ptx_loss"] > 0 and 0 <= metrics["learner/ptx_token_accuracy"] <= 1
+    assert metrics["learner/policy_grad_norm"] > 0
