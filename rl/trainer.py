@@ -83,7 +83,6 @@ class GRPOTrainer:
                 chain_samples = [s for s in samples for _ in range(G)]
                 scores = self.rewards.score(refs, chain_samples)
             adv = self._advantages(scores)
-            targets = target_records(samples, self.tokens, cfg) if self.tokens is not None else []
             advantages, groups = adv.text, adv.groups
             image_advantages, section_advantages = adv.image, adv.sections
             keep = groups.keep if cfg.grpo.filter_zero_variance else torch.ones_like(groups.keep)
@@ -91,6 +90,7 @@ class GRPOTrainer:
             sync_metrics: dict[str, float] = {}
             if bool(keep.any()):
                 with t("learner"):
+                    targets = target_records(samples, self.tokens, cfg) if self.tokens is not None else []
                     learner_metrics = self.learner.train(
                         refs, advantages.tolist(), keep.tolist(),
                         None if image_advantages is None else image_advantages.tolist(),
