@@ -1,6 +1,6 @@
 """Interleaved VLCoT episodes: text turn -> SR image -> image fed back -> next text turn (no Ray here).
 
-For a batch of B prompts x G samples, stage by stage (rl.chain.TURNS):
+For a batch of B prompts x G samples, stage by stage (core.chain.TURNS):
 
 1. the text engine continues every chain's context until the turn's closing tag
    (turn 1: ``<degradation>..</degradation><rough_understand>..</rough_understand>``);
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from actors.text_engine import TextEngine, TextRequest, TextSample
-from rl.chain import STAGES, TURNS, image_section, parse_chain, stage_sizes
-from rl.config import ChainConfig, DiffusionConfig, SamplingConfig
-from rl.records import DiffusionTrace, Rollout, Sample
+from core.chain import STAGES, TURNS, image_section, parse_chain, stage_sizes
+from core.config import ChainConfig, DiffusionConfig, SamplingConfig
+from core.records import DiffusionTrace, Rollout, Sample
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""RolloutGroup: R Ray actors around RolloutWorker, placed with a placement group (the only Ray code of actors/).
+"""RolloutGroup: R Ray actors around RolloutWorker, one bundle each (the only Ray code of actors/).
 
 ``submit_generate`` returns one ObjectRef per chain, so rewards and learner ranks fetch only the chains they need
 and the driver never holds pixels. Actors restart on failure (rollout.max_restarts) and Ray re-runs the task in
@@ -12,40 +12,20 @@ from typing import Sequence
 
 import numpy as np
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.rollout import RolloutWorker
-from rl.config import ExperimentConfig
-from rl.records import Sample, WeightUpdate
+from core.actor_group import ActorGroup
+from core.config import ExperimentConfig
+from core.records import Sample, WeightUpdate
 
 
-def role_placement_group(num: int, num_cpus: float, num_gpus: float, strategy: str, name: str) -> PlacementGroup:
-    """One bundle per actor of a role; blocks until the cluster (or the autoscaler) can place it."""
-    bundle = {"CPU": num_cpus}
-    if num_gpus > 0:
-        bundle["GPU"] = num_gpus
-    pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy, name=name)
-    ray.get(pg.ready())
-    return pg
-
-
-class RolloutGroup:
+class RolloutGroup(ActorGroup):
     def __init__(self, cfg: ExperimentConfig):
         rc = cfg.rollout
-        self.pg = role_placement_group(rc.num_actors, rc.num_cpus, rc.num_gpus, cfg.ray.placement_strategy,
-                                       f"{cfg.name}-rollout")
-        remote = ray.remote(RolloutWorker)
-        self.actors = [
-            remote.options(
-                num_cpus=rc.num_cpus,
-                num_gpus=rc.num_gpus,
-                max_restarts=rc.max_restarts,
-                max_task_retries=rc.max_restarts,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(cfg, i)
-            for i in range(rc.num_actors)
-        ]
+        super().__init__("rollout", rc.num_actors, rc.num_cpus, rc.num_gpus, cfg.ray.placement_strategy,
+                         f"{cfg.name}-rollout")
+        self.start(RolloutWorker, lambda i: ((cfg, i), {}), max_restarts=rc.max_restarts,
+                   max_task_retries=rc.max_restarts)
         ray.get([a.ping.remote() for a in self.actors])  # fail here, not mid-step, if an engine cannot start
         self.latest: WeightUpdate | None = None
 
@@ -69,8 +49,3 @@ class RolloutGroup:
 
     def versions(self) -> list[tuple[int, int]]:
         return ray.get([a.versions.remote() for a in self.actors])
-
-    def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
-        ray.util.remove_placement_group(self.pg)

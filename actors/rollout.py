@@ -10,15 +10,15 @@ from typing import Iterable, Sequence
 import torch
 
 from actors.chain_sampler import ChainSampler
-from actors.sr_pipeline import SRPipeline
-from actors.text_engine import build_text_engine
-from learner.weight_sync import deserialize_bucket
-from rl.config import ExperimentConfig
-from rl.env import configure_process
-from rl.records import Rollout, Sample, WeightUpdate
+from actors.engines import build_text_engine
+from core.config import ExperimentConfig
+from core.dtypes import torch_dtype
+from core.env import configure_process
+from core.records import Rollout, Sample, WeightUpdate
+from core.weights import deserialize_bucket
+from models.sr_pipeline import SRPipeline
 
 log = logging.getLogger("actors.rollout")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RolloutWorker:
@@ -32,7 +32,7 @@ class RolloutWorker:
             cfg.rollout.engine, cfg.policy.path, cfg.rollout.sampling, cfg.chain.max_stage_tokens,
             vllm=cfg.rollout.vllm, dtype=cfg.policy.dtype, device=device, seed=cfg.trainer.seed + worker_index,
         )
-        self.pipeline = SRPipeline.from_pretrained(cfg.diffusion.path).to(device, DTYPES[cfg.diffusion.dtype])
+        self.pipeline = SRPipeline.from_pretrained(cfg.diffusion.path).to(device, torch_dtype(cfg.diffusion.dtype))
         self.sampler = ChainSampler(self.engine, self.pipeline, cfg.chain, cfg.diffusion)
         self.policy_version = 0
         self.diffusion_version = 0

@@ -23,19 +23,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rl.config import load_config  # noqa: E402
-from rl.env import configure_process, worker_env  # noqa: E402
+from core.config import load_config  # noqa: E402
+from core.env import configure_process, worker_env  # noqa: E402
 
 
 def sequential_steps(cfg, steps: int) -> dict[str, float]:
     """The paper-style loop in this process: vLLM in-process, rewards in-process, a world-size-1 learner."""
     from actors.chain_sampler import ChainSampler
     from actors.rollout import RolloutWorker
+    from core import grpo
+    from data.dataset import PairDataset
     from learner.worker import LearnerWorker
     from rewards.quality import build_quality_scorer
     from rewards.total import score_rollouts
-    from rl import grpo
-    from rl.data.dataset import PairDataset
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,7 +101,7 @@ def main() -> None:
     configure_process()
     overrides = ["trainer.progress_bar=false", "trainer.image_every=0", "trainer.checkpoint_every=0",
                  "output_dir=runs/bench_loop", *args.overrides]
-    from rl.models.bootstrap import ensure_models
+    from models.bootstrap import ensure_models
 
     cfg = load_config(ROOT / "configs/grpo_local.yaml", overrides)
     ensure_models(cfg)

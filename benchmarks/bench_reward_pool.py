@@ -21,10 +21,12 @@ import time
 import numpy as np
 import torch
 
-from rewards.pool import RewardPool, RewardWorker
-from rl.chain import parse_degradation_text, render_chain
-from rl.config import QualityMetricConfig, RewardConfig
-from rl.records import DegradationLabels, Rollout, Sample
+from core.chain import parse_degradation_text, render_chain
+from core.config import QualityMetricConfig, RewardConfig
+from core.records import DegradationLabels, Rollout, Sample
+from rewards.pool import RewardPool
+from rewards.worker import RewardWorker
+
 
 def metric_configs(names: list[str], tmp: str) -> list[QualityMetricConfig]:
     table = {

@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rl.config import load_config  # noqa: E402
-from rl.env import configure_process  # noqa: E402
+from core.config import load_config  # noqa: E402
+from core.env import configure_process  # noqa: E402
 
 
 def main() -> None:
@@ -30,11 +30,12 @@ def main() -> None:
     args = parser.parse_args()
     configure_process()
     from actors.chain_sampler import ChainSampler
-    from actors.sr_pipeline import SRPipeline
-    from actors.text_engine import TextRequest, build_text_engine
-    from rl.chain import TURNS
-    from rl.data.dataset import PairDataset
-    from rl.models.bootstrap import ensure_models
+    from actors.engines import build_text_engine
+    from actors.text_engine import TextRequest
+    from core.chain import TURNS
+    from data.dataset import PairDataset
+    from models.bootstrap import ensure_models
+    from models.sr_pipeline import SRPipeline
 
     cfg = load_config(ROOT / "configs/grpo_local.yaml", args.overrides)
     ensure_models(cfg)

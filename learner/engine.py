@@ -12,33 +12,24 @@ Choices, with their reasons:
   is an optimizer step, whatever the number of micro-batches before it. The number of kept chains changes
   from step to step (zero-variance groups are dropped), so a fixed ``gradient_accumulation_steps`` cannot
   describe it. ``backward`` is called with ``scale_wrt_gas=False``: the caller normalises each micro-batch
-  loss by the global token count itself (``rl.grpo.token_mean``).
+  loss by the global token count itself (``core.grpo.token_mean``).
 * DeepSpeed *averages* gradients over data-parallel ranks; a loss normalised by the global token count needs
   the *sum*, so the caller multiplies its loss by the world size (``dp_loss_scale``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from functools import partial
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from rl.config import LearnerConfig, OptimConfig
+from core.config import LearnerConfig, OptimConfig
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"learner.dtype = {name!r}: must be one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 # ------------------------------------------------------------------------------------------ process group
@@ -98,33 +89,39 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+def all_reduce(values: Sequence[float], op: str = "sum", device: torch.device | str = "cpu") -> list[float]:
+    """``values`` summed (or max / min) over the learner's ranks, as floats; every rank must call it. gloo
+    reduces CPU tensors, nccl needs them on this rank's GPU (``device``)."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+           "min": torch.distributed.ReduceOp.MIN}
+    torch.distributed.all_reduce(t, op=ops[op])
+    return t.cpu().tolist()
+
+
 def dp_loss_scale() -> float:
     """Factor on a loss normalised by a *global* count, undoing DeepSpeed's mean over data-parallel ranks."""
     return float(world_size())
 
 
 # ------------------------------------------------------------------------------------------ schedule
-def lr_multiplier(
-    step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float
-) -> float:
-    """LR / peak LR before optimizer step ``step`` (0-based).
+def lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int) -> Any:
+    """transformers' schedule for ``optim.schedule``: linear warmup over ``warmup_steps`` (from 0), then
+    ``constant`` | ``cosine`` (to ``min_lr_ratio`` x lr) | ``linear`` (to ``min_lr_ratio`` x lr) over the rest of
+    ``total_steps`` optimizer steps."""
+    from transformers import get_scheduler
 
-    Linear warmup over ``warmup_steps`` (starting at 1/warmup, not 0, so the first step learns), then
-    ``constant`` | ``cosine`` (to ``min_lr_ratio``) | ``linear`` (to ``min_lr_ratio``) over the rest.
-
-    >>> [round(lr_multiplier(s, 10, 2, "linear", 0.0), 3) for s in (0, 1, 2, 6, 10)]
-    [0.5, 1.0, 1.0, 0.5, 0.0]
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "cosine":
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_lr_ratio) * progress
-    raise ValueError(f"optimizer schedule = {schedule!r}: must be constant, cosine or linear")
+    name, kwargs = {
+        "constant": ("constant_with_warmup", {}),
+        "cosine": ("cosine_with_min_lr", {"min_lr_rate": optim.min_lr_ratio}),
+        "linear": ("polynomial", {"lr_end": optim.lr * optim.min_lr_ratio, "power": 1.0}),
+    }[optim.schedule]
+    if optim.schedule == "linear" and optim.min_lr_ratio >= 1:
+        name, kwargs = "constant_with_warmup", {}  # nothing to decay to (transformers' polynomial refuses it)
+    return get_scheduler(name, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=kwargs)
 
 
 # ------------------------------------------------------------------------------------------ engines
@@ -196,14 +193,7 @@ def build_engine(module: nn.Module, optim: OptimConfig, learner: LearnerConfig, 
     optimizer = make_optimizer(module, optim)
     if hook is not None:
         optimizer.register_step_pre_hook(hook)
-    schedule = partial(
-        lr_multiplier,
-        total_steps=total_steps,
-        warmup_steps=optim.warmup_steps,
-        schedule=optim.schedule,
-        min_lr_ratio=optim.min_lr_ratio,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = lr_scheduler(optimizer, optim, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )

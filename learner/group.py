@@ -1,14 +1,14 @@
 """The learner's Ray shell: N ``LearnerWorker`` actors in one placement group, one DeepSpeed ZeRO group.
 
-The only Ray-aware part of the learner (OpenRLHF's ``RayActorGroup`` shape): it reserves one bundle per rank,
-finds a free port on rank 0's node, starts the ranks with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
-MASTER_PORT, and fans each call out to every rank. Methods are named (no string RPC); a ``submit_*`` method
-returns one ObjectRef per rank, its plain twin blocks and returns rank 0's answer (the ranks agree).
+The only Ray-aware part of the learner (an ``ActorGroup``): it finds a free port on rank 0's node, starts the
+ranks with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, and fans each call out to every rank.
+Methods are named (no string RPC); a ``submit_*`` method returns one ObjectRef per rank, its plain twin blocks
+and returns rank 0's answer (the ranks agree).
 
     group = LearnerGroup(cfg)                           # ~ start-up: actors, process group, engines
-    metrics = group.train_step(batch, rollouts)         # rollouts: the list given to build_train_batch
-    weights = group.gather_full_state("policy")         # rank 0's full CPU state dict
-    metrics = group.sft(records)                        # cold start: rl.sft_data.SFTRecords
+    metrics = group.train(chain_refs, advantages, keep) # GRPO: one ChainAdvantage per chain
+    metrics = group.sft(records)                        # cold start: data.sft_targets.SFTRecords
+    update, _ = group.publish_weights(version)          # for the rollout actors
     group.save_checkpoint(path); group.export_hf(path)
     group.shutdown()
 """
@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from learner.worker import LearnerWorker, shard_batch
-from rl.config import ExperimentConfig
-from rl.env import worker_env
-from rl.grpo import TrainBatch
-from rl.records import Rollout, WeightUpdate
-
-RolloutLike = Union[Rollout, ray.ObjectRef]
+from core.actor_group import READY_TIMEOUT_S, ActorGroup
+from core.config import ExperimentConfig
+from core.env import worker_env
+from core.records import ChainAdvantage, WeightUpdate
+from learner.batching import contiguous_sizes
+from learner.worker import LearnerWorker
 
 
 @ray.remote(num_cpus=0)
@@ -45,101 +42,49 @@ def _master_address(port: Optional[int]) -> tuple[str, int]:
     return ray.util.get_node_ip_address(), int(port)
 
 
-def contiguous_sizes(n: int, num_ranks: int) -> list[int]:
-    """Near-equal contiguous shard sizes, the first ranks taking the remainder: (5, 2) -> [3, 2]."""
-    return [n // num_ranks + (r < n % num_ranks) for r in range(num_ranks)]
 
-
-class LearnerGroup:
+class LearnerGroup(ActorGroup):
     """N learner ranks as Ray actors (``learner.num_ranks``), one ZeRO group."""
 
-    def __init__(self, cfg: ExperimentConfig, ready_timeout_s: float = 600.0, **worker_kwargs: Any):
+    def __init__(self, cfg: ExperimentConfig, **worker_kwargs: Any):
         """Blocks until every rank has built its engines. ``worker_kwargs`` go to ``LearnerWorker``
         (e.g. ``logprob_temperature``)."""
         ln = cfg.learner
         worker_kwargs.setdefault("sft", cfg.sft if cfg.mode == "sft" else None)  # sft_step needs it
         if ln.backend == "nccl" and ln.num_gpus <= 0:
             raise ValueError(f"learner.backend = nccl needs learner.num_gpus > 0, got {ln.num_gpus}")
+        super().__init__("learner", ln.num_ranks, ln.num_cpus, ln.num_gpus, cfg.ray.placement_strategy,
+                         f"{cfg.name}-learner")
         self.num_ranks = ln.num_ranks
-        bundle = {"CPU": float(ln.num_cpus), **({"GPU": float(ln.num_gpus)} if ln.num_gpus > 0 else {})}
-        self.placement_group = placement_group(
-            [dict(bundle) for _ in range(ln.num_ranks)], strategy=cfg.ray.placement_strategy
-        )
         try:
-            ray.get(self.placement_group.ready(), timeout=ready_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.placement_group)
-            raise RuntimeError(
-                f"learner placement group ({ln.num_ranks} x {bundle}, strategy {cfg.ray.placement_strategy}) "
-                f"not placed after {ready_timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}"
-            ) from None
+            addr, port = ray.get(_master_address.options(scheduling_strategy=self.bundle(0)).remote(ln.master_port))
+        except BaseException:
+            self.shutdown()
+            raise
+
+        def rank_args(rank: int) -> tuple[tuple, dict]:
+            dist_env = {"RANK": str(rank), "WORLD_SIZE": str(ln.num_ranks), "MASTER_ADDR": addr,
+                        "MASTER_PORT": str(port),
+                        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES: its device is always cuda:0
+                        "LOCAL_RANK": "0"}
+            return (ln, cfg.policy, cfg.diffusion, cfg.grpo, cfg.trainer.total_steps, dist_env), worker_kwargs
+
+        self.start(LearnerWorker, rank_args, runtime_env={"env_vars": worker_env()})
+        self.master = (addr, port)
         try:
-            self._start_ranks(cfg, worker_kwargs, ready_timeout_s)
+            self.infos: list[dict[str, Any]] = ray.get([a.info.remote() for a in self.actors], timeout=READY_TIMEOUT_S)
         except BaseException:
             self.shutdown()  # a rank that failed to build: release the others and the bundles
             raise
-
-    def _start_ranks(self, cfg: ExperimentConfig, worker_kwargs: dict[str, Any], timeout_s: float) -> None:
-        ln = cfg.learner
-        addr, port = ray.get(
-            _master_address.options(scheduling_strategy=self._bundle(0)).remote(ln.master_port)
-        )
-        actor_cls = ray.remote(LearnerWorker)
-        env = worker_env()
-        self.actors = []
-        for rank in range(ln.num_ranks):
-            dist_env = {
-                "RANK": str(rank),
-                "WORLD_SIZE": str(ln.num_ranks),
-                "MASTER_ADDR": addr,
-                "MASTER_PORT": str(port),
-                # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES: its device is always cuda:0
-                "LOCAL_RANK": "0",
-            }
-            self.actors.append(
-                actor_cls.options(
-                    num_cpus=ln.num_cpus,
-                    num_gpus=ln.num_gpus,
-                    scheduling_strategy=self._bundle(rank),
-                    runtime_env={"env_vars": env},
-                ).remote(
-                    ln,
-                    cfg.policy,
-                    cfg.diffusion,
-                    cfg.grpo,
-                    cfg.trainer.total_steps,
-                    dist_env,
-                    **worker_kwargs,
-                )
-            )
-        self.master = (addr, port)
-        self.infos: list[dict[str, Any]] = ray.get([a.info.remote() for a in self.actors], timeout=timeout_s)
         self.trained = tuple(m for m, frozen in (("policy", cfg.policy.freeze), ("diffusion", cfg.diffusion.freeze))
                              if not frozen)
 
-    def _bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=index)
-
     # ------------------------------------------------------------------ training
-    def submit_train_step(self, batch: TrainBatch, rollouts: Sequence[RolloutLike]) -> list[ray.ObjectRef]:
-        """One GRPO update; ``rollouts`` is the list given to ``build_train_batch`` (Rollouts or refs).
-        Each rank receives only its shard; refs are resolved on the rank, never in the driver."""
-        shards = shard_batch(batch, rollouts, self.num_ranks)
-        return [a.train_step.remote(sub, *rs) for a, (sub, rs) in zip(self.actors, shards)]
-
-    def train_step(self, batch: TrainBatch, rollouts: Sequence[RolloutLike]) -> dict[str, float]:
-        """Metrics of the update (aggregated over ranks)."""
-        return ray.get(self.submit_train_step(batch, rollouts))[0]
-
-    def submit_train(self, chains: Sequence[ray.ObjectRef], advantages: Sequence[float],
-                     keep: Sequence[bool],
-                     image_advantages: Optional[Sequence[float]] = None,
-                     section_advantages: Optional[Sequence[Sequence[float]]] = None,
-                     sft_records: Sequence[Any] = ()) -> list[ray.ObjectRef]:
+    def submit_train(self, chains: Sequence[ray.ObjectRef], advantages: Sequence[ChainAdvantage],
+                     keep: Sequence[bool], sft_records: Sequence[Any] = ()) -> list[ray.ObjectRef]:
         """One GRPO update from chain refs: kept chains are split contiguously over the ranks, and each rank
-        fetches and batches its own (the driver never touches tokens or pixels). ``image_advantages``: the
-        diffusion steps' own advantages, aligned with ``chains`` (None: they share the text's);
-        ``section_advantages``: per chain, one per text section (rl.chain.TEXT_TAGS; None: the text's);
+        fetches and batches its own (the driver never touches tokens or pixels). ``advantages``: one
+        ``ChainAdvantage`` per chain (text, and the images' and sections' own when they have them);
         ``sft_records``: target chains for ``grpo.sft_coef``'s cross-entropy, split like ``submit_sft``'s."""
         kept = [i for i, k in enumerate(keep) if k]
         if not kept:
@@ -151,26 +96,20 @@ class LearnerGroup:
             idx = kept[lo:lo + size]
             lo += size
             if idx:
-                image = None if image_advantages is None else [float(image_advantages[i]) for i in idx]
-                sections = (None if section_advantages is None
-                            else [[float(a) for a in section_advantages[i]] for i in idx])
-                refs.append(actor.train_chains.remote([float(advantages[i]) for i in idx], False,
-                                                      *[chains[i] for i in idx], image_advantages=image,
-                                                      section_advantages=sections, sft_records=shard))
+                refs.append(actor.train_chains.remote([advantages[i] for i in idx], False,
+                                                      *[chains[i] for i in idx], sft_records=shard))
             else:  # fewer chains than ranks: a zero-loss copy keeps the collectives in step
-                refs.append(actor.train_chains.remote([0.0], True, chains[kept[0]], sft_records=shard))
+                refs.append(actor.train_chains.remote([ChainAdvantage(0.0)], True, chains[kept[0]],
+                                                      sft_records=shard))
         return refs
 
-    def train(self, chains: Sequence[ray.ObjectRef], advantages: Sequence[float],
-              keep: Sequence[bool], image_advantages: Optional[Sequence[float]] = None,
-              section_advantages: Optional[Sequence[Sequence[float]]] = None,
-              sft_records: Sequence[Any] = ()) -> dict[str, float]:
+    def train(self, chains: Sequence[ray.ObjectRef], advantages: Sequence[ChainAdvantage],
+              keep: Sequence[bool], sft_records: Sequence[Any] = ()) -> dict[str, float]:
         """Metrics of the update, aggregated over ranks."""
-        return ray.get(self.submit_train(chains, advantages, keep, image_advantages, section_advantages,
-                                         sft_records))[0]
+        return ray.get(self.submit_train(chains, advantages, keep, sft_records))[0]
 
     def submit_sft(self, records: Sequence[Any]) -> list[ray.ObjectRef]:
-        """One supervised cold-start step on ``rl.sft_data.SFTRecord``s (or refs to them): contiguous shards
+        """One supervised cold-start step on ``data.sft_targets.SFTRecord``s (or refs to them): contiguous shards
         per rank; a rank left without records trains a zero-weight copy of the first (no loss, no gradient)
         so that its collectives stay in step."""
         if not records:
@@ -246,19 +185,3 @@ class LearnerGroup:
 
     def load_checkpoint(self, directory: str) -> None:
         ray.get(self.submit_load_checkpoint(directory))
-
-    # ------------------------------------------------------------------ lifetime
-    def shutdown(self) -> None:
-        """Kill the ranks and release their placement group (idempotent)."""
-        for a in getattr(self, "actors", []):
-            ray.kill(a, no_restart=True)
-        self.actors = []
-        if getattr(self, "placement_group", None) is not None:
-            remove_placement_group(self.placement_group)
-            self.placement_group = None
-
-    def __enter__(self) -> "LearnerGroup":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.shutdown()

@@ -1,7 +1,7 @@
 """Degradation reward: how many of the five degradation items the policy stated at the right level.
 
 The paper's Fig. 2 compares the predicted items one by one with the degradation actually applied when the LR
-image was synthesised and shows 3 of 5 correct as "Reward 0.6" (paper.md 4.2; the released code has no such
+image was synthesised and shows 3 of 5 correct as "Reward 0.6" (RealSR-R1's degradation reward; its released code has no such
 reward). An item the text does not state counts as wrong, even when its true level is "none": otherwise an
 empty <degradation> section would earn the "none" items for free.
 """
@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from rl.chain import DEGRADATION_ITEMS, ParsedChain, parse_chain, parse_degradation_text
-from rl.records import DegradationLabels
+from core.chain import DEGRADATION_ITEMS, ParsedChain, parse_chain, parse_degradation_text
+from core.records import DegradationLabels
 
 
 def degradation_reward(
     chain: ParsedChain | str, labels: DegradationLabels | Mapping[str, str] | None
 ) -> float | None:
-    """Fraction of ``rl.chain.DEGRADATION_ITEMS`` whose stated level equals the label level. Never raises.
+    """Fraction of ``core.chain.DEGRADATION_ITEMS`` whose stated level equals the label level. Never raises.
 
     Returns None (not applicable, left out of the total) when there are no labels: real LR images carry no
-    synthesis record. A label level missing from ``labels`` means "none", as in ``rl.chain.degradation_text``.
+    synthesis record. A label level missing from ``labels`` means "none", as in ``core.chain.degradation_text``.
     The first <degradation> section is read; a malformed chain is the format reward's business.
 
     The paper's example (Fig. 2): blur and noise levels wrong, the other three right:

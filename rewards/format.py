@@ -1,6 +1,6 @@
-"""Format reward: is the chain exactly the seven-section VLCoT grammar of rl.chain?
+"""Format reward: is the chain exactly the seven-section VLCoT grammar of core.chain?
 
-Stricter than the released code's ``re.fullmatch`` (paper.md 4.1), which accepted any number of images per
+Stricter than the released code's ``re.fullmatch`` (RealSR-R1's training code), which accepted any number of images per
 image tag and a tag name repeated inside another section's text: here each of the seven tags must appear
 exactly once (also counting tag strings written inside another section), in order, each image tag holding
 exactly one ``IMAGE_PLACEHOLDER`` and nothing else, and no text outside the sections (whitespace between
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from rl.chain import IMAGE_PLACEHOLDER, TAGS, TEXT_TAGS, ParsedChain, close_tag, open_tag, parse_chain
+from core.chain import IMAGE_PLACEHOLDER, TAGS, TEXT_TAGS, ParsedChain, close_tag, open_tag, parse_chain
 
 _TAG_TEXT_RE = re.compile(r"</?(?:" + "|".join(TAGS) + r")>")
 
@@ -19,7 +19,7 @@ _TAG_TEXT_RE = re.compile(r"</?(?:" + "|".join(TAGS) + r")>")
 def format_reward(chain: ParsedChain | str) -> float:
     """1.0 when the chain follows the grammar exactly, else 0.0. Never raises.
 
-    >>> from rl.chain import render_chain
+    >>> from core.chain import render_chain
     >>> good = render_chain("light blur", {"rough": "a cat", "final": "fur"}, separator="\\n")
     >>> format_reward(good)
     1.0
@@ -45,15 +45,15 @@ _OPEN_TAG_RE = re.compile(r"<(?:" + "|".join(TAGS) + r")>")
 
 
 def section_format_rewards(text: str) -> dict[str, float]:
-    """Per text section (rl.chain.TEXT_TAGS): 1.0 when the text the learner credits to it is exactly one
+    """Per text section (core.chain.TEXT_TAGS): 1.0 when the text the learner credits to it is exactly one
     ``<tag>body</tag>`` whose body holds no tag and no image, else 0.0. Never raises.
 
-    The learner credits a token to the section of the latest opening tag before it (rl.grpo.token_sections),
+    The learner credits a token to the section of the latest opening tag before it (core.grpo.token_sections),
     so the text is cut at every opening tag the same way here: a stray closing tag, an unclosed section or
     rambling text after the closing tag counts against the section it was written in, and only that one. A
     well-formed chain (``format_reward`` 1) scores 1 in every section.
 
-    >>> from rl.chain import render_chain
+    >>> from core.chain import render_chain
     >>> good = render_chain("light blur", {"rough": "a cat", "middle": "a cat", "final": "fur"})
     >>> stray = good.replace("a cat</middle_understand>", "a</final_understand> cat</middle_understand>")
     >>> section_format_rewards(stray)

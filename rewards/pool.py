@@ -1,61 +1,19 @@
-"""Reward actors: K ``RewardWorker`` processes scoring chains in parallel as rollouts arrive.
-
-The only module of rewards/ that touches Ray, and lazily: ``RewardWorker`` is a plain class that tests and
-single-process runs use directly; ``RewardPool`` applies ``ray.remote`` to it at construction.
+"""The reward pool: K ``rewards.worker.RewardWorker`` actors (an ``ActorGroup``, one bundle each) scoring chains
+in parallel as rollouts arrive. The only module of rewards/ that imports Ray.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rewards.quality import QualityScorer, build_quality_scorer
-from rewards.total import score_rollouts
-from rl.config import RewardConfig
-from rl.records import Rollout, Sample, Scores
-
-
-class RolloutUnavailable(RuntimeError):
-    """A rollout ref could not be fetched (its producer failed): not this reward actor's death."""
-
-
-class RewardWorker:
-    """One reward process: builds the quality metrics once, then scores batches of chains."""
-
-    def __init__(self, cfg: RewardConfig, device: str = "cpu") -> None:
-        self.cfg = cfg
-        self.scorer: QualityScorer | None = None
-        if cfg.metrics or cfg.full_reference:
-            self.scorer = build_quality_scorer(cfg.metrics, device, cfg.full_reference, cfg.metric_timeout_s)
-
-    def score(self, pairs: Sequence[tuple[Any, Sample]]) -> list[Scores]:
-        """pairs: (Rollout or ObjectRef of a Rollout, its Sample) -> Scores in the same order."""
-        return score_rollouts(_resolve([r for r, _ in pairs]), [s for _, s in pairs], self.cfg, self.scorer)
-
-    def pid(self) -> int:
-        return os.getpid()
-
-
-def _resolve(items: Sequence[Any]) -> list[Rollout]:
-    """Rollouts, the ObjectRefs among them fetched in one call (Ray leaves refs nested in a list alone)."""
-    refs = [k for k, r in enumerate(items) if type(r).__name__ == "ObjectRef"]
-    out = list(items)
-    if refs:
-        import ray
-
-        try:
-            for k, value in zip(refs, ray.get([items[k] for k in refs])):
-                out[k] = value
-        except ray.exceptions.RayError as exc:  # the rollout's producer failed, or its object was lost
-            raise RolloutUnavailable(f"a rollout ref failed: {type(exc).__name__}: {exc}") from None
-    for r in out:
-        if not isinstance(r, Rollout):
-            raise TypeError(f"expected a Rollout (or a ref to one), got {type(r).__name__}")
-    return out
+from core.actor_group import ActorGroup
+from core.config import RewardConfig
+from core.records import Rollout, Sample, Scores
+from rewards.worker import RewardWorker
 
 
 @dataclass
@@ -66,7 +24,7 @@ class _Actor:
     chains: int = 0  # chains in flight
 
 
-class RewardPool:
+class RewardPool(ActorGroup):
     """K reward actors behind one blocking call, ``score(rollouts_or_refs, samples) -> list[Scores]``.
 
     Dispatch: a chain is sent once its rollout is ready (``ray.wait`` over the refs) to the ready actor with
@@ -92,37 +50,25 @@ class RewardPool:
         self,
         cfg: RewardConfig,
         *,
+        strategy: str = "PACK",
+        name: str = "reward",
         worker_cls: type = RewardWorker,
         max_batch: int = 16,
         max_inflight: int = 2,
         max_attempts: int = 3,
-        placement_group: Any = None,
     ) -> None:
-        """``placement_group``: one bundle per actor (actors.group.role_placement_group); None: Ray places them."""
+        """``strategy`` / ``name``: of the role's placement group (``ray.placement_strategy``, run name)."""
         import ray
 
+        super().__init__("reward", cfg.num_actors, cfg.num_cpus, cfg.num_gpus, strategy, name)
         self._ray = ray
         self.cfg = cfg
         self.max_batch, self.max_inflight, self.max_attempts = max_batch, max_inflight, max_attempts
         device = "cuda" if cfg.num_gpus > 0 else "cpu"
-        remote_cls = ray.remote(worker_cls)
-        opts = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=cfg.max_restarts, max_task_retries=0)
-
-        def options(i: int):
-            if placement_group is None:
-                return remote_cls.options(**opts)
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            strategy = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=i)
-            return remote_cls.options(**opts, scheduling_strategy=strategy)
-
-        self._actors = [_Actor(options(i).remote(cfg, device)) for i in range(cfg.num_actors)]
+        self.start(worker_cls, lambda i: ((cfg, device), {}), max_restarts=cfg.max_restarts, max_task_retries=0)
+        self._actors = [_Actor(handle) for handle in self.actors]
         self._probes: dict[Any, int] = {}  # probe ref -> actor index
         self.reissued = 0  # chains whose scoring task died with its actor and was sent again (for logging)
-
-    @property
-    def actors(self) -> list[Any]:
-        return [a.handle for a in self._actors]
 
     def score(self, rollouts: Sequence[Any], samples: Sequence[Sample]) -> list[Scores]:
         """rollouts[i]: Rollout or ObjectRef of one; samples[i]: its Sample -> Scores in input order."""
@@ -158,11 +104,6 @@ class RewardPool:
                 self._actors[k].tasks -= 1
                 self._actors[k].chains -= len(chains)
         return results  # type: ignore[return-value]
-
-    def shutdown(self) -> None:
-        for a in self._actors:
-            self._ray.kill(a.handle, no_restart=True)
-            a.state = "dead"
 
     # ------------------------------------------------------------------------------------------ internals
     def _dispatch(

@@ -5,7 +5,7 @@ the pyiqa metrics from config; ``QualityScorer.__call__`` scores a batch of uint
 ``QualityScore`` per image; ``generation_reward`` folds one ``QualityScore`` into the reward.
 
 Normalisation: ``clamp(raw / scale, 0, 1)``, then ``1 - x`` for lower-is-better metrics, so 1 is always best.
-The paper (paper.md 4.4) uses raw TOPIQ, MUSIQ/100, MANIQA and CLIPIQA with equal weights: scale 1, 100, 1, 1.
+The paper's released trainer uses raw TOPIQ, MUSIQ/100, MANIQA and CLIPIQA with equal weights: scale 1, 100, 1, 1.
 
 Failures are per metric and never sink the others: a metric that raises, returns a non-finite value, or runs
 longer than ``timeout_s`` is reported in ``QualityScore.errors`` and scored by RewardConfig.failed_metric:
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rl.config import QualityMetricConfig
+from core.config import QualityMetricConfig
+from core.images import to_tensor
 
 # A metric maps (N, 3, H, W) float images in [0, 1] (and, full-reference, references of the same shape) to
 # (N,) or (N, 1) scores. pyiqa's InferenceModel has this signature.
@@ -146,7 +147,7 @@ class QualityScorer:
             else:
                 groups.setdefault(img.shape, []).append(i)
         for idx in groups.values():
-            x = _to_tensor([images[i] for i in idx], self.device)  # (N, 3, H, W) in [0, 1]
+            x = to_tensor(np.stack([images[i] for i in idx])).to(self.device)  # (N, 3, H, W) in [0, 1]
             for m in self._metrics:
                 if m.full_reference:
                     self._score_full_reference(m, idx, x, images, refs, out)
@@ -168,7 +169,7 @@ class QualityScorer:
             else:
                 usable.append(k)
         if usable:
-            y = _to_tensor([refs[idx[k]] for k in usable], self.device)  # (M, 3, H, W)
+            y = to_tensor(np.stack([refs[idx[k]] for k in usable])).to(self.device)  # (M, 3, H, W)
             self._score(m, [idx[k] for k in usable], x[usable], y, out)
 
     def _score(self, m: _Metric, idx: list[int], x: torch.Tensor, y: torch.Tensor | None, out) -> None:
@@ -223,12 +224,6 @@ def _image_problem(img: object) -> str:
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         return f"expected (H, W, 3) uint8, got {img.shape} {img.dtype}"
     return ""
-
-
-def _to_tensor(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
-    """(H, W, 3) uint8 images of one shape -> (N, 3, H, W) float32 in [0, 1]."""
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
-    return batch.to(device=device, dtype=torch.float32).div_(255.0)
 
 
 def build_quality_scorer(

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from core.chain import parse_chain
+from core.config import RewardConfig
+from core.records import Rollout, Sample, Scores
 from rewards.degradation import degradation_reward
 from rewards.format import format_reward, section_format_rewards
 from rewards.quality import QualityScore, QualityScorer, generation_reward
 from rewards.understanding import understanding_reward
-from rl.chain import parse_chain
-from rl.config import RewardConfig
-from rl.records import Rollout, Sample, Scores
 
 FINAL_STAGE = "final"
 

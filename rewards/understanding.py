@@ -1,6 +1,6 @@
 """Understanding reward: share of the ground-truth content tags the understanding text mentions.
 
-The released code (paper.md 4.3) tests ``tag.lower() in text``: "cat" then matches "category", the tag "lions"
+RealSR-R1's released code tests ``tag.lower() in text``: "cat" then matches "category", the tag "lions"
 misses the text "lion", and an empty tag list divides by zero. Here tags and text are both cut into words and
 reduced to a singular form by a few English rules, and a tag counts as recalled when its word sequence occurs
 contiguously in the text: whole words, case-insensitive, plural-tolerant (lion/lions, fox/foxes,
@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from rl.chain import ParsedChain, parse_chain
+from core.chain import ParsedChain, parse_chain
 
 _WORD_RE = re.compile(r"[a-z0-9]+")
 # Irregular plurals common in photo tags; regular ones are handled by the suffix rules in `singular`.

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from rl.chain import TEXT_TAGS
+from core.chain import TEXT_TAGS
 from rl.monitor import read_scalars
 
 # each text section's own format (rewards.format.section_format_rewards) right after the chain's

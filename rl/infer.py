@@ -49,7 +49,7 @@ class Summary:
 
 def list_inputs(path: Path) -> list[Path]:
     """Image files (by suffix) of a folder, sorted, or the one file given."""
-    from rl.data.images import IMAGE_SUFFIXES
+    from core.images import IMAGE_SUFFIXES
 
     if path.is_file():
         return [path]
@@ -72,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from rl.data.images import BadImageError, load_rgb, save_png
-    from rl.env import configure_process
+    from core.env import configure_process
+    from core.images import BadImageError, load_rgb, save_png
+    from core.records import Sample
     from rl.inference import (
         build_sampler,
         crop_output,
@@ -82,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
         lr_multiple,
         resolve_checkpoint,
     )
-    from rl.records import Sample
 
     configure_process(args.threads)  # CPU: torch threads capped (oversubscribed shared cores ran ~20x slower)
     start = time.perf_counter()
@@ -127,24 +127,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rl.infer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="a step_N dir, an export dir (policy/ + diffusion/), "
-                        "or a run's checkpoints root (latest)")
+    from rl.inference import model_arguments
+
+    p = model_arguments("python -m rl.infer", __doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="a folder of LR images (or one image file)")
     p.add_argument("--output", required=True, help="writes OUTPUT/<stem>/{sr,rough,middle}.png and chain.txt")
-    p.add_argument("--engine", default="vllm", choices=("vllm", "hf"),
-                   help="text engine (vllm falls back to hf when it is not usable)")
-    p.add_argument("--config", default=None,
-                   help="default: the run's config.yaml, else configs/grpo_local.yaml")
     p.add_argument("--max-side", type=int, default=None,
                    help="downscale inputs whose longer side exceeds this many pixels (before SR)")
-    p.add_argument("--greedy", action="store_true", help="greedy text decoding (temperature 0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; no effect on GPU)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. diffusion.num_steps=20 chain.max_stage_tokens=64")
     return p
 
 
@@ -154,8 +143,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.max_side is not None and args.max_side < 8:
         print(f"rl.infer: --max-side {args.max_side} must be >= 8", file=sys.stderr)
         return 2
-    from rl.checkpoint import CheckpointError
-    from rl.config import ConfigError
+    from core.checkpoint import CheckpointError
+    from core.config import ConfigError
 
     try:
         return run(args)

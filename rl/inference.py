@@ -14,6 +14,7 @@ multiple) and ``crop_output`` (undo the padding on each stage image).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -24,9 +25,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from rl.checkpoint import CheckpointError, latest_complete, verify_checkpoint
-from rl.config import ExperimentConfig, load_config
-from rl.env import REPO_ROOT
+from core.checkpoint import CheckpointError, latest_complete, verify_checkpoint
+from core.config import ExperimentConfig, load_config
+from core.dtypes import torch_dtype
+from core.env import REPO_ROOT
 
 log = logging.getLogger("rl.inference")
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "grpo_local.yaml"
@@ -119,6 +121,24 @@ def load_inference_config(config: Optional[str], ckpt: ResolvedCheckpoint,
     return cfg, path
 
 
+def model_arguments(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser both tools start from: the checkpoint, the config and its overrides, the engine, decoding,
+    seed, device and threads."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--checkpoint", required=True,
+                   help="a step_N dir, an export dir (policy/ + diffusion/), or a run's checkpoints root (latest)")
+    p.add_argument("--config", default=None, help="default: the run's config.yaml, else configs/grpo_local.yaml")
+    p.add_argument("--engine", default="vllm", choices=ENGINES,
+                   help="text engine (vllm falls back to hf when it is not usable)")
+    p.add_argument("--greedy", action="store_true", help="greedy text decoding (temperature 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; no effect on GPU)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. diffusion.num_steps=20 chain.max_stage_tokens=64")
+    return p
+
+
 def default_device() -> str:
     import torch
 
@@ -132,14 +152,12 @@ def build_sampler(cfg: ExperimentConfig, engine: str = "vllm", greedy: bool = Fa
     ``engine="vllm"`` falls back to the HF engine, with one warning saying why, when vLLM is not installed or
     cannot start (e.g. a GPU machine without vllm): evaluation must not depend on the serving stack.
     ``sampler.engine_name`` says which engine runs.
-    ``greedy``: text at temperature 0 (the paper decodes text greedily, paper.md 2.4); the SR sampler stays
+    ``greedy``: text at temperature 0 (the paper's evaluation decodes text greedily); the SR sampler stays
     stochastic (eta > 0 is required by the pipeline) but is seeded per image, so runs are reproducible.
     """
-    import torch
-
     from actors.chain_sampler import ChainSampler
-    from actors.sr_pipeline import SRPipeline
-    from actors.text_engine import build_text_engine
+    from actors.engines import build_text_engine
+    from models.sr_pipeline import SRPipeline
 
     if engine not in ENGINES:
         raise ValueError(f"--engine {engine!r}: must be one of {ENGINES}")
@@ -158,7 +176,7 @@ def build_sampler(cfg: ExperimentConfig, engine: str = "vllm", greedy: bool = Fa
             engine = "hf"
     if engine == "hf":
         text = build_text_engine("hf", *args, **kwargs)
-    pipeline = SRPipeline.from_pretrained(cfg.diffusion.path).to(device, getattr(torch, cfg.diffusion.dtype))
+    pipeline = SRPipeline.from_pretrained(cfg.diffusion.path).to(device, torch_dtype(cfg.diffusion.dtype))
     sampler = ChainSampler(text, pipeline, cfg.chain, cfg.diffusion, sampling=sampling)
     sampler.engine_name = engine
     return sampler

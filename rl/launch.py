@@ -1,7 +1,9 @@
 """Entry point: ``python -m rl.launch CONFIG [key=value ...]``.
 
 Joins the Ray cluster in ``ray.address`` / ``$RAY_ADDRESS`` (e.g. under ``ray job submit``) or starts a local
-one bound to 127.0.0.1, builds missing embedded models, then runs the trainer the config's ``mode`` names.
+one bound to 127.0.0.1, builds missing embedded models, then runs the trainer the config's ``mode`` names. The
+terminal shows the progress bar and the run's own messages; everything else goes to ``<output_dir>/run.log``
+(``rl.console``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-from rl.config import ConfigError, ExperimentConfig, load_config, to_yaml
-from rl.env import configure_process, worker_env
+from core.config import ConfigError, ExperimentConfig, load_config, to_yaml
+from core.env import configure_process, worker_env
+from rl.console import run_console
+
+RUN_LOG = "run.log"
 
 log = logging.getLogger("rl.launch")
 # Ray replaces a loopback node address by the machine's reachable one unless multi-node support is off; with it
@@ -66,18 +71,24 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and cfg.ray.host in ("127.0.0.1", "localhost"):
         os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")  # before Ray is imported: it reads this at import
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # actors' lines reach run.log without colour codes
 
-    from rl.models.bootstrap import ensure_models
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with run_console(out / RUN_LOG):
+        return _run(cfg, out)
+
+
+def _run(cfg: ExperimentConfig, out: Path) -> int:
+    from models.bootstrap import ensure_models
 
     try:
         ensure_models(cfg)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"model error: {exc}", file=sys.stderr)
+        log.error("model error: %s", exc)
         return 2
-
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
+    log.info("run %s: outputs in %s, third-party output in %s", cfg.name, out, out / RUN_LOG)
 
     import ray
 
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
             GRPOTrainer(cfg).fit()
     except RunFailed as exc:
-        print(f"run failed: {exc}", file=sys.stderr)
+        log.error("run failed: %s", exc)
         return 1
     finally:
         ray.shutdown()

@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
+from core.records import Scores
+
 PANEL_ORDER: tuple[str, ...] = ("lr", "rough", "middle", "final", "hr")
 
 
@@ -44,7 +46,10 @@ class RunMonitor:
         if progress_bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
+            from rl.console import stream
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
+                             file=stream())
 
     def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
         for name, value in metrics.items():
@@ -88,3 +93,19 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     if arr.size == 0:
         return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan")}
     return {"mean": float(arr.mean()), "std": float(arr.std()), "min": float(arr.min()), "max": float(arr.max())}
+
+
+def reward_metrics(scores: list[Scores], group_size: int) -> dict[str, float]:
+    """``reward/<part>/mean`` and ``reward/<part>/group_std`` (mean within-group std) for every scored part."""
+    out: dict[str, float] = {}
+    parts = sorted({k for s in scores for k in s.parts} | {"total"})
+    for part in parts:
+        values = np.array([s.total if part == "total" else s.parts.get(part, np.nan) for s in scores], dtype=float)
+        if np.all(np.isnan(values)):
+            continue
+        out[f"reward/{part}/mean"] = float(np.nanmean(values))
+        groups = values.reshape(-1, group_size)
+        with np.errstate(invalid="ignore"):
+            out[f"reward/{part}/group_std"] = float(np.nanmean(np.nanstd(groups, axis=1)))
+    out["reward/metric_failures"] = float(sum(len(s.errors) for s in scores))
+    return out

@@ -1,7 +1,7 @@
 """What both drivers (GRPO, cold-start SFT) share about a run's state: phase timing, the failure they end with,
 and checkpoint save / resume around the learner group (no Ray import here).
 
-A checkpoint directory (``rl.checkpoint``, committed atomically) holds the learner's DeepSpeed state in
+A checkpoint directory (``core.checkpoint``, committed atomically) holds the learner's DeepSpeed state in
 ``deepspeed/``, the HF/diffusers export of both models in ``export/`` (what ``policy.init_from`` /
 ``diffusion.init_from`` or an evaluation loads) and the driver's ``TrainerState`` (step, data cursor, RNG,
 ``extra``).
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-from rl import checkpoint as ckpt
+from core import checkpoint as ckpt
 
 log = logging.getLogger("rl.trainer")
 

@@ -1,14 +1,15 @@
-"""The supervised cold-start driver (paper.md 3): synthesised target chains -> the same DeepSpeed learner.
+"""The supervised cold-start driver (the paper's first stage): synthesised target chains -> the same DeepSpeed learner.
 
 No rollout or reward actors: each step the driver reads ``sft.batch_size`` training pairs at the data cursor,
-synthesises their target chains (``rl.sft_data``) and hands them to the learner group, whose ranks train text
-cross-entropy plus the diffusion denoising loss (``LearnerWorker.sft_step``). Checkpoints (DeepSpeed state, HF
+synthesises their target chains (``data.sft_targets``) and hands them to the learner group, whose ranks train text
+cross-entropy plus the diffusion denoising loss (``learner.sft_step``). Checkpoints (DeepSpeed state, HF
 export, trainer state) and resume are shared with the GRPO driver (``rl.run_state``); a checkpoint's
 ``export/policy`` and ``export/diffusion`` are what a GRPO run's ``policy.init_from`` / ``diffusion.init_from``
 name.
 
-``trainer.total_steps`` counts steps (one optimizer step each); ``sft.epochs`` is not used by this driver: the
-data cursor runs through the shuffled-by-hash training split ``total_steps x batch_size`` times over.
+``trainer.total_steps`` counts steps (one optimizer step each): the data cursor runs through the
+shuffled-by-hash training split, ``sft.batch_size`` samples a step. The held-out check of an export is
+``python -m rl.eval --checkpoint runs/sft_local/checkpoints --greedy``.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from core.config import ExperimentConfig
+from data.dataset import PairDataset
+from data.sft_targets import SFTRecord, target_records
 from learner.group import LearnerGroup
+from models.chain_tokens import ChainTokens
 from rl import run_state
-from rl.config import ExperimentConfig
-from rl.data.dataset import PairDataset
-from rl.models.policy import ChainTokens
 from rl.monitor import RunMonitor
 from rl.run_state import PhaseTimer
-from rl.sft_data import SFTRecord, target_records
 
 log = logging.getLogger("rl.sft")
 
@@ -83,55 +84,3 @@ class SFTTrainer:
         """DeepSpeed state (all ranks) + HF/diffusers export + trainer state, committed atomically."""
         return run_state.save_checkpoint(self.learner, self.ckpt_root, self.step_id, self.cursor,
                                          self.cfg.trainer.keep_checkpoints, {"mode": "sft"})
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-def format_eval(cfg: ExperimentConfig, export_dir: str | Path, num_samples: int = 32,
-                engine: str = "vllm") -> dict[str, float | list[str]]:
-    """Greedy (temperature 0) chains of an exported checkpoint on held-out LR images (``PairDataset`` split
-    eval, cursors 0..num_samples-1), sampled turn by turn with ``ChainSampler`` as a rollout would be:
-    the share with ``format_reward == 1``, the mean degradation reward, and the texts."""
-    from dataclasses import replace
-
-    from actors.chain_sampler import ChainSampler
-    from actors.sr_pipeline import SRPipeline
-    from actors.text_engine import build_text_engine
-    from rewards.degradation import degradation_reward
-    from rewards.format import format_reward
-
-    export = Path(export_dir)
-    greedy = replace(cfg.rollout.sampling, temperature=0.0, top_p=1.0, top_k=-1)
-    text_engine = build_text_engine(engine, export / "policy", greedy, cfg.chain.max_stage_tokens,
-                                    vllm=cfg.rollout.vllm, dtype=cfg.policy.dtype, seed=cfg.trainer.seed)
-    pipeline = SRPipeline.from_pretrained(str(export / "diffusion"))
-    sampler = ChainSampler(text_engine, pipeline, cfg.chain, cfg.diffusion, greedy)
-    samples = PairDataset(cfg.data, "eval").batch(0, num_samples)
-    rollouts = sampler.sample(samples, group_size=1, seed=cfg.trainer.seed)
-    formats = [format_reward(r.text) for r in rollouts]
-    degradation = [degradation_reward(r.text, s.degradation) for r, s in zip(rollouts, samples)]
-    return {"format_reward": sum(formats) / len(formats), "degradation_reward": sum(degradation) / len(degradation),
-            "chains": float(len(rollouts)), "texts": [r.text for r in rollouts]}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m rl.sft CONFIG EXPORT_DIR [N]``: the held-out greedy format check of an export."""
-    import sys
-
-    from rl.config import load_config
-    from rl.env import configure_process
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (2, 3):
-        print("usage: python -m rl.sft CONFIG EXPORT_DIR [NUM_SAMPLES]", file=sys.stderr)
-        return 2
-    configure_process()
-    result = format_eval(load_config(args[0]), args[1], int(args[2]) if len(args) == 3 else 32)
-    texts = result.pop("texts")
-    for text in texts[:3]:
-        print(text)
-    print({k: round(v, 4) for k, v in result.items()})
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

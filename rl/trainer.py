@@ -1,4 +1,4 @@
-"""The single-controller GRPO loop (design.md): data -> rollout -> reward -> advantages -> learner -> sync.
+"""The single-controller GRPO loop: data -> rollout -> reward -> advantages -> learner -> sync.
 
 ``GRPOTrainer.step`` reads like the data-flow diagram: one line and one timer per phase. The driver holds
 ObjectRefs of the chains, never their pixels or tokens (except the one chain of an image panel); rewards and
@@ -10,39 +10,37 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 
-from actors.group import RolloutGroup, role_placement_group
+from actors.group import RolloutGroup
+from core import grpo
+from core.chain import TEXT_TAGS
+from core.config import ExperimentConfig
+from core.records import Rollout, Sample, Scores
+from data.dataset import PairDataset
+from data.sft_targets import target_records
 from learner.group import LearnerGroup
+from models.chain_tokens import ChainTokens
 from rewards.pool import RewardPool
-from rl import grpo, run_state
-from rl.chain import TEXT_TAGS
-from rl.config import ExperimentConfig
-from rl.data.dataset import PairDataset
-from rl.models.policy import ChainTokens
-from rl.monitor import RunMonitor
-from rl.records import Rollout, Sample, Scores
+from rl import run_state
+from rl.held_out import HeldOutEval
+from rl.monitor import RunMonitor, reward_metrics
 from rl.run_state import PhaseTimer
-from rl.sft_data import target_records
 
 log = logging.getLogger("rl.trainer")
 
 
-def reward_metrics(scores: list[Scores], group_size: int) -> dict[str, float]:
-    """``reward/<part>/mean`` and ``reward/<part>/group_std`` (mean within-group std) for every scored part."""
-    out: dict[str, float] = {}
-    parts = sorted({k for s in scores for k in s.parts} | {"total"})
-    for part in parts:
-        values = np.array([s.total if part == "total" else s.parts.get(part, np.nan) for s in scores], dtype=float)
-        if np.all(np.isnan(values)):
-            continue
-        out[f"reward/{part}/mean"] = float(np.nanmean(values))
-        groups = values.reshape(-1, group_size)
-        with np.errstate(invalid="ignore"):
-            out[f"reward/{part}/group_std"] = float(np.nanmean(np.nanstd(groups, axis=1)))
-    out["reward/metric_failures"] = float(sum(len(s.errors) for s in scores))
+def advantage_metrics(adv: grpo.ChainAdvantages, keep: torch.Tensor) -> dict[str, float]:
+    """``grpo/*``: the spread of each advantage column and what the group filter kept."""
+    out = {"grpo/advantage_mean": float(adv.text.mean()), "grpo/advantage_std": float(adv.text.std()),
+           "grpo/advantage_abs_max": float(adv.text.abs().max()),
+           "grpo/filtered_groups": float(adv.groups.num_filtered), "grpo/kept_chains": float(keep.sum())}
+    if adv.image is not None:
+        out.update({"grpo/image_advantage_std": float(adv.image.std()),
+                    "grpo/image_advantage_abs_max": float(adv.image.abs().max())})
+    if adv.sections is not None:
+        out.update({f"grpo/{tag}_advantage_std": float(adv.sections[:, i].std()) for i, tag in enumerate(TEXT_TAGS)})
     return out
 
 
@@ -51,13 +49,11 @@ class GRPOTrainer:
         self.cfg = cfg
         self.data = PairDataset(cfg.data, "train")
         self.rollouts = RolloutGroup(cfg)
-        rw = cfg.reward
-        self.reward_pg = role_placement_group(rw.num_actors, rw.num_cpus, rw.num_gpus, cfg.ray.placement_strategy,
-                                              f"{cfg.name}-reward")
-        self.rewards = RewardPool(rw, placement_group=self.reward_pg)
+        self.rewards = RewardPool(cfg.reward, strategy=cfg.ray.placement_strategy, name=f"{cfg.name}-reward")
         self.learner = LearnerGroup(cfg, logprob_temperature=cfg.rollout.sampling.temperature)
         # grpo.sft_coef: the step's target chains are tokenized here, as the cold start's driver does
         self.tokens = ChainTokens.from_pretrained(cfg.policy.path) if cfg.grpo.sft_coef > 0 else None
+        self.held_out = HeldOutEval(cfg) if cfg.trainer.eval_every else None
         self.ckpt_root = Path(cfg.trainer.checkpoint_dir)
         self.step_id = 0
         self.cursor = 0
@@ -77,24 +73,18 @@ class GRPOTrainer:
         with t("step"):
             with t("rollout"):
                 samples = self.data.batch(self.cursor, B)
-                refs = self.rollouts.submit_generate(samples, G, seed=cfg.trainer.seed * 1_000_003 + self.step_id)
+                refs = self.rollouts.submit_generate(samples, G, seed=self._seed())
                 ray.wait(refs, num_returns=len(refs), fetch_local=False)
             with t("reward"):
-                chain_samples = [s for s in samples for _ in range(G)]
-                scores = self.rewards.score(refs, chain_samples)
+                scores = self.rewards.score(refs, [s for s in samples for _ in range(G)])
             adv = self._advantages(scores)
-            advantages, groups = adv.text, adv.groups
-            image_advantages, section_advantages = adv.image, adv.sections
-            keep = groups.keep if cfg.grpo.filter_zero_variance else torch.ones_like(groups.keep)
+            keep = adv.groups.keep if cfg.grpo.filter_zero_variance else torch.ones_like(adv.groups.keep)
             learner_metrics: dict[str, float] = {}
             sync_metrics: dict[str, float] = {}
             if bool(keep.any()):
                 with t("learner"):
                     targets = target_records(samples, self.tokens, cfg) if self.tokens is not None else []
-                    learner_metrics = self.learner.train(
-                        refs, advantages.tolist(), keep.tolist(),
-                        None if image_advantages is None else image_advantages.tolist(),
-                        None if section_advantages is None else section_advantages.tolist(), targets)
+                    learner_metrics = self.learner.train(refs, adv.per_chain(), keep.tolist(), targets)
                 with t("sync"):
                     update, sync_metrics = self.learner.publish_weights(self.version + 1)
                     self.rollouts.load_weights(update)
@@ -103,30 +93,26 @@ class GRPOTrainer:
             self.step_id += 1
         metrics = {
             **reward_metrics(scores, G),
+            **advantage_metrics(adv, keep),
             **{f"learner/{k}": v for k, v in learner_metrics.items()},
             **sync_metrics,
             **{f"timing/{k}": v for k, v in t.seconds.items()},
-            "grpo/advantage_mean": float(advantages.mean()),
-            "grpo/advantage_std": float(advantages.std()),
-            "grpo/advantage_abs_max": float(advantages.abs().max()),
-            **({} if image_advantages is None else
-               {"grpo/image_advantage_std": float(image_advantages.std()),
-                "grpo/image_advantage_abs_max": float(image_advantages.abs().max())}),
-            **({} if section_advantages is None else
-               {f"grpo/{tag}_advantage_std": float(section_advantages[:, i].std())
-                for i, tag in enumerate(TEXT_TAGS)}),
-            "grpo/filtered_groups": float(groups.num_filtered),
-            "grpo/kept_chains": float(keep.sum()),
             "policy/version": float(self.version),
             "throughput/samples_per_s": B * G / t.seconds["step"],
             "reward/reissued_chains": float(self.rewards.reissued),
             "data/skipped_files": float(sum(self.data.stats.values())),
         }
+        if self.held_out is not None and self.step_id % cfg.trainer.eval_every == 0:
+            metrics.update(self.held_out.run(self.rollouts, self.rewards))
         self.monitor.scalars(self.step_id, metrics)
         if cfg.trainer.image_every and self.step_id % cfg.trainer.image_every == 0:
             self._log_example(refs[0], samples[0], scores[0])
         self.monitor.flush()
         return metrics
+
+    def _seed(self) -> int:
+        """The step's seed: its chains' sampling and its advantage transforms (reproducible, resumable)."""
+        return self.cfg.trainer.seed * 1_000_003 + self.step_id
 
     def _advantages(self, scores: list[Scores]) -> grpo.ChainAdvantages:
         g = self.cfg.grpo
@@ -134,9 +120,7 @@ class GRPOTrainer:
             [s.parts for s in scores], [s.total for s in scores], vars(self.cfg.reward.weights), g.group_size,
             text_rewards=g.text_rewards, image_rewards=g.image_rewards, section_rewards=g.section_rewards,
             section_tags=TEXT_TAGS, train_images=not self.cfg.diffusion.freeze, scale_by_std=g.scale_by_std,
-            eps=g.eps, negative_scale=g.negative_advantage_scale,
-            shuffle=(torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + self.step_id)
-                     if g.shuffle_advantages else None))
+            eps=g.eps, transforms=g.advantage_transforms, generator=torch.Generator().manual_seed(self._seed()))
 
     def _log_example(self, ref, sample: Sample, score: Scores) -> None:
         rollout: Rollout = ray.get(ref)

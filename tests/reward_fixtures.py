@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from rl.records import DegradationLabels, Sample
+from core.records import DegradationLabels, Sample
 
 # The labels the chains of these tests state as "medium blur, light downsample, heavy noise, light
 # compression, no upsample".

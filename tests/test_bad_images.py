@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rl.config import DataConfig
-from rl.data.dataset import DataSourceError, PairDataset
-from rl.data.images import BadImageError, load_rgb, save_png, to_rgb_array
+from core.config import DataConfig
+from core.images import BadImageError, load_rgb, save_png, to_rgb_array
+from data.dataset import DataSourceError, PairDataset
 
 
 def _rgb(h=80, w=80, seed=0):
@@ -18,7 +18,7 @@ def _rgb(h=80, w=80, seed=0):
 
 
 def _skip_records(caplog):
-    return [r for r in caplog.records if r.name == "rl.data" and r.levelno == logging.WARNING]
+    return [r for r in caplog.records if r.name == "data" and r.levelno == logging.WARNING]
 
 
 # ------------------------------------------------------------------------------------------ load_rgb
@@ -103,7 +103,7 @@ def test_folder_with_bad_files_skips_each_once_and_counts(tmp_path, caplog):
     (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage")
     Image.fromarray(_rgb(40, 100, seed=4)).save(tmp_path / "small.png")  # short side 40 >= 64/2: enlarged
     Image.fromarray(_rgb(20, 100, seed=5)).save(tmp_path / "tiny.png")  # short side 20 < 32: skipped
-    with caplog.at_level(logging.INFO, logger="rl.data"):
+    with caplog.at_level(logging.INFO, logger="data"):
         ds = PairDataset(DataConfig(source=str(tmp_path), held_out_fraction=0.0))
         samples = ds.batch(0, 2 * len(ds))
     assert ds.stats == {"missing": 0, "unreadable": 1, "too_small": 1}
@@ -125,7 +125,7 @@ def test_missing_file_in_manifest_is_skipped_with_its_path(tmp_path, caplog):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"image": "here.png", "tags": ["a"]}) + "\n"
                         + json.dumps({"image": "gone.png", "tags": ["b"]}) + "\n")
-    with caplog.at_level(logging.WARNING, logger="rl.data"):
+    with caplog.at_level(logging.WARNING, logger="data"):
         ds = PairDataset(DataConfig(source=str(manifest), held_out_fraction=0.0))
     assert ds.stats["missing"] == 1
     (record,) = _skip_records(caplog)
@@ -138,7 +138,7 @@ def test_lazy_mode_skips_on_first_use_and_matches_preload(tmp_path, caplog):
         Image.fromarray(_rgb(seed=i)).save(tmp_path / f"{i}.png")
     (tmp_path / "2.png").write_bytes(b"broken")
     cfg = DataConfig(source=str(tmp_path), held_out_fraction=0.0)
-    with caplog.at_level(logging.WARNING, logger="rl.data"):
+    with caplog.at_level(logging.WARNING, logger="data"):
         lazy = PairDataset(cfg, preload_max=0)
         assert lazy.stats["unreadable"] == 0 and not _skip_records(caplog)  # nothing decoded yet
         lazy_samples = [lazy.sample(c) for c in reversed(range(8))][::-1]

@@ -1,5 +1,5 @@
 """The tiny policy bootstrap: builds offline and deterministically, loads back in HF and vLLM, and the chain
-token layout (rl.models.policy.ChainTokens) matches what the HF processor and vLLM produce."""
+token layout (models.chain_tokens.ChainTokens) matches what the HF processor and vLLM produce."""
 
 import json
 import os
@@ -11,16 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rl.config import TinyPolicyConfig, load_config
-from rl.models import bootstrap
-from rl.models.bootstrap import ModelMissingError, build_all, ensure_models
-from rl.models.policy import (
-    ChainTokens,
-    build_tiny_policy,
-    load_policy,
-    load_processor,
-    to_pil,
-)
+from core.config import TinyPolicyConfig, load_config
+from core.images import to_pil
+from models.bootstrap import ModelMissingError, build_all, ensure_models
+from models.chain_tokens import ChainTokens
+from models.policy import load_policy, load_processor
+from models.tiny import build_tiny_policy
+from rl import bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,8 +147,7 @@ def test_cli_builds_policy(tmp_path, capsys):
     assert bootstrap.main([str(tmp_path / "m"), "--config", str(ROOT / "configs/grpo_local.yaml")]) == 0
     assert (tmp_path / "m" / "policy" / "model.safetensors").is_file()
     assert f"policy: {tmp_path / 'm' / 'policy'}" in capsys.readouterr().out
-    if bootstrap._sr_pipeline_builder() is not None:
-        assert (tmp_path / "m" / "diffusion" / "model_index.json").is_file()
+    assert (tmp_path / "m" / "diffusion" / "model_index.json").is_file()
 
 
 def test_build_all_keeps_existing_models(tmp_path):
@@ -159,7 +155,7 @@ def test_build_all_keeps_existing_models(tmp_path):
     for name in ("policy", "diffusion"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "mine").write_text("a real checkpoint")
-    built = build_all(tmp_path, cfg.policy.tiny, cfg.diffusion.tiny, require_diffusion=True)
+    built = build_all(tmp_path, cfg.policy.tiny, cfg.diffusion.tiny)
     assert set(built) == {"policy", "diffusion"}
     assert sorted(os.listdir(tmp_path / "policy")) == sorted(os.listdir(tmp_path / "diffusion")) == ["mine"]
 

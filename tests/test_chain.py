@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-import rl.chain as chain
-from rl.chain import (
+import core.chain as chain
+from core.chain import (
     DEGRADATION_ITEMS,
     IMAGE_PLACEHOLDER,
     TAGS,

@@ -1,4 +1,4 @@
-"""rl.checkpoint: atomic directories, crash leftovers never picked, prune, trainer/RNG state round trip."""
+"""core.checkpoint: atomic directories, crash leftovers never picked, prune, trainer/RNG state round trip."""
 
 import json
 import random
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rl import checkpoint as ck
+from core import checkpoint as ck
 
 
 def _write_files(d, payload=b"weights"):

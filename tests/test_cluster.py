@@ -1,7 +1,7 @@
 """KubeRay deployment, checked offline: the manifests in cluster/ against the real KubeRay CRD schemas, the run's
 placement groups against the cluster's node groups, and the safe defaults (non-root, no secrets, pinned image).
 
-No Kubernetes and no Docker engine here: schemas come from shared/kuberay-crds (ray-project/kuberay feeaf72f),
+No Kubernetes and no Docker engine here: schemas come from cluster/crds (ray-project/kuberay feeaf72f, vendored),
 the operator's own checks (ray-operator/controllers/ray/utils/validation.go) are mirrored in
 ``kuberay_problems``, and the Dockerfile is checked as text. Each check is shown to bite on a broken copy.
 """
@@ -15,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,35 +23,30 @@ import jsonschema
 import pytest
 import yaml
 
-from rl.config import load_config
-from rl.resources import (
+from core.config import load_config
+from core.placement import (
     ROLE_GROUPS,
     NodeGroup,
     fits,
-    main,
     node_groups,
     parse_quantity,
     placement_requests,
     ray_node_resources,
     worker_groups_from_manifest,
 )
+from rl.resources import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 MANIFESTS = sorted(CLUSTER.glob("*.yaml"))
 CONFIG_8NODE = ROOT / "configs" / "grpo_8node.yaml"
-_CRD_CANDIDATES = [ROOT / "shared" / "kuberay-crds", ROOT.parent / "shared" / "kuberay-crds"]
+CRDS = CLUSTER / "crds"  # KubeRay's CRDs, vendored with their licence (cluster/crds/README.md)
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the two CRDs (2.3 MB) load in ~0.5 s
 
 
 # --------------------------------------------------------------------------------------------- loading
 def crd_dir() -> Path:
-    if os.environ.get("KUBERAY_CRDS"):
-        return Path(os.environ["KUBERAY_CRDS"])
-    for path in _CRD_CANDIDATES:
-        if (path / "ray.io_rayclusters.yaml").is_file():
-            return path
-    pytest.fail(f"KubeRay CRDs not found in {[str(p) for p in _CRD_CANDIDATES]} (set KUBERAY_CRDS)")
+    return Path(os.environ.get("KUBERAY_CRDS", CRDS))
 
 
 @functools.cache
@@ -385,15 +379,13 @@ def test_placement_requests_follow_the_config():
     assert all("GPU" not in b for bundles in local.values() for b in bundles)  # CPU-only: no GPU key at all
 
 
-def _stub_rollout_module() -> types.ModuleType:
-    stub = types.ModuleType("actors.rollout")
-    stub.RolloutWorker = type("RolloutWorker", (), {})
-    return stub
-
-
 def test_placement_requests_equal_what_the_launcher_reserves(monkeypatch):
-    """Run the launcher's own placement code (role_placement_group, LearnerGroup) with placement_group faked."""
-    import importlib
+    """Run the roles' own group code (RolloutGroup, RewardPool, LearnerGroup: one ActorGroup base) with Ray's
+    placement_group faked: what they reserve is what rl.resources checks."""
+    import core.actor_group as ag
+    from actors.group import RolloutGroup
+    from learner.group import LearnerGroup
+    from rewards.pool import RewardPool
 
     cfg = load_config(CONFIG_8NODE)
     seen: dict[str, list[dict]] = {}
@@ -401,38 +393,16 @@ def test_placement_requests_equal_what_the_launcher_reserves(monkeypatch):
     class Reserved(Exception):
         pass
 
-    saved = {k: sys.modules.get(k) for k in ("actors.rollout", "actors.group")}
-    sys.modules["actors.rollout"] = _stub_rollout_module()  # actors.group without vLLM (~7 s of imports)
-    sys.modules.pop("actors.group", None)
-    try:
-        group = importlib.import_module("actors.group")
-
-        def fake_pg(bundles, strategy, name):
-            seen[name.rsplit("-", 1)[1]] = [dict(b) for b in bundles]
-            return types.SimpleNamespace(ready=lambda: None)
-
-        monkeypatch.setattr(group, "placement_group", fake_pg)
-        monkeypatch.setattr(group.ray, "get", lambda *a, **k: None)
-        rc, rw = cfg.rollout, cfg.reward  # as RolloutGroup and GRPOTrainer call it
-        group.role_placement_group(rc.num_actors, rc.num_cpus, rc.num_gpus, cfg.ray.placement_strategy,
-                                   f"{cfg.name}-rollout")
-        group.role_placement_group(rw.num_actors, rw.num_cpus, rw.num_gpus, cfg.ray.placement_strategy,
-                                   f"{cfg.name}-reward")
-    finally:
-        for key, module in saved.items():
-            if module is None:
-                sys.modules.pop(key, None)
-            else:
-                sys.modules[key] = module
-    import learner.group as lg
-
-    def fake_learner_pg(bundles, strategy):
-        seen["learner"] = [dict(b) for b in bundles]
+    def fake_pg(bundles, strategy, name):
+        assert strategy == cfg.ray.placement_strategy
+        seen[name.rsplit("-", 1)[1]] = [dict(b) for b in bundles]
         raise Reserved
 
-    monkeypatch.setattr(lg, "placement_group", fake_learner_pg)
-    with pytest.raises(Reserved):
-        lg.LearnerGroup(cfg)
+    monkeypatch.setattr(ag, "placement_group", fake_pg)
+    for build in (lambda: RolloutGroup(cfg), lambda: LearnerGroup(cfg),
+                  lambda: RewardPool(cfg.reward, strategy=cfg.ray.placement_strategy, name=f"{cfg.name}-reward")):
+        with pytest.raises(Reserved):
+            build()
     assert seen == placement_requests(cfg)
 
 
@@ -859,7 +829,7 @@ def test_readme_documents_the_cluster():
 
 
 def test_sft_reserves_the_learner_only():
-    cfg = load_config(CONFIG_8NODE, ["mode=sft", "sft.batch_size=64"])
+    cfg = load_config(CONFIG_8NODE, ["mode=sft", "sft.batch_size=64", "trainer.eval_every=0"])
     assert placement_requests(cfg) == {"learner": [{"CPU": 8.0, "GPU": 1.0}] * 32}
 
 

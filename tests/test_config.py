@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rl.config import ConfigError, ExperimentConfig, load_config, to_yaml
+from core.config import ConfigError, ExperimentConfig, load_config, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
@@ -68,9 +68,13 @@ def test_unknown_key_or_wrong_type(override, fragment):
         ("grpo.image_rewards=[sharpness]", "grpo.image_rewards"),
         ("learner.policy_optim.name=lion", "learner.policy_optim.name"),
         ("learner.diffusion_optim.momentum=1.0", "learner.diffusion_optim.momentum"),
-        ("grpo.stray_tag_penalty=-1.0", "grpo.stray_tag_penalty"),
-        ("grpo.negative_advantage_scale=1.5", "grpo.negative_advantage_scale"),
+        ("grpo.token_credit.stray_tag_penalty=-1.0", "grpo.token_credit.stray_tag_penalty"),
+        ("grpo.token_credit.name=word", "grpo.token_credit"),
+        ("grpo.advantage_transforms=[{name: scale_negative, factor: 1.5}]", "grpo.advantage_transforms[0]"),
+        ("grpo.advantage_transforms=[{name: flip}]", "grpo.advantage_transforms[0]"),
         ("grpo.sft_coef=-0.1", "grpo.sft_coef"),
+        ("diffusion.train_steps_fraction=0", "diffusion.train_steps_fraction"),
+        ("trainer.eval_every=-1", "trainer.eval_every"),
         ("policy.trainable=[norm(]", "policy.trainable"),
     ],
 )
@@ -79,7 +83,8 @@ def test_impossible_values_name_key_and_value(override, key):
         load_config(ROOT / "configs/grpo_local.yaml", [override])
     message = str(err.value)
     assert f"key {key!r}" in message
-    assert override.split("=", 1)[1].strip("[]") in message
+    value = override.split("=", 1)[1].strip("[]{}")
+    assert value.split(": ")[-1].split(",")[0].strip("}") in message
 
 
 @pytest.mark.parametrize(
@@ -93,14 +98,36 @@ def test_impossible_values_name_key_and_value(override, key):
 )
 def test_bad_section_rewards_name_the_section_or_the_reward(override, key, named):
     with pytest.raises(ConfigError) as err:
-        load_config(ROOT / "configs/grpo_local.yaml", [override])
+        load_config(ROOT / "configs/grpo_local.yaml", [override, "grpo.token_credit.name=section"])
     assert f"key {key!r}" in str(err.value) and f"{named} is not one of" in str(err.value)
 
 
 def test_section_rewards_accept_a_sections_own_format():
     cfg = load_config(ROOT / "configs/grpo_local.yaml",
-                      ["grpo.section_rewards={final_understand: [format/final_understand, understanding]}"])
+                      ["grpo.section_rewards={final_understand: [format/final_understand, understanding]}",
+                       "grpo.token_credit.name=section"])
     assert cfg.grpo.section_rewards == {"final_understand": ["format/final_understand", "understanding"]}
+
+
+def test_section_rewards_and_section_credit_go_together():
+    """A key that nothing would read is an error: section rewards without section credit, and the reverse."""
+    with pytest.raises(ConfigError, match="section rewards go with grpo.token_credit"):
+        load_config(ROOT / "configs/grpo_local.yaml", ["grpo.section_rewards={degradation: [degradation]}"])
+    with pytest.raises(ConfigError, match="key 'grpo.section_rewards' = None"):
+        load_config(ROOT / "configs/grpo_local.yaml", ["grpo.token_credit.name=section"])
+
+
+def test_the_held_out_evaluation_runs_in_grpo_mode_only():
+    with pytest.raises(ConfigError, match="key 'trainer.eval_every' = 5: the periodic held-out evaluation runs in grpo"):
+        load_config(ROOT / "configs/sft_local.yaml", ["trainer.eval_every=5"])
+    assert load_config(ROOT / "configs/grpo_local.yaml", ["trainer.eval_every=5"]).trainer.eval_every == 5
+
+
+def test_removed_keys_are_unknown_keys():
+    for key in ("sft.epochs=2", "grpo.negative_advantage_scale=0.5", "grpo.shuffle_advantages=true",
+                "grpo.stray_tag_penalty=1.0"):
+        with pytest.raises(ConfigError, match="unknown key"):
+            load_config(ROOT / "configs/grpo_local.yaml", [key])
 
 
 def test_missing_file_and_malformed_override(tmp_path):

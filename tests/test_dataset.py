@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rl.chain import STAGES
-from rl.config import DataConfig
-from rl.data.dataset import DataSourceError, PairDataset, list_source, parse_tags, split_entries
-from rl.data.photos import PHOTOS, load_photo
+from core.chain import STAGES
+from core.config import DataConfig
+from data.dataset import DataSourceError, PairDataset, list_source, parse_tags, split_entries
+from data.photos import PHOTOS, load_photo
 
 
 def _write(path, h=80, w=96, seed=0):
@@ -154,7 +154,7 @@ def test_bad_sources_and_settings_are_clear_errors(tmp_path):
 
 
 def test_split_entries_rules():
-    from rl.data.dataset import ImageEntry
+    from data.dataset import ImageEntry
 
     entries = [ImageEntry(f"i{k}", f"/x/i{k}.png", ()) for k in range(10)]
     train, held = split_entries(entries, 0.25, seed=0)

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from rl.chain import LEVELS, degradation_text, parse_degradation_text
-from rl.config import DegradationConfig
-from rl.data.degradations import (
+from core.chain import LEVELS, degradation_text, parse_degradation_text
+from core.config import DegradationConfig
+from data.degradations import (
     ITEMS,
     KERNEL_TYPES,
     LEVEL_RULES,

@@ -16,9 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rl.chain import TEXT_TAGS
-from rl.config import load_config
-from rl.env import REPO_ROOT
+from core.chain import TEXT_TAGS
 
 FAST = ["--engine", "hf", "chain.max_stage_tokens=8", "diffusion.num_steps=2"]
 REWARDS = ("format", "degradation", "understanding", "generation", "total")
@@ -28,13 +26,11 @@ NEED_WEIGHTS = ("LPIPS", "DISTS", "NIQE", "MUSIQ", "MANIQA", "CLIPIQA", "TOPIQ")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Tiny models, an empty torch hub, and the torch thread count restored afterwards."""
-    from rl.models.bootstrap import build_all
-
+def env(tmp_path_factory, tiny_models):
+    """Tiny models (an export: policy/ + diffusion/), an empty torch hub, and the torch thread count restored
+    afterwards."""
     base = tmp_path_factory.mktemp("eval")
-    cfg = load_config(REPO_ROOT / "configs" / "grpo_local.yaml")
-    build_all(base / "models", cfg.policy.tiny, cfg.diffusion.tiny, require_diffusion=True)
+    (base / "models").symlink_to(tiny_models["policy"].parent, target_is_directory=True)
     # pyiqa fixes its cache dir at import: import it first, then point both it and TORCH_HOME at an empty
     # folder, so that undo() leaves pyiqa as the other tests of this process expect it
     import pyiqa.utils.download_util as pyiqa_download
@@ -139,7 +135,7 @@ def test_real_lr_report_without_hr(env):
 
 # ------------------------------------------------------------------------------------------ offline weights
 def test_metric_availability_finds_weight_files_in_metric_weights(tmp_path, monkeypatch):
-    from rl.eval import PAPER_METRICS, metric_availability
+    from rl.eval_metrics import PAPER_METRICS, metric_availability
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
     musiq = next(m for m in PAPER_METRICS if m.label == "MUSIQ")
@@ -153,7 +149,7 @@ def test_metric_availability_finds_weight_files_in_metric_weights(tmp_path, monk
 def test_no_downloads_fails_at_once_and_restores(tmp_path):
     import torch.hub
 
-    from rl.eval import DownloadBlocked, no_downloads
+    from rl.eval_metrics import DownloadBlocked, no_downloads
 
     original = torch.hub.download_url_to_file
     with no_downloads(), pytest.raises(DownloadBlocked, match="would download https://example.invalid/w.pth"):

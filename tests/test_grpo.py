@@ -1,4 +1,4 @@
-"""rl.grpo against hand-computed values (the arithmetic is in the comments)."""
+"""core.grpo against hand-computed values (the arithmetic is in the comments)."""
 
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl import grpo
-from rl.records import DiffusionTrace, Rollout, Scores
+from core import grpo
+from core.records import ChainAdvantage, DiffusionTrace, Rollout, Scores
 
 LN = math.log
 
@@ -356,13 +356,13 @@ def test_build_train_batch_empty_and_bad_records():
 def test_build_train_batch_gives_the_diffusion_steps_their_own_advantages():
     rollouts = [_rollout(0, 0, 2, 3, steps=(1, 1, 1)), _rollout(0, 1, 2, 3, steps=(1, 1, 1)),
                 _rollout(1, 0, 2, 3, steps=(1, 1, 1)), _rollout(1, 1, 2, 3, steps=(1, 1, 1))]
-    text, image = torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.tensor([-2.0, 2.0, 0.0, 0.0])
-    batch = grpo.build_train_batch(rollouts, text, torch.tensor([False, False, True, True]),
-                                   image_advantages=image)
+    text, image = [1.0, -1.0, 0.5, -0.5], [-2.0, 2.0, 0.0, 0.0]
+    advantages = [ChainAdvantage(text=t, image=i) for t, i in zip(text, image)]
+    batch = grpo.build_train_batch(rollouts, advantages, torch.tensor([False, False, True, True]))
     torch.testing.assert_close(batch.chain_advantages, torch.tensor([0.0, 0.0]))  # the image's, kept rows
     torch.testing.assert_close(batch.advantages, torch.tensor([0.5, -0.5])[:, None] * batch.loss_mask)
-    with pytest.raises(ValueError, match="image_advantages must be \\(N,\\) with N = 4"):
-        grpo.build_train_batch(rollouts, text, image_advantages=torch.zeros(2))
+    with pytest.raises(ValueError, match="2 advantages for 4 rollouts"):
+        grpo.build_train_batch(rollouts, advantages[:2])
 
 
 def test_end_to_end_rewards_to_batch_in_group_order():
@@ -447,11 +447,13 @@ def test_chain_advantages_scale_only_the_negative_entries_of_every_column():
     kw = dict(text_rewards=["format"], image_rewards=["generation"], section_tags=("final_understand",),
               section_rewards={"final_understand": ["format/final_understand"]})
     full = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, **kw)
-    half = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, negative_scale=0.25, **kw)
+    half = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2,
+                                 transforms=[{"name": "scale_negative", "factor": 0.25}], **kw)
     for a, b in ((full.text, half.text), (full.image, half.image), (full.sections, half.sections)):
         assert bool((a < 0).any()) and bool((a > 0).any())
         torch.testing.assert_close(b, torch.where(a < 0, 0.25 * a, a))
-    only_better = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, negative_scale=0.0, **kw)
+    only_better = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2,
+                                        transforms=[{"name": "scale_negative", "factor": 0.0}], **kw)
     assert float(only_better.text.min()) == 0.0 and float(only_better.text.max()) > 0
     assert only_better.groups.keep.tolist() == full.groups.keep.tolist()  # the filter is the rewards'
 
@@ -462,8 +464,8 @@ def test_shuffled_advantages_are_a_permutation_within_each_group():
     real = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, **kw)
     seen = set()
     for seed in range(8):
-        placebo = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2,
-                                        shuffle=torch.Generator().manual_seed(seed), **kw)
+        placebo = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, transforms=[{"name": "placebo_shuffle"}],
+                                        generator=torch.Generator().manual_seed(seed), **kw)
         rows = torch.cat([placebo.text[:, None], placebo.image[:, None], placebo.sections], dim=1)
         ref = torch.cat([real.text[:, None], real.image[:, None], real.sections], dim=1)
         for g in (0, 2):  # each group's rows are its own rows, whole, in some order
@@ -473,19 +475,32 @@ def test_shuffled_advantages_are_a_permutation_within_each_group():
     assert len(seen) > 1  # some seeds do move a chain
 
 
+def test_registries_name_what_they_have_and_check_the_options():
+    with pytest.raises(ValueError, match=r"advantage transform 'flip' is not one of \['placebo_shuffle', 'scale_negative'\]"):
+        grpo.advantage_transform({"name": "flip"})
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['lambda'\]; it takes \['factor'\]"):
+        grpo.advantage_transform({"name": "scale_negative", "lambda": 0.1})
+    with pytest.raises(ValueError, match=r"missing option\(s\) \['factor'\]"):
+        grpo.advantage_transform({"name": "scale_negative"})
+    with pytest.raises(ValueError, match="token credit 'word' is not one of \\['chain', 'section'\\]"):
+        grpo.token_credit({"name": "word"})
+    assert sorted(grpo.TOKEN_CREDIT) == ["chain", "section"]
+
+
 def test_build_train_batch_gives_each_section_its_own_advantage():
     r = _rollout(0, 0, prompt_len=2, text_len=6, image_span=(4, 5))
     r.token_ids = torch.tensor([100, 5, 101, 6, 9, 102])  # <degradation> x <rough_understand> y [image] <img>
     r.text_mask[5] = True
-    cols = {100: 1, 101: 2, 102: 0}
-    sections = torch.tensor([[0.5, -2.0]])  # degradation, rough_understand
-    batch = grpo.build_train_batch([r], torch.tensor([3.0]), section_advantages=sections, tag_columns=cols,
-                                   image_advantages=torch.tensor([-1.0]))
+    tags = grpo.ChainTags(section_columns={100: 1, 101: 2, 102: 0}, written_order=tuple(ORDER),
+                          all_ids=frozenset(ORDER))
+    # one per TEXT_TAGS section: degradation, rough_understand (then middle, final: unused here)
+    adv = ChainAdvantage(text=3.0, image=-1.0, sections=(0.5, -2.0, 7.0, 7.0))
+    batch = grpo.build_train_batch([r], [adv], credit=grpo.token_credit({"name": "section"}), tags=tags)
     # completion columns 2..7: sections 1, 1, 2, 2, (image block: no loss), 0 -> the text's own 3.0
     assert batch.advantages[0].tolist() == [0.0, 0.0, 0.5, 0.5, -2.0, -2.0, 0.0, 3.0]
     assert batch.chain_advantages.tolist() == [-1.0]
-    with pytest.raises(ValueError, match="section_advantages must be \\(N, K\\)"):
-        grpo.build_train_batch([r], torch.tensor([3.0]), section_advantages=sections)
+    with pytest.raises(ValueError, match="section credit needs per-section advantages"):
+        grpo.build_train_batch([r], torch.tensor([3.0]), credit=grpo.token_credit({"name": "section"}), tags=tags)
 
 
 # ids for the grammar tests: the written tags in order, and two image tags the system inserts
@@ -509,11 +524,24 @@ def test_stray_tags_mark_only_tags_the_grammar_does_not_allow_there():
 def test_build_train_batch_subtracts_the_stray_tag_penalty_at_the_stray_tag_only():
     r = _rollout(0, 0, prompt_len=2, text_len=6)
     r.token_ids = torch.tensor([100, 5, 105, 101, 5, 102])  # <deg> x </mu>! </deg> x <ru>
-    ids = set(ORDER) | IMAGE_TAGS_IDS
-    batch = grpo.build_train_batch([r], torch.tensor([0.5]), stray_tag_penalty=2.0, tag_order=ORDER,
-                                   tag_ids=ids)
+    tags = grpo.ChainTags(section_columns={}, written_order=tuple(ORDER), all_ids=frozenset(ORDER) | IMAGE_TAGS_IDS)
+    penalized = grpo.token_credit({"name": "chain", "stray_tag_penalty": 2.0})
+    batch = grpo.build_train_batch([r], torch.tensor([0.5]), credit=penalized, tags=tags)
     assert batch.advantages[0].tolist() == [0.0, 0.0, 0.5, 0.5, -1.5, 0.5, 0.5, 0.5]
-    plain = grpo.build_train_batch([r], torch.tensor([0.5]), tag_order=ORDER, tag_ids=ids)
+    plain = grpo.build_train_batch([r], torch.tensor([0.5]), tags=tags)
     assert plain.advantages[0, 2:].tolist() == [0.5] * 6
-    with pytest.raises(ValueError, match="stray_tag_penalty needs tag_order"):
-        grpo.build_train_batch([r], torch.tensor([0.5]), stray_tag_penalty=1.0, tag_order=ORDER)
+    with pytest.raises(ValueError, match="stray_tag_penalty needs the chain tags"):
+        grpo.build_train_batch([r], torch.tensor([0.5]), credit=penalized)
+
+
+def test_trained_steps_take_the_high_noise_end_and_the_batch_marks_only_them():
+    assert list(grpo.trained_steps(8, 0.5)) == [0, 1, 2, 3] and list(grpo.trained_steps(8)) == list(range(8))
+    assert list(grpo.trained_steps(3, 0.1)) == [0]  # at least one step per trace
+    rollouts = [_rollout(0, 0, 2, 3, steps=(4, 4, 4)), _rollout(0, 1, 2, 3, steps=(4, 4, 4))]
+    full = grpo.build_train_batch(rollouts, torch.tensor([1.0, -1.0]))
+    half = grpo.build_train_batch(rollouts, torch.tensor([1.0, -1.0]), train_steps_fraction=0.5)
+    assert full.num_steps == 2 * 12 and half.num_steps == 2 * 6  # half the steps get a loss
+    assert half.step_mask[0].tolist() == [True, True, False, False] * 3  # the first two of each stage
+    assert half.select([1]).step_old_log_probs.shape == (1, 12)  # untrained steps are kept, not trimmed
+    with pytest.raises(ValueError, match="train_steps_fraction = 0"):
+        grpo.trained_steps(8, 0)

@@ -14,22 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from rl.checkpoint import CheckpointError, write_checkpoint
-from rl.config import load_config
-from rl.env import REPO_ROOT
+from core.checkpoint import CheckpointError, write_checkpoint
+from core.env import REPO_ROOT
 from rl.inference import crop_output, fit_lr, resolve_checkpoint
 
 FAST = ["--engine", "hf", "chain.max_stage_tokens=8", "diffusion.num_steps=2"]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    from rl.models.bootstrap import build_all
-
-    cfg = load_config(REPO_ROOT / "configs" / "grpo_local.yaml")
-    out = tmp_path_factory.mktemp("infer_models")
-    build_all(out, cfg.policy.tiny, cfg.diffusion.tiny, require_diffusion=True)
-    return out
+def models(tiny_models) -> Path:
+    return tiny_models["policy"].parent  # an export: policy/ + diffusion/
 
 
 @pytest.fixture(autouse=True)

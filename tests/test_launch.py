@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rl import checkpoint as ckpt
-from rl.config import load_config
-from rl.models.bootstrap import build_all
+from core import checkpoint as ckpt
+from core.config import load_config
 from rl.monitor import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +25,8 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    cfg = load_config(ROOT / "configs/grpo_local.yaml")
-    return build_all(tmp_path_factory.mktemp("models"), cfg.policy.tiny, cfg.diffusion.tiny)
+def models(tiny_models):
+    return tiny_models
 
 
 def _overrides(out: Path, models: dict, *extra: str) -> list[str]:
@@ -59,44 +56,44 @@ def test_run_killed_mid_checkpoint_resumes_from_the_previous_complete_one(tmp_pa
     out = tmp_path / "run"
     root = out / "checkpoints"
     args = [PY, "-m", "rl.launch", "configs/grpo_local.yaml",
-            *_overrides(out, models, "trainer.total_steps=4", "trainer.checkpoint_every=2")]
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(REALSR_FAULT_CHECKPOINT_PAUSE="4:600"),
+            *_overrides(out, models, "trainer.total_steps=2", "trainer.checkpoint_every=1")]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(REALSR_FAULT_CHECKPOINT_PAUSE="2:600"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 480
-        while time.time() < deadline:  # wait until step 4's checkpoint is written but not committed
-            half = [p for p in root.glob(".tmp-step_000004-*") if (p / "trainer_state.json").exists()]
+        while time.time() < deadline:  # wait until step 2's checkpoint is written but not committed
+            half = [p for p in root.glob(".tmp-step_000002-*") if (p / "trainer_state.json").exists()]
             if half:
                 break
             assert proc.poll() is None, "the run ended before its second checkpoint"
             time.sleep(1)
         else:
-            pytest.fail("no half-written checkpoint of step 4 appeared")
+            pytest.fail("no half-written checkpoint of step 2 appeared")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole run: driver and its local Ray cluster
         proc.wait(timeout=60)
-    assert ckpt.latest_complete(root).name == "step_000002"  # the half-written one is never picked
+    assert ckpt.latest_complete(root).name == "step_000001"  # the half-written one is never picked
 
-    resumed = subprocess.run([*args, "trainer.resume=true", "trainer.total_steps=3"], cwd=ROOT, env=_env(),
+    resumed = subprocess.run([*args, "trainer.resume=true"], cwd=ROOT, env=_env(),
                              capture_output=True, text=True, timeout=480)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "step_000002 at step 2" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "step_000001 at step 1" in resumed.stderr
+    # a quiet console: the run's own lines on the terminal, the actors' and libraries' output in run.log
+    run_log = (out / "run.log").read_text()
+    for noise in ("(RolloutWorker pid=", "(LearnerWorker pid=", "(RewardWorker pid=", "DeepSpeed"):
+        assert noise not in resumed.stderr + resumed.stdout, noise
+    assert "(RolloutWorker pid=" in run_log and "(LearnerWorker pid=" in run_log
+    assert "resumed from" in run_log  # the run's own lines are in the log too
     state = ckpt.load_trainer_state(ckpt.latest_complete(root))
     cfg = load_config(ROOT / "configs/grpo_local.yaml")
-    assert state.step == 3 and state.data_cursor == 3 * cfg.grpo.prompts_per_step
+    assert state.step == 2 and state.data_cursor == 2 * cfg.grpo.prompts_per_step
     steps = [s for s, _ in read_scalars(out / "tensorboard")["policy/version"]]
-    assert 3 in steps
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert 2 in steps
 
 
 @pytest.mark.slow
-def test_ray_job_submit_against_a_local_head(tmp_path, models):
-    port, dash, agent, agent_grpc = _free_port(), _free_port(), _free_port(), _free_port()
+def test_ray_job_submit_against_a_local_head(tmp_path, models, free_port):
+    port, dash, agent, agent_grpc = free_port(), free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     env = _env(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # listen on 127.0.0.1 only
     head = subprocess.Popen(

@@ -1,13 +1,113 @@
-"""Architecture guard: pure modules (math, rewards, chain, data, records, SDE) import without Ray."""
+"""Architecture guards: the packages form floors whose imports only go down, no module is a god module, every
+config key is read by the code, and the pure modules import without Ray."""
 
+import ast
+import dataclasses
 import subprocess
 import sys
+from pathlib import Path
+
+from core.config import ExperimentConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+# Floor of each top-level package: a module may import its own package and lower floors, never a higher floor
+# or a sibling on its own floor.
+FLOORS = {"core": 0, "models": 1, "data": 1, "actors": 2, "rewards": 2, "learner": 2, "rl": 3}
+MAX_LINES = 400
 
 PURE_MODULES = [
-    "rl.config", "rl.records", "rl.chain", "rl.grpo", "rl.checkpoint", "rl.data.degradations",
-    "rl.data.dataset", "rewards.format", "rewards.degradation", "rewards.understanding", "actors.sde", "rewards.quality", "rewards.total", "rewards.pool", "rl.monitor", "rl.resources",
-    "learner.weight_sync",
+    "core.config", "core.records", "core.chain", "core.grpo", "core.checkpoint", "core.placement", "core.weights",
+    "core.images", "data.degradations", "data.dataset", "data.sft_targets", "rewards.format",
+    "rewards.degradation", "rewards.understanding", "rewards.quality", "rewards.total", "rewards.worker", "models.sde",
+    "learner.batching", "rl.monitor",
 ]
+
+
+def _modules() -> list[Path]:
+    return sorted(p for pkg in FLOORS for p in (ROOT / pkg).rglob("*.py"))
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level package) of every import in the file, including those inside functions."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module.split(".")[0]))
+    return out
+
+
+def test_imports_only_go_down_and_never_sideways():
+    problems = []
+    for path in _modules():
+        own = path.relative_to(ROOT).parts[0]
+        for line, target in _imports(path):
+            if target in FLOORS and target != own and FLOORS[target] >= FLOORS[own]:
+                where = "a higher floor" if FLOORS[target] > FLOORS[own] else "a sibling on the same floor"
+                problems.append(f"{path.relative_to(ROOT)}:{line} imports {target} ({where})")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_floor_check_sees_an_upward_import(tmp_path):
+    """The guard itself can fail: an upward import in a core module is reported."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from rl.trainer import GRPOTrainer\n")
+    assert (2, "rl") in _imports(bad)
+
+
+def test_no_module_is_a_god_module():
+    long = {str(p.relative_to(ROOT)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def _config_fields(cls: type, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, field name) of every leaf of the config tree."""
+    out = []
+    for f in dataclasses.fields(cls):
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(sub):
+            out += _config_fields(type(sub), f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", f.name))
+    return out
+
+
+def _unread_keys(cls: type) -> list[str]:
+    """Leaves of the config tree that no module other than the schema and its validation reads as an attribute
+    (``x.train_steps_fraction``). A generic name such as ``name`` is read somewhere anyway: this catches the keys
+    nobody ever wired up."""
+    schema = {ROOT / "core" / "config.py", ROOT / "core" / "validation.py"}
+    read, whole = set(), set()  # attributes read; sections read whole with vars(x.section)
+    for path in _modules():
+        if path in schema:
+            continue
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.Attribute):
+                read.add(n.attr)
+            elif isinstance(n, ast.Call) and getattr(n.func, "id", "") == "vars" and n.args \
+                    and isinstance(n.args[0], ast.Attribute):
+                whole.add(n.args[0].attr)
+    return [key for key, name in _config_fields(cls)
+            if name not in read and not (key.count(".") and key.split(".")[-2] in whole)]
+
+
+def test_every_config_key_is_read_by_the_code():
+    """A key that is accepted but read nowhere promises what the code does not do."""
+    assert not _unread_keys(ExperimentConfig), f"config keys no code reads: {_unread_keys(ExperimentConfig)}"
+
+
+def test_the_key_check_reports_a_key_nobody_reads():
+    @dataclasses.dataclass
+    class Section:
+        num_steps: int = 1
+        xq_never_wired_up: float = 0.5
+
+    @dataclasses.dataclass
+    class Config:
+        diffusion: Section = dataclasses.field(default_factory=Section)
+
+    assert _unread_keys(Config) == ["diffusion.xq_never_wired_up"]
 
 
 def test_pure_modules_do_not_import_ray():
@@ -16,6 +116,6 @@ def test_pure_modules_do_not_import_ray():
         f"for m in {PURE_MODULES!r}: importlib.import_module(m)\n"
         "print('ray' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"

@@ -10,7 +10,6 @@ the same losses and gradient norms as one rank holding the whole batch.
 from __future__ import annotations
 
 import hashlib
-import socket
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from learner.engine import lr_multiplier
-from learner.worker import LearnerWorker, masked_copy, shard_batch
-from rl import grpo
-from rl.config import ExperimentConfig, TinyDiffusionConfig, TinyPolicyConfig, load_config
-from rl.records import Rollout
-from rl.models.policy import sequence_log_probs
+from core import grpo
+from core.config import ExperimentConfig, load_config
+from core.records import ChainAdvantage, Rollout
+from learner.batching import contiguous_sizes, masked_copy, micro_batches, reduce_sums
+from learner.worker import LearnerWorker
+from models.chain_tokens import sequence_log_probs
 
 ROOT = Path(__file__).resolve().parents[1]
 ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5])
@@ -32,15 +31,25 @@ TIMINGS: dict[str, float] = {}  # printed at the end of the module (pytest -s) f
 
 
 # ============================================================================================ pure parts
+def _lr_multipliers(optim: str, total: int, steps, **kw) -> list[float]:
+    from core.config import OptimConfig
+    from learner.engine import lr_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    scheduler = lr_scheduler(opt, OptimConfig(lr=0.5, schedule=optim, **kw), total)
+    return [scheduler.lr_lambdas[0](s) for s in steps]
+
+
 def test_lr_schedules():
-    assert [lr_multiplier(s, 10, 0, "constant", 0.1) for s in (0, 5, 10)] == [1.0, 1.0, 1.0]
-    assert [lr_multiplier(s, 10, 4, "constant", 0.1) for s in (0, 1, 3, 4)] == [0.25, 0.5, 1.0, 1.0]
-    cos = [lr_multiplier(s, 10, 0, "cosine", 0.1) for s in (0, 5, 10, 20)]
-    assert cos == pytest.approx([1.0, 0.55, 0.1, 0.1])  # halfway: 0.1 + 0.9 * 0.5
-    lin = [lr_multiplier(s, 12, 2, "linear", 0.0) for s in (2, 7, 12)]
-    assert lin == pytest.approx([1.0, 0.5, 0.0])
-    with pytest.raises(ValueError, match="schedule = 'step'"):
-        lr_multiplier(3, 10, 0, "step", 0.1)
+    """transformers' schedules behind learner.*_optim: warmup from 0, then constant / cosine / linear to
+    min_lr_ratio."""
+    assert _lr_multipliers("constant", 10, (0, 5, 10)) == [1.0, 1.0, 1.0]
+    assert _lr_multipliers("constant", 10, (0, 1, 3, 4), warmup_steps=4) == [0.0, 0.25, 0.75, 1.0]
+    assert _lr_multipliers("cosine", 10, (0, 5, 10), min_lr_ratio=0.1) == pytest.approx([1.0, 0.55, 0.1])
+    assert _lr_multipliers("linear", 12, (1, 2, 7, 12), warmup_steps=2, min_lr_ratio=0.0) \
+        == pytest.approx([0.5, 1.0, 0.5, 0.0])
+    assert _lr_multipliers("linear", 12, (2, 7, 12), warmup_steps=2, min_lr_ratio=0.5) \
+        == pytest.approx([1.0, 0.75, 0.5])
 
 
 def _toy_batch(n: int) -> tuple[grpo.TrainBatch, list[Rollout]]:
@@ -66,31 +75,24 @@ def _toy_batch(n: int) -> tuple[grpo.TrainBatch, list[Rollout]]:
     return grpo.build_train_batch(rollouts, torch.arange(n, dtype=torch.float32)), rollouts
 
 
-def test_shard_batch_covers_every_row_once_and_pads_idle_ranks():
+def test_micro_batches_split_in_order_and_pad_to_the_longest_ranks_count():
     batch, rollouts = _toy_batch(5)
-    shards = shard_batch(batch, rollouts, 2)
-    assert [len(b) for b, _ in shards] == [3, 2]
-    assert [r.prompt_id * 2 + r.sample_index for _, rs in shards for r in rs] == [0, 1, 2, 3, 4]
-    for b, rs in shards:  # each row is paired with its own rollout
-        assert list(b.keys) == [(r.prompt_id, r.sample_index) for r in rs]
-    assert sum(b.num_tokens for b, _ in shards) == batch.num_tokens
-
-    small, small_rollouts = _toy_batch(1)
-    idle = shard_batch(small, small_rollouts, 3)
-    assert [len(b) for b, _ in idle] == [1, 1, 1]
-    assert [b.num_tokens for b, _ in idle] == [small.num_tokens, 0, 0]  # copies carry no loss
-    assert float(masked_copy(small).advantages.abs().sum()) == 0.0
-    with pytest.raises(ValueError, match="empty TrainBatch"):
-        shard_batch(small.select([]), [], 2)
+    one_rank = lambda values, op="sum": [float(v) for v in values]  # noqa: E731
+    micro = micro_batches(batch, rollouts, 2, one_rank)
+    assert [len(m.batch) for m in micro] == [2, 2, 1] and all(m.real for m in micro)
+    assert [(r.prompt_id, r.sample_index) for m in micro for r in m.rollouts] == list(batch.keys)
+    for m in micro:  # each row is paired with its own rollout
+        assert list(m.batch.keys) == [(r.prompt_id, r.sample_index) for r in m.rollouts]
+    longest_rank_has_5 = lambda values, op="sum": [5.0 if op == "max" else float(v) for v in values]  # noqa: E731
+    padded = micro_batches(batch, rollouts, 2, longest_rank_has_5)
+    assert len(padded) == 5 and [m.real for m in padded] == [True] * 3 + [False] * 2
+    assert [m.batch.num_tokens for m in padded[3:]] == [0, 0]  # copies carry no loss
+    assert float(masked_copy(batch).advantages.abs().sum()) == 0.0
+    assert contiguous_sizes(5, 2) == [3, 2] and contiguous_sizes(1, 3) == [1, 0, 0]
+    assert reduce_sums({"b": 2.0, "a": 1.0}, lambda values, op="sum": [2 * v for v in values]) == {"a": 2.0, "b": 4.0}
 
 
 # ======================================================================================= tiny models + chains
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dir_digest(path: Path) -> dict[str, str]:
     return {
         str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -100,31 +102,8 @@ def _dir_digest(path: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    from rl.models.bootstrap import build_tiny_diffusion
-    from rl.models.policy import build_tiny_policy
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("learner_models")
-    policy = TinyPolicyConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        vision_hidden_size=32,
-        vision_depth=1,
-        vision_heads=2,
-    )
-    diffusion = TinyDiffusionConfig(
-        block_out_channels=[16, 32], num_levels=2, text_hidden_size=32, text_layers=1, text_max_length=16
-    )
-    t = time.perf_counter()
-    build_tiny_policy(policy, root / "policy")
-    tokenizer = AutoTokenizer.from_pretrained(str(root / "policy"))  # the policy's, as the bootstrap does
-    build_tiny_diffusion(diffusion, root / "diffusion", tokenizer)
-    TIMINGS["build tiny models"] = time.perf_counter() - t
-    return {"policy": root / "policy", "diffusion": root / "diffusion", "root": root}
+def models(small_models) -> dict[str, Path]:
+    return small_models
 
 
 def _sample_rollouts(
@@ -133,8 +112,9 @@ def _sample_rollouts(
     """Real chains: random text turns around two inserted stage images sampled by the SR pipeline.
 
     Text log-probs come from a direct HF forward of the full sequence (no learner code involved)."""
-    from actors.sr_pipeline import SRPipeline
-    from rl.models.policy import ChainTokens, load_policy
+    from models.chain_tokens import ChainTokens
+    from models.policy import load_policy
+    from models.sr_pipeline import SRPipeline
 
     tok = ChainTokens.from_pretrained(policy_dir)
     model = load_policy(policy_dir)
@@ -228,11 +208,6 @@ def _solo(cfg: ExperimentConfig, port: int) -> LearnerWorker:
 
 # ========================================================================================= in-process, ZeRO-3
 @pytest.fixture(scope="module")
-def port() -> int:
-    return _free_port()  # one process group for every in-process worker of this module
-
-
-@pytest.fixture(scope="module")
 def zero3(models, chains, port, tmp_path_factory) -> dict:
     """One rank holding the whole batch under ZeRO-3: state before/after one step, and a checkpoint of it."""
     batch, rollouts = chains
@@ -290,7 +265,7 @@ def test_zero3_step_changes_weights_and_gather_returns_full_shapes(zero3, models
 def test_export_round_trip_equals_the_gathered_weights(zero3, tmp_path):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from actors.sr_pipeline import SRPipeline
+    from models.sr_pipeline import SRPipeline
 
     t = time.perf_counter()
     written = zero3["worker"].export_hf(str(tmp_path))
@@ -369,7 +344,7 @@ def test_frozen_diffusion_is_not_held_trained_or_changed(models, chains, zero3, 
 
 
 @pytest.mark.slow
-def test_kl_to_reference_update_epochs_and_warmup_zero1(models, chains, port):
+def test_kl_to_reference_update_epochs_and_lr_decay_zero1(models, chains, port):
     from learner.engine import current_lr
 
     batch, rollouts = chains
@@ -382,7 +357,6 @@ def test_kl_to_reference_update_epochs_and_warmup_zero1(models, chains, port):
         "grpo.kl_beta=0.5",
         "grpo.update_epochs=2",
         "learner.policy_optim.schedule=linear",
-        "learner.policy_optim.warmup_steps=2",
     )
     worker = _solo(cfg, port)
     assert worker.reference is not None and not worker.reference.training
@@ -391,9 +365,10 @@ def test_kl_to_reference_update_epochs_and_warmup_zero1(models, chains, port):
     # epoch 1 starts at the reference (KL 0, ratio 1); epoch 2 re-scores the same rollout after an update
     assert m["kl"] > 0
     assert m["text_ratio_max"] > 1 + 1e-6 or m["text_ratio_min"] < 1 - 1e-6
-    lr = cfg.learner.policy_optim.lr
-    assert m["policy_lr"] == pytest.approx(0.5 * lr)  # warmup step 1 of 2
-    assert current_lr(worker.engines["policy"]) == pytest.approx(lr)  # warmup done, linear decay starts
+    lr, ratio = cfg.learner.policy_optim.lr, cfg.learner.policy_optim.min_lr_ratio
+    assert m["policy_lr"] == pytest.approx(lr)  # the first step's
+    # linear decay over total_steps x update_epochs = 8 optimizer steps: 2 done
+    assert current_lr(worker.engines["policy"]) == pytest.approx(lr * (1 - (1 - ratio) * 2 / 8))
 
 
 @pytest.mark.slow
@@ -431,15 +406,41 @@ def test_stray_tag_penalty_reaches_the_learners_loss(models, chains, port, stray
     losses = {}
     for penalty in (0.0, 1.0):
         cfg = _config(models, "learner.num_ranks=1", "learner.zero_stage=2", "learner.micro_batch_size=2",
-                      "diffusion.freeze=true", f"grpo.stray_tag_penalty={penalty}")
+                      "diffusion.freeze=true", f"grpo.token_credit.stray_tag_penalty={penalty}")
         worker = _solo(cfg, port)
         ids = rollouts[0].token_ids.clone()
         ids[int(rollouts[0].text_mask.nonzero()[0])] = worker.tokens.single_token_id(stray)
         doctored = replace(rollouts[0], token_ids=ids)
-        m = worker.train_chains([1.0], False, doctored)
+        m = worker.train_chains([ChainAdvantage(1.0)], False, doctored)
         losses[penalty] = (m["text_loss"], m["tokens"])
     (plain, tokens), (penalised, _) = losses[0.0], losses[1.0]
     assert 0.1 / tokens < penalised - plain < 10.0 / tokens, losses  # one token's ratio, ~1
+
+
+@pytest.mark.slow
+def test_train_steps_fraction_halves_the_rescored_and_trained_steps(models, chains, port):
+    """diffusion.train_steps_fraction: only the first half of each trace's denoising steps is re-scored (one UNet
+    pass per step) and gets a loss; the rest are never run."""
+    _, rollouts = chains
+    seen = {}
+    for fraction in (1.0, 0.5):
+        cfg = _config(models, "learner.num_ranks=1", "learner.zero_stage=2", "learner.micro_batch_size=2",
+                      "policy.freeze=true", f"diffusion.train_steps_fraction={fraction}")
+        worker = _solo(cfg, port)
+        calls: list[tuple[int, ...]] = []
+        rescore = worker.pipeline.trace_log_probs
+
+        def counting(traces, step_indices=None, _rescore=rescore, _calls=calls):
+            _calls.extend([tuple(step_indices)] * len(traces))  # one entry per re-scored trace step
+            return _rescore(traces, step_indices)
+
+        worker.pipeline.trace_log_probs = counting
+        m = worker.train_chains([ChainAdvantage(float(a)) for a in ADVANTAGES], False, *rollouts)
+        seen[fraction] = (calls, m["diffusion_steps"])
+    (full, full_steps), (half, half_steps) = seen[1.0], seen[0.5]
+    assert len(full) == 2 * len(half) and full_steps == 2 * half_steps  # half re-scored, half trained
+    assert set(half) == {(0,)} and set(full) == {(0,), (1,)}  # one step a pass; the high-noise end kept
+    assert half_steps == 4 * 2  # 4 chains x 2 traces x 1 of their 2 steps
 
 
 def _one_policy_step(models, chains, port, override: str):
@@ -484,17 +485,6 @@ def test_a_trainable_pattern_that_matches_nothing_is_named():
 
 # ======================================================================================= Ray, 2 ranks, ZeRO-2
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    t = time.perf_counter()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    TIMINGS["ray.init"] = time.perf_counter() - t
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def group(ray_local, models):
     from learner.group import LearnerGroup
 
@@ -512,7 +502,7 @@ def group_step(ray_local, group, chains) -> dict:
     batch, rollouts = chains
     refs = [ray_local.put(r) for r in rollouts]  # as the driver holds them: each rank fetches only its shard
     t = time.perf_counter()
-    metrics = group.train_step(batch, refs)
+    metrics = group.train(refs, [ChainAdvantage(float(a)) for a in batch.chain_advantages], [True] * len(refs))
     TIMINGS["Ray 2-rank ZeRO-2 train step (4 chains)"] = time.perf_counter() - t
     return metrics
 
@@ -556,9 +546,9 @@ def test_image_advantages_drive_only_the_diffusion_update(ray_local, group, grou
     refs = [ray_local.put(r) for r in rollouts]
     n = len(refs)
     signs = [1.0 if i % 2 else -1.0 for i in range(n)]
-    m = group.train(refs, signs, [True] * n, image_advantages=[0.0] * n)
+    m = group.train(refs, [ChainAdvantage(a, image=0.0) for a in signs], [True] * n)
     assert m["policy_grad_norm"] > 0 and m["diffusion_grad_norm"] == 0.0
-    m = group.train(refs, [0.0] * n, [True] * n, image_advantages=signs)
+    m = group.train(refs, [ChainAdvantage(0.0, image=a) for a in signs], [True] * n)
     assert m["policy_grad_norm"] == 0.0 and m["diffusion_grad_norm"] > 0
 
 

@@ -38,3 +38,34 @@ def pytest_approx(values):
     import pytest
 
     return pytest.approx(values, rel=1e-6)
+
+
+def test_run_console_keeps_the_terminal_for_the_runs_own_lines(tmp_path, capfd):
+    """rl.console: third-party prints, warnings and log records go to run.log; the run's own log lines reach
+    the terminal (and run.log); afterwards stdout and stderr are the terminal again."""
+    import logging
+    import os
+    import warnings
+
+    from rl.console import run_console, stream
+
+    logging.basicConfig(level=logging.INFO, force=True)  # as rl.launch: the root handler writes to stderr
+    log = tmp_path / "run.log"
+    with run_console(log) as terminal:
+        assert stream() is terminal
+        print("a third-party print")
+        os.write(2, b"C-level stderr\n")
+        warnings.warn("a library warning")
+        logging.getLogger("some_library.engine").warning("a library log line")
+        logging.getLogger("rl.trainer").info("checkpoint step_000002")
+        terminal.flush()
+    print("after the run")
+    seen = capfd.readouterr()
+    shown = seen.out + seen.err
+    assert "checkpoint step_000002" in shown and "after the run" in shown
+    for noise in ("a third-party print", "C-level stderr", "a library warning", "a library log line"):
+        assert noise not in shown, noise
+    text = log.read_text()
+    for line in ("a third-party print", "C-level stderr", "a library warning", "a library log line",
+                 "checkpoint step_000002"):
+        assert line in text, line

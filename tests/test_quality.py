@@ -13,8 +13,8 @@ import torch
 if "pyiqa" not in sys.modules:  # pyiqa fixes its weight cache ($TORCH_HOME/hub/pyiqa) at import
     os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="torch_home_")
 
+from core.config import QualityMetricConfig
 from rewards.quality import QualityScore, QualityScorer, build_quality_scorer, generation_reward
-from rl.config import QualityMetricConfig
 
 # The offline metrics recommended for configs/grpo_local.yaml (see the rewards report).
 PIQE = QualityMetricConfig(name="piqe", weight=1.0, scale=100.0, lower_better=True)

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from reward_fixtures import make_sample
 
-from rewards.pool import RewardPool, RewardWorker
+from core.chain import render_chain
+from core.config import QualityMetricConfig, RewardConfig
+from core.records import Rollout, Sample
+from rewards.pool import RewardPool
 from rewards.total import score_rollouts
-from rl.chain import render_chain
-from rl.config import QualityMetricConfig, RewardConfig
-from rl.records import Rollout, Sample
+from rewards.worker import RewardWorker
 
 PIQE = QualityMetricConfig(name="piqe", weight=1.0, scale=100.0, lower_better=True)
 LOG_ENV = "REWARD_POOL_TEST_LOG_DIR"
@@ -88,8 +89,8 @@ def test_worker_in_process_matches_score_rollouts():
     assert all("quality/piqe" in s.parts and not s.errors for s in got)
 
 
-def test_importing_the_pool_does_not_import_ray():
-    code = "import sys, rewards.pool; print('ray' in sys.modules)"
+def test_the_reward_worker_imports_without_ray():
+    code = "import sys, rewards.worker; print('ray' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
     )

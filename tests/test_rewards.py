@@ -13,14 +13,14 @@ import rewards.format
 import rewards.quality
 import rewards.total
 import rewards.understanding
+from core.chain import IMAGE_PLACEHOLDER, TAGS, TEXT_TAGS, parse_chain, render_chain
+from core.config import QualityMetricConfig, RewardConfig, RewardWeights
+from core.records import DegradationLabels, Rollout
 from rewards.degradation import degradation_reward
 from rewards.format import format_reward, section_format_rewards
 from rewards.quality import QualityScore, QualityScorer
 from rewards.total import score_chain, score_rollouts
 from rewards.understanding import tag_recall, understanding_reward
-from rl.chain import IMAGE_PLACEHOLDER, TAGS, TEXT_TAGS, parse_chain, render_chain
-from rl.config import QualityMetricConfig, RewardConfig, RewardWeights
-from rl.records import DegradationLabels, Rollout
 
 UNDERSTAND = {"rough": "a cat on a sofa", "middle": "a grey cat on a sofa", "final": "fur, whiskers"}
 DEG = "medium blur, light downsample, heavy noise, light compression, no upsample"
@@ -128,7 +128,7 @@ def test_section_format_blames_only_the_section_the_fault_is_in(name):
 
 
 def test_section_format_leaves_text_before_any_tag_to_the_chain_format():
-    """Tokens before the first opening tag belong to no section (rl.grpo.token_sections column 0)."""
+    """Tokens before the first opening tag belong to no section (core.grpo.token_sections column 0)."""
     assert section_format_rewards(MALFORMED["text before"]) == ALL_SECTIONS_OK
     assert format_reward(MALFORMED["text before"]) == 0.0
 

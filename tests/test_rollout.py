@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from rl.chain import IMAGE_TAGS, parse_chain
-from rl.config import load_config
-from rl.data.dataset import PairDataset
-from rl.models.bootstrap import build_all
-from rl.models.policy import load_policy, sequence_log_probs
+from core.chain import IMAGE_TAGS, parse_chain
+from core.config import load_config
+from data.dataset import PairDataset
+from models.chain_tokens import sequence_log_probs
+from models.policy import load_policy
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,12 +23,10 @@ B, G = 2, 3
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tiny_models):
     from actors.rollout import RolloutWorker
 
-    tmp = tmp_path_factory.mktemp("rollout")
-    base = load_config(ROOT / "configs/grpo_local.yaml")
-    models = build_all(tmp / "models", base.policy.tiny, base.diffusion.tiny)
+    models = tiny_models
     cfg = load_config(ROOT / "configs/grpo_local.yaml", [
         f"policy.path={models['policy']}", f"diffusion.path={models['diffusion']}", "diffusion.num_steps=3",
         "chain.max_stage_tokens=12"])

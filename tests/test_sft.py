@@ -4,51 +4,38 @@ DeepSpeed learner (its loss is the plain teacher-forced cross-entropy, and it go
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from core.chain import STAGES, TURNS, parse_chain, parse_degradation_text, render_turn
+from core.config import DataConfig, load_config
+from core.records import DegradationLabels, Sample
+from data.photos import PHOTOS_BY_NAME
+from data.sft_targets import SFTRecord, build_record, to_rollout, understanding_from_tags, understanding_texts
 from rewards.format import format_reward
-from rl.chain import STAGES, TURNS, parse_chain, parse_degradation_text, render_turn
-from rl.config import DataConfig, TinyDiffusionConfig, TinyPolicyConfig, load_config
-from rl.data.photos import PHOTOS_BY_NAME
-from rl.records import DegradationLabels, Sample
-from rl.sft_data import SFTRecord, build_record, to_rollout, understanding_from_tags, understanding_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = {"rough": 1, "middle": 2, "final": 4}
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    from transformers import AutoTokenizer
-
-    from rl.models.bootstrap import build_tiny_diffusion
-    from rl.models.policy import build_tiny_policy
-
-    root = tmp_path_factory.mktemp("sft_models")
-    policy = TinyPolicyConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2, num_kv_heads=1,
-                              vision_hidden_size=32, vision_depth=1, vision_heads=2)
-    build_tiny_policy(policy, root / "policy")
-    diffusion = TinyDiffusionConfig(block_out_channels=[16, 32], num_levels=2, text_hidden_size=32,
-                                    text_layers=1, text_max_length=16)
-    build_tiny_diffusion(diffusion, root / "diffusion", AutoTokenizer.from_pretrained(str(root / "policy")))
-    return {"policy": root / "policy", "diffusion": root / "diffusion"}
+def models(small_models) -> dict[str, Path]:
+    return small_models
 
 
 @pytest.fixture(scope="module")
 def tokens(models):
-    from rl.models.policy import ChainTokens
+    from models.chain_tokens import ChainTokens
 
     return ChainTokens.from_pretrained(models["policy"])
 
 
 @pytest.fixture(scope="module")
 def samples() -> list[Sample]:
-    from rl.data.dataset import PairDataset
+    from data.dataset import PairDataset
 
     return PairDataset(DataConfig(hr_size=64, scale=4), "train").batch(0, 4)
 
@@ -136,7 +123,7 @@ def test_target_synthesis_and_run_state_import_without_ray():
     import subprocess
     import sys
 
-    code = "import sys, rl.sft_data, rl.run_state; print('ray' in sys.modules)"
+    code = "import sys, data.sft_targets, rl.run_state; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
@@ -144,7 +131,7 @@ def test_target_synthesis_and_run_state_import_without_ray():
 
 # ============================================================================================ init_from
 def test_init_from_copies_once_and_points_both_paths_at_the_copy(tmp_path, models):
-    from rl.models.bootstrap import ModelMissingError, apply_init_from, ensure_models
+    from models.bootstrap import ModelMissingError, apply_init_from, ensure_models
 
     cfg = load_config(ROOT / "configs/sft_local.yaml", [
         f"output_dir={tmp_path / 'run'}", f"policy.init_from={models['policy']}",
@@ -164,17 +151,6 @@ def test_init_from_copies_once_and_points_both_paths_at_the_copy(tmp_path, model
 
 
 # ============================================================================================ the learner
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def port() -> int:
-    return _free_port()  # one process group for every in-process worker of this module
-
-
 def _solo(models, port: int, *overrides: str):
     from learner.worker import LearnerWorker
 
@@ -200,7 +176,8 @@ def records(samples, tokens) -> list[SFTRecord]:
 def _target_nll(records, tokens, policy_dir) -> tuple[float, int]:
     """The summed NLL of the records' target tokens under the policy saved at ``policy_dir``, and their
     count."""
-    from rl.models.policy import load_policy, sequence_log_probs
+    from models.chain_tokens import sequence_log_probs
+    from models.policy import load_policy
 
     with torch.no_grad():
         model = load_policy(policy_dir)
@@ -253,7 +230,7 @@ def test_a_frozen_policy_is_skipped(models, records, port):
 @pytest.mark.slow
 def test_grpo_sft_coef_adds_the_cold_start_cross_entropy_to_the_update(models, records, tokens, port):
     """PPO-ptx: with every GRPO advantage 0, only the sft_coef term can move the policy."""
-    from rl.grpo import build_train_batch
+    from core.grpo import build_train_batch
 
     rollouts = [to_rollout(r) for r in records]
     batch = build_train_batch(rollouts, torch.zeros(len(rollouts)))  # the GRPO term: advantage 0 everywhere

@@ -1,4 +1,4 @@
-"""actors.sr_pipeline: the tiny SR diffusion policy samples, re-scores, trains and round-trips."""
+"""models.sr_pipeline: the tiny SR diffusion policy samples, re-scores, trains and round-trips."""
 
 import json
 
@@ -7,9 +7,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from actors.sr_pipeline import SRPipeline, build_tiny_sr_pipeline
-from rl.config import TinyDiffusionConfig
-from rl.models.tokenizer import build_chain_tokenizer
+from core.config import TinyDiffusionConfig
+from models.sr_pipeline import SRPipeline
+from models.tiny import build_tiny_sr_pipeline
+from models.tokenizer import build_chain_tokenizer
 
 PROMPTS = ["a cat with whiskers", "a red rocket on a launch pad in the sky"]
 
@@ -241,3 +242,8 @@ def test_vae_branch_samples_in_latent_space_and_round_trips(pipe, tmp_path):
     loaded = SRPipeline.from_pretrained(tmp_path)
     assert isinstance(loaded.vae, AutoencoderKL)
     assert all(np.array_equal(x, y) for x, y in zip(images, _sample(loaded, size=(32, 32), steps=2)[0]))
+
+
+def test_a_generator_list_must_match_the_batch(pipe):
+    with pytest.raises(ValueError, match="1 generators for a batch of 2"):
+        pipe.sample(_conditions(2), (16, 16), PROMPTS[:2], num_steps=2, generator=_gens(0))

@@ -14,16 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors.text_engine import (
-    HFTextEngine,
-    TextEngine,
-    TextRequest,
-    TextSample,
-    _finish,
-    build_text_engine,
-)
-from rl.config import SamplingConfig, TinyPolicyConfig
-from rl.models.policy import ChainTokens, build_tiny_policy, load_policy, load_processor, sequence_log_probs
+from actors.engines import build_text_engine
+from actors.hf_engine import HFTextEngine
+from actors.text_engine import TextEngine, TextRequest, TextSample, finish_reason
+from core.config import SamplingConfig, TinyPolicyConfig
+from models.chain_tokens import ChainTokens, sequence_log_probs
+from models.policy import load_policy, load_processor
+from models.tiny import build_tiny_policy
 
 MAX_TOKENS = 10
 SAMPLING = SamplingConfig(temperature=1.0, top_p=1.0, top_k=-1, seed=0)
@@ -56,7 +53,7 @@ def hf_engine(policy_dir) -> HFTextEngine:
 
 @pytest.fixture(scope="module")
 def vllm_engine(policy_dir):
-    from actors.text_engine import VLLMTextEngine
+    from actors.vllm_engine import VLLMTextEngine
 
     engine = VLLMTextEngine(policy_dir, SAMPLING, MAX_TOKENS)
     yield engine
@@ -105,15 +102,15 @@ def _common_checks(tokens, request: TextRequest, samples: list[TextSample], bann
         assert 1 <= len(s.token_ids) == len(s.log_probs) <= (request.max_tokens or MAX_TOKENS)
         assert s.text == tokens.decode(s.token_ids)
         assert all(lp <= 0 for lp in s.log_probs)
-        assert s.finish_reason == _finish(
+        assert s.finish_reason == finish_reason(
             s.token_ids, set(request.stop_token_ids), {tokens.eos_id, tokens.tokenizer.pad_token_id}
         )
 
 
 def test_finish_reason_and_protocol(hf_engine):
-    assert _finish([5, 7], {7}, {9}) == "stop"
-    assert _finish([5, 9], {7}, {9}) == "eos"
-    assert _finish([5, 6], {7}, {9}) == "length"
+    assert finish_reason([5, 7], {7}, {9}) == "stop"
+    assert finish_reason([5, 9], {7}, {9}) == "eos"
+    assert finish_reason([5, 6], {7}, {9}) == "length"
     assert isinstance(hf_engine, TextEngine)
     with pytest.raises(ValueError, match="rollout.engine"):
         build_text_engine("sglang", "x", SAMPLING, 8)

@@ -12,10 +12,9 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from actors.text_engine import hf_param_name
-from rl import checkpoint as ckpt
-from rl.config import load_config
-from rl.models.bootstrap import build_all
+from actors.hf_engine import hf_param_name
+from core import checkpoint as ckpt
+from core.config import load_config
 from rl.monitor import read_scalars
 
 pytestmark = pytest.mark.slow
@@ -43,18 +42,13 @@ def _config(tmp: Path, models: dict, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("trainer")
-    cfg0 = load_config(ROOT / "configs/grpo_local.yaml")
-    models = build_all(tmp / "models", cfg0.policy.tiny, cfg0.diffusion.tiny)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": __import__("rl.env", fromlist=["worker_env"]).worker_env()})
+def setup(tmp_path_factory, tiny_models, ray_local):
     from rl.trainer import GRPOTrainer
 
-    cfg = _config(tmp, models)
+    tmp = tmp_path_factory.mktemp("trainer")
+    cfg = _config(tmp, tiny_models)
     trainer = GRPOTrainer(cfg)
-    yield {"tmp": tmp, "models": models, "trainer": trainer, "cfg": cfg}
-    ray.shutdown()
+    yield {"tmp": tmp, "models": tiny_models, "trainer": trainer, "cfg": cfg}
 
 
 def test_one_step_logs_every_scalar(setup):
@@ -76,8 +70,8 @@ def test_text_and_images_can_be_judged_by_their_own_rewards(setup):
     trainer = setup["trainer"]
     g = trainer.cfg.grpo
     g.text_rewards, g.image_rewards = ["format", "understanding"], ["generation"]
-    g.section_rewards = {"degradation": ["format", "degradation"]}
-    try:
+    g.section_rewards = {"degradation": ["format", "degradation"]}  # the driver's columns (the learner's
+    try:  # credit rule stays chain here: section credit at the learner is tests/test_grpo.py's)
         metrics = trainer.step()
     finally:
         g.text_rewards = g.image_rewards = g.section_rewards = None
@@ -88,7 +82,7 @@ def test_text_and_images_can_be_judged_by_their_own_rewards(setup):
     assert metrics["grpo/filtered_groups"] == 0 and metrics["grpo/kept_chains"] == B * G
     assert metrics["grpo/image_advantage_std"] == pytest.approx((B * (G - 1) / (B * G - 1)) ** 0.5, rel=5e-3)
     assert metrics["learner/diffusion_grad_norm"] > 0
-    # the <degradation> tokens were trained on their own column; the other sections share the text's
+    # the <degradation> section has a column of its own; the other sections share the text's
     assert "grpo/degradation_advantage_std" in metrics
     assert metrics["grpo/rough_understand_advantage_std"] == pytest.approx(metrics["grpo/advantage_std"])
 
@@ -170,7 +164,6 @@ def test_checkpoint_then_resume_restores_step_cursor_and_weights(setup):
     trainer.rollouts.shutdown()
     trainer.learner.shutdown()
     trainer.rewards.shutdown()
-    ray.util.remove_placement_group(trainer.reward_pg)
     from rl.trainer import GRPOTrainer
 
     resumed = GRPOTrainer(_config(setup["tmp"], setup["models"], "trainer.resume=true"))
@@ -199,21 +192,40 @@ def test_learner_rank_death_ends_the_run_cleanly_with_the_checkpoint_intact(setu
     ckpt.verify_checkpoint(before)  # every file of the manifest is there, sizes match
 
 
-def test_sft_coef_trains_the_step_target_chains_on_every_rank(setup):
-    """grpo.sft_coef (PPO-ptx) end to end: the driver builds the step's target chains, the group shards them
-    over both learner ranks (one prompt: the second rank gets a zero-weight copy) and the update adds their
-    cross-entropy."""
-    old = setup["resumed"]  # free its CPUs: this test starts a run of its own
+@pytest.fixture(scope="module")
+def second_run(setup):
+    """A fresh run (the first one's actors shut down to free the CPUs) with PPO-ptx and a held-out evaluation
+    every 2 steps."""
+    old = setup["resumed"]
     old.rollouts.shutdown()
     old.learner.shutdown()
     old.rewards.shutdown()
-    ray.util.remove_placement_group(old.reward_pg)
     from rl.trainer import GRPOTrainer
 
-    cfg = _config(setup["tmp"] / "ptx", setup["models"], "grpo.sft_coef=0.5", "grpo.prompts_per_step=1",
-                  "grpo.filter_zero_variance=false")
+    cfg = _config(setup["tmp"] / "second", setup["models"], "grpo.sft_coef=0.5", "grpo.prompts_per_step=1",
+                  "grpo.filter_zero_variance=false", "trainer.eval_every=2", "trainer.eval_images=1")
     assert cfg.learner.num_ranks == 2
-    trainer = GRPOTrainer(cfg)
-    metrics = trainer.step()
+    return GRPOTrainer(cfg)
+
+
+def test_sft_coef_trains_the_step_target_chains_on_every_rank(second_run):
+    """grpo.sft_coef (PPO-ptx) end to end: the driver builds the step's target chains, the group shards them
+    over both learner ranks (one prompt: the second rank gets a zero-weight copy) and the update adds their
+    cross-entropy."""
+    metrics = second_run.step()
     assert metrics["learner/ptx_loss"] > 0 and 0 <= metrics["learner/ptx_token_accuracy"] <= 1
     assert metrics["learner/policy_grad_norm"] > 0
+    assert not any(k.startswith("eval/") for k in metrics)  # step 1: no held-out evaluation
+
+
+def test_eval_every_writes_held_out_rewards_every_2_steps(second_run):
+    metrics = second_run.step()
+    assert second_run.step_id == 2
+    assert metrics["eval/chains"] == 1 * G  # eval_images x group_size held-out chains
+    for part in ("format", "degradation", "understanding", "generation", "total"):
+        assert 0.0 <= metrics[f"eval/reward/{part}/mean"] <= 4.0, part
+    assert any(k.startswith("eval/reward/quality/") for k in metrics)  # the image metrics (piqe, psnr, ssim)
+    second_run.monitor.flush()
+    scalars = read_scalars(second_run.cfg.trainer.log_dir)
+    assert [s for s, _ in scalars["eval/reward/total/mean"]] == [2]
+    assert [s for s, _ in scalars["reward/total/mean"]] == [1, 2]

@@ -1,9 +1,9 @@
-"""learner.weight_sync: bucketing, casting, safetensors round trip, stats."""
+"""core.weights: bucketing, casting, safetensors round trip, stats."""
 
 import pytest
 import torch
 
-from learner import weight_sync as ws
+from core import weights as ws
 
 
 def _state_dict():

@@ -1,4 +1,5 @@
-"""Safe image I/O: any readable picture -> (H, W, 3) uint8 RGB, or a ``BadImageError`` that names the file.
+"""Images in one format everywhere, (H, W, 3) uint8 RGB: safe file I/O (any readable picture, or a
+``BadImageError`` that names the file) and the conversions to what models take (tensors, PIL).
 
 Conversions are explicit because each has a right answer for SR data: transparency is composited on white
 (as the paper's tokenizer whitens RGBA), 16-bit samples are rescaled (not truncated) to 8 bit, palette and
@@ -12,10 +13,13 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Union
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
+
+ImageLike = Union[Image.Image, np.ndarray]
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
@@ -141,3 +145,26 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# ------------------------------------------------------------------------------------------ conversions
+def to_tensor(images: np.ndarray, low: float = 0.0):
+    """uint8 (H, W, 3) -> float32 (3, H, W), or a stack (N, H, W, 3) -> (N, 3, H, W), scaled to [low, 1]:
+    low 0 for image metrics (pyiqa), -1 for the diffusion model."""
+    import torch
+
+    a = np.asarray(images)
+    if a.dtype != np.uint8 or a.ndim not in (3, 4) or a.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (H, W, 3) or (N, H, W, 3) images, got {a.dtype} {a.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(a)).movedim(-1, -3).float()
+    return x / (255.0 / (1.0 - low)) + low  # exact for low 0 (x / 255) and -1 (x / 127.5 - 1)
+
+
+def to_pil(image: ImageLike) -> Image.Image:
+    """uint8 HWC array (the records' image format) or PIL -> RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"image must be a (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}")
+    return Image.fromarray(arr, "RGB")

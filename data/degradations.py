@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 from scipy import special
 
-from rl.chain import DEGRADATION_ITEMS, LEVELS
-from rl.config import DegradationConfig
-from rl.records import DegradationLabels
+from core.chain import DEGRADATION_ITEMS, LEVELS
+from core.config import DegradationConfig
+from core.records import DegradationLabels
 
 ITEMS: tuple[str, ...] = DEGRADATION_ITEMS  # blur, downsample, noise, compression, upsample
 KERNEL_TYPES: tuple[str, ...] = (
@@ -96,7 +96,7 @@ blur 8/33/37/21%, downsample 20/20/30/30%, noise 1/18/46/36%, compression 1/20/5
 
 
 def levels_from_measures(measures: dict[str, float]) -> dict[str, str]:
-    """Item -> level (``rl.chain.LEVELS``), in ``ITEMS`` order, by ``LEVEL_RULES``."""
+    """Item -> level (``core.chain.LEVELS``), in ``ITEMS`` order, by ``LEVEL_RULES``."""
     return {item: LEVEL_RULES[item].level(float(measures[LEVEL_RULES[item].measure])) for item in ITEMS}
 
 

@@ -19,8 +19,10 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,42 @@ def _file_sizes(directory: Path) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------ write
+def _publish(tmp: Path, final: Path, replace: bool) -> None:
+    """Rename the finished ``tmp`` directory to ``final`` (one POSIX rename: readers see all or nothing).
+
+    ``replace``: an existing ``final`` is moved aside first and deleted after, so it is never half old, half
+    new. Otherwise an existing ``final`` (another process built the same thing meanwhile) wins and ``tmp`` is
+    discarded."""
+    old = None
+    if final.exists() and replace:
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex}"
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if replace or not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(final: PathLike) -> Iterator[Path]:
+    """``with atomic_dir(final) as tmp:`` write into ``tmp``; on success it is renamed to ``final``, on error
+    removed. A ``final`` another process created meanwhile wins (both were built from the same config). Used
+    for models built on first use; checkpoints add a manifest (``begin_checkpoint`` / ``commit_checkpoint``)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, final, replace=False)
+
+
 def begin_checkpoint(root: PathLike, step: int) -> Path:
     """Create and return the private tmp directory ``<root>/.tmp-step_N-<uuid>/`` to write into."""
     root = Path(root)
@@ -104,14 +142,8 @@ def commit_checkpoint(tmp: PathLike) -> Path:
         _fsync_path(d)  # directory entries of the new files, deepest first
 
     final = tmp.parent / step_dir_name(step)
-    old = None
-    if final.exists():
-        old = tmp.parent / f".old-{final.name}-{uuid.uuid4().hex}"
-        os.rename(final, old)
-    os.rename(tmp, final)
+    _publish(tmp, final, replace=True)
     _fsync_path(tmp.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

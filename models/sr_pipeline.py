@@ -25,11 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
-from actors.sde import Generator, check_stochastic_schedule, ddim_step_with_logprob, logprob_scheduler, randn
-from rl.config import TinyDiffusionConfig
-from rl.records import DiffusionTrace
+from core.images import to_tensor
+from core.records import DiffusionTrace
+from models.sde import Generator, check_stochastic_schedule, ddim_step_with_logprob, logprob_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +117,9 @@ class SRPipeline(DiffusionPipeline):
         if not 0 <= noise_level <= self.config.max_noise_level:
             raise ValueError(f"noise_level = {noise_level}: must be in [0, {self.config.max_noise_level}]")
         h, w = self.latent_size(size)
-        cond = torch.stack([_resize(_to_tensor(img), (h, w)) for img in images])  # (B, 3, h, w)
+        cond = torch.stack([_resize(to_tensor(img, low=-1.0), (h, w)) for img in images])  # (B, 3, h, w)
         cond = cond.to(self.device)
-        noise = randn(cond.shape, generator, self.device)
+        noise = randn_tensor(tuple(cond.shape), generator, self.device, torch.float32)
         levels = torch.full((cond.shape[0],), noise_level, dtype=torch.long, device=self.device)
         return self.low_res_scheduler.add_noise(cond, noise, levels).float()
 
@@ -181,6 +182,8 @@ class SRPipeline(DiffusionPipeline):
         B = len(conditions)
         if len(prompts) != B:
             raise ValueError(f"{len(prompts)} prompts for {B} conditioning images")
+        if isinstance(generator, list) and len(generator) != B:
+            raise ValueError(f"{len(generator)} generators for a batch of {B}")
         if num_steps < 1:
             raise ValueError(f"num_steps = {num_steps}: must be >= 1")
         # 2. text
@@ -196,7 +199,8 @@ class SRPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps  # (S,)
         # 5. x_T
         channels = self.unet.config.out_channels
-        x = randn((B, channels, *cond.shape[-2:]), generator, self.device) * self.scheduler.init_noise_sigma
+        x = randn_tensor((B, channels, *cond.shape[-2:]), generator, self.device, torch.float32)
+        x = x * self.scheduler.init_noise_sigma
         # 6. denoising loop
         latents, log_probs = [x], []
         for t in timesteps:
@@ -307,7 +311,7 @@ class SRPipeline(DiffusionPipeline):
             raise ValueError(f"targets must share one size, got {sorted(sizes)}")
         size = targets[0].shape[:2]
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        x0 = torch.stack([_to_tensor(t) for t in targets]).to(self.device)  # (B, 3, H, W)
+        x0 = torch.stack([to_tensor(t, low=-1.0) for t in targets]).to(self.device)  # (B, 3, H, W)
         if self.vae is not None:
             posterior = self.vae.encode(x0.to(self.vae.dtype)).latent_dist
             x0 = (posterior.sample(generator) * self.vae.config.scaling_factor).float()
@@ -316,7 +320,7 @@ class SRPipeline(DiffusionPipeline):
         cond = self.prepare_condition(conditions, size, noise_level, generator)
         T = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, T, (B,), generator=generator, device=gen_device).to(self.device)
-        noise = randn(x0.shape, generator, self.device)
+        noise = randn_tensor(tuple(x0.shape), generator, self.device, torch.float32)
         x_t = self.scheduler.add_noise(x0, noise, t)
         kind = self.scheduler.config.prediction_type
         target = {"epsilon": noise, "sample": x0}.get(kind)
@@ -328,14 +332,6 @@ class SRPipeline(DiffusionPipeline):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1]."""
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        desc = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
-        raise ValueError(f"expected a uint8 (H, W, 3) image, got {desc}")
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
-
-
 def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bicubic (antialiased when shrinking) resize of (3, H, W) to ``size``, clamped back to [-1, 1]."""
     if tuple(image.shape[-2:]) == tuple(size):
@@ -357,85 +353,3 @@ def _group_traces(traces: Sequence[DiffusionTrace]) -> list[list[int]]:
         )
         groups.setdefault(key, []).append(i)
     return list(groups.values())
-
-
-def build_tiny_sr_pipeline(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokenizerBase) -> SRPipeline:
-    """A random pixel-space SRPipeline from ``cfg``, the same for the same ``cfg.seed``.
-
-    The UNet has ``cfg.num_levels`` levels (``block_out_channels`` extended with its last entry); only the
-    deepest level and the mid block attend (self + text cross-attention), so for 4 levels attention runs at
-    size/8: <= 16x16 up to 128 px. Sizes must be multiples of 2^(num_levels - 1).
-    """
-    if len(tokenizer) > cfg.vocab_size:
-        raise ValueError(
-            f"diffusion.tiny.vocab_size = {cfg.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
-        )
-    if not 1 <= len(cfg.block_out_channels) <= cfg.num_levels:
-        raise ValueError(
-            f"diffusion.tiny.block_out_channels = {cfg.block_out_channels}: needs 1..num_levels = "
-            f"{cfg.num_levels} entries"
-        )
-    channels = list(cfg.block_out_channels) + [cfg.block_out_channels[-1]] * (
-        cfg.num_levels - len(cfg.block_out_channels)
-    )
-    groups = 8
-    if any(c % groups or c % cfg.attention_head_dim for c in channels):
-        raise ValueError(
-            f"diffusion.tiny.block_out_channels = {channels}: each must be a multiple of 8 (GroupNorm) "
-            f"and of attention_head_dim = {cfg.attention_head_dim}"
-        )
-    if cfg.text_hidden_size % cfg.text_heads:
-        raise ValueError(
-            f"diffusion.tiny.text_heads = {cfg.text_heads} must divide "
-            f"text_hidden_size = {cfg.text_hidden_size}"
-        )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=cfg.vocab_size,
-                hidden_size=cfg.text_hidden_size,
-                intermediate_size=4 * cfg.text_hidden_size,
-                projection_dim=cfg.text_hidden_size,
-                num_hidden_layers=cfg.text_layers,
-                num_attention_heads=cfg.text_heads,
-                max_position_embeddings=cfg.text_max_length,
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id or tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        )
-        n = cfg.num_levels
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=3 + 3,
-            out_channels=3,
-            block_out_channels=tuple(channels),
-            down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
-            up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
-            layers_per_block=cfg.layers_per_block,
-            norm_num_groups=groups,
-            # diffusers' naming quirk: this argument is the number of heads (of size attention_head_dim)
-            attention_head_dim=channels[-1] // cfg.attention_head_dim,
-            cross_attention_dim=cfg.text_hidden_size,
-            num_class_embeds=MAX_NOISE_LEVEL + 1,
-        )
-    # pixel space: DDPM's linear betas (Ho et al. 2020) and x_0 clipped to the image range; trailing spacing and
-    # set_alpha_to_one=False keep every step stochastic (actors.sde)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="linear",
-        beta_start=1e-4,
-        beta_end=0.02,
-        prediction_type="epsilon",
-        clip_sample=True,
-        set_alpha_to_one=False,
-        steps_offset=0,
-        timestep_spacing="trailing",
-    )
-    low_res_scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02
-    )
-    return SRPipeline(
-        text_encoder, tokenizer, unet, scheduler, low_res_scheduler, vae=None, max_noise_level=MAX_NOISE_LEVEL
-    )

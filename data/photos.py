@@ -2,7 +2,7 @@
 
 Each photo has content ``tags`` (lowercase single words, each of which appears as a whole word in the rough
 caption, so a perfect rough caption earns the full understanding reward) and ``captions`` at the three levels
-of detail of the VLCoT chain (``rl.chain.STAGES``: rough / middle / final), used by the cold-start SFT target
+of detail of the VLCoT chain (``core.chain.STAGES``: rough / middle / final), used by the cold-start SFT target
 synthesis. Tags describe the whole photograph; a random crop may show only part of it.
 
 Files are read straight from scikit-image's data folder (``skimage/data/*.png|jpg``, present offline in
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rl.data.images import load_rgb
+from core.images import load_rgb
 
 
 @dataclass(frozen=True)

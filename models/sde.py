@@ -16,23 +16,23 @@ but positive (~0.01 in [-1, 1] pixel units for the linear schedule and 10 steps)
 keys.
 
 Log-probs are the *mean* over all non-batch elements of the per-element Gaussian log-density: a sum over
-64x64x3 values would make the importance ratio exp(sum) overflow (environment.md). All math runs in float32
+64x64x3 values would make the importance ratio exp(sum) overflow. All math runs in float32
 (bf16 loses the small differences x - mean that the log-density is made of).
 
-Pure module: torch only (no diffusers import, no Ray); the scheduler is used through its attributes
+Pure module: torch and diffusers' ``randn_tensor`` (no Ray); the scheduler is used through its attributes
 (``alphas_cumprod``, ``final_alpha_cumprod``, ``config``, ``num_inference_steps``, ``timesteps``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
-Generator = torch.Generator | Sequence[torch.Generator] | None
+Generator = torch.Generator | list[torch.Generator] | None  # a list: one per sample (batch-invariant noise)
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -92,7 +92,7 @@ def check_stochastic_schedule(scheduler: Any, eta: float) -> None:
         raise ValueError(
             f"DDIM steps {bad} (timesteps {t[bad].tolist()}) have zero variance with timestep_spacing="
             f"{cfg.get('timestep_spacing')!r}, steps_offset={cfg.get('steps_offset')!r}, set_alpha_to_one="
-            f"{cfg.get('set_alpha_to_one')!r}: the log-prob would be NaN; use actors.sde.logprob_scheduler"
+            f"{cfg.get('set_alpha_to_one')!r}: the log-prob would be NaN; use models.sde.logprob_scheduler"
         )
     if (1 - a_prev - std**2 < 0).any():
         raise ValueError(
@@ -105,20 +105,6 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     x, mean, std = x.float(), mean.float(), std.float()
     log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _HALF_LOG_2PI
     return log_density.flatten(1).mean(dim=1)
-
-
-def randn(shape: Sequence[int], generator: Generator, device: torch.device) -> torch.Tensor:
-    """Standard normal float32 noise; a list of generators gives sample i its own stream (batch-invariant)."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        parts = [
-            torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=torch.float32)
-            for g in generator
-        ]
-        return torch.stack(parts).to(device)
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32).to(device)
 
 
 def ddim_step_with_logprob(
@@ -175,7 +161,7 @@ def ddim_step_with_logprob(
     if (std <= 0).any():
         raise ValueError(
             f"zero-variance DDIM step at timesteps {t[(std <= 0).flatten()].tolist()} (eta = {eta!r}): "
-            "the log-prob is undefined; build the scheduler with actors.sde.logprob_scheduler"
+            "the log-prob is undefined; build the scheduler with models.sde.logprob_scheduler"
         )
 
     # 6-7. mean = sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps, formula (12)
@@ -183,7 +169,7 @@ def ddim_step_with_logprob(
 
     if prev_sample is None:
         if variance_noise is None:
-            variance_noise = randn(x_t.shape, generator, x_t.device)
+            variance_noise = randn_tensor(tuple(x_t.shape), generator, x_t.device, torch.float32)
         elif generator is not None:
             raise ValueError("pass either generator or variance_noise, not both")
         prev_sample = mean + std * variance_noise.float()

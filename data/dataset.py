@@ -2,13 +2,13 @@
 
 Sources (``DataConfig.source`` / ``eval_source``):
 
-- ``"skimage"``: the photographs scikit-image ships (``rl.data.photos``), with hand-written tags.
+- ``"skimage"``: the photographs scikit-image ships (``data.photos``), with hand-written tags.
 - a folder: its image files (not recursive), sorted; tags from a sidecar ``<stem>.txt`` (comma- or
   line-separated), else from ``tags.json`` in the folder (``{"<file name or stem>": [tags] or "a, b"}``),
   else none.
 - a ``.jsonl`` manifest: one ``{"image": path relative to the manifest, "tags": [...]}`` per line.
 
-Bad input: a missing, unreadable or too small image is skipped with ONE warning on logger ``rl.data``
+Bad input: a missing, unreadable or too small image is skipped with ONE warning on logger ``data``
 naming the file, and counted in ``PairDataset.stats``; a bad manifest line or tags.json is an error naming
 the file and line, and so is a source with no usable image.
 
@@ -32,13 +32,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from rl.config import DataConfig
-from rl.data.degradations import degrade
-from rl.data.images import IMAGE_SUFFIXES, BadImageError, load_rgb
-from rl.data.photos import PHOTOS, photo_path
-from rl.records import Sample
+from core.config import DataConfig
+from core.images import IMAGE_SUFFIXES, BadImageError, load_rgb
+from core.records import Sample
+from data.degradations import degrade
+from data.photos import PHOTOS, photo_path
 
-log = logging.getLogger("rl.data")
+log = logging.getLogger("data")
 
 SPLITS: dict[str, int] = {"train": 0, "eval": 1}  # split -> code mixed into the sampling seed
 SKIP_REASONS: tuple[str, ...] = ("missing", "unreadable", "too_small")

@@ -1,0 +1,90 @@
+"""One actor-group base for the three roles (rollout, reward, learner): a placement group of one bundle per actor,
+the actors started in their bundles, and their shutdown (OpenRLHF's RayActorGroup, verl's resource pool).
+
+The roles' groups (``actors.group.RolloutGroup``, ``rewards.pool.RewardPool``, ``learner.group.LearnerGroup``)
+subclass it and add their named, typed calls; a role's worker stays a plain class that Ray wraps here. The
+bundles are ``core.placement.role_bundle``, the same ones ``python -m rl.resources`` checks against a cluster.
+
+    group = ActorGroup("rollout", num_actors=2, num_cpus=1, num_gpus=0, strategy="PACK", name="run-rollout")
+    group.start(RolloutWorker, lambda i: ((cfg, i), {}), max_restarts=3)
+    refs = [a.ping.remote() for a in group.actors]
+    group.shutdown()
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from core.placement import role_bundle
+
+# How long a role waits for the cluster (or KubeRay's autoscaler) to place its bundles before it gives up,
+# naming itself and what it asked for: a cluster too small for the run fails, it never hangs.
+READY_TIMEOUT_S = 600.0
+ActorArgs = Callable[[int], tuple[tuple, dict]]  # actor index -> (args, kwargs) of the worker's __init__
+
+
+def reserve(role: str, num: int, num_cpus: float, num_gpus: float, strategy: str, name: str,
+            timeout_s: float = READY_TIMEOUT_S) -> PlacementGroup:
+    """A placement group of ``num`` bundles of ``role_bundle(num_cpus, num_gpus)``, placed (or an error)."""
+    bundle = role_bundle(num_cpus, num_gpus)
+    pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy, name=name)
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise RuntimeError(
+            f"{role} placement group ({num} x {bundle}, strategy {strategy}) not placed after {timeout_s:.0f} s; "
+            f"cluster resources: {ray.cluster_resources()} (check with python -m rl.resources)"
+        ) from None
+    return pg
+
+
+class ActorGroup:
+    """``num_actors`` actors of one role, actor i in bundle i of the role's placement group."""
+
+    def __init__(self, role: str, num_actors: int, num_cpus: float, num_gpus: float, strategy: str, name: str,
+                 ready_timeout_s: float = READY_TIMEOUT_S):
+        if num_actors < 1:
+            raise ValueError(f"{role}: num_actors = {num_actors} must be >= 1")
+        self.role, self.num_actors = role, num_actors
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.actors: list[Any] = []
+        self.placement_group: Optional[PlacementGroup] = reserve(role, num_actors, num_cpus, num_gpus, strategy,
+                                                                 name, ready_timeout_s)
+
+    def bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
+        """Schedule a task or actor in bundle ``index`` of this role (e.g. a probe on rank 0's node)."""
+        return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=index)
+
+    def start(self, worker_cls: type, args: ActorArgs, **options: Any) -> list[Any]:
+        """Start one ``ray.remote(worker_cls)`` actor per bundle; ``options`` are Ray actor options
+        (max_restarts, runtime_env, ...). On any failure the group is shut down and the error raised."""
+        remote = ray.remote(worker_cls)
+        try:
+            for i in range(self.num_actors):
+                a, kw = args(i)
+                self.actors.append(remote.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+                                                  scheduling_strategy=self.bundle(i), **options).remote(*a, **kw))
+        except BaseException:
+            self.shutdown()
+            raise
+        return self.actors
+
+    def shutdown(self) -> None:
+        """Kill the actors (no restart) and release the bundles; idempotent."""
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+    def __enter__(self) -> "ActorGroup":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

@@ -1,0 +1,55 @@
+"""GRPO math, pure torch (no Ray, no config objects): advantages, token credit, the train batch, the losses.
+
+``core.grpo.advantages``  group-relative advantages, zero-variance filter, reward columns, advantage transforms
+``core.grpo.credit``      token-credit rules (chain, section) and the chain tags' ids
+``core.grpo.batch``       TrainBatch, build_train_batch, the trained denoising steps
+``core.grpo.losses``      clipped surrogate (text and image), token_mean, k3 KL, token log-probs
+
+Everything public is re-exported here: ``from core import grpo; grpo.group_advantages(...)``.
+"""
+
+from core.grpo.advantages import (
+    ADVANTAGE_TRANSFORMS,
+    ChainAdvantages,
+    GroupFilter,
+    advantage_transform,
+    chain_advantages,
+    column_advantages,
+    component_rewards,
+    group_advantages,
+    group_order,
+    placebo_shuffle,
+    registry_entry,
+    scale_negative,
+    zero_variance_groups,
+)
+from core.grpo.batch import TrainBatch, build_train_batch, trained_steps
+from core.grpo.credit import (
+    TOKEN_CREDIT,
+    ChainTags,
+    TokenCredit,
+    chain_credit,
+    section_credit,
+    stray_tags,
+    token_credit,
+    token_sections,
+)
+from core.grpo.losses import (
+    LOG_RATIO_CLAMP,
+    SurrogateOutput,
+    clipped_surrogate,
+    gather_token_log_probs,
+    image_surrogate,
+    k3_kl,
+    needs_reference,
+    token_mean,
+)
+
+__all__ = [
+    "ADVANTAGE_TRANSFORMS", "ChainAdvantages", "GroupFilter", "advantage_transform", "chain_advantages",
+    "column_advantages", "component_rewards", "group_advantages", "group_order", "placebo_shuffle",
+    "registry_entry", "scale_negative", "zero_variance_groups", "TrainBatch", "build_train_batch",
+    "trained_steps", "TOKEN_CREDIT", "ChainTags", "TokenCredit", "chain_credit", "section_credit", "stray_tags",
+    "token_credit", "token_sections", "LOG_RATIO_CLAMP", "SurrogateOutput", "clipped_surrogate",
+    "gather_token_log_probs", "image_surrogate", "k3_kl", "needs_reference", "token_mean",
+]

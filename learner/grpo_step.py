@@ -1,0 +1,178 @@
+"""The GRPO update of one learner rank, on its shard of the step's chains.
+
+    for each update epoch:                                  (old log-probs stay the rollout's)
+        for each micro-batch of learner.micro_batch_size chains:
+            policy:    re-score prompt + completion with the context images -> clipped surrogate, text tokens
+                       (+ beta * k3 KL to the frozen reference)       / global text-token count -> backward
+            diffusion: for each trained denoising step of each stage (diffusion.train_steps_fraction):
+                       re-score that step of every chain -> clipped surrogate / global step count -> backward
+                       (one backward per step: memory holds one step's UNet graph, as in Flow-GRPO)
+        (+ grpo.sft_coef x the cold start's cross-entropy on the step's target chains: PPO-ptx)
+        step both engines (one optimizer step per epoch)
+
+Dividing by the *global* counts (all micro-batches on all ranks) makes the accumulated gradient exactly the
+token-mean of the whole batch however it is split (``core.grpo.token_mean``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from core.grpo import TrainBatch, clipped_surrogate, image_surrogate, k3_kl, token_mean, trained_steps
+from core.records import Rollout
+from learner import engine as eng
+from learner.batching import MicroBatch, add, micro_batches, reduce_sums
+from learner.rank import Rank
+from learner.scoring import policy_log_probs, trace_layout
+from learner.sft_step import target_micro_batches, text_cross_entropy
+
+# Metrics of core.grpo.SurrogateOutput that are masked means: aggregated over ranks weighted by their tokens.
+MEAN_METRICS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "approx_kl", "ratio_mean",
+                "old_logp_mean")
+
+
+def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout],
+               sft_records: Sequence[Any] = ()) -> dict[str, float]:
+    """GRPO update on this rank's shard: ``batch`` row i pairs with ``rollouts[i]``. Returns metrics aggregated
+    over all ranks (identical on every rank). ``sft_records``: this rank's target chains for ``grpo.sft_coef``
+    (a zero-weight copy on a rank without); every rank gets some or none."""
+    t0 = time.perf_counter()
+    w.validate_shard(batch, rollouts)
+    ptx: list[MicroBatch] = []
+    ptx_tokens = 0.0
+    if w.grpo.sft_coef > 0 and sft_records and "policy" in w.engines:
+        ptx, ptx_tokens = target_micro_batches(w, sft_records, "train_step")
+        ptx = ptx if ptx_tokens > 0 else []
+    micro = micro_batches(batch, rollouts, w.cfg.micro_batch_size, w.all_reduce)
+    passes = _image_passes(w, micro)
+    local_tokens = sum(m.batch.num_tokens for m in micro)
+    local_steps = sum(m.batch.num_steps for m, n in zip(micro, passes) if n)
+    global_tokens, global_steps = w.all_reduce([local_tokens, local_steps])
+    train_text = "policy" in w.engines and global_tokens > 0
+    train_image = "diffusion" in w.engines and global_steps > 0
+
+    sums: dict[str, float] = {}
+    extremes = {f"{kind}_ratio_{end}": (-math.inf if end == "max" else math.inf)
+                for kind in ("text", "image") for end in ("max", "min")}
+    lrs = {name: eng.current_lr(e) for name, e in w.engines.items()}
+    norms: dict[str, list[float]] = {name: [] for name in w.engines}
+    for _epoch in range(w.grpo.update_epochs):
+        for m, n in zip(micro, passes):
+            if train_text:
+                _text_micro_step(w, m, global_tokens, sums, extremes)
+            if train_image and n:
+                _image_micro_step(w, m, global_steps, sums, extremes)
+        for m in ptx:
+            text_cross_entropy(w, m, ptx_tokens, sums, w.grpo.sft_coef, prefix="ptx_")
+        stepped = False
+        for name, e in w.engines.items():
+            if (name == "policy" and (train_text or ptx)) or (name == "diffusion" and train_image):
+                e.step()
+                norms[name].append(eng.grad_norm(e))
+                stepped = True
+        w.optimizer_steps += int(stepped)
+    return _metrics(w, sums, extremes, norms, lrs, global_tokens, global_steps, len(batch), t0)
+
+
+def _image_passes(w: Rank, micro: Sequence[MicroBatch]) -> list[int]:
+    """Per micro-batch, how many image backward passes it runs (its trained steps over all stages): 0 where
+    any rank has no traces to re-score. ZeRO's collectives run per backward, so every rank must run the same
+    number: a mismatch is an error on every rank, never a hang."""
+    if "diffusion" not in w.engines:
+        return [0] * len(micro)
+    fraction = w.diffusion_cfg.train_steps_fraction
+    local = [sum(len(trained_steps(s, fraction)) for _, s in trace_layout(m.rollouts)) for m in micro]
+    low, high = w.all_reduce(local, "min"), w.all_reduce(local, "max")
+    if low != high:
+        raise RuntimeError(f"learner ranks disagree on the image passes per micro-batch: {low} vs {high}")
+    return [int(n) for n in low]
+
+
+def _text_micro_step(w: Rank, m: MicroBatch, global_tokens: float, sums: dict[str, float],
+                     extremes: dict[str, float]) -> None:
+    policy = w.engines["policy"]
+    mb = m.batch
+    logp = policy_log_probs(policy, w.tokens, mb, m.rollouts, w.device, w.logprob_temperature)  # (B, L), grad
+    old, adv, mask = (t.to(w.device) for t in (mb.old_log_probs, mb.advantages, mb.loss_mask))
+    out = clipped_surrogate(logp, old, adv, mask, w.grpo.clip_low, w.grpo.clip_high)
+    text_loss = token_mean(out.loss, mask, global_tokens)
+    loss = w.grpo.text_loss_weight * text_loss
+    if w.reference is not None:
+        with torch.no_grad():
+            ref_logp = policy_log_probs(w.reference, w.tokens, mb, m.rollouts, w.device, w.logprob_temperature)
+        kl = token_mean(k3_kl(logp, ref_logp), mask, global_tokens)
+        loss = loss + w.grpo.kl_beta * kl
+        add(sums, "kl", kl.item())
+    policy.backward(loss * eng.dp_loss_scale(), scale_wrt_gas=False)
+    add(sums, "text_loss", text_loss.item())
+    _accumulate(sums, extremes, "text", out.metrics)
+
+
+def _image_micro_step(w: Rank, m: MicroBatch, global_steps: float, sums: dict[str, float],
+                      extremes: dict[str, float]) -> None:
+    """One backward per trained (stage, step): that step of every chain of the micro-batch, re-scored."""
+    diffusion = w.engines["diffusion"]
+    mb = m.batch
+    old, adv, mask = (t.to(w.device) for t in (mb.step_old_log_probs, mb.chain_advantages, mb.step_mask))
+    offset = 0
+    for j, (_stage, num_steps) in enumerate(trace_layout(m.rollouts)):
+        traces = [r.traces[j] for r in m.rollouts]
+        for k in trained_steps(num_steps, w.diffusion_cfg.train_steps_fraction):
+            col = slice(offset + k, offset + k + 1)
+            logp = diffusion(traces, step_indices=[k])  # (B, 1) with grad
+            out = image_surrogate(logp.float(), old[:, col], adv, w.grpo.clip_low, w.grpo.clip_high, mask[:, col])
+            image_loss = token_mean(out.loss, mask[:, col], global_steps)
+            diffusion.backward(w.grpo.image_loss_weight * image_loss * eng.dp_loss_scale(), scale_wrt_gas=False)
+            add(sums, "image_loss", image_loss.item())
+            _accumulate(sums, extremes, "image", out.metrics)
+        offset += num_steps
+
+
+def _accumulate(sums: dict[str, float], extremes: dict[str, float], kind: str,
+                metrics: Mapping[str, Tensor]) -> None:
+    """Token-weighted sums of the masked-mean metrics, and running extremes of the ratio."""
+    tokens = float(metrics["tokens"])
+    for name in MEAN_METRICS:
+        add(sums, f"{kind}_{name}", float(metrics[name]) * tokens)
+    if tokens > 0:
+        extremes[f"{kind}_ratio_max"] = max(extremes[f"{kind}_ratio_max"], float(metrics["ratio_max"]))
+        extremes[f"{kind}_ratio_min"] = min(extremes[f"{kind}_ratio_min"], float(metrics["ratio_min"]))
+
+
+def _metrics(w: Rank, sums: dict[str, float], extremes: dict[str, float],
+             norms: dict[str, list[float]], lrs: dict[str, float], global_tokens: float, global_steps: float,
+             chains: int, t0: float) -> dict[str, float]:
+    """Sum the per-rank partial sums over ranks and turn them into batch means."""
+    totals = reduce_sums(sums, w.all_reduce)
+    maxima = w.all_reduce([extremes[k] if "max" in k else -extremes[k] for k in sorted(extremes)], "max")
+    epochs = w.grpo.update_epochs
+    m: dict[str, float] = {
+        "tokens": global_tokens,
+        "diffusion_steps": global_steps,
+        "chains": w.all_reduce([chains])[0],
+        "optimizer_steps": w.optimizer_steps,
+    }
+    for k in ("text_loss", "image_loss", "kl"):
+        if k in totals:
+            m[k] = totals[k] / epochs
+    if "ptx_text_loss" in totals:  # grpo.sft_coef's cross-entropy on the target chains
+        m["ptx_loss"] = totals["ptx_text_loss"] / epochs
+        m["ptx_token_accuracy"] = totals["ptx_correct_tokens"] / totals["ptx_target_tokens"]
+    for kind, count in (("text", global_tokens), ("image", global_steps)):
+        for name in MEAN_METRICS:
+            if f"{kind}_{name}" in totals:
+                m[f"{kind}_{name}"] = totals[f"{kind}_{name}"] / (count * epochs)
+    for k, v in zip(sorted(extremes), maxima):
+        if math.isfinite(v):
+            m[k] = v if "max" in k else -v
+    for name, values in norms.items():
+        if values:
+            m[f"{name}_grad_norm"] = sum(values) / len(values)
+        m[f"{name}_lr"] = lrs[name]
+    m["seconds"] = time.perf_counter() - t0
+    return m

@@ -1,0 +1,139 @@
+"""What a learner rank writes and gathers: full weights for the rollout actors (serialised buckets), the HF /
+diffusers export, and DeepSpeed checkpoints. Every function is a collective under ZeRO-3: all ranks must call
+it, in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from core.weights import bucket_named_tensors, serialize_bucket
+from learner import engine as eng
+from learner.rank import Rank
+
+WORKER_STATE_FILE = "learner_state.json"
+CHECKPOINT_TAG = "zero"  # DeepSpeed's tag subdirectory; fixed so a checkpoint dir holds exactly one state
+
+
+def serialized_state(w: Rank, model: str) -> tuple[list[bytes], dict[str, float]]:
+    """Rank 0: the full weights of ``model`` as safetensors buckets of ``learner.sync_bucket_mb`` (ready for
+    the object store); other ranks: []. A collective (ZeRO-3 gathers): all ranks must call it."""
+    start = time.perf_counter()
+    state = gather_full_state(w, model)
+    blobs = [serialize_bucket(b) for b in bucket_named_tensors(state.items(), w.cfg.sync_bucket_mb << 20)]
+    return blobs, {"bytes": float(sum(len(b) for b in blobs)), "buckets": float(len(blobs)),
+                   "tensors": float(len(state)), "seconds": time.perf_counter() - start}
+
+
+def gather_full_state(w: Rank, model: str) -> dict[str, Tensor]:
+    """Full CPU weights of ``model`` ("policy" | "diffusion") on rank 0, {} on the others. A collective:
+    ALL ranks must call it (ZeRO-3 all-gathers, a bucket at a time)."""
+    module = w.engine(model).module
+    full = eng.iter_full_state(module, bucket_bytes=w.cfg.sync_bucket_mb << 20)
+    if w.rank == 0:
+        return dict(full)
+    for _ in full:
+        pass
+    return {}
+
+
+def parameter_digest(w: Rank, model: str) -> dict[str, float]:
+    """Sum of each parameter as this rank holds it (its shard under ZeRO-3). Equal on every rank for
+    ZeRO 0-2, whose ranks keep full replicas: a cheap check that replicas did not diverge."""
+    module = w.engine(model).module
+    return {
+        n: float(getattr(p, "ds_tensor", p).detach().double().sum()) for n, p in module.named_parameters()
+    }
+
+
+def export_hf(w: Rank, directory: str) -> dict[str, str]:
+    """Write ``directory/policy`` (HF: weights, config, processor; loadable by from_pretrained and vLLM)
+    and ``directory/diffusion`` (the diffusers pipeline) on rank 0. A frozen model is copied from its
+    configured path. A collective under ZeRO-3: all ranks must call it. Returns {model: path} on rank 0.
+    """
+    out = Path(directory)
+    written: dict[str, str] = {}
+    if "policy" in w.engines:
+        state = gather_full_state(w, "policy")
+        if w.rank == 0:
+            target = out / "policy"
+            w.engines["policy"].module.save_pretrained(
+                target, state_dict=state, safe_serialization=True
+            )
+            w.tokens.processor.save_pretrained(target)
+            written["policy"] = str(target)
+    elif w.rank == 0:
+        written["policy"] = _copy_dir(w.policy_cfg.path, out / "policy")
+    if "diffusion" in w.engines:
+        module = w.engines["diffusion"].module
+        # diffusers' save_pretrained takes no state_dict: gather the whole module for the save
+        with eng.full_parameters(module.parameters()):
+            if w.rank == 0:
+                module.pipeline.save_pretrained(out / "diffusion")
+                written["diffusion"] = str(out / "diffusion")
+    elif w.rank == 0:
+        written["diffusion"] = _copy_dir(w.diffusion_cfg.path, out / "diffusion")
+    if w.world_size > 1:
+        torch.distributed.barrier()
+    return written
+
+
+def save_checkpoint(w: Rank, directory: str) -> None:
+    """DeepSpeed checkpoint of every trained model (weights, optimizer and LR-scheduler state, each rank
+    its own ZeRO shard) under ``directory/<model>/``. All ranks; ``directory`` must be on storage every
+    rank can reach (one node, or a shared filesystem)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, e in w.engines.items():
+        e.save_checkpoint(
+            str(out / name), tag=CHECKPOINT_TAG, client_state={"optimizer_steps": w.optimizer_steps}
+        )
+    if w.rank == 0:
+        state = {
+            "optimizer_steps": w.optimizer_steps,
+            "trained": sorted(w.engines),
+            "world_size": w.world_size,
+            "zero_stage": w.cfg.zero_stage,
+        }
+        (out / WORKER_STATE_FILE).write_text(json.dumps(state, indent=1))
+    if w.world_size > 1:
+        torch.distributed.barrier()
+
+
+def load_checkpoint(w: Rank, directory: str) -> None:
+    """Restore what ``save_checkpoint`` wrote (same world size and ZeRO stage). All ranks."""
+    src = Path(directory)
+    state_file = src / WORKER_STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file}: not a learner checkpoint (missing {WORKER_STATE_FILE})")
+    state = json.loads(state_file.read_text())
+    missing = sorted(set(w.engines) - set(state.get("trained", [])))
+    if missing:
+        raise ValueError(
+            f"{src}: checkpoint has no state for {missing} (trained then: {state.get('trained')})"
+        )
+    for key, mine in (("world_size", w.world_size), ("zero_stage", w.cfg.zero_stage)):
+        if state.get(key) != mine:
+            raise ValueError(f"{state_file}: saved with {key}={state.get(key)}, this learner has {mine}")
+    for name, e in w.engines.items():
+        path, _client_state = e.load_checkpoint(
+            str(src / name), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(
+                f"{src / name}: DeepSpeed found no checkpoint (tag {CHECKPOINT_TAG!r})"
+            )
+    w.optimizer_steps = int(state["optimizer_steps"])
+
+
+def _copy_dir(src: str, dst: Path) -> str:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return str(dst)
