@@ -101,7 +101,8 @@ class LearnerWorker:
         self.engines: dict[str, Any] = {}
         self.tokens: Optional[ChainTokens] = None  # the policy's processor + token layout
         self.tags: Optional[ChainTags] = None  # the chain tags' ids, for token credit
-        self.credit = token_credit(grpo.token_credit)
+        # a frozen policy has no tokens to credit: the chain rule keeps the batch layout and is never trained on
+        self.credit = token_credit(None if policy.freeze else grpo.token_credit)
         self.reference: Optional[nn.Module] = None
         if not policy.freeze:
             self.tokens = ChainTokens.from_pretrained(policy.path)
@@ -197,8 +198,7 @@ class LearnerWorker:
         chain and trains a masked copy (zero loss) to stay in step with the others' collectives."""
         pad_id = self.tokens.tokenizer.pad_token_id if self.tokens is not None else 0
         batch = build_train_batch(list(rollouts), list(advantages), pad_token_id=pad_id or 0,
-                                  credit=self.credit if self.tokens is not None else token_credit(None),
-                                  tags=self.tags,
+                                  credit=self.credit, tags=self.tags,
                                   train_steps_fraction=self.diffusion_cfg.train_steps_fraction)
         if padding:
             batch = masked_copy(batch)

@@ -215,10 +215,11 @@ def _save_images(out: Path, samples: Sequence, rollouts: Sequence, bicubics: dic
         save_png(f"{base}_bicubic.png", bicubics[s.prompt_id])
         if s.hr is not None:
             save_png(f"{base}_hr.png", s.hr)
+    by_id = {s.prompt_id: s for s in samples}
     for r in rollouts:
-        s = next(x for x in samples if x.prompt_id == r.prompt_id)
+        base = f"{r.prompt_id:04d}_{_safe(by_id[r.prompt_id].image_id)}"
         for stage, image in r.images.items():
-            save_png(out / "images" / f"{s.prompt_id:04d}_{_safe(s.image_id)}_s{r.sample_index}_{stage}.png", image)
+            save_png(out / "images" / f"{base}_s{r.sample_index}_{stage}.png", image)
 
 
 def reward_summary(per_chain: Sequence[dict], reward_cfg, dropped: dict[str, str]) -> dict[str, dict]:

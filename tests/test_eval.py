@@ -54,9 +54,18 @@ def _run(argv: list[str]) -> int:
 def synthetic(env):
     out = env / "synthetic"
     rc = _run(["--checkpoint", str(env / "models"), "--data", "skimage", "--split", "eval", "--num", "3",
-               "--out", str(out), "--metric-weights", str(env / "weights"), *FAST])
+               "--out", str(out), "--metric-weights", str(env / "weights"), "--save-images", *FAST])
     assert rc == 0
     return json.loads((out / "eval.json").read_text()), (out / "eval.md").read_text()
+
+
+def test_save_images_writes_every_input_and_stage(synthetic, env):
+    report, _ = synthetic
+    names = {p.name for p in (env / "synthetic" / "images").iterdir()}
+    for row in report["per_chain"]:
+        base = f"{row['prompt_id']:04d}_{row['image_id']}"
+        assert {f"{base}_lr.png", f"{base}_bicubic.png", f"{base}_hr.png"} <= names
+        assert {f"{base}_s{row['sample_index']}_{stage}.png" for stage in ("rough", "middle", "final")} <= names
 
 
 def test_synthetic_report_rewards(synthetic):

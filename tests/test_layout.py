@@ -49,6 +49,13 @@ def test_imports_only_go_down_and_never_sideways():
     assert not problems, "\n".join(problems)
 
 
+def test_every_package_of_the_project_has_a_floor():
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {p.rstrip("*") for p in include} == set(FLOORS)
+
+
 def test_the_floor_check_sees_an_upward_import(tmp_path):
     """The guard itself can fail: an upward import in a core module is reported."""
     bad = tmp_path / "bad.py"

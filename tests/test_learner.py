@@ -195,6 +195,12 @@ def _config(models, *overrides: str) -> ExperimentConfig:
     )
 
 
+def _one_rank(models, port: int, *overrides: str) -> LearnerWorker:
+    """A fresh world-size-1 ZeRO-2 worker, two chains a micro-batch."""
+    return _solo(_config(models, "learner.num_ranks=1", "learner.zero_stage=2", "learner.micro_batch_size=2",
+                         *overrides), port)
+
+
 def _solo(cfg: ExperimentConfig, port: int) -> LearnerWorker:
     env = {
         "RANK": "0",
@@ -405,9 +411,7 @@ def test_stray_tag_penalty_reaches_the_learners_loss(models, chains, port, stray
     _, rollouts = chains
     losses = {}
     for penalty in (0.0, 1.0):
-        cfg = _config(models, "learner.num_ranks=1", "learner.zero_stage=2", "learner.micro_batch_size=2",
-                      "diffusion.freeze=true", f"grpo.token_credit.stray_tag_penalty={penalty}")
-        worker = _solo(cfg, port)
+        worker = _one_rank(models, port, "diffusion.freeze=true", f"grpo.token_credit.stray_tag_penalty={penalty}")
         ids = rollouts[0].token_ids.clone()
         ids[int(rollouts[0].text_mask.nonzero()[0])] = worker.tokens.single_token_id(stray)
         doctored = replace(rollouts[0], token_ids=ids)
@@ -424,9 +428,7 @@ def test_train_steps_fraction_halves_the_rescored_and_trained_steps(models, chai
     _, rollouts = chains
     seen = {}
     for fraction in (1.0, 0.5):
-        cfg = _config(models, "learner.num_ranks=1", "learner.zero_stage=2", "learner.micro_batch_size=2",
-                      "policy.freeze=true", f"diffusion.train_steps_fraction={fraction}")
-        worker = _solo(cfg, port)
+        worker = _one_rank(models, port, "policy.freeze=true", f"diffusion.train_steps_fraction={fraction}")
         calls: list[tuple[int, ...]] = []
         rescore = worker.pipeline.trace_log_probs
 
@@ -446,9 +448,7 @@ def test_train_steps_fraction_halves_the_rescored_and_trained_steps(models, chai
 def _one_policy_step(models, chains, port, override: str):
     """A one-rank worker with ``override`` after one step: (worker, the policy's names, the names it changed)."""
     batch, rollouts = chains
-    cfg = _config(models, "learner.num_ranks=1", "learner.zero_stage=2", "learner.micro_batch_size=2",
-                  "diffusion.freeze=true", override)
-    worker = _solo(cfg, port)
+    worker = _one_rank(models, port, "diffusion.freeze=true", override)
     before = worker.gather_full_state("policy")
     worker.train_step(batch, *rollouts)
     after = worker.gather_full_state("policy")

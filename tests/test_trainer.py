@@ -155,6 +155,8 @@ def test_killed_reward_actor_work_is_reissued(setup):
 
 
 def test_checkpoint_then_resume_restores_step_cursor_and_weights(setup):
+    """Resumed with PPO-ptx, one prompt a step and a held-out evaluation every 2 steps (a resume may change the
+    batch): the tests after this one use the resumed run."""
     trainer = setup["trainer"]
     path = trainer.save_checkpoint()
     assert ckpt.latest_complete(Path(setup["cfg"].trainer.checkpoint_dir)) == path
@@ -166,16 +168,44 @@ def test_checkpoint_then_resume_restores_step_cursor_and_weights(setup):
     trainer.rewards.shutdown()
     from rl.trainer import GRPOTrainer
 
-    resumed = GRPOTrainer(_config(setup["tmp"], setup["models"], "trainer.resume=true"))
+    resumed = GRPOTrainer(_config(setup["tmp"], setup["models"], "trainer.resume=true", "grpo.sft_coef=0.5",
+                                  "grpo.prompts_per_step=1", "grpo.filter_zero_variance=false",
+                                  f"trainer.eval_every={step + 2}", "trainer.eval_images=1"))
     setup["resumed"] = resumed
+    assert resumed.cfg.learner.num_ranks == 2
     assert (resumed.step_id, resumed.cursor) == (step, cursor)
     live = resumed.learner.gather_full_state("policy")
     assert len(saved) > 0
     for name, tensor in saved.items():  # exported (on-disk) names -> the learner's in-memory names
         assert torch.equal(live[hf_param_name(name)], tensor), name
-    metrics = resumed.step()  # and it trains on from there
-    assert resumed.step_id == step + 1 and resumed.cursor == cursor + B
+    setup["resumed_step"] = metrics = resumed.step()  # and it trains on from there
+    assert resumed.step_id == step + 1 and resumed.cursor == cursor + 1
     assert metrics["policy/version"] >= 1
+
+
+def test_sft_coef_trains_the_step_target_chains_on_every_rank(setup):
+    """grpo.sft_coef (PPO-ptx) end to end: the driver builds the step's target chains, the group shards them
+    over both learner ranks (one prompt: the second rank gets a zero-weight copy) and the update adds their
+    cross-entropy."""
+    metrics = setup["resumed_step"]
+    assert metrics["learner/ptx_loss"] > 0 and 0 <= metrics["learner/ptx_token_accuracy"] <= 1
+    assert metrics["learner/policy_grad_norm"] > 0
+    assert not any(k.startswith("eval/") for k in metrics)  # not an evaluation step
+
+
+def test_eval_every_writes_held_out_rewards_at_its_steps_only(setup):
+    run = setup["resumed"]
+    metrics = run.step()
+    every = run.cfg.trainer.eval_every
+    assert run.step_id == every  # the first evaluation step after the resume
+    assert metrics["eval/chains"] == 1 * G  # eval_images x group_size held-out chains
+    for part in ("format", "degradation", "understanding", "generation", "total"):
+        assert 0.0 <= metrics[f"eval/reward/{part}/mean"] <= 4.0, part
+    assert any(k.startswith("eval/reward/quality/") for k in metrics)  # the image metrics (piqe, psnr, ssim)
+    run.monitor.flush()
+    scalars = read_scalars(run.cfg.trainer.log_dir)
+    assert [s for s, _ in scalars["eval/reward/total/mean"]] == [every]
+    assert [s for s, _ in scalars["reward/total/mean"]][-2:] == [every - 1, every]
 
 
 def test_learner_rank_death_ends_the_run_cleanly_with_the_checkpoint_intact(setup):
@@ -190,42 +220,3 @@ def test_learner_rank_death_ends_the_run_cleanly_with_the_checkpoint_intact(setu
         trainer.fit()
     assert ckpt.latest_complete(root) == before
     ckpt.verify_checkpoint(before)  # every file of the manifest is there, sizes match
-
-
-@pytest.fixture(scope="module")
-def second_run(setup):
-    """A fresh run (the first one's actors shut down to free the CPUs) with PPO-ptx and a held-out evaluation
-    every 2 steps."""
-    old = setup["resumed"]
-    old.rollouts.shutdown()
-    old.learner.shutdown()
-    old.rewards.shutdown()
-    from rl.trainer import GRPOTrainer
-
-    cfg = _config(setup["tmp"] / "second", setup["models"], "grpo.sft_coef=0.5", "grpo.prompts_per_step=1",
-                  "grpo.filter_zero_variance=false", "trainer.eval_every=2", "trainer.eval_images=1")
-    assert cfg.learner.num_ranks == 2
-    return GRPOTrainer(cfg)
-
-
-def test_sft_coef_trains_the_step_target_chains_on_every_rank(second_run):
-    """grpo.sft_coef (PPO-ptx) end to end: the driver builds the step's target chains, the group shards them
-    over both learner ranks (one prompt: the second rank gets a zero-weight copy) and the update adds their
-    cross-entropy."""
-    metrics = second_run.step()
-    assert metrics["learner/ptx_loss"] > 0 and 0 <= metrics["learner/ptx_token_accuracy"] <= 1
-    assert metrics["learner/policy_grad_norm"] > 0
-    assert not any(k.startswith("eval/") for k in metrics)  # step 1: no held-out evaluation
-
-
-def test_eval_every_writes_held_out_rewards_every_2_steps(second_run):
-    metrics = second_run.step()
-    assert second_run.step_id == 2
-    assert metrics["eval/chains"] == 1 * G  # eval_images x group_size held-out chains
-    for part in ("format", "degradation", "understanding", "generation", "total"):
-        assert 0.0 <= metrics[f"eval/reward/{part}/mean"] <= 4.0, part
-    assert any(k.startswith("eval/reward/quality/") for k in metrics)  # the image metrics (piqe, psnr, ssim)
-    second_run.monitor.flush()
-    scalars = read_scalars(second_run.cfg.trainer.log_dir)
-    assert [s for s, _ in scalars["eval/reward/total/mean"]] == [2]
-    assert [s for s, _ in scalars["reward/total/mean"]] == [1, 2]
