@@ -1,9 +1,11 @@
 """RolloutGroup: R Ray actors around RolloutWorker, one bundle each (the only Ray code of actors/).
 
-``submit_generate`` returns one ObjectRef per chain, so rewards and learner ranks fetch only the chains they need
-and the driver never holds pixels. Actors restart on failure (rollout.max_restarts) and Ray re-runs the task in
-flight on the restarted actor; the call carries the latest WeightUpdate, so a restarted actor catches up to the
-current policy version before it samples (a step never mixes versions silently).
+``submit_generate`` returns two ObjectRefs per chain: the whole Rollout (tokens, log-probs, diffusion traces) for
+the learner ranks, and its scoring view (text and final image, ``Rollout.scoring_view``) for the reward actors, so
+each side fetches only what it needs and the driver never holds pixels. Actors restart on failure
+(rollout.max_restarts) and Ray re-runs the task in flight on the restarted actor; the call carries the latest
+WeightUpdate, so a restarted actor catches up to the current policy version before it samples (a step never mixes
+versions silently).
 """
 
 from __future__ import annotations
@@ -18,34 +20,61 @@ from core.actor_group import ActorGroup
 from core.config import ExperimentConfig
 from core.records import Sample, WeightUpdate
 
+WEIGHTS_THREAD = "weights"  # the actors' concurrency group of the collective weight sync
+
 
 class RolloutGroup(ActorGroup):
     def __init__(self, cfg: ExperimentConfig):
         rc = cfg.rollout
         super().__init__("rollout", rc.num_actors, rc.num_cpus, rc.num_gpus, cfg.ray.placement_strategy,
                          f"{cfg.name}-rollout")
+        # the "weights" thread receives a collective weight sync while the default thread runs a rollout
         self.start(RolloutWorker, lambda i: ((cfg, i), {}), max_restarts=rc.max_restarts,
-                   max_task_retries=rc.max_restarts)
+                   max_task_retries=rc.max_restarts, concurrency_groups={WEIGHTS_THREAD: 1})
         ray.get([a.ping.remote() for a in self.actors])  # fail here, not mid-step, if an engine cannot start
         self.latest: WeightUpdate | None = None
 
-    def submit_generate(self, samples: Sequence[Sample], group_size: int, seed: int) -> list[ray.ObjectRef]:
-        """B samples -> B*G refs of Rollout, ordered [p0s0, ..., p0s(G-1), p1s0, ...]; prompts split evenly."""
-        refs: list[ray.ObjectRef] = []
+    def submit_generate(self, samples: Sequence[Sample], group_size: int, seed: int
+                        ) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
+        """B samples -> (B*G refs of Rollout, B*G refs of their scoring views), both ordered
+        [p0s0, ..., p0s(G-1), p1s0, ...]; prompts split evenly over the actors."""
+        chains: list[ray.ObjectRef] = []
+        views: list[ray.ObjectRef] = []
         chunks = np.array_split(np.arange(len(samples)), len(self.actors))
         for actor, idx in zip(self.actors, chunks):
             if len(idx) == 0:
                 continue
             chunk = [samples[i] for i in idx]
             n = len(chunk) * group_size
-            out = actor.generate.options(num_returns=n).remote(chunk, group_size, seed, self.latest)
-            refs.extend(out if n > 1 else [out])
-        return refs
+            out = actor.generate_with_views.options(num_returns=2 * n).remote(chunk, group_size, seed, self.latest)
+            chains.extend(out[:n])
+            views.extend(out[n:])
+        return chains, views
+
+    def offer(self, update: WeightUpdate) -> None:
+        """Make ``update`` the weights every later ``submit_generate`` call carries (each actor loads it before
+        it samples, if it is behind), without waiting: the asynchronous pipeline's sync."""
+        self.latest = update
 
     def load_weights(self, update: WeightUpdate) -> list[dict[str, float]]:
-        """Every actor loads ``update`` in place; blocking. Remembered for actors that restart later."""
+        """Every actor loads ``update`` in place; blocking. Remembered for actors that restart later. An update
+        without weights (the collective sync already delivered them) is only remembered."""
         self.latest = update
+        if not update.policy and not update.diffusion:
+            return []
         return ray.get([a.load_weights.remote(update) for a in self.actors])
+
+    def submit_join_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float
+                                 ) -> list[ray.ObjectRef]:
+        """Every actor joins the collective weight-sync group as member 1..R (learner rank 0 is member 0)."""
+        return [a.join_weight_group.options(concurrency_group=WEIGHTS_THREAD).remote(
+            host, port, i + 1, world_size, backend, timeout_s) for i, a in enumerate(self.actors)]
+
+    def submit_receive_weights(self, models: Sequence[str], version: int, defer: bool) -> list[ray.ObjectRef]:
+        """Every actor receives a collective sync of ``models`` (in its "weights" thread, beside a rollout);
+        ``defer``: loaded by the first rollout call that carries ``version``, else at once."""
+        return [a.receive_weights.options(concurrency_group=WEIGHTS_THREAD).remote(models, version, defer)
+                for a in self.actors]
 
     def versions(self) -> list[tuple[int, int]]:
         return ray.get([a.versions.remote() for a in self.actors])

@@ -4,6 +4,7 @@ actors/group.py). Every method is a short delegation; environment set-up happens
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Iterable, Sequence
 
@@ -28,6 +29,12 @@ class RolloutWorker:
         configure_process(cfg.rollout.num_cpus)
         device = "cuda" if cfg.rollout.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.worker_index = worker_index
+        self.device = device
+        self.sync_group = None  # learner.sync_backend: collective (join_weight_group)
+        # collective sync in the asynchronous pipeline: version -> [(model, tensors)] received while a rollout
+        # ran, loaded by the first rollout call that carries that version (receive_weights(defer=True))
+        self._staged: dict[int, list[tuple[str, list[tuple[str, torch.Tensor]]]]] = {}
+        self._staged_lock = threading.Lock()
         self.engine = build_text_engine(
             cfg.rollout.engine, cfg.policy.path, cfg.rollout.sampling, cfg.chain.max_stage_tokens,
             vllm=cfg.rollout.vllm, dtype=cfg.policy.dtype, device=device, seed=cfg.trainer.seed + worker_index,
@@ -40,12 +47,21 @@ class RolloutWorker:
     # ------------------------------------------------------------------------------------------ rollout
     def generate(self, samples: Sequence[Sample], group_size: int, seed: int,
                  weights: WeightUpdate | None = None) -> list[Rollout]:
-        """B samples -> B*G rollouts; first catches up with ``weights`` if this worker is behind (a restart)."""
-        if weights is not None and weights.version > self.policy_version:
-            log.warning("rollout worker %d at version %d catches up to %d before sampling",
-                        self.worker_index, self.policy_version, weights.version)
+        """B samples -> B*G rollouts; first loads ``weights`` if this worker is behind (after a restart, or the
+        asynchronous pipeline's update carried by the call, whose weights were staged by ``receive_weights``)."""
+        if weights is not None:
+            self._load_staged(weights.version)
+        if weights is not None and weights.version > max(self.policy_version, self.diffusion_version):
+            log.info("rollout worker %d at version %d loads version %d before sampling",
+                     self.worker_index, max(self.policy_version, self.diffusion_version), weights.version)
             self.load_weights(weights)
         return self.sampler.sample(samples, group_size, seed, self.policy_version, self.diffusion_version)
+
+    def generate_with_views(self, samples: Sequence[Sample], group_size: int, seed: int,
+                            weights: WeightUpdate | None = None) -> list:
+        """``generate``, then each rollout's scoring view: [r_0 .. r_n-1, view_0 .. view_n-1] (2n returns)."""
+        rollouts = self.generate(samples, group_size, seed, weights)
+        return rollouts + [r.scoring_view() for r in rollouts]
 
     # ------------------------------------------------------------------------------------------ weights
     def load_weights(self, update: WeightUpdate) -> dict[str, float]:
@@ -61,6 +77,54 @@ class RolloutWorker:
             self.diffusion_version = update.version
         return {"load_s": time.perf_counter() - start, "version": float(update.version)}
 
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                          timeout_s: float) -> int:
+        """Join the collective weight-sync group (learner rank 0 is its root) as member ``rank``."""
+        from core import weight_broadcast
+
+        self.sync_group = weight_broadcast.open_group(host, port, rank, world_size, backend, timeout_s)
+        return rank
+
+    def receive_weights(self, models: Sequence[str], version: int, defer: bool = False) -> dict[str, float]:
+        """Receive ``models`` ("policy", "diffusion", in the learner's order) from the weight-sync group's root:
+        the collective twin of ``load_weights``. ``defer``: keep them for the first rollout call that carries
+        ``version`` (the asynchronous pipeline, where this runs beside a rollout in the actor's "weights"
+        thread); otherwise load them now."""
+        from core import weight_broadcast
+
+        if self.sync_group is None:
+            raise RuntimeError(f"rollout worker {self.worker_index} is not in the weight-sync group (restarted?)")
+        start = time.perf_counter()
+        received = [(model, list(weight_broadcast.receive_weights(self.sync_group, self.device))) for model in models]
+        receive_s = time.perf_counter() - start
+        with self._staged_lock:
+            if defer:
+                self._staged[version] = received
+            else:
+                self._load_received(received, version)
+        return {"receive_s": receive_s, "load_s": time.perf_counter() - start - receive_s, "version": float(version)}
+
+    def _load_staged(self, upto: int) -> None:
+        """Load the newest staged weights of a version <= ``upto`` (older staged ones are dropped)."""
+        with self._staged_lock:
+            ready = [v for v in self._staged if v <= upto]
+            if not ready:
+                return
+            newest = max(ready)
+            received = self._staged[newest]
+            for v in ready:
+                del self._staged[v]
+            self._load_received(received, newest)
+
+    def _load_received(self, received: Sequence[tuple[str, list[tuple[str, torch.Tensor]]]], version: int) -> None:
+        for model, tensors in received:
+            if model == "policy":
+                self.engine.load_weights(tensors, version)
+                self.policy_version = version
+            else:
+                self.load_diffusion_state(tensors)
+                self.diffusion_version = version
+
     def load_diffusion_state(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Names ``unet.*`` / ``text_encoder.*`` go to those components (strict: every weight must arrive)."""
         parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
@@ -72,6 +136,18 @@ class RolloutWorker:
         for component, state in parts.items():
             if state:
                 getattr(self.pipeline, component).load_state_dict(state, strict=True)
+
+    def named_weights(self, model: str) -> dict[str, torch.Tensor]:
+        """The weights this actor samples with, by the learner's names ("policy": the HF engine's parameters;
+        "diffusion": ``unet.*`` / ``text_encoder.*``): to check that a sync delivered them."""
+        if model == "diffusion":
+            return {f"{part}.{k}": v for part in ("unet", "text_encoder")
+                    for k, v in getattr(self.pipeline, part).state_dict().items()}
+        hf_model = getattr(self.engine, "model", None)
+        if hf_model is None:
+            raise NotImplementedError(f"{type(self.engine).__name__} keeps the policy in its own (fused) layout; "
+                                      "rollout.engine: hf exposes it by the learner's names")
+        return dict(hf_model.named_parameters())
 
     def versions(self) -> tuple[int, int]:
         return self.policy_version, self.diffusion_version

@@ -62,8 +62,10 @@ class ActorGroup:
 
     def start(self, worker_cls: type, args: ActorArgs, **options: Any) -> list[Any]:
         """Start one ``ray.remote(worker_cls)`` actor per bundle; ``options`` are Ray actor options
-        (max_restarts, runtime_env, ...). On any failure the group is shut down and the error raised."""
-        remote = ray.remote(worker_cls)
+        (max_restarts, runtime_env, concurrency_groups, ...). On any failure the group is shut down and the error
+        raised."""
+        groups = options.pop("concurrency_groups", None)  # a class option in Ray, not a per-actor one
+        remote = ray.remote(concurrency_groups=groups)(worker_cls) if groups else ray.remote(worker_cls)
         try:
             for i in range(self.num_actors):
                 a, kw = args(i)

@@ -260,6 +260,9 @@ class GRPOConfig:
     # target chains of the step's own training images (data.sft_targets) to the text loss of every update.
     # The text only: the SR model's denoising loss is not mixed in. 0: off (the paper).
     sft_coef: float = 0.0
+    # Stale chains (trainer.max_staleness > 0) are re-scored under the learner's current weights and each token /
+    # denoising step weighted by min(pi_current / pi_sampling, tis_cap): truncated importance sampling.
+    tis_cap: float = 2.0
 
 
 @dataclass
@@ -289,6 +292,10 @@ class LearnerConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     sync_bucket_mb: int = 64
+    # How new weights reach the rollout actors (rl.weight_sync): object_store (safetensors buckets through Ray's
+    # object store) | collective (a broadcast from rank 0 over a gloo / NCCL group of its own, learner.backend)
+    sync_backend: str = "object_store"
+    sync_timeout_s: float = 120.0  # a collective sync member that does not answer in this time fails the sync
     master_port: Optional[int] = None  # None: a free port on rank 0's node
 
 
@@ -311,6 +318,11 @@ class TrainerConfig:
     # the first eval_images held-out prompts through the run's own actors; rewards logged under eval/
     eval_every: int = 0
     eval_images: int = 4
+    # 0: synchronous (rollout -> reward -> learner -> sync, one after another). k >= 1: the asynchronous pipeline:
+    # the rollout and rewards of the next k steps run while the learner trains, so a chain is at most k policy
+    # versions old when it is trained on (corrected by grpo.tis_cap). Older chains are never produced, except by a
+    # rollout actor that restarted and has not yet rejoined the collective sync: the learner drops those.
+    max_staleness: int = 0
     resume: bool = False
     seed: int = 0
     progress_bar: bool = True

@@ -78,6 +78,15 @@ class Rollout:
                    prompt_ids=one.long(), token_ids=one.long(), text_mask=one, log_probs=one, text=text,
                    images=dict(images or {}), context_images=[], traces=())
 
+    def scoring_view(self) -> "Rollout":
+        """What the rewards read (text and final image), without the tokens, the other images and the diffusion
+        traces: the light record a reward actor fetches instead of the whole rollout."""
+        final = {"final": self.images["final"]} if "final" in self.images else {}
+        view = Rollout.for_scoring(self.prompt_id, self.sample_index, self.text, final)
+        view.policy_version, view.diffusion_version = self.policy_version, self.diffusion_version
+        view.finish_reasons = self.finish_reasons
+        return view
+
 
 @dataclass(frozen=True)
 class Scores:

@@ -77,6 +77,12 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("grpo.sft_coef", g.sft_coef, "must be >= 0 (the weight of the cold start's cross-entropy)")
     if g.update_epochs < 1:
         f("grpo.update_epochs", g.update_epochs, "must be >= 1")
+    if cfg.learner.sync_backend not in ("object_store", "collective"):
+        f("learner.sync_backend", cfg.learner.sync_backend, "must be object_store or collective")
+    if not cfg.learner.sync_timeout_s > 0:
+        f("learner.sync_timeout_s", cfg.learner.sync_timeout_s, "must be > 0")
+    if not g.tis_cap >= 1:
+        f("grpo.tis_cap", g.tis_cap, "must be >= 1 (the largest importance weight a stale token may get)")
     if g.eps <= 0:
         f("grpo.eps", g.eps, "must be > 0")
 
@@ -195,6 +201,11 @@ def validate(cfg: Any, source: str = "<config>") -> None:
     if t.eval_every and cfg.mode != "grpo":
         f("trainer.eval_every", t.eval_every, "the periodic held-out evaluation runs in grpo mode (it samples "
           "through the rollout actors); evaluate a cold-start checkpoint with python -m rl.eval")
+    if t.max_staleness < 0:
+        f("trainer.max_staleness", t.max_staleness, "must be >= 0 (0: synchronous; k: rollout up to k steps ahead)")
+    if t.max_staleness and cfg.mode != "grpo":
+        f("trainer.max_staleness", t.max_staleness, "the asynchronous pipeline is the GRPO loop's (sft has no "
+          "rollout)")
     if t.eval_images < 1:
         f("trainer.eval_images", t.eval_images, "must be >= 1")
     if t.total_steps < 1:

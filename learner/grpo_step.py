@@ -1,6 +1,7 @@
 """The GRPO update of one learner rank, on its shard of the step's chains.
 
-    for each update epoch:                                  (old log-probs stay the rollout's)
+    stale chains (async pipeline): ratio against the first epoch's own log-probs (proximal), TIS weights
+    for each update epoch:                                  (old log-probs stay the rollout's / the proximal)
         for each micro-batch of learner.micro_batch_size chains:
             policy:    re-score prompt + completion with the context images -> clipped surrogate, text tokens
                        (+ beta * k3 KL to the frozen reference)       / global text-token count -> backward
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -26,7 +27,9 @@ from torch import Tensor
 from core.grpo import TrainBatch, clipped_surrogate, image_surrogate, k3_kl, token_mean, trained_steps
 from core.records import Rollout
 from learner import engine as eng
+from learner import off_policy
 from learner.batching import MicroBatch, add, micro_batches, reduce_sums
+from learner.off_policy import Correction
 from learner.rank import Rank
 from learner.scoring import policy_log_probs, trace_layout
 from learner.sft_step import target_micro_batches, text_cross_entropy
@@ -36,13 +39,18 @@ MEAN_METRICS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "app
                 "old_logp_mean")
 
 
-def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout],
-               sft_records: Sequence[Any] = ()) -> dict[str, float]:
+def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout], sft_records: Sequence[Any] = (),
+               version: Optional[int] = None, max_staleness: Optional[int] = None) -> dict[str, float]:
     """GRPO update on this rank's shard: ``batch`` row i pairs with ``rollouts[i]``. Returns metrics aggregated
     over all ranks (identical on every rank). ``sft_records``: this rank's target chains for ``grpo.sft_coef``
-    (a zero-weight copy on a rank without); every rank gets some or none."""
+    (a zero-weight copy on a rank without); every rank gets some or none. ``version``: the learner's policy
+    version before this update; chains sampled by an older one are corrected (``learner.off_policy``), and those
+    more than ``max_staleness`` versions old are not trained on (counted as ``dropped_stale_chains``)."""
     t0 = time.perf_counter()
     w.validate_shard(batch, rollouts)
+    models = [name for name in ("policy", "diffusion") if name in w.engines]
+    batch, dropped = off_policy.drop_too_stale(batch, rollouts, version, max_staleness, models)
+    dropped_total, = w.all_reduce([dropped])
     ptx: list[MicroBatch] = []
     ptx_tokens = 0.0
     if w.grpo.sft_coef > 0 and sft_records and "policy" in w.engines:
@@ -55,6 +63,7 @@ def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout],
     global_tokens, global_steps = w.all_reduce([local_tokens, local_steps])
     train_text = "policy" in w.engines and global_tokens > 0
     train_image = "diffusion" in w.engines and global_steps > 0
+    fixes, off_policy_metrics = off_policy.corrections(w, micro, version, train_text, train_image)
 
     sums: dict[str, float] = {}
     extremes = {f"{kind}_ratio_{end}": (-math.inf if end == "max" else math.inf)
@@ -62,11 +71,11 @@ def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout],
     lrs = {name: eng.current_lr(e) for name, e in w.engines.items()}
     norms: dict[str, list[float]] = {name: [] for name in w.engines}
     for _epoch in range(w.grpo.update_epochs):
-        for m, n in zip(micro, passes):
+        for m, n, fix in zip(micro, passes, fixes):
             if train_text:
-                _text_micro_step(w, m, global_tokens, sums, extremes)
+                _text_micro_step(w, m, fix, global_tokens, sums, extremes)
             if train_image and n:
-                _image_micro_step(w, m, global_steps, sums, extremes)
+                _image_micro_step(w, m, fix, global_steps, sums, extremes)
         for m in ptx:
             text_cross_entropy(w, m, ptx_tokens, sums, w.grpo.sft_coef, prefix="ptx_")
         stepped = False
@@ -76,7 +85,9 @@ def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout],
                 norms[name].append(eng.grad_norm(e))
                 stepped = True
         w.optimizer_steps += int(stepped)
-    return _metrics(w, sums, extremes, norms, lrs, global_tokens, global_steps, len(batch), t0)
+    off_policy_metrics.update(off_policy.tis_metrics(w, fixes, off_policy_metrics["off_policy_chains"]))
+    return {**_metrics(w, sums, extremes, norms, lrs, global_tokens, global_steps, len(batch), t0),
+            **off_policy_metrics, "dropped_stale_chains": dropped_total}
 
 
 def _image_passes(w: Rank, micro: Sequence[MicroBatch]) -> list[int]:
@@ -93,13 +104,15 @@ def _image_passes(w: Rank, micro: Sequence[MicroBatch]) -> list[int]:
     return [int(n) for n in low]
 
 
-def _text_micro_step(w: Rank, m: MicroBatch, global_tokens: float, sums: dict[str, float],
+def _text_micro_step(w: Rank, m: MicroBatch, fix: Correction, global_tokens: float, sums: dict[str, float],
                      extremes: dict[str, float]) -> None:
     policy = w.engines["policy"]
     mb = m.batch
     logp = policy_log_probs(policy, w.tokens, mb, m.rollouts, w.device, w.logprob_temperature)  # (B, L), grad
-    old, adv, mask = (t.to(w.device) for t in (mb.old_log_probs, mb.advantages, mb.loss_mask))
-    out = clipped_surrogate(logp, old, adv, mask, w.grpo.clip_low, w.grpo.clip_high)
+    old, weights = fix.text(logp, mb.old_log_probs, mb.loss_mask)
+    old, adv, mask = (t.to(w.device) for t in (old, mb.advantages, mb.loss_mask))
+    weights = None if weights is None else weights.to(w.device)
+    out = clipped_surrogate(logp, old, adv, mask, w.grpo.clip_low, w.grpo.clip_high, weights)
     text_loss = token_mean(out.loss, mask, global_tokens)
     loss = w.grpo.text_loss_weight * text_loss
     if w.reference is not None:
@@ -113,19 +126,21 @@ def _text_micro_step(w: Rank, m: MicroBatch, global_tokens: float, sums: dict[st
     _accumulate(sums, extremes, "text", out.metrics)
 
 
-def _image_micro_step(w: Rank, m: MicroBatch, global_steps: float, sums: dict[str, float],
+def _image_micro_step(w: Rank, m: MicroBatch, fix: Correction, global_steps: float, sums: dict[str, float],
                       extremes: dict[str, float]) -> None:
     """One backward per trained (stage, step): that step of every chain of the micro-batch, re-scored."""
     diffusion = w.engines["diffusion"]
     mb = m.batch
-    old, adv, mask = (t.to(w.device) for t in (mb.step_old_log_probs, mb.chain_advantages, mb.step_mask))
+    adv, mask = mb.chain_advantages.to(w.device), mb.step_mask.to(w.device)
     offset = 0
     for j, (_stage, num_steps) in enumerate(trace_layout(m.rollouts)):
         traces = [r.traces[j] for r in m.rollouts]
         for k in trained_steps(num_steps, w.diffusion_cfg.train_steps_fraction):
             col = slice(offset + k, offset + k + 1)
             logp = diffusion(traces, step_indices=[k])  # (B, 1) with grad
-            out = image_surrogate(logp.float(), old[:, col], adv, w.grpo.clip_low, w.grpo.clip_high, mask[:, col])
+            old, weights = fix.step(offset + k, logp, mb.step_old_log_probs, mb.step_mask)
+            out = image_surrogate(logp.float(), old.to(w.device), adv, w.grpo.clip_low, w.grpo.clip_high,
+                                  mask[:, col], None if weights is None else weights.to(w.device))
             image_loss = token_mean(out.loss, mask[:, col], global_steps)
             diffusion.backward(w.grpo.image_loss_weight * image_loss * eng.dp_loss_scale(), scale_wrt_gas=False)
             add(sums, "image_loss", image_loss.item())

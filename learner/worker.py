@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from core import weight_broadcast
 from core.config import DiffusionConfig, ExperimentConfig, GRPOConfig, LearnerConfig, PolicyConfig, SFTConfig
 from core.dtypes import torch_dtype
 from core.env import configure_process
@@ -126,6 +127,7 @@ class LearnerWorker:
                     module.requires_grad_(False)
             scorer = TraceScorer(self.pipeline).to(self.dtype).requires_grad_(True).train()
             self.engines["diffusion"] = eng.build_engine(scorer, learner.diffusion_optim, learner, optimizer_total)
+        self.sync_group = None  # the collective weight-sync group (rank 0, learner.sync_backend: collective)
         self.setup_seconds = time.perf_counter() - t0
 
     @classmethod
@@ -192,7 +194,8 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ training
     def train_chains(self, advantages: Sequence[ChainAdvantage], padding: bool, *rollouts: Rollout,
-                     sft_records: Sequence[Any] = ()) -> dict[str, float]:
+                     sft_records: Sequence[Any] = (), version: Optional[int] = None,
+                     max_staleness: Optional[int] = None) -> dict[str, float]:
         """The GRPO update on this rank's own chains: the batch is built here from the rollouts (varargs, so Ray
         resolves the refs passed for them), so the driver only ever holds refs. ``padding``: this rank got no
         chain and trains a masked copy (zero loss) to stay in step with the others' collectives."""
@@ -202,12 +205,15 @@ class LearnerWorker:
                                   train_steps_fraction=self.diffusion_cfg.train_steps_fraction)
         if padding:
             batch = masked_copy(batch)
-        return self.train_step(batch, *rollouts, sft_records=sft_records)
+        return self.train_step(batch, *rollouts, sft_records=sft_records, version=version,
+                               max_staleness=max_staleness)
 
-    def train_step(self, batch: TrainBatch, *rollouts: Rollout, sft_records: Sequence[Any] = ()
-                   ) -> dict[str, float]:
-        """The GRPO update on a built batch (``learner.grpo_step.train_step``)."""
-        return grpo_step.train_step(self, batch, rollouts, sft_records)
+    def train_step(self, batch: TrainBatch, *rollouts: Rollout, sft_records: Sequence[Any] = (),
+                   version: Optional[int] = None, max_staleness: Optional[int] = None) -> dict[str, float]:
+        """The GRPO update on a built batch (``learner.grpo_step.train_step``); ``version``: the learner's
+        policy version before it (stale chains are corrected, those more than ``max_staleness`` versions old
+        dropped; None: all on-policy)."""
+        return grpo_step.train_step(self, batch, rollouts, sft_records, version, max_staleness)
 
     def sft_step(self, *records: Any) -> dict[str, float]:
         """One supervised step on this rank's ``SFTRecord``s (varargs, so Ray resolves refs)."""
@@ -219,6 +225,27 @@ class LearnerWorker:
 
     def gather_full_state(self, model: str) -> dict[str, torch.Tensor]:
         return persistence.gather_full_state(self, model)
+
+    def join_weight_group(self, host: str, port: int, world_size: int, timeout_s: float) -> int:
+        """Rank 0 opens the collective weight-sync group as its root (``core.weight_broadcast``); other ranks
+        take no part in it. Returns this rank."""
+        if self.rank == 0:
+            self.sync_group = weight_broadcast.open_group(host, port, 0, world_size, self.cfg.backend, timeout_s)
+        return self.rank
+
+    def broadcast_weights(self, models: Sequence[str]) -> dict[str, float]:
+        """All ranks gather each of ``models`` (a collective under ZeRO-3); rank 0 broadcasts it to the rollout
+        actors of the weight-sync group. Returns what rank 0 sent ({} on the others)."""
+        out: dict[str, float] = {}
+        for model in models:
+            state = persistence.gather_full_state(self, model)
+            if self.rank == 0:
+                stats = weight_broadcast.broadcast_weights(self.sync_group, state.items(),
+                                                           self.cfg.sync_bucket_mb << 20, device=self.device)
+                out[f"weight_sync/{model}_mb"] = stats.num_bytes / 2**20
+                out[f"weight_sync/{model}_buckets"] = float(stats.num_buckets)
+                out[f"weight_sync/{model}_broadcast_s"] = stats.seconds
+        return out
 
     def parameter_digest(self, model: str) -> dict[str, float]:
         return persistence.parameter_digest(self, model)

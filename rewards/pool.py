@@ -5,6 +5,8 @@ in parallel as rollouts arrive. The only module of rewards/ that imports Ray.
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,10 +71,22 @@ class RewardPool(ActorGroup):
         self._actors = [_Actor(handle) for handle in self.actors]
         self._probes: dict[Any, int] = {}  # probe ref -> actor index
         self.reissued = 0  # chains whose scoring task died with its actor and was sent again (for logging)
+        self._lock = threading.Lock()  # one score call at a time (the asynchronous pipeline's thread, held-out eval)
 
-    def score(self, rollouts: Sequence[Any], samples: Sequence[Sample]) -> list[Scores]:
-        """rollouts[i]: Rollout or ObjectRef of one; samples[i]: its Sample -> Scores in input order."""
+    def score(self, rollouts: Sequence[Any], samples: Sequence[Sample],
+              timings: dict[str, float] | None = None) -> list[Scores]:
+        """rollouts[i]: Rollout or ObjectRef of one; samples[i]: its Sample -> Scores in input order. Chains are
+        scored as their refs become ready, so the scoring overlaps the rollout still running; ``timings`` gets
+        ``inputs_ready_s``, the seconds until the last ref was ready. Thread-safe: calls from several threads
+        run one after another."""
+        timings = {} if timings is None else timings
+        with self._lock:
+            return self._score(rollouts, samples, timings)
+
+    def _score(self, rollouts: Sequence[Any], samples: Sequence[Sample], timings: dict[str, float]
+               ) -> list[Scores]:
         ray = self._ray
+        start = time.perf_counter()
         if len(rollouts) != len(samples):
             raise ValueError(f"{len(rollouts)} rollouts but {len(samples)} samples")
         results: list[Scores | None] = [None] * len(rollouts)
@@ -84,6 +98,7 @@ class RewardPool(ActorGroup):
         ready = deque(i for i, r in enumerate(rollouts) if not isinstance(r, ray.ObjectRef))
         running: dict[Any, tuple[int, list[int]]] = {}  # result ref -> (actor, chains)
         remaining = len(rollouts)
+        timings["inputs_ready_s"] = 0.0
         try:
             while remaining:
                 self._dispatch(ready, running, rollouts, samples)
@@ -93,6 +108,8 @@ class RewardPool(ActorGroup):
                 for ref in finished:
                     if ref in waiting:
                         ready.extend(waiting.pop(ref))
+                        if not waiting:
+                            timings["inputs_ready_s"] = time.perf_counter() - start
                     elif ref in self._probes:
                         self._probe_done(ref)
                     else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-import ray
 
 from core.config import ExperimentConfig
 from data.dataset import PairDataset
@@ -29,9 +28,8 @@ class HeldOutEval:
         """``eval/reward/<part>/mean`` and ``/group_std`` (the quality metrics among them, ``quality/<metric>``),
         ``eval/chains`` and ``timing/eval``. ``rollouts``: the run's RolloutGroup; ``rewards``: its RewardPool."""
         start = time.perf_counter()
-        refs = rollouts.submit_generate(self.samples, self.group_size, seed=self.seed)
-        ray.wait(refs, num_returns=len(refs), fetch_local=False)
-        scores = rewards.score(refs, [s for s in self.samples for _ in range(self.group_size)])
+        _, views = rollouts.submit_generate(self.samples, self.group_size, seed=self.seed)
+        scores = rewards.score(views, [s for s in self.samples for _ in range(self.group_size)])
         out = {f"eval/{k}": v for k, v in reward_metrics(scores, self.group_size).items()}
         out["eval/chains"] = float(len(scores))
         out["timing/eval"] = time.perf_counter() - start

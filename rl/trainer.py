@@ -1,8 +1,10 @@
 """The single-controller GRPO loop: data -> rollout -> reward -> advantages -> learner -> sync.
 
-``GRPOTrainer.step`` reads like the data-flow diagram: one line and one timer per phase. The driver holds
-ObjectRefs of the chains, never their pixels or tokens (except the one chain of an image panel); rewards and
-learner ranks fetch the chains they need from Ray's object store.
+``GRPOTrainer.step`` reads like the data-flow diagram: one line and one timer per phase. The rollout and the
+rewards are ``rl.pipeline.RolloutPipeline``'s: inline (trainer.max_staleness = 0, synchronous) or in a producer
+thread up to k steps ahead of the learner (asynchronous). The driver holds ObjectRefs of the chains, never their
+pixels or tokens (except the one chain of an image panel); rewards and learner ranks fetch what they need from
+Ray's object store.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from rewards.pool import RewardPool
 from rl import run_state
 from rl.held_out import HeldOutEval
 from rl.monitor import RunMonitor, reward_metrics
+from rl.pipeline import RolloutPipeline
 from rl.run_state import PhaseTimer
+from rl.weight_sync import build_weight_sync
 
 log = logging.getLogger("rl.trainer")
 
@@ -58,47 +62,59 @@ class GRPOTrainer:
         self.step_id = 0
         self.cursor = 0
         self.version = 0
+        self.weights = build_weight_sync(cfg, self.learner, self.rollouts)  # learner.sync_backend
         if cfg.trainer.resume:
             self._resume()
+        self.pipeline = RolloutPipeline(self.data, self.rollouts, self.rewards, cfg.grpo.prompts_per_step,
+                                        cfg.grpo.group_size, self._seed_of, cfg.trainer.max_staleness,
+                                        self.step_id, self.cursor, cfg.trainer.total_steps, self.version)
+        self.staleness: list[int] = []  # per trained step: learner version - the version its chains came from
         self.monitor = RunMonitor(cfg.trainer.log_dir, cfg.trainer.total_steps, self.step_id,
                                   cfg.trainer.progress_bar)
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> None:
-        run_state.run_steps(self, {"reward": "reward/total/mean", "s/step": "timing/step"})
+        try:
+            run_state.run_steps(self, {"reward": "reward/total/mean", "s/step": "timing/step"})
+        finally:
+            self.pipeline.close()
 
     def step(self) -> dict[str, float]:
         cfg, t = self.cfg, PhaseTimer()
-        B, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
+        G = cfg.grpo.group_size
         with t("step"):
-            with t("rollout"):
-                samples = self.data.batch(self.cursor, B)
-                refs = self.rollouts.submit_generate(samples, G, seed=self._seed())
-                ray.wait(refs, num_returns=len(refs), fetch_local=False)
-            with t("reward"):
-                scores = self.rewards.score(refs, [s for s in samples for _ in range(G)])
+            with t("wait"):  # synchronous: the rollout and its rewards; asynchronous: what is not hidden
+                batch = self.pipeline.next()
+            samples, refs, scores = batch.samples, batch.chains, batch.scores
+            assert batch.step == self.step_id, (batch.step, self.step_id)
             adv = self._advantages(scores)
             keep = adv.groups.keep if cfg.grpo.filter_zero_variance else torch.ones_like(adv.groups.keep)
             learner_metrics: dict[str, float] = {}
             sync_metrics: dict[str, float] = {}
+            staleness = self.version - batch.version
             if bool(keep.any()):
                 with t("learner"):
                     targets = target_records(samples, self.tokens, cfg) if self.tokens is not None else []
-                    learner_metrics = self.learner.train(refs, adv.per_chain(), keep.tolist(), targets)
+                    learner_metrics = self.learner.train(refs, adv.per_chain(), keep.tolist(), targets,
+                                                         version=self.version,
+                                                         max_staleness=cfg.trainer.max_staleness)
+                self.staleness.append(staleness)
                 with t("sync"):
-                    update, sync_metrics = self.learner.publish_weights(self.version + 1)
-                    self.rollouts.load_weights(update)
+                    update, sync_metrics = self.weights.publish(self.version + 1)
+                    self.pipeline.publish(update)
                     self.version = update.version
-            self.cursor += B
+            self.pipeline.step_done()
+            self.cursor = batch.cursor + len(samples)
             self.step_id += 1
         metrics = {
             **reward_metrics(scores, G),
             **advantage_metrics(adv, keep),
             **{f"learner/{k}": v for k, v in learner_metrics.items()},
             **sync_metrics,
-            **{f"timing/{k}": v for k, v in t.seconds.items()},
+            **{f"timing/{k}": v for k, v in {**batch.seconds, **t.seconds}.items()},
+            **self._staleness_metrics(staleness),
             "policy/version": float(self.version),
-            "throughput/samples_per_s": B * G / t.seconds["step"],
+            "throughput/samples_per_s": len(scores) / t.seconds["step"],
             "reward/reissued_chains": float(self.rewards.reissued),
             "data/skipped_files": float(sum(self.data.stats.values())),
         }
@@ -110,9 +126,18 @@ class GRPOTrainer:
         self.monitor.flush()
         return metrics
 
+    def _seed_of(self, step: int) -> int:
+        """Step ``step``'s seed: its chains' sampling and its advantage transforms (reproducible, resumable)."""
+        return self.cfg.trainer.seed * 1_000_003 + step
+
     def _seed(self) -> int:
-        """The step's seed: its chains' sampling and its advantage transforms (reproducible, resumable)."""
-        return self.cfg.trainer.seed * 1_000_003 + self.step_id
+        return self._seed_of(self.step_id)
+
+    def _staleness_metrics(self, staleness: int) -> dict[str, float]:
+        """``async/*``: how many learner updates old this step's chains were, and over the run so far."""
+        seen = sorted(self.staleness) or [0]
+        return {"async/staleness": float(staleness), "async/staleness_p50": float(seen[len(seen) // 2]),
+                "async/staleness_max": float(seen[-1])}
 
     def _advantages(self, scores: list[Scores]) -> grpo.ChainAdvantages:
         g = self.cfg.grpo
@@ -139,5 +164,5 @@ class GRPOTrainer:
         if state is None:
             return
         self.version = int(state.extra.get("policy_version", state.step))
-        update, _ = self.learner.publish_weights(self.version)  # the rollout actors sample the resumed policy
+        update, _ = self.weights.publish(self.version)  # the rollout actors sample the resumed policy
         self.rollouts.load_weights(update)

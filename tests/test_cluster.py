@@ -835,7 +835,7 @@ def test_readme_documents_the_cluster():
 
 
 def test_sft_reserves_the_learner_only():
-    cfg = load_config(CONFIG_8NODE, ["mode=sft", "sft.batch_size=64", "trainer.eval_every=0"])
+    cfg = load_config(CONFIG_8NODE, ["mode=sft", "sft.batch_size=64", "trainer.eval_every=0", "trainer.max_staleness=0"])
     assert placement_requests(cfg) == {"learner": [{"CPU": 8.0, "GPU": 1.0}] * 32}
 
 

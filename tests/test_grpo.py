@@ -191,6 +191,38 @@ def test_image_surrogate_shares_the_chain_advantage_over_all_steps():
         grpo.image_surrogate(new, torch.zeros(2, 4), torch.zeros(2, 4), 0.2, 0.2, step_mask)
 
 
+# ------------------------------------------------------------------------------------------ off-policy (TIS)
+def test_truncated_importance_weights_hand_computed_and_one_on_policy():
+    # behaviour log-probs 0; proximal ln 0.5, ln 1.5, ln 3 (masked in), ln 9 (masked out); cap 2
+    # ratios 0.5, 1.5, 3 -> weights 0.5, 1.5, min(3, 2) = 2; the masked position gets 1
+    prox = torch.tensor([[LN(0.5), LN(1.5), LN(3.0), LN(9.0)]])
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    iw = grpo.truncated_importance_weights(prox, torch.zeros(1, 4), mask, cap=2.0)
+    torch.testing.assert_close(iw.weights, torch.tensor([[0.5, 1.5, 2.0, 1.0]]))
+    assert iw.ratio_sum == pytest.approx(0.5 + 1.5 + 3.0)
+    assert (iw.truncated, iw.count) == (1.0, 3.0)
+    # on-policy: proximal == behaviour -> every weight exactly 1, nothing truncated
+    behaviour = torch.randn(3, 5)
+    same = grpo.truncated_importance_weights(behaviour.clone(), behaviour, torch.ones(3, 5, dtype=torch.bool), 2.0)
+    assert torch.equal(same.weights, torch.ones(3, 5)) and same.truncated == 0 and same.ratio_sum == 15.0
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        grpo.truncated_importance_weights(prox, torch.zeros(1, 4), mask, cap=0.5)
+
+
+def test_surrogate_weights_scale_the_loss_not_the_clip_or_the_metrics():
+    new = torch.tensor([[LN(1.5), LN(0.9)]], requires_grad=True)
+    old, adv, mask = torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool)
+    plain = grpo.clipped_surrogate(new, old, adv, mask, 0.2, 0.28)
+    weighted = grpo.clipped_surrogate(new, old, adv, mask, 0.2, 0.28, weights=torch.tensor([[2.0, 0.5]]))
+    # losses -1.28 (clipped) and -0.9, times 2 and 0.5
+    torch.testing.assert_close(weighted.loss, torch.tensor([[-2.56, -0.45]]))
+    assert {k: float(v) for k, v in weighted.metrics.items()} == {k: float(v) for k, v in plain.metrics.items()}
+    weights_one = grpo.image_surrogate(new, old, adv, 0.2, 0.28, mask, weights=torch.ones(1, 2))
+    torch.testing.assert_close(weights_one.loss, plain.loss)
+    with pytest.raises(ValueError, match="weights"):
+        grpo.clipped_surrogate(new, old, adv, mask, 0.2, 0.28, weights=torch.ones(2, 2))
+
+
 # ------------------------------------------------------------------------------------------ aggregation
 def test_token_mean_over_micro_batches_equals_full_batch_token_mean():
     values = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]])

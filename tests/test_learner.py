@@ -473,6 +473,35 @@ def test_only_the_trainable_parameters_change(models, chains, port):
     assert changed == {n for n in names if n.endswith("language_model.norm.weight")} and len(changed) == 1
 
 
+@pytest.mark.slow
+def test_off_policy_correction_is_the_identity_when_the_sampling_policy_is_the_learners(models, chains, port):
+    """The four chains labelled one version older than the learner, whose weights are still the ones that sampled
+    them: the proximal re-scoring reproduces the behaviour log-probs, so every truncated importance weight is 1
+    and the update is the on-policy one (learner.off_policy)."""
+    batch, rollouts = chains
+    on_policy = _one_rank(models, port).train_step(batch, *rollouts)
+    m = _one_rank(models, port).train_step(batch, *rollouts, version=1, max_staleness=1)
+    assert m["off_policy_chains"] == 4 and m["staleness_max"] == 1 and m["dropped_stale_chains"] == 0
+    for kind in ("text", "image"):
+        assert m[f"tis_{kind}_ratio_mean"] == pytest.approx(1.0, abs=1e-4), kind
+        assert m[f"tis_{kind}_truncated_fraction"] == 0.0, kind
+    for key in ("text_loss", "image_loss", "policy_grad_norm", "diffusion_grad_norm"):
+        assert m[key] == pytest.approx(on_policy[key], rel=1e-4, abs=1e-6), key
+    assert "tis_text_ratio_mean" not in on_policy and on_policy["off_policy_chains"] == 0
+
+
+@pytest.mark.slow
+def test_chains_older_than_max_staleness_are_not_trained_on(models, chains, port):
+    """Learner at version 3, k = 1: the two chains sampled by version 3 train, the two by version 0 are dropped."""
+    batch, rollouts = chains
+    fresh = [i % 2 == 0 for i in range(len(rollouts))]
+    labelled = [replace(r, policy_version=3, diffusion_version=3) if f else r for r, f in zip(rollouts, fresh)]
+    m = _one_rank(models, port).train_step(batch, *labelled, version=3, max_staleness=1)
+    keep = torch.tensor(fresh)
+    assert m["dropped_stale_chains"] == 2 and m["off_policy_chains"] == 0
+    assert m["tokens"] == int(batch.loss_mask[keep].sum()) and m["diffusion_steps"] == int(batch.step_mask[keep].sum())
+
+
 def test_a_trainable_pattern_that_matches_nothing_is_named():
     from learner.worker import restrict_trainable
 

@@ -26,8 +26,9 @@ EXPECTED_SCALARS = [
     "reward/total/mean", "reward/total/group_std", "grpo/advantage_mean", "grpo/advantage_std",
     "grpo/filtered_groups", "learner/text_loss", "learner/image_loss", "learner/text_clip_fraction",
     "learner/policy_grad_norm", "learner/diffusion_grad_norm", "learner/policy_lr", "policy/version",
-    "timing/rollout", "timing/reward", "timing/learner", "timing/sync", "timing/step",
-    "throughput/samples_per_s",
+    "timing/rollout", "timing/reward", "timing/wait", "timing/learner", "timing/sync", "timing/step",
+    "throughput/samples_per_s", "async/staleness", "async/staleness_max", "learner/staleness_max",
+    "learner/off_policy_chains", "learner/dropped_stale_chains",
 ]
 
 
@@ -110,8 +111,8 @@ def test_killed_rollout_actor_restarts_and_the_step_completes(setup):
     scored = []
     original = trainer.rewards.score
 
-    def spy(refs, samples):
-        out = original(refs, samples)
+    def spy(refs, samples, timings=None):
+        out = original(refs, samples, timings)
         scored.append(out)
         return out
 
@@ -135,11 +136,11 @@ def test_killed_reward_actor_work_is_reissued(setup):
     scored = []
     original = trainer.rewards.score
 
-    def score_and_kill(refs, samples):
+    def score_and_kill(refs, samples, timings=None):
         ray.wait(refs, num_returns=len(refs))
         killer = threading.Timer(0.05, lambda: ray.kill(trainer.rewards.actors[0], no_restart=False))
         killer.start()
-        out = original(refs, samples)
+        out = original(refs, samples, timings)
         killer.join()
         scored.append(out)
         return out

@@ -3,7 +3,7 @@
 ``core.grpo.advantages``  group-relative advantages, zero-variance filter, reward columns, advantage transforms
 ``core.grpo.credit``      token-credit rules (chain, section) and the chain tags' ids
 ``core.grpo.batch``       TrainBatch, build_train_batch, the trained denoising steps
-``core.grpo.losses``      clipped surrogate (text and image), token_mean, k3 KL, token log-probs
+``core.grpo.losses``      clipped surrogate (text and image), token_mean, k3 KL, log-probs, TIS weights
 
 Everything public is re-exported here: ``from core import grpo; grpo.group_advantages(...)``.
 """
@@ -36,6 +36,7 @@ from core.grpo.credit import (
 )
 from core.grpo.losses import (
     LOG_RATIO_CLAMP,
+    ImportanceWeights,
     SurrogateOutput,
     clipped_surrogate,
     gather_token_log_probs,
@@ -43,6 +44,7 @@ from core.grpo.losses import (
     k3_kl,
     needs_reference,
     token_mean,
+    truncated_importance_weights,
 )
 
 __all__ = [
@@ -51,5 +53,6 @@ __all__ = [
     "registry_entry", "scale_negative", "zero_variance_groups", "TrainBatch", "build_train_batch",
     "trained_steps", "TOKEN_CREDIT", "ChainTags", "TokenCredit", "chain_credit", "section_credit", "stray_tags",
     "token_credit", "token_sections", "LOG_RATIO_CLAMP", "SurrogateOutput", "clipped_surrogate",
-    "gather_token_log_probs", "image_surrogate", "k3_kl", "needs_reference", "token_mean",
+    "gather_token_log_probs", "image_surrogate", "k3_kl", "needs_reference", "token_mean", "ImportanceWeights",
+    "truncated_importance_weights",
 ]

@@ -45,6 +45,7 @@ def clipped_surrogate(
     mask: Tensor,
     clip_low: float,
     clip_high: float,
+    weights: Tensor | None = None,
 ) -> SurrogateOutput:
     """PPO/GRPO clipped surrogate with DAPO's decoupled clip range (clip-higher).
 
@@ -53,6 +54,9 @@ def clipped_surrogate(
 
         ratio = exp(logp - old_logp)
         loss  = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
+
+    ``weights`` (B, T), detached, multiply each position's loss: the truncated importance weights of stale
+    chains (``truncated_importance_weights``); None = 1 (on-policy). The clip and the metrics see the ratio only.
 
     A larger ``clip_high`` lets low-probability tokens with A > 0 grow further before clipping, which DAPO
     found keeps entropy from collapsing. Positions with mask 0 get loss exactly 0 and no gradient, whatever
@@ -89,6 +93,10 @@ def clipped_surrogate(
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # (B, T), 1 where masked
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     objective = torch.minimum(ratio * advantages, clipped * advantages)
+    if weights is not None:
+        if weights.shape != log_probs.shape:
+            raise ValueError(f"weights {tuple(weights.shape)} do not match log_probs {tuple(log_probs.shape)}")
+        objective = objective * weights.detach().to(objective.dtype)
     loss = torch.where(on, -objective, torch.zeros_like(objective))
 
     with torch.no_grad():
@@ -119,6 +127,7 @@ def image_surrogate(
     clip_low: float,
     clip_high: float,
     step_mask: Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> SurrogateOutput:
     """The same clipped surrogate on the diffusion sampler's per-step Gaussian log-probs (Flow-GRPO/DDPO).
 
@@ -138,7 +147,43 @@ def image_surrogate(
         )
     if step_mask is None:
         step_mask = torch.ones_like(step_log_probs, dtype=torch.bool)
-    return clipped_surrogate(step_log_probs, old_step_log_probs, advantages, step_mask, clip_low, clip_high)
+    return clipped_surrogate(step_log_probs, old_step_log_probs, advantages, step_mask, clip_low, clip_high,
+                             weights)
+
+
+@dataclass(frozen=True)
+class ImportanceWeights:
+    """Truncated importance weights of stale chains, with what the truncation did."""
+
+    weights: Tensor  # same shape as the log-probs: min(pi_prox / pi_behaviour, cap) on mask, 1 elsewhere
+    ratio_sum: float  # sum over masked positions of the untruncated ratio (for a mean over ranks)
+    truncated: float  # masked positions whose ratio exceeded the cap
+    count: float  # masked positions
+
+
+def truncated_importance_weights(proximal_log_probs: Tensor, behaviour_log_probs: Tensor, mask: Tensor,
+                                 cap: float) -> ImportanceWeights:
+    """Truncated importance sampling (TIS) of the decoupled PPO objective for off-policy chains.
+
+    A chain sampled by an older policy (the asynchronous pipeline's stale chains) has behaviour log-probs
+    from that policy; the learner re-scores it under its current, pre-update weights (the proximal policy)
+    and clips the PPO ratio against those, while this weight, ``min(exp(prox - behaviour), cap)``, corrects
+    for the sampling distribution (AReaL's decoupled PPO; TIS as in Yao et al. 2025 / verl's rollout IS).
+    Positions where ``mask`` is 0 get weight 1 (their loss is 0 anyway). On-policy chains, whose proximal
+    log-probs are their behaviour log-probs, get exactly 1.
+    """
+    if not cap >= 1.0:
+        raise ValueError(f"importance weight cap must be >= 1, got {cap!r}")
+    if proximal_log_probs.shape != behaviour_log_probs.shape or proximal_log_probs.shape != mask.shape:
+        raise ValueError(f"shape mismatch: proximal {tuple(proximal_log_probs.shape)}, "
+                         f"behaviour {tuple(behaviour_log_probs.shape)}, mask {tuple(mask.shape)}")
+    on = mask.bool()
+    log_ratio = torch.where(on, proximal_log_probs.detach().float() - behaviour_log_probs.detach().float(),
+                            torch.zeros_like(proximal_log_probs, dtype=torch.float32))
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    weights = torch.where(on, ratio.clamp(max=cap), torch.ones_like(ratio))
+    return ImportanceWeights(weights=weights, ratio_sum=float(ratio[on].sum()),
+                             truncated=float((on & (ratio > cap)).sum()), count=float(on.sum()))
 
 
 def token_mean(values: Tensor, mask: Tensor, global_token_count: float | Tensor | None = None) -> Tensor:

@@ -1,0 +1,147 @@
+"""Off-policy correction of stale chains on a learner rank (the asynchronous pipeline, trainer.max_staleness > 0).
+
+A chain is stale for a model when the rollout sampled it with an older version of that model than the one the
+learner now holds (``Rollout.policy_version`` / ``diffusion_version`` < the step's ``version``). For those rows
+the PPO ratio is clipped against the proximal policy, the learner's weights before this update, and each text
+token / denoising step is weighted by ``min(pi_prox / pi_behaviour, grpo.tis_cap)``
+(``core.grpo.truncated_importance_weights``: decoupled PPO with truncated importance sampling, not IcePop-style
+masking). The proximal log-probs are the first epoch's own forward (detached), so the correction costs no extra
+forward pass. On-policy rows keep their behaviour log-probs and no weight, so a synchronous run (every chain
+on-policy) computes exactly what it did without this module, at the cost of two all-reduces. Chains more than
+``trainer.max_staleness`` versions old are not trained on (``drop_too_stale``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from core.grpo import TrainBatch, truncated_importance_weights
+from core.records import Rollout
+from learner.batching import MicroBatch
+from learner.rank import Rank
+
+
+@dataclass
+class Correction:
+    """One micro-batch's off-policy state. ``text_stale`` / ``step_stale``: (B,) rows sampled by an older policy /
+    SR model (None: no stale row). The proximal log-probs are the first update epoch's own forward, detached: the
+    weights do not change within an epoch (one optimizer step per epoch), so they cost no extra pass. They and
+    the truncated importance weights are filled by the first epoch and reused by the later ones."""
+
+    cap: float
+    text_stale: Optional[Tensor] = None
+    step_stale: Optional[Tensor] = None
+    text_old: Optional[Tensor] = None  # (B, L) log-probs the text ratio is taken against
+    text_weights: Optional[Tensor] = None  # (B, L) truncated importance weights
+    step_old: Optional[Tensor] = None  # (B, S)
+    step_weights: Optional[Tensor] = None  # (B, S)
+    steps_filled: set[int] = field(default_factory=set)
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_SUMS, 0.0))
+
+    def text(self, logp: Tensor, behaviour: Tensor, mask: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """(old log-probs, weights or None) for the text ratio; ``logp``: this epoch's (B, L) forward."""
+        if self.text_stale is None:
+            return behaviour, None
+        if self.text_old is None:
+            stale = self.text_stale[:, None]
+            self.text_old = torch.where(stale, logp.detach().float().cpu(), behaviour)
+            iw = truncated_importance_weights(self.text_old, behaviour, mask & stale, self.cap)
+            self.text_weights = iw.weights
+            self._add("text", iw)
+        return self.text_old, self.text_weights
+
+    def step(self, col: int, logp: Tensor, behaviour: Tensor, mask: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """(old, weights or None), each (B, 1), for diffusion step column ``col``; ``logp``: its (B, 1) forward."""
+        if self.step_stale is None:
+            return behaviour[:, col:col + 1], None
+        if self.step_old is None:
+            self.step_old, self.step_weights = behaviour.clone(), torch.ones_like(behaviour)
+        if col not in self.steps_filled:
+            stale = self.step_stale
+            self.step_old[:, col] = torch.where(stale, logp.detach().float().cpu()[:, 0], behaviour[:, col])
+            iw = truncated_importance_weights(self.step_old[:, col], behaviour[:, col], mask[:, col] & stale, self.cap)
+            self.step_weights[:, col] = iw.weights
+            self.steps_filled.add(col)
+            self._add("image", iw)
+        return self.step_old[:, col:col + 1], self.step_weights[:, col:col + 1]
+
+    def _add(self, kind: str, iw) -> None:
+        self.sums[f"{kind}_ratio"] += iw.ratio_sum
+        self.sums[f"{kind}_truncated"] += iw.truncated
+        self.sums[f"{kind}_tokens"] += iw.count
+
+
+_SUMS = ("image_ratio", "image_tokens", "image_truncated", "text_ratio", "text_tokens", "text_truncated")
+
+
+def chain_staleness(r: Rollout, version: int, models: Sequence[str]) -> int:
+    """How many learner updates ago the oldest of ``models`` ("policy" / "diffusion") that sampled ``r`` was."""
+    own = {"policy": r.policy_version, "diffusion": r.diffusion_version}
+    return max((version - own[m] for m in models), default=0)
+
+
+def drop_too_stale(batch: TrainBatch, rollouts: Sequence[Rollout], version: Optional[int],
+                   max_staleness: Optional[int], models: Sequence[str]) -> tuple[TrainBatch, int]:
+    """``batch`` (row i sampled as ``rollouts[i]``) with every loss position of the rows older than ``max_staleness`` versions switched off (never
+    trained on), and how many rows that was. Only a rollout actor that restarted and has not yet rejoined the
+    collective weight sync can produce such rows; the pipeline's gate never does."""
+    if version is None or max_staleness is None:
+        return batch, 0
+    old = torch.tensor([chain_staleness(r, version, models) > max_staleness for r in rollouts], dtype=torch.bool)
+    if not bool(old.any()):
+        return batch, 0
+    keep = ~old
+    return replace(batch, loss_mask=batch.loss_mask & keep[:, None], advantages=batch.advantages * keep[:, None],
+                   chain_advantages=batch.chain_advantages * keep, step_mask=batch.step_mask & keep[:, None]
+                   ), int(old.sum())
+
+
+def stale_rows(m: MicroBatch, version: int, model: str) -> Tensor:
+    """(B,) bool: the real rows of ``m`` sampled by an older ``model`` than ``version``."""
+    attr = "policy_version" if model == "policy" else "diffusion_version"
+    return torch.tensor([m.real and getattr(r, attr) < version for r in m.rollouts], dtype=torch.bool)
+
+
+def corrections(w: Rank, micro: Sequence[MicroBatch], version: Optional[int], train_text: bool, train_image: bool
+                ) -> tuple[list[Correction], dict[str, float]]:
+    """Per micro-batch Correction, and the step's ``staleness_max`` / ``off_policy_chains`` of the chains it trains
+    on (identical on every rank). ``version``: the learner's policy version before this update (None: on-policy)."""
+    models = [name for name, on in (("policy", train_text), ("diffusion", train_image)) if on]
+    trained = [r for m in micro if m.real for r, on in zip(m.rollouts, _trained_rows(m.batch)) if on]
+    ages = [chain_staleness(r, version, models) for r in trained] if version is not None else []
+    stale_total, = w.all_reduce([sum(a > 0 for a in ages)])
+    age_max, = w.all_reduce([max(ages, default=0)], "max")
+    metrics = {"staleness_max": age_max, "off_policy_chains": stale_total}
+    cap = w.grpo.tis_cap
+    if stale_total == 0:
+        return [Correction(cap) for _ in micro], metrics
+    assert version is not None
+    out = []
+    for m in micro:  # every rank has stale rows or not alike: all of them then use the weighted losses
+        out.append(Correction(cap, stale_rows(m, version, "policy") if train_text else None,
+                              stale_rows(m, version, "diffusion") if train_image else None))
+    return out, metrics
+
+
+def tis_metrics(w: Rank, fixes: Sequence[Correction], off_policy_chains: float) -> dict[str, float]:
+    """``tis_{text,image}_ratio_mean`` / ``_truncated_fraction`` over ranks (a collective when any chain is stale,
+    on every rank alike)."""
+    if off_policy_chains == 0:
+        return {}
+    totals = dict(zip(_SUMS, w.all_reduce([sum(f.sums[k] for f in fixes) for k in _SUMS])))
+    out = {}
+    for kind in ("text", "image"):
+        if totals[f"{kind}_tokens"] > 0:
+            out[f"tis_{kind}_ratio_mean"] = totals[f"{kind}_ratio"] / totals[f"{kind}_tokens"]
+            out[f"tis_{kind}_truncated_fraction"] = totals[f"{kind}_truncated"] / totals[f"{kind}_tokens"]
+    return out
+
+
+def _trained_rows(batch: TrainBatch) -> list[bool]:
+    """Rows with a loss position (not dropped by ``drop_too_stale``, not padding)."""
+    return (batch.loss_mask.any(1) | batch.step_mask.any(1)).tolist()

@@ -1,0 +1,164 @@
+"""The asynchronous pipeline and the collective weight sync end to end, on a real local Ray cluster.
+
+Three runs of the embedded default's tiny models (B prompts x G chains a step):
+- synchronous (trainer.max_staleness = 0, object store sync) and asynchronous (k = 1) from the same seed: step 1
+  is sampled by version 0 in both, so its scalars must be equal; later steps train chains one version old,
+  which the off-policy correction weighs (TIS) and never more than k versions old;
+- the asynchronous run survives a killed rollout actor and a killed reward actor: every step still trains
+  exactly its B x G chains, each scored once;
+- collective sync (learner.sync_backend: collective, k = 1, two HF-engine rollout actors): every rollout actor
+  ends with the learner's weights tensor by tensor, and a sync with a dead actor fails within
+  learner.sync_timeout_s naming it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from core.config import load_config
+from core.weight_broadcast import SyncGroupError
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+B, G = 2, 4
+STEPS = 2
+# scalars that measure the machine (seconds, rates) or the pipeline's own state, not the run's numbers
+NOT_NUMBERS = ("timing/", "throughput/", "async/", "weight_sync/", "learner/seconds", "learner/staleness",
+               "learner/off_policy", "learner/tis_", "reward/reissued")
+
+
+def _config(tmp: Path, models: dict, name: str, *extra: str):
+    return load_config(ROOT / "configs/grpo_local.yaml", [
+        f"output_dir={tmp}/{name}", f"policy.path={models['policy']}", f"diffusion.path={models['diffusion']}",
+        "policy.bootstrap=false", "diffusion.bootstrap=false", f"grpo.prompts_per_step={B}",
+        f"grpo.group_size={G}", "trainer.total_steps=6", "trainer.image_every=0", "trainer.progress_bar=false",
+        "trainer.eval_every=0", "chain.max_stage_tokens=16", "diffusion.num_steps=4", "grpo.filter_zero_variance=false",
+        *extra,
+    ])
+
+
+def _steps(trainer, n: int) -> list[dict[str, float]]:
+    return [trainer.step() for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_models, ray_local):
+    from rl.trainer import GRPOTrainer
+
+    tmp = tmp_path_factory.mktemp("async")
+    sync = GRPOTrainer(_config(tmp, tiny_models, "sync"))
+    sync_metrics = _steps(sync, STEPS)
+    sync.pipeline.close()
+    for group in (sync.rollouts, sync.learner, sync.rewards):
+        group.shutdown()
+    run = GRPOTrainer(_config(tmp, tiny_models, "async", "trainer.max_staleness=1", "reward.max_restarts=4",
+                              "rollout.max_restarts=4"))
+    async_metrics = _steps(run, STEPS)
+    yield {"sync": sync_metrics, "async": async_metrics, "trainer": run}
+    run.pipeline.close()
+
+
+def test_the_first_step_is_the_synchronous_one(runs):
+    sync, run = runs["sync"][0], runs["async"][0]
+    numbers = sorted(k for k in sync if not k.startswith(NOT_NUMBERS))
+    assert len(numbers) > 20 and "learner/text_loss" in numbers and "reward/generation/mean" in numbers
+    assert {k: run[k] for k in numbers} == {k: sync[k] for k in numbers}
+    assert run["async/staleness"] == 0 and run["learner/off_policy_chains"] == 0
+
+
+def test_later_steps_train_chains_one_version_old_with_importance_weights(runs):
+    for step, m in enumerate(runs["async"][1:], start=2):
+        assert m["async/staleness"] == 1, step  # sampled while the learner trained the step before
+        assert m["learner/staleness_max"] == 1 and m["learner/off_policy_chains"] == B * G, step
+        assert m["learner/dropped_stale_chains"] == 0, step
+        for kind in ("text", "image"):  # min(pi_prox / pi_behaviour, cap): near 1 after one small update
+            assert 0.5 < m[f"learner/tis_{kind}_ratio_mean"] <= runs["trainer"].cfg.grpo.tis_cap, (step, kind)
+            assert 0.0 <= m[f"learner/tis_{kind}_truncated_fraction"] < 0.5, (step, kind)
+    assert runs["async"][-1]["async/staleness_max"] == 1
+    for m in runs["sync"]:  # the synchronous run is on-policy throughout
+        assert m["async/staleness"] == 0 and m["learner/off_policy_chains"] == 0 and "learner/tis_text_ratio_mean" not in m
+
+
+def test_killed_rollout_and_reward_actors_lose_no_group_and_duplicate_none(runs):
+    """A rollout actor and then a reward actor are killed (Ray restarts them) while the pipeline runs ahead of
+    the learner; over the next two steps every batch scored holds each of its B x G chains exactly once and
+    every step trains all of them, one version old at most."""
+    trainer = runs["trainer"]
+    scored: list[list] = []
+    original = trainer.rewards.score
+
+    def spy(refs, samples, timings=None):
+        out = original(refs, samples, timings)
+        scored.append([(s.prompt_id, s.sample_index) for s in out])
+        return out
+
+    trainer.rewards.score = spy
+    killers = [threading.Timer(0.5, lambda: ray.kill(trainer.rollouts.actors[0], no_restart=False)),
+               threading.Timer(4.0, lambda: ray.kill(trainer.rewards.actors[0], no_restart=False))]
+    before = trainer.step_id
+    for killer in killers:
+        killer.start()
+    try:
+        metrics = _steps(trainer, 2)
+    finally:
+        for killer in killers:
+            killer.join()
+        trainer.rewards.score = original
+    assert trainer.step_id == before + 2 and scored
+    for keys in scored:
+        assert len(keys) == B * G and len(set(keys)) == B * G
+    for m in metrics:
+        assert m["grpo/kept_chains"] == B * G and m["learner/dropped_stale_chains"] == 0
+        assert m["async/staleness"] <= 1 and m["learner/staleness_max"] <= 1
+
+
+# ============================================================================================ collective sync
+@pytest.fixture(scope="module")
+def collective(tmp_path_factory, tiny_models, ray_local, runs):
+    from rl.trainer import GRPOTrainer
+
+    runs["trainer"].pipeline.close()
+    for group in (runs["trainer"].rollouts, runs["trainer"].learner, runs["trainer"].rewards):
+        group.shutdown()
+    tmp = tmp_path_factory.mktemp("collective")
+    trainer = GRPOTrainer(_config(tmp, tiny_models, "collective", "learner.sync_backend=collective",
+                                  "trainer.max_staleness=1", "rollout.engine=hf", "rollout.num_actors=2",
+                                  "rollout.max_restarts=0", "learner.sync_timeout_s=15"))
+    metrics = _steps(trainer, 2)
+    yield {"trainer": trainer, "metrics": metrics}
+    trainer.pipeline.close()
+
+
+def test_collective_sync_gives_every_rollout_actor_the_learners_weights(collective):
+    trainer = collective["trainer"]
+    trainer.pipeline.close()  # nothing in flight: the actors hold (or have staged) the last published weights
+    assert all(m["weight_sync/policy_buckets"] >= 1 and m["weight_sync/policy_mb"] > 0 for m in collective["metrics"])
+    # the asynchronous sync is staged in each actor and loaded by the first rollout call that carries it
+    samples = trainer.data.batch(0, 1)
+    ray.get(trainer.rollouts.submit_generate(samples, 1, seed=0)[0])
+    assert set(trainer.rollouts.versions()) == {(trainer.version, trainer.version)}
+    for model in ("policy", "diffusion"):
+        learner = trainer.learner.gather_full_state(model)
+        assert learner
+        for i, actor in enumerate(trainer.rollouts.actors):
+            held = ray.get(actor.named_weights.remote(model))
+            assert set(learner) <= set(held), (model, i, sorted(set(learner) - set(held))[:3])
+            unequal = [n for n, t in learner.items() if not torch.equal(held[n], t)]
+            assert not unequal, (model, i, unequal[:5])
+
+
+def test_a_sync_with_a_dead_actor_fails_within_its_timeout_naming_it(collective):
+    trainer = collective["trainer"]
+    ray.kill(trainer.rollouts.actors[1], no_restart=True)
+    start = time.perf_counter()
+    with pytest.raises(SyncGroupError, match="rollout actor 1"):
+        trainer.weights.publish(trainer.version + 1)
+    timeout = trainer.cfg.learner.sync_timeout_s
+    # the sync fails, the group is formed again once (the dead actor cannot join) and that fails as well
+    assert time.perf_counter() - start < 2 * (timeout + 10) + 10
