@@ -234,6 +234,10 @@ class GRPOConfig:
     filter_zero_variance: bool = True
     clip_low: float = 0.2
     clip_high: float = 0.28
+    # The denoising steps' own PPO clip range, symmetric: [1 - image_clip_range, 1 + image_clip_range]. A step's
+    # log-prob is a mean over thousands of pixels and its ratio moves far faster than a token's (Flow-GRPO clips
+    # at 1e-4 to 1e-5). null: the text's clip_low / clip_high.
+    image_clip_range: Optional[float] = None
     kl_beta: float = 0.0  # 0 disables the reference model entirely
     update_epochs: int = 1
     text_loss_weight: float = 1.0
@@ -260,8 +264,8 @@ class GRPOConfig:
     # target chains of the step's own training images (data.sft_targets) to the text loss of every update.
     # The text only: the SR model's denoising loss is not mixed in. 0: off (the paper).
     sft_coef: float = 0.0
-    # Stale chains (trainer.max_staleness > 0) are re-scored under the learner's current weights and each token /
-    # denoising step weighted by min(pi_current / pi_sampling, tis_cap): truncated importance sampling.
+    # Stale chains (trainer.max_staleness > 0): the ratio is taken against the learner's pre-update weights and each
+    # token / denoising step weighted by min(pi_current / pi_sampling, tis_cap): truncated importance sampling.
     tis_cap: float = 2.0
 
 

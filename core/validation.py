@@ -44,6 +44,8 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("grpo.clip_low", g.clip_low, "must be in [0, 1)")
     if g.clip_high < 0:
         f("grpo.clip_high", g.clip_high, "must be >= 0")
+    if g.image_clip_range is not None and not 0 < g.image_clip_range < 1:
+        f("grpo.image_clip_range", g.image_clip_range, "must be in (0, 1), or null for the text's clip range")
     if g.kl_beta < 0:
         f("grpo.kl_beta", g.kl_beta, "must be >= 0")
     components = list(vars(cfg.reward.weights)) + [f"format/{tag}" for tag in TEXT_TAGS]  # rewards.total

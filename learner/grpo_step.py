@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from core.config import GRPOConfig
 from core.grpo import TrainBatch, clipped_surrogate, image_surrogate, k3_kl, token_mean, trained_steps
 from core.records import Rollout
 from learner import engine as eng
@@ -132,6 +133,7 @@ def _image_micro_step(w: Rank, m: MicroBatch, fix: Correction, global_steps: flo
     diffusion = w.engines["diffusion"]
     mb = m.batch
     adv, mask = mb.chain_advantages.to(w.device), mb.step_mask.to(w.device)
+    low, high = image_clip(w.grpo)
     offset = 0
     for j, (_stage, num_steps) in enumerate(trace_layout(m.rollouts)):
         traces = [r.traces[j] for r in m.rollouts]
@@ -139,13 +141,20 @@ def _image_micro_step(w: Rank, m: MicroBatch, fix: Correction, global_steps: flo
             col = slice(offset + k, offset + k + 1)
             logp = diffusion(traces, step_indices=[k])  # (B, 1) with grad
             old, weights = fix.step(offset + k, logp, mb.step_old_log_probs, mb.step_mask)
-            out = image_surrogate(logp.float(), old.to(w.device), adv, w.grpo.clip_low, w.grpo.clip_high,
-                                  mask[:, col], None if weights is None else weights.to(w.device))
+            out = image_surrogate(logp.float(), old.to(w.device), adv, low, high, mask[:, col],
+                                  None if weights is None else weights.to(w.device))
             image_loss = token_mean(out.loss, mask[:, col], global_steps)
             diffusion.backward(w.grpo.image_loss_weight * image_loss * eng.dp_loss_scale(), scale_wrt_gas=False)
             add(sums, "image_loss", image_loss.item())
             _accumulate(sums, extremes, "image", out.metrics)
         offset += num_steps
+
+
+def image_clip(g: GRPOConfig) -> tuple[float, float]:
+    """(clip_low, clip_high) of the denoising steps' ratio: ``grpo.image_clip_range`` both ways, else the text's."""
+    if g.image_clip_range is None:
+        return g.clip_low, g.clip_high
+    return g.image_clip_range, g.image_clip_range
 
 
 def _accumulate(sums: dict[str, float], extremes: dict[str, float], kind: str,

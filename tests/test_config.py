@@ -56,6 +56,11 @@ def test_unknown_key_or_wrong_type(override, fragment):
     "override, key",
     [
         ("grpo.group_size=1", "grpo.group_size"),
+        ("grpo.image_clip_range=0", "grpo.image_clip_range"),
+        ("grpo.tis_cap=0.5", "grpo.tis_cap"),
+        ("trainer.max_staleness=-1", "trainer.max_staleness"),
+        ("learner.sync_backend=nccl", "learner.sync_backend"),
+        ("learner.sync_timeout_s=0", "learner.sync_timeout_s"),
         ("learner.num_ranks=3", "learner.num_ranks"),  # 2 prompts x 4 samples not divisible by 3
         ("learner.micro_batch_size=3", "learner.micro_batch_size"),
         ("learner.zero_stage=4", "learner.zero_stage"),

@@ -474,6 +474,27 @@ def test_only_the_trainable_parameters_change(models, chains, port):
 
 
 @pytest.mark.slow
+def test_image_clip_range_clips_the_denoising_steps_only(models, chains, port):
+    """Two update epochs, so the second epoch's ratios move: grpo.image_clip_range = 1e-4 clips the denoising
+    steps far more than the text's range does, while the text's loss, clipping and gradients
+    stay exactly those of the run without it (the two surrogates are separate)."""
+    batch, rollouts = chains
+    runs = {}
+    for clip in ("null", "1e-4"):
+        worker = _one_rank(models, port, "grpo.update_epochs=2", f"grpo.image_clip_range={clip}",
+                           "learner.policy_optim.lr=1e-2", "learner.diffusion_optim.lr=1e-5")
+        runs[clip] = worker.train_step(batch, *rollouts)
+    wide, narrow = runs["null"], runs["1e-4"]
+    for key in ("text_loss", "text_clip_fraction", "text_ratio_max", "policy_grad_norm"):
+        assert narrow[key] == pytest.approx(wide[key], rel=1e-6, abs=1e-9), key
+    # the epoch-2 ratios are the same in both runs (epoch 1 is on-policy and unclipped in both); the narrow range
+    # clips many more of them (a step's ratio moves fast: at this lr some fall to 0.75 after one update)
+    assert narrow["image_ratio_min"] == wide["image_ratio_min"] < 0.99
+    assert narrow["image_clip_fraction"] >= max(0.1, 3 * wide["image_clip_fraction"]), (narrow, wide)
+    assert narrow["image_clip_fraction"] <= 0.5  # the first epoch is on-policy: ratio 1, never clipped
+
+
+@pytest.mark.slow
 def test_off_policy_correction_is_the_identity_when_the_sampling_policy_is_the_learners(models, chains, port):
     """The four chains labelled one version older than the learner, whose weights are still the ones that sampled
     them: the proximal re-scoring reproduces the behaviour log-probs, so every truncated importance weight is 1
