@@ -239,6 +239,10 @@ class GRPOConfig:
     # at 1e-4 to 1e-5). null: the text's clip_low / clip_high.
     image_clip_range: Optional[float] = None
     kl_beta: float = 0.0  # 0 disables the reference model entirely
+    # The SR model's own KL penalty to its base (the weights it started the run with, kept frozen on each learner
+    # rank): image_kl_beta x the exact KL between the re-scored and the base model's Gaussian transitions, per
+    # trained denoising step (Flow-GRPO's KL term). 0: off, and no base copy is held.
+    image_kl_beta: float = 0.0
     update_epochs: int = 1
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0

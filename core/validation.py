@@ -48,6 +48,11 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("grpo.image_clip_range", g.image_clip_range, "must be in (0, 1), or null for the text's clip range")
     if g.kl_beta < 0:
         f("grpo.kl_beta", g.kl_beta, "must be >= 0")
+    if g.image_kl_beta < 0:
+        f("grpo.image_kl_beta", g.image_kl_beta, "must be >= 0")
+    if g.image_kl_beta > 0 and cfg.diffusion.freeze:
+        f("grpo.image_kl_beta", g.image_kl_beta, "the SR model is frozen (diffusion.freeze): there is no update to "
+          "penalise")
     components = list(vars(cfg.reward.weights)) + [f"format/{tag}" for tag in TEXT_TAGS]  # rewards.total
     reward_lists = {f"grpo.{key}": getattr(g, key) for key in ("text_rewards", "image_rewards")}
     for section, names in (g.section_rewards or {}).items():

@@ -139,12 +139,21 @@ def _image_micro_step(w: Rank, m: MicroBatch, fix: Correction, global_steps: flo
         traces = [r.traces[j] for r in m.rollouts]
         for k in trained_steps(num_steps, w.diffusion_cfg.train_steps_fraction):
             col = slice(offset + k, offset + k + 1)
-            logp = diffusion(traces, step_indices=[k])  # (B, 1) with grad
+            kl = None
+            if w.diffusion_reference is None:
+                logp = diffusion(traces, step_indices=[k])  # (B, 1) with grad
+            else:
+                logp, kl = diffusion(traces, step_indices=[k], reference=w.diffusion_reference)
             old, weights = fix.step(offset + k, logp, mb.step_old_log_probs, mb.step_mask)
             out = image_surrogate(logp.float(), old.to(w.device), adv, low, high, mask[:, col],
                                   None if weights is None else weights.to(w.device))
             image_loss = token_mean(out.loss, mask[:, col], global_steps)
-            diffusion.backward(w.grpo.image_loss_weight * image_loss * eng.dp_loss_scale(), scale_wrt_gas=False)
+            loss = w.grpo.image_loss_weight * image_loss
+            if kl is not None:
+                image_kl = token_mean(kl.float(), mask[:, col], global_steps)
+                loss = loss + w.grpo.image_kl_beta * image_kl
+                add(sums, "image_kl", image_kl.item())
+            diffusion.backward(loss * eng.dp_loss_scale(), scale_wrt_gas=False)
             add(sums, "image_loss", image_loss.item())
             _accumulate(sums, extremes, "image", out.metrics)
         offset += num_steps
@@ -181,7 +190,7 @@ def _metrics(w: Rank, sums: dict[str, float], extremes: dict[str, float],
         "chains": w.all_reduce([chains])[0],
         "optimizer_steps": w.optimizer_steps,
     }
-    for k in ("text_loss", "image_loss", "kl"):
+    for k in ("text_loss", "image_loss", "kl", "image_kl"):
         if k in totals:
             m[k] = totals[k] / epochs
     if "ptx_text_loss" in totals:  # grpo.sft_coef's cross-entropy on the target chains

@@ -22,6 +22,7 @@ class Rank(Protocol):
     engines: dict[str, Any]  # "policy" / "diffusion" -> DeepSpeed engine, for the models that train
     tokens: Any  # models.chain_tokens.ChainTokens of the policy (None when it is frozen)
     reference: Optional[nn.Module]  # the frozen reference policy (grpo.kl_beta > 0)
+    diffusion_reference: Any  # the frozen base SR pipeline (grpo.image_kl_beta > 0), else None
     device: torch.device
     rank: int
     world_size: int

@@ -84,7 +84,8 @@ class TraceScorer(nn.Module):
         generator: Optional[torch.Generator] = None,
         noise_level: int = 20,
         prompt_dropout: float = 0.0,
-    ) -> Tensor:
+        reference: Optional[Any] = None,
+    ) -> Any:
         """GRPO: (N, K) log-probs of the ``step_indices`` (None: all) of recorded ``traces``. SFT (``stages``
         given: ``data.sft_targets.StageTarget``s of one size): the scalar denoising MSE of
         ``pipeline.denoising_loss``. Both go through this forward so that DeepSpeed's hooks (ZeRO-3 gathers)
@@ -94,6 +95,8 @@ class TraceScorer(nn.Module):
                 [s.target for s in stages], [s.condition for s in stages], [s.text for s in stages],
                 generator=generator, noise_level=noise_level, prompt_dropout=prompt_dropout,
             )
+        if reference is not None:  # ((N, K) log-probs with grad, (N, K) KL to the reference's transitions)
+            return self.pipeline.trace_log_probs_and_kl(traces, step_indices, reference)
         return self.pipeline.trace_log_probs(traces, step_indices)  # (N, K) with grad
 
 

@@ -119,6 +119,7 @@ class LearnerWorker:
             if needs_reference(grpo.kl_beta):
                 self.reference = load_policy(policy.path, learner.dtype, str(self.device)).requires_grad_(False)
         self.pipeline = None
+        self.diffusion_reference = None  # the base SR pipeline, frozen (grpo.image_kl_beta > 0)
         if not diffusion.freeze:
             self.pipeline = load_sr_pipeline(diffusion.path)
             self.pipeline.to(self.device)
@@ -127,6 +128,13 @@ class LearnerWorker:
                     module.requires_grad_(False)
             scorer = TraceScorer(self.pipeline).to(self.dtype).requires_grad_(True).train()
             self.engines["diffusion"] = eng.build_engine(scorer, learner.diffusion_optim, learner, optimizer_total)
+            if grpo.image_kl_beta > 0:
+                self.diffusion_reference = load_sr_pipeline(diffusion.path)
+                self.diffusion_reference.to(self.device)
+                TraceScorer(self.diffusion_reference).to(self.dtype)  # the trained components' dtype, as above
+                for module in self.diffusion_reference.components.values():
+                    if isinstance(module, nn.Module):
+                        module.requires_grad_(False)
         self.sync_group = None  # the collective weight-sync group (rank 0, learner.sync_backend: collective)
         self.setup_seconds = time.perf_counter() - t0
 

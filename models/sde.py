@@ -107,6 +107,13 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return log_density.flatten(1).mean(dim=1)
 
 
+def gaussian_mean_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(reference_mean, std^2)) per element, averaged over non-batch elements -> (B,).
+    Exact for two Gaussians of the same std (a DDIM transition's sigma_t does not depend on the weights)."""
+    diff = mean.float() - reference_mean.float()
+    return (diff**2 / (2 * std.float() ** 2)).flatten(1).mean(dim=1)
+
+
 def ddim_step_with_logprob(
     scheduler: Any,
     model_output: torch.Tensor,

@@ -30,7 +30,8 @@ from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
 from core.images import to_tensor
 from core.records import DiffusionTrace
-from models.sde import Generator, check_stochastic_schedule, ddim_step_with_logprob, logprob_scheduler
+from models.sde import (SDEStepOutput, Generator, check_stochastic_schedule, ddim_step_with_logprob,
+                        gaussian_mean_kl, logprob_scheduler)
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +243,16 @@ class SRPipeline(DiffusionPipeline):
         traces go through the UNet as one batch; to bound memory, call once per step (``[k]``) and backward
         each (Flow-GRPO's loop).
         """
+        return self.trace_log_probs_and_kl(traces, step_indices)[0]
+
+    def trace_log_probs_and_kl(
+        self, traces: Sequence[DiffusionTrace], step_indices: Sequence[int] | None = None,
+        reference: "SRPipeline | None" = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``trace_log_probs``, and with a ``reference`` pipeline (the base SR model, frozen) the exact KL of each
+        re-scored transition to the reference's: both are Gaussians with the same sigma_t, so
+        KL = |mean - mean_ref|^2 / (2 sigma_t^2), averaged over pixels like the log-prob (``gaussian_mean_kl``).
+        Returns ((N, K) log-probs, (N, K) KL or None)."""
         if not traces:
             raise ValueError("trace_log_probs: no traces")
         S = len(traces[0].timesteps)
@@ -251,14 +262,22 @@ class SRPipeline(DiffusionPipeline):
             )
         steps = list(range(S)) if step_indices is None else [int(k) for k in step_indices]
         rows: list[torch.Tensor | None] = [None] * len(traces)
+        kls: list[torch.Tensor | None] = [None] * len(traces)
         for idx in _group_traces(traces):
             group = [traces[i] for i in idx]
-            for i, row in zip(idx, self._group_log_probs(group, steps)):
-                rows[i] = row
-        return torch.stack(rows)  # (N, K)
+            step = self._group_step(group, steps)
+            kl = None
+            if reference is not None:
+                with torch.no_grad():
+                    ref = reference._group_step(group, steps)
+                kl = gaussian_mean_kl(step.mean, ref.mean, step.std).view(len(group), len(steps))
+            for j, i in enumerate(idx):
+                rows[i] = step.log_prob.view(len(group), len(steps))[j]
+                kls[i] = None if kl is None else kl[j]
+        return torch.stack(rows), (None if reference is None else torch.stack(kls))  # (N, K)
 
-    def _group_log_probs(self, traces: list[DiffusionTrace], steps: list[int]) -> torch.Tensor:
-        """Same-shaped traces (B of them) -> (B, K) log-probs; one UNet call over B*K transitions."""
+    def _group_step(self, traces: list[DiffusionTrace], steps: list[int]) -> SDEStepOutput:
+        """Same-shaped traces (B of them) -> their B*K transitions (sample-major); one UNet call."""
         first = traces[0]
         B, K, S = len(traces), len(steps), len(first.timesteps)
         if any(not 0 <= k < S for k in steps):
@@ -282,8 +301,7 @@ class SRPipeline(DiffusionPipeline):
         if first.guidance_scale != 1.0:
             uncond = self.encode_text(self.tokenize([""])).expand(B * K, -1, -1)
         out = self.predict(x_t, t, cond, text, levels, first.guidance_scale, uncond)
-        step = ddim_step_with_logprob(self.scheduler, out, t, x_t, first.eta, prev_sample=x_prev)
-        return step.log_prob.view(B, K)
+        return ddim_step_with_logprob(self.scheduler, out, t, x_t, first.eta, prev_sample=x_prev)
 
     # ------------------------------------------------------------------------------------------ SFT
     def denoising_loss(

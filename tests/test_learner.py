@@ -495,6 +495,22 @@ def test_image_clip_range_clips_the_denoising_steps_only(models, chains, port):
 
 
 @pytest.mark.slow
+def test_image_kl_to_the_base_sr_model_is_zero_at_the_start_and_grows_after_an_update(models, chains, port):
+    """grpo.image_kl_beta: the first step starts from the base weights, so the KL is exactly 0 and so is its
+    gradient (the update equals the one without the term); after one update the KL is positive."""
+    batch, rollouts = chains
+    plain = _one_rank(models, port, "policy.freeze=true").train_step(batch, *rollouts)
+    worker = _one_rank(models, port, "policy.freeze=true", "grpo.image_kl_beta=0.5")
+    assert worker.diffusion_reference is not None and "image_kl" not in plain
+    first = worker.train_step(batch, *rollouts)
+    assert first["image_kl"] == 0.0
+    for key in ("image_loss", "diffusion_grad_norm"):
+        assert first[key] == pytest.approx(plain[key], rel=1e-6), key
+    second = worker.train_step(batch, *rollouts)
+    assert second["image_kl"] > 0.0
+
+
+@pytest.mark.slow
 def test_off_policy_correction_is_the_identity_when_the_sampling_policy_is_the_learners(models, chains, port):
     """The four chains labelled one version older than the learner, whose weights are still the ones that sampled
     them: the proximal re-scoring reproduces the behaviour log-probs, so every truncated importance weight is 1

@@ -182,3 +182,16 @@ def test_sde_module_imports_no_ray():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False"]
+
+
+def test_gaussian_mean_kl_is_the_exact_kl_of_equal_variance_gaussians():
+    from torch.distributions import Normal, kl_divergence
+
+    from models.sde import gaussian_mean_kl
+
+    g = torch.Generator().manual_seed(3)
+    mean, ref = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    std = torch.rand(3, 1, 1, 1, generator=g) + 0.1
+    exact = kl_divergence(Normal(mean, std.expand_as(mean)), Normal(ref, std.expand_as(ref))).flatten(1).mean(1)
+    torch.testing.assert_close(gaussian_mean_kl(mean, ref, std), exact)
+    assert torch.equal(gaussian_mean_kl(mean, mean, std), torch.zeros(3))
