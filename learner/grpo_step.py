@@ -71,7 +71,8 @@ def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout], sft_reco
                 for kind in ("text", "image") for end in ("max", "min")}
     lrs = {name: eng.current_lr(e) for name, e in w.engines.items()}
     norms: dict[str, list[float]] = {name: [] for name in w.engines}
-    for _epoch in range(w.grpo.update_epochs):
+    first_epoch = [0.0, 0.0]  # the first epoch's token-weighted ratio sums: the on-policy check
+    for epoch in range(w.grpo.update_epochs):
         for m, n, fix in zip(micro, passes, fixes):
             if train_text:
                 _text_micro_step(w, m, fix, global_tokens, sums, extremes)
@@ -86,9 +87,22 @@ def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout], sft_reco
                 norms[name].append(eng.grad_norm(e))
                 stepped = True
         w.optimizer_steps += int(stepped)
+        if epoch == 0:
+            first_epoch = [sums.get("text_ratio_mean", 0.0), sums.get("image_ratio_mean", 0.0)]
+    off_policy_metrics.update(_on_policy_check(w, first_epoch, global_tokens if train_text else 0.0,
+                                               global_steps if train_image else 0.0))
     off_policy_metrics.update(off_policy.tis_metrics(w, fixes, off_policy_metrics["off_policy_chains"]))
     return {**_metrics(w, sums, extremes, norms, lrs, global_tokens, global_steps, len(batch), t0),
             **off_policy_metrics, "dropped_stale_chains": dropped_total}
+
+
+def _on_policy_check(w: Rank, sums: Sequence[float], tokens: float, steps: float) -> dict[str, float]:
+    """``{text,image}_first_epoch_ratio_mean``: the ratio before any update of this step, 1 up to the rollout's and
+    the learner's numerics (stale chains are taken against the proximal policy, so also 1); a drift means the
+    learner does not re-score what the rollout sampled (Flow-GRPO's ratio == 1 check). A collective."""
+    text, image = w.all_reduce(list(sums))
+    return {f"{kind}_first_epoch_ratio_mean": total / count
+            for kind, total, count in (("text", text, tokens), ("image", image, steps)) if count > 0}
 
 
 def _image_passes(w: Rank, micro: Sequence[MicroBatch]) -> list[int]:

@@ -77,6 +77,8 @@ def test_later_steps_train_chains_one_version_old_with_importance_weights(runs):
         assert m["async/staleness"] == 1, step  # sampled while the learner trained the step before
         assert m["learner/staleness_max"] == 1 and m["learner/off_policy_chains"] == B * G, step
         assert m["learner/dropped_stale_chains"] == 0, step
+        for kind in ("text", "image"):  # stale chains are taken against the proximal policy: ratio 1 before the update
+            assert m[f"learner/{kind}_first_epoch_ratio_mean"] == pytest.approx(1.0, abs=1e-3), (step, kind)
         for kind in ("text", "image"):  # min(pi_prox / pi_behaviour, cap): near 1 after one small update
             assert 0.5 < m[f"learner/tis_{kind}_ratio_mean"] <= runs["trainer"].cfg.grpo.tis_cap, (step, kind)
             assert 0.0 <= m[f"learner/tis_{kind}_truncated_fraction"] < 0.5, (step, kind)

@@ -238,6 +238,7 @@ def test_first_epoch_rescoring_reproduces_the_rollout_log_probs(zero3, chains):
     # Ratio exactly 1 (to float noise) means the learner re-scored the exact sampled tokens with the same
     # images at the same positions, and the same denoising transitions.
     for kind in ("text", "image"):
+        assert m[f"{kind}_first_epoch_ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # the on-policy check
         assert m[f"{kind}_ratio_min"] == pytest.approx(1.0, abs=1e-4)
         assert m[f"{kind}_ratio_max"] == pytest.approx(1.0, abs=1e-4)
         assert m[f"{kind}_clip_fraction"] == 0.0
@@ -492,6 +493,8 @@ def test_image_clip_range_clips_the_denoising_steps_only(models, chains, port):
     assert narrow["image_ratio_min"] == wide["image_ratio_min"] < 0.99
     assert narrow["image_clip_fraction"] >= max(0.1, 3 * wide["image_clip_fraction"]), (narrow, wide)
     assert narrow["image_clip_fraction"] <= 0.5  # the first epoch is on-policy: ratio 1, never clipped
+    assert narrow["image_first_epoch_ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # the on-policy check ...
+    assert narrow["image_ratio_mean"] < 0.999  # ... counts the first epoch only
 
 
 @pytest.mark.slow
