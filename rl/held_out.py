@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-
 from core.config import ExperimentConfig
 from data.dataset import PairDataset
 from rl.monitor import reward_metrics
