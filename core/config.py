@@ -58,10 +58,8 @@ class PolicyConfig:
     # keep the vision tower as it is and train the language model only (a common choice for VLM RL: the
     # tower's gradient reaches every image the policy reads, the fed-back stage images included)
     freeze_vision: bool = False
-    # Regular expressions (re.search) over the policy's parameter names: only the parameters one matches
-    # train, e.g. ["language_model.norm.weight"] (the final norm: 128 gains here); the rest stays as loaded.
-    # Fewer trained parameters, less of the update's noise (Adam moves every trained parameter ~lr a step).
-    # null: all.
+    # re.search patterns over the parameter names: only matches train, e.g. ["language_model.norm.weight"] (128
+    # gains here: fewer trained parameters, less update noise, as Adam moves each ~lr a step). null: all.
     trainable: Optional[list[str]] = None
     gradient_checkpointing: bool = False
 
@@ -71,9 +69,8 @@ class TinyDiffusionConfig:
     """Shape of the random text-conditioned SR diffusion model built by the bootstrap."""
 
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
-    # UNet resolution levels; block_out_channels is extended with its last entry to this length. 4 levels =
-    # 3 downsamplings: sizes must be multiples of 8 and the attention (deepest level only) stays <= 16x16 up to
-    # 128 px, which keeps the CPU backward pass fast (larger attention maps made it several times slower here).
+    # UNet levels (block_out_channels extended with its last entry). 4 = 3 downsamplings: sizes multiples of 8,
+    # attention (deepest level only) <= 16x16 up to 128 px, which keeps the CPU backward fast.
     num_levels: int = 4
     layers_per_block: int = 1
     attention_head_dim: int = 8
@@ -203,6 +200,19 @@ class QualityMetricConfig:
 
 
 @dataclass
+class PanelMetricConfig:
+    name: str = MISSING  # a pyiqa metric, reported on held-out images and never a reward (e.g. gmsd, fsim, nlpd)
+    lower_better: bool = False  # must agree with pyiqa's (checked when the panel is built)
+    options: dict[str, Any] = field(default_factory=dict)  # passed to pyiqa.create_metric
+
+
+@dataclass
+class EvalPanelConfig:  # metrics for evaluation only: a gamed reward (one metric up, the others down) shows
+    metrics: list[PanelMetricConfig] = field(default_factory=list)  # no-reference, on the final image
+    full_reference: list[PanelMetricConfig] = field(default_factory=list)  # against HR
+
+
+@dataclass
 class RewardWeights:
     format: float = 1.0
     degradation: float = 1.0
@@ -234,14 +244,12 @@ class GRPOConfig:
     filter_zero_variance: bool = True
     clip_low: float = 0.2
     clip_high: float = 0.28
-    # The denoising steps' own PPO clip range, symmetric: [1 - image_clip_range, 1 + image_clip_range]. A step's
-    # log-prob is a mean over thousands of pixels and its ratio moves far faster than a token's (Flow-GRPO clips
-    # at 1e-4 to 1e-5). null: the text's clip_low / clip_high.
+    # The denoising steps' own clip range [1 - r, 1 + r]: a step's ratio moves far faster than a token's
+    # (Flow-GRPO clips at 1e-4 to 1e-5). null: the text's clip_low / clip_high.
     image_clip_range: Optional[float] = None
     kl_beta: float = 0.0  # 0 disables the reference model entirely
-    # The SR model's own KL penalty to its base (the weights it started the run with, kept frozen on each learner
-    # rank): image_kl_beta x the exact KL between the re-scored and the base model's Gaussian transitions, per
-    # trained denoising step (Flow-GRPO's KL term). 0: off, and no base copy is held.
+    # + image_kl_beta x the exact KL of each trained denoising step to the base SR model's (the run's starting
+    # weights, a frozen copy per learner rank; Flow-GRPO's KL term). 0: off, no copy held.
     image_kl_beta: float = 0.0
     update_epochs: int = 1
     text_loss_weight: float = 1.0
@@ -268,8 +276,7 @@ class GRPOConfig:
     # target chains of the step's own training images (data.sft_targets) to the text loss of every update.
     # The text only: the SR model's denoising loss is not mixed in. 0: off (the paper).
     sft_coef: float = 0.0
-    # Stale chains (trainer.max_staleness > 0): the ratio is taken against the learner's pre-update weights and each
-    # token / denoising step weighted by min(pi_current / pi_sampling, tis_cap): truncated importance sampling.
+    # Stale chains (trainer.max_staleness > 0): weight of a token / step, min(pi_prox / pi_sampling, tis_cap) (TIS)
     tis_cap: float = 2.0
 
 
@@ -326,10 +333,11 @@ class TrainerConfig:
     # the first eval_images held-out prompts through the run's own actors; rewards logged under eval/
     eval_every: int = 0
     eval_images: int = 4
-    # 0: synchronous (rollout -> reward -> learner -> sync, one after another). k >= 1: the asynchronous pipeline:
-    # the rollout and rewards of the next k steps run while the learner trains, so a chain is at most k policy
-    # versions old when it is trained on (corrected by grpo.tis_cap). Older chains are never produced, except by a
-    # rollout actor that restarted and has not yet rejoined the collective sync: the learner drops those.
+    # held-out-only image metrics, logged raw (the metric's own units) as eval/panel/<metric> beside eval/reward/*
+    eval_panel: EvalPanelConfig = field(default_factory=EvalPanelConfig)
+    # 0: synchronous. k >= 1: the rollout and rewards of the next k steps run while the learner trains, so a chain
+    # is at most k policy versions old when trained on (corrected by grpo.tis_cap); older ones (from a rollout actor
+    # restarted and not yet back in the collective sync) are dropped by the learner.
     max_staleness: int = 0
     resume: bool = False
     seed: int = 0

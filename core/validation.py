@@ -215,6 +215,13 @@ def validate(cfg: Any, source: str = "<config>") -> None:
           "rollout)")
     if t.eval_images < 1:
         f("trainer.eval_images", t.eval_images, "must be >= 1")
+    panel = [m.name for m in list(t.eval_panel.metrics) + list(t.eval_panel.full_reference)]
+    if panel and not t.eval_every:
+        f("trainer.eval_panel", panel, "needs trainer.eval_every > 0 (the panel is computed at the held-out evaluation)")
+    trained = {m.name for m in list(cfg.reward.metrics) + list(cfg.reward.full_reference)}
+    if trained & set(panel):
+        f("trainer.eval_panel", sorted(trained & set(panel)), "these are training rewards (reward.metrics / "
+          "full_reference): a held-out panel must be metrics the policy is not trained on")
     if t.total_steps < 1:
         f("trainer.total_steps", t.total_steps, "must be >= 1")
     if t.checkpoint_every < 0:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from core.config import QualityMetricConfig
+from core.config import EvalPanelConfig, PanelMetricConfig, QualityMetricConfig
 from core.images import to_tensor
 
 # A metric maps (N, 3, H, W) float images in [0, 1] (and, full-reference, references of the same shape) to
@@ -231,6 +231,7 @@ def build_quality_scorer(
     device: str | torch.device = "cpu",
     full_reference: Sequence[QualityMetricConfig] = (),
     timeout_s: float | None = None,
+    keys: tuple[str, str] = ("reward.metrics", "reward.full_reference"),
 ) -> QualityScorer:
     """Create the pyiqa metrics once. Config mistakes fail here, naming the metric, not at scoring time.
 
@@ -240,10 +241,7 @@ def build_quality_scorer(
     import pyiqa  # heavy (timm, CLIP helpers); only reward workers need it
 
     built: dict[bool, list[tuple[QualityMetricConfig, MetricFn]]] = {False: [], True: []}
-    for fr, key, configs in (
-        (False, "reward.metrics", metrics),
-        (True, "reward.full_reference", full_reference),
-    ):
+    for fr, key, configs in ((False, keys[0], metrics), (True, keys[1], full_reference)):
         for i, cfg in enumerate(configs):
             where = f"{key}[{i}] (name {cfg.name!r}, options {dict(cfg.options)!r})"
             try:
@@ -252,7 +250,7 @@ def build_quality_scorer(
                 raise ValueError(f"{where}: pyiqa could not create it: {type(exc).__name__}: {exc}") from exc
             mode = getattr(fn, "metric_mode", None)
             if mode != ("FR" if fr else "NR"):
-                wanted = "reward.full_reference" if mode == "FR" else "reward.metrics"
+                wanted = keys[1] if mode == "FR" else keys[0]
                 raise ValueError(f"{where}: pyiqa metric_mode is {mode!r}; list it under {wanted}")
             if bool(getattr(fn, "lower_better", False)) != bool(cfg.lower_better):
                 raise ValueError(
@@ -260,3 +258,13 @@ def build_quality_scorer(
                 )
             built[fr].append((cfg, fn))
     return QualityScorer(built[False], built[True], timeout_s=timeout_s, device=device)
+
+
+def build_panel_scorer(panel: EvalPanelConfig, device: str | torch.device = "cpu") -> QualityScorer:
+    """The held-out evaluation panel (``trainer.eval_panel``): the same scorer, metrics reported raw."""
+    def as_metric(m: PanelMetricConfig) -> QualityMetricConfig:
+        return QualityMetricConfig(name=m.name, lower_better=m.lower_better, options=dict(m.options))
+
+    return build_quality_scorer([as_metric(m) for m in panel.metrics], device,
+                                [as_metric(m) for m in panel.full_reference],
+                                keys=("trainer.eval_panel.metrics", "trainer.eval_panel.full_reference"))

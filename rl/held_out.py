@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+import ray
+
 from core.config import ExperimentConfig
 from data.dataset import PairDataset
 from rl.monitor import reward_metrics
@@ -22,6 +25,12 @@ class HeldOutEval:
         self.samples = PairDataset(cfg.data, "eval").batch(0, cfg.trainer.eval_images)
         self.group_size = cfg.grpo.group_size
         self.seed = cfg.trainer.seed * 1_000_003 + EVAL_SEED
+        panel = cfg.trainer.eval_panel
+        self.panel = None
+        if panel.metrics or panel.full_reference:
+            from rewards.quality import build_panel_scorer
+
+            self.panel = build_panel_scorer(panel)
 
     def run(self, rollouts, rewards) -> dict[str, float]:
         """``eval/reward/<part>/mean`` and ``/group_std`` (the quality metrics among them, ``quality/<metric>``),
@@ -31,5 +40,21 @@ class HeldOutEval:
         scores = rewards.score(views, [s for s in self.samples for _ in range(self.group_size)])
         out = {f"eval/{k}": v for k, v in reward_metrics(scores, self.group_size).items()}
         out["eval/chains"] = float(len(scores))
+        if self.panel is not None:
+            out.update(self._panel(views))
         out["timing/eval"] = time.perf_counter() - start
+        return out
+
+    def _panel(self, views) -> dict[str, float]:
+        """``eval/panel/<metric>``: the mean raw score of the final images (HR-referenced metrics against HR), and
+        ``eval/panel/<metric>_failed``, the chains it could not score (a missing final image, a metric error)."""
+        finals = [v.images.get("final") for v in ray.get(list(views))]
+        hrs = [s.hr for s in self.samples for _ in range(self.group_size)]
+        ok = [i for i, img in enumerate(finals) if img is not None]
+        results = self.panel([finals[i] for i in ok], [hrs[i] for i in ok])
+        out = {}
+        for name in self.panel.weights:
+            values = [r.raw[name] for r in results if name in r.raw]
+            out[f"eval/panel/{name}"] = float(np.mean(values)) if values else float("nan")
+            out[f"eval/panel/{name}_failed"] = float(len(finals) - len(values))
         return out

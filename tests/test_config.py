@@ -148,3 +148,12 @@ def test_missing_required_path(tmp_path):
     cfg.write_text("name: x\n")
     with pytest.raises(ConfigError, match="policy.path"):
         load_config(cfg)
+
+
+def test_a_panel_needs_the_held_out_evaluation_and_metrics_that_are_not_rewards():
+    with pytest.raises(ConfigError, match="trainer.eval_panel.*needs trainer.eval_every"):
+        load_config(ROOT / "configs/grpo_local.yaml", ["trainer.eval_panel.full_reference=[{name: gmsd}]"])
+
+    with pytest.raises(ConfigError, match="trainer.eval_panel.*training rewards"):
+        load_config(ROOT / "configs/grpo_local.yaml", ["trainer.eval_every=5",
+                                                       "trainer.eval_panel.full_reference=[{name: psnr}]"])

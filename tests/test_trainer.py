@@ -171,7 +171,8 @@ def test_checkpoint_then_resume_restores_step_cursor_and_weights(setup):
 
     resumed = GRPOTrainer(_config(setup["tmp"], setup["models"], "trainer.resume=true", "grpo.sft_coef=0.5",
                                   "grpo.prompts_per_step=1", "grpo.filter_zero_variance=false",
-                                  f"trainer.eval_every={step + 2}", "trainer.eval_images=1"))
+                                  f"trainer.eval_every={step + 2}", "trainer.eval_images=1",
+                                  "trainer.eval_panel.full_reference=[{name: gmsd, lower_better: true}, {name: fsim}]"))
     setup["resumed"] = resumed
     assert resumed.cfg.learner.num_ranks == 2
     assert (resumed.step_id, resumed.cursor) == (step, cursor)
@@ -203,6 +204,9 @@ def test_eval_every_writes_held_out_rewards_at_its_steps_only(setup):
     for part in ("format", "degradation", "understanding", "generation", "total"):
         assert 0.0 <= metrics[f"eval/reward/{part}/mean"] <= 4.0, part
     assert any(k.startswith("eval/reward/quality/") for k in metrics)  # the image metrics (piqe, psnr, ssim)
+    # the held-out-only panel, raw: GMSD (0 = identical to HR) and FSIM (1 = identical), every chain scored
+    assert 0.0 < metrics["eval/panel/gmsd"] < 1.0 and 0.0 < metrics["eval/panel/fsim"] < 1.0
+    assert metrics["eval/panel/gmsd_failed"] == metrics["eval/panel/fsim_failed"] == 0
     run.monitor.flush()
     scalars = read_scalars(run.cfg.trainer.log_dir)
     assert [s for s, _ in scalars["eval/reward/total/mean"]] == [every]
