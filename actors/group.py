@@ -5,22 +5,27 @@ the learner ranks, and its scoring view (text and final image, ``Rollout.scoring
 each side fetches only what it needs and the driver never holds pixels. Actors restart on failure
 (rollout.max_restarts) and Ray re-runs the task in flight on the restarted actor; the call carries the latest
 WeightUpdate, so a restarted actor catches up to the current policy version before it samples (a step never mixes
-versions silently).
+versions silently). A call that holds an actor past ``rollout.call_timeout_s`` without returning (a hung process)
+is treated the same way: a watchdog thread kills the actor, Ray restarts it and re-runs the call.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections import deque
 from typing import Sequence
 
 import numpy as np
 import ray
 
 from actors.rollout import RolloutWorker
-from core.actor_group import ActorGroup
+from core.actor_group import ActorGroup, ProgressClock
 from core.config import ExperimentConfig
 from core.records import Sample, WeightUpdate
 
 WEIGHTS_THREAD = "weights"  # the actors' concurrency group of the collective weight sync
+log = logging.getLogger("actors.group")
 
 
 class RolloutGroup(ActorGroup):
@@ -33,6 +38,13 @@ class RolloutGroup(ActorGroup):
                    max_task_retries=rc.max_restarts, concurrency_groups={WEIGHTS_THREAD: 1})
         ray.get([a.ping.remote() for a in self.actors])  # fail here, not mid-step, if an engine cannot start
         self.latest: WeightUpdate | None = None
+        self.killed_hung = 0  # actors killed by the watchdog (for logging)
+        self._clock = ProgressClock(len(self.actors), rc.call_timeout_s)
+        self._calls: list[deque] = [deque() for _ in self.actors]  # per actor: first refs of its calls in flight
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if rc.call_timeout_s > 0:
+            threading.Thread(target=self._watch, name="rollout-watchdog", daemon=True).start()
 
     def submit_generate(self, samples: Sequence[Sample], group_size: int, seed: int
                         ) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
@@ -47,6 +59,7 @@ class RolloutGroup(ActorGroup):
             chunk = [samples[i] for i in idx]
             n = len(chunk) * group_size
             out = actor.generate_with_views.options(num_returns=2 * n).remote(chunk, group_size, seed, self.latest)
+            self._track(self.actors.index(actor), out[0])
             chains.extend(out[:n])
             views.extend(out[n:])
         return chains, views
@@ -78,3 +91,32 @@ class RolloutGroup(ActorGroup):
 
     def versions(self) -> list[tuple[int, int]]:
         return ray.get([a.versions.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        super().shutdown()
+
+    # ------------------------------------------------------------------ hung calls (rollout.call_timeout_s)
+    def _track(self, k: int, ref: ray.ObjectRef) -> None:
+        if self._clock.timeout_s:
+            with self._lock:
+                self._calls[k].append(ref)
+                self._clock.started(k)
+
+    def _watch(self) -> None:
+        """Every second: retire the calls that returned, kill the actors whose oldest call is overdue."""
+        while not self._stop.wait(1.0):
+            with self._lock:
+                for k, calls in enumerate(self._calls):
+                    while calls and ray.wait([calls[0]], timeout=0)[0]:
+                        calls.popleft()
+                        self._clock.returned(k)
+                late = self._clock.overdue()
+            for k in late:
+                log.warning("rollout actor %d: no call returned within rollout.call_timeout_s = %.0f s; killing it "
+                            "(Ray restarts it and re-runs its calls)", k, self._clock.timeout_s)
+                self.killed_hung += 1
+                try:
+                    ray.kill(self.actors[k], no_restart=False)
+                except (IndexError, ValueError):  # the group was shut down meanwhile
+                    return

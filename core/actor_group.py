@@ -13,6 +13,7 @@ bundles are ``core.placement.role_bundle``, the same ones ``python -m rl.resourc
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Optional
 
 import ray
@@ -25,6 +26,37 @@ from core.placement import role_bundle
 # naming itself and what it asked for: a cluster too small for the run fails, it never hangs.
 READY_TIMEOUT_S = 600.0
 ActorArgs = Callable[[int], tuple[tuple, dict]]  # actor index -> (args, kwargs) of the worker's __init__
+
+
+class ProgressClock:
+    """A hung actor is one that holds work and has returned none of it for ``timeout_s``: per actor, the time
+    it last made progress while busy (it took work when idle, or returned a call). ``timeout_s`` 0: never hung.
+    Thread-safe enough for one writer per actor (plain ints and floats)."""
+
+    def __init__(self, num_actors: int, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.busy = [0] * num_actors
+        self.since = [0.0] * num_actors
+
+    def started(self, k: int) -> None:
+        if self.busy[k] == 0:
+            self.since[k] = time.monotonic()
+        self.busy[k] += 1
+
+    def returned(self, k: int) -> None:
+        self.busy[k] = max(self.busy[k] - 1, 0)
+        self.since[k] = time.monotonic()
+
+    def overdue(self) -> list[int]:
+        """Busy actors without progress for ``timeout_s``; each is reported once per timeout (the clock restarts,
+        which gives a killed actor ``timeout_s`` to restart and finish the call Ray re-runs)."""
+        if not self.timeout_s:
+            return []
+        now = time.monotonic()
+        late = [k for k, n in enumerate(self.busy) if n and now - self.since[k] > self.timeout_s]
+        for k in late:
+            self.since[k] = now
+        return late
 
 
 def reserve(role: str, num: int, num_cpus: float, num_gpus: float, strategy: str, name: str,

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from core.validation import ConfigError, validate
+from core.validation import ConfigError, describe_omegaconf_error, validate
 
 
 # --------------------------------------------------------------------------------------------- cluster
@@ -187,6 +187,8 @@ class RolloutConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     max_restarts: int = 3  # Ray restarts a dead actor; its in-flight work is re-issued by the driver
+    call_timeout_s: float = 0.0  # a rollout call not back in this time (from its start or the actor's kill) is
+    # treated as a dead actor: killed, restarted by Ray, re-run; it must cover an actor restart. 0: no deadline
 
 
 # --------------------------------------------------------------------------------------------- rewards
@@ -229,6 +231,7 @@ class RewardConfig:
     full_reference: list[QualityMetricConfig] = field(default_factory=list)  # optional terms against HR
     failed_metric: str = "renormalize"  # renormalize: weights of the metrics that worked | zero: count as 0
     metric_timeout_s: float = 120.0
+    call_timeout_s: float = 0.0  # a scoring call not back in this time: its actor is killed, its chains re-issued
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     max_restarts: int = 3
@@ -339,7 +342,8 @@ class TrainerConfig:
     # is at most k policy versions old when trained on (corrected by grpo.tis_cap); older ones (from a rollout actor
     # restarted and not yet back in the collective sync) are dropped by the learner.
     max_staleness: int = 0
-    resume: bool = False
+    resume: Any = False  # false: fresh | true: from the latest complete checkpoint (one must exist) | auto: if any
+    max_failures: int = 0  # a dead learner rank: rebuild learner + rollouts, resume the latest checkpoint, N times
     seed: int = 0
     progress_bar: bool = True
 
@@ -380,7 +384,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
         merged = OmegaConf.merge(schema, from_file, OmegaConf.from_dotlist(list(overrides)))
         cfg: ExperimentConfig = OmegaConf.to_object(merged)  # resolves ${...}, checks MISSING
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: {_describe(exc)}") from None
+        raise ConfigError(f"{path}: {describe_omegaconf_error(exc)}") from None
     validate(cfg, source=str(path))
     return cfg
 
@@ -388,13 +392,3 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
 def to_yaml(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML, written next to every run's outputs."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def _describe(exc: OmegaConfBaseException) -> str:
-    key = getattr(exc, "full_key", None)
-    message = str(exc).split("\n")[0]
-    if type(exc).__name__ == "ConfigKeyError" and "not in" in message:
-        return f"unknown key {key!r} ({message})"
-    if key:
-        return f"key {key!r}: {message}"
-    return message

@@ -208,6 +208,15 @@ def validate(cfg: Any, source: str = "<config>") -> None:
     if t.eval_every and cfg.mode != "grpo":
         f("trainer.eval_every", t.eval_every, "the periodic held-out evaluation runs in grpo mode (it samples "
           "through the rollout actors); evaluate a cold-start checkpoint with python -m rl.eval")
+    if not (t.resume is False or t.resume is True or t.resume == "auto"):
+        f("trainer.resume", t.resume, "must be false, true (a complete checkpoint must exist) or auto (resume when one "
+          "exists, start fresh otherwise)")
+    if t.max_failures < 0:
+        f("trainer.max_failures", t.max_failures, "must be >= 0 (0: a dead learner rank ends the run)")
+    for key, value in (("rollout.call_timeout_s", cfg.rollout.call_timeout_s),
+                       ("reward.call_timeout_s", cfg.reward.call_timeout_s)):
+        if value < 0:
+            f(key, value, "must be >= 0 (0: no deadline)")
     if t.max_staleness < 0:
         f("trainer.max_staleness", t.max_staleness, "must be >= 0 (0: synchronous; k: rollout up to k steps ahead)")
     if t.max_staleness and cfg.mode != "grpo":
@@ -230,3 +239,14 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     if cfg.ray.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
         f("ray.placement_strategy", cfg.ray.placement_strategy, "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+
+
+def describe_omegaconf_error(exc: Exception) -> str:
+    """An OmegaConf error as one line naming the key (an unknown key says so)."""
+    key = getattr(exc, "full_key", None)
+    message = str(exc).split("\n")[0]
+    if type(exc).__name__ == "ConfigKeyError" and "not in" in message:
+        return f"unknown key {key!r} ({message})"
+    if key:
+        return f"key {key!r}: {message}"
+    return message

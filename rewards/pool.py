@@ -4,6 +4,7 @@ in parallel as rollouts arrive. The only module of rewards/ that imports Ray.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -12,10 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from core.actor_group import ActorGroup
+from core.actor_group import ActorGroup, ProgressClock
 from core.config import RewardConfig
 from core.records import Rollout, Sample, Scores
 from rewards.worker import RewardWorker
+
+log = logging.getLogger("rewards.pool")
 
 
 @dataclass
@@ -43,7 +46,8 @@ class RewardPool(ActorGroup):
       and are re-issued to the other ready actors. Ray restarts the actor (``cfg.max_restarts``) while a probe
       (one ``pid`` call that Ray retries through the restart) tells the pool when it may be used again, or
       that it is gone for good. Scoring tasks are not retried by Ray (``max_task_retries=0``), so only the
-      pool re-issues work and every chain gets exactly one result. A chain whose task loses its actor
+      pool re-issues work and every chain gets exactly one result. An actor that holds chains past
+      ``cfg.call_timeout_s`` without returning any (a hung process) is killed and handled the same way. A chain whose task loses its actor
       ``max_attempts`` times (a chain that crashes every process) raises RuntimeError, as do all actors dead.
     - an exception raised by the scoring code (a bug, a failed rollout ref) is raised, naming the chains.
     """
@@ -69,6 +73,8 @@ class RewardPool(ActorGroup):
         device = "cuda" if cfg.num_gpus > 0 else "cpu"
         self.start(worker_cls, lambda i: ((cfg, device), {}), max_restarts=cfg.max_restarts, max_task_retries=0)
         self._actors = [_Actor(handle) for handle in self.actors]
+        self._clock = ProgressClock(len(self._actors), cfg.call_timeout_s)
+        self.killed_hung = 0  # actors killed for holding chains past reward.call_timeout_s
         self._probes: dict[Any, int] = {}  # probe ref -> actor index
         self.reissued = 0  # chains whose scoring task died with its actor and was sent again (for logging)
         self._lock = threading.Lock()  # one score call at a time (the asynchronous pipeline's thread, held-out eval)
@@ -103,7 +109,9 @@ class RewardPool(ActorGroup):
             while remaining:
                 self._dispatch(ready, running, rollouts, samples)
                 pending = list(running) + list(waiting) + list(self._probes)
-                ray.wait(pending, num_returns=1)  # block for the first; then take everything already done
+                # block for the first (polling for hung actors when there is a deadline), then take all done
+                ray.wait(pending, num_returns=1, timeout=1.0 if self._clock.timeout_s else None)
+                self._kill_hung()
                 finished, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
                 for ref in finished:
                     if ref in waiting:
@@ -118,6 +126,7 @@ class RewardPool(ActorGroup):
                         )
         finally:  # after an error, tasks still in flight must not count as load in the next call
             for k, chains in running.values():
+                self._clock.returned(k)
                 self._actors[k].tasks -= 1
                 self._actors[k].chains -= len(chains)
         return results  # type: ignore[return-value]
@@ -142,6 +151,7 @@ class RewardPool(ActorGroup):
             actor = self._actors[k]
             ref = actor.handle.score.remote([(rollouts[i], samples[i]) for i in chains])
             running[ref] = (k, chains)
+            self._clock.started(k)
             actor.tasks += 1
             actor.chains += len(chains)
 
@@ -150,6 +160,7 @@ class RewardPool(ActorGroup):
         ray = self._ray
         k, chains = running.pop(ref)
         actor = self._actors[k]
+        self._clock.returned(k)
         actor.tasks -= 1
         actor.chains -= len(chains)
         try:
@@ -174,6 +185,16 @@ class RewardPool(ActorGroup):
         for i, s in zip(chains, scores):
             results[i] = s
         return len(chains)
+
+    def _kill_hung(self) -> None:
+        """Kill (Ray restarts it) each ready actor that returned nothing for ``cfg.call_timeout_s``: its tasks fail
+        as a dead actor's and their chains are re-issued."""
+        for k in self._clock.overdue():
+            if self._actors[k].state == "ready":
+                log.warning("reward actor %d: no scoring call returned within reward.call_timeout_s = %.0f s; "
+                            "killing it (Ray restarts it; its chains are re-issued)", k, self._clock.timeout_s)
+                self.killed_hung += 1
+                self._ray.kill(self._actors[k].handle, no_restart=False)
 
     def _probe_done(self, ref) -> None:
         actor = self._actors[self._probes.pop(ref)]

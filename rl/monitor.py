@@ -41,7 +41,9 @@ class RunMonitor:
 
     def __init__(self, log_dir: str | Path, total_steps: int, start_step: int = 0, progress_bar: bool = True,
                  desc: str = "grpo"):
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # a resumed run replaces the points its crashed predecessor logged after the checkpoint
+        self.log_dir = str(log_dir)
+        self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=start_step + 1 if start_step else None)
         self._bar = None
         if progress_bar:
             from tqdm.auto import tqdm
@@ -68,6 +70,15 @@ class RunMonitor:
         if self._bar is not None:
             self._bar.n = step
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=True)
+
+    def rewind(self, step: int) -> None:
+        """The run went back to ``step`` (a recovery): later points of every tag are replaced by those logged next
+        (TensorBoard's purge_step, which its readers apply)."""
+        self.writer.close()
+        self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=step + 1)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
 
     def flush(self) -> None:
         self.writer.flush()

@@ -13,8 +13,9 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from core import checkpoint as ckpt
 
@@ -30,7 +31,7 @@ def run_failed(step: int, exc: BaseException, root: Path) -> RunFailed:
     latest = ckpt.latest_complete(root)
     return RunFailed(
         f"step {step} failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}; "
-        f"last complete checkpoint: {latest or 'none'}; continue with trainer.resume=true"
+        f"last complete checkpoint: {latest or 'none'}; continue with trainer.resume=auto"
     )
 
 
@@ -67,26 +68,81 @@ def should_checkpoint(step: int, every: int, total_steps: int) -> bool:
 
 def run_steps(trainer: Any, progress: Mapping[str, str]) -> None:
     """The loop both drivers share: ``trainer.step()`` until ``cfg.trainer.total_steps``, the progress bar
-    fed from the step's metrics (``progress``: bar label -> metric key), a checkpoint when due, and a Ray
-    failure the run cannot recover from (a learner rank died) turned into RunFailed naming the checkpoint.
+    fed from the step's metrics (``progress``: bar label -> metric key) and a checkpoint when due.
 
-    ``trainer`` has ``cfg``, ``step_id``, ``ckpt_root``, ``monitor``, ``step()`` and ``save_checkpoint()``.
+    A Ray failure the actors cannot survive by themselves (a learner rank died, a rollout actor past its
+    restarts) is healed up to ``trainer.max_failures`` times: ``trainer.recover()`` rebuilds the actor groups
+    from the latest complete checkpoint (or from the start), the steps after it are redone and their TensorBoard
+    points replaced (``faults/*`` logs each recovery). One failure too many ends the run with RunFailed naming
+    the checkpoint to resume from.
+
+    ``trainer`` has ``cfg``, ``step_id``, ``ckpt_root``, ``monitor``, ``step()``, ``save_checkpoint()`` and
+    ``recover()``; ``trainer.faults`` gets one ``Fault`` per recovery.
     """
     from ray.exceptions import RayError  # here, so this module imports without Ray
 
+    from core.weight_broadcast import SyncGroupError
+
     cfg = trainer.cfg.trainer
+    trainer.faults = getattr(trainer, "faults", [])
     try:
         while trainer.step_id < cfg.total_steps:
             try:
                 metrics = trainer.step()
-            except RayError as exc:
-                raise run_failed(trainer.step_id + 1, exc, trainer.ckpt_root) from exc
-            trainer.monitor.progress(trainer.step_id, {label: metrics.get(key, float("nan"))
-                                                       for label, key in progress.items()})
-            if should_checkpoint(trainer.step_id, cfg.checkpoint_every, cfg.total_steps):
-                trainer.save_checkpoint()
+                trainer.monitor.progress(trainer.step_id, {label: metrics.get(key, float("nan"))
+                                                           for label, key in progress.items()})
+                if should_checkpoint(trainer.step_id, cfg.checkpoint_every, cfg.total_steps):
+                    trainer.save_checkpoint()
+            except (RayError, SyncGroupError) as exc:  # an actor (group) lost
+                if len(trainer.faults) >= cfg.max_failures:
+                    raise run_failed(trainer.step_id + 1, exc, trainer.ckpt_root) from exc
+                trainer.faults.append(heal(trainer, exc))
     finally:
         trainer.monitor.close()
+
+
+@dataclass
+class Fault:
+    """One recovery: where the run failed, what it resumed from, and what it cost."""
+
+    step: int  # the 1-based step that failed
+    error: str
+    resumed_at: int  # the checkpoint's step (0: no checkpoint, the run started over)
+    steps_redone: int  # completed steps after that checkpoint, run again
+    seconds: float  # teardown + rebuild + restore
+
+
+def heal(trainer: Any, exc: BaseException) -> Fault:
+    """``trainer.recover()`` after ``exc``, logged on the console and as ``faults/*`` at the step it resumes."""
+    failed, start = trainer.step_id + 1, time.perf_counter()
+    error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+    n, limit = len(trainer.faults) + 1, trainer.cfg.trainer.max_failures
+    log.warning("step %d failed (%s); recovery %d of %d: rebuilding the actors from the latest complete "
+                "checkpoint", failed, error, n, limit)
+    trainer.recover()
+    fault = Fault(failed, error, trainer.step_id, failed - 1 - trainer.step_id, time.perf_counter() - start)
+    trainer.monitor.rewind(trainer.step_id)  # the redone steps' points replace the old ones
+    trainer.monitor.scalars(trainer.step_id + 1, {"faults/recoveries": float(n),
+                                                  "faults/steps_redone": float(fault.steps_redone),
+                                                  "faults/recovery_s": fault.seconds})
+    log.warning("recovered in %.1f s: resumed at step %d, redoing %d completed step(s)", fault.seconds,
+                fault.resumed_at, fault.steps_redone)
+    return fault
+
+
+def restart(trainer: Any, closers: Sequence[Callable[[], Any]]) -> None:
+    """Both drivers' ``recover``: run every closer of the half-dead groups (one that fails is logged, the others
+    still run), then ``trainer.start_groups`` from the latest complete checkpoint, or from step 0 with the RNG state
+    the run began with (``trainer.fresh_rng``), so the redone steps are the ones the run would have made."""
+    for close in closers:
+        try:
+            close()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("recovery teardown: %s: %s", type(exc).__name__, exc)
+    latest = ckpt.latest_complete(trainer.ckpt_root)
+    if latest is None:
+        ckpt.restore_rng_state(trainer.fresh_rng)
+    trainer.start_groups(resume=latest is not None)
 
 
 def save_checkpoint(learner: Any, root: Path, step: int, cursor: int, keep: int,
@@ -111,25 +167,44 @@ def save_checkpoint(learner: Any, root: Path, step: int, cursor: int, keep: int,
     return final
 
 
+def resume_point(cfg: Any, root: Path) -> Optional[Path]:
+    """The checkpoint ``trainer.resume`` starts from, checked before any actor is built: None for a fresh run
+    (resume false, or auto with none yet); RunFailed for resume true without a complete checkpoint."""
+    mode = cfg.trainer.resume
+    if mode is False:
+        return None
+    latest = ckpt.latest_complete(root)
+    if latest is None:
+        if mode is True:
+            raise RunFailed(f"trainer.resume=true but {root} holds no complete checkpoint; use trainer.resume=auto "
+                            "to start fresh when there is none")
+        log.info("resume: no complete checkpoint under %s, starting fresh (trainer.resume=auto)", root)
+    return latest
+
+
 def resume(trainer: Any) -> Optional[ckpt.TrainerState]:
     """Both drivers' resume: the learner from the latest complete checkpoint, ``trainer.step_id`` and
     ``trainer.cursor`` from its state, which is returned for the driver's own ``extra`` (None: nothing to
-    resume from, the run starts fresh)."""
+    resume from, the run starts fresh). A checkpoint at or past ``trainer.total_steps`` is said loudly: the run
+    has nothing left to do."""
     found = load_latest(trainer.learner, trainer.ckpt_root)
     if found is None:
         return None
     latest, state = found
     trainer.step_id, trainer.cursor = state.step, state.data_cursor
     log.info("resumed from %s at step %d (data cursor %d)", latest, state.step, state.data_cursor)
+    total = trainer.cfg.trainer.total_steps
+    if state.step >= total:
+        log.warning("%s is at step %d, trainer.total_steps = %d: no step left to run; raise trainer.total_steps "
+                    "to train on", latest.name, state.step, total)
     return state
 
 
 def load_latest(learner: Any, root: Path) -> Optional[tuple[Path, ckpt.TrainerState]]:
     """Load the newest complete checkpoint under ``root`` into ``learner`` and restore the driver's RNGs;
-    returns (its path, its TrainerState), or None (logged) when there is none."""
+    returns (its path, its TrainerState), or None when there is none."""
     latest = ckpt.latest_complete(root)
     if latest is None:
-        log.info("resume: no complete checkpoint under %s, starting fresh", root)
         return None
     state = ckpt.load_trainer_state(latest)
     learner.load_checkpoint(str(latest / "deepspeed"))

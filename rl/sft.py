@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from core import checkpoint as ckpt
 from core.config import ExperimentConfig
 from data.dataset import PairDataset
 from data.sft_targets import SFTRecord, target_records
@@ -34,14 +35,22 @@ class SFTTrainer:
         self.cfg = cfg
         self.data = PairDataset(cfg.data, "train")
         self.tokens = ChainTokens.from_pretrained(cfg.policy.path)
-        self.learner = LearnerGroup(cfg, sft=cfg.sft)
         self.ckpt_root = Path(cfg.trainer.checkpoint_dir)
-        self.step_id = 0
-        self.cursor = 0
-        if cfg.trainer.resume:
-            run_state.resume(self)
+        resume_from = run_state.resume_point(cfg, self.ckpt_root)  # trainer.resume=true without one fails here
+        self.fresh_rng = ckpt.capture_rng_state()
+        self.start_groups(resume=resume_from is not None)
         self.monitor = RunMonitor(cfg.trainer.log_dir, cfg.trainer.total_steps, self.step_id,
                                   cfg.trainer.progress_bar, desc="sft")
+
+    def start_groups(self, resume: bool) -> None:
+        self.learner = LearnerGroup(self.cfg, sft=self.cfg.sft)
+        self.step_id = self.cursor = 0
+        if resume:
+            run_state.resume(self)
+
+    def recover(self) -> None:
+        """A new learner group from the latest complete checkpoint (or the start) after a lost rank."""
+        run_state.restart(self, (self.learner.shutdown,))
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> None:

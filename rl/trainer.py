@@ -16,6 +16,7 @@ import ray
 import torch
 
 from actors.group import RolloutGroup
+from core import checkpoint as ckpt
 from core import grpo
 from core.chain import TEXT_TAGS
 from core.config import ExperimentConfig
@@ -51,26 +52,42 @@ def advantage_metrics(adv: grpo.ChainAdvantages, keep: torch.Tensor) -> dict[str
 class GRPOTrainer:
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
+        self.ckpt_root = Path(cfg.trainer.checkpoint_dir)
+        resume_from = run_state.resume_point(cfg, self.ckpt_root)  # trainer.resume=true without one fails here
         self.data = PairDataset(cfg.data, "train")
-        self.rollouts = RolloutGroup(cfg)
         self.rewards = RewardPool(cfg.reward, strategy=cfg.ray.placement_strategy, name=f"{cfg.name}-reward")
-        self.learner = LearnerGroup(cfg, logprob_temperature=cfg.rollout.sampling.temperature)
         # grpo.sft_coef: the step's target chains are tokenized here, as the cold start's driver does
         self.tokens = ChainTokens.from_pretrained(cfg.policy.path) if cfg.grpo.sft_coef > 0 else None
         self.held_out = HeldOutEval(cfg) if cfg.trainer.eval_every else None
-        self.ckpt_root = Path(cfg.trainer.checkpoint_dir)
-        self.step_id = 0
-        self.cursor = 0
-        self.version = 0
+        self.staleness: dict[int, int] = {}  # trained step -> learner version - the version its chains came from
+        self.faults: list[run_state.Fault] = []
+        self.fresh_rng = ckpt.capture_rng_state()  # a recovery without a checkpoint starts over from here
+        self.start_groups(resume=resume_from is not None)
+        self.monitor = RunMonitor(cfg.trainer.log_dir, cfg.trainer.total_steps, self.step_id,
+                                  cfg.trainer.progress_bar)
+
+    def start_groups(self, resume: bool) -> None:
+        """The rollout and learner groups, their weight sync and the pipeline, at step 0 or at the latest complete
+        checkpoint (``resume``)."""
+        cfg = self.cfg
+        self.rollouts = RolloutGroup(cfg)
+        self.learner = LearnerGroup(cfg, logprob_temperature=cfg.rollout.sampling.temperature)
         self.weights = build_weight_sync(cfg, self.learner, self.rollouts)  # learner.sync_backend
-        if cfg.trainer.resume:
+        self.step_id = self.cursor = self.version = 0
+        if resume:
             self._resume()
         self.pipeline = RolloutPipeline(self.data, self.rollouts, self.rewards, cfg.grpo.prompts_per_step,
                                         cfg.grpo.group_size, self._seed_of, cfg.trainer.max_staleness,
                                         self.step_id, self.cursor, cfg.trainer.total_steps, self.version)
-        self.staleness: list[int] = []  # per trained step: learner version - the version its chains came from
-        self.monitor = RunMonitor(cfg.trainer.log_dir, cfg.trainer.total_steps, self.step_id,
-                                  cfg.trainer.progress_bar)
+
+    def recover(self) -> None:
+        """After a lost actor group (``run_state.run_steps``' healing): tear the rollout and learner groups down and
+        start them again from the latest complete checkpoint, or from the start with the driver's first RNG
+        state, so that the redone steps are the steps the run would have made (the reward pool heals itself and
+        is kept)."""
+        run_state.restart(self, (self.rollouts.shutdown, self.pipeline.close, self.weights.close,
+                                 self.learner.shutdown))
+        self.staleness = {s: v for s, v in self.staleness.items() if s <= self.step_id}
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> None:
@@ -98,7 +115,7 @@ class GRPOTrainer:
                     learner_metrics = self.learner.train(refs, adv.per_chain(), keep.tolist(), targets,
                                                          version=self.version,
                                                          max_staleness=cfg.trainer.max_staleness)
-                self.staleness.append(staleness)
+                self.staleness[self.step_id + 1] = staleness
                 with t("sync"):
                     update, sync_metrics = self.weights.publish(self.version + 1)
                     self.pipeline.publish(update)
@@ -116,6 +133,7 @@ class GRPOTrainer:
             "policy/version": float(self.version),
             "throughput/samples_per_s": len(scores) / t.seconds["step"],
             "reward/reissued_chains": float(self.rewards.reissued),
+            "faults/hung_actors_killed": float(self.rollouts.killed_hung + self.rewards.killed_hung),
             "data/skipped_files": float(sum(self.data.stats.values())),
         }
         if self.held_out is not None and self.step_id % cfg.trainer.eval_every == 0:
@@ -135,7 +153,7 @@ class GRPOTrainer:
 
     def _staleness_metrics(self, staleness: int) -> dict[str, float]:
         """``async/*``: how many learner updates old this step's chains were, and over the run so far."""
-        seen = sorted(self.staleness) or [0]
+        seen = sorted(self.staleness.values()) or [0]
         return {"async/staleness": float(staleness), "async/staleness_p50": float(seen[len(seen) // 2]),
                 "async/staleness_max": float(seen[-1])}
 

@@ -731,6 +731,17 @@ def test_rayjob_runs_the_8node_config_on_the_same_cluster():
         assert g["replicas"] == g["maxReplicas"], g["groupName"]
 
 
+def test_a_failed_rayjob_is_resubmitted_and_resumes_from_the_checkpoint_volume():
+    """A dead driver: the operator retries the job (backoffLimit) and the retried run resumes by itself from the
+    latest complete checkpoint on the volume the retry mounts again; a dead learner rank heals in the run."""
+    job = rayjob()["spec"]
+    assert job["backoffLimit"] >= 1 and not job.get("clusterSelector")
+    cfg = load_config(CONFIG_8NODE, job["entrypoint"].split()[4:])
+    assert cfg.trainer.resume == "auto" and cfg.trainer.max_failures >= 1
+    assert cfg.trainer.checkpoint_dir.startswith("/checkpoints/") and cfg.trainer.checkpoint_every > 0
+    assert cfg.rollout.call_timeout_s > 0 and cfg.reward.call_timeout_s > 0
+
+
 # --------------------------------------------------------------------------------------------- image recipe
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = (CLUSTER / "Dockerfile").read_text()

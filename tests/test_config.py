@@ -60,6 +60,11 @@ def test_unknown_key_or_wrong_type(override, fragment):
         ("grpo.image_kl_beta=-1", "grpo.image_kl_beta"),
         ("grpo.tis_cap=0.5", "grpo.tis_cap"),
         ("trainer.max_staleness=-1", "trainer.max_staleness"),
+        ("trainer.resume=maybe", "trainer.resume"),
+        ("trainer.resume=1", "trainer.resume"),
+        ("trainer.max_failures=-1", "trainer.max_failures"),
+        ("rollout.call_timeout_s=-5", "rollout.call_timeout_s"),
+        ("reward.call_timeout_s=-5", "reward.call_timeout_s"),
         ("learner.sync_backend=nccl", "learner.sync_backend"),
         ("learner.sync_timeout_s=0", "learner.sync_timeout_s"),
         ("learner.num_ranks=3", "learner.num_ranks"),  # 2 prompts x 4 samples not divisible by 3

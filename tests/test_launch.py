@@ -74,7 +74,7 @@ def test_run_killed_mid_checkpoint_resumes_from_the_previous_complete_one(tmp_pa
         proc.wait(timeout=60)
     assert ckpt.latest_complete(root).name == "step_000001"  # the half-written one is never picked
 
-    resumed = subprocess.run([*args, "trainer.resume=true"], cwd=ROOT, env=_env(),
+    resumed = subprocess.run([*args, "trainer.resume=auto"], cwd=ROOT, env=_env(),
                              capture_output=True, text=True, timeout=480)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "step_000001 at step 1" in resumed.stderr

@@ -70,6 +70,22 @@ class CrashingWorker(LoggingWorker):
         return super().score(pairs)
 
 
+class HangingWorker(LoggingWorker):
+    """Its process hangs (sleeps for an hour) the first time it is given a chain whose text says HANG."""
+
+    def score(self, pairs):
+        import ray
+
+        log_dir = Path(os.environ[LOG_ENV])
+        for rollout, _ in pairs:
+            r = rollout if isinstance(rollout, Rollout) else ray.get(rollout)
+            marker = log_dir / f"hung_{r.prompt_id}_{r.sample_index}"
+            if "HANG" in r.text and not marker.exists():
+                marker.touch()
+                time.sleep(3600)
+        return super().score(pairs)
+
+
 def read_log(log_dir: Path) -> list[tuple[int, int, int]]:
     path = log_dir / "scored.log"
     if not path.exists():
@@ -188,3 +204,29 @@ def test_pool_gives_up_on_a_chain_that_always_kills_its_actor(ray_cluster):
             pool.score(rollouts, samples)
     finally:
         pool.shutdown()
+
+
+@pytest.mark.slow
+def test_a_hung_reward_actor_is_killed_and_its_chains_reissued(ray_cluster):
+    """reward.call_timeout_s: the actor holding the hung chain is killed after the deadline (not an hour later),
+    and every chain is still scored exactly once, as without the hang."""
+    _, log_root = ray_cluster
+    log_dir = _fresh_log(log_root)
+    cfg = RewardConfig(num_actors=2, num_cpus=0.5, metrics=[PIQE], call_timeout_s=10.0)
+    pool = RewardPool(cfg, worker_cls=HangingWorker, max_batch=2)
+    rollouts, samples = batch(2, 2)
+    try:
+        pool.score(*batch(2, 2))  # both actors warm (a first call builds the metric, slower than later ones)
+        log_dir = _fresh_log(log_root)
+        rollouts[1] = make_rollout(0, 1, rough="HANG a cat")
+        start = time.monotonic()
+        scores = pool.score(rollouts, samples)
+        took = time.monotonic() - start
+        reference = pool.score([make_rollout(0, 1, rough="HANG a cat")], samples[1:2])  # marker set: no hang now
+    finally:
+        pool.shutdown()
+    assert took < 120, took
+    assert pool.killed_hung == 1 and pool.reissued >= 1
+    assert [(s.prompt_id, s.sample_index) for s in scores] == [(r.prompt_id, r.sample_index) for r in rollouts]
+    assert scores[1] == reference[0]  # the re-issued chain's score is what it scores without a hang
+    assert Counter((p, g) for _, p, g in read_log(log_dir)) == Counter({(0, 0): 1, (0, 1): 2, (1, 0): 1, (1, 1): 1})

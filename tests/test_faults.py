@@ -1,0 +1,162 @@
+"""The driver's healing and resume rules without a cluster: ``run_steps`` around a trainer whose steps fail on cue
+(a stand-in for the GRPO driver, the code under test is the loop), ``trainer.resume`` at every boundary, and the
+clock that tells a hung actor from a busy one."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from ray.exceptions import RayActorError
+
+from core import checkpoint as ckpt
+from core.actor_group import ProgressClock
+from rl import run_state
+from rl.run_state import RunFailed
+
+
+class FakeMonitor:
+    def __init__(self):
+        self.points, self.rewinds = [], []
+
+    def scalars(self, step, metrics):
+        self.points += [(step, k, v) for k, v in metrics.items()]
+
+    def rewind(self, step):
+        self.rewinds.append(step)
+        self.points = [p for p in self.points if p[0] <= step]
+
+    def progress(self, step, postfix):
+        pass
+
+    def close(self):
+        pass
+
+
+class FlakyTrainer:
+    """Steps that raise a RayActorError at the 1-based steps in ``fail_at`` (once each); a checkpoint every
+    ``every`` steps kept in memory; ``recover`` goes back to the latest one."""
+
+    def __init__(self, root: Path, total: int, every: int, max_failures: int, fail_at=(), resume=False):
+        self.cfg = SimpleNamespace(trainer=SimpleNamespace(total_steps=total, checkpoint_every=every,
+                                                           max_failures=max_failures, resume=resume))
+        self.ckpt_root, self.monitor, self.step_id = root, FakeMonitor(), 0
+        self.fail_at, self.saved, self.ran, self.recovered = set(fail_at), [0], [], 0
+
+    def step(self):
+        step = self.step_id + 1
+        if step in self.fail_at:
+            self.fail_at.discard(step)
+            raise RayActorError()
+        self.ran.append(step)
+        self.step_id = step
+        self.monitor.scalars(step, {"reward/total/mean": float(step)})
+        return {}
+
+    def save_checkpoint(self):
+        self.saved.append(self.step_id)
+
+    def recover(self):
+        self.recovered += 1
+        self.step_id = self.saved[-1]
+
+
+def test_a_lost_learner_is_healed_from_the_latest_checkpoint_and_the_steps_after_it_redone(tmp_path):
+    t = FlakyTrainer(tmp_path, total=10, every=4, max_failures=2, fail_at={6, 9})
+    run_state.run_steps(t, {})
+    assert t.ran == [1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10]  # 6 failed: back to 4, step 5 redone; 9 failed: back to 8
+    assert [(f.step, f.resumed_at, f.steps_redone) for f in t.faults] == [(6, 4, 1), (9, 8, 0)]
+    assert t.monitor.rewinds == [4, 8]
+    rewards = [(s, v) for s, k, v in t.monitor.points if k == "reward/total/mean"]
+    assert rewards == [(s, float(s)) for s in range(1, 11)]  # one point a step: the redone ones replaced
+    assert [(s, v) for s, k, v in t.monitor.points if k == "faults/recoveries"] == [(5, 1.0), (9, 2.0)]
+
+
+def test_one_failure_more_than_max_failures_ends_the_run_naming_the_checkpoint(tmp_path):
+    t = FlakyTrainer(tmp_path, total=10, every=4, max_failures=1, fail_at={3, 6})
+    with pytest.raises(RunFailed, match="step 6 failed: RayActorError.*last complete checkpoint: none"):
+        run_state.run_steps(t, {})
+    assert t.recovered == 1 and t.step_id == 5
+    t0 = FlakyTrainer(tmp_path, total=3, every=0, max_failures=0, fail_at={2})
+    with pytest.raises(RunFailed):
+        run_state.run_steps(t0, {})
+    assert t0.recovered == 0
+
+
+def _checkpoint(root: Path, step: int) -> Path:
+    tmp = ckpt.begin_checkpoint(root, step)
+    ckpt.save_trainer_state(tmp, ckpt.TrainerState(step=step, data_cursor=2 * step, rng=ckpt.capture_rng_state()))
+    return ckpt.commit_checkpoint(tmp)
+
+
+def _cfg(resume, total=4):
+    return SimpleNamespace(trainer=SimpleNamespace(resume=resume, total_steps=total))
+
+
+def test_resume_with_an_empty_checkpoint_folder(tmp_path):
+    with pytest.raises(RunFailed, match=f"trainer.resume=true but {tmp_path} holds no complete checkpoint"):
+        run_state.resume_point(_cfg(True), tmp_path)
+    assert run_state.resume_point(_cfg("auto"), tmp_path) is None  # auto: a fresh run
+    assert run_state.resume_point(_cfg(False), tmp_path) is None
+    (tmp_path / ".tmp-step_000002-0123abcd").mkdir()  # a half-written checkpoint is no checkpoint
+    with pytest.raises(RunFailed):
+        run_state.resume_point(_cfg(True), tmp_path)
+
+
+def test_resume_auto_takes_the_latest_complete_checkpoint(tmp_path):
+    _checkpoint(tmp_path, 2)
+    latest = _checkpoint(tmp_path, 3)
+    assert run_state.resume_point(_cfg("auto"), tmp_path) == latest == run_state.resume_point(_cfg(True), tmp_path)
+    assert run_state.resume_point(_cfg(False), tmp_path) is None
+
+
+def test_a_resume_right_after_the_last_step_says_there_is_nothing_left(tmp_path, caplog):
+    _checkpoint(tmp_path, 4)
+    loaded = []
+    trainer = SimpleNamespace(cfg=_cfg(True, total=4), ckpt_root=tmp_path, step_id=0, cursor=0,
+                              learner=SimpleNamespace(load_checkpoint=loaded.append))
+    with caplog.at_level(logging.WARNING, logger="rl.trainer"):
+        state = run_state.resume(trainer)
+    assert state.step == 4 and (trainer.step_id, trainer.cursor) == (4, 8)
+    assert loaded == [str(tmp_path / "step_000004" / "deepspeed")]
+    assert "step_000004 is at step 4, trainer.total_steps = 4: no step left to run" in caplog.text
+
+
+def test_progress_clock_flags_only_an_actor_that_holds_work_without_returning():
+    clock = ProgressClock(3, timeout_s=0.2)
+    clock.started(0)
+    clock.started(1)
+    clock.started(1)  # queued behind its first call: no clock of its own
+    assert clock.overdue() == []
+    time.sleep(0.15)
+    clock.returned(1)  # actor 1 made progress: its clock restarts
+    time.sleep(0.1)
+    assert clock.overdue() == [0]  # actor 2 never had work, actor 1 returned 0.1 s ago
+    assert clock.overdue() == []  # reported once per timeout
+    clock.returned(0)
+    clock.returned(1)
+    time.sleep(0.25)
+    assert clock.overdue() == []  # idle actors are never hung
+    assert ProgressClock(1, timeout_s=0).overdue() == []
+
+
+def test_restart_runs_every_closer_and_starts_over_with_the_first_rng_state(tmp_path):
+    import torch
+
+    closed, started = [], []
+
+    def broken():
+        closed.append("broken")
+        raise RuntimeError("actor already dead")
+
+    trainer = SimpleNamespace(ckpt_root=tmp_path, fresh_rng=ckpt.capture_rng_state(),
+                              start_groups=lambda resume: started.append((resume, torch.rand(1).item())))
+    first = torch.rand(1).item()
+    run_state.restart(trainer, (broken, lambda: closed.append("other")))
+    assert closed == ["broken", "other"] and started == [(False, first)]  # no checkpoint: the run's first RNG draw
+    _checkpoint(tmp_path, 2)
+    run_state.restart(trainer, ())
+    assert started[-1][0] is True
