@@ -53,13 +53,13 @@ class RolloutGroup(ActorGroup):
         chains: list[ray.ObjectRef] = []
         views: list[ray.ObjectRef] = []
         chunks = np.array_split(np.arange(len(samples)), len(self.actors))
-        for actor, idx in zip(self.actors, chunks):
+        for k, (actor, idx) in enumerate(zip(self.actors, chunks)):
             if len(idx) == 0:
                 continue
             chunk = [samples[i] for i in idx]
             n = len(chunk) * group_size
             out = actor.generate_with_views.options(num_returns=2 * n).remote(chunk, group_size, seed, self.latest)
-            self._track(self.actors.index(actor), out[0])
+            self._track(k, out[0])
             chains.extend(out[:n])
             views.extend(out[n:])
         return chains, views

@@ -26,11 +26,16 @@ class RunFailed(RuntimeError):
     """The run cannot go on; the message names the last complete checkpoint to resume from."""
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for the console and RunFailed (Ray's errors span many lines)."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+
 def run_failed(step: int, exc: BaseException, root: Path) -> RunFailed:
     """The RunFailed for a step that raised ``exc`` (a Ray actor or group that cannot recover)."""
     latest = ckpt.latest_complete(root)
     return RunFailed(
-        f"step {step} failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}; "
+        f"step {step} failed: {one_line(exc)}; "
         f"last complete checkpoint: {latest or 'none'}; continue with trainer.resume=auto"
     )
 
@@ -115,7 +120,7 @@ class Fault:
 def heal(trainer: Any, exc: BaseException) -> Fault:
     """``trainer.recover()`` after ``exc``, logged on the console and as ``faults/*`` at the step it resumes."""
     failed, start = trainer.step_id + 1, time.perf_counter()
-    error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+    error = one_line(exc)
     n, limit = len(trainer.faults) + 1, trainer.cfg.trainer.max_failures
     log.warning("step %d failed (%s); recovery %d of %d: rebuilding the actors from the latest complete "
                 "checkpoint", failed, error, n, limit)
