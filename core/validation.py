@@ -35,6 +35,8 @@ def validate(cfg: Any, source: str = "<config>") -> None:
             re.compile(pattern)
         except re.error as exc:
             f("policy.trainable", cfg.policy.trainable, f"{pattern!r} is not a regular expression: {exc}")
+    for model in ("policy", "diffusion"):
+        _validate_lora(f, model, getattr(cfg, model))
     g = cfg.grpo
     if g.group_size < 2:
         f("grpo.group_size", g.group_size, "GRPO needs at least 2 chains per group to normalise rewards")
@@ -250,3 +252,29 @@ def describe_omegaconf_error(exc: Exception) -> str:
     if key:
         return f"key {key!r}: {message}"
     return message
+
+
+def _validate_lora(f: Any, model: str, sub: Any) -> None:
+    """``<model>.lora``: a positive rank and alpha, dropout in [0, 1), at least one valid target pattern, and no
+    second way of choosing what trains."""
+    lora = sub.lora
+    if lora is None:
+        return
+    key = f"{model}.lora"
+    if sub.freeze:
+        f(key, "set", f"{model}.freeze is true: a frozen model trains no adapters")
+    if model == "policy" and sub.trainable is not None:
+        f("policy.trainable", sub.trainable, "policy.lora is set: with LoRA only the adapters train (drop one)")
+    if lora.rank < 1:
+        f(f"{key}.rank", lora.rank, "must be >= 1")
+    if lora.alpha <= 0:
+        f(f"{key}.alpha", lora.alpha, "must be > 0")
+    if not 0 <= lora.dropout < 1:
+        f(f"{key}.dropout", lora.dropout, "must be in [0, 1)")
+    if not lora.target_modules:
+        f(f"{key}.target_modules", list(lora.target_modules), "name at least one module pattern (re.search)")
+    for pattern in lora.target_modules:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            f(f"{key}.target_modules", list(lora.target_modules), f"{pattern!r} is not a regular expression: {exc}")

@@ -157,6 +157,8 @@ class LearnerGroup(ActorGroup):
             refs[model] = (blobs_ref,)
             metrics[f"weight_sync/{model}_mb"] = stats["bytes"] / 2**20
             metrics[f"weight_sync/{model}_buckets"] = stats["buckets"]
+            if "adapter_bytes" in stats:  # what shipping the LoRA adapters alone would move
+                metrics[f"weight_sync/{model}_adapter_mb"] = stats["adapter_bytes"] / 2**20
         metrics["weight_sync/gather_s"] = time.perf_counter() - start
         update = WeightUpdate(version=version, policy=refs.get("policy", ()), diffusion=refs.get("diffusion", ()))
         return update, metrics

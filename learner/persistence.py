@@ -15,6 +15,7 @@ from torch import Tensor
 
 from core.weights import bucket_named_tensors, serialize_bucket
 from learner import engine as eng
+from learner import lora
 from learner.rank import Rank
 
 WORKER_STATE_FILE = "learner_state.json"
@@ -25,15 +26,24 @@ def serialized_state(w: Rank, model: str) -> tuple[list[bytes], dict[str, float]
     """Rank 0: the full weights of ``model`` as safetensors buckets of ``learner.sync_bucket_mb`` (ready for
     the object store); other ranks: []. A collective (ZeRO-3 gathers): all ranks must call it."""
     start = time.perf_counter()
-    state = gather_full_state(w, model)
+    raw = gather_raw_state(w, model)
+    state = merged(w, model, raw)
     blobs = [serialize_bucket(b) for b in bucket_named_tensors(state.items(), w.cfg.sync_bucket_mb << 20)]
-    return blobs, {"bytes": float(sum(len(b) for b in blobs)), "buckets": float(len(blobs)),
-                   "tensors": float(len(state)), "seconds": time.perf_counter() - start}
+    stats = {"bytes": float(sum(len(b) for b in blobs)), "buckets": float(len(blobs)),
+             "tensors": float(len(state)), "seconds": time.perf_counter() - start}
+    if model in w.lora:
+        stats["adapter_bytes"] = float(lora.adapter_bytes(raw))
+    return blobs, stats
 
 
 def gather_full_state(w: Rank, model: str) -> dict[str, Tensor]:
-    """Full CPU weights of ``model`` ("policy" | "diffusion") on rank 0, {} on the others. A collective:
-    ALL ranks must call it (ZeRO-3 all-gathers, a bucket at a time)."""
+    """Full CPU weights of ``model`` ("policy" | "diffusion") on rank 0 by the base model's names (LoRA adapters
+    merged in), {} on the others. A collective: ALL ranks must call it (ZeRO-3 all-gathers, a bucket at a time)."""
+    return merged(w, model, gather_raw_state(w, model))
+
+
+def gather_raw_state(w: Rank, model: str) -> dict[str, Tensor]:
+    """``gather_full_state`` as the trained module holds it: with LoRA, base layers and adapters apart."""
     module = w.engine(model).module
     full = eng.iter_full_state(module, bucket_bytes=w.cfg.sync_bucket_mb << 20)
     if w.rank == 0:
@@ -41,6 +51,11 @@ def gather_full_state(w: Rank, model: str) -> dict[str, Tensor]:
     for _ in full:
         pass
     return {}
+
+
+def merged(w: Rank, model: str, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The base model's state from a gathered one: adapters merged (``lora.merge_lora``) when ``model`` has them."""
+    return lora.merge_lora(raw, w.lora[model]) if model in w.lora and raw else raw
 
 
 def parameter_digest(w: Rank, model: str) -> dict[str, float]:
@@ -60,17 +75,23 @@ def export_hf(w: Rank, directory: str) -> dict[str, str]:
     out = Path(directory)
     written: dict[str, str] = {}
     if "policy" in w.engines:
-        state = gather_full_state(w, "policy")
+        raw = gather_raw_state(w, "policy")
         if w.rank == 0:
             target = out / "policy"
             w.engines["policy"].module.save_pretrained(
-                target, state_dict=state, safe_serialization=True
+                target, state_dict=merged(w, "policy", raw), safe_serialization=True
             )
             w.tokens.processor.save_pretrained(target)
             written["policy"] = str(target)
+            written.update(_save_adapter(w, "policy", raw, out))
     elif w.rank == 0:
         written["policy"] = _copy_dir(w.policy_cfg.path, out / "policy")
-    if "diffusion" in w.engines:
+    if "diffusion" in w.lora:
+        raw = gather_raw_state(w, "diffusion")
+        if w.rank == 0:
+            written["diffusion"] = _save_merged_pipeline(w, merged(w, "diffusion", raw), out / "diffusion")
+            written.update(_save_adapter(w, "diffusion", raw, out))
+    elif "diffusion" in w.engines:
         module = w.engines["diffusion"].module
         # diffusers' save_pretrained takes no state_dict: gather the whole module for the save
         with eng.full_parameters(module.parameters()):
@@ -82,6 +103,26 @@ def export_hf(w: Rank, directory: str) -> dict[str, str]:
     if w.world_size > 1:
         torch.distributed.barrier()
     return written
+
+
+def _save_adapter(w: Rank, model: str, raw: dict[str, Tensor], out: Path) -> dict[str, str]:
+    """``out/<model>_adapter``: the adapters alone in peft's format (nothing without LoRA)."""
+    if model not in w.lora:
+        return {}
+    cfg = w.policy_cfg if model == "policy" else w.diffusion_cfg
+    path = lora.save_adapter(out / f"{model}_adapter", raw, cfg.lora, w.lora[model], cfg.path)
+    return {f"{model}_adapter": str(path)}
+
+
+def _save_merged_pipeline(w: Rank, state: dict[str, Tensor], target: Path) -> str:
+    """The diffusers pipeline with the merged weights: a fresh copy of the base pipeline (the trained one holds
+    peft layers, whose names diffusers would save) takes the merged state, strictly, and is saved."""
+    from learner.scoring import TraceScorer, load_sr_pipeline
+
+    pipeline = load_sr_pipeline(w.diffusion_cfg.path)
+    TraceScorer(pipeline).to(next(iter(state.values())).dtype).load_state_dict(state, strict=True)
+    pipeline.save_pretrained(target)
+    return str(target)
 
 
 def save_checkpoint(w: Rank, directory: str) -> None:

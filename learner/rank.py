@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, Optional, Protocol, Sequence
 
 import torch
-from torch import nn
 
 from core.config import DiffusionConfig, GRPOConfig, LearnerConfig, PolicyConfig, SFTConfig
 from core.grpo import TrainBatch
@@ -21,8 +20,9 @@ class Rank(Protocol):
     sft: Optional[SFTConfig]
     engines: dict[str, Any]  # "policy" / "diffusion" -> DeepSpeed engine, for the models that train
     tokens: Any  # models.chain_tokens.ChainTokens of the policy (None when it is frozen)
-    reference: Optional[nn.Module]  # the frozen reference policy (grpo.kl_beta > 0)
+    reference: Any  # the frozen reference policy (grpo.kl_beta > 0): a model, or lora.BasePolicy
     diffusion_reference: Any  # the frozen base SR pipeline (grpo.image_kl_beta > 0), else None
+    lora: dict[str, dict[str, float]]  # model -> {adapted layer: scaling}; {} without adapters (policy.lora, diffusion.lora)
     device: torch.device
     rank: int
     world_size: int

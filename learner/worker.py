@@ -30,7 +30,7 @@ from core.env import configure_process
 from core.grpo import ChainTags, TrainBatch, build_train_batch, needs_reference, token_credit
 from core.records import ChainAdvantage, Rollout
 from learner import engine as eng
-from learner import grpo_step, persistence, sft_step
+from learner import grpo_step, lora, persistence, sft_step
 from learner.batching import masked_copy
 from learner.scoring import TraceScorer, load_sr_pipeline
 
@@ -104,7 +104,8 @@ class LearnerWorker:
         self.tags: Optional[ChainTags] = None  # the chain tags' ids, for token credit
         # a frozen policy has no tokens to credit: the chain rule keeps the batch layout and is never trained on
         self.credit = token_credit(None if policy.freeze else grpo.token_credit)
-        self.reference: Optional[nn.Module] = None
+        self.reference: Any = None  # the KL term's frozen policy: a second copy, or the adapters switched off
+        self.lora: dict[str, dict[str, float]] = {}  # model -> {adapted layer: scaling}, for the trained adapters
         if not policy.freeze:
             self.tokens = ChainTokens.from_pretrained(policy.path)
             self.tags = ChainTags.from_tokens(self.tokens)
@@ -113,11 +114,16 @@ class LearnerWorker:
                 vision_tower(model).requires_grad_(False)
             if policy.trainable is not None:
                 restrict_trainable(model, policy.trainable)
+            if policy.lora is not None:
+                self.lora["policy"] = lora.add_lora(model, policy.lora, "policy.lora")
             if policy.gradient_checkpointing:
                 model.gradient_checkpointing_enable()
+                if policy.lora is not None:  # the embeddings are frozen: checkpointed blocks need an input grad
+                    model.enable_input_require_grads()
             self.engines["policy"] = eng.build_engine(model, learner.policy_optim, learner, optimizer_total)
             if needs_reference(grpo.kl_beta):
-                self.reference = load_policy(policy.path, learner.dtype, str(self.device)).requires_grad_(False)
+                self.reference = (lora.BasePolicy(model) if policy.lora is not None else
+                                  load_policy(policy.path, learner.dtype, str(self.device)).requires_grad_(False))
         self.pipeline = None
         self.diffusion_reference = None  # the base SR pipeline, frozen (grpo.image_kl_beta > 0)
         if not diffusion.freeze:
@@ -127,8 +133,12 @@ class LearnerWorker:
                 if isinstance(module, nn.Module):  # the VAE and anything outside the TraceScorer stay frozen
                     module.requires_grad_(False)
             scorer = TraceScorer(self.pipeline).to(self.dtype).requires_grad_(True).train()
+            if diffusion.lora is not None:
+                self.lora["diffusion"] = lora.add_lora(scorer, diffusion.lora, "diffusion.lora")
             self.engines["diffusion"] = eng.build_engine(scorer, learner.diffusion_optim, learner, optimizer_total)
-            if grpo.image_kl_beta > 0:
+            if grpo.image_kl_beta > 0 and diffusion.lora is not None:
+                self.diffusion_reference = lora.BasePipeline(self.pipeline, scorer)
+            elif grpo.image_kl_beta > 0:
                 self.diffusion_reference = load_sr_pipeline(diffusion.path)
                 self.diffusion_reference.to(self.device)
                 TraceScorer(self.diffusion_reference).to(self.dtype)  # the trained components' dtype, as above
@@ -155,6 +165,9 @@ class LearnerWorker:
             "zero_stage": self.cfg.zero_stage,
             "parameters": {k: sum(int(getattr(p, "ds_numel", p.numel())) for p in e.module.parameters())
                            for k, e in self.engines.items()},
+            "trainable_parameters": {k: sum(int(getattr(p, "ds_numel", p.numel())) for p in e.module.parameters()
+                                            if p.requires_grad) for k, e in self.engines.items()},
+            "lora_layers": {k: len(v) for k, v in self.lora.items()},
             "setup_seconds": self.setup_seconds,
         }
 
@@ -246,7 +259,10 @@ class LearnerWorker:
         actors of the weight-sync group. Returns what rank 0 sent ({} on the others)."""
         out: dict[str, float] = {}
         for model in models:
-            state = persistence.gather_full_state(self, model)
+            raw = persistence.gather_raw_state(self, model)
+            state = persistence.merged(self, model, raw)
+            if self.rank == 0 and model in self.lora:  # what shipping the LoRA adapters alone would move
+                out[f"weight_sync/{model}_adapter_mb"] = lora.adapter_bytes(raw) / 2**20
             if self.rank == 0:
                 stats = weight_broadcast.broadcast_weights(self.sync_group, state.items(),
                                                            self.cfg.sync_bucket_mb << 20, device=self.device)

@@ -16,24 +16,31 @@ from torch.utils.tensorboard import SummaryWriter
 from core.records import Scores
 
 PANEL_ORDER: tuple[str, ...] = ("lr", "rough", "middle", "final", "hr")
+PANEL_LABELS = {"lr": "LR", "rough": "rough", "middle": "middle", "final": "final", "hr": "HR"}
+LABEL_HEIGHT = 12  # a strip above each tile with its column's name
 
 
 def image_panel(images: Mapping[str, Optional[np.ndarray]], height: int) -> np.ndarray:
-    """LR | rough | middle | final | HR side by side, each resized (nearest) to ``height``; (H, W, 3) uint8.
+    """LR | rough | middle | final | HR side by side, each resized (nearest) to ``height`` under a strip naming
+    its column; (LABEL_HEIGHT + height, W, 3) uint8.
 
     Missing images (e.g. no HR for real LR input) become a grey tile so the layout stays comparable.
     """
+    from PIL import ImageDraw
+
     tiles = []
     for key in PANEL_ORDER:
         img = images.get(key)
         if img is None:
-            tiles.append(np.full((height, height, 3), 128, np.uint8))
-            continue
-        h, w = img.shape[:2]
-        width = max(1, round(w * height / h))
-        tiles.append(np.asarray(Image.fromarray(img).resize((width, height), Image.NEAREST)))
-        tiles.append(np.zeros((height, 2, 3), np.uint8))  # separator
-    return np.concatenate(tiles, axis=1)
+            tile = np.full((height, height, 3), 128, np.uint8)
+        else:
+            h, w = img.shape[:2]
+            tile = np.asarray(Image.fromarray(img).resize((max(1, round(w * height / h)), height), Image.NEAREST))
+        label = Image.new("RGB", (tile.shape[1], LABEL_HEIGHT), (0, 0, 0))
+        ImageDraw.Draw(label).text((2, 0), PANEL_LABELS[key], fill=(255, 255, 255))  # PIL's built-in font
+        tiles.append(np.concatenate([np.asarray(label), tile], axis=0))
+        tiles.append(np.zeros((LABEL_HEIGHT + height, 2, 3), np.uint8))  # separator
+    return np.concatenate(tiles[:-1], axis=1)
 
 
 class RunMonitor:

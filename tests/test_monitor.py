@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from rl.monitor import RunMonitor, image_panel, read_scalars
+from rl.monitor import LABEL_HEIGHT, RunMonitor, image_panel, read_scalars
 from rl.plot import moving_average, plot_runs
 
 
@@ -11,8 +11,13 @@ def test_panel_layout_and_missing_hr():
     lr = np.zeros((16, 16, 3), np.uint8)
     panel = image_panel({"lr": lr, "rough": lr, "middle": np.zeros((32, 32, 3), np.uint8),
                          "final": np.zeros((64, 64, 3), np.uint8), "hr": None}, height=32)
-    assert panel.shape[0] == 32 and panel.dtype == np.uint8
-    assert (panel[:, -32:] == 128).all()  # no HR: a grey tile keeps the layout
+    assert panel.shape[0] == LABEL_HEIGHT + 32 and panel.dtype == np.uint8
+    assert (panel[LABEL_HEIGHT:, -32:] == 128).all()  # no HR: a grey tile keeps the layout
+    labels = panel[:LABEL_HEIGHT]
+    starts = [0, 34, 68, 102, 136]  # tiles of 32 px (the final one resized to 32) and 2 px separators
+    for x in starts:  # every column has its name written above it (white text on black)
+        assert labels[:, x:x + 32].max() > 200, x
+    assert (labels[:, 32:34] == 0).all()
 
 
 def test_scalars_round_trip_and_png(tmp_path):

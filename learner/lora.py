@@ -1,0 +1,150 @@
+"""LoRA adapters (peft) on a learner's model, pure of Ray: add them, switch them off for the reference, and turn
+a gathered state into what the rollout engines and ``from_pretrained`` load (the merged weights) or what peft
+loads (the adapters alone).
+
+The adapters are injected into the model itself (``peft.inject_adapter_in_model``): a targeted ``Linear`` /
+``Conv2d`` named ``X`` becomes a peft layer holding ``X.base_layer.*`` and ``X.lora_A.default.weight`` /
+``X.lora_B.default.weight``. The model class stays what it was, so DeepSpeed, the log-prob code and the
+checkpoints see one module as before.
+
+Why merged weights for the sync: vLLM's weight reload and the diffusers pipeline load full, strict state dicts by
+the base model's names; the adapters alone would need LoRA support in both engines. The sync therefore moves
+the merged size, and ``adapter_bytes`` says what the adapters alone would have moved.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from core.model_config import LoraConfig
+
+ADAPTER = "default"  # peft's adapter name; the only adapter a learner model has
+_A, _B, _BASE = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight", ".base_layer."
+
+
+def target_names(module: nn.Module, patterns: list[str], key: str) -> list[str]:
+    """Full names of the ``Linear`` / ``Conv2d`` modules of ``module`` that a pattern matches (``re.search``). A
+    pattern that matches none is an error naming ``key`` and showing what the names look like."""
+    layers = [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    unmatched = [p for p in patterns if not any(re.search(p, n) for n in layers)]
+    if unmatched:
+        raise ValueError(f"{key}.target_modules: {unmatched} match no Linear or Conv2d module of "
+                         f"{type(module).__name__}; their names look like {layers[:2] + layers[-2:]}")
+    return [n for n in layers if any(re.search(p, n) for p in patterns)]
+
+
+def add_lora(module: nn.Module, cfg: LoraConfig, key: str) -> dict[str, float]:
+    """Inject LoRA adapters into ``module`` in place and leave only them trainable. Returns each adapted layer's
+    scaling (alpha / rank) by its name, which ``merge_lora`` needs. The adapters start at B = 0: the adapted model
+    computes exactly what the base did."""
+    import peft
+    from peft.tuners.lora import LoraLayer
+
+    names = target_names(module, list(cfg.target_modules), key)
+    peft.inject_adapter_in_model(peft_config(cfg, names), module, adapter_name=ADAPTER)
+    for name, param in module.named_parameters():
+        param.requires_grad_(".lora_" in name)
+    return {n: float(m.scaling[ADAPTER]) for n, m in module.named_modules() if isinstance(m, LoraLayer)}
+
+
+def peft_config(cfg: LoraConfig, names: list[str], base_path: str | None = None) -> Any:
+    """peft's ``LoraConfig`` for exactly the layers ``names``."""
+    import peft
+
+    return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=names,
+                           init_lora_weights=True, base_model_name_or_path=base_path)
+
+
+@contextmanager
+def adapters_disabled(module: nn.Module) -> Iterator[None]:
+    """Inside the block ``module`` computes as its base model (every peft layer calls its base layer only)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)  # (also makes the adapters trainable again, as add_lora left them)
+
+
+class BasePolicy:
+    """The reference policy of the KL term: the trained model called with its adapters off, so the frozen base
+    costs no second copy in memory."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with adapters_disabled(self.model):
+            return self.model(*args, **kwargs)
+
+
+class BasePipeline:
+    """The reference SR pipeline of ``grpo.image_kl_beta``: the trained pipeline stepped with the adapters of
+    ``adapted`` (its ``TraceScorer``) off. Offers the one method ``SRPipeline.trace_log_probs_and_kl`` calls on a
+    reference."""
+
+    def __init__(self, pipeline: Any, adapted: nn.Module):
+        self.pipeline, self.adapted = pipeline, adapted
+
+    def _group_step(self, *args: Any) -> Any:
+        with adapters_disabled(self.adapted):
+            return self.pipeline._group_step(*args)
+
+
+def lora_delta(a: Tensor, b: Tensor) -> Tensor:
+    """B A, the weight change of one adapter: Linear ``A`` (r, in), ``B`` (out, r); Conv2d ``A`` (r, in, kh, kw)
+    and ``B`` (out, r, 1, 1)."""
+    if a.dim() == 2:
+        return b.float() @ a.float()
+    if a.dim() == 4 and b.shape[2:] == (1, 1):
+        return torch.einsum("or,rihw->oihw", b[:, :, 0, 0].float(), a.float())
+    raise ValueError(f"LoRA weights of shapes {tuple(a.shape)} / {tuple(b.shape)}: only Linear and Conv2d merge")
+
+
+def merge_lora(state: Mapping[str, Tensor], scalings: Mapping[str, float]) -> dict[str, Tensor]:
+    """The base model's state dict from an adapted one: ``X.base_layer.weight`` + scaling * B A under the name
+    ``X.weight``, other base-layer tensors renamed the same way, adapter tensors dropped."""
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        if ".lora_" in name:
+            continue
+        if _BASE in name:
+            prefix, _, leaf = name.partition(_BASE)
+            if leaf == "weight":
+                delta = lora_delta(state[prefix + _A], state[prefix + _B])
+                tensor = (tensor.float() + scalings[prefix] * delta).to(tensor.dtype)
+            name = f"{prefix}.{leaf}"
+        out[name] = tensor
+    return out
+
+
+def adapter_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The adapter tensors under peft's saved names (``base_model.model.X.lora_A.weight``), which
+    ``peft.PeftModel.from_pretrained`` loads onto the base model."""
+    return {"base_model.model." + n.replace(f".{ADAPTER}.", "."): t for n, t in state.items() if ".lora_" in n}
+
+
+def adapter_bytes(state: Mapping[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for n, t in state.items() if ".lora_" in n)
+
+
+def save_adapter(directory: str | Path, state: Mapping[str, Tensor], cfg: LoraConfig,
+                 scalings: Mapping[str, float], base_path: str) -> Path:
+    """``directory/adapter_model.safetensors`` + ``adapter_config.json``: peft's format, for ``PeftModel``."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in adapter_state(state).items()}, str(out / "adapter_model.safetensors"))
+    peft_config(cfg, sorted(scalings), base_path).save_pretrained(str(out))
+    return out

@@ -1,0 +1,213 @@
+"""LoRA adapters (policy.lora, diffusion.lora): the pure merge against peft's own, the adapters-off reference, a
+learner step that moves only adapters, and the export (merged model + peft adapter) against base + adapter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from core.config import load_config
+from core.model_config import LoraConfig
+from core.records import ChainAdvantage
+from core.validation import ConfigError
+from learner import lora
+
+from test_learner import ADVANTAGES, ROOT, _one_rank, _sample_rollouts  # noqa: I001 (tests/ is on sys.path)
+
+POLICY_TARGETS = r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj$"
+UNET_TARGETS = r"unet\..*(conv1|conv2|to_q|to_k|to_v|to_out\.0)$"
+
+
+# ============================================================================================ pure parts
+class _Toy(nn.Module):
+    """A Linear, a 3x3 and a 1x1 Conv2d: every layer kind ``lora.merge_lora`` merges."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.point = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.head(self.point(torch.relu(self.conv(x))).flatten(1))
+
+
+def _adapted_toy(rank: int = 2, alpha: float = 6.0):
+    base = _Toy()
+    model = copy.deepcopy(base)
+    scalings = lora.add_lora(model, LoraConfig(rank=rank, alpha=alpha, target_modules=["conv$", "point", "head"]),
+                             "toy.lora")
+    with torch.no_grad():  # B = 0 at the start: give the adapters a value so the merge has work to do
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0, 0.3)
+    return base, model, scalings
+
+
+def test_adapters_start_at_zero_and_only_they_train():
+    base = _Toy()
+    model = copy.deepcopy(base)
+    scalings = lora.add_lora(model, LoraConfig(rank=2, alpha=6.0, target_modules=["conv$", "head"]), "toy.lora")
+    assert scalings == {"conv": 3.0, "head": 3.0}  # alpha / rank, the untargeted 1x1 conv left alone
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(model(x), base(x))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+
+
+def test_merge_equals_peft_and_the_merged_base_computes_as_the_adapted_model():
+    base, model, scalings = _adapted_toy()
+    merged = lora.merge_lora(model.state_dict(), scalings)
+    assert set(merged) == set(base.state_dict())  # the base model's names, nothing else
+    for name in scalings:  # peft's own delta for each adapted layer
+        layer = model.get_submodule(name)
+        expected = layer.base_layer.weight + layer.get_delta_weight(lora.ADAPTER)
+        assert (merged[f"{name}.weight"] - expected).abs().max() < 1e-6
+    fresh = _Toy()
+    fresh.load_state_dict(merged, strict=True)
+    x = torch.randn(4, 3, 6, 6)
+    assert (fresh(x) - model(x)).abs().max() < 1e-5
+    assert not torch.allclose(fresh(x), base(x))  # the adapters did change the model
+
+
+def test_adapters_disabled_computes_exactly_the_base_model():
+    base, model, _ = _adapted_toy()
+    x = torch.randn(3, 3, 6, 6)
+    with lora.adapters_disabled(model):
+        assert torch.equal(model(x), base(x))
+    assert not torch.equal(model(x), base(x))
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)  # trainable again
+
+
+def test_saved_adapter_loads_with_peft_onto_the_base(tmp_path):
+    from peft import PeftModel
+
+    base, model, scalings = _adapted_toy()
+    cfg = LoraConfig(rank=2, alpha=6.0, target_modules=["conv$", "point", "head"])
+    lora.save_adapter(tmp_path, model.state_dict(), cfg, scalings, "toy")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    x = torch.randn(2, 3, 6, 6)
+    assert (loaded(x) - model(x)).abs().max() < 1e-6
+
+
+def test_a_target_pattern_that_matches_nothing_is_named():
+    with pytest.raises(ValueError, match=r"toy.lora.target_modules: \['nope'\] match no Linear or Conv2d"):
+        lora.add_lora(_Toy(), LoraConfig(target_modules=["conv$", "nope"]), "toy.lora")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("policy.lora.rank=0", "policy.lora.rank"),
+    ("diffusion.lora.alpha=0", "diffusion.lora.alpha"),
+    ("policy.lora.dropout=1.0", "policy.lora.dropout"),
+    ("policy.lora.target_modules=[]", "policy.lora.target_modules"),
+    ("diffusion.lora.target_modules=['(']", "diffusion.lora.target_modules"),
+    ("policy.trainable=[norm]", "policy.trainable"),
+    ("diffusion.freeze=true", "diffusion.lora"),
+])
+def test_bad_lora_values_are_config_errors(override, key):
+    base = [f"policy.lora={{target_modules: ['{POLICY_TARGETS}']}}", "diffusion.lora={target_modules: [unet]}"]
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        load_config(ROOT / "configs/grpo_local.yaml", [*base, override])
+
+
+# ============================================================================================ in the learner
+@pytest.fixture(scope="module")
+def chains(small_models):
+    return _sample_rollouts(small_models["policy"], small_models["diffusion"])
+
+
+LORA = [f"policy.lora={{rank: 4, alpha: 8, target_modules: ['{POLICY_TARGETS}']}}",
+        f"diffusion.lora={{rank: 4, alpha: 8, target_modules: ['{UNET_TARGETS}']}}"]
+
+
+@pytest.fixture(scope="module")
+def stepped(small_models, chains, port):
+    """A one-rank learner with adapters on both models and both KL terms, after one GRPO step."""
+    worker = _one_rank(small_models, port, *LORA, "grpo.kl_beta=0.1", "grpo.image_kl_beta=0.1",
+                       "learner.policy_optim.lr=1e-2", "learner.diffusion_optim.lr=1e-2")
+    before = {m: worker.gather_full_state(m) for m in ("policy", "diffusion")}
+    raw_before = {m: {n: p.detach().clone() for n, p in worker.engines[m].module.named_parameters()}
+                  for m in ("policy", "diffusion")}
+    metrics = worker.train_chains([ChainAdvantage(float(a)) for a in ADVANTAGES], False, *chains)
+    return worker, before, raw_before, metrics
+
+
+@pytest.mark.slow
+def test_a_step_moves_only_the_adapters_and_the_merged_weights_follow(stepped):
+    worker, before, raw_before, metrics = stepped
+    assert metrics["text_first_epoch_ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # B = 0: still the base
+    assert metrics["image_first_epoch_ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+    info = worker.info()
+    for model in ("policy", "diffusion"):
+        params = dict(worker.engines[model].module.named_parameters())
+        changed = {n for n, p in params.items() if not torch.equal(p, raw_before[model][n])}
+        assert changed and all(".lora_" in n for n in changed), sorted(changed)[:4]
+        assert info["trainable_parameters"][model] < info["parameters"][model] / 2
+        after = worker.gather_full_state(model)
+        assert set(after) == set(before[model])  # the base model's names: what the rollout engines load
+        moved = {n for n in after if not torch.equal(after[n], before[model][n])}
+        assert moved and all(n.endswith(".weight") for n in moved)  # only adapted layers' weights moved
+
+
+@pytest.mark.slow
+def test_the_adapters_off_reference_gives_exactly_the_base_models_log_probs(stepped, small_models, chains):
+    from core.grpo import build_train_batch
+    from learner.scoring import policy_log_probs
+    from models.policy import load_policy
+
+    worker, *_ = stepped
+    assert isinstance(worker.reference, lora.BasePolicy)  # no second copy of the policy in memory
+    assert isinstance(worker.diffusion_reference, lora.BasePipeline)
+    batch = build_train_batch(chains, ADVANTAGES)
+    base = load_policy(small_models["policy"], "float32", "cpu")
+    with torch.no_grad():
+        ref = policy_log_probs(worker.reference, worker.tokens, batch, chains, worker.device, 1.0)
+        expected = policy_log_probs(base, worker.tokens, batch, chains, worker.device, 1.0)
+        trained = policy_log_probs(worker.engines["policy"].module, worker.tokens, batch, chains, worker.device, 1.0)
+    assert torch.equal(ref, expected)
+    assert not torch.equal(trained, expected)  # the adapters moved the policy
+    traces = [r.traces[0] for r in chains]
+    _, kl = worker.pipeline.trace_log_probs_and_kl(traces, [0], worker.diffusion_reference)
+    assert float(kl.detach().max()) > 0  # the trained SR model has moved away from its base
+
+
+@pytest.mark.slow
+def test_export_holds_the_merged_models_and_the_peft_adapters(stepped, small_models, tmp_path):
+    from peft import PeftModel
+
+    from learner.scoring import TraceScorer, load_sr_pipeline
+    from models.policy import load_policy
+
+    worker, *_ = stepped
+    written = worker.export_hf(str(tmp_path))
+    assert set(written) == {"policy", "diffusion", "policy_adapter", "diffusion_adapter"}
+    merged = worker.gather_full_state("policy")
+    exported = dict(load_policy(written["policy"], "float32", "cpu").named_parameters())
+    for name, tensor in merged.items():
+        if name in exported:
+            assert (exported[name] - tensor).abs().max() < 1e-5, name
+    # base + adapter through peft's own loading and merge: the exported merged model, to < 1e-5
+    peft_merged = PeftModel.from_pretrained(load_policy(small_models["policy"], "float32", "cpu"),
+                                            written["policy_adapter"]).merge_and_unload()
+    for name, p in peft_merged.named_parameters():
+        assert (p - exported[name]).abs().max() < 1e-5, name
+    sr_merged = worker.gather_full_state("diffusion")
+    sr_exported = TraceScorer(load_sr_pipeline(written["diffusion"])).state_dict()
+    assert set(sr_exported) == set(sr_merged)
+    assert max(float((sr_exported[n] - sr_merged[n]).abs().max()) for n in sr_merged) < 1e-5
+    base_scorer = TraceScorer(load_sr_pipeline(str(small_models["diffusion"])))
+    sr_peft = PeftModel.from_pretrained(base_scorer, written["diffusion_adapter"]).merge_and_unload()
+    assert max(float((p - sr_exported[n]).abs().max()) for n, p in sr_peft.state_dict().items()) < 1e-5
+
+
+@pytest.mark.slow
+def test_the_sync_ships_merged_weights_and_reports_the_adapter_size(stepped):
+    worker, *_ = stepped
+    for model in ("policy", "diffusion"):
+        blobs, stats = worker.serialized_state(model)
+        assert blobs and 0 < stats["adapter_bytes"] < stats["bytes"]
+        assert stats["tensors"] == len(worker.gather_full_state(model))
