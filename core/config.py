@@ -321,6 +321,9 @@ class ExperimentConfig:
     name: str = "realsr-r1"
     mode: str = "grpo"  # grpo | sft
     output_dir: str = "runs/${name}"
+    # an SFT config the launcher runs first when <model>.init_from does not exist yet; init_from must name its
+    # final export (<its output_dir>/checkpoints/step_<its total_steps>/export/<model>). null: none
+    cold_start: Optional[str] = None
     ray: RayConfig = field(default_factory=RayConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -354,7 +357,40 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {describe_omegaconf_error(exc)}") from None
     validate(cfg, source=str(path))
+    if cfg.cold_start is not None:
+        cold_start_config(cfg, source=str(path))  # checked now, run later (rl.launch)
     return cfg
+
+
+def cold_start_config(cfg: ExperimentConfig, source: str = "<config>") -> ExperimentConfig:
+    """The SFT run ``cfg.cold_start`` names, checked to make what ``cfg`` starts from: mode sft, and every
+    ``<model>.init_from`` of ``cfg`` (at least one) its final export. Raises ConfigError naming the key."""
+    from core.checkpoint import step_dir_name
+
+    key = f"{source}: key 'cold_start' = {cfg.cold_start!r}"
+    if cfg.mode != "grpo":
+        raise ConfigError(f"{key}: only a grpo run starts from a cold start (mode is {cfg.mode!r})")
+    try:
+        sft = load_config(cfg.cold_start)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    if sft.mode != "sft" or sft.cold_start is not None:
+        raise ConfigError(f"{key}: must be an sft config without a cold_start of its own (its mode is {sft.mode!r})")
+    export = Path(sft.output_dir) / "checkpoints" / step_dir_name(sft.trainer.total_steps) / "export"
+    inits = {m: getattr(cfg, m).init_from for m in ("policy", "diffusion")}
+    if not any(inits.values()):
+        raise ConfigError(f"{key}: set policy.init_from / diffusion.init_from to its export {export}/<model>")
+    for model, init in inits.items():
+        if init is not None and Path(init) != export / model:
+            raise ConfigError(f"{source}: key '{model}.init_from' = {init!r}: the cold start ({cfg.cold_start}) "
+                              f"exports {export / model}")
+    return sft
+
+
+def cold_start_pending(cfg: ExperimentConfig) -> bool:
+    """True when ``cfg`` names a cold start and one of its ``init_from`` exports is not there yet."""
+    return cfg.cold_start is not None and any(
+        init is not None and not Path(init).exists() for init in (cfg.policy.init_from, cfg.diffusion.init_from))
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

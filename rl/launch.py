@@ -1,7 +1,8 @@
 """Entry point: ``python -m rl.launch CONFIG [key=value ...]``.
 
 Joins the Ray cluster in ``ray.address`` / ``$RAY_ADDRESS`` (e.g. under ``ray job submit``) or starts a local
-one bound to 127.0.0.1, builds missing embedded models, then runs the trainer the config's ``mode`` names. The
+one bound to 127.0.0.1, builds missing embedded models, then runs the trainer the config's ``mode`` names. A
+config with a ``cold_start`` whose export is not there yet runs that SFT config first, the same way. The
 terminal shows the progress bar and the run's own messages; everything else goes to ``<output_dir>/run.log``
 (``rl.console``).
 """
@@ -14,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from core.config import ConfigError, ExperimentConfig, load_config, to_yaml
+from core.config import ConfigError, ExperimentConfig, cold_start_config, cold_start_pending, load_config, to_yaml
 from core.env import configure_process, worker_env
 from rl.console import run_console
 
@@ -73,10 +74,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")  # before Ray is imported: it reads this at import
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # actors' lines reach run.log without colour codes
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with run_console(out / RUN_LOG):
-        return _run(cfg, out)
+    runs = [cfg]
+    if cold_start_pending(cfg):  # made once, on first use, like the tiny models
+        runs.insert(0, cold_start_config(cfg))
+        log.info("cold start: %s is not there yet: running %s first (once)", cfg.policy.init_from or
+                 cfg.diffusion.init_from, cfg.cold_start)
+    for run in runs:
+        out = Path(run.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with run_console(out / RUN_LOG):
+            code = _run(run, out)
+        if code:
+            return code
+    return 0
 
 
 def _run(cfg: ExperimentConfig, out: Path) -> int:

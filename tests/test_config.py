@@ -162,3 +162,33 @@ def test_a_panel_needs_the_held_out_evaluation_and_metrics_that_are_not_rewards(
     with pytest.raises(ConfigError, match="trainer.eval_panel.*training rewards"):
         load_config(ROOT / "configs/grpo_local.yaml", ["trainer.eval_every=5",
                                                        "trainer.eval_panel.full_reference=[{name: psnr}]"])
+
+
+def test_cold_start_must_be_an_sft_config_whose_export_the_run_starts_from(tmp_path):
+    from core.config import cold_start_config, cold_start_pending
+
+    export = "runs/sft_local/checkpoints/step_000300/export"
+    ok = ["cold_start=configs/sft_local.yaml", f"policy.init_from={export}/policy",
+          f"diffusion.init_from={export}/diffusion"]
+    cfg = load_config(ROOT / "configs/grpo_local.yaml", ok)
+    assert cold_start_config(cfg).name == "sft_local"
+    moved = [f"output_dir={tmp_path}/grpo", *ok[:1], f"policy.init_from={tmp_path}/sft/checkpoints/step_000300"
+             "/export/policy"]
+    with pytest.raises(ConfigError, match="key 'policy.init_from'.*the cold start .* exports runs/sft_local"):
+        load_config(ROOT / "configs/grpo_local.yaml", moved)
+    with pytest.raises(ConfigError, match="key 'cold_start'.*must be an sft config"):
+        load_config(ROOT / "configs/grpo_local.yaml", ["cold_start=configs/grpo_local.yaml", *ok[1:]])
+    with pytest.raises(ConfigError, match="key 'cold_start'.*set policy.init_from"):
+        load_config(ROOT / "configs/grpo_local.yaml", ["cold_start=configs/sft_local.yaml"])
+    with pytest.raises(ConfigError, match="key 'cold_start'.*config file not found: configs/nope.yaml"):
+        load_config(ROOT / "configs/grpo_local.yaml", ["cold_start=configs/nope.yaml", *ok[1:]])
+    # pending while an export is missing; a run without a cold start never is
+    sft = tmp_path / "sft"
+    here = [f"cold_start={tmp_path}/sft.yaml", f"policy.init_from={sft}/checkpoints/step_000002/export/policy"]
+    (tmp_path / "sft.yaml").write_text((ROOT / "configs/sft_local.yaml").read_text().replace(
+        "output_dir: runs/${name}", f"output_dir: {sft}").replace("total_steps: 300", "total_steps: 2"))
+    cfg = load_config(ROOT / "configs/grpo_local.yaml", here)
+    assert cold_start_pending(cfg)
+    (sft / "checkpoints/step_000002/export/policy").mkdir(parents=True)
+    assert not cold_start_pending(cfg)
+    assert not cold_start_pending(load_config(ROOT / "configs/grpo_local.yaml"))

@@ -92,6 +92,36 @@ def test_run_killed_mid_checkpoint_resumes_from_the_previous_complete_one(tmp_pa
 
 
 @pytest.mark.slow
+def test_a_missing_cold_start_is_made_first_and_the_run_starts_from_its_export(tmp_path, models):
+    """``cold_start``: the SFT config runs first, once, and the GRPO run starts from its final export."""
+    sft_out, grpo_out = tmp_path / "sft", tmp_path / "grpo"
+    sft_yaml = (ROOT / "configs/sft_local.yaml").read_text()
+    for old, new in (("output_dir: runs/${name}", f"output_dir: {sft_out}"), ("total_steps: 300", "total_steps: 2"),
+                     ("checkpoint_every: 100", "checkpoint_every: 2"), ("path: .models/tiny/policy",
+                     f"path: {models['policy']}"), ("path: .models/tiny/diffusion", f"path: {models['diffusion']}")):
+        assert old in sft_yaml, old
+        sft_yaml = sft_yaml.replace(old, new)
+    (tmp_path / "sft.yaml").write_text(sft_yaml + "  progress_bar: false\n")
+    export = sft_out / "checkpoints/step_000002/export"
+    args = [PY, "-m", "rl.launch", "configs/grpo_local.yaml",
+            *_overrides(grpo_out, models, "trainer.total_steps=1", "trainer.checkpoint_every=1",
+                        f"cold_start={tmp_path}/sft.yaml", f"policy.init_from={export}/policy",
+                        f"diffusion.init_from={export}/diffusion")]
+    first = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "cold start:" in first.stderr and "running" in first.stderr
+    assert (export / "policy/config.json").is_file() and (export / "diffusion/model_index.json").is_file()
+    for model in ("policy", "diffusion"):  # the run's models are copies of the cold start's export
+        assert (grpo_out / "init" / model / ".init_from").read_text() == str((export / model).resolve())
+    assert ckpt.latest_complete(grpo_out / "checkpoints").name == "step_000001"
+    again = subprocess.run([*args, "trainer.resume=auto", "trainer.total_steps=2"], cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "cold start:" not in again.stderr  # made once
+    assert ckpt.latest_complete(sft_out / "checkpoints").name == "step_000002"
+
+
+@pytest.mark.slow
 def test_ray_job_submit_against_a_local_head(tmp_path, models, free_port):
     port, dash, agent, agent_grpc = free_port(), free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
