@@ -39,6 +39,8 @@ from rl.eval_metrics import (
     build_image_metrics,
     metric_scorer,
     no_downloads,
+    panel_markdown,
+    panel_summary,
     usable_reward_metrics,
 )
 
@@ -131,6 +133,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                   "rewards": dict(sc.parts) | {"total": sc.total}, "reward_errors": dict(sc.errors),
                   "model": values, "bicubic": bicubic_values[s.prompt_id], "text": r.text}
                  for s, r, sc, values in zip(chain_samples, ordered, scores, model_values)]
+    panel = panel_summary(cfg.trainer.eval_panel, finals, [s.hr for s in chain_samples], device)
     if args.save_images:
         _save_images(Path(args.out), samples, ordered, bicubics)
     timings["metrics_s"] = time.perf_counter() - t0
@@ -145,6 +148,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "samples_per_image": spi, "num_chains": len(per_chain),
         "rewards": reward_summary(per_chain, reward_cfg, dropped),
         "metrics": metric_summary(metrics, per_chain, list(bicubic_values.values())),
+        "panel": panel,
         "per_chain": _jsonable(per_chain), "timings": timings,
     }
 
@@ -308,6 +312,7 @@ def to_markdown(report: dict) -> str:
         beats = {True: "yes", False: "no"}.get(m.get("beats_bicubic"), "-")
         lines.append(f"| {label}{arrow(m['lower_better'])} | {_fmt(m['model'])} | {_fmt(m['bicubic'])} "
                      f"| {beats} | {m['n']} | {m['note']} |")
+    lines += panel_markdown(report.get("panel", {}))
     lines += ["", f"Total time {report['timings']['total_s']:.1f} s.", ""]
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ batched ``QualityScorer`` (``metric_scorer``), the same runner the generation re
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -233,3 +234,36 @@ def usable_reward_metrics(reward_cfg, metric_weights: Optional[str] = None):
 
     cfg = replace(reward_cfg, metrics=keep(reward_cfg.metrics), full_reference=keep(reward_cfg.full_reference))
     return cfg, dropped
+
+
+def panel_summary(panel_cfg: Any, finals: Sequence[Optional[np.ndarray]],
+                  hrs: Sequence[Optional[np.ndarray]], device: str = "cpu") -> dict[str, dict]:
+    """``trainer.eval_panel`` (held-out-only metrics, never a reward) on the final images: per metric the mean raw
+    score, the chains scored, and its direction. {} when the config has no panel; HR-referenced metrics need HR."""
+    from rewards.quality import build_panel_scorer
+
+    cfg = panel_cfg if all(h is not None for h in hrs) else replace(panel_cfg, full_reference=[])
+    specs = list(cfg.metrics) + list(cfg.full_reference)
+    if not specs:
+        return {}
+    scorer = build_panel_scorer(cfg, device)
+    ok = [i for i, img in enumerate(finals) if img is not None]
+    results = scorer([finals[i] for i in ok], [hrs[i] for i in ok])
+    out = {}
+    for m in specs:
+        values = [r.raw[m.name] for r in results if m.name in r.raw and math.isfinite(r.raw[m.name])]
+        out[m.name] = {"mean": float(np.mean(values)) if values else None, "n": len(values),
+                       "lower_better": m.lower_better}
+    return out
+
+
+def panel_markdown(panel: dict[str, dict]) -> list[str]:
+    """The panel's lines of ``eval.md``."""
+    if not panel:
+        return []
+    lines = ["", "## Held-out panel (trainer.eval_panel: evaluation only, never a reward)", "",
+             "| metric | model | n |", "|---|---|---|"]
+    for name, p in panel.items():
+        mean = "-" if p["mean"] is None else f"{p['mean']:.4f}"
+        lines.append(f"| {name}{'↓' if p['lower_better'] else '↑'} | {mean} | {p['n']} |")
+    return lines

@@ -22,6 +22,8 @@ FAST = ["--engine", "hf", "chain.max_stage_tokens=8", "diffusion.num_steps=2"]
 REWARDS = ("format", "degradation", "understanding", "generation", "total")
 FR = ("PSNR", "SSIM", "LPIPS", "DISTS")
 NR = ("NIQE", "MUSIQ", "MANIQA", "CLIPIQA", "TOPIQ", "PIQE")
+PANEL = ["trainer.eval_every=5", "trainer.eval_panel={full_reference: [{name: gmsd, lower_better: true}, "
+         "{name: psnry}], metrics: [{name: entropy}]}"]
 NEED_WEIGHTS = ("LPIPS", "DISTS", "NIQE", "MUSIQ", "MANIQA", "CLIPIQA", "TOPIQ")
 
 
@@ -54,7 +56,7 @@ def _run(argv: list[str]) -> int:
 def synthetic(env):
     out = env / "synthetic"
     rc = _run(["--checkpoint", str(env / "models"), "--data", "skimage", "--split", "eval", "--num", "3",
-               "--out", str(out), "--metric-weights", str(env / "weights"), "--save-images", *FAST])
+               "--out", str(out), "--metric-weights", str(env / "weights"), "--save-images", *FAST, *PANEL])
     assert rc == 0
     return json.loads((out / "eval.json").read_text()), (out / "eval.md").read_text()
 
@@ -72,7 +74,7 @@ def test_synthetic_report_rewards(synthetic):
     report, _ = synthetic
     assert report["num_images"] == 3 and report["num_chains"] == 3 and report["engine"] == "hf"
     assert report["data"]["mode"] == "synthetic" and report["data"]["split"] == "eval"
-    weights = {"format": 1.0, "degradation": 1.0, "understanding": 1.0, "generation": 1.0}  # grpo_local.yaml
+    weights = {"format": 1.0, "degradation": 1.0, "understanding": 1.0, "generation": 1.0}  # grpo_random_local.yaml
     for part in REWARDS:
         r = report["rewards"][part]
         assert r["n"] == 3, (part, r)  # synthetic LR with skimage tags: every component applies
@@ -114,6 +116,19 @@ def test_synthetic_report_markdown(synthetic):
     assert set(rows) == set(FR + NR)
     assert "skipped: weights LPIPS_v0.1_alex" in rows["LPIPS"]
     assert f"{report['metrics']['PSNR']['model']:.2f}" in rows["PSNR"] and "skipped" not in rows["PSNR"]
+
+
+def test_the_held_out_panel_is_reported_beside_the_rewards(synthetic):
+    """trainer.eval_panel in rl.eval: every panel metric, raw, on every chain; none of them a reward."""
+    report, md = synthetic
+    panel = report["panel"]
+    assert list(panel) == ["entropy", "gmsd", "psnry"]
+    for name, p in panel.items():
+        assert p["n"] == report["num_chains"] and math.isfinite(p["mean"]), name
+        assert f"quality/{name}" not in report["rewards"]
+    assert panel["gmsd"]["lower_better"] and not panel["psnry"]["lower_better"]
+    assert 0 < panel["gmsd"]["mean"] < 1 and 3 < panel["psnry"]["mean"] < 60
+    assert "## Held-out panel" in md and f"| gmsd↓ | {panel['gmsd']['mean']:.4f} | 3 |" in md
 
 
 def test_real_lr_report_without_hr(env):
