@@ -77,7 +77,7 @@ def main() -> None:
 
     base = ["trainer.progress_bar=false", "trainer.image_every=0", "trainer.checkpoint_every=0", "trainer.eval_every=0",
             f"trainer.total_steps={args.steps + 1}", *args.overrides]
-    cfg = load_config(ROOT / "configs/grpo_local.yaml", base)
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml", base)
     ensure_models(cfg)
     ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": worker_env()})
@@ -85,7 +85,7 @@ def main() -> None:
     try:
         for i, mode in enumerate(args.order.split(",")):
             k = args.k if mode == "async" else 0
-            cfg = load_config(ROOT / "configs/grpo_local.yaml",
+            cfg = load_config(ROOT / "configs/grpo_random_local.yaml",
                               [*base, f"trainer.max_staleness={k}", f"output_dir=runs/bench_async/{i}_{mode}"])
             results[mode].append(run(cfg, args.steps))
     finally:

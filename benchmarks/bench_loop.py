@@ -103,10 +103,10 @@ def main() -> None:
                  "output_dir=runs/bench_loop", *args.overrides]
     from models.bootstrap import ensure_models
 
-    cfg = load_config(ROOT / "configs/grpo_local.yaml", overrides)
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml", overrides)
     ensure_models(cfg)
     dist = distributed_steps(cfg, args.steps)
-    seq = sequential_steps(load_config(ROOT / "configs/grpo_local.yaml", overrides), args.steps)
+    seq = sequential_steps(load_config(ROOT / "configs/grpo_random_local.yaml", overrides), args.steps)
     print(f"machine: {os.cpu_count()} CPUs; {args.steps} timed steps each after one warm-up; "
           f"B x G = {cfg.grpo.prompts_per_step} x {cfg.grpo.group_size}")
     print(f"{'loop':<13}{'step s':>9}{'samples/s':>11}{'sync share':>12}")

@@ -37,7 +37,7 @@ def main() -> None:
     from models.bootstrap import ensure_models
     from models.sr_pipeline import SRPipeline
 
-    cfg = load_config(ROOT / "configs/grpo_local.yaml", args.overrides)
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml", args.overrides)
     ensure_models(cfg)
     samples = PairDataset(cfg.data, "train").batch(0, args.prompts)
     pipeline = SRPipeline.from_pretrained(cfg.diffusion.path)

@@ -34,10 +34,10 @@ def free_port():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """The embedded default's tiny random models (configs/grpo_local.yaml's policy.tiny / diffusion.tiny)."""
+    """The embedded default's tiny random models (configs/grpo_random_local.yaml's policy.tiny / diffusion.tiny)."""
     from models.bootstrap import build_all
 
-    cfg = load_config(ROOT / "configs/grpo_local.yaml")
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml")
     return build_all(tmp_path_factory.mktemp("tiny_models"), cfg.policy.tiny, cfg.diffusion.tiny)
 
 

@@ -34,7 +34,7 @@ NOT_NUMBERS = ("timing/", "throughput/", "async/", "weight_sync/", "learner/seco
 
 
 def _config(tmp: Path, models: dict, name: str, *extra: str):
-    return load_config(ROOT / "configs/grpo_local.yaml", [
+    return load_config(ROOT / "configs/grpo_random_local.yaml", [
         f"output_dir={tmp}/{name}", f"policy.path={models['policy']}", f"diffusion.path={models['diffusion']}",
         "policy.bootstrap=false", "diffusion.bootstrap=false", f"grpo.prompts_per_step={B}",
         f"grpo.group_size={G}", "trainer.total_steps=6", "trainer.image_every=0", "trainer.progress_bar=false",

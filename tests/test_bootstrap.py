@@ -120,7 +120,7 @@ def test_hf_generate_from_image_prompt(policy_dir):
 
 
 def test_ensure_models(tmp_path):
-    cfg = load_config(ROOT / "configs/grpo_local.yaml")
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml")
     diffusion_dir = tmp_path / "diffusion"
     diffusion_dir.mkdir()  # present: only the policy part is exercised here
     off = replace(
@@ -144,14 +144,14 @@ def test_ensure_models(tmp_path):
 
 
 def test_cli_builds_policy(tmp_path, capsys):
-    assert bootstrap.main([str(tmp_path / "m"), "--config", str(ROOT / "configs/grpo_local.yaml")]) == 0
+    assert bootstrap.main([str(tmp_path / "m"), "--config", str(ROOT / "configs/grpo_random_local.yaml")]) == 0
     assert (tmp_path / "m" / "policy" / "model.safetensors").is_file()
     assert f"policy: {tmp_path / 'm' / 'policy'}" in capsys.readouterr().out
     assert (tmp_path / "m" / "diffusion" / "model_index.json").is_file()
 
 
 def test_build_all_keeps_existing_models(tmp_path):
-    cfg = load_config(ROOT / "configs/grpo_local.yaml")
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml")
     for name in ("policy", "diffusion"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "mine").write_text("a real checkpoint")

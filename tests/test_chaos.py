@@ -27,7 +27,7 @@ CALL_TIMEOUT_S = 60.0  # covers a rollout actor's restart (engines rebuilt) and 
 
 
 def _config(out: Path, models: dict):
-    return load_config(ROOT / "configs/grpo_local.yaml", [
+    return load_config(ROOT / "configs/grpo_random_local.yaml", [
         f"output_dir={out}", f"policy.path={models['policy']}", f"diffusion.path={models['diffusion']}",
         "policy.bootstrap=false", "diffusion.bootstrap=false", "grpo.prompts_per_step=2", "grpo.group_size=4",
         f"trainer.total_steps={STEPS}", f"trainer.checkpoint_every={EVERY}", "trainer.keep_checkpoints=3",

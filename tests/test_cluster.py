@@ -376,7 +376,7 @@ def test_placement_requests_follow_the_config():
     # the numbers the manifests are sized for (comments in cluster/raycluster.yaml)
     assert (len(req["learner"]), len(req["rollout"]), len(req["reward"])) == (32, 24, 16)
     assert sum(b["GPU"] for bundles in req.values() for b in bundles) == 64
-    local = placement_requests(load_config(ROOT / "configs" / "grpo_local.yaml"))
+    local = placement_requests(load_config(ROOT / "configs" / "grpo_random_local.yaml"))
     assert all("GPU" not in b for bundles in local.values() for b in bundles)  # CPU-only: no GPU key at all
 
 

@@ -19,11 +19,11 @@ def test_shipped_configs_validate(path):
 
 def test_local_and_cluster_configs_exist():
     names = {p.name for p in SHIPPED}
-    assert {"grpo_local.yaml", "grpo_8node.yaml"} <= names
+    assert {"grpo_local.yaml", "grpo_random_local.yaml", "grpo_8node.yaml"} <= names
 
 
 def test_interpolation_and_override():
-    cfg = load_config(ROOT / "configs/grpo_local.yaml", ["name=exp1", "grpo.group_size=8"])
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml", ["name=exp1", "grpo.group_size=8"])
     assert cfg.output_dir == "runs/exp1"
     assert cfg.trainer.log_dir == "runs/exp1/tensorboard"
     assert cfg.grpo.group_size == 8
@@ -47,9 +47,9 @@ def test_cluster_config_shape():
 )
 def test_unknown_key_or_wrong_type(override, fragment):
     with pytest.raises(ConfigError) as err:
-        load_config(ROOT / "configs/grpo_local.yaml", [override])
+        load_config(ROOT / "configs/grpo_random_local.yaml", [override])
     assert fragment in str(err.value)
-    assert "grpo_local.yaml" in str(err.value)
+    assert "grpo_random_local.yaml" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_unknown_key_or_wrong_type(override, fragment):
 )
 def test_impossible_values_name_key_and_value(override, key):
     with pytest.raises(ConfigError) as err:
-        load_config(ROOT / "configs/grpo_local.yaml", [override])
+        load_config(ROOT / "configs/grpo_random_local.yaml", [override])
     message = str(err.value)
     assert f"key {key!r}" in message
     value = override.split("=", 1)[1].strip("[]{}")
@@ -109,12 +109,12 @@ def test_impossible_values_name_key_and_value(override, key):
 )
 def test_bad_section_rewards_name_the_section_or_the_reward(override, key, named):
     with pytest.raises(ConfigError) as err:
-        load_config(ROOT / "configs/grpo_local.yaml", [override, "grpo.token_credit.name=section"])
+        load_config(ROOT / "configs/grpo_random_local.yaml", [override, "grpo.token_credit.name=section"])
     assert f"key {key!r}" in str(err.value) and f"{named} is not one of" in str(err.value)
 
 
 def test_section_rewards_accept_a_sections_own_format():
-    cfg = load_config(ROOT / "configs/grpo_local.yaml",
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml",
                       ["grpo.section_rewards={final_understand: [format/final_understand, understanding]}",
                        "grpo.token_credit.name=section"])
     assert cfg.grpo.section_rewards == {"final_understand": ["format/final_understand", "understanding"]}
@@ -123,29 +123,29 @@ def test_section_rewards_accept_a_sections_own_format():
 def test_section_rewards_and_section_credit_go_together():
     """A key that nothing would read is an error: section rewards without section credit, and the reverse."""
     with pytest.raises(ConfigError, match="section rewards go with grpo.token_credit"):
-        load_config(ROOT / "configs/grpo_local.yaml", ["grpo.section_rewards={degradation: [degradation]}"])
+        load_config(ROOT / "configs/grpo_random_local.yaml", ["grpo.section_rewards={degradation: [degradation]}"])
     with pytest.raises(ConfigError, match="key 'grpo.section_rewards' = None"):
-        load_config(ROOT / "configs/grpo_local.yaml", ["grpo.token_credit.name=section"])
+        load_config(ROOT / "configs/grpo_random_local.yaml", ["grpo.token_credit.name=section"])
 
 
 def test_the_held_out_evaluation_runs_in_grpo_mode_only():
     with pytest.raises(ConfigError, match="key 'trainer.eval_every' = 5: the periodic held-out evaluation runs in grpo"):
         load_config(ROOT / "configs/sft_local.yaml", ["trainer.eval_every=5"])
-    assert load_config(ROOT / "configs/grpo_local.yaml", ["trainer.eval_every=5"]).trainer.eval_every == 5
+    assert load_config(ROOT / "configs/grpo_random_local.yaml", ["trainer.eval_every=5"]).trainer.eval_every == 5
 
 
 def test_removed_keys_are_unknown_keys():
     for key in ("sft.epochs=2", "grpo.negative_advantage_scale=0.5", "grpo.shuffle_advantages=true",
                 "grpo.stray_tag_penalty=1.0"):
         with pytest.raises(ConfigError, match="unknown key"):
-            load_config(ROOT / "configs/grpo_local.yaml", [key])
+            load_config(ROOT / "configs/grpo_random_local.yaml", [key])
 
 
 def test_missing_file_and_malformed_override(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="key=value"):
-        load_config(ROOT / "configs/grpo_local.yaml", ["grpo.group_size"])
+        load_config(ROOT / "configs/grpo_random_local.yaml", ["grpo.group_size"])
 
 
 def test_missing_required_path(tmp_path):
@@ -157,10 +157,10 @@ def test_missing_required_path(tmp_path):
 
 def test_a_panel_needs_the_held_out_evaluation_and_metrics_that_are_not_rewards():
     with pytest.raises(ConfigError, match="trainer.eval_panel.*needs trainer.eval_every"):
-        load_config(ROOT / "configs/grpo_local.yaml", ["trainer.eval_panel.full_reference=[{name: gmsd}]"])
+        load_config(ROOT / "configs/grpo_random_local.yaml", ["trainer.eval_panel.full_reference=[{name: gmsd}]"])
 
     with pytest.raises(ConfigError, match="trainer.eval_panel.*training rewards"):
-        load_config(ROOT / "configs/grpo_local.yaml", ["trainer.eval_every=5",
+        load_config(ROOT / "configs/grpo_random_local.yaml", ["trainer.eval_every=5",
                                                        "trainer.eval_panel.full_reference=[{name: psnr}]"])
 
 
@@ -170,25 +170,25 @@ def test_cold_start_must_be_an_sft_config_whose_export_the_run_starts_from(tmp_p
     export = "runs/sft_local/checkpoints/step_000300/export"
     ok = ["cold_start=configs/sft_local.yaml", f"policy.init_from={export}/policy",
           f"diffusion.init_from={export}/diffusion"]
-    cfg = load_config(ROOT / "configs/grpo_local.yaml", ok)
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml", ok)
     assert cold_start_config(cfg).name == "sft_local"
     moved = [f"output_dir={tmp_path}/grpo", *ok[:1], f"policy.init_from={tmp_path}/sft/checkpoints/step_000300"
              "/export/policy"]
     with pytest.raises(ConfigError, match="key 'policy.init_from'.*the cold start .* exports runs/sft_local"):
-        load_config(ROOT / "configs/grpo_local.yaml", moved)
+        load_config(ROOT / "configs/grpo_random_local.yaml", moved)
     with pytest.raises(ConfigError, match="key 'cold_start'.*must be an sft config"):
-        load_config(ROOT / "configs/grpo_local.yaml", ["cold_start=configs/grpo_local.yaml", *ok[1:]])
+        load_config(ROOT / "configs/grpo_random_local.yaml", ["cold_start=configs/grpo_random_local.yaml", *ok[1:]])
     with pytest.raises(ConfigError, match="key 'cold_start'.*set policy.init_from"):
-        load_config(ROOT / "configs/grpo_local.yaml", ["cold_start=configs/sft_local.yaml"])
+        load_config(ROOT / "configs/grpo_random_local.yaml", ["cold_start=configs/sft_local.yaml"])
     with pytest.raises(ConfigError, match="key 'cold_start'.*config file not found: configs/nope.yaml"):
-        load_config(ROOT / "configs/grpo_local.yaml", ["cold_start=configs/nope.yaml", *ok[1:]])
+        load_config(ROOT / "configs/grpo_random_local.yaml", ["cold_start=configs/nope.yaml", *ok[1:]])
     # pending while an export is missing; a run without a cold start never is
     sft = tmp_path / "sft"
     here = [f"cold_start={tmp_path}/sft.yaml", f"policy.init_from={sft}/checkpoints/step_000002/export/policy"]
     (tmp_path / "sft.yaml").write_text((ROOT / "configs/sft_local.yaml").read_text().replace(
         "output_dir: runs/${name}", f"output_dir: {sft}").replace("total_steps: 300", "total_steps: 2"))
-    cfg = load_config(ROOT / "configs/grpo_local.yaml", here)
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml", here)
     assert cold_start_pending(cfg)
     (sft / "checkpoints/step_000002/export/policy").mkdir(parents=True)
     assert not cold_start_pending(cfg)
-    assert not cold_start_pending(load_config(ROOT / "configs/grpo_local.yaml"))
+    assert not cold_start_pending(load_config(ROOT / "configs/grpo_random_local.yaml"))

@@ -66,7 +66,7 @@ def test_resolve_checkpoint_accepts_export_step_and_checkpoints_root(models, tmp
     write_checkpoint(root, 1, copy)
     write_checkpoint(root, 3, copy)
     (root / "step_000003" / "COMPLETE").unlink()  # step 3 never completed: must not be picked
-    shutil.copy(REPO_ROOT / "configs" / "grpo_local.yaml", tmp_path / "runs" / "r" / "config.yaml")
+    shutil.copy(REPO_ROOT / "configs" / "grpo_random_local.yaml", tmp_path / "runs" / "r" / "config.yaml")
 
     for arg in (root, root.parent, root / "step_000001", root / "step_000001" / "export"):
         ck = resolve_checkpoint(arg)

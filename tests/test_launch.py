@@ -45,7 +45,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path):
-    out = subprocess.run([PY, "-m", "rl.launch", "configs/grpo_local.yaml", "grpo.group_size=1"],
+    out = subprocess.run([PY, "-m", "rl.launch", "configs/grpo_random_local.yaml", "grpo.group_size=1"],
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "grpo.group_size" in out.stderr and "= 1" in out.stderr
@@ -55,7 +55,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
 def test_run_killed_mid_checkpoint_resumes_from_the_previous_complete_one(tmp_path, models):
     out = tmp_path / "run"
     root = out / "checkpoints"
-    args = [PY, "-m", "rl.launch", "configs/grpo_local.yaml",
+    args = [PY, "-m", "rl.launch", "configs/grpo_random_local.yaml",
             *_overrides(out, models, "trainer.total_steps=2", "trainer.checkpoint_every=1")]
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(REALSR_FAULT_CHECKPOINT_PAUSE="2:600"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -85,7 +85,7 @@ def test_run_killed_mid_checkpoint_resumes_from_the_previous_complete_one(tmp_pa
     assert "(RolloutWorker pid=" in run_log and "(LearnerWorker pid=" in run_log
     assert "resumed from" in run_log  # the run's own lines are in the log too
     state = ckpt.load_trainer_state(ckpt.latest_complete(root))
-    cfg = load_config(ROOT / "configs/grpo_local.yaml")
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml")
     assert state.step == 2 and state.data_cursor == 2 * cfg.grpo.prompts_per_step
     steps = [s for s, _ in read_scalars(out / "tensorboard")["policy/version"]]
     assert 2 in steps
@@ -103,7 +103,7 @@ def test_a_missing_cold_start_is_made_first_and_the_run_starts_from_its_export(t
         sft_yaml = sft_yaml.replace(old, new)
     (tmp_path / "sft.yaml").write_text(sft_yaml + "  progress_bar: false\n")
     export = sft_out / "checkpoints/step_000002/export"
-    args = [PY, "-m", "rl.launch", "configs/grpo_local.yaml",
+    args = [PY, "-m", "rl.launch", "configs/grpo_random_local.yaml",
             *_overrides(grpo_out, models, "trainer.total_steps=1", "trainer.checkpoint_every=1",
                         f"cold_start={tmp_path}/sft.yaml", f"policy.init_from={export}/policy",
                         f"diffusion.init_from={export}/diffusion")]
@@ -146,7 +146,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path, models, free_port):
         else:
             pytest.fail(f"the Ray head at {address} did not answer within 120 s")
         submit = [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
-                  "python", "-m", "rl.launch", "configs/grpo_local.yaml",
+                  "python", "-m", "rl.launch", "configs/grpo_random_local.yaml",
                   *_overrides(out, models, "trainer.total_steps=1", "trainer.checkpoint_every=0")]
         for _ in range(90):  # the job agent registers a few seconds (more on a loaded machine) after the dashboard
             job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)

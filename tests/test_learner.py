@@ -182,7 +182,7 @@ def chains(models) -> tuple[grpo.TrainBatch, list[Rollout]]:
 
 def _config(models, *overrides: str) -> ExperimentConfig:
     return load_config(
-        ROOT / "configs/grpo_local.yaml",
+        ROOT / "configs/grpo_random_local.yaml",
         [
             f"policy.path={models['policy']}",
             f"diffusion.path={models['diffusion']}",

@@ -111,7 +111,7 @@ def test_a_target_pattern_that_matches_nothing_is_named():
 def test_bad_lora_values_are_config_errors(override, key):
     base = [f"policy.lora={{target_modules: ['{POLICY_TARGETS}']}}", "diffusion.lora={target_modules: [unet]}"]
     with pytest.raises(ConfigError, match=f"key '{key}'"):
-        load_config(ROOT / "configs/grpo_local.yaml", [*base, override])
+        load_config(ROOT / "configs/grpo_random_local.yaml", [*base, override])
 
 
 # ============================================================================================ in the learner

@@ -27,7 +27,7 @@ def run(tiny_models):
     from actors.rollout import RolloutWorker
 
     models = tiny_models
-    cfg = load_config(ROOT / "configs/grpo_local.yaml", [
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml", [
         f"policy.path={models['policy']}", f"diffusion.path={models['diffusion']}", "diffusion.num_steps=3",
         "chain.max_stage_tokens=12"])
     worker = RolloutWorker(cfg)

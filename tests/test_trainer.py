@@ -33,7 +33,7 @@ EXPECTED_SCALARS = [
 
 
 def _config(tmp: Path, models: dict, *extra: str):
-    return load_config(ROOT / "configs/grpo_local.yaml", [
+    return load_config(ROOT / "configs/grpo_random_local.yaml", [
         f"output_dir={tmp}/run", f"policy.path={models['policy']}", f"diffusion.path={models['diffusion']}",
         "policy.bootstrap=false", "diffusion.bootstrap=false", f"grpo.prompts_per_step={B}",
         f"grpo.group_size={G}", "trainer.total_steps=4", "trainer.image_every=1", "trainer.progress_bar=false",
