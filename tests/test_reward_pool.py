@@ -180,7 +180,10 @@ def test_pool_reissues_the_work_of_an_actor_that_dies(ray_cluster):
         scores = pool.score([ray.put(r) for r in rollouts], samples)
         assert (log_dir / "crashed_0_1").exists() and (log_dir / "crashed_2_2").exists()
         log = read_log(log_dir)
-        assert sorted((p, g) for _, p, g in log) == sorted((r.prompt_id, r.sample_index) for r in rollouts)
+        # every chain scored; a crashed batch's chains scored before the crash are scored again when it is re-issued
+        # (which chains share the crashing chain's batch depends on timing), at most max_batch - 1 per crash
+        assert {(p, g) for _, p, g in log} == {(r.prompt_id, r.sample_index) for r in rollouts}
+        assert len(rollouts) <= len(log) <= len(rollouts) + 2 * (3 - 1)
         assert [(s.prompt_id, s.sample_index) for s in scores] == [
             (r.prompt_id, r.sample_index) for r in rollouts
         ]
@@ -212,7 +215,8 @@ def test_a_hung_reward_actor_is_killed_and_its_chains_reissued(ray_cluster):
     and every chain is still scored exactly once, as without the hang."""
     _, log_root = ray_cluster
     log_dir = _fresh_log(log_root)
-    cfg = RewardConfig(num_actors=2, num_cpus=0.5, metrics=[PIQE], call_timeout_s=10.0)
+    # the deadline covers the warm-up call (it builds PIQE: over 10 s on a loaded machine) and an actor's restart
+    cfg = RewardConfig(num_actors=2, num_cpus=0.5, metrics=[PIQE], call_timeout_s=30.0)
     pool = RewardPool(cfg, worker_cls=HangingWorker, max_batch=2)
     rollouts, samples = batch(2, 2)
     try:
