@@ -30,11 +30,7 @@ def validate(cfg: Any, source: str = "<config>") -> None:
     f = lambda key, value, why: _fail(source, key, value, why)  # noqa: E731
     if cfg.mode not in ("grpo", "sft"):
         f("mode", cfg.mode, "must be grpo or sft")
-    for pattern in cfg.policy.trainable or []:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            f("policy.trainable", cfg.policy.trainable, f"{pattern!r} is not a regular expression: {exc}")
+    _check_patterns(f, "policy.trainable", cfg.policy.trainable or [])
     for model in ("policy", "diffusion"):
         _validate_lora(f, model, getattr(cfg, model))
     g = cfg.grpo
@@ -273,8 +269,13 @@ def _validate_lora(f: Any, model: str, sub: Any) -> None:
         f(f"{key}.dropout", lora.dropout, "must be in [0, 1)")
     if not lora.target_modules:
         f(f"{key}.target_modules", list(lora.target_modules), "name at least one module pattern (re.search)")
-    for pattern in lora.target_modules:
+    _check_patterns(f, f"{key}.target_modules", list(lora.target_modules))
+
+
+def _check_patterns(f: Any, key: str, patterns: list[str]) -> None:
+    """Every entry of ``patterns`` (``key``'s value) compiles as a regular expression."""
+    for pattern in patterns:
         try:
             re.compile(pattern)
         except re.error as exc:
-            f(f"{key}.target_modules", list(lora.target_modules), f"{pattern!r} is not a regular expression: {exc}")
+            f(key, patterns, f"{pattern!r} is not a regular expression: {exc}")

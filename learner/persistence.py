@@ -26,14 +26,20 @@ def serialized_state(w: Rank, model: str) -> tuple[list[bytes], dict[str, float]
     """Rank 0: the full weights of ``model`` as safetensors buckets of ``learner.sync_bucket_mb`` (ready for
     the object store); other ranks: []. A collective (ZeRO-3 gathers): all ranks must call it."""
     start = time.perf_counter()
-    raw = gather_raw_state(w, model)
-    state = merged(w, model, raw)
+    state, adapter_bytes = sync_state(w, model)
     blobs = [serialize_bucket(b) for b in bucket_named_tensors(state.items(), w.cfg.sync_bucket_mb << 20)]
     stats = {"bytes": float(sum(len(b) for b in blobs)), "buckets": float(len(blobs)),
              "tensors": float(len(state)), "seconds": time.perf_counter() - start}
-    if model in w.lora:
-        stats["adapter_bytes"] = float(lora.adapter_bytes(raw))
+    if adapter_bytes is not None:
+        stats["adapter_bytes"] = float(adapter_bytes)
     return blobs, stats
+
+
+def sync_state(w: Rank, model: str) -> tuple[dict[str, Tensor], int | None]:
+    """What a weight sync ships of ``model`` (rank 0; {} on the others): the merged weights, and with LoRA the
+    bytes the adapters alone would be (None without). A collective, like ``gather_full_state``."""
+    raw = gather_raw_state(w, model)
+    return merged(w, model, raw), (lora.adapter_bytes(raw) if model in w.lora else None)
 
 
 def gather_full_state(w: Rank, model: str) -> dict[str, Tensor]:

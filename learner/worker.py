@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -62,6 +62,11 @@ def restrict_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
         elif param.requires_grad:  # (policy.freeze_vision wins over a pattern)
             kept.append(name)
     return kept
+
+
+def _numel(params: Iterable[nn.Parameter]) -> int:
+    """Elements of ``params`` at full size (a ZeRO-3 partitioned parameter counts all of its elements)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
 
 
 class LearnerWorker:
@@ -163,10 +168,9 @@ class LearnerWorker:
             "device": str(self.device),
             "trained": sorted(self.engines),
             "zero_stage": self.cfg.zero_stage,
-            "parameters": {k: sum(int(getattr(p, "ds_numel", p.numel())) for p in e.module.parameters())
-                           for k, e in self.engines.items()},
-            "trainable_parameters": {k: sum(int(getattr(p, "ds_numel", p.numel())) for p in e.module.parameters()
-                                            if p.requires_grad) for k, e in self.engines.items()},
+            "parameters": {k: _numel(e.module.parameters()) for k, e in self.engines.items()},
+            "trainable_parameters": {k: _numel(p for p in e.module.parameters() if p.requires_grad)
+                                     for k, e in self.engines.items()},
             "lora_layers": {k: len(v) for k, v in self.lora.items()},
             "setup_seconds": self.setup_seconds,
         }
@@ -259,10 +263,9 @@ class LearnerWorker:
         actors of the weight-sync group. Returns what rank 0 sent ({} on the others)."""
         out: dict[str, float] = {}
         for model in models:
-            raw = persistence.gather_raw_state(self, model)
-            state = persistence.merged(self, model, raw)
-            if self.rank == 0 and model in self.lora:  # what shipping the LoRA adapters alone would move
-                out[f"weight_sync/{model}_adapter_mb"] = lora.adapter_bytes(raw) / 2**20
+            state, adapter_bytes = persistence.sync_state(self, model)
+            if self.rank == 0 and adapter_bytes is not None:  # what shipping the LoRA adapters alone would move
+                out[f"weight_sync/{model}_adapter_mb"] = adapter_bytes / 2**20
             if self.rank == 0:
                 stats = weight_broadcast.broadcast_weights(self.sync_group, state.items(),
                                                            self.cfg.sync_bucket_mb << 20, device=self.device)

@@ -246,15 +246,22 @@ def panel_summary(panel_cfg: Any, finals: Sequence[Optional[np.ndarray]],
     specs = list(cfg.metrics) + list(cfg.full_reference)
     if not specs:
         return {}
-    scorer = build_panel_scorer(cfg, device)
-    ok = [i for i, img in enumerate(finals) if img is not None]
-    results = scorer([finals[i] for i in ok], [hrs[i] for i in ok])
+    raw = panel_scores(build_panel_scorer(cfg, device), finals, hrs)
     out = {}
     for m in specs:
-        values = [r.raw[m.name] for r in results if m.name in r.raw and math.isfinite(r.raw[m.name])]
+        values = [v for v in raw[m.name] if math.isfinite(v)]
         out[m.name] = {"mean": float(np.mean(values)) if values else None, "n": len(values),
                        "lower_better": m.lower_better}
     return out
+
+
+def panel_scores(scorer: QualityScorer, finals: Sequence[Optional[np.ndarray]],
+                 hrs: Sequence[Optional[np.ndarray]]) -> dict[str, list[float]]:
+    """The panel's raw scores by metric over the final images there are (a missing final image, or a metric that
+    failed on one, gives no value): what the run's held-out evaluation and ``rl.eval`` both report."""
+    ok = [i for i, img in enumerate(finals) if img is not None]
+    results = scorer([finals[i] for i in ok], [hrs[i] for i in ok])
+    return {name: [r.raw[name] for r in results if name in r.raw] for name in scorer.weights}
 
 
 def panel_markdown(panel: dict[str, dict]) -> list[str]:

@@ -48,13 +48,12 @@ class HeldOutEval:
     def _panel(self, views) -> dict[str, float]:
         """``eval/panel/<metric>``: the mean raw score of the final images (HR-referenced metrics against HR), and
         ``eval/panel/<metric>_failed``, the chains it could not score (a missing final image, a metric error)."""
+        from rl.eval_metrics import panel_scores
+
         finals = [v.images.get("final") for v in ray.get(list(views))]
         hrs = [s.hr for s in self.samples for _ in range(self.group_size)]
-        ok = [i for i, img in enumerate(finals) if img is not None]
-        results = self.panel([finals[i] for i in ok], [hrs[i] for i in ok])
         out = {}
-        for name in self.panel.weights:
-            values = [r.raw[name] for r in results if name in r.raw]
+        for name, values in panel_scores(self.panel, finals, hrs).items():
             out[f"eval/panel/{name}"] = float(np.mean(values)) if values else float("nan")
             out[f"eval/panel/{name}_failed"] = float(len(finals) - len(values))
         return out
