@@ -11,6 +11,12 @@ For a batch of B prompts x G samples, stage by stage (core.chain.TURNS):
 
 The first turn shares one context per prompt (one request with n = G); later turns diverge per chain.
 The token sequence built here is exactly what the learner forwards to re-score the text (ChainTokens).
+
+With ``image_group_size`` M > 1 every stage samples M images per chain in the same diffusion batch: branch b is
+conditioned on the stage's text and on its own previous image, so each branch is a whole image trajectory given
+the chain's texts. Branch 0 is fed back to the policy (the chain's ``images``); the other branches' final images
+and traces ride along for the image loss (``Rollout.branch_finals``). Branch 0 draws exactly the noise it draws
+with M = 1, so the chains themselves do not depend on M (up to the UNet's float rounding in a larger batch).
 """
 
 from __future__ import annotations
@@ -40,9 +46,11 @@ class _Chain:
     mask: list[int]
     log_probs: list[float]
     text: str = ""
-    last_image: Optional[np.ndarray] = None
+    last_image: Optional[np.ndarray] = None  # branch 0's; the branches' own are in branch_images
     stage_images: dict[str, np.ndarray] | None = None
-    traces: list[DiffusionTrace] | None = None
+    traces: list[DiffusionTrace] | None = None  # branch 0's stages
+    branch_images: list[np.ndarray] | None = None  # branches 1..M-1: the latest stage image of each
+    branch_traces: list[list[DiffusionTrace]] | None = None  # branches 1..M-1: their stages
     finish: list[str] | None = None
     turn_text: str = ""  # the text of the latest turn
 
@@ -64,7 +72,10 @@ class ChainSampler:
     """Runs the episodes for one rollout worker: a text engine plus an SR pipeline."""
 
     def __init__(self, engine: TextEngine, pipeline, chain: ChainConfig, diffusion: DiffusionConfig,
-                 sampling: Optional[SamplingConfig] = None):
+                 sampling: Optional[SamplingConfig] = None, image_group_size: int = 1):
+        if image_group_size < 1:
+            raise ValueError(f"image_group_size = {image_group_size}: must be >= 1")
+        self.image_group_size = image_group_size  # M image branches per chain (grpo.image_group_size)
         self.engine = engine
         self.pipeline = pipeline
         self.chain = chain
@@ -83,7 +94,9 @@ class ChainSampler:
             prompt = self.tokens.prompt_ids(s.lr, self.chain.prompt)
             for g in range(group_size):
                 chains.append(_Chain(s.prompt_id, g, list(prompt), [s.lr], len(prompt), [], [],
-                                     last_image=s.lr, stage_images={}, traces=[], finish=[]))
+                                     last_image=s.lr, stage_images={}, traces=[], finish=[],
+                                     branch_images=[s.lr] * (self.image_group_size - 1),
+                                     branch_traces=[[] for _ in range(self.image_group_size - 1)]))
         if not chains:
             return []
         lr_hw = samples[0].lr.shape[:2]
@@ -104,17 +117,27 @@ class ChainSampler:
             for c, out in zip(chains, outs):
                 self._append_turn(c, out)
             timings["text_s"] += time.perf_counter() - t0
-            # 2. image
+            # 2. image (branch 0 of every chain, then the other branches, in one diffusion batch)
             t0 = time.perf_counter()
             size = stage_sizes(lr_hw, self.scales)[turn.stage]
             prompts = [stage_understanding(c.turn_text, turn.stage) for c in chains]
-            generators = [torch.Generator().manual_seed(_seed(seed, c.prompt_id, k, c.sample_index, 7))
-                          for c in chains]
+            extra = range(1, self.image_group_size)
+            generators = ([torch.Generator().manual_seed(_seed(seed, c.prompt_id, k, c.sample_index, 7))
+                           for c in chains]
+                          + [torch.Generator().manual_seed(_seed(seed, c.prompt_id, k, c.sample_index, 7, b))
+                             for c in chains for b in extra])
+            conditions = [c.last_image for c in chains] + [c.branch_images[b - 1] for c in chains for b in extra]
             images, traces = self.pipeline.sample(
-                [c.last_image for c in chains], size, prompts, num_steps=self.diffusion.num_steps,
-                eta=self.diffusion.eta, noise_level=self.diffusion.noise_level, generator=generators,
-                guidance_scale=self.diffusion.guidance_scale, stage=turn.stage,
+                conditions, size, prompts + [p for p in prompts for _ in extra],
+                num_steps=self.diffusion.num_steps, eta=self.diffusion.eta, noise_level=self.diffusion.noise_level,
+                generator=generators, guidance_scale=self.diffusion.guidance_scale, stage=turn.stage,
             )
+            n, m = len(chains), self.image_group_size - 1
+            for i, c in enumerate(chains):
+                for b in range(m):
+                    c.branch_images[b] = images[n + i * m + b]
+                    c.branch_traces[b].append(traces[n + i * m + b])
+            images, traces = images[:n], traces[:n]
             timings["diffusion_s"] += time.perf_counter() - t0
             # 3. feed the image back (the final image ends the chain: nothing is generated after it)
             for c, image, trace in zip(chains, images, traces):
@@ -154,9 +177,10 @@ class ChainSampler:
             text=c.text,
             images=dict(c.stage_images),
             context_images=list(c.images),
-            traces=tuple(c.traces),
+            traces=tuple(c.traces) + tuple(t for branch in c.branch_traces for t in branch),
             timings=dict(timings),
             finish_reasons=tuple(c.finish),
+            branch_finals=tuple(c.branch_images),
         )
 
 

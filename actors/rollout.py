@@ -40,7 +40,8 @@ class RolloutWorker:
             vllm=cfg.rollout.vllm, dtype=cfg.policy.dtype, device=device, seed=cfg.trainer.seed + worker_index,
         )
         self.pipeline = SRPipeline.from_pretrained(cfg.diffusion.path).to(device, torch_dtype(cfg.diffusion.dtype))
-        self.sampler = ChainSampler(self.engine, self.pipeline, cfg.chain, cfg.diffusion)
+        self.sampler = ChainSampler(self.engine, self.pipeline, cfg.chain, cfg.diffusion,
+                                    image_group_size=cfg.grpo.image_group_size)
         self.policy_version = 0
         self.diffusion_version = 0
 

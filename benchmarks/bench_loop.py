@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,46 +24,21 @@ from core.env import configure_process, worker_env  # noqa: E402
 
 
 def sequential_steps(cfg, steps: int) -> dict[str, float]:
-    """The paper-style loop in this process: vLLM in-process, rewards in-process, a world-size-1 learner."""
-    from actors.chain_sampler import ChainSampler
-    from actors.rollout import RolloutWorker
-    from core import grpo
-    from data.dataset import PairDataset
-    from learner.worker import LearnerWorker
-    from rewards.quality import build_quality_scorer
-    from rewards.total import score_rollouts
+    """The paper-style loop in this process (``rl.one_process``): vLLM in-process, rewards in-process, a
+    world-size-1 learner, the same plain classes the Ray actors wrap."""
+    from rl.one_process import OneProcessGRPO
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     cfg.learner.num_ranks = 1
-    rollout = RolloutWorker(cfg)  # the same plain class the Ray rollout actors wrap
-    sampler: ChainSampler = rollout.sampler
-    scorer = build_quality_scorer(cfg.reward.metrics, full_reference=cfg.reward.full_reference)
-    learner = LearnerWorker.from_config(cfg, dist, logprob_temperature=cfg.rollout.sampling.temperature)
-    data = PairDataset(cfg.data, "train")
-    B, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
+    run = OneProcessGRPO(cfg)
     times, sync = [], []
     for step in range(steps + 1):
-        t0 = time.perf_counter()
-        samples = data.batch(step * B, B)
-        rollouts = sampler.sample(samples, G, seed=step, policy_version=step)
-        scores = score_rollouts(rollouts, [s for s in samples for _ in range(G)], cfg.reward, scorer)
-        rewards = torch.tensor([s.total for s in scores])
-        adv = grpo.group_advantages(rewards, G, cfg.grpo.scale_by_std, cfg.grpo.eps)
-        keep = grpo.zero_variance_groups(rewards, G).keep
-        if keep.any():
-            batch = grpo.build_train_batch(rollouts, adv, keep, rollout.engine.tokens.tokenizer.pad_token_id)
-            learner.train_step(batch, *[r for r, k in zip(rollouts, keep.tolist()) if k])
-            t1 = time.perf_counter()
-            rollout.engine.load_weights(learner.gather_full_state("policy").items(), step + 1)
-            rollout.load_diffusion_state(learner.gather_full_state("diffusion").items())
-            sync.append(time.perf_counter() - t1)
+        m = run.step(step)
         if step > 0:  # step 0 warms up
-            times.append(time.perf_counter() - t0)
+            times.append(m["timing/step"])
+            sync.append(m.get("timing/sync", 0.0))
+    B, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
     return {"samples_per_s": B * G * len(times) / sum(times), "step_s": sum(times) / len(times),
-            "sync_share": sum(sync[1:]) / sum(times) if len(sync) > 1 else float("nan")}
+            "sync_share": sum(sync) / sum(times)}
 
 
 def distributed_steps(cfg, steps: int) -> dict[str, float]:

@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from core.data_config import DataConfig, DegradationConfig  # noqa: F401 (DegradationConfig: re-exported)
 from core.model_config import LoraConfig, TinyDiffusionConfig, TinyPolicyConfig
 from core.validation import ConfigError, describe_omegaconf_error, validate
 
@@ -59,9 +60,13 @@ class DiffusionConfig:
     eta: float = 1.0  # DDIM eta > 0 makes every step a Gaussian with a log-prob
     noise_level: int = 20  # noise added to the conditioning image (as in the SD x4 upscaler)
     guidance_scale: float = 1.0  # 1.0 disables classifier-free guidance
-    # share of each trace's denoising steps that get a loss, from the high-noise end (Flow-GRPO's timestep
-    # fraction): the others are neither re-scored nor trained. 1: all.
+    # share of each trace's denoising steps that get a loss (Flow-GRPO's timestep fraction): the others are neither
+    # re-scored nor trained. 1: all.
     train_steps_fraction: float = 1.0
+    # where that window starts, as a share of the steps from the high-noise end: 0 trains the first steps (Flow-GRPO,
+    # whose flow-matching schedules decide the image there); 0.5 with fraction 0.5 trains the second half, where a
+    # DDPM linear schedule (the tiny models') still has signal: its first half is near pure noise (alpha_bar < 0.08)
+    train_steps_start: float = 0.0
     dtype: str = "float32"
     freeze: bool = False
     lora: Optional[LoraConfig] = None  # over the TraceScorer's modules: unet.* (and text_encoder.* if named)
@@ -75,56 +80,6 @@ class ChainConfig:
     final_scale: int = 4
     max_stage_tokens: int = 48  # per text turn; a turn stops earlier at its closing tag
     prompt: Optional[str] = None  # None: the paper's RL prompt (core.chain.DEFAULT_PROMPT)
-
-
-@dataclass
-class DegradationConfig:
-    """Real-ESRGAN second-order degradation (Wang et al. 2021), x4 defaults as in SeeSR/PURE."""
-
-    kernel_size: int = 21
-    kernel_list: list[str] = field(
-        default_factory=lambda: ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
-    )
-    kernel_prob: list[float] = field(default_factory=lambda: [0.45, 0.25, 0.12, 0.03, 0.12, 0.03])
-    sinc_prob: float = 0.1
-    blur_sigma: list[float] = field(default_factory=lambda: [0.2, 3.0])
-    betag_range: list[float] = field(default_factory=lambda: [0.5, 4.0])
-    betap_range: list[float] = field(default_factory=lambda: [1.0, 2.0])
-    resize_prob: list[float] = field(default_factory=lambda: [0.2, 0.7, 0.1])  # up, down, keep
-    resize_range: list[float] = field(default_factory=lambda: [0.15, 1.5])
-    gaussian_noise_prob: float = 0.5
-    noise_range: list[float] = field(default_factory=lambda: [1.0, 30.0])
-    poisson_scale_range: list[float] = field(default_factory=lambda: [0.05, 3.0])
-    gray_noise_prob: float = 0.4
-    jpeg_range: list[float] = field(default_factory=lambda: [30.0, 95.0])
-    second_blur_prob: float = 0.8
-    kernel_list2: list[str] = field(
-        default_factory=lambda: ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
-    )
-    kernel_prob2: list[float] = field(default_factory=lambda: [0.45, 0.25, 0.12, 0.03, 0.12, 0.03])
-    sinc_prob2: float = 0.1
-    blur_sigma2: list[float] = field(default_factory=lambda: [0.2, 1.5])
-    betag_range2: list[float] = field(default_factory=lambda: [0.5, 4.0])
-    betap_range2: list[float] = field(default_factory=lambda: [1.0, 2.0])
-    resize_prob2: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.3])
-    resize_range2: list[float] = field(default_factory=lambda: [0.3, 1.2])
-    gaussian_noise_prob2: float = 0.5
-    noise_range2: list[float] = field(default_factory=lambda: [1.0, 25.0])
-    poisson_scale_range2: list[float] = field(default_factory=lambda: [0.05, 2.5])
-    gray_noise_prob2: float = 0.4
-    jpeg_range2: list[float] = field(default_factory=lambda: [30.0, 95.0])
-    final_sinc_prob: float = 0.8
-
-
-@dataclass
-class DataConfig:
-    source: str = "skimage"  # "skimage" (photos shipped in scikit-image's wheel), a folder, or a .jsonl manifest
-    eval_source: Optional[str] = None  # held-out data; None: the held-out split of `source`
-    held_out_fraction: float = 0.25  # share of the images of `source` kept out of training (by image, not crop)
-    hr_size: int = 64  # HR crop side in pixels; LR side = hr_size / scale
-    scale: int = 4
-    seed: int = 0
-    degradation: DegradationConfig = field(default_factory=DegradationConfig)
 
 
 # --------------------------------------------------------------------------------------------- rollout
@@ -216,8 +171,13 @@ class GRPOConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     # The denoising steps' own clip range [1 - r, 1 + r]: a step's ratio moves far faster than a token's
-    # (Flow-GRPO clips at 1e-4 to 1e-5). null: the text's clip_low / clip_high.
+    # (Flow-GRPO clips at 1e-4 to 1e-5). null: the text's clip_low / clip_high. The trajectory objective's only.
     image_clip_range: Optional[float] = None
+    # How the SR model learns from its images' advantages, a rule of core.grpo.IMAGE_OBJECTIVES with its options:
+    # {name: trajectory} the clipped surrogate on the recorded denoising steps' log-probs (Flow-GRPO, the default);
+    # {name: nft, beta: 1.0, adv_clip: 5.0} DiffusionNFT's forward-process loss on the sampled images (no
+    # likelihoods). Both train the steps of diffusion.train_steps_fraction / _start; image_kl_beta applies to both.
+    image_objective: dict[str, Any] = field(default_factory=lambda: {"name": "trajectory"})
     kl_beta: float = 0.0  # 0 disables the reference model entirely
     # + image_kl_beta x the exact KL of each trained denoising step to the base SR model's (the run's starting
     # weights, a frozen copy per learner rank; Flow-GRPO's KL term). 0: off, no copy held.
@@ -249,6 +209,19 @@ class GRPOConfig:
     sft_coef: float = 0.0
     # Stale chains (trainer.max_staleness > 0): weight of a token / step, min(pi_prox / pi_sampling, tis_cap) (TIS)
     tis_cap: float = 2.0
+    # M image samples per chain for the image loss, for the cost of diffusion only (Flow-GRPO trains on many images
+    # per prompt): each chain's three stages are sampled M times from its own texts with other noise, each branch
+    # conditioned on its own previous image; branch 0 is the one the policy reads and writes after. Every branch's
+    # final image is scored (the chain's generation reward is their mean) and each branch's denoising steps get
+    # its own image advantage: centred on its chain's M branches (the text is shared, so what is left is the SR
+    # model's own doing) and scaled by the spread of those residuals over the group. 1: one image per chain.
+    image_group_size: int = 1
+    # Each reward component of an advantage column is normalised within its group on its own before the column's
+    # weighted sum, and the generation reward counts as its metrics (quality/<metric>, weighted as in its average):
+    # decoupled normalisation (LucidNFT, GDPO). A metric whose spread within a group is small (PSNR between
+    # near-identical SR outputs) then weighs as much as one whose spread is large (PIQE), so no single metric
+    # carries the advantage. false: the weighted sum is normalised as one reward (the paper).
+    decoupled_normalization: bool = False
 
 
 @dataclass
@@ -338,6 +311,11 @@ class ExperimentConfig:
 
 
 # --------------------------------------------------------------------------------------------- loading
+# Keys holding one {name: ..., option: ...} rule of a registry: an override replaces the whole entry (switching
+# grpo.image_objective from nft back to trajectory must not keep nft's options).
+RULE_KEYS = ("grpo.token_credit", "grpo.image_objective")
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read ``path``, apply ``key=value`` overrides, resolve interpolations, validate.
 
@@ -350,9 +328,13 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
-        schema = OmegaConf.structured(ExperimentConfig)
-        from_file = OmegaConf.load(path)
-        merged = OmegaConf.merge(schema, from_file, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.load(path))
+        for item in overrides:
+            key, dot = item.split("=", 1)[0].strip(), OmegaConf.from_dotlist([item])
+            if key in RULE_KEYS:  # a new rule, not the old one's options with a new name
+                OmegaConf.update(merged, key, OmegaConf.select(dot, key), merge=False)
+            else:
+                merged = OmegaConf.merge(merged, dot)
         cfg: ExperimentConfig = OmegaConf.to_object(merged)  # resolves ${...}, checks MISSING
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {describe_omegaconf_error(exc)}") from None

@@ -67,6 +67,14 @@ class Rollout:
     traces: tuple[DiffusionTrace, ...]
     timings: dict[str, float] = field(default_factory=dict)
     finish_reasons: tuple[str, ...] = ()  # per text turn: "stop" (closing tag) | "length" | "eos"
+    # grpo.image_group_size M > 1: the final images of image branches 1..M-1 (the chain's texts, other diffusion
+    # noise; branch 0 is ``images``); ``traces`` then holds each branch's stage traces in turn, branch 0's first
+    branch_finals: tuple[np.ndarray, ...] = ()
+
+    @property
+    def image_branches(self) -> int:
+        """How many image samples this chain has (1 + len(branch_finals))."""
+        return 1 + len(self.branch_finals)
 
     @classmethod
     def for_scoring(cls, prompt_id: int, sample_index: int, text: str,
@@ -85,6 +93,7 @@ class Rollout:
         view = Rollout.for_scoring(self.prompt_id, self.sample_index, self.text, final)
         view.policy_version, view.diffusion_version = self.policy_version, self.diffusion_version
         view.finish_reasons = self.finish_reasons
+        view.branch_finals = self.branch_finals
         return view
 
 
@@ -97,6 +106,9 @@ class Scores:
     parts: dict[str, float]  # format, degradation, understanding, generation, quality/<metric>, ...
     total: float  # the configured weighted sum
     errors: dict[str, str] = field(default_factory=dict)  # metric -> why it failed (scored by the documented rule)
+    # grpo.image_group_size M > 1: per image branch (branch 0 first) the parts its final image decides
+    # (generation, quality/<metric>); ``parts`` holds their means over the branches. (): one image per chain.
+    branches: tuple[dict[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,7 @@ class ChainAdvantage:
     text: float  # the text tokens' advantage (the chain's, in the paper)
     image: Optional[float] = None  # the diffusion steps'; None: the text's
     sections: Optional[tuple[float, ...]] = None  # one per core.chain.TEXT_TAGS section (section credit)
+    image_branches: Optional[tuple[float, ...]] = None  # one per image branch (grpo.image_group_size > 1)
 
 
 @dataclass(frozen=True)

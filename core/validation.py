@@ -12,6 +12,7 @@ from core.chain import STAGES, TEXT_TAGS
 from core.dtypes import DTYPE_NAMES
 from core.grpo.advantages import advantage_transform
 from core.grpo.credit import token_credit
+from core.grpo.objectives import image_objective
 
 OPTIMIZERS = ("adamw", "sgd")  # learner.*_optim.name
 
@@ -48,6 +49,16 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("grpo.kl_beta", g.kl_beta, "must be >= 0")
     if g.image_kl_beta < 0:
         f("grpo.image_kl_beta", g.image_kl_beta, "must be >= 0")
+    try:
+        objective, _ = image_objective(g.image_objective)
+    except (ValueError, TypeError) as exc:
+        f("grpo.image_objective", dict(g.image_objective), str(exc))
+    if objective != "trajectory" and cfg.diffusion.freeze:
+        f("grpo.image_objective", dict(g.image_objective), "the SR model is frozen (diffusion.freeze): nothing learns "
+          "from it")
+    if objective != "trajectory" and g.image_clip_range is not None:
+        f("grpo.image_clip_range", g.image_clip_range, f"the {objective} objective has no ratio to clip (it is the "
+          "trajectory objective's)")
     if g.image_kl_beta > 0 and cfg.diffusion.freeze:
         f("grpo.image_kl_beta", g.image_kl_beta, "the SR model is frozen (diffusion.freeze): there is no update to "
           "penalise")
@@ -90,6 +101,14 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("grpo.tis_cap", g.tis_cap, "must be >= 1 (the largest importance weight a stale token may get)")
     if g.eps <= 0:
         f("grpo.eps", g.eps, "must be > 0")
+    if g.image_group_size < 1:
+        f("grpo.image_group_size", g.image_group_size, "must be >= 1 (1: one image per chain)")
+    if g.image_group_size > 1 and cfg.diffusion.freeze:
+        f("grpo.image_group_size", g.image_group_size, "the SR model is frozen (diffusion.freeze): extra image "
+          "samples would train nothing")
+    if g.image_group_size > 1 and not (cfg.reward.metrics or cfg.reward.full_reference):
+        f("grpo.image_group_size", g.image_group_size, "no generation metric (reward.metrics / full_reference) tells "
+          "the image samples of a chain apart")
 
     ln = cfg.learner
     if ln.num_ranks < 1:
@@ -143,6 +162,9 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("diffusion.eta", d.eta, "must be > 0: a deterministic sampler has no log-prob to train on")
     if not 0 < d.train_steps_fraction <= 1:
         f("diffusion.train_steps_fraction", d.train_steps_fraction, "must be in (0, 1]")
+    if not 0 <= d.train_steps_start < 1 or d.train_steps_start + d.train_steps_fraction > 1 + 1e-9:
+        f("diffusion.train_steps_start", d.train_steps_start, f"must be in [0, 1) and leave room for "
+          f"diffusion.train_steps_fraction = {d.train_steps_fraction} (their sum at most 1)")
 
     c = cfg.chain
     if not 1 <= c.rough_scale <= c.middle_scale <= c.final_scale:

@@ -34,7 +34,7 @@ def masked_copy(batch: TrainBatch) -> TrainBatch:
         batch,
         loss_mask=torch.zeros_like(batch.loss_mask),
         advantages=torch.zeros_like(batch.advantages),
-        chain_advantages=torch.zeros_like(batch.chain_advantages),
+        step_advantages=torch.zeros_like(batch.step_advantages),
         step_mask=torch.zeros_like(batch.step_mask),
     )
 

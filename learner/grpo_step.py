@@ -5,9 +5,10 @@
         for each micro-batch of learner.micro_batch_size chains:
             policy:    re-score prompt + completion with the context images -> clipped surrogate, text tokens
                        (+ beta * k3 KL to the frozen reference)       / global text-token count -> backward
-            diffusion: for each trained denoising step of each stage (diffusion.train_steps_fraction):
-                       re-score that step of every chain -> clipped surrogate / global step count -> backward
-                       (one backward per step: memory holds one step's UNet graph, as in Flow-GRPO)
+            diffusion: for each trained denoising step of each stage (diffusion.train_steps_fraction / _start):
+                       trajectory: re-score that step of every chain -> clipped surrogate / global step count
+                       nft: the chains' sampled images noised to that step's timestep -> DiffusionNFT's loss
+                       -> backward (one per step: memory holds one step's UNet graph, as in Flow-GRPO)
         (+ grpo.sft_coef x the cold start's cross-entropy on the step's target chains: PPO-ptx)
         step both engines (one optimizer step per epoch)
 
@@ -25,14 +26,15 @@ import torch
 from torch import Tensor
 
 from core.config import GRPOConfig
-from core.grpo import TrainBatch, clipped_surrogate, image_surrogate, k3_kl, token_mean, trained_steps
+from core.grpo import (TrainBatch, clipped_surrogate, image_objective, image_surrogate, k3_kl, nft_loss,
+                       reward_probability, token_mean, trained_steps)
 from core.records import Rollout
 from learner import engine as eng
 from learner import off_policy
 from learner.batching import MicroBatch, add, micro_batches, reduce_sums
 from learner.off_policy import Correction
 from learner.rank import Rank
-from learner.scoring import policy_log_probs, trace_layout
+from learner.scoring import policy_log_probs, stage_columns
 from learner.sft_step import target_micro_batches, text_cross_entropy
 
 # Metrics of core.grpo.SurrogateOutput that are masked means: aggregated over ranks weighted by their tokens.
@@ -66,6 +68,9 @@ def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout], sft_reco
     train_image = "diffusion" in w.engines and global_steps > 0
     fixes, off_policy_metrics = off_policy.corrections(w, micro, version, train_text, train_image)
 
+    objective, options = image_objective(w.grpo.image_objective)
+    nft_old: dict[tuple, Tensor] = {}  # nft: the first epoch's predictions, the sampling policy's, for later epochs
+    nft_seed = w.optimizer_steps  # nft: the forward-process noise of this update, the same in every epoch
     sums: dict[str, float] = {}
     extremes = {f"{kind}_ratio_{end}": (-math.inf if end == "max" else math.inf)
                 for kind in ("text", "image") for end in ("max", "min")}
@@ -73,10 +78,12 @@ def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout], sft_reco
     norms: dict[str, list[float]] = {name: [] for name in w.engines}
     first_epoch = [0.0, 0.0]  # the first epoch's token-weighted ratio sums: the on-policy check
     for epoch in range(w.grpo.update_epochs):
-        for m, n, fix in zip(micro, passes, fixes):
+        for i, (m, n, fix) in enumerate(zip(micro, passes, fixes)):
             if train_text:
                 _text_micro_step(w, m, fix, global_tokens, sums, extremes)
-            if train_image and n:
+            if train_image and n and objective == "nft":
+                _nft_micro_step(w, m, (nft_seed, i), global_steps, sums, options, nft_old)
+            elif train_image and n:
                 _image_micro_step(w, m, fix, global_steps, sums, extremes)
         for m in ptx:
             text_cross_entropy(w, m, ptx_tokens, sums, w.grpo.sft_coef, prefix="ptx_")
@@ -90,7 +97,7 @@ def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout], sft_reco
         if epoch == 0:
             first_epoch = [sums.get("text_ratio_mean", 0.0), sums.get("image_ratio_mean", 0.0)]
     off_policy_metrics.update(_on_policy_check(w, first_epoch, global_tokens if train_text else 0.0,
-                                               global_steps if train_image else 0.0))
+                                               global_steps if train_image and objective == "trajectory" else 0.0))
     off_policy_metrics.update(off_policy.tis_metrics(w, fixes, off_policy_metrics["off_policy_chains"]))
     return {**_metrics(w, sums, extremes, norms, lrs, global_tokens, global_steps, len(batch), t0),
             **off_policy_metrics, "dropped_stale_chains": dropped_total}
@@ -111,8 +118,9 @@ def _image_passes(w: Rank, micro: Sequence[MicroBatch]) -> list[int]:
     number: a mismatch is an error on every rank, never a hang."""
     if "diffusion" not in w.engines:
         return [0] * len(micro)
-    fraction = w.diffusion_cfg.train_steps_fraction
-    local = [sum(len(trained_steps(s, fraction)) for _, s in trace_layout(m.rollouts)) for m in micro]
+    d = w.diffusion_cfg
+    local = [sum(len(trained_steps(c.num_steps, d.train_steps_fraction, d.train_steps_start))
+                 for c in stage_columns(m.rollouts)) for m in micro]
     low, high = w.all_reduce(local, "min"), w.all_reduce(local, "max")
     if low != high:
         raise RuntimeError(f"learner ranks disagree on the image passes per micro-batch: {low} vs {high}")
@@ -143,34 +151,68 @@ def _text_micro_step(w: Rank, m: MicroBatch, fix: Correction, global_tokens: flo
 
 def _image_micro_step(w: Rank, m: MicroBatch, fix: Correction, global_steps: float, sums: dict[str, float],
                       extremes: dict[str, float]) -> None:
-    """One backward per trained (stage, step): that step of every chain of the micro-batch, re-scored."""
+    """One backward per trained (stage, step): that step of every chain of the micro-batch, and of each of its image
+    branches (``grpo.image_group_size``), re-scored in one UNet call."""
     diffusion = w.engines["diffusion"]
     mb = m.batch
-    adv, mask = mb.chain_advantages.to(w.device), mb.step_mask.to(w.device)
     low, high = image_clip(w.grpo)
-    offset = 0
-    for j, (_stage, num_steps) in enumerate(trace_layout(m.rollouts)):
-        traces = [r.traces[j] for r in m.rollouts]
-        for k in trained_steps(num_steps, w.diffusion_cfg.train_steps_fraction):
-            col = slice(offset + k, offset + k + 1)
+    B, d = len(m.rollouts), w.diffusion_cfg
+    for stage in stage_columns(m.rollouts):
+        traces = [r.traces[j] for j in stage.traces for r in m.rollouts]  # branch-major: (M * B)
+        for k in trained_steps(stage.num_steps, d.train_steps_fraction, d.train_steps_start):
+            cols = [o + k for o in stage.offsets]  # (M,) step columns of this step in each branch
             kl = None
             if w.diffusion_reference is None:
-                logp = diffusion(traces, step_indices=[k])  # (B, 1) with grad
+                logp = diffusion(traces, step_indices=[k])  # (M * B, 1) with grad
             else:
                 logp, kl = diffusion(traces, step_indices=[k], reference=w.diffusion_reference)
-            old, weights = fix.step(offset + k, logp, mb.step_old_log_probs, mb.step_mask)
-            out = image_surrogate(logp.float(), old.to(w.device), adv, low, high, mask[:, col],
-                                  None if weights is None else weights.to(w.device))
-            image_loss = token_mean(out.loss, mask[:, col], global_steps)
+            logp = logp.float().view(len(cols), B).T  # (B, M)
+            fixes = [fix.step(c, logp[:, b:b + 1], mb.step_old_log_probs, mb.step_mask) for b, c in enumerate(cols)]
+            old = torch.cat([o for o, _ in fixes], dim=1).to(w.device)
+            weights = None if fixes[0][1] is None else torch.cat([wt for _, wt in fixes], dim=1).to(w.device)
+            mask = mb.step_mask[:, cols].to(w.device)
+            out = image_surrogate(logp, old, mb.step_advantages[:, cols].to(w.device), low, high, mask, weights)
+            image_loss = token_mean(out.loss, mask, global_steps)
             loss = w.grpo.image_loss_weight * image_loss
             if kl is not None:
-                image_kl = token_mean(kl.float(), mask[:, col], global_steps)
+                image_kl = token_mean(kl.float().view(len(cols), B).T, mask, global_steps)
                 loss = loss + w.grpo.image_kl_beta * image_kl
                 add(sums, "image_kl", image_kl.item())
             diffusion.backward(loss * eng.dp_loss_scale(), scale_wrt_gas=False)
             add(sums, "image_loss", image_loss.item())
             _accumulate(sums, extremes, "image", out.metrics)
-        offset += num_steps
+
+
+def _nft_micro_step(w: Rank, m: MicroBatch, where: tuple[int, int], global_steps: float, sums: dict[str, float],
+                    options: Mapping[str, float], old: dict[tuple, Tensor]) -> None:
+    """DiffusionNFT on the micro-batch: one backward per trained (stage, step), over the sampled image of that stage
+    of every chain and image branch, noised to the step's timestep. ``where``: (the update's first optimizer step,
+    the micro-batch's index) seeds the noise, so later update epochs see the same noised images and keep the first
+    epoch's predictions (``old``) as the sampling policy's."""
+    diffusion = w.engines["diffusion"]
+    mb, d = m.batch, w.diffusion_cfg
+    for s, stage in enumerate(stage_columns(m.rollouts)):
+        traces = [r.traces[j] for j in stage.traces for r in m.rollouts]  # branch-major: (M * B)
+        for k in trained_steps(stage.num_steps, d.train_steps_fraction, d.train_steps_start):
+            key = (*where, s, k)
+            generator = torch.Generator().manual_seed(hash(key) % 2**31)
+            prediction, x0, ref = diffusion(traces, forward_step=k, generator=generator,
+                                            reference=w.diffusion_reference)
+            previous = old.setdefault(key, prediction.detach())
+            cols = [o + k for o in stage.offsets]
+            adv = mb.step_advantages[:, cols].T.reshape(-1).to(w.device)  # (M * B), branch-major like the traces
+            mask = mb.step_mask[:, cols].T.reshape(-1).to(w.device)
+            out = nft_loss(prediction, previous, x0, reward_probability(adv, options["adv_clip"]), options["beta"])
+            image_loss = token_mean(out.loss, mask, global_steps)
+            loss = w.grpo.image_loss_weight * image_loss
+            if ref is not None:  # the base model's x_0 prediction at the same noised images: an MSE to it
+                image_kl = token_mean((prediction.float() - ref.float()).pow(2).flatten(1).mean(1), mask, global_steps)
+                loss = loss + w.grpo.image_kl_beta * image_kl
+                add(sums, "image_kl", image_kl.item())
+            diffusion.backward(loss * eng.dp_loss_scale(), scale_wrt_gas=False)
+            add(sums, "image_loss", image_loss.item())
+            for name, value in (("nft_positive", out.positive), ("nft_negative", out.negative)):
+                add(sums, name, float((value * mask).sum()))
 
 
 def image_clip(g: GRPOConfig) -> tuple[float, float]:
@@ -207,6 +249,9 @@ def _metrics(w: Rank, sums: dict[str, float], extremes: dict[str, float],
     for k in ("text_loss", "image_loss", "kl", "image_kl"):
         if k in totals:
             m[k] = totals[k] / epochs
+    for k in ("nft_positive", "nft_negative"):  # DiffusionNFT's two losses, per trained image step
+        if k in totals:
+            m[k] = totals[k] / (global_steps * epochs)
     if "ptx_text_loss" in totals:  # grpo.sft_coef's cross-entropy on the target chains
         m["ptx_loss"] = totals["ptx_text_loss"] / epochs
         m["ptx_token_accuracy"] = totals["ptx_correct_tokens"] / totals["ptx_target_tokens"]

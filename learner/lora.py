@@ -90,8 +90,8 @@ class BasePolicy:
 
 class BasePipeline:
     """The reference SR pipeline of ``grpo.image_kl_beta``: the trained pipeline stepped with the adapters of
-    ``adapted`` (its ``TraceScorer``) off. Offers the one method ``SRPipeline.trace_log_probs_and_kl`` calls on a
-    reference."""
+    ``adapted`` (its ``TraceScorer``) off. Offers the methods ``SRPipeline.trace_log_probs_and_kl`` and
+    ``SRPipeline.forward_process`` call on a reference."""
 
     def __init__(self, pipeline: Any, adapted: nn.Module):
         self.pipeline, self.adapted = pipeline, adapted
@@ -99,6 +99,10 @@ class BasePipeline:
     def _group_step(self, *args: Any) -> Any:
         with adapters_disabled(self.adapted):
             return self.pipeline._group_step(*args)
+
+    def predict_x0(self, *args: Any) -> Any:
+        with adapters_disabled(self.adapted):
+            return self.pipeline.predict_x0(*args)
 
 
 def lora_delta(a: Tensor, b: Tensor) -> Tensor:

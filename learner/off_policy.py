@@ -97,7 +97,8 @@ def drop_too_stale(batch: TrainBatch, rollouts: Sequence[Rollout], version: Opti
         return batch, 0
     keep = ~old
     return replace(batch, loss_mask=batch.loss_mask & keep[:, None], advantages=batch.advantages * keep[:, None],
-                   chain_advantages=batch.chain_advantages * keep, step_mask=batch.step_mask & keep[:, None]
+                   step_advantages=batch.step_advantages * keep[:, None],
+                   step_mask=batch.step_mask & keep[:, None]
                    ), int(old.sum())
 
 

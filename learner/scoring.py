@@ -8,6 +8,7 @@ the learner re-scores the same way (see actors/text_engine.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -85,11 +86,15 @@ class TraceScorer(nn.Module):
         noise_level: int = 20,
         prompt_dropout: float = 0.0,
         reference: Optional[Any] = None,
+        forward_step: Optional[int] = None,
     ) -> Any:
-        """GRPO: (N, K) log-probs of the ``step_indices`` (None: all) of recorded ``traces``. SFT (``stages``
-        given: ``data.sft_targets.StageTarget``s of one size): the scalar denoising MSE of
-        ``pipeline.denoising_loss``. Both go through this forward so that DeepSpeed's hooks (ZeRO-3 gathers)
+        """GRPO: (N, K) log-probs of the ``step_indices`` (None: all) of recorded ``traces``, or with
+        ``forward_step`` the forward-process predictions of ``pipeline.forward_process`` (DiffusionNFT). SFT
+        (``stages`` given: ``data.sft_targets.StageTarget``s of one size): the scalar denoising MSE of
+        ``pipeline.denoising_loss``. All go through this forward so that DeepSpeed's hooks (ZeRO-3 gathers)
         see every use of the weights."""
+        if forward_step is not None:  # DiffusionNFT: (x_0 prediction with grad, the images' x_0, reference's or None)
+            return self.pipeline.forward_process(traces, forward_step, generator, reference)
         if stages is not None:
             return self.pipeline.denoising_loss(
                 [s.target for s in stages], [s.condition for s in stages], [s.text for s in stages],
@@ -108,6 +113,28 @@ def load_sr_pipeline(path: str) -> Any:
     if not (Path(path) / "model_index.json").is_file():
         raise FileNotFoundError(f"diffusion.path = {path!r}: no diffusers pipeline (model_index.json missing)")
     return SRPipeline.from_pretrained(path)
+
+
+@dataclass(frozen=True)
+class StageColumns:
+    """The traces of one stage in a chain's ``Rollout.traces`` (one per image branch) and where their steps sit
+    in the batch's step columns: the image loss re-scores a stage's step k of every branch in one UNet call."""
+
+    stage: str
+    num_steps: int
+    traces: tuple[int, ...]  # indices into Rollout.traces, branch 0 first
+    offsets: tuple[int, ...]  # the step column of each trace's step 0
+
+
+def stage_columns(rollouts: Sequence[Rollout]) -> list[StageColumns]:
+    """``trace_layout`` grouped by stage, stages in their first-trace order."""
+    groups: dict[str, list[tuple[int, int, int]]] = {}
+    offset = 0
+    for j, (stage, steps) in enumerate(trace_layout(rollouts)):
+        groups.setdefault(stage, []).append((j, offset, steps))
+        offset += steps
+    return [StageColumns(stage, members[0][2], tuple(j for j, _, _ in members), tuple(o for _, o, _ in members))
+            for stage, members in groups.items()]
 
 
 def trace_layout(rollouts: Sequence[Rollout]) -> list[tuple[str, int]]:

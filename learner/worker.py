@@ -227,7 +227,8 @@ class LearnerWorker:
         pad_id = self.tokens.tokenizer.pad_token_id if self.tokens is not None else 0
         batch = build_train_batch(list(rollouts), list(advantages), pad_token_id=pad_id or 0,
                                   credit=self.credit, tags=self.tags,
-                                  train_steps_fraction=self.diffusion_cfg.train_steps_fraction)
+                                  train_steps_fraction=self.diffusion_cfg.train_steps_fraction,
+                                  train_steps_start=self.diffusion_cfg.train_steps_start)
         if padding:
             batch = masked_copy(batch)
         return self.train_step(batch, *rollouts, sft_records=sft_records, version=version,

@@ -220,15 +220,18 @@ def build_tiny_sr_pipeline(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokeni
             cross_attention_dim=cfg.text_hidden_size,
             num_class_embeds=MAX_NOISE_LEVEL + 1,
         )
-    # pixel space: DDPM's linear betas (Ho et al. 2020) and x_0 clipped to the image range; trailing spacing and
+    # pixel space, residual to the bicubic upsampling, x_0 prediction (models.sr_pipeline: the tiny UNet's 300
+    # cold-start steps give PSNR 21.4 dB this way against 13.1 dB for plain epsilon prediction); DDPM's linear
+    # betas (Ho et al. 2020); x_0 clipped to the residual's range [-2, 2]; trailing spacing and
     # set_alpha_to_one=False keep every step stochastic (models.sde)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="linear",
         beta_start=1e-4,
         beta_end=0.02,
-        prediction_type="epsilon",
+        prediction_type="sample",
         clip_sample=True,
+        clip_sample_range=2.0,
         set_alpha_to_one=False,
         steps_offset=0,
         timestep_spacing="trailing",
@@ -237,5 +240,6 @@ def build_tiny_sr_pipeline(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokeni
         num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02
     )
     return SRPipeline(
-        text_encoder, tokenizer, unet, scheduler, low_res_scheduler, vae=None, max_noise_level=MAX_NOISE_LEVEL
+        text_encoder, tokenizer, unet, scheduler, low_res_scheduler, vae=None, max_noise_level=MAX_NOISE_LEVEL,
+        residual=True,
     )

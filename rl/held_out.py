@@ -1,5 +1,6 @@
 """The periodic held-out evaluation of a GRPO run (``trainer.eval_every``): the current policy on held-out
-prompts, through the run's own rollout and reward actors, logged under ``eval/``.
+prompts, through the run's own rollout and reward actors, logged under ``eval/`` at step 0 (the starting point)
+and every ``eval_every`` steps.
 
 Every evaluation samples the same prompts (the first ``trainer.eval_images`` of the held-out split, each
 ``grpo.group_size`` times at the training temperature) with the same seeds, so two evaluations differ only by
@@ -9,11 +10,12 @@ the policy. For the paper's full metric table of a checkpoint, with the bicubic 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
-import ray
 
 from core.config import ExperimentConfig
+from core.records import Rollout, Scores
 from data.dataset import PairDataset
 from rl.monitor import reward_metrics
 
@@ -34,23 +36,30 @@ class HeldOutEval:
 
     def run(self, rollouts, rewards) -> dict[str, float]:
         """``eval/reward/<part>/mean`` and ``/group_std`` (the quality metrics among them, ``quality/<metric>``),
-        ``eval/chains`` and ``timing/eval``. ``rollouts``: the run's RolloutGroup; ``rewards``: its RewardPool."""
+        ``eval/panel/*``, ``eval/chains`` and ``timing/eval``. ``rollouts``: the run's RolloutGroup; ``rewards``:
+        its RewardPool."""
+        import ray
+
         start = time.perf_counter()
         _, views = rollouts.submit_generate(self.samples, self.group_size, seed=self.seed)
         scores = rewards.score(views, [s for s in self.samples for _ in range(self.group_size)])
-        out = {f"eval/{k}": v for k, v in reward_metrics(scores, self.group_size).items()}
+        return {**self.metrics(ray.get(list(views)), scores), "timing/eval": time.perf_counter() - start}
+
+    def metrics(self, chains: Sequence[Rollout], scores: Sequence[Scores]) -> dict[str, float]:
+        """The ``eval/`` metrics of the held-out chains (their scoring views will do) and their scores, both in
+        the order of ``samples`` x ``group_size`` (``rl.one_process`` samples and scores them itself)."""
+        out = {f"eval/{k}": v for k, v in reward_metrics(list(scores), self.group_size).items()}
         out["eval/chains"] = float(len(scores))
         if self.panel is not None:
-            out.update(self._panel(views))
-        out["timing/eval"] = time.perf_counter() - start
+            out.update(self._panel(chains))
         return out
 
-    def _panel(self, views) -> dict[str, float]:
+    def _panel(self, chains: Sequence[Rollout]) -> dict[str, float]:
         """``eval/panel/<metric>``: the mean raw score of the final images (HR-referenced metrics against HR), and
         ``eval/panel/<metric>_failed``, the chains it could not score (a missing final image, a metric error)."""
         from rl.eval_metrics import panel_scores
 
-        finals = [v.images.get("final") for v in ray.get(list(views))]
+        finals = [v.images.get("final") for v in chains]
         hrs = [s.hr for s in self.samples for _ in range(self.group_size)]
         out = {}
         for name, values in panel_scores(self.panel, finals, hrs).items():

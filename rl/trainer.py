@@ -17,8 +17,6 @@ import torch
 
 from actors.group import RolloutGroup
 from core import checkpoint as ckpt
-from core import grpo
-from core.chain import TEXT_TAGS
 from core.config import ExperimentConfig
 from core.records import Rollout, Sample, Scores
 from data.dataset import PairDataset
@@ -27,6 +25,7 @@ from learner.group import LearnerGroup
 from models.chain_tokens import ChainTokens
 from rewards.pool import RewardPool
 from rl import run_state
+from rl.advantages import advantage_metrics, step_advantages
 from rl.held_out import HeldOutEval
 from rl.monitor import RunMonitor, reward_metrics
 from rl.pipeline import RolloutPipeline
@@ -34,19 +33,6 @@ from rl.run_state import PhaseTimer
 from rl.weight_sync import build_weight_sync
 
 log = logging.getLogger("rl.trainer")
-
-
-def advantage_metrics(adv: grpo.ChainAdvantages, keep: torch.Tensor) -> dict[str, float]:
-    """``grpo/*``: the spread of each advantage column and what the group filter kept."""
-    out = {"grpo/advantage_mean": float(adv.text.mean()), "grpo/advantage_std": float(adv.text.std()),
-           "grpo/advantage_abs_max": float(adv.text.abs().max()),
-           "grpo/filtered_groups": float(adv.groups.num_filtered), "grpo/kept_chains": float(keep.sum())}
-    if adv.image is not None:
-        out.update({"grpo/image_advantage_std": float(adv.image.std()),
-                    "grpo/image_advantage_abs_max": float(adv.image.abs().max())})
-    if adv.sections is not None:
-        out.update({f"grpo/{tag}_advantage_std": float(adv.sections[:, i].std()) for i, tag in enumerate(TEXT_TAGS)})
-    return out
 
 
 class GRPOTrainer:
@@ -92,6 +78,8 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> None:
         try:
+            if self.held_out is not None and self.step_id == 0:  # where the eval/ curves start: the run's start
+                self.monitor.scalars(0, self.held_out.run(self.rollouts, self.rewards))
             run_state.run_steps(self, {"reward": "reward/total/mean", "s/step": "timing/step"})
         finally:
             self.pipeline.close()
@@ -104,7 +92,7 @@ class GRPOTrainer:
                 batch = self.pipeline.next()
             samples, refs, scores = batch.samples, batch.chains, batch.scores
             assert batch.step == self.step_id, (batch.step, self.step_id)
-            adv = self._advantages(scores)
+            adv = step_advantages(cfg, scores, self._seed())
             keep = adv.groups.keep if cfg.grpo.filter_zero_variance else torch.ones_like(adv.groups.keep)
             learner_metrics: dict[str, float] = {}
             sync_metrics: dict[str, float] = {}
@@ -156,14 +144,6 @@ class GRPOTrainer:
         seen = sorted(self.staleness.values()) or [0]
         return {"async/staleness": float(staleness), "async/staleness_p50": float(seen[len(seen) // 2]),
                 "async/staleness_max": float(seen[-1])}
-
-    def _advantages(self, scores: list[Scores]) -> grpo.ChainAdvantages:
-        g = self.cfg.grpo
-        return grpo.chain_advantages(
-            [s.parts for s in scores], [s.total for s in scores], vars(self.cfg.reward.weights), g.group_size,
-            text_rewards=g.text_rewards, image_rewards=g.image_rewards, section_rewards=g.section_rewards,
-            section_tags=TEXT_TAGS, train_images=not self.cfg.diffusion.freeze, scale_by_std=g.scale_by_std,
-            eps=g.eps, transforms=g.advantage_transforms, generator=torch.Generator().manual_seed(self._seed()))
 
     def _log_example(self, ref, sample: Sample, score: Scores) -> None:
         rollout: Rollout = ray.get(ref)

@@ -87,6 +87,8 @@ def test_unknown_key_or_wrong_type(override, fragment):
         ("diffusion.train_steps_fraction=0", "diffusion.train_steps_fraction"),
         ("trainer.eval_every=-1", "trainer.eval_every"),
         ("policy.trainable=[norm(]", "policy.trainable"),
+        ("grpo.image_group_size=0", "grpo.image_group_size"),
+        ("diffusion.train_steps_start=0.9", "diffusion.train_steps_start"),  # 0.9 + fraction 0.25 > 1
     ],
 )
 def test_impossible_values_name_key_and_value(override, key):
@@ -192,3 +194,23 @@ def test_cold_start_must_be_an_sft_config_whose_export_the_run_starts_from(tmp_p
     (sft / "checkpoints/step_000002/export/policy").mkdir(parents=True)
     assert not cold_start_pending(cfg)
     assert not cold_start_pending(load_config(ROOT / "configs/grpo_random_local.yaml"))
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (["grpo.image_group_size=4", "diffusion.freeze=true", "grpo.image_kl_beta=0"], "the SR model is frozen"),
+    (["grpo.image_group_size=4", "reward.metrics=[]", "reward.full_reference=[]"], "no generation metric"),
+])
+def test_image_branches_need_a_trained_sr_model_and_a_metric(overrides, why):
+    with pytest.raises(ConfigError, match=f"grpo.image_group_size' = 4: {why}"):
+        load_config(ROOT / "configs/grpo_random_local.yaml", overrides)
+
+
+def test_an_override_of_a_rule_replaces_it_whole():
+    """grpo.image_objective / grpo.token_credit name one rule with its options: overriding the name drops the old
+    rule's options instead of merging them into the new one."""
+    cfg = load_config(ROOT / "configs/grpo_local.yaml", ["grpo.image_objective={name: trajectory}"])
+    assert cfg.grpo.image_objective == {"name": "trajectory"}
+    cfg = load_config(ROOT / "configs/grpo_local.yaml", ["grpo.image_objective={name: nft, beta: 0.5}"])
+    assert cfg.grpo.image_objective == {"name": "nft", "beta": 0.5}
+    with pytest.raises(ConfigError, match="unknown option"):
+        load_config(ROOT / "configs/grpo_local.yaml", ["grpo.image_objective={name: trajectory, beta: 0.5}"])

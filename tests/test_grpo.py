@@ -187,8 +187,11 @@ def test_image_surrogate_shares_the_chain_advantage_over_all_steps():
     per_step_adv = adv[:, None].expand(2, 4)
     text_style = grpo.clipped_surrogate(new, torch.zeros(2, 4), per_step_adv, step_mask, 0.2, 0.28)
     torch.testing.assert_close(out.loss, text_style.loss)
-    with pytest.raises(ValueError, match="advantages must be \\(N,\\) with N = 2"):
-        grpo.image_surrogate(new, torch.zeros(2, 4), torch.zeros(2, 4), 0.2, 0.2, step_mask)
+    # one advantage per step (image branches) is the same as the chain's written on every step
+    per_step = grpo.image_surrogate(new, torch.zeros(2, 4), per_step_adv.clone(), 0.2, 0.28, step_mask)
+    torch.testing.assert_close(per_step.loss, out.loss)
+    with pytest.raises(ValueError, match="advantages must be \\(N,\\) or \\(N, S\\)"):
+        grpo.image_surrogate(new, torch.zeros(2, 4), torch.zeros(2, 3), 0.2, 0.2, step_mask)
 
 
 # ------------------------------------------------------------------------------------------ off-policy (TIS)
@@ -354,9 +357,10 @@ def test_build_train_batch_pads_masks_and_attaches_advantages():
     assert batch.num_tokens == 4 + 3 and batch.num_steps == 6 + 2
     # advantages (G=2, rewards 0 and 1): -0.7071 and +0.7071 on every loss token, 0 elsewhere
     a = adv[2:]
-    torch.testing.assert_close(batch.chain_advantages, a)
+    real_steps = torch.arange(6)[None, :] < batch.step_lengths[:, None]
+    torch.testing.assert_close(batch.step_advantages, a[:, None] * real_steps)  # every real step, padding 0
     torch.testing.assert_close(batch.advantages, a[:, None] * batch.loss_mask)
-    assert float(batch.chain_advantages[0]) == pytest.approx(-0.7071, abs=1e-4)
+    assert float(batch.step_advantages[0, 0]) == pytest.approx(-0.7071, abs=1e-4)
     sampled_lp = torch.where(r2.text_mask, r2.log_probs, torch.zeros(()))
     torch.testing.assert_close(batch.old_log_probs[0, 4:], sampled_lp)
     # diffusion steps: the three stages concatenated in trace order, padding masked
@@ -391,7 +395,7 @@ def test_build_train_batch_gives_the_diffusion_steps_their_own_advantages():
     text, image = [1.0, -1.0, 0.5, -0.5], [-2.0, 2.0, 0.0, 0.0]
     advantages = [ChainAdvantage(text=t, image=i) for t, i in zip(text, image)]
     batch = grpo.build_train_batch(rollouts, advantages, torch.tensor([False, False, True, True]))
-    torch.testing.assert_close(batch.chain_advantages, torch.tensor([0.0, 0.0]))  # the image's, kept rows
+    torch.testing.assert_close(batch.step_advantages, torch.zeros(2, 3))  # the image's, kept rows
     torch.testing.assert_close(batch.advantages, torch.tensor([0.5, -0.5])[:, None] * batch.loss_mask)
     with pytest.raises(ValueError, match="2 advantages for 4 rollouts"):
         grpo.build_train_batch(rollouts, advantages[:2])
@@ -410,7 +414,7 @@ def test_end_to_end_rewards_to_batch_in_group_order():
     batch = grpo.build_train_batch(ordered, grpo.group_advantages(rewards, 3))
     # each group (0, 0, 1): mean 1/3, unbiased std = sqrt((2*(1/9) + 4/9) / 2) = sqrt(1/3) = 0.5773503
     # -> A(sample 2) = (2/3) / 0.5773503 = 1.1547005, A(others) = -(1/3) / 0.5773503 = -0.5773503
-    for key, a in zip(batch.keys, batch.chain_advantages.tolist()):
+    for key, a in zip(batch.keys, batch.step_advantages[:, 0].tolist()):
         assert a == pytest.approx(1.1547005 if key[1] == 2 else -0.5773503, abs=1e-5)
 
 
@@ -490,6 +494,88 @@ def test_chain_advantages_scale_only_the_negative_entries_of_every_column():
     assert only_better.groups.keep.tolist() == full.groups.keep.tolist()  # the filter is the rewards'
 
 
+# ------------------------------------------------------------------------------------------ image branches
+def test_branch_advantages_centre_on_the_chain_and_scale_by_the_group():
+    # one group of G=2 chains x M=2 images; chain 1's images are better overall (its text), chain 0's differ more
+    rewards = torch.tensor([[0.2, 0.6], [0.9, 1.1]])
+    adv, zero = grpo.branch_advantages(rewards, 2)
+    residual = torch.tensor([[-0.2, 0.2], [-0.1, 0.1]])  # the chain's own mean removed: the text's share is gone
+    torch.testing.assert_close(adv, residual / (residual.flatten().std() + 1e-6))
+    assert zero.tolist() == [False]
+    assert float(adv.sum()) == pytest.approx(0.0, abs=1e-6)
+    # a group whose images tie within every chain teaches the SR model nothing, however its texts differ
+    adv2, zero2 = grpo.branch_advantages(torch.tensor([[0.3, 0.3], [0.9, 0.9], [0.1, 0.5], [0.2, 0.2]]), 2)
+    assert zero2.tolist() == [True, False] and adv2[:2].abs().max() == 0
+    raw, _ = grpo.branch_advantages(rewards, 2, scale_by_std=False)
+    torch.testing.assert_close(raw, residual)
+    with pytest.raises(ValueError, match="\\(N, M\\)"):
+        grpo.branch_advantages(torch.zeros(4), 2)
+
+
+def test_chain_advantages_with_image_branches():
+    branches = [[{"generation": 0.3}, {"generation": 0.5}], [{"generation": 0.5}, {"generation": 0.3}],
+                [{"generation": 0.1}, {"generation": 0.1}], [{"generation": 0.2}, {"generation": 0.2}]]
+    adv = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, text_rewards=["format"],
+                                image_rewards=["generation"], branches=branches)
+    expected, zero = grpo.branch_advantages(torch.tensor([[0.3, 0.5], [0.5, 0.3], [0.1, 0.1], [0.2, 0.2]]), 2)
+    torch.testing.assert_close(adv.image_branches, expected)
+    torch.testing.assert_close(adv.image, expected[:, 0])  # branch 0 is the chain's own image
+    assert adv.groups.zero_variance.tolist() == [False, True]  # group 1: format tied, its images tied per chain
+    records = adv.per_chain()
+    assert records[1].image_branches == pytest.approx(tuple(expected[1].tolist()))
+    # the placebo moves whole rows, the branches with their chain
+    placebo = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, text_rewards=["format"],
+                                    image_rewards=["generation"], branches=branches,
+                                    transforms=[{"name": "placebo_shuffle"}], generator=torch.Generator().manual_seed(1))
+    rows = {tuple(r) for r in torch.cat([placebo.text[:, None], placebo.image_branches], 1).tolist()}
+    assert rows == {tuple(r) for r in torch.cat([adv.text[:, None], adv.image_branches], 1).tolist()}
+    with pytest.raises(ValueError, match="needs 2 image branches"):
+        grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, image_rewards=["generation"],
+                              branches=branches[:3] + [branches[3][:1]])
+
+
+def test_build_train_batch_gives_each_image_branch_its_own_steps_advantage():
+    r = _rollout(0, 0, 2, 3, steps=(1, 2, 1))
+    r.traces = r.traces + r.traces  # branch 1: the same three stages again
+    r.branch_finals = (np.zeros((4, 4, 3), np.uint8),)
+    batch = grpo.build_train_batch([r], [ChainAdvantage(text=1.0, image=0.5, image_branches=(0.5, -2.0))])
+    assert batch.step_advantages.tolist() == [[0.5] * 4 + [-2.0] * 4]
+    with pytest.raises(ValueError, match="2 image branches and 6 traces, but 3 branch advantages"):
+        grpo.build_train_batch([r], [ChainAdvantage(text=1.0, image_branches=(0.5, -2.0, 1.0))])
+
+
+# ------------------------------------------------------------------------------------------ decoupled
+def test_decoupled_rewards_give_each_component_the_same_say():
+    # PSNR barely varies in its group, PIQE a lot: a joint sum follows PIQE, the decoupled one weighs both alike
+    values = torch.tensor([[0.90, 0.40], [0.10, 0.41], [0.5, 0.2], [0.5, 0.2]])  # columns: piqe, psnr
+    out = grpo.decoupled_rewards(values, torch.tensor([1.0, 1.0]), 2)
+    a = 1 / (2 ** 0.5 + 1e-6)
+    torch.testing.assert_close(out, torch.tensor([a - a, -a + a, 0.0, 0.0]), atol=1e-4, rtol=0)
+    # a missing value (a failed metric) takes its group's mean: it neither helps nor hurts
+    gaps = torch.tensor([[0.9, float("nan")], [0.1, 0.41], [0.5, 0.2], [0.6, 0.2]])
+    torch.testing.assert_close(grpo.decoupled_rewards(gaps, torch.tensor([1.0, 1.0]), 2),
+                               torch.tensor([a, -a, -a, a]), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="\\(N, K\\)"):
+        grpo.decoupled_rewards(values, torch.tensor([1.0]), 2)
+
+
+def test_chain_advantages_decoupled_split_generation_into_its_metrics():
+    # PIQE spreads widely, PSNR narrowly; each chain's generation is their mean
+    piqe, psnr = [0.9, 0.1, 0.5], [0.30, 0.34, 0.33]
+    parts = [{"format": 1.0, "generation": (a + b) / 2, "quality/piqe": a, "quality/psnr": b} for a, b in zip(piqe, psnr)]
+    kw = dict(text_rewards=["format"], image_rewards=["generation"])
+    joint = grpo.chain_advantages(parts, [0.0] * 3, UNIT, 3, **kw)
+    assert int(joint.image.argmax()) == 0  # the joint sum follows PIQE alone
+    dec = grpo.chain_advantages(parts, [0.0] * 3, UNIT, 3, decoupled=True, metric_weights={"piqe": 1.0, "psnr": 1.0},
+                                **kw)
+    z = lambda v: grpo.group_advantages(torch.tensor(v), 3)  # noqa: E731
+    torch.testing.assert_close(dec.image, grpo.group_advantages(z(piqe) + z(psnr), 3))
+    assert int(dec.image.argmax()) == 2  # good on both beats best on one
+    only_psnr = grpo.chain_advantages(parts, [0.0] * 3, UNIT, 3, decoupled=True,
+                                      metric_weights={"piqe": 0.0, "psnr": 1.0}, **kw)
+    torch.testing.assert_close(only_psnr.image, z(psnr), atol=1e-3, rtol=0)  # (eps of two normalisations)
+
+
 def test_shuffled_advantages_are_a_permutation_within_each_group():
     kw = dict(text_rewards=["format"], image_rewards=["generation"], section_tags=("final_understand",),
               section_rewards={"final_understand": ["format/final_understand"]})
@@ -530,7 +616,7 @@ def test_build_train_batch_gives_each_section_its_own_advantage():
     batch = grpo.build_train_batch([r], [adv], credit=grpo.token_credit({"name": "section"}), tags=tags)
     # completion columns 2..7: sections 1, 1, 2, 2, (image block: no loss), 0 -> the text's own 3.0
     assert batch.advantages[0].tolist() == [0.0, 0.0, 0.5, 0.5, -2.0, -2.0, 0.0, 3.0]
-    assert batch.chain_advantages.tolist() == [-1.0]
+    assert batch.step_advantages.unique().tolist() == [-1.0]
     with pytest.raises(ValueError, match="section credit needs per-section advantages"):
         grpo.build_train_batch([r], torch.tensor([3.0]), credit=grpo.token_credit({"name": "section"}), tags=tags)
 
@@ -577,3 +663,54 @@ def test_trained_steps_take_the_high_noise_end_and_the_batch_marks_only_them():
     assert half.select([1]).step_old_log_probs.shape == (1, 12)  # untrained steps are kept, not trimmed
     with pytest.raises(ValueError, match="train_steps_fraction = 0"):
         grpo.trained_steps(8, 0)
+
+
+def test_the_step_window_can_start_later_in_the_denoising():
+    """diffusion.train_steps_start: the window of trained steps starts that far from the high-noise end."""
+    assert list(grpo.trained_steps(8, 0.5, 0.5)) == [4, 5, 6, 7]
+    assert list(grpo.trained_steps(8, 0.25, 0.75)) == [6, 7]
+    assert list(grpo.trained_steps(3, 0.1, 0.9)) == [2]  # at least one step, never past the last
+    rollouts = [_rollout(0, 0, 2, 3, steps=(4, 4, 4)), _rollout(0, 1, 2, 3, steps=(4, 4, 4))]
+    late = grpo.build_train_batch(rollouts, torch.tensor([1.0, -1.0]), train_steps_fraction=0.5,
+                                  train_steps_start=0.5)
+    assert late.step_mask[0].tolist() == [False, False, True, True] * 3 and late.num_steps == 2 * 6
+    with pytest.raises(ValueError, match="train_steps_start = 1"):
+        grpo.trained_steps(8, 0.5, 1.0)
+
+
+# ------------------------------------------------------------------------------------------ image objectives
+def test_nft_loss_pulls_towards_better_images_and_pushes_from_worse_ones():
+    """At the old policy the gradient is 2 beta (2r - 1)(f_old - x0) / scale: r = 1 regresses onto the image, r = 0
+    away from it, r = 0.5 leaves the model where it is."""
+    x0 = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    old = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
+    prediction = old.clone().requires_grad_(True)
+    r = torch.tensor([1.0, 0.0, 0.5])
+    out = grpo.nft_loss(prediction, old, x0, r, beta=1.0)
+    out.loss.sum().backward()
+    towards = -(prediction.grad)  # a gradient step's direction
+    assert towards[0].tolist() == pytest.approx([1.0, -1.0])  # 2 (x0 - old) / mean|old - x0| (0.5) / 2 pixels
+    assert towards[1].tolist() == pytest.approx([-1.0, 1.0])
+    assert towards[2].abs().max() == 0
+    torch.testing.assert_close(out.positive, out.negative)  # both are the old policy's error at the start
+    assert grpo.reward_probability(torch.tensor([-9.0, 0.0, 1.0]), 2.0).tolist() == [0.0, 0.5, 0.75]
+    with pytest.raises(ValueError, match="reward_prob must be"):
+        grpo.nft_loss(prediction, old, x0, r[:2], beta=1.0)
+
+
+def test_image_objective_entries_name_their_options():
+    assert grpo.image_objective(None) == ("trajectory", {})
+    assert grpo.image_objective({"name": "nft", "beta": 0.5}) == ("nft", {"beta": 0.5, "adv_clip": 5.0})
+    with pytest.raises(ValueError, match="unknown option"):
+        grpo.image_objective({"name": "trajectory", "beta": 1.0})
+    with pytest.raises(ValueError, match="adv_clip = 0"):
+        grpo.image_objective({"name": "nft", "adv_clip": 0})
+
+
+def test_doctests_of_the_grpo_modules():
+    import doctest
+
+    from core.grpo import batch, objectives
+
+    for module in (batch, objectives):
+        assert doctest.testmod(module).failed == 0, module.__name__

@@ -19,7 +19,7 @@ PURE_MODULES = [
     "core.config", "core.records", "core.chain", "core.grpo", "core.checkpoint", "core.placement", "core.weights",
     "core.images", "data.degradations", "data.dataset", "data.sft_targets", "rewards.format",
     "rewards.degradation", "rewards.understanding", "rewards.quality", "rewards.total", "rewards.worker", "models.sde",
-    "learner.batching", "rl.monitor",
+    "learner.batching", "rl.monitor", "rl.advantages", "rl.held_out", "rl.one_process",
 ]
 
 

@@ -246,7 +246,7 @@ def test_first_epoch_rescoring_reproduces_the_rollout_log_probs(zero3, chains):
     # at ratio 1 the surrogate is -mean(A) over tokens: the advantages of the chains weighted by their tokens
     per_chain = batch.loss_mask.sum(1).float()
     assert m["text_loss"] == pytest.approx(
-        float(-(batch.chain_advantages * per_chain).sum() / per_chain.sum()), abs=1e-5
+        float(-(batch.step_advantages[:, 0] * per_chain).sum() / per_chain.sum()), abs=1e-5
     )
     assert m["policy_grad_norm"] > 0 and m["diffusion_grad_norm"] > 0
     assert m["policy_lr"] == pytest.approx(zero3["cfg"].learner.policy_optim.lr)
@@ -425,11 +425,12 @@ def test_stray_tag_penalty_reaches_the_learners_loss(models, chains, port, stray
 @pytest.mark.slow
 def test_train_steps_fraction_halves_the_rescored_and_trained_steps(models, chains, port):
     """diffusion.train_steps_fraction: only the first half of each trace's denoising steps is re-scored (one UNet
-    pass per step) and gets a loss; the rest are never run."""
+    pass per step) and gets a loss; the rest are never run. With diffusion.train_steps_start 0.5, the second half."""
     _, rollouts = chains
     seen = {}
-    for fraction in (1.0, 0.5):
-        worker = _one_rank(models, port, "policy.freeze=true", f"diffusion.train_steps_fraction={fraction}")
+    for fraction, start in ((1.0, 0.0), (0.5, 0.0), (0.5, 0.5)):
+        worker = _one_rank(models, port, "policy.freeze=true", f"diffusion.train_steps_fraction={fraction}",
+                           f"diffusion.train_steps_start={start}")
         calls: list[tuple[int, ...]] = []
         rescore = worker.pipeline.trace_log_probs
 
@@ -439,8 +440,9 @@ def test_train_steps_fraction_halves_the_rescored_and_trained_steps(models, chai
 
         worker.pipeline.trace_log_probs = counting
         m = worker.train_chains([ChainAdvantage(float(a)) for a in ADVANTAGES], False, *rollouts)
-        seen[fraction] = (calls, m["diffusion_steps"])
-    (full, full_steps), (half, half_steps) = seen[1.0], seen[0.5]
+        seen[fraction, start] = (calls, m["diffusion_steps"])
+    (full, full_steps), (half, half_steps), (late, late_steps) = seen[1.0, 0.0], seen[0.5, 0.0], seen[0.5, 0.5]
+    assert set(late) == {(1,)} and late_steps == half_steps  # diffusion.train_steps_start: the low-noise half
     assert len(full) == 2 * len(half) and full_steps == 2 * half_steps  # half re-scored, half trained
     assert set(half) == {(0,)} and set(full) == {(0,), (1,)}  # one step a pass; the high-noise end kept
     assert half_steps == 4 * 2  # 4 chains x 2 traces x 1 of their 2 steps
@@ -514,6 +516,59 @@ def test_image_kl_to_the_base_sr_model_is_zero_at_the_start_and_grows_after_an_u
 
 
 @pytest.mark.slow
+def test_image_branches_train_like_separate_chains_with_the_same_advantages(models, chains, port):
+    """grpo.image_group_size: a chain carrying two image branches (its traces, then a second set) trains the SR model
+    exactly as two chains holding one branch each, every branch with its own advantage; one UNet call per (stage,
+    step) covers all branches."""
+    _, rollouts = chains
+    image_adv = [0.7, -1.3, 0.2, 0.4]
+    separate = _one_rank(models, port, "policy.freeze=true", "learner.micro_batch_size=4").train_chains(
+        [ChainAdvantage(0.0, image=a) for a in image_adv], False, *rollouts)
+    merged = [replace(rollouts[i], traces=rollouts[i].traces + rollouts[i + 1].traces,
+                      branch_finals=(np.zeros((32, 32, 3), np.uint8),)) for i in (0, 2)]
+    worker = _one_rank(models, port, "policy.freeze=true")
+    calls: list[int] = []
+    rescore = worker.pipeline.trace_log_probs
+
+    def counting(traces, step_indices=None):
+        calls.append(len(traces))
+        return rescore(traces, step_indices)
+
+    worker.pipeline.trace_log_probs = counting
+    branched = worker.train_chains([ChainAdvantage(0.0, image_branches=tuple(image_adv[i:i + 2])) for i in (0, 2)],
+                                   False, *merged)
+    assert branched["diffusion_steps"] == separate["diffusion_steps"] and branched["chains"] == 2
+    assert calls == [4] * 4  # 2 stages x 2 steps, each one call over 2 chains x 2 branches
+    for key in ("image_loss", "diffusion_grad_norm", "image_first_epoch_ratio_mean"):
+        assert branched[key] == pytest.approx(separate[key], rel=1e-5), key
+    assert branched["image_first_epoch_ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_nft_moves_the_sr_model_towards_better_images_and_away_from_worse_ones(models, chains, port, sign):
+    """grpo.image_objective {name: nft}: after an update with advantage +1 on every chain the model's x_0 prediction
+    at the chains' noised images is closer to those images; with -1, farther. No likelihood is involved, so there is
+    no image ratio to check; two update epochs reuse the first one's predictions as the old policy's."""
+    _, rollouts = chains
+    worker = _one_rank(models, port, "policy.freeze=true", "grpo.image_objective={name: nft, beta: 1.0}",
+                       "grpo.update_epochs=2", "learner.diffusion_optim.lr=1e-3")
+    traces = [r.traces[1] for r in rollouts]  # the middle stage, 32 px
+
+    def error() -> float:
+        with torch.no_grad():
+            prediction, x0, _ = worker.pipeline.forward_process(traces, 1, torch.Generator().manual_seed(5))
+        return float((prediction - x0).pow(2).mean())
+
+    before = error()
+    m = worker.train_chains([ChainAdvantage(0.0, image=sign) for _ in rollouts], False, *rollouts)
+    after = error()
+    assert (after < before) if sign > 0 else (after > before), (before, after)
+    assert "image_first_epoch_ratio_mean" not in m and m["nft_positive"] > 0 and m["nft_negative"] > 0
+    assert m["diffusion_steps"] == 4 * 2 * 2 and m["optimizer_steps"] == 2
+
+
+@pytest.mark.slow
 def test_off_policy_correction_is_the_identity_when_the_sampling_policy_is_the_learners(models, chains, port):
     """The four chains labelled one version older than the learner, whose weights are still the ones that sampled
     them: the proximal re-scoring reproduces the behaviour log-probs, so every truncated importance weight is 1
@@ -571,7 +626,7 @@ def group_step(ray_local, group, chains) -> dict:
     batch, rollouts = chains
     refs = [ray_local.put(r) for r in rollouts]  # as the driver holds them: each rank fetches only its shard
     t = time.perf_counter()
-    metrics = group.train(refs, [ChainAdvantage(float(a)) for a in batch.chain_advantages], [True] * len(refs))
+    metrics = group.train(refs, [ChainAdvantage(float(a)) for a in batch.step_advantages[:, 0]], [True] * len(refs))
     TIMINGS["Ray 2-rank ZeRO-2 train step (4 chains)"] = time.perf_counter() - t
     return metrics
 

@@ -304,16 +304,25 @@ def test_total_of_garbage_text_is_zero_not_an_error():
                        **{f"format/{tag}": 0.0 for tag in TEXT_TAGS}} and s.total == 0.0
 
 
-def test_score_rollouts_batches_final_images_through_the_scorer():
-    calls = []
+def _brightness_scorer() -> tuple[RewardConfig, QualityScorer, list[int]]:
+    """A reward config whose one metric is the mean brightness, its scorer, and the batch sizes it was called with."""
+    calls: list[int] = []
 
     def brightness(x):  # (N, 3, H, W) in [0, 1] -> (N,)
         calls.append(x.shape[0])
         return x.mean(dim=(1, 2, 3))
 
     cfg = RewardConfig(metrics=[QualityMetricConfig(name="bright")])
-    scorer = QualityScorer([(cfg.metrics[0], brightness)])
-    img = lambda v: np.full((8, 8, 3), v, np.uint8)
+    return cfg, QualityScorer([(cfg.metrics[0], brightness)]), calls
+
+
+def _grey(v: int) -> np.ndarray:
+    return np.full((8, 8, 3), v, np.uint8)
+
+
+def test_score_rollouts_batches_final_images_through_the_scorer():
+    cfg, scorer, calls = _brightness_scorer()
+    img = _grey
     rollouts = [
         make_rollout(0, 0, final=img(255)),
         make_rollout(0, 1, final=None),
@@ -328,3 +337,24 @@ def test_score_rollouts_batches_final_images_through_the_scorer():
         score_rollouts(rollouts, [make_sample(0)] * 3, cfg, scorer)
     with pytest.raises(ValueError, match="no QualityScorer"):
         score_rollouts(rollouts, samples, cfg, None)
+
+
+def test_score_rollouts_scores_every_image_branch_and_averages_them():
+    cfg, scorer, calls = _brightness_scorer()
+    img = _grey
+    two = make_rollout(0, 0, final=img(255))
+    two.branch_finals = (img(51),)  # a second image of the same chain: its texts, other noise
+    one = make_rollout(0, 1, final=None)
+    one.branch_finals = (img(102),)  # branch 0 failed, branch 1 did not
+    scores = score_rollouts([two, one], [make_sample(0), make_sample(0)], cfg, scorer)
+    assert calls == [3]  # every final image of every chain in one metric pass
+    assert [b["generation"] for b in scores[0].branches] == pytest.approx([1.0, 0.2])
+    assert scores[0].parts["generation"] == pytest.approx(0.6)  # the chain's: the mean over its branches
+    assert scores[0].parts["quality/bright"] == pytest.approx(0.6)
+    assert scores[0].total == pytest.approx(scores[0].parts["format"] + 0.6 + sum(
+        scores[0].parts[k] for k in ("degradation", "understanding")))
+    assert [b["generation"] for b in scores[1].branches] == pytest.approx([0.0, 0.4])
+    assert scores[1].parts["generation"] == pytest.approx(0.2)
+    assert "generation" in scores[1].errors and "quality/bright" not in scores[1].parts  # not every branch has it
+    single = score_rollouts([make_rollout(0, 0, final=img(255))], [make_sample(0)], cfg, scorer)[0]
+    assert single.branches == ()  # one image per chain: nothing more is kept

@@ -87,3 +87,30 @@ def test_learner_view_reproduces_sampling_log_probs_with_the_fed_back_images(run
         lp_blank = sequence_log_probs(model, tokens.batch_inputs([ids], [blank]), banned_ids=banned)[0, P:]
     assert torch.allclose(lp[mask], r.log_probs[mask], atol=1e-3)
     assert not torch.allclose(lp_blank[mask], r.log_probs[mask], atol=1e-7)
+
+
+def test_image_branches_leave_the_chains_as_they_are_and_add_whole_image_trajectories(run):
+    """grpo.image_group_size = 3: every chain's text, its fed-back images and its own traces are those of the
+    one-image run with the same seed (branch 0 draws the same noise; its latents agree to the UNet's float
+    rounding at another batch size); two more image trajectories per chain come
+    with it, each stage conditioned on the branch's own previous image."""
+    sampler = run["worker"].sampler
+    sampler.image_group_size = 3
+    try:
+        branched = run["worker"].generate(run["samples"], G, seed=7)
+    finally:
+        sampler.image_group_size = 1
+    for one, three in zip(run["rollouts"], branched):
+        assert torch.equal(one.token_ids, three.token_ids) and one.text == three.text
+        assert all(np.array_equal(one.images[k], three.images[k]) for k in one.images)
+        assert three.image_branches == 3 and len(three.branch_finals) == 2
+        assert [t.stage for t in three.traces] == ["rough", "middle", "final"] * 3
+        for a, b in zip(one.traces, three.traces[:3]):  # the same noise; the UNet's batch differs (float rounding)
+            torch.testing.assert_close(a.latents, b.latents, atol=1e-4, rtol=0)
+            torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-4, rtol=0)
+        finals = [three.images["final"], *three.branch_finals]
+        assert all(f.shape == finals[0].shape for f in finals)
+        assert not np.array_equal(finals[0], finals[1]) and not np.array_equal(finals[1], finals[2])
+        # a branch's middle stage is conditioned on that branch's rough image, not on branch 0's
+        assert not torch.equal(three.traces[4].condition, three.traces[1].condition)
+        assert torch.equal(three.traces[4].text_ids, three.traces[1].text_ids)  # the same stage text

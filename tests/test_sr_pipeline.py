@@ -66,8 +66,9 @@ def test_sample_sizes_dtype_and_traces(pipe):
     assert tr.condition.shape == (3, 24, 40) and tr.text_ids.shape == (77,) and tr.stage == "rough"
     assert tr.timesteps[0] == 999 and tr.eta == 1.0 and tr.noise_level == 20
     assert all(torch.isfinite(t.log_probs).all() and torch.isfinite(t.latents).all() for t in traces)
-    # the decoded image is x_0 of the trajectory
-    x0 = ((tr.latents[-1].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    # the decoded image is x_0 of the trajectory added to the bicubic upsampling (a residual model)
+    base = pipe.upsample(_conditions(2)[:1], (24, 40))[0]
+    x0 = (((tr.latents[-1] + base).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.array_equal(images[0], x0)
 
 
@@ -247,3 +248,31 @@ def test_vae_branch_samples_in_latent_space_and_round_trips(pipe, tmp_path):
 def test_a_generator_list_must_match_the_batch(pipe):
     with pytest.raises(ValueError, match="1 generators for a batch of 2"):
         pipe.sample(_conditions(2), (16, 16), PROMPTS[:2], num_steps=2, generator=_gens(0))
+
+
+def test_residual_model_adds_its_sample_to_the_bicubic_upsampling(pipe, monkeypatch):
+    """The tiny models are residual (``residual``): x_0 is what the sample adds to the clean bicubic upsampling
+    of its condition. A model predicting a zero residual returns that upsampling (the plain model: mid-grey), and
+    the cold start's target is the image minus it."""
+    from core.images import to_tensor
+
+    assert pipe.config.residual and pipe.scheduler.config.prediction_type == "sample"
+    plain = SRPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, pipe.low_res_scheduler)
+    assert not plain.config.residual
+    conditions = _conditions(2)
+    bicubic = [np.asarray(((b.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0))
+               for b in pipe.upsample(conditions, (16, 16))]
+    for model in (pipe, plain):
+        monkeypatch.setattr(model, "predict", lambda x_t, *args, **kw: torch.zeros_like(x_t))
+    images, _ = pipe.sample(conditions, (16, 16), PROMPTS, num_steps=8, generator=_gens(0, 1))
+    grey, _ = plain.sample(conditions, (16, 16), PROMPTS, num_steps=8, generator=_gens(0, 1))
+    for image, base, g in zip(images, bicubic, grey):  # the last step's noise is ~0.01: a few grey levels
+        assert np.abs(image.astype(int) - base.astype(int)).max() <= 6
+        assert np.abs(g.astype(int) - 128).max() <= 6
+    targets = [np.full((16, 16, 3), 200, np.uint8)] * 2
+    loss = pipe.denoising_loss(targets, conditions, PROMPTS, generator=torch.Generator().manual_seed(0))
+    residual = torch.stack([to_tensor(t, low=-1.0) for t in targets]) - pipe.upsample(conditions, (16, 16))
+    assert float(loss) == pytest.approx(float((residual ** 2).mean()), rel=1e-5)  # prediction 0 vs HR - bicubic
+    with pytest.raises(ValueError, match="residual = True needs a pixel-space model"):
+        SRPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, pipe.low_res_scheduler,
+                   vae=AutoencoderKL(block_out_channels=(8,), norm_num_groups=8), residual=True)

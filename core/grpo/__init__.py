@@ -4,6 +4,7 @@
 ``core.grpo.credit``      token-credit rules (chain, section) and the chain tags' ids
 ``core.grpo.batch``       TrainBatch, build_train_batch, the trained denoising steps
 ``core.grpo.losses``      clipped surrogate (text and image), token_mean, k3 KL, log-probs, TIS weights
+``core.grpo.objectives``  the image objectives: trajectory (the surrogate) or nft (DiffusionNFT's forward process)
 
 Everything public is re-exported here: ``from core import grpo; grpo.group_advantages(...)``.
 """
@@ -13,9 +14,11 @@ from core.grpo.advantages import (
     ChainAdvantages,
     GroupFilter,
     advantage_transform,
+    branch_advantages,
     chain_advantages,
     column_advantages,
     component_rewards,
+    decoupled_rewards,
     group_advantages,
     group_order,
     placebo_shuffle,
@@ -24,6 +27,7 @@ from core.grpo.advantages import (
     zero_variance_groups,
 )
 from core.grpo.batch import TrainBatch, build_train_batch, trained_steps
+from core.grpo.objectives import IMAGE_OBJECTIVES, NFTOutput, image_objective, nft_loss, reward_probability
 from core.grpo.credit import (
     TOKEN_CREDIT,
     ChainTags,
@@ -48,11 +52,12 @@ from core.grpo.losses import (
 )
 
 __all__ = [
-    "ADVANTAGE_TRANSFORMS", "ChainAdvantages", "GroupFilter", "advantage_transform", "chain_advantages",
-    "column_advantages", "component_rewards", "group_advantages", "group_order", "placebo_shuffle",
-    "registry_entry", "scale_negative", "zero_variance_groups", "TrainBatch", "build_train_batch",
+    "ADVANTAGE_TRANSFORMS", "ChainAdvantages", "GroupFilter", "advantage_transform", "branch_advantages",
+    "chain_advantages", "column_advantages", "component_rewards", "decoupled_rewards", "group_advantages",
+    "group_order", "placebo_shuffle", "registry_entry", "scale_negative", "zero_variance_groups", "TrainBatch", "build_train_batch",
     "trained_steps", "TOKEN_CREDIT", "ChainTags", "TokenCredit", "chain_credit", "section_credit", "stray_tags",
     "token_credit", "token_sections", "LOG_RATIO_CLAMP", "SurrogateOutput", "clipped_surrogate",
     "gather_token_log_probs", "image_surrogate", "k3_kl", "needs_reference", "token_mean", "ImportanceWeights",
-    "truncated_importance_weights",
+    "truncated_importance_weights", "IMAGE_OBJECTIVES", "NFTOutput", "image_objective", "nft_loss",
+    "reward_probability",
 ]

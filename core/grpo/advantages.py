@@ -12,6 +12,7 @@ by name in ``grpo.advantage_transforms``), then one ``ChainAdvantage`` record pe
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,45 @@ def column_advantages(
     return torch.stack(columns, dim=1), GroupFilter(zero_variance=flat, keep=keep)
 
 
+def branch_advantages(
+    rewards: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """Advantages of M image samples per chain (``grpo.image_group_size``): rewards (N, M), chains in group order
+    -> (advantages (N, M), zero-variance (N // group_size,) bool).
+
+    Each image is centred on its own chain's M images: they share the chain's texts, so the residual measures
+    what the SR model did, not what the text did (a baseline per text, which lowers the variance and keeps the
+    estimate unbiased). The residuals are then divided by their std over the whole group (G x M values, unbiased)
+    + ``eps``, not per chain: a per-chain std of M near-identical images would blow tiny differences up (Pref-GRPO's
+    "illusory advantage"). A group whose residuals are all 0 is zero-variance (advantage 0).
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (N, M), got shape {tuple(rewards.shape)}")
+    n, m = rewards.shape
+    r = _grouped(rewards.reshape(-1), group_size * m).view(-1, group_size, m)  # (groups, G, M)
+    residual = r - r.mean(dim=2, keepdim=True)
+    flat = residual.flatten(1)
+    zero = (flat.max(dim=1).values - flat.min(dim=1).values) <= 1e-6
+    if scale_by_std and flat.shape[1] > 1:
+        residual = residual / (flat.std(dim=1)[:, None, None] + eps)
+    return residual.reshape(n, m), zero
+
+
+def decoupled_rewards(values: Tensor, weights: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """Decoupled normalisation (LucidNFT; GDPO): values (N, K), one column per reward component, NaN where a
+    chain has none (a failed metric); weights (K,) -> (N,) the weighted sum of each column's own group-normalised
+    values. A missing value takes its group's mean (advantage 0), so a failure neither rewards nor punishes."""
+    if values.dim() != 2 or weights.shape != (values.shape[1],):
+        raise ValueError(f"values must be (N, K) and weights (K,), got {tuple(values.shape)}, {tuple(weights.shape)}")
+    g = values.view(-1, group_size, values.shape[1])  # (groups, G, K)
+    present = ~torch.isnan(g)
+    mean = torch.where(present, g, torch.zeros(())).sum(1, keepdim=True) / present.sum(1, keepdim=True).clamp(min=1)
+    filled = torch.where(present, g, mean).reshape(values.shape)
+    z = torch.stack([group_advantages(filled[:, k].contiguous(), group_size, True, eps)
+                     for k in range(values.shape[1])], dim=1)
+    return (z * weights.to(z.dtype)).sum(dim=1)
+
+
 # ------------------------------------------------------------------------------------------ transforms
 # A transform maps the normalised table (N, C) to a new one; ``generator`` is seeded per step by the driver so a
 # run is reproducible. Options come from the config entry (``{name: scale_negative, factor: 0.1}``).
@@ -192,19 +232,23 @@ class ChainAdvantages:
     """One step's advantages (N chains in group order) and the group filter.
 
     text (N,): the text tokens' advantage; image (N,) or None (the diffusion steps share ``text``);
-    sections (N, len(section_tags)) or None (every text token has ``text``); groups: the filter (a group is
-    dropped only when every column is flat in it)."""
+    sections (N, len(section_tags)) or None (every text token has ``text``); image_branches (N, M) or None: one
+    advantage per image branch (``branch_advantages``; ``image`` is then branch 0's); groups: the filter (a group
+    is dropped only when every column is flat in it)."""
 
     text: Tensor
     image: Tensor | None
     sections: Tensor | None
     groups: GroupFilter
+    image_branches: Tensor | None = None
 
     def per_chain(self) -> list[ChainAdvantage]:
         """One record per chain, what the learner is sent."""
         return [ChainAdvantage(text=float(self.text[i]),
                                image=None if self.image is None else float(self.image[i]),
-                               sections=None if self.sections is None else tuple(self.sections[i].tolist()))
+                               sections=None if self.sections is None else tuple(self.sections[i].tolist()),
+                               image_branches=(None if self.image_branches is None
+                                               else tuple(self.image_branches[i].tolist())))
                 for i in range(self.text.shape[0])]
 
 
@@ -222,6 +266,9 @@ def chain_advantages(
     eps: float = 1e-6,
     transforms: Sequence[Mapping[str, Any]] = (),
     generator: torch.Generator | None = None,
+    branches: Sequence[Sequence[Mapping[str, float]]] | None = None,
+    decoupled: bool = False,
+    metric_weights: Mapping[str, float] | None = None,
 ) -> ChainAdvantages:
     """The advantages of every part of the chain from the chains' reward parts (``Scores.parts``) and totals.
 
@@ -231,32 +278,76 @@ def chain_advantages(
     ``section_rewards``: tag -> components for the tokens of that text section (a tag of ``section_tags``
     not named there takes the text's advantage). Each column is normalised within its groups on its own;
     ``transforms`` (``grpo.advantage_transforms`` entries) then apply in order, drawing from ``generator``.
+
+    ``branches`` (``Scores.branches``: per chain, M dicts of the parts each image branch decides; M > 1 and the
+    images trained): the images learn from M columns instead of one, each branch judged with its own image parts
+    (``branch_advantages``). ``decoupled`` (``grpo.decoupled_normalization``): every component of a column is
+    normalised on its own before the weighted sum (``decoupled_rewards``), the generation reward as its metrics
+    (``quality/<metric>`` parts, ``metric_weights``: their weights in the generation average).
     """
-    def rewards(components: Sequence[str] | None) -> Tensor:
-        if components is None:
-            return torch.tensor([float(t) for t in totals], dtype=torch.float32)
-        return component_rewards(parts, weights, components)
+    def expand(components: Sequence[str] | None) -> list[tuple[str, float]]:
+        """(part, weight) of a column: the total's components for None; generation split into its metrics when
+        decoupled."""
+        names = list(weights) if components is None else list(components)
+        out: list[tuple[str, float]] = []
+        for c in names:
+            base = c.split("/", 1)[0]
+            if base not in weights:
+                raise ValueError(f"unknown reward components [{c!r}]; known: {sorted(weights)}")
+            if decoupled and c == "generation" and metric_weights:
+                total = sum(metric_weights.values()) or 1.0
+                out += [(f"quality/{m}", weights[base] * w / total) for m, w in metric_weights.items() if w > 0]
+            else:
+                out.append((c, weights[base]))
+        return out
+
+    def rewards(rows: Sequence[Mapping[str, float]], components: Sequence[str] | None, size: int) -> Tensor:
+        if not decoupled:
+            if components is None and rows is parts:
+                return torch.tensor([float(t) for t in totals], dtype=torch.float32)
+            return component_rewards(rows, weights, list(weights) if components is None else components)
+        cols = [c for c, _ in expand(components)]
+        values = torch.tensor([[float(p.get(c, math.nan)) for c in cols] for p in rows], dtype=torch.float32)
+        present = [k for k in range(len(cols)) if not torch.isnan(values[:, k]).all()]  # not applicable: dropped
+        w = torch.tensor([w for _, w in expand(components)], dtype=torch.float32)
+        return decoupled_rewards(values[:, present], w[present], size, eps)
 
     text_key = None if text_rewards is None else list(text_rewards)
     image_key = None if image_rewards is None else list(image_rewards)
-    columns = {"text": rewards(text_rewards)}
-    if train_images and image_key != text_key:
-        columns["image"] = rewards(image_rewards)
+    columns = {"text": rewards(parts, text_rewards, group_size)}
+    image_table: Tensor | None = None
+    image_flat: Tensor | None = None
+    if train_images and branches is not None and len(branches[0]) > 1:
+        m = len(branches[0])
+        if any(len(b) != m for b in branches) or len(branches) != len(parts):
+            raise ValueError(f"branches: every one of the {len(parts)} chains needs {m} image branches")
+        rows = [{**p, **b} for p, chain in zip(parts, branches) for b in chain]  # (N * M), chain-major
+        image_table, image_flat = branch_advantages(rewards(rows, image_rewards, group_size * m).view(-1, m),
+                                                    group_size, scale_by_std, eps)
+    elif train_images and image_key != text_key:
+        columns["image"] = rewards(parts, image_rewards, group_size)
     if section_rewards:
         unknown = sorted(set(section_rewards) - set(section_tags))
         if unknown:
             raise ValueError(f"section_rewards names {unknown}, not sections of {list(section_tags)}")
         for tag in section_tags:
             names = section_rewards.get(tag)
-            columns[f"section/{tag}"] = columns["text"] if names is None else rewards(names)
+            columns[f"section/{tag}"] = columns["text"] if names is None else rewards(parts, names, group_size)
     table, groups = column_advantages(torch.stack(list(columns.values()), dim=1), group_size, scale_by_std, eps)
+    if image_table is not None:  # a group stays while any column, or its images, can still teach something
+        flat = groups.zero_variance & image_flat
+        groups = GroupFilter(zero_variance=flat, keep=(~flat).repeat_interleave(group_size))
+        table = torch.cat([table, image_table], dim=1)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     for spec in transforms:
         table = advantage_transform(spec)(table, group_size, generator)
     out = {name: table[:, i] for i, name in enumerate(columns)}
     sections = (torch.stack([out[f"section/{tag}"] for tag in section_tags], dim=1) if section_rewards
                 else None)
-    return ChainAdvantages(text=out["text"], image=out.get("image"), sections=sections, groups=groups)
+    image_branches = table[:, len(columns):] if image_table is not None else None
+    return ChainAdvantages(text=out["text"],
+                           image=image_branches[:, 0] if image_branches is not None else out.get("image"),
+                           sections=sections, groups=groups, image_branches=image_branches)
 
 
 def group_order(records: Sequence[object], group_size: int) -> list[int]:

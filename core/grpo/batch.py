@@ -2,7 +2,7 @@
 
 ``build_train_batch`` pads the kept chains, gives each sampled text token its advantage through a token-credit
 rule (``core.grpo.credit``), and marks which diffusion steps are trained (``trained_steps``: Flow-GRPO's
-timestep fraction, ``diffusion.train_steps_fraction``).
+timestep fraction, ``diffusion.train_steps_fraction`` from ``diffusion.train_steps_start``).
 """
 
 from __future__ import annotations
@@ -18,17 +18,24 @@ from core.grpo.credit import ChainTags, TokenCredit, chain_credit
 from core.records import ChainAdvantage, Rollout
 
 
-def trained_steps(num_steps: int, fraction: float = 1.0) -> range:
-    """The denoising steps of one trace that get a loss: the first ``max(1, floor(fraction * S))`` of the S
-    steps, the high-noise end where the trajectory is decided (Flow-GRPO's ``timestep_fraction``; its "Fast"
-    variant trains only early steps). ``fraction`` 1: all.
+def trained_steps(num_steps: int, fraction: float = 1.0, start: float = 0.0) -> range:
+    """The denoising steps of one trace that get a loss: ``max(1, floor(fraction * S))`` of the S steps, from
+    step ``floor(start * S)`` (Flow-GRPO's ``timestep_fraction``; its "Fast" variant trains only a window of
+    steps). ``fraction`` 1: all; ``start`` 0: the high-noise end.
 
     >>> list(trained_steps(8, 0.5)), list(trained_steps(8)), list(trained_steps(3, 0.1))
     ([0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7], [0])
+    >>> list(trained_steps(8, 0.5, 0.5)), list(trained_steps(8, 0.25, 0.75)), list(trained_steps(3, 0.1, 0.9))
+    ([4, 5, 6, 7], [6, 7], [2])
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"train_steps_fraction = {fraction!r}: must be in (0, 1]")
-    return range(max(1, math.floor(num_steps * fraction + 1e-9)) if num_steps else 0)
+    if not 0 <= start < 1:
+        raise ValueError(f"train_steps_start = {start!r}: must be in [0, 1)")
+    if not num_steps:
+        return range(0)
+    first = min(math.floor(num_steps * start + 1e-9), num_steps - 1)
+    return range(first, min(num_steps, first + max(1, math.floor(num_steps * fraction + 1e-9))))
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ class TrainBatch:
     loss_mask: Tensor  # (B, L) bool: tokens the policy sampled (completion & text_mask): text loss here
     old_log_probs: Tensor  # (B, L) float32: sampling log-probs on loss_mask, 0 elsewhere
     advantages: Tensor  # (B, L) float32: the chain's advantage on loss_mask, 0 elsewhere
-    chain_advantages: Tensor  # (B,) float32: one advantage per chain, for image_surrogate
+    step_advantages: Tensor  # (B, S) float32: each diffusion step's advantage (its image branch's), 0 on padding
     prompt_lengths: Tensor  # (B,) long: P_i, completion starts at column P_i
     step_old_log_probs: Tensor  # (B, S) float32: diffusion step log-probs, all stages in Rollout.traces order
     step_mask: Tensor  # (B, S) bool: the trained steps (trained_steps of each trace), 0 on padding
@@ -75,7 +82,7 @@ class TrainBatch:
             loss_mask=self.loss_mask[idx, :length],
             old_log_probs=self.old_log_probs[idx, :length],
             advantages=self.advantages[idx, :length],
-            chain_advantages=self.chain_advantages[idx],
+            step_advantages=self.step_advantages[idx, :num_steps],
             prompt_lengths=self.prompt_lengths[idx],
             step_old_log_probs=self.step_old_log_probs[idx, :num_steps],
             step_mask=self.step_mask[idx, :num_steps],
@@ -111,6 +118,18 @@ def _check_rollout(r: Rollout) -> None:
             )
 
 
+def _branch_advantages(r: Rollout, adv: ChainAdvantage) -> list[float]:
+    """The image advantage of each of the chain's image branches (traces are branch after branch, each branch's
+    stages in turn: ``Rollout.traces``)."""
+    if adv.image_branches is None:
+        return [float(adv.text if adv.image is None else adv.image)]
+    m = r.image_branches
+    if len(adv.image_branches) != m or len(r.traces) % m:
+        raise ValueError(f"rollout prompt_id={r.prompt_id} sample_index={r.sample_index}: {m} image branches and "
+                         f"{len(r.traces)} traces, but {len(adv.image_branches)} branch advantages")
+    return [float(a) for a in adv.image_branches]
+
+
 def _as_records(advantages: Tensor | Sequence[ChainAdvantage], n: int) -> list[ChainAdvantage]:
     if isinstance(advantages, Tensor):
         if advantages.dim() != 1 or advantages.shape[0] != n:
@@ -129,6 +148,7 @@ def build_train_batch(
     credit: TokenCredit = chain_credit,
     tags: ChainTags | None = None,
     train_steps_fraction: float = 1.0,
+    train_steps_start: float = 0.0,
 ) -> TrainBatch:
     """Pad the kept chains into a TrainBatch, each sampled token carrying its advantage.
 
@@ -137,8 +157,9 @@ def build_train_batch(
     ``zero_variance_groups(...).keep`` (None keeps all). Rows keep the rollouts' order. Only tokens with
     text_mask 1 are loss tokens: prompt, inserted image blocks and padding carry no loss, no advantage
     and no old log-prob. ``credit`` (``core.grpo.credit.token_credit``) spreads a chain's advantages over its
-    tokens, reading ``tags``; the diffusion steps get ``ChainAdvantage.image`` (None: the text's), on the
-    ``trained_steps`` of each trace. All chains filtered out is a valid, empty batch (len 0); the driver
+    tokens, reading ``tags``; the diffusion steps get ``ChainAdvantage.image`` (None: the text's), or with image
+    branches each branch's traces its ``ChainAdvantage.image_branches`` entry, on the ``trained_steps`` of each
+    trace. All chains filtered out is a valid, empty batch (len 0); the driver
     skips it.
     """
     n = len(rollouts)
@@ -165,7 +186,7 @@ def build_train_batch(
     step_old = torch.zeros((b, num_steps), dtype=torch.float32)
     step_mask = torch.zeros((b, num_steps), dtype=torch.bool)
     token_adv = torch.zeros((b, length), dtype=torch.float32)
-    chain_adv = torch.zeros(b, dtype=torch.float32)
+    step_adv = torch.zeros((b, num_steps), dtype=torch.float32)
 
     for row, (r, p, total) in enumerate(zip(kept, p_len, lengths)):
         adv = records[rows[row]]
@@ -176,12 +197,13 @@ def build_train_batch(
         loss_mask[row, p:total] = sampled
         old_log_probs[row, p:total] = torch.where(sampled, r.log_probs.float(), torch.zeros(()))
         token_adv[row, p:total] = credit(r.token_ids, sampled, adv, tags)
-        chain_adv[row] = float(adv.text if adv.image is None else adv.image)
+        branch_adv = _branch_advantages(r, adv)
         offset = 0
-        for trace in r.traces:
+        for j, trace in enumerate(r.traces):
             s = int(trace.log_probs.numel())
             step_old[row, offset:offset + s] = trace.log_probs.float()
-            step_mask[row, [offset + k for k in trained_steps(s, train_steps_fraction)]] = True
+            step_adv[row, offset:offset + s] = branch_adv[j * len(branch_adv) // len(r.traces)]
+            step_mask[row, [offset + k for k in trained_steps(s, train_steps_fraction, train_steps_start)]] = True
             offset += s
 
     return TrainBatch(
@@ -190,7 +212,7 @@ def build_train_batch(
         loss_mask=loss_mask,
         old_log_probs=old_log_probs,
         advantages=token_adv,
-        chain_advantages=chain_adv,
+        step_advantages=step_adv,
         prompt_lengths=torch.tensor(p_len, dtype=torch.long),
         step_old_log_probs=step_old,
         step_mask=step_mask,

@@ -6,7 +6,7 @@ DAPO / Flow-GRPO papers. Shapes: B rows of a train batch, T (or L) token positio
 How the learner composes them for one micro-batch::
 
     text = clipped_surrogate(logp, batch.old_log_probs, batch.advantages, batch.loss_mask, lo, hi)
-    image = image_surrogate(step_logp, batch.step_old_log_probs, batch.chain_advantages, lo, hi, batch.step_mask)
+    image = image_surrogate(step_logp, batch.step_old_log_probs, batch.step_advantages, lo, hi, batch.step_mask)
     loss = (w_text * token_mean(text.loss, batch.loss_mask, global_text_tokens)
             + w_image * token_mean(image.loss, batch.step_mask, global_steps))
     if needs_reference(beta):
@@ -131,19 +131,19 @@ def image_surrogate(
 ) -> SurrogateOutput:
     """The same clipped surrogate on the diffusion sampler's per-step Gaussian log-probs (Flow-GRPO/DDPO).
 
-    step_log_probs (N, S) re-scored with grad; old_step_log_probs (N, S) from sampling; advantages (N,)
-    the chain's advantage; step_mask (N, S) (None: all steps) -> loss (N, S).
+    step_log_probs (N, S) re-scored with grad; old_step_log_probs (N, S) from sampling; advantages (N,) the
+    chain's advantage, or (N, S) one per step (each image branch's own, ``grpo.image_group_size``); step_mask
+    (N, S) (None: all steps) -> loss (N, S).
 
     S concatenates the steps of all three stages (rough, middle, final) in trace order; every step of a
-    chain gets that chain's advantage, the same number its text tokens get, because the reward judges the
-    whole chain. Each step is one "token" of the image policy: a Gaussian transition whose log-prob is a
+    chain (of an image branch) gets that chain's (branch's) advantage, because the reward judges the whole
+    chain (the branch's final image). Each step is one "token" of the image policy: a Gaussian transition whose log-prob is a
     mean over pixels (a sum overflows the ratio), so the ratio behaves like a token ratio. Use a much
     smaller clip range than for text if the per-step ratios move fast (Flow-GRPO uses 1e-4).
     """
-    if advantages.dim() != 1 or advantages.shape[0] != step_log_probs.shape[0]:
+    if advantages.shape not in ((step_log_probs.shape[0],), tuple(step_log_probs.shape)):
         raise ValueError(
-            f"advantages must be (N,) with N = {step_log_probs.shape[0]} chains, "
-            f"got {tuple(advantages.shape)}"
+            f"advantages must be (N,) or (N, S) = {tuple(step_log_probs.shape)}, got {tuple(advantages.shape)}"
         )
     if step_mask is None:
         step_mask = torch.ones_like(step_log_probs, dtype=torch.bool)
