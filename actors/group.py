@@ -92,8 +92,13 @@ class RolloutGroup(ActorGroup):
     def versions(self) -> list[tuple[int, int]]:
         return ray.get([a.versions.remote() for a in self.actors])
 
-    def shutdown(self) -> None:
+    def stop_watchdog(self) -> None:
+        """End the hung-call watchdog: the run is over and Ray may shut down next (its thread must not call Ray
+        after that)."""
         self._stop.set()
+
+    def shutdown(self) -> None:
+        self.stop_watchdog()
         super().shutdown()
 
     # ------------------------------------------------------------------ hung calls (rollout.call_timeout_s)
@@ -105,7 +110,7 @@ class RolloutGroup(ActorGroup):
 
     def _watch(self) -> None:
         """Every second: retire the calls that returned, kill the actors whose oldest call is overdue."""
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(1.0) and ray.is_initialized():
             with self._lock:
                 for k, calls in enumerate(self._calls):
                     while calls and ray.wait([calls[0]], timeout=0)[0]:

@@ -83,6 +83,7 @@ class GRPOTrainer:
             run_state.run_steps(self, {"reward": "reward/total/mean", "s/step": "timing/step"})
         finally:
             self.pipeline.close()
+            self.rollouts.stop_watchdog()
 
     def step(self) -> dict[str, float]:
         cfg, t = self.cfg, PhaseTimer()
