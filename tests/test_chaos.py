@@ -42,6 +42,22 @@ def _hang_next_rollout(worker) -> None:
     worker.sampler.sample = lambda *args, **kwargs: time.sleep(3600)
 
 
+def _slow_next_scoring(worker) -> None:
+    """Runs inside a reward actor (``__ray_call__``): its scoring waits 2 s first, so the kill lands while it holds
+    chains however fast the metrics are (the actor's restart drops the patch)."""
+    scorer = worker.scorer
+
+    class Slow:
+        def __getattr__(self, name):
+            return getattr(scorer, name)
+
+        def __call__(self, *args, **kwargs):
+            time.sleep(2.0)
+            return scorer(*args, **kwargs)
+
+    worker.scorer = Slow()
+
+
 class Chaos:
     """Wraps ``trainer.step`` so that each fault hits its step once (a step redone after a recovery runs clean)."""
 
@@ -65,12 +81,13 @@ class Chaos:
                 return self._step()
             finally:
                 timer.join()
-        if fault == "kill reward":  # as soon as scoring starts
+        if fault == "kill reward":  # while it holds chains (slowed, so that a fast metric cannot finish first)
             original = t.rewards.score
+            ray.get(t.rewards.actors[0].__ray_call__.remote(_slow_next_scoring))
 
             def score_and_kill(refs, samples, timings=None):
                 ray.wait(refs, num_returns=len(refs))
-                killer = threading.Timer(0.05, lambda: ray.kill(t.rewards.actors[0], no_restart=False))
+                killer = threading.Timer(0.5, lambda: ray.kill(t.rewards.actors[0], no_restart=False))
                 killer.start()
                 try:
                     return original(refs, samples, timings)
@@ -106,7 +123,7 @@ def _shutdown(trainer) -> None:
 def runs(tmp_path_factory, tiny_models, ray_local):
     from rl.trainer import GRPOTrainer
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # _hang_next_rollout runs in the actor
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # _hang_next_rollout, _slow_next_scoring run in actors
     tmp = tmp_path_factory.mktemp("chaos")
     out = {}
     for name in ("clean", "faults"):
