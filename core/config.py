@@ -236,6 +236,9 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = "constant"  # constant | cosine | linear
     min_lr_ratio: float = 0.1
+    # {pattern: factor}: a trained parameter whose full name a pattern matches (re.search, the first in order)
+    # learns at factor x lr, e.g. {'norm': 20} for a norm trained in full beside LoRA adapters
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

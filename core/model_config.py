@@ -47,9 +47,13 @@ class TinyDiffusionConfig:
 class LoraConfig:
     """LoRA adapters (peft) on the Linear / Conv2d modules whose full names a ``target_modules`` pattern matches
     (``re.search``). Only the adapters train; the weight sync and the export carry the merged weights
-    (W + alpha / rank * B A), and the export also the adapters alone in peft's format."""
+    (W + alpha / rank * B A), and the export also the adapters alone in peft's format.
+
+    ``modules_to_save``: patterns of whole modules (any kind, e.g. a norm) trained in full beside the adapters,
+    as peft's ``modules_to_save``: a trained copy that the adapters-off reference switches back to the original."""
 
     rank: int = 8
     alpha: float = 16.0
     target_modules: list[str] = field(default_factory=list)
     dropout: float = 0.0
+    modules_to_save: list[str] = field(default_factory=list)

@@ -144,6 +144,10 @@ def validate(cfg: Any, source: str = "<config>") -> None:
             f(f"{name}.schedule", opt.schedule, "must be constant, cosine or linear")
         if len(opt.betas) != 2:
             f(f"{name}.betas", opt.betas, "must be two numbers")
+        _check_patterns(f, f"{name}.lr_scale", list(opt.lr_scale))
+        for pattern, factor in opt.lr_scale.items():
+            if factor <= 0:
+                f(f"{name}.lr_scale", {pattern: factor}, "a factor must be > 0")
 
     for key, dtype in (("policy.dtype", cfg.policy.dtype), ("diffusion.dtype", cfg.diffusion.dtype)):
         if dtype not in DTYPE_NAMES:
@@ -292,6 +296,7 @@ def _validate_lora(f: Any, model: str, sub: Any) -> None:
     if not lora.target_modules:
         f(f"{key}.target_modules", list(lora.target_modules), "name at least one module pattern (re.search)")
     _check_patterns(f, f"{key}.target_modules", list(lora.target_modules))
+    _check_patterns(f, f"{key}.modules_to_save", list(lora.modules_to_save))
 
 
 def _check_patterns(f: Any, key: str, patterns: list[str]) -> None:

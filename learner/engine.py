@@ -20,6 +20,7 @@ Choices, with their reasons:
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -145,12 +146,24 @@ def ds_config(learner: LearnerConfig) -> dict[str, Any]:
     }
 
 
-def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and norm weights (1-D tensors), as usual for transformers."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+def _param_groups(module: nn.Module, optim: OptimConfig, key: str) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and norm weights (1-D tensors), as usual for transformers; a
+    parameter an ``optim.lr_scale`` pattern matches (the first, ``re.search``) learns at that factor x lr. A
+    pattern that matches no trained parameter is an error naming it."""
+    scales = list(optim.lr_scale.items())
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    used: set[str] = set()
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        pattern, factor = next(((p, s) for p, s in scales if re.search(p, name)), (None, 1.0))
+        used.add(pattern)
+        groups.setdefault((factor, param.dim() >= 2), []).append(param)
+    unmatched = [p for p, _ in scales if p not in used]
+    if unmatched:
+        raise ValueError(f"{key}.lr_scale: {unmatched} match no trained parameter of {type(module).__name__}")
+    return [{"params": params, "weight_decay": optim.weight_decay if decay else 0.0, "lr": optim.lr * factor}
+            for (factor, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0] != 1.0, not kv[0][1]))]
 
 
 class _ClipAndRecord:
@@ -167,9 +180,9 @@ class _ClipAndRecord:
         self.norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
 
 
-def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(module: nn.Module, optim: OptimConfig, key: str = "optim") -> torch.optim.Optimizer:
     """torch AdamW (the default) or SGD over ``module``'s trainable parameters, by ``optim.name``."""
-    groups = _param_groups(module, optim.weight_decay)
+    groups = _param_groups(module, optim, key)
     if optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
     if optim.name == "sgd":
@@ -177,7 +190,8 @@ def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.Optimiz
     raise ValueError(f"optimizer name = {optim.name!r}: must be adamw or sgd")
 
 
-def build_engine(module: nn.Module, optim: OptimConfig, learner: LearnerConfig, total_steps: int) -> Any:
+def build_engine(module: nn.Module, optim: OptimConfig, learner: LearnerConfig, total_steps: int,
+                 key: str = "optim") -> Any:
     """Wrap ``module`` in a DeepSpeed engine with the configured torch optimizer and LR schedule.
 
     ``total_steps`` is the number of optimizer steps of the run (trainer steps x update epochs); the
@@ -190,7 +204,7 @@ def build_engine(module: nn.Module, optim: OptimConfig, learner: LearnerConfig, 
     if learner.zero_stage == 0 and learner.dtype == "float32":
         hook = _ClipAndRecord(learner.grad_clip)
         config["gradient_clipping"] = 0.0
-    optimizer = make_optimizer(module, optim)
+    optimizer = make_optimizer(module, optim, key)
     if hook is not None:
         optimizer.register_step_pre_hook(hook)
     scheduler = lr_scheduler(optimizer, optim, total_steps)

@@ -26,6 +26,13 @@ from core.model_config import LoraConfig
 
 ADAPTER = "default"  # peft's adapter name; the only adapter a learner model has
 _A, _B, _BASE = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight", ".base_layer."
+# a module of ``modules_to_save``: peft keeps the original and trains a copy
+_ORIGINAL, _SAVED = ".original_module.", f".modules_to_save.{ADAPTER}."
+
+
+def is_trained(name: str) -> bool:
+    """Is the parameter ``name`` of an adapted model one the learner trains (an adapter or a saved module)?"""
+    return ".lora_" in name or _SAVED in name
 
 
 def target_names(module: nn.Module, patterns: list[str], key: str) -> list[str]:
@@ -47,26 +54,63 @@ def add_lora(module: nn.Module, cfg: LoraConfig, key: str) -> dict[str, float]:
     from peft.tuners.lora import LoraLayer
 
     names = target_names(module, list(cfg.target_modules), key)
-    peft.inject_adapter_in_model(peft_config(cfg, names), module, adapter_name=ADAPTER)
+    reject_tied_targets(module, names, key)
+    saved = saved_names(module, list(cfg.modules_to_save), names, key)
+    peft.inject_adapter_in_model(peft_config(cfg, names, saved=saved), module, adapter_name=ADAPTER)
     for name, param in module.named_parameters():
-        param.requires_grad_(".lora_" in name)
+        param.requires_grad_(is_trained(name))
     return {n: float(m.scaling[ADAPTER]) for n, m in module.named_modules() if isinstance(m, LoraLayer)}
 
 
-def peft_config(cfg: LoraConfig, names: list[str], base_path: str | None = None) -> Any:
-    """peft's ``LoraConfig`` for exactly the layers ``names``."""
+def saved_names(module: nn.Module, patterns: list[str], targets: list[str], key: str) -> list[str]:
+    """Full names of the modules a ``modules_to_save`` pattern matches (``re.search``), each the outermost match
+    (a saved module is trained whole). A pattern that matches none, or a module that also holds adapters, is an
+    error naming ``key``."""
+    if not patterns:
+        return []
+    names = [n for n, _ in module.named_modules() if n]
+    unmatched = [p for p in patterns if not any(re.search(p, n) for n in names)]
+    if unmatched:
+        raise ValueError(f"{key}.modules_to_save: {unmatched} match no module of {type(module).__name__}")
+    matched = [n for n in names if any(re.search(p, n) for p in patterns)]
+    outer = [n for n in matched if not any(n.startswith(m + ".") for m in matched)]
+    clash = [n for n in outer if any(t == n or t.startswith(n + ".") for t in targets)]
+    if clash:
+        raise ValueError(f"{key}.modules_to_save: {clash} also hold adapters (target_modules); name each in one")
+    return outer
+
+
+def reject_tied_targets(module: nn.Module, names: list[str], key: str) -> None:
+    """A target whose weight is shared with another module (``lm_head`` under ``tie_word_embeddings``) is an
+    error: its merged weight would be written under its own name only, and a loader that re-ties the two drops it."""
+    owners: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name.rpartition(".")[0])
+    for name in names:
+        shared = [o for o in owners.get(id(module.get_submodule(name).weight), []) if o != name]
+        if shared:
+            raise ValueError(f"{key}.target_modules: {name!r} shares its weight with {shared} (tied weights, e.g. "
+                             f"tie_word_embeddings): an adapter on it cannot be merged into one of them alone; "
+                             f"leave it out of the patterns")
+
+
+def peft_config(cfg: LoraConfig, names: list[str], base_path: str | None = None,
+                saved: list[str] | None = None) -> Any:
+    """peft's ``LoraConfig`` for exactly the layers ``names`` (and the saved modules ``saved``)."""
     import peft
 
     return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=names,
-                           init_lora_weights=True, base_model_name_or_path=base_path)
+                           modules_to_save=saved or None, init_lora_weights=True, base_model_name_or_path=base_path)
 
 
 @contextmanager
 def adapters_disabled(module: nn.Module) -> Iterator[None]:
-    """Inside the block ``module`` computes as its base model (every peft layer calls its base layer only)."""
+    """Inside the block ``module`` computes as its base model (every peft layer calls its base layer only, every
+    saved module its original)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
 
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in module.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -117,10 +161,14 @@ def lora_delta(a: Tensor, b: Tensor) -> Tensor:
 
 def merge_lora(state: Mapping[str, Tensor], scalings: Mapping[str, float]) -> dict[str, Tensor]:
     """The base model's state dict from an adapted one: ``X.base_layer.weight`` + scaling * B A under the name
-    ``X.weight``, other base-layer tensors renamed the same way, adapter tensors dropped."""
+    ``X.weight``, other base-layer tensors renamed the same way, adapter tensors dropped; a saved module's trained
+    copy ``X.modules_to_save.default.*`` as ``X.*``, its original dropped."""
     out: dict[str, Tensor] = {}
     for name, tensor in state.items():
-        if ".lora_" in name:
+        if ".lora_" in name or _ORIGINAL in name:
+            continue
+        if _SAVED in name:
+            out[name.replace(_SAVED, ".")] = tensor
             continue
         if _BASE in name:
             prefix, _, leaf = name.partition(_BASE)
@@ -133,13 +181,15 @@ def merge_lora(state: Mapping[str, Tensor], scalings: Mapping[str, float]) -> di
 
 
 def adapter_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The adapter tensors under peft's saved names (``base_model.model.X.lora_A.weight``), which
-    ``peft.PeftModel.from_pretrained`` loads onto the base model."""
-    return {"base_model.model." + n.replace(f".{ADAPTER}.", "."): t for n, t in state.items() if ".lora_" in n}
+    """The adapter tensors under peft's saved names (``base_model.model.X.lora_A.weight``; a saved module's
+    ``base_model.model.X.weight``), which ``peft.PeftModel.from_pretrained`` loads onto the base model."""
+    return {"base_model.model." + n.replace(_SAVED, ".").replace(f".{ADAPTER}.", "."): t
+            for n, t in state.items() if is_trained(n)}
 
 
 def adapter_bytes(state: Mapping[str, Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for n, t in state.items() if ".lora_" in n)
+    """What the adapters (and saved modules) alone would move in a sync."""
+    return sum(t.numel() * t.element_size() for n, t in state.items() if is_trained(n))
 
 
 def save_adapter(directory: str | Path, state: Mapping[str, Tensor], cfg: LoraConfig,
@@ -150,5 +200,6 @@ def save_adapter(directory: str | Path, state: Mapping[str, Tensor], cfg: LoraCo
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in adapter_state(state).items()}, str(out / "adapter_model.safetensors"))
-    peft_config(cfg, sorted(scalings), base_path).save_pretrained(str(out))
+    saved = sorted({n.partition(_SAVED)[0] for n in state if _SAVED in n})
+    peft_config(cfg, sorted(scalings), base_path, saved).save_pretrained(str(out))
     return out

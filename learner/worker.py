@@ -125,7 +125,8 @@ class LearnerWorker:
                 model.gradient_checkpointing_enable()
                 if policy.lora is not None:  # the embeddings are frozen: checkpointed blocks need an input grad
                     model.enable_input_require_grads()
-            self.engines["policy"] = eng.build_engine(model, learner.policy_optim, learner, optimizer_total)
+            self.engines["policy"] = eng.build_engine(model, learner.policy_optim, learner, optimizer_total,
+                                                       "learner.policy_optim")
             if needs_reference(grpo.kl_beta):
                 self.reference = (lora.BasePolicy(model) if policy.lora is not None else
                                   load_policy(policy.path, learner.dtype, str(self.device)).requires_grad_(False))
@@ -140,7 +141,8 @@ class LearnerWorker:
             scorer = TraceScorer(self.pipeline).to(self.dtype).requires_grad_(True).train()
             if diffusion.lora is not None:
                 self.lora["diffusion"] = lora.add_lora(scorer, diffusion.lora, "diffusion.lora")
-            self.engines["diffusion"] = eng.build_engine(scorer, learner.diffusion_optim, learner, optimizer_total)
+            self.engines["diffusion"] = eng.build_engine(scorer, learner.diffusion_optim, learner, optimizer_total,
+                                                          "learner.diffusion_optim")
             if grpo.image_kl_beta > 0 and diffusion.lora is not None:
                 self.diffusion_reference = lora.BasePipeline(self.pipeline, scorer)
             elif grpo.image_kl_beta > 0:

@@ -99,11 +99,116 @@ def test_a_target_pattern_that_matches_nothing_is_named():
         lora.add_lora(_Toy(), LoraConfig(target_modules=["conv$", "nope"]), "toy.lora")
 
 
+class _TiedToy(nn.Module):
+    """An embedding and an output head sharing one weight, as under ``tie_word_embeddings``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.proj = nn.Linear(4, 4)
+        self.lm_head = nn.Linear(4, 10, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+
+def test_a_tied_target_is_refused_and_an_untied_one_is_adapted():
+    with pytest.raises(ValueError, match=r"toy.lora.target_modules: 'lm_head' shares its weight with \['embed'\]"):
+        lora.add_lora(_TiedToy(), LoraConfig(target_modules=["lm_head"]), "toy.lora")
+    untied = _TiedToy()
+    untied.lm_head.weight = nn.Parameter(untied.embed.weight.detach().clone())
+    assert set(lora.add_lora(untied, LoraConfig(target_modules=["lm_head", "proj"]), "toy.lora")) == {"lm_head", "proj"}
+
+
+class _NormToy(nn.Module):
+    """A projection, a norm and a head: the norm is the module trained in full (``modules_to_save``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.proj = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.proj(x)))
+
+
+SAVED_CFG = LoraConfig(rank=2, alpha=4.0, target_modules=["proj"], modules_to_save=["norm$"])
+
+
+def _saved_toy():
+    base = _NormToy()
+    model = copy.deepcopy(base)
+    scalings = lora.add_lora(model, SAVED_CFG, "toy.lora")
+    with torch.no_grad():  # give the adapters and the saved copy values of their own
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    return base, model, scalings
+
+
+def test_a_saved_module_trains_whole_and_the_reference_switches_it_back():
+    base, model, scalings = _saved_toy()
+    assert scalings == {"proj": 2.0}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"proj.lora_A.default.weight", "proj.lora_B.default.weight",
+                         "norm.modules_to_save.default.weight", "norm.modules_to_save.default.bias"}
+    x = torch.randn(5, 4)
+    with lora.adapters_disabled(model):
+        assert torch.equal(model(x), base(x))
+    assert not torch.allclose(model(x), base(x))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # trainable again after
+
+
+def test_a_saved_module_is_merged_and_exported_in_peft_format(tmp_path):
+    from peft import PeftModel
+
+    base, model, scalings = _saved_toy()
+    merged = lora.merge_lora(model.state_dict(), scalings)
+    assert set(merged) == set(base.state_dict())
+    assert torch.equal(merged["norm.weight"], model.norm.modules_to_save["default"].weight)
+    fresh = _NormToy()
+    fresh.load_state_dict(merged, strict=True)
+    x = torch.randn(5, 4)
+    assert (fresh(x) - model(x)).abs().max() < 1e-5
+    lora.save_adapter(tmp_path, model.state_dict(), SAVED_CFG, scalings, "toy")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    assert (loaded(x) - model(x)).abs().max() < 1e-6
+    assert lora.adapter_bytes(model.state_dict()) == 4 * (2 * 4 + 6 * 2 + 6 + 6)  # A, B, the norm's gain and bias
+
+
+@pytest.mark.parametrize("patterns, message", [
+    (["nope"], r"toy.lora.modules_to_save: \['nope'\] match no module"),
+    (["proj"], r"toy.lora.modules_to_save: \['proj'\] also hold adapters"),
+])
+def test_bad_modules_to_save_are_named(patterns, message):
+    with pytest.raises(ValueError, match=message):
+        lora.add_lora(_NormToy(), LoraConfig(target_modules=["proj"], modules_to_save=patterns), "toy.lora")
+
+
+def test_lr_scale_gives_the_matched_parameters_their_own_learning_rate():
+    from core.config import OptimConfig
+    from learner.engine import make_optimizer
+
+    model = copy.deepcopy(_NormToy())
+    lora.add_lora(model, SAVED_CFG, "toy.lora")
+    optimizer = make_optimizer(model, OptimConfig(lr=1e-3, lr_scale={r"^norm\.": 20.0}))
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
+    saved = {id(p) for n, p in model.named_parameters() if ".modules_to_save." in n}
+    adapters = {id(p) for n, p in model.named_parameters() if ".lora_" in n}
+    assert set(by_lr) == {1e-3, 2e-2}
+    assert by_lr[2e-2] == saved and by_lr[1e-3] == adapters
+    with pytest.raises(ValueError, match=r"learner.policy_optim.lr_scale: \['head'\] match no trained parameter"):
+        make_optimizer(model, OptimConfig(lr_scale={"head": 2.0}), "learner.policy_optim")
+
+
 @pytest.mark.parametrize("override, key", [
     ("policy.lora.rank=0", "policy.lora.rank"),
     ("diffusion.lora.alpha=0", "diffusion.lora.alpha"),
     ("policy.lora.dropout=1.0", "policy.lora.dropout"),
     ("policy.lora.target_modules=[]", "policy.lora.target_modules"),
+    ("policy.lora.modules_to_save=['[']", "policy.lora.modules_to_save"),
+    ("learner.policy_optim.lr_scale={norm: 0.0}", "learner.policy_optim.lr_scale"),
+    ("learner.diffusion_optim.lr_scale={'(': 2.0}", "learner.diffusion_optim.lr_scale"),
     ("diffusion.lora.target_modules=['(']", "diffusion.lora.target_modules"),
     ("policy.trainable=[norm]", "policy.trainable"),
     ("diffusion.freeze=true", "diffusion.lora"),
@@ -120,13 +225,15 @@ def chains(small_models):
     return _sample_rollouts(small_models["policy"], small_models["diffusion"])
 
 
-LORA = [f"policy.lora={{rank: 4, alpha: 8, target_modules: ['{POLICY_TARGETS}']}}",
+LORA = [f"policy.lora={{rank: 4, alpha: 8, target_modules: ['{POLICY_TARGETS}'], "
+        "modules_to_save: ['language_model\\.norm$']}",  # the final norm trained in full beside the adapters
         f"diffusion.lora={{rank: 4, alpha: 8, target_modules: ['{UNET_TARGETS}']}}"]
 
 
 @pytest.fixture(scope="module")
 def stepped(small_models, chains, port):
-    """A one-rank learner with adapters on both models and both KL terms, after one GRPO step."""
+    """A one-rank learner with adapters on both models (and the policy's final norm trained whole) and both KL
+    terms, after one GRPO step."""
     worker = _one_rank(small_models, port, *LORA, "grpo.kl_beta=0.1", "grpo.image_kl_beta=0.1",
                        "learner.policy_optim.lr=1e-2", "learner.diffusion_optim.lr=1e-2")
     before = {m: worker.gather_full_state(m) for m in ("policy", "diffusion")}
@@ -145,7 +252,8 @@ def test_a_step_moves_only_the_adapters_and_the_merged_weights_follow(stepped):
     for model in ("policy", "diffusion"):
         params = dict(worker.engines[model].module.named_parameters())
         changed = {n for n, p in params.items() if not torch.equal(p, raw_before[model][n])}
-        assert changed and all(".lora_" in n for n in changed), sorted(changed)[:4]
+        assert changed and all(lora.is_trained(n) for n in changed), sorted(changed)[:4]
+        assert any(".modules_to_save." in n for n in changed) == (model == "policy")
         assert info["trainable_parameters"][model] < info["parameters"][model] / 2
         after = worker.gather_full_state(model)
         assert set(after) == set(before[model])  # the base model's names: what the rollout engines load
