@@ -52,11 +52,16 @@ def add_lora(module: nn.Module, cfg: LoraConfig, key: str) -> dict[str, float]:
     computes exactly what the base did."""
     import peft
     from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
 
     names = target_names(module, list(cfg.target_modules), key)
     reject_tied_targets(module, names, key)
     saved = saved_names(module, list(cfg.modules_to_save), names, key)
     peft.inject_adapter_in_model(peft_config(cfg, names, saved=saved), module, adapter_name=ADAPTER)
+    wrapped = {n for n, m in module.named_modules() if isinstance(m, AuxiliaryTrainingWrapper)}
+    if wrapped != set(saved):  # peft matches modules_to_save by suffix: "norm" also takes "block.layernorm"
+        raise ValueError(f"{key}.modules_to_save: peft would also train {sorted(wrapped - set(saved))} (it matches "
+                         f"names by their end); choose patterns whose modules' names end no other module's name")
     for name, param in module.named_parameters():
         param.requires_grad_(is_trained(name))
     return {n: float(m.scaling[ADAPTER]) for n, m in module.named_modules() if isinstance(m, LoraLayer)}

@@ -185,6 +185,16 @@ def test_bad_modules_to_save_are_named(patterns, message):
         lora.add_lora(_NormToy(), LoraConfig(target_modules=["proj"], modules_to_save=patterns), "toy.lora")
 
 
+def test_a_saved_module_whose_name_ends_another_is_refused():
+    """peft matches ``modules_to_save`` by the end of a name: saving the top-level ``norm`` would also train
+    ``block.layernorm``, so it is an error rather than a silently larger set."""
+    model = _NormToy()
+    model.block = nn.Sequential()
+    model.block.add_module("layernorm", nn.LayerNorm(6))
+    with pytest.raises(ValueError, match=r"toy.lora.modules_to_save: peft would also train \['block.layernorm'\]"):
+        lora.add_lora(model, LoraConfig(target_modules=["proj"], modules_to_save=["^norm$"]), "toy.lora")
+
+
 def test_lr_scale_gives_the_matched_parameters_their_own_learning_rate():
     from core.config import OptimConfig
     from learner.engine import make_optimizer
