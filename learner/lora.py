@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,15 +35,21 @@ def is_trained(name: str) -> bool:
     return ".lora_" in name or _SAVED in name
 
 
+def match_names(names: list[str], patterns: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the names some pattern matches, the patterns that match no name), by ``re.search``, in their orders."""
+    unmatched = [p for p in patterns if not any(re.search(p, n) for n in names)]
+    return [n for n in names if any(re.search(p, n) for p in patterns)], unmatched
+
+
 def target_names(module: nn.Module, patterns: list[str], key: str) -> list[str]:
     """Full names of the ``Linear`` / ``Conv2d`` modules of ``module`` that a pattern matches (``re.search``). A
     pattern that matches none is an error naming ``key`` and showing what the names look like."""
     layers = [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    unmatched = [p for p in patterns if not any(re.search(p, n) for n in layers)]
+    matched, unmatched = match_names(layers, patterns)
     if unmatched:
         raise ValueError(f"{key}.target_modules: {unmatched} match no Linear or Conv2d module of "
                          f"{type(module).__name__}; their names look like {layers[:2] + layers[-2:]}")
-    return [n for n in layers if any(re.search(p, n) for p in patterns)]
+    return matched
 
 
 def add_lora(module: nn.Module, cfg: LoraConfig, key: str) -> dict[str, float]:
@@ -73,11 +79,9 @@ def saved_names(module: nn.Module, patterns: list[str], targets: list[str], key:
     error naming ``key``."""
     if not patterns:
         return []
-    names = [n for n, _ in module.named_modules() if n]
-    unmatched = [p for p in patterns if not any(re.search(p, n) for n in names)]
+    matched, unmatched = match_names([n for n, _ in module.named_modules() if n], patterns)
     if unmatched:
         raise ValueError(f"{key}.modules_to_save: {unmatched} match no module of {type(module).__name__}")
-    matched = [n for n in names if any(re.search(p, n) for p in patterns)]
     outer = [n for n in matched if not any(n.startswith(m + ".") for m in matched)]
     clash = [n for n in outer if any(t == n or t.startswith(n + ".") for t in targets)]
     if clash:

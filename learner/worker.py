@@ -16,7 +16,6 @@ job, each a set of functions of the worker:
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -51,13 +50,14 @@ def restrict_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Freeze every parameter whose name no pattern matches (``re.search``; ``policy.trainable``) and return
     the names left trainable. A pattern that matches no parameter is an error naming it."""
     names = [n for n, _ in model.named_parameters()]
-    unmatched = [p for p in patterns if not any(re.search(p, n) for n in names)]
+    wanted, unmatched = lora.match_names(names, patterns)
     if unmatched:
         raise ValueError(f"policy.trainable: {unmatched} match no parameter of {type(model).__name__}; "
                          f"its names look like {names[:2] + names[-2:]}")
+    wanted = set(wanted)
     kept = []
     for name, param in model.named_parameters():
-        if not any(re.search(p, name) for p in patterns):
+        if name not in wanted:
             param.requires_grad_(False)
         elif param.requires_grad:  # (policy.freeze_vision wins over a pattern)
             kept.append(name)
