@@ -237,13 +237,14 @@ def chains(small_models):
 
 LORA = [f"policy.lora={{rank: 4, alpha: 8, target_modules: ['{POLICY_TARGETS}'], "
         "modules_to_save: ['language_model\\.norm$']}",  # the final norm trained in full beside the adapters
-        f"diffusion.lora={{rank: 4, alpha: 8, target_modules: ['{UNET_TARGETS}']}}"]
+        f"diffusion.lora={{rank: 4, alpha: 8, target_modules: ['{UNET_TARGETS}'], "
+        "modules_to_save: ['unet\\.conv_out$']}"]  # and the UNet's output conv (weight and bias)
 
 
 @pytest.fixture(scope="module")
 def stepped(small_models, chains, port):
-    """A one-rank learner with adapters on both models (and the policy's final norm trained whole) and both KL
-    terms, after one GRPO step."""
+    """A one-rank learner with adapters on both models (and the policy's final norm and the UNet's output conv
+    trained whole) and both KL terms, after one GRPO step."""
     worker = _one_rank(small_models, port, *LORA, "grpo.kl_beta=0.1", "grpo.image_kl_beta=0.1",
                        "learner.policy_optim.lr=1e-2", "learner.diffusion_optim.lr=1e-2")
     before = {m: worker.gather_full_state(m) for m in ("policy", "diffusion")}
@@ -263,12 +264,14 @@ def test_a_step_moves_only_the_adapters_and_the_merged_weights_follow(stepped):
         params = dict(worker.engines[model].module.named_parameters())
         changed = {n for n, p in params.items() if not torch.equal(p, raw_before[model][n])}
         assert changed and all(lora.is_trained(n) for n in changed), sorted(changed)[:4]
-        assert any(".modules_to_save." in n for n in changed) == (model == "policy")
+        assert any(".modules_to_save." in n for n in changed)
         assert info["trainable_parameters"][model] < info["parameters"][model] / 2
         after = worker.gather_full_state(model)
         assert set(after) == set(before[model])  # the base model's names: what the rollout engines load
         moved = {n for n in after if not torch.equal(after[n], before[model][n])}
-        assert moved and all(n.endswith(".weight") for n in moved)  # only adapted layers' weights moved
+        # only adapted layers' weights moved, and the saved module whole
+        assert moved and all(n.endswith(".weight") or n.startswith("unet.conv_out.") for n in moved), sorted(moved)
+        assert model == "policy" or {"unet.conv_out.weight", "unet.conv_out.bias"} <= moved
 
 
 @pytest.mark.slow
@@ -291,6 +294,11 @@ def test_the_adapters_off_reference_gives_exactly_the_base_models_log_probs(step
     traces = [r.traces[0] for r in chains]
     _, kl = worker.pipeline.trace_log_probs_and_kl(traces, [0], worker.diffusion_reference)
     assert float(kl.detach().max()) > 0  # the trained SR model has moved away from its base
+    from learner.scoring import load_sr_pipeline
+
+    _, to_reference = load_sr_pipeline(str(small_models["diffusion"])).trace_log_probs_and_kl(
+        traces, [0], worker.diffusion_reference)
+    assert float(to_reference.detach().max()) == 0.0  # adapters and the saved conv off: exactly the base SR model
 
 
 @pytest.mark.slow
