@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from actors.text_engine import TextEngine, TextRequest, TextSample
-from core.chain import STAGES, TURNS, image_section, parse_chain, stage_sizes
+from core.chain import STAGES, TURNS, image_section, parse_chain, sr_prompt, stage_sizes
 from core.config import ChainConfig, DiffusionConfig, SamplingConfig
 from core.records import DiffusionTrace, Rollout, Sample
 
@@ -66,6 +66,14 @@ def stage_understanding(turn_text: str, stage: str) -> str:
     if body:
         return body
     return " ".join(parsed.outside.split()) if parsed.outside else ""
+
+
+def stage_prompt(chain_text: str, turn_text: str, stage: str, reads_degradation: bool) -> str:
+    """The SR model's prompt for ``stage``: the turn's understanding text (``stage_understanding``), after the
+    chain's own ``<degradation>`` sentence when ``chain.sr_reads_degradation``; what the cold start trained on
+    (``data.sft_targets.build_record``)."""
+    degradation = parse_chain(chain_text).degradation if reads_degradation else ""
+    return sr_prompt(stage_understanding(turn_text, stage), degradation)
 
 
 class ChainSampler:
@@ -120,7 +128,8 @@ class ChainSampler:
             # 2. image (branch 0 of every chain, then the other branches, in one diffusion batch)
             t0 = time.perf_counter()
             size = stage_sizes(lr_hw, self.scales)[turn.stage]
-            prompts = [stage_understanding(c.turn_text, turn.stage) for c in chains]
+            prompts = [stage_prompt(c.text, c.turn_text, turn.stage, self.chain.sr_reads_degradation)
+                       for c in chains]
             extra = range(1, self.image_group_size)
             generators = ([torch.Generator().manual_seed(_seed(seed, c.prompt_id, k, c.sample_index, 7))
                            for c in chains]

@@ -109,6 +109,19 @@ _LEVEL_WORD = {"no": "none", "none": "none", "light": "light", "medium": "medium
 _ITEM_RE = re.compile(r"\b(no|none|light|medium|heavy)\s+(" + "|".join(DEGRADATION_ITEMS) + r")\b", re.IGNORECASE)
 
 
+def sr_prompt(understanding: str, degradation: str = "") -> str:
+    """The SR model's prompt for one stage: the stage's understanding text, after the chain's degradation sentence
+    when one is given (``chain.sr_reads_degradation``: the SR model is then told what to undo).
+
+    >>> sr_prompt("a red bicycle wheel", " heavy noise,  light blur ")
+    'heavy noise, light blur. a red bicycle wheel'
+    >>> sr_prompt("a red bicycle wheel")
+    'a red bicycle wheel'
+    """
+    degradation = " ".join(degradation.split())
+    return f"{degradation}. {understanding}" if degradation else understanding
+
+
 def parse_degradation_text(text: str) -> dict[str, str]:
     """Item -> stated level, for the items the text states (the first statement of an item wins).
 

@@ -80,6 +80,9 @@ class ChainConfig:
     final_scale: int = 4
     max_stage_tokens: int = 48  # per text turn; a turn stops earlier at its closing tag
     prompt: Optional[str] = None  # None: the paper's RL prompt (core.chain.DEFAULT_PROMPT)
+    # the SR model's prompt starts with the chain's <degradation> sentence (core.chain.sr_prompt); the cold start
+    # must have trained it so (checked against cold_start's config)
+    sr_reads_degradation: bool = False
 
 
 # --------------------------------------------------------------------------------------------- rollout
@@ -369,6 +372,10 @@ def cold_start_config(cfg: ExperimentConfig, source: str = "<config>") -> Experi
         if init is not None and Path(init) != export / model:
             raise ConfigError(f"{source}: key '{model}.init_from' = {init!r}: the cold start ({cfg.cold_start}) "
                               f"exports {export / model}")
+    if cfg.diffusion.init_from and sft.chain.sr_reads_degradation != cfg.chain.sr_reads_degradation:
+        raise ConfigError(f"{source}: key 'chain.sr_reads_degradation' = {cfg.chain.sr_reads_degradation}, but the "
+                          f"cold start ({cfg.cold_start}) trained the SR model with "
+                          f"{sft.chain.sr_reads_degradation}: its prompts would not be the ones it learned")
     return sft
 
 

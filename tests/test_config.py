@@ -184,6 +184,8 @@ def test_cold_start_must_be_an_sft_config_whose_export_the_run_starts_from(tmp_p
         load_config(ROOT / "configs/grpo_random_local.yaml", ["cold_start=configs/sft_local.yaml"])
     with pytest.raises(ConfigError, match="key 'cold_start'.*config file not found: configs/nope.yaml"):
         load_config(ROOT / "configs/grpo_random_local.yaml", ["cold_start=configs/nope.yaml", *ok[1:]])
+    with pytest.raises(ConfigError, match="key 'chain.sr_reads_degradation' = True, but the cold start"):
+        load_config(ROOT / "configs/grpo_random_local.yaml", [*ok, "chain.sr_reads_degradation=true"])
     # pending while an export is missing; a run without a cold start never is
     sft = tmp_path / "sft"
     here = [f"cold_start={tmp_path}/sft.yaml", f"policy.init_from={sft}/checkpoints/step_000002/export/policy"]

@@ -114,3 +114,43 @@ def test_image_branches_leave_the_chains_as_they_are_and_add_whole_image_traject
         # a branch's middle stage is conditioned on that branch's rough image, not on branch 0's
         assert not torch.equal(three.traces[4].condition, three.traces[1].condition)
         assert torch.equal(three.traces[4].text_ids, three.traces[1].text_ids)  # the same stage text
+
+
+def test_the_sr_prompt_carries_the_chains_degradation_sentence_when_configured():
+    from actors.chain_sampler import stage_prompt
+    from core.chain import TURNS, image_section, render_turn
+
+    und = {"rough": "a lion", "middle": "a lion on a rock", "final": "a lion on a rock under a blue sky"}
+    first = render_turn(TURNS[0], "heavy noise, light blur", und)
+    second = render_turn(TURNS[1], "", und)
+    chain = first + image_section("rough") + second
+    assert stage_prompt(first, first, "rough", True) == "heavy noise, light blur. a lion"
+    assert stage_prompt(chain, second, "middle", True) == "heavy noise, light blur. a lion on a rock"
+    assert stage_prompt(chain, second, "middle", False) == "a lion on a rock"
+    nothing_stated = render_turn(TURNS[0], "", und)
+    assert stage_prompt(nothing_stated, nothing_stated, "rough", True) == "a lion"
+
+
+def test_with_sr_reads_degradation_the_sampler_asks_for_it_and_the_traces_hold_that_prompt(run, monkeypatch):
+    """The wiring: with the key on, every stage's prompt comes from stage_prompt(..., True) (its content is tested
+    above) and is what the trace records for the learner to re-score."""
+    import actors.chain_sampler as chain_sampler
+
+    calls = []
+
+    def spy(chain_text, turn_text, stage, reads_degradation):
+        prompt = stage_prompt(chain_text, turn_text, stage, reads_degradation)
+        calls.append((stage, reads_degradation, prompt))
+        return prompt
+
+    stage_prompt = chain_sampler.stage_prompt
+    monkeypatch.setattr(chain_sampler, "stage_prompt", spy)
+    sampler = run["worker"].sampler
+    monkeypatch.setattr(sampler.chain, "sr_reads_degradation", True)
+    rollouts = run["worker"].generate(run["samples"], G, seed=7)
+    assert len(calls) == 3 * len(rollouts) and all(flag for _, flag, _ in calls)
+    by_stage = {st: [p for s, _, p in calls if s == st] for st in ("rough", "middle", "final")}
+    for i, r in enumerate(rollouts):
+        for trace in r.traces:
+            want = sampler.pipeline.tokenize([by_stage[trace.stage][i]])[0]
+            assert torch.equal(trace.text_ids.cpu(), want.cpu()), trace.stage

@@ -102,6 +102,16 @@ def test_stage_images_are_the_hr_at_quarter_half_and_full_size(samples, tokens):
     assert [st.text for st in rec.stages] == [PHOTOS_BY_NAME[s.image_id].captions[st] for st in STAGES]
 
 
+def test_with_sr_reads_degradation_every_stage_prompt_starts_with_the_degradation_sentence(samples, tokens):
+    s = samples[1]
+    rec = build_record(s, tokens, SCALES, sr_reads_degradation=True)
+    deg = parse_chain(rec.text).degradation
+    assert parse_degradation_text(deg) == s.degradation.levels
+    captions = PHOTOS_BY_NAME[s.image_id].captions
+    assert [st.text for st in rec.stages] == [f"{deg}. {captions[st]}" for st in STAGES]
+    assert rec.text == build_record(s, tokens, SCALES).text  # the policy's targets do not change
+
+
 def test_texts_from_tags_grow_in_detail_and_bad_samples_are_named(samples, tokens):
     texts = understanding_from_tags(("lion", "rock", "sky"))
     assert texts["rough"] == "This image shows lion, rock and sky."
