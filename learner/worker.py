@@ -50,11 +50,11 @@ def restrict_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Freeze every parameter whose name no pattern matches (``re.search``; ``policy.trainable``) and return
     the names left trainable. A pattern that matches no parameter is an error naming it."""
     names = [n for n, _ in model.named_parameters()]
-    wanted, unmatched = lora.match_names(names, patterns)
+    matched, unmatched = lora.match_names(names, patterns)
     if unmatched:
         raise ValueError(f"policy.trainable: {unmatched} match no parameter of {type(model).__name__}; "
                          f"its names look like {names[:2] + names[-2:]}")
-    wanted = set(wanted)
+    wanted = set(matched)
     kept = []
     for name, param in model.named_parameters():
         if name not in wanted:

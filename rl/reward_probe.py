@@ -28,8 +28,6 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-log = logging.getLogger("rl.reward_probe")
-
 DEFAULT_SCALES = (0.5, 0.8, 1.0, 1.25, 1.5, 2.0)
 
 
