@@ -200,7 +200,8 @@ class GRPOConfig:
     token_credit: dict[str, Any] = field(default_factory=lambda: {"name": "chain"})
     # token_credit section only: the components each text section (degradation, rough/middle/final_understand)
     # learns from, e.g. {degradation: [format, degradation]} or {final_understand: [format/final_understand]}
-    # (that section's own format, rewards.format); a section not named takes text_rewards'.
+    # (that section's own format, rewards.format); a section not named takes text_rewards'; an empty list: its
+    # tokens get advantage 0 (only the KL term reaches them).
     section_rewards: Optional[dict[str, list[str]]] = None
     # Applied in order to the normalised advantages, each a rule of core.grpo.ADVANTAGE_TRANSFORMS with its
     # options: [{name: scale_negative, factor: 0.1}] (W-REINFORCE), [{name: placebo_shuffle}] (the placebo

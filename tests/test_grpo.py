@@ -576,6 +576,17 @@ def test_chain_advantages_decoupled_split_generation_into_its_metrics():
     torch.testing.assert_close(only_psnr.image, z(psnr), atol=1e-3, rtol=0)  # (eps of two normalisations)
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_a_section_that_learns_from_nothing_gets_advantage_zero(decoupled):
+    # an empty list silences a section; so does a list of rewards none of these chains has (real LR: no labels)
+    parts = [{k: v for k, v in p.items() if k != "degradation"} for p in CHAIN_PARTS]
+    adv = grpo.chain_advantages(parts, CHAIN_TOTALS, UNIT, 2, text_rewards=["format"], decoupled=decoupled,
+                                section_tags=("degradation", "final_understand"),
+                                section_rewards={"degradation": ["degradation"], "final_understand": []})
+    assert adv.sections.abs().max().item() == 0.0
+    assert adv.text.abs().max().item() > 0.5  # the format still teaches the other tokens
+
+
 def test_shuffled_advantages_are_a_permutation_within_each_group():
     kw = dict(text_rewards=["format"], image_rewards=["generation"], section_tags=("final_understand",),
               section_rewards={"final_understand": ["format/final_understand"]})

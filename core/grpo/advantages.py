@@ -159,9 +159,12 @@ def branch_advantages(
 def decoupled_rewards(values: Tensor, weights: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
     """Decoupled normalisation (LucidNFT; GDPO): values (N, K), one column per reward component, NaN where a
     chain has none (a failed metric); weights (K,) -> (N,) the weighted sum of each column's own group-normalised
-    values. A missing value takes its group's mean (advantage 0), so a failure neither rewards nor punishes."""
+    values. A missing value takes its group's mean (advantage 0), so a failure neither rewards nor punishes.
+    No column (K = 0: an empty component list, or none that applies to these chains) gives 0 for every chain."""
     if values.dim() != 2 or weights.shape != (values.shape[1],):
         raise ValueError(f"values must be (N, K) and weights (K,), got {tuple(values.shape)}, {tuple(weights.shape)}")
+    if values.shape[1] == 0:
+        return values.new_zeros(values.shape[0])
     g = values.view(-1, group_size, values.shape[1])  # (groups, G, K)
     present = ~torch.isnan(g)
     mean = torch.where(present, g, torch.zeros(())).sum(1, keepdim=True) / present.sum(1, keepdim=True).clamp(min=1)
