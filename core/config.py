@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.data_config import DataConfig, DegradationConfig  # noqa: F401 (DegradationConfig: re-exported)
@@ -318,9 +318,11 @@ class ExperimentConfig:
 
 
 # --------------------------------------------------------------------------------------------- loading
-# Keys holding one {name: ..., option: ...} rule of a registry: an override replaces the whole entry (switching
-# grpo.image_objective from nft back to trajectory must not keep nft's options).
-RULE_KEYS = ("grpo.token_credit", "grpo.image_objective")
+def _is_plain_mapping(node: Any) -> bool:
+    """A dict-typed value (``lr_scale``, ``section_rewards``, a registry rule like ``grpo.image_objective``), not a
+    section of dataclass fields: ``key={...}`` replaces it whole. Merging would make ``lr_scale={}`` a silent no-op
+    and keep nft's options when switching ``grpo.image_objective`` to trajectory."""
+    return isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -338,7 +340,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
         merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.load(path))
         for item in overrides:
             key, dot = item.split("=", 1)[0].strip(), OmegaConf.from_dotlist([item])
-            if key in RULE_KEYS:  # a new rule, not the old one's options with a new name
+            if _is_plain_mapping(OmegaConf.select(merged, key, default=None)):
                 OmegaConf.update(merged, key, OmegaConf.select(dot, key), merge=False)
             else:
                 merged = OmegaConf.merge(merged, dot)

@@ -216,3 +216,18 @@ def test_an_override_of_a_rule_replaces_it_whole():
     assert cfg.grpo.image_objective == {"name": "nft", "beta": 0.5}
     with pytest.raises(ConfigError, match="unknown option"):
         load_config(ROOT / "configs/grpo_local.yaml", ["grpo.image_objective={name: trajectory, beta: 0.5}"])
+
+
+def test_an_override_of_a_mapping_replaces_it_while_a_section_merges():
+    """``key={...}`` on a dict-typed key sets it to exactly that (``lr_scale={}`` clears it); on a section of
+    fields (``reward.weights``) it changes the named fields only; a dotted key changes one entry."""
+    cfg = load_config(ROOT / "configs/grpo_local.yaml",
+                      ["learner.policy_optim.lr_scale={}", "policy.lora.modules_to_save=[]",
+                       "grpo.section_rewards={degradation: [degradation]}", "reward.weights={format: 2.0}"])
+    assert cfg.learner.policy_optim.lr_scale == {}
+    assert cfg.grpo.section_rewards == {"degradation": ["degradation"]}
+    assert (cfg.reward.weights.format, cfg.reward.weights.generation) == (2.0, 1.0)
+    cfg = load_config(ROOT / "configs/grpo_local.yaml", ["grpo.section_rewards.degradation=[degradation]"])
+    assert cfg.grpo.section_rewards["degradation"] == ["degradation"] and len(cfg.grpo.section_rewards) == 4
+    with pytest.raises(ConfigError, match="key 'learner.policy_optim.lr_scale.a'"):
+        load_config(ROOT / "configs/grpo_local.yaml", ["learner.policy_optim.lr_scale={a: fast}"])
