@@ -134,6 +134,18 @@ def parse_degradation_text(text: str) -> dict[str, str]:
     return {item: found[item] for item in DEGRADATION_ITEMS if item in found}
 
 
+def item_statements(text: str) -> dict[str, tuple[int, int]]:
+    """Item -> the character span of its first statement in ``text`` (the one ``parse_degradation_text`` reads).
+
+    >>> item_statements("medium blur, no noise, heavy blur")
+    {'blur': (0, 11), 'noise': (13, 21)}
+    """
+    spans: dict[str, tuple[int, int]] = {}
+    for m in _ITEM_RE.finditer(text or ""):
+        spans.setdefault(m.group(2).lower(), m.span())
+    return spans
+
+
 # ------------------------------------------------------------------------------------- render / parse
 def render_chain(
     degradation: str,

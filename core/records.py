@@ -119,6 +119,7 @@ class ChainAdvantage:
     image: Optional[float] = None  # the diffusion steps'; None: the text's
     sections: Optional[tuple[float, ...]] = None  # one per core.chain.TEXT_TAGS section (section credit)
     image_branches: Optional[tuple[float, ...]] = None  # one per image branch (grpo.image_group_size > 1)
+    items: Optional[tuple[float, ...]] = None  # one per core.chain.DEGRADATION_ITEMS (degradation item credit)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from core.chain import STAGES, TEXT_TAGS
+from core.chain import DEGRADATION_ITEMS, STAGES, TEXT_TAGS
 from core.dtypes import DTYPE_NAMES
 from core.grpo.advantages import advantage_transform
 from core.grpo.credit import token_credit
@@ -62,7 +62,8 @@ def validate(cfg: Any, source: str = "<config>") -> None:
     if g.image_kl_beta > 0 and cfg.diffusion.freeze:
         f("grpo.image_kl_beta", g.image_kl_beta, "the SR model is frozen (diffusion.freeze): there is no update to "
           "penalise")
-    components = list(vars(cfg.reward.weights)) + [f"format/{tag}" for tag in TEXT_TAGS]  # rewards.total
+    components = (list(vars(cfg.reward.weights)) + [f"format/{tag}" for tag in TEXT_TAGS]  # rewards.total
+                  + [f"degradation/{item}" for item in DEGRADATION_ITEMS])
     reward_lists = {f"grpo.{key}": getattr(g, key) for key in ("text_rewards", "image_rewards")}
     for section, names in (g.section_rewards or {}).items():
         if section not in TEXT_TAGS:
@@ -86,6 +87,12 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("grpo.section_rewards", g.section_rewards,
           "section rewards go with grpo.token_credit {name: section}, and section credit needs them "
           f"(token_credit is {dict(g.token_credit)})")
+    items = g.token_credit.get("degradation_items", False)
+    if not isinstance(items, bool):
+        f("grpo.token_credit.degradation_items", items, "must be true or false")
+    elif items and not cfg.reward.weights.degradation > 0:
+        f("grpo.token_credit.degradation_items", items, "the items learn from the degradation reward, and "
+          f"reward.weights.degradation is {cfg.reward.weights.degradation}")
     if float(g.token_credit.get("stray_tag_penalty", 0.0)) < 0:
         f("grpo.token_credit.stray_tag_penalty", g.token_credit["stray_tag_penalty"],
           "must be >= 0 (it is subtracted from an advantage)")

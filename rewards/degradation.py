@@ -36,6 +36,20 @@ def degradation_reward(
     >>> degradation_reward("no degradation section", truth)
     0.0
     """
+    items = degradation_item_rewards(chain, labels)
+    return None if items is None else sum(items.values()) / len(items)
+
+
+def degradation_item_rewards(
+    chain: ParsedChain | str, labels: DegradationLabels | Mapping[str, str] | None
+) -> dict[str, float] | None:
+    """Item -> 1.0 when the text states it at its label level, else 0.0 (``degradation_reward`` is their mean),
+    for every item of ``core.chain.DEGRADATION_ITEMS``. Scored as ``degradation/<item>`` parts, so a statement's
+    tokens can learn from their own item alone (``grpo.token_credit: {name: section, degradation_items: true}``).
+
+    >>> degradation_item_rewards("<degradation>heavy blur, no noise</degradation>", {"blur": "heavy", "noise": "light"})
+    {'blur': 1.0, 'downsample': 0.0, 'noise': 0.0, 'compression': 0.0, 'upsample': 0.0}
+    """
     if labels is None:
         return None
     levels = labels.levels if isinstance(labels, DegradationLabels) else labels
@@ -43,5 +57,4 @@ def degradation_reward(
         return None
     parsed = chain if isinstance(chain, ParsedChain) else parse_chain(chain)
     stated = parse_degradation_text(parsed.degradation)
-    correct = sum(stated.get(item) == levels.get(item, "none") for item in DEGRADATION_ITEMS)
-    return correct / len(DEGRADATION_ITEMS)
+    return {item: float(stated.get(item) == levels.get(item, "none")) for item in DEGRADATION_ITEMS}

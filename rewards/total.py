@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from core.chain import parse_chain
 from core.config import RewardConfig
 from core.records import Rollout, Sample, Scores
-from rewards.degradation import degradation_reward
+from rewards.degradation import degradation_item_rewards
 from rewards.format import format_reward, section_format_rewards
 from rewards.quality import QualityScore, QualityScorer, generation_reward
 from rewards.understanding import understanding_reward
@@ -68,9 +68,10 @@ def score_chain(
     # per-section format (grpo.section_rewards credit); not summed into the total
     parts.update({f"format/{tag}": v for tag, v in section_format_rewards(text).items()})
     errors: dict[str, str] = {}
-    deg = degradation_reward(parsed, sample.degradation)
-    if deg is not None:
-        parts["degradation"] = deg
+    items = degradation_item_rewards(parsed, sample.degradation)
+    if items is not None:  # the items as parts of their own (item credit); not summed into the total
+        parts["degradation"] = sum(items.values()) / len(items)
+        parts.update({f"degradation/{item}": v for item, v in items.items()})
     und = understanding_reward(parsed, sample.tags, cfg.understanding_stages)
     if und is not None:
         parts["understanding"] = und

@@ -23,7 +23,8 @@ def step_advantages(cfg: ExperimentConfig, scores: Sequence[Scores], seed: int) 
         section_tags=TEXT_TAGS, train_images=not cfg.diffusion.freeze, scale_by_std=g.scale_by_std, eps=g.eps,
         transforms=g.advantage_transforms, generator=torch.Generator().manual_seed(seed),
         branches=[s.branches for s in scores] if g.image_group_size > 1 else None,
-        decoupled=g.decoupled_normalization, metric_weights=metric_weights(cfg.reward))
+        decoupled=g.decoupled_normalization, metric_weights=metric_weights(cfg.reward),
+        degradation_items=bool(g.token_credit.get("degradation_items", False)))
 
 
 def advantage_metrics(adv: grpo.ChainAdvantages, keep: torch.Tensor) -> dict[str, float]:
@@ -37,4 +38,6 @@ def advantage_metrics(adv: grpo.ChainAdvantages, keep: torch.Tensor) -> dict[str
                     "grpo/image_advantage_abs_max": float(image.abs().max())})
     if adv.sections is not None:
         out.update({f"grpo/{tag}_advantage_std": float(adv.sections[:, i].std()) for i, tag in enumerate(TEXT_TAGS)})
+    if adv.items is not None:
+        out["grpo/degradation_item_advantage_std"] = float(adv.items.std())
     return out

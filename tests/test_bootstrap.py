@@ -105,6 +105,23 @@ def test_chain_tokens_match_hf_processor(policy_dir):
     assert ct.tokenizer.decode([ct.stop_ids["rough"]]) == "</rough_understand>"
 
 
+def test_degradation_item_credit_finds_the_statements_in_the_policys_own_tokens(policy_dir):
+    """The learner's ChainTags decode with the policy's tokenizer: each item's statement is found in the token
+    ids of a rendered chain, whatever the tokenizer made of the words."""
+    from core.chain import DEGRADATION_ITEMS, render_chain
+    from core.grpo import ChainTags, degradation_item_positions, token_sections
+
+    ct = ChainTokens.from_pretrained(policy_dir)
+    tags = ChainTags.from_tokens(ct)
+    text = render_chain("medium blur, light downsample, heavy noise, light compression, no upsample", {})
+    ids = torch.tensor(ct.tokenizer(text, add_special_tokens=False).input_ids)
+    pos = degradation_item_positions(ids, token_sections(ids, tags.section_columns), tags.decode)
+    for k, item in enumerate(DEGRADATION_ITEMS):
+        stated = ct.tokenizer.decode(ids[pos == k].tolist())
+        assert item in stated and stated.split()[0] in ("medium", "light", "heavy", "no"), (item, stated)
+    assert ct.tokenizer.decode(ids[pos == -1].tolist()).count(",") == 4  # the separators keep the section's
+
+
 def test_hf_generate_from_image_prompt(policy_dir):
     model = load_policy(policy_dir)
     ct = ChainTokens.from_pretrained(policy_dir)

@@ -231,3 +231,21 @@ def test_an_override_of_a_mapping_replaces_it_while_a_section_merges():
     assert cfg.grpo.section_rewards["degradation"] == ["degradation"] and len(cfg.grpo.section_rewards) == 4
     with pytest.raises(ConfigError, match="key 'learner.policy_optim.lr_scale.a'"):
         load_config(ROOT / "configs/grpo_local.yaml", ["learner.policy_optim.lr_scale={a: fast}"])
+
+
+def test_degradation_item_credit_is_a_section_credit_option_that_needs_the_degradation_reward():
+    from core.records import Scores
+    from rl.advantages import step_advantages
+
+    cfg = load_config(ROOT / "configs/grpo_local.yaml", ["grpo.token_credit.degradation_items=true"])
+    parts = [{"format": 1.0, "degradation": 0.2 * k, **{f"degradation/{i}": float(j < k) for j, i in
+              enumerate(("blur", "downsample", "noise", "compression", "upsample"))}} for k in (1, 2, 3, 4)]
+    scores = [Scores(prompt_id=0, sample_index=k, parts=p, total=0.0) for k, p in enumerate(parts)]
+    adv = step_advantages(cfg, scores, seed=0)  # one group of 4: blur right everywhere, flat -> 0
+    assert adv.items.shape == (4, 5) and adv.items[:, 0].abs().max() == 0 and adv.items[:, 1].std() > 0
+    assert step_advantages(load_config(ROOT / "configs/grpo_local.yaml"), scores, seed=0).items is None
+    for override, why in (("grpo.token_credit.degradation_items=maybe", "must be true or false"),
+                          ("reward.weights.degradation=0", "reward.weights.degradation is 0.0")):
+        with pytest.raises(ConfigError, match=f"key 'grpo.token_credit.degradation_items' = .*{why}"):
+            load_config(ROOT / "configs/grpo_local.yaml", ["grpo.token_credit.degradation_items=true", override]
+                        if "weights" in override else [override])

@@ -632,6 +632,51 @@ def test_build_train_batch_gives_each_section_its_own_advantage():
         grpo.build_train_batch([r], torch.tensor([3.0]), credit=grpo.token_credit({"name": "section"}), tags=tags)
 
 
+# a toy tokenizer for degradation item credit: id -> text piece
+PIECES = {100: "<degradation>", 101: "</degradation>", 102: "<rough_understand>", 5: "x", 11: ",",
+          20: "medium", 21: " blur", 22: " heavy", 23: " noise", 24: " light", 25: " no", 26: " upsample"}
+TOY_TAGS = grpo.ChainTags(section_columns={100: 1, 102: 2}, written_order=(100, 101, 102),
+                          all_ids=frozenset({100, 101, 102}), decode=lambda ids: "".join(PIECES[i] for i in ids))
+
+
+def test_degradation_item_positions_mark_each_items_first_statement_in_the_first_section():
+    # <degradation>medium blur, heavy noise, light blur, no upsample</degradation> x <deg> heavy noise
+    ids = torch.tensor([100, 20, 21, 11, 22, 23, 11, 24, 21, 11, 25, 26, 101, 5, 100, 22, 23])
+    sections = grpo.token_sections(ids, TOY_TAGS.section_columns)
+    pos = grpo.degradation_item_positions(ids, sections, TOY_TAGS.decode)
+    # blur = 0, noise = 2, upsample = 4; the second "blur" and the second section are not what the reward reads
+    assert pos.tolist() == [-1, 0, 0, -1, 2, 2, -1, -1, -1, -1, 4, 4, -1, -1, -1, -1, -1]
+    assert grpo.degradation_item_positions(torch.tensor([5, 102, 5]), grpo.token_sections(
+        torch.tensor([5, 102, 5]), TOY_TAGS.section_columns), TOY_TAGS.decode).tolist() == [-1, -1, -1]
+
+
+def test_degradation_item_credit_gives_each_statement_its_items_advantage():
+    ids = torch.tensor([100, 20, 21, 11, 22, 23, 101, 102, 5])  # <deg>medium blur, heavy noise</deg><ru>x
+    adv = ChainAdvantage(text=3.0, sections=(0.5, -2.0, 7.0, 7.0), items=(1.0, 9.0, -1.5, 9.0, 9.0))
+    credit = grpo.token_credit({"name": "section", "degradation_items": True})
+    out = credit(ids, torch.ones(9, dtype=torch.bool), adv, TOY_TAGS)
+    assert out.tolist() == [0.5, 1.0, 1.0, 0.5, -1.5, -1.5, 0.5, -2.0, -2.0]
+    plain = grpo.token_credit({"name": "section"})(ids, torch.ones(9, dtype=torch.bool), adv, TOY_TAGS)
+    assert plain.tolist() == [0.5] * 7 + [-2.0] * 2  # without the option the items are ignored
+    with pytest.raises(ValueError, match="one advantage per item"):
+        credit(ids, torch.ones(9, dtype=torch.bool), ChainAdvantage(text=3.0, sections=(0.5,) * 4), TOY_TAGS)
+
+
+def test_chain_advantages_give_each_degradation_item_its_own_column():
+    items = [(1, 0, 1, 0, 0), (0, 0, 1, 1, 0), (1, 1, 0, 0, 0), (1, 1, 0, 0, 0)]
+    parts = [{**p, **{f"degradation/{k}": float(v) for k, v in zip(("blur", "downsample", "noise", "compression",
+                                                                    "upsample"), it)}}
+             for p, it in zip(CHAIN_PARTS, items)]
+    for decoupled in (False, True):
+        adv = grpo.chain_advantages(parts, CHAIN_TOTALS, UNIT, 2, text_rewards=["format"], decoupled=decoupled,
+                                    section_tags=("degradation",), section_rewards={"degradation": ["degradation"]},
+                                    degradation_items=True)
+        expected = grpo.group_advantages(torch.tensor(items, dtype=torch.float32).T.reshape(-1), 2).view(5, 4).T
+        torch.testing.assert_close(adv.items, expected, atol=1e-4, rtol=0)
+        assert adv.per_chain()[0].items == pytest.approx(tuple(expected[0].tolist()))
+    assert grpo.chain_advantages(parts, CHAIN_TOTALS, UNIT, 2).items is None
+
+
 # ids for the grammar tests: the written tags in order, and two image tags the system inserts
 ORDER = [100, 101, 102, 103, 104, 105, 106, 107]  # <degradation> </degradation> <rough_understand> ...
 IMAGE_TAGS_IDS = {110, 111}

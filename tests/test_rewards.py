@@ -13,10 +13,10 @@ import rewards.format
 import rewards.quality
 import rewards.total
 import rewards.understanding
-from core.chain import IMAGE_PLACEHOLDER, TAGS, TEXT_TAGS, parse_chain, render_chain
+from core.chain import DEGRADATION_ITEMS, IMAGE_PLACEHOLDER, TAGS, TEXT_TAGS, parse_chain, render_chain
 from core.config import QualityMetricConfig, RewardConfig, RewardWeights
 from core.records import DegradationLabels, Rollout
-from rewards.degradation import degradation_reward
+from rewards.degradation import degradation_item_rewards, degradation_reward
 from rewards.format import format_reward, section_format_rewards
 from rewards.quality import QualityScore, QualityScorer
 from rewards.total import score_chain, score_rollouts
@@ -174,6 +174,15 @@ def test_degradation_unstated_none_item_is_wrong():
     assert degradation_reward(render_chain("", {}), LEVELS) == 0.0
 
 
+def test_degradation_items_are_the_rewards_verdicts_one_by_one():
+    truth = DegradationLabels(levels=PAPER_TRUTH, params={})
+    for text in (PAPER_PREDICTED, "medium blur and heavy noise", "", "heavy noise, light noise"):
+        items = degradation_item_rewards(render_chain(text, {}), truth)
+        assert set(items) == {"blur", "downsample", "noise", "compression", "upsample"}
+        assert sum(items.values()) / 5 == pytest.approx(degradation_reward(render_chain(text, {}), truth))
+    assert degradation_item_rewards(GOOD, None) is None
+
+
 def test_degradation_not_applicable_without_labels():
     assert degradation_reward(GOOD, None) is None
 
@@ -270,6 +279,9 @@ def test_total_is_the_weighted_sum_of_all_parts():
             "quality/a": 0.2,
             "quality/b": 0.6,
             **{f"format/{tag}": 1.0 for tag in TEXT_TAGS},  # details: not in the total
+            # each degradation item's verdict (item credit): blur and noise wrong, as in the paper's figure
+            **{"degradation/blur": 0.0, "degradation/downsample": 1.0, "degradation/noise": 0.0,
+               "degradation/compression": 1.0, "degradation/upsample": 1.0},
         }
     )
     assert s.total == pytest.approx(1.0 + 2 * 0.6 + 0.5 * 0.5 + 3 * 0.5)
@@ -301,7 +313,8 @@ def test_total_without_final_image_scores_generation_zero():
 def test_total_of_garbage_text_is_zero_not_an_error():
     s = score_chain(None, make_sample(), None, RewardConfig())
     assert s.parts == {"format": 0.0, "degradation": 0.0, "understanding": 0.0,
-                       **{f"format/{tag}": 0.0 for tag in TEXT_TAGS}} and s.total == 0.0
+                       **{f"format/{tag}": 0.0 for tag in TEXT_TAGS},
+                       **{f"degradation/{item}": 0.0 for item in DEGRADATION_ITEMS}} and s.total == 0.0
 
 
 def _brightness_scorer() -> tuple[RewardConfig, QualityScorer, list[int]]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.chain import DEGRADATION_ITEMS
 from core.records import ChainAdvantage
 
 
@@ -244,14 +245,15 @@ class ChainAdvantages:
     sections: Tensor | None
     groups: GroupFilter
     image_branches: Tensor | None = None
+    items: Tensor | None = None  # (N, len(DEGRADATION_ITEMS)): each degradation item's own advantage
 
     def per_chain(self) -> list[ChainAdvantage]:
         """One record per chain, what the learner is sent."""
+        row = lambda t, i: None if t is None else tuple(t[i].tolist())  # noqa: E731
         return [ChainAdvantage(text=float(self.text[i]),
                                image=None if self.image is None else float(self.image[i]),
-                               sections=None if self.sections is None else tuple(self.sections[i].tolist()),
-                               image_branches=(None if self.image_branches is None
-                                               else tuple(self.image_branches[i].tolist())))
+                               sections=row(self.sections, i), image_branches=row(self.image_branches, i),
+                               items=row(self.items, i))
                 for i in range(self.text.shape[0])]
 
 
@@ -272,6 +274,7 @@ def chain_advantages(
     branches: Sequence[Sequence[Mapping[str, float]]] | None = None,
     decoupled: bool = False,
     metric_weights: Mapping[str, float] | None = None,
+    degradation_items: bool = False,
 ) -> ChainAdvantages:
     """The advantages of every part of the chain from the chains' reward parts (``Scores.parts``) and totals.
 
@@ -287,6 +290,8 @@ def chain_advantages(
     (``branch_advantages``). ``decoupled`` (``grpo.decoupled_normalization``): every component of a column is
     normalised on its own before the weighted sum (``decoupled_rewards``), the generation reward as its metrics
     (``quality/<metric>`` parts, ``metric_weights``: their weights in the generation average).
+    ``degradation_items``: one more column per ``core.chain.DEGRADATION_ITEMS`` item, from its ``degradation/<item>``
+    part alone (the statement of that item learns from whether it was right, not from the other four).
     """
     def expand(components: Sequence[str] | None) -> list[tuple[str, float]]:
         """(part, weight) of a column: the total's components for None; generation split into its metrics when
@@ -336,6 +341,9 @@ def chain_advantages(
         for tag in section_tags:
             names = section_rewards.get(tag)
             columns[f"section/{tag}"] = columns["text"] if names is None else rewards(parts, names, group_size)
+    if degradation_items:
+        for item in DEGRADATION_ITEMS:
+            columns[f"item/{item}"] = rewards(parts, [f"degradation/{item}"], group_size)
     table, groups = column_advantages(torch.stack(list(columns.values()), dim=1), group_size, scale_by_std, eps)
     if image_table is not None:  # a group stays while any column, or its images, can still teach something
         flat = groups.zero_variance & image_flat
@@ -348,9 +356,11 @@ def chain_advantages(
     sections = (torch.stack([out[f"section/{tag}"] for tag in section_tags], dim=1) if section_rewards
                 else None)
     image_branches = table[:, len(columns):] if image_table is not None else None
+    items = (torch.stack([out[f"item/{item}"] for item in DEGRADATION_ITEMS], dim=1) if degradation_items
+             else None)
     return ChainAdvantages(text=out["text"],
                            image=image_branches[:, 0] if image_branches is not None else out.get("image"),
-                           sections=sections, groups=groups, image_branches=image_branches)
+                           sections=sections, groups=groups, image_branches=image_branches, items=items)
 
 
 def group_order(records: Sequence[object], group_size: int) -> list[int]:
