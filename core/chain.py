@@ -122,16 +122,23 @@ def sr_prompt(understanding: str, degradation: str = "") -> str:
     return f"{degradation}. {understanding}" if degradation else understanding
 
 
+def _first_statements(text: str) -> dict[str, re.Match]:
+    """Item -> the match of its first statement ("heavy noise") in ``text``: the one rule of what a degradation
+    sentence states, shared by the reward (``parse_degradation_text``) and the item credit (``item_statements``)."""
+    first: dict[str, re.Match] = {}
+    for m in _ITEM_RE.finditer(text or ""):
+        first.setdefault(m.group(2).lower(), m)
+    return first
+
+
 def parse_degradation_text(text: str) -> dict[str, str]:
     """Item -> stated level, for the items the text states (the first statement of an item wins).
 
     >>> parse_degradation_text("Medium blur, light downsample, heavy noise and no upsample")
     {'blur': 'medium', 'downsample': 'light', 'noise': 'heavy', 'upsample': 'none'}
     """
-    found: dict[str, str] = {}
-    for level, item in _ITEM_RE.findall(text or ""):
-        found.setdefault(item.lower(), _LEVEL_WORD[level.lower()])
-    return {item: found[item] for item in DEGRADATION_ITEMS if item in found}
+    found = _first_statements(text)
+    return {item: _LEVEL_WORD[found[item].group(1).lower()] for item in DEGRADATION_ITEMS if item in found}
 
 
 def item_statements(text: str) -> dict[str, tuple[int, int]]:
@@ -140,10 +147,7 @@ def item_statements(text: str) -> dict[str, tuple[int, int]]:
     >>> item_statements("medium blur, no noise, heavy blur")
     {'blur': (0, 11), 'noise': (13, 21)}
     """
-    spans: dict[str, tuple[int, int]] = {}
-    for m in _ITEM_RE.finditer(text or ""):
-        spans.setdefault(m.group(2).lower(), m.span())
-    return spans
+    return {item: m.span() for item, m in _first_statements(text).items()}
 
 
 # ------------------------------------------------------------------------------------- render / parse
