@@ -80,10 +80,13 @@ class ChainSampler:
     """Runs the episodes for one rollout worker: a text engine plus an SR pipeline."""
 
     def __init__(self, engine: TextEngine, pipeline, chain: ChainConfig, diffusion: DiffusionConfig,
-                 sampling: Optional[SamplingConfig] = None, image_group_size: int = 1):
+                 sampling: Optional[SamplingConfig] = None, image_group_size: int = 1, detail_gain_std: float = 0.0):
         if image_group_size < 1:
             raise ValueError(f"image_group_size = {image_group_size}: must be >= 1")
+        if not detail_gain_std >= 0:
+            raise ValueError(f"detail_gain_std = {detail_gain_std}: must be >= 0")
         self.image_group_size = image_group_size  # M image branches per chain (grpo.image_group_size)
+        self.detail_gain_std = detail_gain_std  # grpo.detail_gain_std: training rollouts only (sample(explore=))
         self.engine = engine
         self.pipeline = pipeline
         self.chain = chain
@@ -93,8 +96,9 @@ class ChainSampler:
         self.scales = {"rough": chain.rough_scale, "middle": chain.middle_scale, "final": chain.final_scale}
 
     def sample(self, samples: Sequence[Sample], group_size: int, seed: int,
-               policy_version: int = 0, diffusion_version: int = 0) -> list[Rollout]:
-        """B prompts -> B*G rollouts ordered [p0s0, p0s1, ..., p1s0, ...]."""
+               policy_version: int = 0, diffusion_version: int = 0, explore: bool = True) -> list[Rollout]:
+        """B prompts -> B*G rollouts ordered [p0s0, p0s1, ..., p1s0, ...]. ``explore`` False: no detail gains
+        (held-out evaluation samples the model as it is)."""
         timings = {"text_s": 0.0, "diffusion_s": 0.0}
         start = time.perf_counter()
         chains: list[_Chain] = []
@@ -136,10 +140,16 @@ class ChainSampler:
                           + [torch.Generator().manual_seed(_seed(seed, c.prompt_id, k, c.sample_index, 7, b))
                              for c in chains for b in extra])
             conditions = [c.last_image for c in chains] + [c.branch_images[b - 1] for c in chains for b in extra]
+            gains = None
+            if explore and self.detail_gain_std > 0:
+                seeds = ([_seed(seed, c.prompt_id, k, c.sample_index, 13) for c in chains]
+                         + [_seed(seed, c.prompt_id, k, c.sample_index, 13, b) for c in chains for b in extra])
+                gains = detail_gains(self.detail_gain_std, seeds)
             images, traces = self.pipeline.sample(
                 conditions, size, prompts + [p for p in prompts for _ in extra],
                 num_steps=self.diffusion.num_steps, eta=self.diffusion.eta, noise_level=self.diffusion.noise_level,
                 generator=generators, guidance_scale=self.diffusion.guidance_scale, stage=turn.stage,
+                detail_gains=gains,
             )
             n, m = len(chains), self.image_group_size - 1
             for i, c in enumerate(chains):
@@ -191,6 +201,18 @@ class ChainSampler:
             finish_reasons=tuple(c.finish),
             branch_finals=tuple(c.branch_images),
         )
+
+
+def detail_gains(std: float, seeds: Sequence[int]) -> list[float]:
+    """One log-normal factor exp(std * z), z ~ N(0, 1), per image, each from its own seed (so an image's gain does
+    not depend on the batch it is sampled in): how much of its sampled detail an image keeps
+    (``grpo.detail_gain_std``). A sampler's images of one input differ only by their noise pattern, so GRPO never
+    sees a sharper or smoother image of the same input; these gains show it one.
+
+    >>> detail_gains(0.0, [1, 2])
+    [1.0, 1.0]
+    """
+    return [float(np.exp(std * np.random.default_rng(s).standard_normal())) for s in seeds]
 
 
 def _seed(*parts: int) -> int:

@@ -46,10 +46,11 @@ class RolloutGroup(ActorGroup):
         if rc.call_timeout_s > 0:
             threading.Thread(target=self._watch, name="rollout-watchdog", daemon=True).start()
 
-    def submit_generate(self, samples: Sequence[Sample], group_size: int, seed: int
+    def submit_generate(self, samples: Sequence[Sample], group_size: int, seed: int, explore: bool = True
                         ) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
         """B samples -> (B*G refs of Rollout, B*G refs of their scoring views), both ordered
-        [p0s0, ..., p0s(G-1), p1s0, ...]; prompts split evenly over the actors."""
+        [p0s0, ..., p0s(G-1), p1s0, ...]; prompts split evenly over the actors. ``explore`` False: held out
+        (no ``grpo.detail_gain_std`` gains)."""
         chains: list[ray.ObjectRef] = []
         views: list[ray.ObjectRef] = []
         chunks = np.array_split(np.arange(len(samples)), len(self.actors))
@@ -58,7 +59,8 @@ class RolloutGroup(ActorGroup):
                 continue
             chunk = [samples[i] for i in idx]
             n = len(chunk) * group_size
-            out = actor.generate_with_views.options(num_returns=2 * n).remote(chunk, group_size, seed, self.latest)
+            out = actor.generate_with_views.options(num_returns=2 * n).remote(chunk, group_size, seed, self.latest,
+                                                                             explore)
             self._track(k, out[0])
             chains.extend(out[:n])
             views.extend(out[n:])

@@ -41,27 +41,29 @@ class RolloutWorker:
         )
         self.pipeline = SRPipeline.from_pretrained(cfg.diffusion.path).to(device, torch_dtype(cfg.diffusion.dtype))
         self.sampler = ChainSampler(self.engine, self.pipeline, cfg.chain, cfg.diffusion,
-                                    image_group_size=cfg.grpo.image_group_size)
+                                    image_group_size=cfg.grpo.image_group_size,
+                                    detail_gain_std=cfg.grpo.detail_gain_std)
         self.policy_version = 0
         self.diffusion_version = 0
 
     # ------------------------------------------------------------------------------------------ rollout
     def generate(self, samples: Sequence[Sample], group_size: int, seed: int,
-                 weights: WeightUpdate | None = None) -> list[Rollout]:
+                 weights: WeightUpdate | None = None, explore: bool = True) -> list[Rollout]:
         """B samples -> B*G rollouts; first loads ``weights`` if this worker is behind (after a restart, or the
-        asynchronous pipeline's update carried by the call, whose weights were staged by ``receive_weights``)."""
+        asynchronous pipeline's update carried by the call, whose weights were staged by ``receive_weights``).
+        ``explore`` False: without ``grpo.detail_gain_std``'s gains (held-out evaluation)."""
         if weights is not None:
             self._load_staged(weights.version)
         if weights is not None and weights.version > max(self.policy_version, self.diffusion_version):
             log.info("rollout worker %d at version %d loads version %d before sampling",
                      self.worker_index, max(self.policy_version, self.diffusion_version), weights.version)
             self.load_weights(weights)
-        return self.sampler.sample(samples, group_size, seed, self.policy_version, self.diffusion_version)
+        return self.sampler.sample(samples, group_size, seed, self.policy_version, self.diffusion_version, explore)
 
     def generate_with_views(self, samples: Sequence[Sample], group_size: int, seed: int,
-                            weights: WeightUpdate | None = None) -> list:
+                            weights: WeightUpdate | None = None, explore: bool = True) -> list:
         """``generate``, then each rollout's scoring view: [r_0 .. r_n-1, view_0 .. view_n-1] (2n returns)."""
-        rollouts = self.generate(samples, group_size, seed, weights)
+        rollouts = self.generate(samples, group_size, seed, weights, explore)
         return rollouts + [r.scoring_view() for r in rollouts]
 
     # ------------------------------------------------------------------------------------------ weights

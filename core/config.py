@@ -220,6 +220,10 @@ class GRPOConfig:
     # its own image advantage: centred on its chain's M branches (the text is shared, so what is left is the SR
     # model's own doing) and scaled by the spread of those residuals over the group. 1: one image per chain.
     image_group_size: int = 1
+    # > 0: in training rollouts every sampled image of a residual SR model keeps exp(std * z) x its detail (z ~ N(0,1)
+    # per image): sharper and smoother versions of one input for the image loss to compare, which the sampler's
+    # noise alone never makes (docs/experiments.md). DiffusionNFT only (it learns from the images, not the steps).
+    detail_gain_std: float = 0.0
     # Each reward component of an advantage column is normalised within its group on its own before the column's
     # weighted sum, and the generation reward counts as its metrics (quality/<metric>, weighted as in its average):
     # decoupled normalisation (LucidNFT, GDPO). A metric whose spread within a group is small (PSNR between

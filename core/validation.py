@@ -59,6 +59,11 @@ def validate(cfg: Any, source: str = "<config>") -> None:
     if objective != "trajectory" and g.image_clip_range is not None:
         f("grpo.image_clip_range", g.image_clip_range, f"the {objective} objective has no ratio to clip (it is the "
           "trajectory objective's)")
+    if not g.detail_gain_std >= 0:
+        f("grpo.detail_gain_std", g.detail_gain_std, "must be >= 0 (0: off)")
+    if g.detail_gain_std > 0 and objective != "nft":
+        f("grpo.detail_gain_std", g.detail_gain_std, f"the {objective} objective re-scores the sampled steps, whose "
+          "recorded log-probs are of the image before its gain: exploring by gains needs image_objective nft")
     if g.image_kl_beta > 0 and cfg.diffusion.freeze:
         f("grpo.image_kl_beta", g.image_kl_beta, "the SR model is frozen (diffusion.freeze): there is no update to "
           "penalise")

@@ -194,11 +194,16 @@ class SRPipeline(SRTraining, DiffusionPipeline):
         generator: Generator = None,
         guidance_scale: float = 1.0,
         stage: str = "",
+        detail_gains: Sequence[float] | None = None,
     ) -> tuple[list[np.ndarray], list[DiffusionTrace]]:
         """Sample one image per (condition, prompt) at ``size`` = (H, W) and record each trajectory.
 
         conditions: uint8 (h, w, 3) images (the LR image or the previous stage's), any sizes; a list of
         generators (one per image) makes each image independent of the batch it is sampled in.
+        detail_gains: one factor per image on the sampled x_0 of a residual model, its detail about the bicubic
+        upsampling (``grpo.detail_gain_std``, exploration for DiffusionNFT). The trace's last latent is the scaled
+        x_0; the last step's recorded log-prob stays that of the unscaled one, so a trajectory objective must not
+        read traces sampled with gains other than 1.
         """
         # 1. check inputs
         B = len(conditions)
@@ -208,6 +213,12 @@ class SRPipeline(SRTraining, DiffusionPipeline):
             raise ValueError(f"{len(generator)} generators for a batch of {B}")
         if num_steps < 1:
             raise ValueError(f"num_steps = {num_steps}: must be >= 1")
+        if detail_gains is not None:
+            if not self.config.get("residual", False):
+                raise ValueError("detail_gains scale the residual to the bicubic upsampling: this SR model is not "
+                                 "residual (a plain or latent model has no detail term to scale)")
+            if len(detail_gains) != B or any(not g > 0 for g in detail_gains):
+                raise ValueError(f"detail_gains {list(detail_gains)}: one positive factor per image ({B})")
         # 2. text
         ids = self.tokenize(prompts)  # (B, L)
         text = self.encode_text(ids)  # (B, L, D)
@@ -232,6 +243,9 @@ class SRPipeline(SRTraining, DiffusionPipeline):
             x = step.prev_sample
             latents.append(x)
             log_probs.append(step.log_prob)
+        if detail_gains is not None:
+            x = x * torch.tensor(detail_gains, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
+            latents[-1] = x
         # 7. images and traces
         images = self.decode(x, self.residual_base(conditions, size))
         lat = torch.stack(latents, dim=1).cpu()  # (B, S+1, C, h, w)

@@ -41,7 +41,7 @@ class HeldOutEval:
         import ray
 
         start = time.perf_counter()
-        _, views = rollouts.submit_generate(self.samples, self.group_size, seed=self.seed)
+        _, views = rollouts.submit_generate(self.samples, self.group_size, seed=self.seed, explore=False)
         scores = rewards.score(views, [s for s in self.samples for _ in range(self.group_size)])
         return {**self.metrics(ray.get(list(views)), scores), "timing/eval": time.perf_counter() - start}
 

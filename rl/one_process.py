@@ -145,7 +145,7 @@ class OneProcessGRPO:
         """``rl.held_out``'s ``eval/`` metrics: the same held-out prompts and seeds every time."""
         start = time.perf_counter()
         h = self.held_out
-        chains = self.rollout.generate(h.samples, h.group_size, seed=h.seed)
+        chains = self.rollout.generate(h.samples, h.group_size, seed=h.seed, explore=False)
         scores = self.reward.score(list(zip(chains, [s for s in h.samples for _ in range(h.group_size)])))
         return {**h.metrics(chains, scores), "timing/eval": time.perf_counter() - start}
 

@@ -249,3 +249,15 @@ def test_degradation_item_credit_is_a_section_credit_option_that_needs_the_degra
         with pytest.raises(ConfigError, match=f"key 'grpo.token_credit.degradation_items' = .*{why}"):
             load_config(ROOT / "configs/grpo_local.yaml", ["grpo.token_credit.degradation_items=true", override]
                         if "weights" in override else [override])
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (["grpo.detail_gain_std=-0.1"], "must be >= 0"),
+    (["grpo.detail_gain_std=0.3"], "the trajectory objective re-scores the sampled steps"),
+])
+def test_detail_gains_need_the_nft_objective(overrides, why):
+    with pytest.raises(ConfigError, match=f"key 'grpo.detail_gain_std' = .*{why}"):
+        load_config(ROOT / "configs/grpo_random_local.yaml", overrides)
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml", ["grpo.detail_gain_std=0.3",
+                                                               "grpo.image_objective={name: nft}"])
+    assert cfg.grpo.detail_gain_std == 0.3

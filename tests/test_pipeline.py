@@ -39,7 +39,7 @@ class _Rollouts:
         self.seconds = seconds
         self.seeds: list[int] = []
 
-    def submit_generate(self, samples, group_size, seed):
+    def submit_generate(self, samples, group_size, seed, explore=True):
         self.seeds.append(seed)
         time.sleep(self.seconds)
         version = self.latest.version if self.latest else 0

@@ -154,3 +154,53 @@ def test_with_sr_reads_degradation_the_sampler_asks_for_it_and_the_traces_hold_t
         for trace in r.traces:
             want = sampler.pipeline.tokenize([by_stage[trace.stage][i]])[0]
             assert torch.equal(trace.text_ids.cpu(), want.cpu()), trace.stage
+
+
+def test_detail_gains_are_log_normal_per_seed():
+    from actors.chain_sampler import detail_gains
+
+    gains = np.log(detail_gains(0.3, range(4000)))
+    assert abs(gains.mean()) < 0.02 and abs(gains.std() - 0.3) < 0.02
+    assert detail_gains(0.3, [5, 6]) == detail_gains(0.3, [5, 6]) and detail_gains(0.3, [5])[0] != detail_gains(
+        0.3, [6])[0]
+    assert detail_gains(0.0, [5, 6]) == [1.0, 1.0]
+
+
+def test_training_rollouts_explore_detail_gains_and_held_out_ones_do_not(run, monkeypatch):
+    """grpo.detail_gain_std > 0: each training image's sampled residual is scaled by its own gain (the rough stage,
+    sampled from the same LR and noise, shows it exactly); ``explore=False`` (held-out evaluation) samples the model
+    as it is, identical to a run without the key."""
+    from actors.chain_sampler import _seed, detail_gains
+
+    monkeypatch.setattr(run["worker"].sampler, "detail_gain_std", 0.3)
+    held_out = run["worker"].generate(run["samples"], G, seed=7, explore=False)
+    for one, h in zip(run["rollouts"], held_out):
+        assert torch.equal(one.token_ids, h.token_ids)
+        assert all(np.array_equal(one.images[k], h.images[k]) for k in one.images)
+    explored = run["worker"].generate(run["samples"], G, seed=7)
+    ratios = []
+    for one, e in zip(run["rollouts"], explored):
+        (gain,) = detail_gains(0.3, [_seed(7, e.prompt_id, 0, e.sample_index, 13)])
+        a, b = one.traces[0], e.traces[0]
+        assert a.stage == b.stage == "rough" and torch.equal(a.latents[:-1], b.latents[:-1])
+        torch.testing.assert_close(b.latents[-1], gain * a.latents[-1], atol=1e-6, rtol=0)
+        ratios.append(gain)
+    assert len(set(ratios)) == len(ratios) and max(abs(np.log(ratios))) > 0.05
+
+
+def test_the_held_out_evaluation_asks_the_rollout_actors_not_to_explore():
+    """rl.held_out samples the model as it is: its generate call carries explore=False."""
+    from rl.held_out import HeldOutEval
+
+    class Asked(Exception):
+        pass
+
+    class Rollouts:
+        def submit_generate(self, samples, group_size, seed, explore=True):
+            raise Asked(explore)
+
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml", ["trainer.eval_every=5", "grpo.detail_gain_std=0.3",
+                                                               "grpo.image_objective={name: nft}"])
+    with pytest.raises(Asked) as asked:
+        HeldOutEval(cfg).run(Rollouts(), None)
+    assert asked.value.args == (False,)

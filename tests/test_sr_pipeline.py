@@ -276,3 +276,26 @@ def test_residual_model_adds_its_sample_to_the_bicubic_upsampling(pipe, monkeypa
     with pytest.raises(ValueError, match="residual = True needs a pixel-space model"):
         SRPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, pipe.low_res_scheduler,
                    vae=AutoencoderKL(block_out_channels=(8,), norm_num_groups=8), residual=True)
+
+
+def test_detail_gains_scale_the_sampled_residual_and_nothing_before_it(pipe):
+    """``grpo.detail_gain_std``: the gain multiplies the sampled x_0 (the residual to the bicubic upsampling), which
+    the trace's last latent holds for DiffusionNFT; every earlier latent and log-prob is the sampler's own."""
+    conditions = _conditions(2)
+    plain_images, plain = pipe.sample(conditions, (16, 16), PROMPTS[:2], num_steps=3, generator=_gens(0, 1))
+    images, traces = pipe.sample(conditions, (16, 16), PROMPTS[:2], num_steps=3, generator=_gens(0, 1),
+                                 detail_gains=[2.0, 0.5])
+    base = pipe.upsample(conditions, (16, 16))
+    for gain, tr, ref, image, b in zip((2.0, 0.5), traces, plain, images, base):
+        assert torch.equal(tr.latents[:-1], ref.latents[:-1]) and torch.equal(tr.log_probs, ref.log_probs)
+        torch.testing.assert_close(tr.latents[-1], gain * ref.latents[-1], atol=1e-6, rtol=0)
+        want = ((b + tr.latents[-1]).clamp(-1, 1) + 1) * 127.5
+        assert np.abs(image.astype(float) - want.round().permute(1, 2, 0).numpy()).max() <= 1
+    assert not np.array_equal(images[0], plain_images[0])
+    with pytest.raises(ValueError, match="one positive factor per image"):
+        pipe.sample(conditions, (16, 16), PROMPTS[:2], num_steps=2, generator=_gens(0, 1), detail_gains=[1.0])
+    with pytest.raises(ValueError, match="one positive factor per image"):
+        pipe.sample(conditions, (16, 16), PROMPTS[:2], num_steps=2, generator=_gens(0, 1), detail_gains=[1.0, 0.0])
+    plain_model = SRPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, pipe.low_res_scheduler)
+    with pytest.raises(ValueError, match="this SR model is not residual"):
+        plain_model.sample(conditions, (16, 16), PROMPTS[:2], num_steps=2, detail_gains=[1.0, 1.0])
