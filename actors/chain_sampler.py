@@ -135,16 +135,15 @@ class ChainSampler:
             prompts = [stage_prompt(c.text, c.turn_text, turn.stage, self.chain.sr_reads_degradation)
                        for c in chains]
             extra = range(1, self.image_group_size)
-            generators = ([torch.Generator().manual_seed(_seed(seed, c.prompt_id, k, c.sample_index, 7))
-                           for c in chains]
-                          + [torch.Generator().manual_seed(_seed(seed, c.prompt_id, k, c.sample_index, 7, b))
-                             for c in chains for b in extra])
+            def image_seeds(tag: int) -> list[int]:  # one per image, in the batch's order: branch 0s, then the rest
+                return ([_seed(seed, c.prompt_id, k, c.sample_index, tag) for c in chains]
+                        + [_seed(seed, c.prompt_id, k, c.sample_index, tag, b) for c in chains for b in extra])
+
+            generators = [torch.Generator().manual_seed(s) for s in image_seeds(7)]
             conditions = [c.last_image for c in chains] + [c.branch_images[b - 1] for c in chains for b in extra]
             gains = None
             if explore and self.detail_gain_std > 0:
-                seeds = ([_seed(seed, c.prompt_id, k, c.sample_index, 13) for c in chains]
-                         + [_seed(seed, c.prompt_id, k, c.sample_index, 13, b) for c in chains for b in extra])
-                gains = detail_gains(self.detail_gain_std, seeds)
+                gains = detail_gains(self.detail_gain_std, image_seeds(13))
             images, traces = self.pipeline.sample(
                 conditions, size, prompts + [p for p in prompts for _ in extra],
                 num_steps=self.diffusion.num_steps, eta=self.diffusion.eta, noise_level=self.diffusion.noise_level,
