@@ -185,6 +185,9 @@ class GRPOConfig:
     # + image_kl_beta x the exact KL of each trained denoising step to the base SR model's (the run's starting
     # weights, a frozen copy per learner rank; Flow-GRPO's KL term). 0: off, no copy held.
     image_kl_beta: float = 0.0
+    # null: image_kl_beta is fixed. A KL: image_kl_beta is the first update's coefficient, then doubled when the
+    # update's image_kl is above 1.5x this target and halved below it / 1.5 (PPO's adaptive KL; core.grpo.kl_control).
+    image_kl_target: Optional[float] = None
     update_epochs: int = 1
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0

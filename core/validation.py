@@ -64,6 +64,9 @@ def validate(cfg: Any, source: str = "<config>") -> None:
     if g.detail_gain_std > 0 and objective != "nft":
         f("grpo.detail_gain_std", g.detail_gain_std, f"the {objective} objective re-scores the sampled steps, whose "
           "recorded log-probs are of the image before its gain: exploring by gains needs image_objective nft")
+    if g.image_kl_target is not None and not (g.image_kl_target > 0 and g.image_kl_beta > 0):
+        f("grpo.image_kl_target", g.image_kl_target, "must be > 0, with image_kl_beta > 0 as the first coefficient "
+          f"(image_kl_beta is {g.image_kl_beta}); null: a fixed image_kl_beta")
     if g.image_kl_beta > 0 and cfg.diffusion.freeze:
         f("grpo.image_kl_beta", g.image_kl_beta, "the SR model is frozen (diffusion.freeze): there is no update to "
           "penalise")

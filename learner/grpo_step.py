@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from core.config import GRPOConfig
-from core.grpo import (TrainBatch, clipped_surrogate, image_objective, image_surrogate, k3_kl, nft_loss,
-                       reward_probability, token_mean, trained_steps)
+from core.grpo import (TrainBatch, adapt_kl_beta, clipped_surrogate, image_objective, image_surrogate, k3_kl,
+                       nft_loss, reward_probability, token_mean, trained_steps)
 from core.records import Rollout
 from learner import engine as eng
 from learner import off_policy
@@ -99,8 +99,12 @@ def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout], sft_reco
     off_policy_metrics.update(_on_policy_check(w, first_epoch, global_tokens if train_text else 0.0,
                                                global_steps if train_image and objective == "trajectory" else 0.0))
     off_policy_metrics.update(off_policy.tis_metrics(w, fixes, off_policy_metrics["off_policy_chains"]))
-    return {**_metrics(w, sums, extremes, norms, lrs, global_tokens, global_steps, len(batch), t0),
-            **off_policy_metrics, "dropped_stale_chains": dropped_total}
+    metrics = _metrics(w, sums, extremes, norms, lrs, global_tokens, global_steps, len(batch), t0)
+    if "image_kl" in metrics:
+        metrics["image_kl_beta"] = w.image_kl_beta  # the coefficient this update used
+        if w.grpo.image_kl_target is not None:  # every rank holds the same all-reduced KL: the same next beta
+            w.image_kl_beta = adapt_kl_beta(w.image_kl_beta, metrics["image_kl"], w.grpo.image_kl_target)
+    return {**metrics, **off_policy_metrics, "dropped_stale_chains": dropped_total}
 
 
 def _on_policy_check(w: Rank, sums: Sequence[float], tokens: float, steps: float) -> dict[str, float]:
@@ -176,7 +180,7 @@ def _image_micro_step(w: Rank, m: MicroBatch, fix: Correction, global_steps: flo
             loss = w.grpo.image_loss_weight * image_loss
             if kl is not None:
                 image_kl = token_mean(kl.float().view(len(cols), B).T, mask, global_steps)
-                loss = loss + w.grpo.image_kl_beta * image_kl
+                loss = loss + w.image_kl_beta * image_kl
                 add(sums, "image_kl", image_kl.item())
             diffusion.backward(loss * eng.dp_loss_scale(), scale_wrt_gas=False)
             add(sums, "image_loss", image_loss.item())
@@ -207,7 +211,7 @@ def _nft_micro_step(w: Rank, m: MicroBatch, where: tuple[int, int], global_steps
             loss = w.grpo.image_loss_weight * image_loss
             if ref is not None:  # the base model's x_0 prediction at the same noised images: an MSE to it
                 image_kl = token_mean((prediction.float() - ref.float()).pow(2).flatten(1).mean(1), mask, global_steps)
-                loss = loss + w.grpo.image_kl_beta * image_kl
+                loss = loss + w.image_kl_beta * image_kl
                 add(sums, "image_kl", image_kl.item())
             diffusion.backward(loss * eng.dp_loss_scale(), scale_wrt_gas=False)
             add(sums, "image_loss", image_loss.item())

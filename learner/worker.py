@@ -132,6 +132,7 @@ class LearnerWorker:
                                   load_policy(policy.path, learner.dtype, str(self.device)).requires_grad_(False))
         self.pipeline = None
         self.diffusion_reference = None  # the base SR pipeline, frozen (grpo.image_kl_beta > 0)
+        self.image_kl_beta = grpo.image_kl_beta  # adapted after each update under grpo.image_kl_target
         if not diffusion.freeze:
             self.pipeline = load_sr_pipeline(diffusion.path)
             self.pipeline.to(self.device)

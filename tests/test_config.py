@@ -58,6 +58,8 @@ def test_unknown_key_or_wrong_type(override, fragment):
         ("grpo.group_size=1", "grpo.group_size"),
         ("grpo.image_clip_range=0", "grpo.image_clip_range"),
         ("grpo.image_kl_beta=-1", "grpo.image_kl_beta"),
+        ("grpo.image_kl_target=0.001", "grpo.image_kl_target"),  # image_kl_beta 0: no first coefficient
+        ("grpo.image_kl_target=0", "grpo.image_kl_target"),
         ("grpo.tis_cap=0.5", "grpo.tis_cap"),
         ("trainer.max_staleness=-1", "trainer.max_staleness"),
         ("trainer.resume=maybe", "trainer.resume"),

@@ -289,6 +289,23 @@ def test_k3_kl_hand_computed_and_zero_when_equal():
     assert torch.all(grpo.k3_kl(x, torch.randn(3, 5)) >= 0)
 
 
+def test_adapt_kl_beta_doubles_above_the_band_halves_below_and_holds_inside():
+    # target 1e-3, tolerance 1.5: the band is (6.67e-4, 1.5e-3)
+    assert grpo.adapt_kl_beta(0.3, 2e-3, 1e-3) == 0.6
+    assert grpo.adapt_kl_beta(0.3, 1e-5, 1e-3) == 0.15
+    for kl in (7e-4, 1e-3, 1.5e-3):  # the band's edges included
+        assert grpo.adapt_kl_beta(0.3, kl, 1e-3) == 0.3
+    assert grpo.adapt_kl_beta(1.0, 0.0, 1e-3, factor=4.0) == 0.25
+    beta = 1.0  # a KL that stays too high grows the coefficient geometrically; one that comes back holds it
+    for kl in (5e-3, 5e-3, 5e-3, 1e-3, 1e-3):
+        beta = grpo.adapt_kl_beta(beta, kl, 1e-3)
+    assert beta == 8.0
+    for bad in ({"beta": 0.0}, {"target": 0.0}, {"tolerance": 0.9}, {"factor": 1.0}):
+        args = {"beta": 1.0, "kl": 1e-3, "target": 1e-3, **bad}
+        with pytest.raises(ValueError, match="adapt_kl_beta: needs"):
+            grpo.adapt_kl_beta(**args)
+
+
 def test_needs_reference():
     assert grpo.needs_reference(0.0) is False and grpo.needs_reference(0) is False
     assert grpo.needs_reference(0.04) is True

@@ -500,19 +500,30 @@ def test_image_clip_range_clips_the_denoising_steps_only(models, chains, port):
 
 
 @pytest.mark.slow
-def test_image_kl_to_the_base_sr_model_is_zero_at_the_start_and_grows_after_an_update(models, chains, port):
+def test_image_kl_to_the_base_sr_model_is_zero_at_the_start_and_grows_after_an_update(models, chains, port,
+                                                                                     tmp_path):
     """grpo.image_kl_beta: the first step starts from the base weights, so the KL is exactly 0 and so is its
-    gradient (the update equals the one without the term); after one update the KL is positive."""
+    gradient (the update equals the one without the term); after one update the KL is positive. Under
+    grpo.image_kl_target the coefficient halves after the KL of 0 and doubles after a KL above the target, and a
+    checkpoint carries it on."""
     batch, rollouts = chains
     plain = _one_rank(models, port, "policy.freeze=true").train_step(batch, *rollouts)
-    worker = _one_rank(models, port, "policy.freeze=true", "grpo.image_kl_beta=0.5")
+    adaptive = ("policy.freeze=true", "grpo.image_kl_beta=0.5", "grpo.image_kl_target=1e-12")
+    worker = _one_rank(models, port, *adaptive)
     assert worker.diffusion_reference is not None and "image_kl" not in plain
     first = worker.train_step(batch, *rollouts)
-    assert first["image_kl"] == 0.0
+    assert first["image_kl"] == 0.0 and first["image_kl_beta"] == 0.5
     for key in ("image_loss", "diffusion_grad_norm"):
         assert first[key] == pytest.approx(plain[key], rel=1e-6), key
     second = worker.train_step(batch, *rollouts)
-    assert second["image_kl"] > 0.0
+    assert second["image_kl"] > 1.5e-12 and second["image_kl_beta"] == 0.25
+    third = worker.train_step(batch, *rollouts)
+    assert third["image_kl"] > 1.5e-12 and third["image_kl_beta"] == 0.5 and worker.image_kl_beta == 1.0
+    worker.save_checkpoint(str(tmp_path))
+    resumed = _one_rank(models, port, *adaptive)
+    assert resumed.image_kl_beta == 0.5  # the config's first coefficient, until the checkpoint is loaded ...
+    resumed.load_checkpoint(str(tmp_path))
+    assert resumed.image_kl_beta == 1.0  # ... which carries the adapted one
 
 
 @pytest.mark.slow

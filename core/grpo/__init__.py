@@ -5,6 +5,7 @@
 ``core.grpo.batch``       TrainBatch, build_train_batch, the trained denoising steps
 ``core.grpo.losses``      clipped surrogate (text and image), token_mean, k3 KL, log-probs, TIS weights
 ``core.grpo.objectives``  the image objectives: trajectory (the surrogate) or nft (DiffusionNFT's forward process)
+``core.grpo.kl_control``  the adaptive KL coefficient (PPO's penalty variant)
 
 Everything public is re-exported here: ``from core import grpo; grpo.group_advantages(...)``.
 """
@@ -26,6 +27,7 @@ from core.grpo.advantages import (
     scale_negative,
     zero_variance_groups,
 )
+from core.grpo.kl_control import adapt_kl_beta
 from core.grpo.batch import TrainBatch, build_train_batch, trained_steps
 from core.grpo.objectives import IMAGE_OBJECTIVES, NFTOutput, image_objective, nft_loss, reward_probability
 from core.grpo.credit import (
@@ -61,5 +63,5 @@ __all__ = [
     "token_credit", "token_sections", "LOG_RATIO_CLAMP", "SurrogateOutput", "clipped_surrogate",
     "gather_token_log_probs", "image_surrogate", "k3_kl", "needs_reference", "token_mean", "ImportanceWeights",
     "truncated_importance_weights", "IMAGE_OBJECTIVES", "NFTOutput", "image_objective", "nft_loss",
-    "reward_probability",
+    "reward_probability", "adapt_kl_beta",
 ]
