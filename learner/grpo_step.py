@@ -27,7 +27,7 @@ from torch import Tensor
 
 from core.config import GRPOConfig
 from core.grpo import (TrainBatch, adapt_kl_beta, clipped_surrogate, image_objective, image_surrogate, k3_kl,
-                       nft_loss, reward_probability, token_mean, trained_steps)
+                       nft_loss, projected_target, reward_probability, token_mean, trained_steps)
 from core.records import Rollout
 from learner import engine as eng
 from learner import off_policy
@@ -188,7 +188,7 @@ def _image_micro_step(w: Rank, m: MicroBatch, fix: Correction, global_steps: flo
 
 
 def _nft_micro_step(w: Rank, m: MicroBatch, where: tuple[int, int], global_steps: float, sums: dict[str, float],
-                    options: Mapping[str, float], old: dict[tuple, Tensor]) -> None:
+                    options: Mapping[str, Any], old: dict[tuple, Tensor]) -> None:
     """DiffusionNFT on the micro-batch: one backward per trained (stage, step), over the sampled image of that stage
     of every chain and image branch, noised to the step's timestep. ``where``: (the update's first optimizer step,
     the micro-batch's index) seeds the noise, so later update epochs see the same noised images and keep the first
@@ -203,6 +203,8 @@ def _nft_micro_step(w: Rank, m: MicroBatch, where: tuple[int, int], global_steps
             prediction, x0, ref = diffusion(traces, forward_step=k, generator=generator,
                                             reference=w.diffusion_reference)
             previous = old.setdefault(key, prediction.detach())
+            if options["target"] == "projected":
+                x0 = projected_target(x0, previous)
             cols = [o + k for o in stage.offsets]
             adv = mb.step_advantages[:, cols].T.reshape(-1).to(w.device)  # (M * B), branch-major like the traces
             mask = mb.step_mask[:, cols].T.reshape(-1).to(w.device)

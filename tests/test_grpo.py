@@ -773,11 +773,37 @@ def test_nft_loss_pulls_towards_better_images_and_pushes_from_worse_ones():
 
 def test_image_objective_entries_name_their_options():
     assert grpo.image_objective(None) == ("trajectory", {})
-    assert grpo.image_objective({"name": "nft", "beta": 0.5}) == ("nft", {"beta": 0.5, "adv_clip": 5.0})
+    assert grpo.image_objective({"name": "nft", "beta": 0.5}) == ("nft", {"beta": 0.5, "adv_clip": 5.0,
+                                                                         "target": "sample"})
+    assert grpo.image_objective({"name": "nft", "target": "projected"})[1]["target"] == "projected"
     with pytest.raises(ValueError, match="unknown option"):
         grpo.image_objective({"name": "trajectory", "beta": 1.0})
     with pytest.raises(ValueError, match="adv_clip = 0"):
         grpo.image_objective({"name": "nft", "adv_clip": 0})
+    with pytest.raises(ValueError, match="target = 'mean' is not one of"):
+        grpo.image_objective({"name": "nft", "target": "mean"})
+
+
+def test_projected_target_keeps_the_gain_along_the_prediction_and_drops_the_noise_pattern():
+    """A sample = gain x the model's detail + a noise pattern orthogonal to it: its projection on the detail is
+    gain x detail, and the NFT gradient it gives is along the detail only (more of it for a good image)."""
+    g = torch.Generator().manual_seed(0)
+    detail = torch.randn(3, 2, 4, 4, generator=g)
+    pattern = torch.randn(3, 2, 4, 4, generator=g)
+    pattern -= grpo.projected_target(pattern, detail)  # orthogonal to each image's detail
+    gains = torch.tensor([1.5, 0.8, 1.0]).view(3, 1, 1, 1)
+    target = grpo.projected_target(gains * detail + pattern, detail)
+    torch.testing.assert_close(target, gains * detail)
+    prediction = detail.clone().requires_grad_(True)
+    grpo.nft_loss(prediction, detail, target, torch.tensor([1.0, 1.0, 0.5]), beta=1.0).loss.sum().backward()
+    towards = -prediction.grad
+    for i, sign in ((0, 1.0), (1, -1.0)):  # image 0 asks for more detail, image 1 for less; image 2 is neutral
+        cosine = torch.nn.functional.cosine_similarity(towards[i].flatten(), detail[i].flatten(), dim=0)
+        assert cosine.item() == pytest.approx(sign, abs=1e-5)
+    assert towards[2].abs().max() == 0
+    assert grpo.projected_target(torch.ones(1, 3), torch.zeros(1, 3)).abs().max() == 0  # no direction, no target
+    with pytest.raises(ValueError, match="must match"):
+        grpo.projected_target(torch.ones(2, 3), torch.ones(2, 4))
 
 
 def test_doctests_of_the_grpo_modules():

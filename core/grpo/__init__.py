@@ -29,7 +29,8 @@ from core.grpo.advantages import (
 )
 from core.grpo.kl_control import adapt_kl_beta
 from core.grpo.batch import TrainBatch, build_train_batch, trained_steps
-from core.grpo.objectives import IMAGE_OBJECTIVES, NFTOutput, image_objective, nft_loss, reward_probability
+from core.grpo.objectives import (IMAGE_OBJECTIVES, NFTOutput, image_objective, nft_loss, projected_target,
+                                  reward_probability)
 from core.grpo.credit import (
     TOKEN_CREDIT,
     ChainTags,
@@ -62,6 +63,6 @@ __all__ = [
     "degradation_item_positions",
     "token_credit", "token_sections", "LOG_RATIO_CLAMP", "SurrogateOutput", "clipped_surrogate",
     "gather_token_log_probs", "image_surrogate", "k3_kl", "needs_reference", "token_mean", "ImportanceWeights",
-    "truncated_importance_weights", "IMAGE_OBJECTIVES", "NFTOutput", "image_objective", "nft_loss",
+    "truncated_importance_weights", "IMAGE_OBJECTIVES", "NFTOutput", "image_objective", "nft_loss", "projected_target",
     "reward_probability", "adapt_kl_beta",
 ]
