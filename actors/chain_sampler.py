@@ -142,7 +142,8 @@ class ChainSampler:
             generators = [torch.Generator().manual_seed(s) for s in image_seeds(7)]
             conditions = [c.last_image for c in chains] + [c.branch_images[b - 1] for c in chains for b in extra]
             gains = None
-            if explore and self.detail_gain_std > 0:
+            stages = self.diffusion.train_stages
+            if explore and self.detail_gain_std > 0 and (stages is None or turn.stage in stages):
                 gains = detail_gains(self.detail_gain_std, image_seeds(13))
             images, traces = self.pipeline.sample(
                 conditions, size, prompts + [p for p in prompts for _ in extra],

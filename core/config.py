@@ -17,7 +17,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.data_config import DataConfig, DegradationConfig  # noqa: F401 (DegradationConfig: re-exported)
-from core.model_config import LoraConfig, TinyDiffusionConfig, TinyPolicyConfig
+from core.model_config import (  # noqa: F401 (re-exported: the models' sections of the config)
+    DiffusionConfig, LoraConfig, PolicyConfig, TinyDiffusionConfig, TinyPolicyConfig)
 from core.validation import ConfigError, describe_omegaconf_error, validate
 
 
@@ -29,47 +30,6 @@ class RayConfig:
     host: str = "127.0.0.1"  # the local head and dashboard bind here, never 0.0.0.0
     include_dashboard: bool = False
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
-
-
-# --------------------------------------------------------------------------------------------- models
-@dataclass
-class PolicyConfig:
-    path: str = MISSING  # HF directory (config, weights, tokenizer, processor)
-    init_from: Optional[str] = None  # e.g. the cold-start checkpoint's export; copied weights, same shape
-    bootstrap: bool = False  # build the tiny random model at `path` when it does not exist
-    tiny: TinyPolicyConfig = field(default_factory=TinyPolicyConfig)
-    dtype: str = "float32"  # float32 on CPU, bfloat16 on GPU
-    freeze: bool = False
-    # keep the vision tower as it is and train the language model only (a common choice for VLM RL: the
-    # tower's gradient reaches every image the policy reads, the fed-back stage images included)
-    freeze_vision: bool = False
-    # re.search patterns over the parameter names: only matches train, e.g. ["language_model.norm.weight"] (128
-    # gains here: fewer trained parameters, less update noise, as Adam moves each ~lr a step). null: all.
-    trainable: Optional[list[str]] = None
-    lora: Optional[LoraConfig] = None  # train LoRA adapters only (the reference is the model with them disabled)
-    gradient_checkpointing: bool = False
-
-
-@dataclass
-class DiffusionConfig:
-    path: str = MISSING  # diffusers directory (model_index.json + components)
-    init_from: Optional[str] = None
-    bootstrap: bool = False
-    tiny: TinyDiffusionConfig = field(default_factory=TinyDiffusionConfig)
-    num_steps: int = 10  # denoising steps per stage
-    eta: float = 1.0  # DDIM eta > 0 makes every step a Gaussian with a log-prob
-    noise_level: int = 20  # noise added to the conditioning image (as in the SD x4 upscaler)
-    guidance_scale: float = 1.0  # 1.0 disables classifier-free guidance
-    # share of each trace's denoising steps that get a loss (Flow-GRPO's timestep fraction): the others are neither
-    # re-scored nor trained. 1: all.
-    train_steps_fraction: float = 1.0
-    # where that window starts, as a share of the steps from the high-noise end: 0 trains the first steps (Flow-GRPO,
-    # whose flow-matching schedules decide the image there); 0.5 with fraction 0.5 trains the second half, where a
-    # DDPM linear schedule (the tiny models') still has signal: its first half is near pure noise (alpha_bar < 0.08)
-    train_steps_start: float = 0.0
-    dtype: str = "float32"
-    freeze: bool = False
-    lora: Optional[LoraConfig] = None  # over the TraceScorer's modules: unet.* (and text_encoder.* if named)
 
 
 # --------------------------------------------------------------------------------------------- chain + data

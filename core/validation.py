@@ -184,6 +184,10 @@ def validate(cfg: Any, source: str = "<config>") -> None:
     if not 0 <= d.train_steps_start < 1 or d.train_steps_start + d.train_steps_fraction > 1 + 1e-9:
         f("diffusion.train_steps_start", d.train_steps_start, f"must be in [0, 1) and leave room for "
           f"diffusion.train_steps_fraction = {d.train_steps_fraction} (their sum at most 1)")
+    if d.train_stages is not None and (not d.train_stages or set(d.train_stages) - set(STAGES)
+                                       or len(set(d.train_stages)) != len(d.train_stages)):
+        f("diffusion.train_stages", list(d.train_stages), f"must name distinct stages of {list(STAGES)} "
+          f"(null: all)")
 
     c = cfg.chain
     if not 1 <= c.rough_scale <= c.middle_scale <= c.final_scale:

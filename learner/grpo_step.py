@@ -25,16 +25,16 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from core.config import GRPOConfig
+from core.config import DiffusionConfig, GRPOConfig
 from core.grpo import (TrainBatch, adapt_kl_beta, clipped_surrogate, image_objective, image_surrogate, k3_kl,
-                       nft_loss, projected_target, reward_probability, token_mean, trained_steps)
+                       nft_loss, projected_target, reward_probability, stage_trained_steps, token_mean)
 from core.records import Rollout
 from learner import engine as eng
 from learner import off_policy
 from learner.batching import MicroBatch, add, micro_batches, reduce_sums
 from learner.off_policy import Correction
 from learner.rank import Rank
-from learner.scoring import policy_log_probs, stage_columns
+from learner.scoring import StageColumns, policy_log_probs, stage_columns
 from learner.sft_step import target_micro_batches, text_cross_entropy
 
 # Metrics of core.grpo.SurrogateOutput that are masked means: aggregated over ranks weighted by their tokens.
@@ -116,6 +116,12 @@ def _on_policy_check(w: Rank, sums: Sequence[float], tokens: float, steps: float
             for kind, total, count in (("text", text, tokens), ("image", image, steps)) if count > 0}
 
 
+def _trained_steps(d: DiffusionConfig, stage: StageColumns) -> range:
+    """The steps of a stage's traces that get an image loss (``diffusion.train_steps_*`` and ``train_stages``)."""
+    return stage_trained_steps(stage.stage, stage.num_steps, d.train_steps_fraction, d.train_steps_start,
+                               d.train_stages)
+
+
 def _image_passes(w: Rank, micro: Sequence[MicroBatch]) -> list[int]:
     """Per micro-batch, how many image backward passes it runs (its trained steps over all stages): 0 where
     any rank has no traces to re-score. ZeRO's collectives run per backward, so every rank must run the same
@@ -123,8 +129,7 @@ def _image_passes(w: Rank, micro: Sequence[MicroBatch]) -> list[int]:
     if "diffusion" not in w.engines:
         return [0] * len(micro)
     d = w.diffusion_cfg
-    local = [sum(len(trained_steps(c.num_steps, d.train_steps_fraction, d.train_steps_start))
-                 for c in stage_columns(m.rollouts)) for m in micro]
+    local = [sum(len(_trained_steps(d, c)) for c in stage_columns(m.rollouts)) for m in micro]
     low, high = w.all_reduce(local, "min"), w.all_reduce(local, "max")
     if low != high:
         raise RuntimeError(f"learner ranks disagree on the image passes per micro-batch: {low} vs {high}")
@@ -163,7 +168,7 @@ def _image_micro_step(w: Rank, m: MicroBatch, fix: Correction, global_steps: flo
     B, d = len(m.rollouts), w.diffusion_cfg
     for stage in stage_columns(m.rollouts):
         traces = [r.traces[j] for j in stage.traces for r in m.rollouts]  # branch-major: (M * B)
-        for k in trained_steps(stage.num_steps, d.train_steps_fraction, d.train_steps_start):
+        for k in _trained_steps(d, stage):
             cols = [o + k for o in stage.offsets]  # (M,) step columns of this step in each branch
             kl = None
             if w.diffusion_reference is None:
@@ -197,7 +202,7 @@ def _nft_micro_step(w: Rank, m: MicroBatch, where: tuple[int, int], global_steps
     mb, d = m.batch, w.diffusion_cfg
     for s, stage in enumerate(stage_columns(m.rollouts)):
         traces = [r.traces[j] for j in stage.traces for r in m.rollouts]  # branch-major: (M * B)
-        for k in trained_steps(stage.num_steps, d.train_steps_fraction, d.train_steps_start):
+        for k in _trained_steps(d, stage):
             key = (*where, s, k)
             generator = torch.Generator().manual_seed(hash(key) % 2**31)
             prediction, x0, ref = diffusion(traces, forward_step=k, generator=generator,

@@ -231,7 +231,8 @@ class LearnerWorker:
         batch = build_train_batch(list(rollouts), list(advantages), pad_token_id=pad_id or 0,
                                   credit=self.credit, tags=self.tags,
                                   train_steps_fraction=self.diffusion_cfg.train_steps_fraction,
-                                  train_steps_start=self.diffusion_cfg.train_steps_start)
+                                  train_steps_start=self.diffusion_cfg.train_steps_start,
+                                  train_stages=self.diffusion_cfg.train_stages)
         if padding:
             batch = masked_copy(batch)
         return self.train_step(batch, *rollouts, sft_records=sft_records, version=version,

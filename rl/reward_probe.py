@@ -2,7 +2,8 @@
 residual's amplitude.
 
     python -m rl.reward_probe --checkpoint runs/sft_local/checkpoints [--config FILE] [--num 8]
-                              [--samples-per-image 8] [--scales 0.5,0.8,1,1.25,1.5,2] [--out DIR] [key=value ...]
+                              [--samples-per-image 8] [--scales 0.5,0.8,1,1.25,1.5,2] [--vote-std 0.3]
+                              [--out DIR] [key=value ...]
 
 Samples of one input differ by their residual's noise pattern, its energy only by ~1.5%, so a sampler never
 tries a globally sharper or smoother image and GRPO cannot learn one from its own samples. This probe tries it
@@ -12,6 +13,9 @@ Per scale it prints each metric's mean, the change of the generation reward (wha
 change of the decoupled objective (``grpo.decoupled_normalization``: each metric's change in units of its
 within-group spread at s = 1, weighted as in the generation reward; what the image advantage rewards). A scale
 where the generation reward rises while the decoupled objective falls is a gain one metric buys from the others.
+Then GRPO's vote on that direction (``gain_vote``): with every image given a random log-normal gain, as
+``grpo.detail_gain_std`` does, do the group advantages of the plain generation reward favour the more detailed
+images? A vote near 0 leaves the image loss nothing to learn along it.
 
 Writes OUT/probe.json and OUT/probe.md (default OUT: ./probe/<export folder name>).
 """
@@ -89,6 +93,45 @@ def probe_rows(values: Mapping[float, np.ndarray], raw: Mapping[float, np.ndarra
     return rows
 
 
+@dataclass(frozen=True)
+class GainVote:
+    """How GRPO's advantages vote on a common detail gain (``grpo.detail_gain_std``): mean over images of the
+    std-scaled group advantage x the image's log-gain. > 0: the better images of an input are its more detailed
+    ones, so the image loss is pushed towards more detail."""
+
+    std: float  # the log-gains' std (grpo.detail_gain_std)
+    mean: float
+    step_se: float  # std over draws of one step's vote (all groups once): how much one step's vote varies
+    positive_share: float  # share of inputs whose vote, averaged over the draws, is > 0
+
+
+def gain_vote(generation: Mapping[float, np.ndarray], std: float, draws: int = 200, seed: int = 0,
+              eps: float = 1e-6) -> GainVote:
+    """generation[s] (groups, G): each image's generation reward with its residual scaled by s. Each draw gives
+    every image a log-gain z ~ N(0, std^2) and its reward interpolated (linear in log s, held at the ends)
+    between the positive scales, then the group advantages (r - mean) / (std + eps) as in training
+    (``grpo.scale_by_std``); the vote is the mean of advantage x z.
+
+    >>> up = {0.5: np.array([[0.1, 0.1]]), 1.0: np.array([[0.2, 0.2]]), 2.0: np.array([[0.3, 0.3]])}
+    >>> v = gain_vote(up, 0.3, draws=50); v.mean > 0 and v.positive_share == 1.0
+    True
+    """
+    scales = sorted(s for s in generation if s > 0)
+    if len(scales) < 2 or not std > 0:
+        raise ValueError(f"a gain vote needs >= 2 positive scales (got {scales}) and std > 0 (got {std})")
+    logs, table = np.log(scales), np.stack([generation[s] for s in scales], axis=-1)  # (groups, G, S)
+    groups, G, _ = table.shape
+    z = np.random.default_rng(seed).normal(0.0, std, (draws, groups, G))
+    r = np.empty_like(z)
+    for p in range(groups):
+        for g in range(G):
+            r[:, p, g] = np.interp(z[:, p, g], logs, table[p, g])
+    adv = (r - r.mean(axis=2, keepdims=True)) / (r.std(axis=2, ddof=1, keepdims=True) + eps)
+    votes = (adv * z).mean(axis=2)  # (draws, groups)
+    return GainVote(std=float(std), mean=float(votes.mean()), step_se=float(votes.mean(axis=1).std(ddof=1)),
+                    positive_share=float((votes.mean(axis=0) > 0).mean()))
+
+
 def to_markdown(rows: Sequence[ProbeRow], names: Sequence[str]) -> str:
     head = ["scale", *names, "generation", "change", "decoupled objective (group std)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -146,7 +189,8 @@ def probe(args: argparse.Namespace) -> dict:
         generation[s] = np.array([generation_reward(q, weights, reward_cfg.failed_metric)
                                   for q in scores]).reshape(len(samples), G)
     rows = probe_rows(values, raw, generation, names, [weights[n] for n in names])
-    return {"checkpoint": str(args.checkpoint), "export": str(ckpt.export), "config": str(config_path),
+    vote = gain_vote(generation, args.vote_std, seed=args.seed) if args.vote_std > 0 else None
+    return {"vote": None if vote is None else asdict(vote),"checkpoint": str(args.checkpoint), "export": str(ckpt.export), "config": str(config_path),
             "num_images": len(samples), "samples_per_image": G, "metrics": weights, "dropped": dropped,
             "rows": [asdict(r) for r in rows]}
 
@@ -162,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-image", type=int, default=8, help="chains per image: the group (default 8)")
     p.add_argument("--scales", type=lambda v: [float(x) for x in v.split(",")], default=list(DEFAULT_SCALES),
                    help="residual scales, comma-separated (1 is always added)")
+    p.add_argument("--vote-std", type=float, default=0.3,
+                   help="log-gain std of the gain vote (grpo.detail_gain_std; 0: no vote; default 0.3)")
     p.add_argument("--metric-weights", default=None, help="folder with pyiqa weight files (offline metrics)")
     p.add_argument("--batch-size", type=int, default=4, help="images per sampler call")
     p.add_argument("--out", default=None, help="output folder (default: ./probe/<export folder name>)")
@@ -176,6 +222,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if value < low:
             print(f"rl.reward_probe: {flag} {value} must be >= {low}", file=sys.stderr)
             return 2
+    if not args.vote_std >= 0:
+        print(f"rl.reward_probe: --vote-std {args.vote_std} must be >= 0", file=sys.stderr)
+        return 2
     if any(not s >= 0 for s in args.scales):
         print(f"rl.reward_probe: --scales {args.scales}: every scale must be >= 0", file=sys.stderr)
         return 2
@@ -194,6 +243,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = [ProbeRow(**r) for r in report["rows"]]
     md = (f"# Reward probe: {report['export']}\n\n{report['num_images']} images x {report['samples_per_image']} "
           f"chains; metrics {report['metrics']}\n\n" + to_markdown(rows, list(report["metrics"])))
+    if report["vote"] is not None:
+        v = GainVote(**report["vote"])
+        md += (f"\nGRPO's vote on a detail gain (log-gains N(0, {v.std:g}^2), group advantages of the generation "
+               f"reward): mean advantage x log-gain {v.mean:+.4f} (one step's: +- {v.step_se:.4f}); inputs voting "
+               f"for more detail: {v.positive_share:.0%}\n")
     (out / "probe.md").write_text(md)
     print(md)
     return 0

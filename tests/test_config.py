@@ -91,6 +91,9 @@ def test_unknown_key_or_wrong_type(override, fragment):
         ("policy.trainable=[norm(]", "policy.trainable"),
         ("grpo.image_group_size=0", "grpo.image_group_size"),
         ("diffusion.train_steps_start=0.9", "diffusion.train_steps_start"),  # 0.9 + fraction 0.25 > 1
+        ("diffusion.train_stages=[coarse]", "diffusion.train_stages"),
+        ("diffusion.train_stages=[]", "diffusion.train_stages"),
+        ("diffusion.train_stages=[final,final]", "diffusion.train_stages"),
     ],
 )
 def test_impossible_values_name_key_and_value(override, key):

@@ -751,6 +751,18 @@ def test_the_step_window_can_start_later_in_the_denoising():
         grpo.trained_steps(8, 0.5, 1.0)
 
 
+def test_train_stages_give_a_loss_to_the_named_stages_only():
+    """diffusion.train_stages: the other stages' steps get no loss, the named ones keep their step window."""
+    rollouts = [_rollout(0, 0, 2, 3, steps=(4, 4, 4)), _rollout(0, 1, 2, 3, steps=(4, 4, 4))]
+    final = grpo.build_train_batch(rollouts, torch.tensor([1.0, -1.0]), train_steps_fraction=0.25,
+                                   train_steps_start=0.75, train_stages=["final"])
+    assert final.step_mask[0].tolist() == [False] * 8 + [False, False, False, True] and final.num_steps == 2
+    both = grpo.build_train_batch(rollouts, torch.tensor([1.0, -1.0]), train_stages=["rough", "final"])
+    assert both.step_mask[1].tolist() == [True] * 4 + [False] * 4 + [True] * 4
+    assert list(grpo.stage_trained_steps("middle", 4, stages=None)) == [0, 1, 2, 3]
+    assert final.step_lengths.tolist() == [12, 12] and final.select([1]).step_mask.shape == (1, 12)
+
+
 # ------------------------------------------------------------------------------------------ image objectives
 def test_nft_loss_pulls_towards_better_images_and_pushes_from_worse_ones():
     """At the old policy the gradient is 2 beta (2r - 1)(f_old - x0) / scale: r = 1 regresses onto the image, r = 0

@@ -448,6 +448,26 @@ def test_train_steps_fraction_halves_the_rescored_and_trained_steps(models, chai
     assert half_steps == 4 * 2  # 4 chains x 2 traces x 1 of their 2 steps
 
 
+@pytest.mark.slow
+def test_train_stages_rescore_and_train_only_the_named_stage(models, chains, port):
+    """diffusion.train_stages: the other stages' traces are never re-scored and get no loss."""
+    _, rollouts = chains
+    last = rollouts[0].traces[-1].stage
+    worker = _one_rank(models, port, "policy.freeze=true", f"diffusion.train_stages=[{last}]")
+    stages: list[str] = []
+    rescore = worker.pipeline.trace_log_probs
+
+    def counting(traces, step_indices=None):
+        stages.extend(t.stage for t in traces)
+        return rescore(traces, step_indices)
+
+    worker.pipeline.trace_log_probs = counting
+    m = worker.train_chains([ChainAdvantage(float(a)) for a in ADVANTAGES], False, *rollouts)
+    steps = int(rollouts[0].traces[-1].log_probs.numel())
+    assert set(stages) == {last} and len(stages) == 4 * steps  # 4 chains x the last trace's steps, one by one
+    assert m["diffusion_steps"] == 4 * steps
+
+
 def _one_policy_step(models, chains, port, override: str):
     """A one-rank worker with ``override`` after one step: (worker, the policy's names, the names it changed)."""
     batch, rollouts = chains

@@ -66,6 +66,22 @@ def test_a_gain_bought_from_a_low_variance_metric_shows_as_a_falling_decoupled_o
     assert rows[2.0].raw["a"] == pytest.approx(float(values[2.0][..., 0].mean()))
 
 
+def test_the_gain_vote_follows_the_reward_along_the_gain():
+    """The advantages favour the more detailed images where the reward rises with the gain, the smoother ones
+    where it falls, neither where only noise differs; scale 0 is left out (no log-gain)."""
+    rng = np.random.default_rng(3)
+    noise = rng.normal(0, 0.01, (6, 8))
+    rising = {s: 0.5 + 0.05 * np.log(s) + noise for s in (0.5, 1.0, 2.0)}
+    up = reward_probe.gain_vote({0.0: noise, **rising}, 0.3, draws=100)
+    down = reward_probe.gain_vote({s: 0.5 - 0.05 * np.log(s) + noise for s in (0.5, 1.0, 2.0)}, 0.3, draws=100)
+    flat = reward_probe.gain_vote({s: 0.5 + noise for s in (0.5, 1.0, 2.0)}, 0.3, draws=100)
+    assert up.mean > 0.1 and up.positive_share == 1.0 and down.mean < -0.1 and down.positive_share == 0.0
+    assert abs(flat.mean) < 0.02  # the advantages rank the noise, which the gains do not move
+    assert 0 < up.step_se < up.mean
+    with pytest.raises(ValueError, match="2 positive scales"):
+        reward_probe.gain_vote({0.0: noise, 1.0: noise}, 0.3)
+
+
 def test_probe_rows_needs_the_samplers_own_images_and_a_group():
     values, generation = _gamed_reward()
     with pytest.raises(ValueError, match="must include 1.0"):
@@ -87,6 +103,8 @@ def test_the_probe_cli_scores_every_scale_with_the_configs_reward(env, tmp_path)
     assert rows[1.0]["generation_change"] == 0.0
     assert rows[0.0]["raw"]["psnr"] != rows[2.0]["raw"]["psnr"]  # the scaled images were scored, not the same
     assert "| 2 |" in (out / "probe.md").read_text()
+    assert report["vote"]["std"] == 0.3 and -1 < report["vote"]["mean"] < 1  # 0 is left out: scales 1 and 2
+    assert "inputs voting for more detail" in (out / "probe.md").read_text()
 
 
 def test_bad_probe_arguments_are_named(env, capsys):  # noqa: F811
@@ -94,3 +112,5 @@ def test_bad_probe_arguments_are_named(env, capsys):  # noqa: F811
     assert "--samples-per-image 1 must be >= 2" in capsys.readouterr().err
     assert reward_probe.main(["--checkpoint", str(env / "models"), "--scales", "1,-0.5"]) == 2
     assert "every scale must be >= 0" in capsys.readouterr().err
+    assert reward_probe.main(["--checkpoint", str(env / "models"), "--vote-std", "-1"]) == 2
+    assert "--vote-std -1.0 must be >= 0" in capsys.readouterr().err

@@ -188,6 +188,27 @@ def test_training_rollouts_explore_detail_gains_and_held_out_ones_do_not(run, mo
     assert len(set(ratios)) == len(ratios) and max(abs(np.log(ratios))) > 0.05
 
 
+def test_detail_gains_explore_only_the_trained_stages(run, monkeypatch):
+    """diffusion.train_stages: [final]: the rough and middle images are sampled as without gains (the final stage
+    sees the same inputs), and only the final image's residual carries its gain."""
+    from actors.chain_sampler import _seed, detail_gains
+    from core.chain import STAGES
+
+    sampler = run["worker"].sampler
+    monkeypatch.setattr(sampler, "detail_gain_std", 0.3)
+    monkeypatch.setattr(sampler.diffusion, "train_stages", ["final"])
+    explored = run["worker"].generate(run["samples"], G, seed=7)
+    k = STAGES.index("final")
+    for one, e in zip(run["rollouts"], explored):
+        assert [t.stage for t in e.traces] == list(STAGES)
+        for a, b in zip(one.traces[:k], e.traces[:k]):
+            assert torch.equal(a.latents, b.latents)  # no gain before the final stage
+        (gain,) = detail_gains(0.3, [_seed(7, e.prompt_id, k, e.sample_index, 13)])
+        a, b = one.traces[k], e.traces[k]
+        assert torch.equal(a.latents[:-1], b.latents[:-1]) and abs(np.log(gain)) > 0
+        torch.testing.assert_close(b.latents[-1], gain * a.latents[-1], atol=1e-6, rtol=0)
+
+
 def test_the_held_out_evaluation_asks_the_rollout_actors_not_to_explore():
     """rl.held_out samples the model as it is: its generate call carries explore=False."""
     from rl.held_out import HeldOutEval

@@ -28,7 +28,7 @@ from core.grpo.advantages import (
     zero_variance_groups,
 )
 from core.grpo.kl_control import adapt_kl_beta
-from core.grpo.batch import TrainBatch, build_train_batch, trained_steps
+from core.grpo.batch import TrainBatch, build_train_batch, stage_trained_steps, trained_steps
 from core.grpo.objectives import (IMAGE_OBJECTIVES, NFTOutput, image_objective, nft_loss, projected_target,
                                   reward_probability)
 from core.grpo.credit import (
@@ -59,7 +59,7 @@ __all__ = [
     "ADVANTAGE_TRANSFORMS", "ChainAdvantages", "GroupFilter", "advantage_transform", "branch_advantages",
     "chain_advantages", "column_advantages", "component_rewards", "decoupled_rewards", "group_advantages",
     "group_order", "placebo_shuffle", "registry_entry", "scale_negative", "zero_variance_groups", "TrainBatch", "build_train_batch",
-    "trained_steps", "TOKEN_CREDIT", "ChainTags", "TokenCredit", "chain_credit", "section_credit", "stray_tags",
+    "trained_steps", "stage_trained_steps", "TOKEN_CREDIT", "ChainTags", "TokenCredit", "chain_credit", "section_credit", "stray_tags",
     "degradation_item_positions",
     "token_credit", "token_sections", "LOG_RATIO_CLAMP", "SurrogateOutput", "clipped_surrogate",
     "gather_token_log_probs", "image_surrogate", "k3_kl", "needs_reference", "token_mean", "ImportanceWeights",
