@@ -187,7 +187,7 @@ def validate(cfg: Any, source: str = "<config>") -> None:
     if d.train_stages is not None and (not d.train_stages or set(d.train_stages) - set(STAGES)
                                        or len(set(d.train_stages)) != len(d.train_stages)):
         f("diffusion.train_stages", list(d.train_stages), f"must name distinct stages of {list(STAGES)} "
-          f"(null: all)")
+          "(null: all)")
 
     c = cfg.chain
     if not 1 <= c.rough_scale <= c.middle_scale <= c.final_scale:
