@@ -67,11 +67,7 @@ def stage_inputs(samples: Sequence, scales: dict[str, int], stage: str) -> tuple
     return [np.asarray(Image.fromarray(s.hr).resize((w * before, h * before), Image.BICUBIC)) for s in samples], size
 
 
-def sampled_x0(path: str, conditions: list[np.ndarray], size: tuple[int, int], stage: str, cfg, seed: int,
-               device: str) -> torch.Tensor:
-    from models.sr_pipeline import SRPipeline
-
-    pipe = SRPipeline.from_pretrained(path).to(device)
+def sampled_x0(pipe, conditions: list[np.ndarray], size: tuple[int, int], stage: str, cfg, seed: int) -> torch.Tensor:
     generators = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(conditions))]
     _, traces = pipe.sample(conditions, size, [PROMPT] * len(conditions), num_steps=cfg.diffusion.num_steps,
                             eta=cfg.diffusion.eta, noise_level=cfg.diffusion.noise_level, generator=generators,
@@ -82,6 +78,7 @@ def sampled_x0(path: str, conditions: list[np.ndarray], size: tuple[int, int], s
 def probe(args: argparse.Namespace) -> dict:
     from core.chain import STAGES
     from core.env import configure_process
+    from models.sr_pipeline import SRPipeline
     from rl.eval import load_samples
     from rl.inference import default_device, load_inference_config, resolve_checkpoint
 
@@ -95,11 +92,12 @@ def probe(args: argparse.Namespace) -> dict:
     samples, _ = load_samples(cfg, args.data, args.split, args.num, False)
     scales = {"rough": cfg.chain.rough_scale, "middle": cfg.chain.middle_scale, "final": cfg.chain.final_scale}
     device = args.device or default_device()
+    model, reference = (SRPipeline.from_pretrained(str(c.diffusion)).to(device) for c in (ckpt, ref))  # once each
     rows = []
     for stage in stages:
         conditions, size = stage_inputs(samples, scales, stage)
-        x = sampled_x0(str(ckpt.diffusion), conditions, size, stage, cfg, args.seed, device)
-        r = sampled_x0(str(ref.diffusion), conditions, size, stage, cfg, args.seed, device)
+        x = sampled_x0(model, conditions, size, stage, cfg, args.seed)
+        r = sampled_x0(reference, conditions, size, stage, cfg, args.seed)
         s, rest = gain_and_rest(x, r)
         rows.append(StageGain(stage, float(s.mean()), float(s.std()) if len(s) > 1 else 0.0, float(rest.mean()),
                               float(x.pow(2).mean().sqrt()), float(r.pow(2).mean().sqrt())))
