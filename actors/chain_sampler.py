@@ -93,7 +93,7 @@ class ChainSampler:
         self.diffusion = diffusion
         self.sampling = sampling  # None: the engine's own
         self.tokens = engine.tokens
-        self.scales = {"rough": chain.rough_scale, "middle": chain.middle_scale, "final": chain.final_scale}
+        self.scales = chain.stage_scales
 
     def sample(self, samples: Sequence[Sample], group_size: int, seed: int,
                policy_version: int = 0, diffusion_version: int = 0, explore: bool = True) -> list[Rollout]:

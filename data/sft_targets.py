@@ -184,7 +184,7 @@ def target_records(samples: Sequence[Sample], tokens, cfg) -> list[SFTRecord]:
     photographs' own captions for the skimage source): what the cold start trains on, and GRPO's ``sft_coef``
     term."""
     c = cfg.chain
-    scales = {"rough": c.rough_scale, "middle": c.middle_scale, "final": c.final_scale}
+    scales = c.stage_scales
     return [build_record(s, tokens, scales, c.prompt, cfg.data.source == "skimage", c.sr_reads_degradation)
             for s in samples]
 

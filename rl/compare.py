@@ -3,8 +3,12 @@
     python -m rl.compare runs/eval_start/eval.json runs/eval_end/eval.json --run runs/grpo_after_sft \
         --out runs/eval_end/compare.md
 
-For every reward: the mean before and after, the change, and its standard error (the chains' spread,
-sqrt(var_a / n_a + var_b / n_b)). With ``--run``, also the training curve's step-to-step noise of the same
+For every reward and every image metric of the reports (PSNR, SSIM, PIQE, ...: the model's final images): the
+mean before and after, the change, and its standard error. When both reports hold the same crops (the same
+``--data``, ``--split`` and ``--num`` give the same crops and degradations), the change is paired by crop: each
+crop's mean over its chains, before and after, and the standard error of the crops' differences, which leaves out
+the spread between crops that both models share. Otherwise the chains' spread, sqrt(var_a / n_a + var_b / n_b).
+With ``--run``, also the training curve's step-to-step noise of the same
 reward: the std of the differences between consecutive steps' means, / sqrt(2) (the noise of one step's mean;
 a trend barely moves consecutive differences). A change counts as larger than the noise when it exceeds both
 2 standard errors and the step-to-step noise.
@@ -38,6 +42,7 @@ class Change:
     n_after: int
     stderr: float  # of after - before
     step_noise: Optional[float]  # the training curve's, None without a run
+    paired: bool = False  # by crop: n_before = n_after = the crops both reports hold
 
     @property
     def delta(self) -> float:
@@ -57,9 +62,37 @@ def step_to_step_noise(values: Sequence[float]) -> float:
     return float(np.diff(v).std(ddof=1) / math.sqrt(2))
 
 
-def chain_values(report: dict, reward: str) -> np.ndarray:
-    """Per-chain values of ``reward`` in an eval.json (chains where it does not apply are left out)."""
-    return np.asarray([c["rewards"][reward] for c in report["per_chain"] if reward in c["rewards"]], dtype=float)
+def _value(chain: dict, name: str) -> Optional[float]:
+    """A reward (``rewards``) or an image metric of the final image (``model``) of one chain; None where it does
+    not apply or failed."""
+    v = chain.get("rewards", {}).get(name, chain.get("model", {}).get(name))
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
+def chain_values(report: dict, name: str) -> np.ndarray:
+    """Per-chain values of a reward or image metric in an eval.json (chains where it does not apply are left out)."""
+    vals = (_value(c, name) for c in report["per_chain"])
+    return np.asarray([v for v in vals if v is not None], dtype=float)
+
+
+def crop_means(report: dict, name: str) -> Optional[dict[tuple, float]]:
+    """(image_id, prompt_id) -> the mean of ``name`` over that crop's chains; None when the report does not name its
+    crops (an older eval.json)."""
+    if not all("prompt_id" in c for c in report["per_chain"]):
+        return None
+    by_crop: dict[tuple, list[float]] = {}
+    for c in report["per_chain"]:
+        v = _value(c, name)
+        if v is not None:
+            by_crop.setdefault((c.get("image_id"), c["prompt_id"]), []).append(v)
+    return {k: float(np.mean(v)) for k, v in by_crop.items()}
+
+
+def metric_names(*reports: dict) -> list[str]:
+    """The image metrics every report scored (rl.eval's ``model`` columns), in the first report's order."""
+    names = [set(c.get("model", {})) for r in reports for c in r["per_chain"]]
+    common = set.intersection(*names) if names else set()
+    return [n for n in reports[0]["per_chain"][0].get("model", {}) if n in common] if common else []
 
 
 def _mean_variance(x: np.ndarray) -> float:
@@ -67,28 +100,49 @@ def _mean_variance(x: np.ndarray) -> float:
     return float(x.var(ddof=1) / x.size) if x.size > 1 else 0.0
 
 
+def same_crops(before: dict, after: dict) -> bool:
+    """Both reports hold the same crops, each with its chains: the condition for pairing by crop."""
+    keys = [{(c.get("image_id"), c.get("prompt_id")) for c in r["per_chain"]} for r in (before, after)]
+    return (all("prompt_id" in c for r in (before, after) for c in r["per_chain"])
+            and keys[0] == keys[1] and len(keys[0]) > 1 and before.get("data") == after.get("data"))
+
+
 def compare(before: dict, after: dict, curves: Optional[dict] = None,
-            rewards: Sequence[str] = REWARDS) -> list[Change]:
+            rewards: Sequence[str] = REWARDS, metrics: Optional[Sequence[str]] = None) -> list[Change]:
+    """One Change per reward (then per image metric: default, all that both reports hold) found in both."""
+    paired = same_crops(before, after)
+    names = [*rewards, *(metric_names(before, after) if metrics is None else metrics)]
     out = []
-    for reward in rewards:
-        a, b = chain_values(before, reward), chain_values(after, reward)
+    for name in names:
+        curve = (curves or {}).get(f"reward/{name}/mean")
+        noise = step_to_step_noise([v for _, v in curve]) if curve and len(curve) >= 3 else None
+        if paired:
+            a, b = crop_means(before, name), crop_means(after, name)
+            crops = sorted(set(a) & set(b), key=str)
+            if not crops:
+                continue
+            x, y = np.array([a[k] for k in crops]), np.array([b[k] for k in crops])
+            out.append(Change(name, float(x.mean()), float(y.mean()), len(crops), len(crops),
+                              math.sqrt(_mean_variance(y - x)), noise, paired=True))
+            continue
+        a, b = chain_values(before, name), chain_values(after, name)
         if not a.size or not b.size:
             continue
         se = math.sqrt(_mean_variance(a) + _mean_variance(b))
-        curve = (curves or {}).get(f"reward/{reward}/mean")
-        noise = step_to_step_noise([v for _, v in curve]) if curve and len(curve) >= 3 else None
-        out.append(Change(reward, float(a.mean()), float(b.mean()), int(a.size), int(b.size), se, noise))
+        out.append(Change(name, float(a.mean()), float(b.mean()), int(a.size), int(b.size), se, noise))
     return out
 
 
 def markdown(changes: Sequence[Change], before_name: str, after_name: str) -> str:
-    lines = [f"| reward | {before_name} | {after_name} | change | 2 x std. error | step-to-step noise "
-             "| beyond noise |",
+    paired = [c for c in changes if c.paired]
+    se = f"2 x std. error (paired by crop, {paired[0].n_after} crops)" if paired else "2 x std. error"
+    lines = [f"| reward | {before_name} | {after_name} | change | {se} | step-to-step noise | beyond noise |",
              "|---|---|---|---|---|---|---|"]
     for c in changes:
         noise = "-" if c.step_noise is None else f"{c.step_noise:.3f}"
-        lines.append(f"| {c.reward} | {c.before:.3f} | {c.after:.3f} | {c.delta:+.3f} | {2 * c.stderr:.3f} | {noise} "
-                     f"| {'yes' if c.beyond_noise else 'no'} |")
+        digits = 4 if abs(c.before) < 10 else 2  # rewards in [0, 1] need 4 to show a +0.005; PSNR in dB 2
+        lines.append(f"| {c.reward} | {c.before:.{digits}f} | {c.after:.{digits}f} | {c.delta:+.{digits}f} "
+                     f"| {2 * c.stderr:.{digits}f} | {noise} | {'yes' if c.beyond_noise else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -345,34 +345,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    if args.num is not None and args.num < 1:
-        print(f"rl.eval: --num {args.num} must be >= 1", file=sys.stderr)
-        return 2
-    if args.samples_per_image < 1:
-        print(f"rl.eval: --samples-per-image {args.samples_per_image} must be >= 1", file=sys.stderr)
-        return 2
-    if args.batch_size < 1:
-        print(f"rl.eval: --batch-size {args.batch_size} must be >= 1", file=sys.stderr)
-        return 2
-    from core.checkpoint import CheckpointError
-    from core.config import ConfigError
-    from data.dataset import DataSourceError
-    from rl.inference import resolve_checkpoint
+    from rl.inference import check_at_least, resolve_checkpoint, run_tool
 
-    try:
+    def work() -> int:
+        if args.num is not None:
+            check_at_least("--num", args.num, 1)
+        check_at_least("--samples-per-image", args.samples_per_image, 1)
+        check_at_least("--batch-size", args.batch_size, 1)
         if args.out is None:
             args.out = str(default_out(resolve_checkpoint(args.checkpoint)))
         report = evaluate(args)
-    except (CheckpointError, ConfigError, DataSourceError) as exc:
-        print(f"rl.eval: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(report, indent=1, allow_nan=False))
-    (out / "eval.md").write_text(to_markdown(report))
-    print(to_markdown(report))
-    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
-    return 0
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+        (out / "eval.md").write_text(to_markdown(report))
+        print(to_markdown(report))
+        print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+        return 0
+
+    return run_tool("rl.eval", work)
 
 
 if __name__ == "__main__":

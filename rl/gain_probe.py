@@ -56,15 +56,14 @@ def stage_inputs(samples: Sequence, scales: dict[str, int], stage: str) -> tuple
     downscale to the size of the stage before (so both models see the same, clean input)."""
     from PIL import Image
 
-    from core.chain import STAGES
+    from core.chain import STAGES, stage_sizes
 
-    h, w = samples[0].lr.shape[:2]
-    size = (h * scales[stage], w * scales[stage])
+    sizes = stage_sizes(samples[0].lr.shape[:2], scales)
     k = STAGES.index(stage)
     if k == 0:
-        return [s.lr for s in samples], size
-    before = scales[STAGES[k - 1]]
-    return [np.asarray(Image.fromarray(s.hr).resize((w * before, h * before), Image.BICUBIC)) for s in samples], size
+        return [s.lr for s in samples], sizes[stage]
+    h, w = sizes[STAGES[k - 1]]
+    return [np.asarray(Image.fromarray(s.hr).resize((w, h), Image.BICUBIC)) for s in samples], sizes[stage]
 
 
 def sampled_x0(pipe, conditions: list[np.ndarray], size: tuple[int, int], stage: str, cfg, seed: int) -> torch.Tensor:
@@ -80,17 +79,17 @@ def probe(args: argparse.Namespace) -> dict:
     from core.env import configure_process
     from models.sr_pipeline import SRPipeline
     from rl.eval import load_samples
-    from rl.inference import default_device, load_inference_config, resolve_checkpoint
+    from rl.inference import UsageError, default_device, load_inference_config, resolve_checkpoint
 
     configure_process(args.threads)
     stages = args.stages.split(",")
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise ValueError(f"--stages {args.stages}: {unknown} not among {list(STAGES)}")
+        raise UsageError(f"--stages {args.stages}: {unknown} not among {list(STAGES)}")
     ckpt, ref = resolve_checkpoint(args.checkpoint), resolve_checkpoint(args.reference)
     cfg, _ = load_inference_config(args.config, ckpt)
     samples, _ = load_samples(cfg, args.data, args.split, args.num, False)
-    scales = {"rough": cfg.chain.rough_scale, "middle": cfg.chain.middle_scale, "final": cfg.chain.final_scale}
+    scales = cfg.chain.stage_scales
     device = args.device or default_device()
     model, reference = (SRPipeline.from_pretrained(str(c.diffusion)).to(device) for c in (ckpt, ref))  # once each
     rows = []
@@ -123,25 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.num < 1:
-        print(f"rl.gain_probe: --num {args.num} must be >= 1", file=sys.stderr)
-        return 2
-    from core.checkpoint import CheckpointError
-    from core.config import ConfigError
-    from data.dataset import DataSourceError
+    from rl.inference import check_at_least, run_tool
 
-    try:
+    def work() -> int:
+        check_at_least("--num", args.num, 1)
         report = probe(args)
-    except (CheckpointError, ConfigError, DataSourceError, FileNotFoundError, ValueError) as exc:
-        print(f"rl.gain_probe: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else Path("gain_probe") / Path(report["checkpoint"]).parent.name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gain.json").write_text(json.dumps(report, indent=2))
-    for r in report["stages"]:
-        print(f"{r['stage']:>6}: gain {r['gain']:.3f} (sd {r['gain_sd']:.3f}), not a gain {r['rest_share']:.1%} of "
-              f"the detail's energy; rms {r['rms']:.4f} against {r['reference_rms']:.4f}")
-    return 0
+        out = Path(args.out) if args.out else Path("gain_probe") / Path(report["checkpoint"]).parent.name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gain.json").write_text(json.dumps(report, indent=2))
+        for r in report["stages"]:
+            print(f"{r['stage']:>6}: gain {r['gain']:.3f} (sd {r['gain_sd']:.3f}), not a gain {r['rest_share']:.1%} "
+                  f"of the detail's energy; rms {r['rms']:.4f} against {r['reference_rms']:.4f}")
+        return 0
+
+    return run_tool("rl.gain_probe", work)
 
 
 if __name__ == "__main__":

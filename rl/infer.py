@@ -140,17 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    if args.max_side is not None and args.max_side < 8:
-        print(f"rl.infer: --max-side {args.max_side} must be >= 8", file=sys.stderr)
-        return 2
-    from core.checkpoint import CheckpointError
-    from core.config import ConfigError
+    from rl.inference import check_at_least, run_tool
 
-    try:
+    def work() -> int:
+        if args.max_side is not None:
+            check_at_least("--max-side", args.max_side, 8)
         return run(args)
-    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
-        print(f"rl.infer: {exc}", file=sys.stderr)
-        return 2
+
+    return run_tool("rl.infer", work)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Shared by ``rl.eval`` and ``rl.infer``: find a trained model from a ``--checkpoint`` argument and build an
-in-process ChainSampler from it (no Ray: one process, the same engines and pipeline the rollout actors use).
+"""Shared by the model tools (``rl.eval``, ``rl.infer``, ``rl.reward_probe``, ``rl.gain_probe``): find a trained
+model from a ``--checkpoint`` argument, build an in-process ChainSampler from it (no Ray: one process, the same
+engines and pipeline the rollout actors use), and run the tool so that a user's error is one line and exit code 2.
 
 ``--checkpoint`` may name
   * an export directory: ``policy/`` (HF Qwen2.5-VL) + ``diffusion/`` (diffusers SR pipeline);
@@ -21,12 +22,12 @@ import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from core.checkpoint import CheckpointError, latest_complete, verify_checkpoint
-from core.config import ExperimentConfig, load_config
+from core.config import ConfigError, ExperimentConfig, load_config
 from core.dtypes import torch_dtype
 from core.env import REPO_ROOT
 
@@ -119,6 +120,28 @@ def load_inference_config(config: Optional[str], ckpt: ResolvedCheckpoint,
         diffusion=replace(cfg.diffusion, path=str(ckpt.diffusion), bootstrap=False, init_from=None),
     )
     return cfg, path
+
+
+class UsageError(ValueError):
+    """A bad argument, or an input the tool cannot use; the message names the flag (or key) and the value."""
+
+
+def check_at_least(flag: str, value: float, low: float) -> None:
+    if not value >= low:  # also refuses NaN
+        raise UsageError(f"{flag} {value} must be >= {low}")
+
+
+def run_tool(prog: str, work: Callable[[], int]) -> int:
+    """The main of every model tool: ``work`` checks its arguments, computes, then writes; a user's error (a bad
+    argument, checkpoint, config or data source, a missing file) prints ``prog: message`` and returns 2 before
+    anything is written. Any other exception is a bug and keeps its traceback."""
+    from data.dataset import DataSourceError  # here, not at the top: cv2 stays out of ``--help``
+
+    try:
+        return work()
+    except (UsageError, CheckpointError, ConfigError, DataSourceError, FileNotFoundError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
 
 
 def model_arguments(prog: str, description: str) -> argparse.ArgumentParser:

@@ -149,18 +149,18 @@ def probe(args: argparse.Namespace) -> dict:
     from rewards.total import metric_weights
     from rl.eval import load_samples, sample_chains
     from rl.eval_metrics import bicubic_upscale, no_downloads, usable_reward_metrics
-    from rl.inference import build_sampler, default_device, load_inference_config, resolve_checkpoint
+    from rl.inference import UsageError, build_sampler, default_device, load_inference_config, resolve_checkpoint
 
     configure_process(args.threads)
     ckpt = resolve_checkpoint(args.checkpoint)
     cfg, config_path = load_inference_config(args.config, ckpt, getattr(args, "overrides", ()))
     if cfg.chain.final_scale % cfg.chain.middle_scale:
-        raise ValueError(f"chain.final_scale {cfg.chain.final_scale} is not a multiple of chain.middle_scale "
+        raise UsageError(f"chain.final_scale {cfg.chain.final_scale} is not a multiple of chain.middle_scale "
                          f"{cfg.chain.middle_scale}: the final stage's bicubic base cannot be formed")
     reward_cfg, dropped = usable_reward_metrics(cfg.reward, args.metric_weights)
     weights = {n: w for n, w in metric_weights(reward_cfg).items() if w > 0}
     if not weights:
-        raise ValueError("reward.metrics / reward.full_reference: no usable metric with a weight > 0 to probe"
+        raise UsageError("reward.metrics / reward.full_reference: no usable metric with a weight > 0 to probe"
                          + (f" (dropped: {dropped})" if dropped else ""))
     device = args.device or default_device()
     samples, _ = load_samples(cfg, args.data, args.split, args.num, False)
@@ -173,7 +173,7 @@ def probe(args: argparse.Namespace) -> dict:
     up = cfg.chain.final_scale // cfg.chain.middle_scale
     missing = [(r.prompt_id, r.sample_index) for r in rollouts if not {"middle", "final"} <= set(r.images)]
     if missing:
-        raise ValueError(f"chains (prompt, sample) {missing[:4]} have no middle or final image to probe")
+        raise UsageError(f"chains (prompt, sample) {missing[:4]} have no middle or final image to probe")
     finals = [r.images["final"] for r in rollouts]
     bases = [bicubic_upscale(r.images["middle"], up) for r in rollouts]
     hrs = [s.hr for s in samples for _ in range(G)]
@@ -190,9 +190,9 @@ def probe(args: argparse.Namespace) -> dict:
                                   for q in scores]).reshape(len(samples), G)
     rows = probe_rows(values, raw, generation, names, [weights[n] for n in names])
     vote = gain_vote(generation, args.vote_std, seed=args.seed) if args.vote_std > 0 else None
-    return {"vote": None if vote is None else asdict(vote),"checkpoint": str(args.checkpoint), "export": str(ckpt.export), "config": str(config_path),
+    return {"checkpoint": str(args.checkpoint), "export": str(ckpt.export), "config": str(config_path),
             "num_images": len(samples), "samples_per_image": G, "metrics": weights, "dropped": dropped,
-            "rows": [asdict(r) for r in rows]}
+            "rows": [asdict(r) for r in rows], "vote": None if vote is None else asdict(vote)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,40 +217,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    for flag, value, low in (("--num", args.num, 1), ("--samples-per-image", args.samples_per_image, 2),
-                             ("--batch-size", args.batch_size, 1)):
-        if value < low:
-            print(f"rl.reward_probe: {flag} {value} must be >= {low}", file=sys.stderr)
-            return 2
-    if not args.vote_std >= 0:
-        print(f"rl.reward_probe: --vote-std {args.vote_std} must be >= 0", file=sys.stderr)
-        return 2
-    if any(not s >= 0 for s in args.scales):
-        print(f"rl.reward_probe: --scales {args.scales}: every scale must be >= 0", file=sys.stderr)
-        return 2
-    from core.checkpoint import CheckpointError
-    from core.config import ConfigError
-    from data.dataset import DataSourceError
+    from rl.inference import UsageError, check_at_least, run_tool
 
-    try:
+    def work() -> int:
+        check_at_least("--num", args.num, 1)
+        check_at_least("--samples-per-image", args.samples_per_image, 2)
+        check_at_least("--batch-size", args.batch_size, 1)
+        check_at_least("--vote-std", args.vote_std, 0)
+        if any(not s >= 0 for s in args.scales):
+            raise UsageError(f"--scales {args.scales}: every scale must be >= 0")
+        if args.vote_std > 0 and len({s for s in args.scales if s > 0} | {1.0}) < 2:
+            raise UsageError(f"--scales {args.scales}: the gain vote (--vote-std {args.vote_std}) needs a positive "
+                             f"scale besides 1")
         report = probe(args)
-    except (CheckpointError, ConfigError, DataSourceError, FileNotFoundError, ValueError) as exc:
-        print(f"rl.reward_probe: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else Path("probe") / Path(report["export"]).name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps(report, indent=2))
-    rows = [ProbeRow(**r) for r in report["rows"]]
-    md = (f"# Reward probe: {report['export']}\n\n{report['num_images']} images x {report['samples_per_image']} "
-          f"chains; metrics {report['metrics']}\n\n" + to_markdown(rows, list(report["metrics"])))
-    if report["vote"] is not None:
-        v = GainVote(**report["vote"])
-        md += (f"\nGRPO's vote on a detail gain (log-gains N(0, {v.std:g}^2), group advantages of the generation "
-               f"reward): mean advantage x log-gain {v.mean:+.4f} (one step's: +- {v.step_se:.4f}); inputs voting "
-               f"for more detail: {v.positive_share:.0%}\n")
-    (out / "probe.md").write_text(md)
-    print(md)
-    return 0
+        out = Path(args.out) if args.out else Path("probe") / Path(report["export"]).name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "probe.json").write_text(json.dumps(report, indent=2))
+        rows = [ProbeRow(**r) for r in report["rows"]]
+        md = (f"# Reward probe: {report['export']}\n\n{report['num_images']} images x {report['samples_per_image']} "
+              f"chains; metrics {report['metrics']}\n\n" + to_markdown(rows, list(report["metrics"])))
+        if report["vote"] is not None:
+            v = GainVote(**report["vote"])
+            md += (f"\nGRPO's vote on a detail gain (log-gains N(0, {v.std:g}^2), group advantages of the generation "
+                   f"reward): mean advantage x log-gain {v.mean:+.4f} (one step's: +- {v.step_se:.4f}); inputs "
+                   f"voting for more detail: {v.positive_share:.0%}\n")
+        (out / "probe.md").write_text(md)
+        print(md)
+        return 0
+
+    return run_tool("rl.reward_probe", work)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,34 @@ def test_cli_writes_the_table_and_names_a_bad_report(tmp_path, capsys):
     b.write_text(json.dumps(_report(5, {"total": [1.5, 1.7]})))
     assert compare.main([str(a), str(b), "--out", str(tmp_path / "t.md")]) == 0
     table = (tmp_path / "t.md").read_text()
-    assert "| total | 1.100 | 1.600 | +0.500 |" in table and "after (step 5)" in table
+    assert "| total | 1.1000 | 1.6000 | +0.5000 |" in table and "after (step 5)" in table
     with pytest.raises(SystemExit, match="cannot read eval report .*missing.json"):
         compare.main([str(a), str(tmp_path / "missing.json")])
+
+
+def _crop_report(step, crops, shift, spi=2, data="skimage eval 4"):
+    """``crops`` crops whose generation and PSNR spread widely between crops; the model adds ``shift`` to each."""
+    chains = []
+    for k in range(crops):
+        for i in range(spi):
+            g = 0.1 * k + 0.001 * i + shift
+            chains.append({"image_id": f"photo{k % 2}", "prompt_id": k, "sample_index": i,
+                           "rewards": {"generation": g}, "model": {"PSNR": 20.0 + 3 * k - 10 * shift, "NIQE": None}})
+    return {"step": step, "data": data, "per_chain": chains}
+
+
+def test_the_same_crops_are_compared_paired_which_resolves_a_shift_the_crops_spread_hides():
+    before, after = _crop_report(0, 8, 0.0), _crop_report(20, 8, 0.01)
+    gen, psnr = compare.compare(before, after)  # NIQE failed everywhere: left out
+    assert gen.paired and (gen.n_before, gen.n_after) == (8, 8)
+    assert gen.delta == pytest.approx(0.01) and gen.stderr == pytest.approx(0.0, abs=1e-9) and gen.beyond_noise
+    assert psnr.reward == "PSNR" and psnr.delta == pytest.approx(-0.1)
+    for c in before["per_chain"] + after["per_chain"]:  # the same values, crops not named: unpaired
+        del c["prompt_id"]
+    gen = compare.compare(before, after)[0]
+    assert not gen.paired and gen.n_after == 16 and not gen.beyond_noise  # 0.01 inside the crops' spread
+    other = compare.compare(_crop_report(0, 8, 0.0), _crop_report(20, 8, 0.01, data="skimage train 4"))[0]
+    assert not other.paired  # other crops: no pairing
+    table = compare.markdown(compare.compare(_crop_report(0, 8, 0.0), _crop_report(20, 8, 0.01)), "a", "b")
+    assert "paired by crop, 8 crops" in table and "| generation | 0.3505 | 0.3605 | +0.0100 |" in table
+    assert "| PSNR | 30.50 | 30.40 | -0.10 |" in table

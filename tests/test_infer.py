@@ -16,7 +16,7 @@ from PIL import Image
 
 from core.checkpoint import CheckpointError, write_checkpoint
 from core.env import REPO_ROOT
-from rl.inference import crop_output, fit_lr, resolve_checkpoint
+from rl.inference import UsageError, check_at_least, crop_output, fit_lr, resolve_checkpoint, run_tool
 
 FAST = ["--engine", "hf", "chain.max_stage_tokens=8", "diffusion.num_steps=2"]
 
@@ -58,6 +58,25 @@ def test_fit_lr_max_side_downscales_before_padding():
     f = fit_lr(np.zeros((1000, 600, 3), np.uint8), 8, max_side=100)
     assert f.size == (100, 60) and f.lr.shape == (104, 64, 3)
     assert "downscaled 600x1000 -> 60x100" in f.notes[0]
+
+
+def test_run_tool_says_a_users_error_in_one_line_and_lets_a_bug_raise(capsys):
+    assert run_tool("rl.x", lambda: 0) == 0
+
+    def bad_flag() -> int:
+        check_at_least("--num", 0, 1)
+        return 0
+
+    assert run_tool("rl.x", bad_flag) == 2
+    assert capsys.readouterr().err == "rl.x: --num 0 must be >= 1\n"
+    with pytest.raises(UsageError, match="nan must be"):
+        check_at_least("--vote-std", float("nan"), 0)
+
+    def bug() -> int:
+        raise ValueError("an internal contract")
+
+    with pytest.raises(ValueError, match="internal contract"):  # a bug keeps its traceback
+        run_tool("rl.x", bug)
 
 
 def test_resolve_checkpoint_accepts_export_step_and_checkpoints_root(models, tmp_path):

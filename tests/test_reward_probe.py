@@ -114,3 +114,5 @@ def test_bad_probe_arguments_are_named(env, capsys):  # noqa: F811
     assert "every scale must be >= 0" in capsys.readouterr().err
     assert reward_probe.main(["--checkpoint", str(env / "models"), "--vote-std", "-1"]) == 2
     assert "--vote-std -1.0 must be >= 0" in capsys.readouterr().err
+    assert reward_probe.main(["--checkpoint", str(env / "models"), "--scales", "0,1"]) == 2
+    assert "needs a positive scale besides 1" in capsys.readouterr().err
