@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from actors.text_engine import TextEngine, TextRequest, TextSample
-from core.chain import STAGES, TURNS, image_section, parse_chain, sr_prompt, stage_sizes
+from core.chain import STAGES, TURNS, image_section, parse_chain, sr_prompt, stage_scales, stage_sizes
 from core.config import ChainConfig, DiffusionConfig, SamplingConfig
 from core.records import DiffusionTrace, Rollout, Sample
 
@@ -93,7 +93,7 @@ class ChainSampler:
         self.diffusion = diffusion
         self.sampling = sampling  # None: the engine's own
         self.tokens = engine.tokens
-        self.scales = chain.stage_scales
+        self.scales = stage_scales(chain)
 
     def sample(self, samples: Sequence[Sample], group_size: int, seed: int,
                policy_version: int = 0, diffusion_version: int = 0, explore: bool = True) -> list[Rollout]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 TAGS: tuple[str, ...] = (
     "degradation",
@@ -78,6 +79,11 @@ def image_section(stage: str, image_text: str = IMAGE_PLACEHOLDER) -> str:
     """The section the system inserts after a turn: ``<rough_image>IMG</rough_image>``."""
     tag = f"{stage}_image"
     return f"{open_tag(tag)}{image_text}{close_tag(tag)}"
+
+
+def stage_scales(chain: Any) -> dict[str, int]:
+    """Each stage's scale by stage name from a ``ChainConfig``, the form ``stage_sizes`` takes."""
+    return {"rough": chain.rough_scale, "middle": chain.middle_scale, "final": chain.final_scale}
 
 
 def stage_sizes(lr_hw: tuple[int, int], scales: dict[str, int]) -> dict[str, tuple[int, int]]:

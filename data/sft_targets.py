@@ -31,7 +31,8 @@ import cv2
 import numpy as np
 import torch
 
-from core.chain import STAGES, TURNS, degradation_text, image_section, render_turn, sr_prompt, stage_sizes
+from core.chain import (STAGES, TURNS, degradation_text, image_section, render_turn, sr_prompt, stage_scales,
+                        stage_sizes)
 from core.records import Rollout, Sample
 
 # Which image each stage's diffusion step is conditioned on: the LR image, then the previous stage's target.
@@ -184,7 +185,7 @@ def target_records(samples: Sequence[Sample], tokens, cfg) -> list[SFTRecord]:
     photographs' own captions for the skimage source): what the cold start trains on, and GRPO's ``sft_coef``
     term."""
     c = cfg.chain
-    scales = c.stage_scales
+    scales = stage_scales(c)
     return [build_record(s, tokens, scales, c.prompt, cfg.data.source == "skimage", c.sr_reads_degradation)
             for s in samples]
 

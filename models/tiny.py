@@ -24,6 +24,9 @@ TINY_MAX_PIXELS = 112 * 112
 PATCH_SIZE = 14
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
+# Qwen2.5-VL-7B's vocabulary layout: 151,643 BPE + 22 added ids, 152,064 embedding rows (399 padded past the
+# tokenizer); TinyPolicyConfig(**QWEN2_5_VL_7B_VOCAB) is the tiny policy at that layout.
+QWEN2_5_VL_7B_VOCAB = {"vocab_size": 151_665, "embedding_rows": 152_064}
 
 
 # ------------------------------------------------------------------------------------------ policy
@@ -67,7 +70,15 @@ def tiny_policy_config(cfg, tokenizer) -> "Qwen2_5_VLConfig":  # noqa: F821
         t: tokenizer.convert_tokens_to_ids(t)
         for t in ("<|endoftext|>", "<|im_end|>", VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>")
     }
-    vocab = _round_up(max(cfg.vocab_size, len(tokenizer)), 64)
+    rows = cfg.embedding_rows
+    if rows is None:
+        vocab = _round_up(max(cfg.vocab_size, len(tokenizer)), 64)
+    elif rows < len(tokenizer):
+        raise ValueError(
+            f"policy.tiny.embedding_rows = {rows} is smaller than the tokenizer ({len(tokenizer)} ids)"
+        )
+    else:
+        vocab = rows
     text = dict(
         vocab_size=vocab,
         hidden_size=cfg.hidden_size,
@@ -131,9 +142,12 @@ def tiny_processor(tokenizer) -> "Qwen2_5_VLProcessor":  # noqa: F821
 def build_tiny_policy(cfg, out_dir: PathLike) -> Path:
     """Build the random tiny Qwen2.5-VL (weights, tokenizer, processor, generation config) into ``out_dir``.
 
-    ``cfg`` is an ``core.config.TinyPolicyConfig``. Offline and deterministic from ``cfg.seed``. The directory
-    is written under a temporary name and renamed into place, so a half-built model is never picked up; an
-    existing ``out_dir`` is an error (delete it to rebuild).
+    ``cfg`` is an ``core.config.TinyPolicyConfig``. With ``cfg.embedding_rows`` set, the tokenizer has exactly
+    ``cfg.vocab_size`` ids and the embedding / lm_head exactly ``embedding_rows`` rows:
+    ``TinyPolicyConfig(**QWEN2_5_VL_7B_VOCAB)`` is Qwen2.5-VL-7B's vocabulary layout (151,665 ids, 152,064
+    rows) at tiny widths. Offline and deterministic from ``cfg.seed``. The directory is written under a
+    temporary name and renamed into place, so a half-built model is never picked up; an existing ``out_dir``
+    is an error (delete it to rebuild).
     """
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -141,7 +155,8 @@ def build_tiny_policy(cfg, out_dir: PathLike) -> Path:
     if out.exists():
         raise FileExistsError(f"policy directory already exists: {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_chain_tokenizer(cfg.vocab_size)
+    exact = cfg.embedding_rows is not None  # a set layout: exactly vocab_size ids
+    tokenizer = build_chain_tokenizer(cfg.vocab_size, exact=exact)
     config = tiny_policy_config(cfg, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -75,7 +75,7 @@ def sampled_x0(pipe, conditions: list[np.ndarray], size: tuple[int, int], stage:
 
 
 def probe(args: argparse.Namespace) -> dict:
-    from core.chain import STAGES
+    from core.chain import STAGES, stage_scales
     from core.env import configure_process
     from models.sr_pipeline import SRPipeline
     from rl.eval import load_samples
@@ -89,7 +89,7 @@ def probe(args: argparse.Namespace) -> dict:
     ckpt, ref = resolve_checkpoint(args.checkpoint), resolve_checkpoint(args.reference)
     cfg, _ = load_inference_config(args.config, ckpt)
     samples, _ = load_samples(cfg, args.data, args.split, args.num, False)
-    scales = cfg.chain.stage_scales
+    scales = stage_scales(cfg.chain)
     device = args.device or default_device()
     model, reference = (SRPipeline.from_pretrained(str(c.diffusion)).to(device) for c in (ckpt, ref))  # once each
     rows = []
