@@ -19,12 +19,15 @@ def build_text_engine(
     dtype: str = "float32",
     device: str = "cpu",
     seed: int = 0,
+    transfer: str = "safetensors_bytes",
 ) -> TextEngine:
-    """``rollout.engine`` -> an engine: "vllm" or "hf"."""
+    """``rollout.engine`` -> an engine: "vllm" or "hf". ``transfer``: vLLM's weight-transfer engine
+    (``actors.vllm_worker``; the HF engine loads tensors in its own process)."""
     if engine == "vllm":
         from actors.vllm_engine import VLLMTextEngine
 
-        return VLLMTextEngine(policy_path, sampling, max_tokens, vllm=vllm, dtype=dtype, seed=seed)
+        return VLLMTextEngine(policy_path, sampling, max_tokens, vllm=vllm, dtype=dtype, seed=seed,
+                              transfer=transfer)
     if engine == "hf":
         from actors.hf_engine import HFTextEngine
 

@@ -81,15 +81,36 @@ class RolloutGroup(ActorGroup):
 
     def submit_join_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float
                                  ) -> list[ray.ObjectRef]:
-        """Every actor joins the collective weight-sync group as member 1..R (learner rank 0 is member 0)."""
+        """Every actor joins the actors' collective weight-sync group as member 1..R (learner rank 0 is member 0)."""
         return [a.join_weight_group.options(concurrency_group=WEIGHTS_THREAD).remote(
             host, port, i + 1, world_size, backend, timeout_s) for i, a in enumerate(self.actors)]
 
-    def submit_receive_weights(self, models: Sequence[str], version: int, defer: bool) -> list[ray.ObjectRef]:
-        """Every actor receives a collective sync of ``models`` (in its "weights" thread, beside a rollout);
-        ``defer``: loaded by the first rollout call that carries ``version``, else at once."""
-        return [a.receive_weights.options(concurrency_group=WEIGHTS_THREAD).remote(models, version, defer)
+    def submit_join_transfer(self, init_info: dict, workers_per_actor: int) -> list[ray.ObjectRef]:
+        """Every actor's vLLM workers join the learner's weight-transfer group: actor i's first worker is member
+        1 + i * ``workers_per_actor`` (its tensor-parallel ranks follow; learner rank 0 is member 0)."""
+        return [a.join_transfer.options(concurrency_group=WEIGHTS_THREAD).remote(
+            {**init_info, "rank_offset": 1 + i * workers_per_actor}) for i, a in enumerate(self.actors)]
+
+    def submit_pause(self, timeout_s: float) -> list[ray.ObjectRef]:
+        """Every actor finishes its running rollout and starts no other until it has received a sync."""
+        return [a.pause.options(concurrency_group=WEIGHTS_THREAD).remote(timeout_s) for a in self.actors]
+
+    def resume(self) -> None:
+        """End every actor's pause (a sync that failed before it reached them); best effort."""
+        for a in self.actors:
+            a.resume.options(concurrency_group=WEIGHTS_THREAD).remote()
+
+    def submit_receive_weights(self, models: Sequence[str], version: int, policy_update: dict | None
+                               ) -> list[ray.ObjectRef]:
+        """Every actor receives a collective sync of ``models`` (in its "weights" thread; paused, so no rollout
+        runs meanwhile), loading each bucket as it arrives. ``policy_update``: the policy's names, dtypes and
+        shapes for vLLM's weight transfer (None: the policy comes over the actors' group)."""
+        return [a.receive_weights.options(concurrency_group=WEIGHTS_THREAD).remote(models, version, policy_update)
                 for a in self.actors]
+
+    def transfer_stats(self) -> list[list[dict[str, float]]]:
+        """Per actor, its vLLM workers' weight-transfer statistics."""
+        return ray.get([a.transfer_stats.options(concurrency_group=WEIGHTS_THREAD).remote() for a in self.actors])
 
     def versions(self) -> list[tuple[int, int]]:
         return ray.get([a.versions.remote() for a in self.actors])

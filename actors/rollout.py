@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -16,10 +16,19 @@ from core.config import ExperimentConfig
 from core.dtypes import torch_dtype
 from core.env import configure_process
 from core.records import Rollout, Sample, WeightUpdate
-from core.weights import deserialize_bucket
+from core.weights import deserialize_blobs
 from models.sr_pipeline import SRPipeline
 
 log = logging.getLogger("actors.rollout")
+
+
+def transfer_backend(cfg: ExperimentConfig) -> str:
+    """The vLLM weight-transfer engine the policy's new weights arrive through (``actors.vllm_worker``): the
+    learner's collective (vLLM's ``nccl`` on GPU, the project's ``cpu_gloo`` on CPU) or the object store's
+    serialised buckets."""
+    if cfg.learner.sync_backend != "collective":
+        return "safetensors_bytes"
+    return "nccl" if cfg.learner.backend == "nccl" else "cpu_gloo"
 
 
 class RolloutWorker:
@@ -30,14 +39,15 @@ class RolloutWorker:
         device = "cuda" if cfg.rollout.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.worker_index = worker_index
         self.device = device
-        self.sync_group = None  # learner.sync_backend: collective (join_weight_group)
-        # collective sync in the asynchronous pipeline: version -> [(model, tensors)] received while a rollout
-        # ran, loaded by the first rollout call that carries that version (receive_weights(defer=True))
-        self._staged: dict[int, list[tuple[str, list[tuple[str, torch.Tensor]]]]] = {}
-        self._staged_lock = threading.Lock()
+        self.sync_group = None  # learner.sync_backend: collective (join_weight_group): the SR model, an HF policy
+        # A rollout and a weight update never overlap: a collective sync first pauses the actor (``pause``: the
+        # running rollout finishes, no new one starts), then the weights are loaded as they arrive.
+        self._engine_lock = threading.Lock()
+        self._paused = False
         self.engine = build_text_engine(
             cfg.rollout.engine, cfg.policy.path, cfg.rollout.sampling, cfg.chain.max_stage_tokens,
             vllm=cfg.rollout.vllm, dtype=cfg.policy.dtype, device=device, seed=cfg.trainer.seed + worker_index,
+            transfer=transfer_backend(cfg),
         )
         self.pipeline = SRPipeline.from_pretrained(cfg.diffusion.path).to(device, torch_dtype(cfg.diffusion.dtype))
         self.sampler = ChainSampler(self.engine, self.pipeline, cfg.chain, cfg.diffusion,
@@ -49,16 +59,17 @@ class RolloutWorker:
     # ------------------------------------------------------------------------------------------ rollout
     def generate(self, samples: Sequence[Sample], group_size: int, seed: int,
                  weights: WeightUpdate | None = None, explore: bool = True) -> list[Rollout]:
-        """B samples -> B*G rollouts; first loads ``weights`` if this worker is behind (after a restart, or the
-        asynchronous pipeline's update carried by the call, whose weights were staged by ``receive_weights``).
-        ``explore`` False: without ``grpo.detail_gain_std``'s gains (held-out evaluation)."""
-        if weights is not None:
-            self._load_staged(weights.version)
-        if weights is not None and weights.version > max(self.policy_version, self.diffusion_version):
-            log.info("rollout worker %d at version %d loads version %d before sampling",
-                     self.worker_index, max(self.policy_version, self.diffusion_version), weights.version)
-            self.load_weights(weights)
-        return self.sampler.sample(samples, group_size, seed, self.policy_version, self.diffusion_version, explore)
+        """B samples -> B*G rollouts; first loads ``weights`` if this worker is behind and they travel through the
+        object store (after a restart, or the asynchronous pipeline's update carried by the call). ``explore``
+        False: without ``grpo.detail_gain_std``'s gains (held-out evaluation)."""
+        with self._engine_lock:
+            if weights is not None and weights.version > max(self.policy_version, self.diffusion_version) \
+                    and (weights.policy or weights.diffusion):
+                log.info("rollout worker %d at version %d loads version %d before sampling",
+                         self.worker_index, max(self.policy_version, self.diffusion_version), weights.version)
+                self._load_update(weights)
+            return self.sampler.sample(samples, group_size, seed, self.policy_version, self.diffusion_version,
+                                       explore)
 
     def generate_with_views(self, samples: Sequence[Sample], group_size: int, seed: int,
                             weights: WeightUpdate | None = None, explore: bool = True) -> list:
@@ -68,77 +79,100 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------------------------------ weights
     def load_weights(self, update: WeightUpdate) -> dict[str, float]:
-        """Load serialised buckets (resolved from the object store here) into the engine and the pipeline."""
-        import ray
+        """Load object-store buckets into the engine and the pipeline, one bucket at a time."""
+        with self._engine_lock:
+            return self._load_update(update)
 
+    def _load_update(self, update: WeightUpdate) -> dict[str, float]:
         start = time.perf_counter()
         if update.policy:
-            self.engine.load_weights(_stream(ray.get(list(update.policy))), update.version)
+            self.engine.load_weight_blobs(_blobs(update.policy), update.version)
             self.policy_version = update.version
         if update.diffusion:
-            self.load_diffusion_state(_stream(ray.get(list(update.diffusion))))
+            self.load_diffusion_state(deserialize_blobs(_blobs(update.diffusion)))
             self.diffusion_version = update.version
         return {"load_s": time.perf_counter() - start, "version": float(update.version)}
 
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str,
                           timeout_s: float) -> int:
-        """Join the collective weight-sync group (learner rank 0 is its root) as member ``rank``."""
+        """Join the actors' collective weight-sync group (learner rank 0 is its root) as member ``rank``: the SR
+        model's weights, and the policy's when it is not served by vLLM."""
         from core import weight_broadcast
 
         self.sync_group = weight_broadcast.open_group(host, port, rank, world_size, backend, timeout_s)
         return rank
 
-    def receive_weights(self, models: Sequence[str], version: int, defer: bool = False) -> dict[str, float]:
-        """Receive ``models`` ("policy", "diffusion", in the learner's order) from the weight-sync group's root:
-        the collective twin of ``load_weights``. ``defer``: keep them for the first rollout call that carries
-        ``version`` (the asynchronous pipeline, where this runs beside a rollout in the actor's "weights"
-        thread); otherwise load them now."""
+    def join_transfer(self, init_info: dict[str, Any]) -> int:
+        """Every vLLM worker process of this actor joins the learner's weight-transfer group (vLLM's API)."""
+        self.engine.join_transfer(init_info)
+        return self.worker_index
+
+    def pause(self, timeout_s: float) -> bool:
+        """Wait for the running rollout to finish and start no other until the next ``receive_weights`` (or
+        ``resume``): the collective sync then loads each bucket into the engine as it arrives."""
+        if not self._paused:
+            if not self._engine_lock.acquire(timeout=timeout_s):
+                raise TimeoutError(f"rollout worker {self.worker_index}: the running rollout did not finish within "
+                                   f"{timeout_s:.0f} s of a weight sync's pause")
+            self._paused = True
+        return True
+
+    def resume(self) -> None:
+        """End a pause without a sync (the sync failed before it reached this actor)."""
+        if self._paused:
+            self._paused = False
+            self._engine_lock.release()
+
+    def receive_weights(self, models: Sequence[str], version: int,
+                        policy_update: dict[str, Any] | None = None) -> dict[str, float]:
+        """Receive ``models`` ("policy", "diffusion", in the learner's order) from the learner rank 0: the policy
+        through vLLM's weight transfer (``policy_update``: its names, dtypes and shapes) when vLLM serves it, and
+        otherwise (the SR model, an HF policy) over the actors' group. Loaded bucket by bucket as they arrive, paused or not."""
         from core import weight_broadcast
 
-        if self.sync_group is None:
-            raise RuntimeError(f"rollout worker {self.worker_index} is not in the weight-sync group (restarted?)")
-        start = time.perf_counter()
-        received = [(model, list(weight_broadcast.receive_weights(self.sync_group, self.device))) for model in models]
-        receive_s = time.perf_counter() - start
-        with self._staged_lock:
-            if defer:
-                self._staged[version] = received
-            else:
-                self._load_received(received, version)
-        return {"receive_s": receive_s, "load_s": time.perf_counter() - start - receive_s, "version": float(version)}
+        if not self._paused:
+            self.pause(timeout_s=600.0)
+        try:
+            start = time.perf_counter()
+            for model in models:
+                if model == "policy" and policy_update is not None:
+                    self.engine.receive(policy_update, version)
+                else:
+                    if self.sync_group is None:
+                        raise RuntimeError(f"rollout worker {self.worker_index} is not in the weight-sync group "
+                                           "(restarted?)")
+                    tensors = weight_broadcast.receive_weights(self.sync_group, self.device)
+                    if model == "policy":
+                        self.engine.load_weights(tensors, version)
+                    else:
+                        self.load_diffusion_state(tensors)
+                if model == "policy":
+                    self.policy_version = version
+                else:
+                    self.diffusion_version = version
+            return {"load_s": time.perf_counter() - start, "version": float(version)}
+        finally:
+            self.resume()
 
-    def _load_staged(self, upto: int) -> None:
-        """Load the newest staged weights of a version <= ``upto`` (older staged ones are dropped)."""
-        with self._staged_lock:
-            ready = [v for v in self._staged if v <= upto]
-            if not ready:
-                return
-            newest = max(ready)
-            received = self._staged[newest]
-            for v in ready:
-                del self._staged[v]
-            self._load_received(received, newest)
-
-    def _load_received(self, received: Sequence[tuple[str, list[tuple[str, torch.Tensor]]]], version: int) -> None:
-        for model, tensors in received:
-            if model == "policy":
-                self.engine.load_weights(tensors, version)
-                self.policy_version = version
-            else:
-                self.load_diffusion_state(tensors)
-                self.diffusion_version = version
-
+    @torch.no_grad()
     def load_diffusion_state(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Names ``unet.*`` / ``text_encoder.*`` go to those components (strict: every weight must arrive)."""
-        parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
+        """Names ``unet.*`` / ``text_encoder.*`` go to those components, copied in place as they arrive (no
+        second copy of the model); strict: every tensor of a component that receives any must arrive."""
+        targets = {f"{part}.{k}": v for part in ("unet", "text_encoder")
+                   for k, v in getattr(self.pipeline, part).state_dict(keep_vars=True).items()}
+        seen: set[str] = set()
         for name, tensor in named_tensors:
-            component, _, key = name.partition(".")
-            if component not in parts:
+            component = name.partition(".")[0]
+            if component not in ("unet", "text_encoder"):
                 raise KeyError(f"diffusion weight {name!r}: component {component!r} is not unet or text_encoder")
-            parts[component][key] = tensor
-        for component, state in parts.items():
-            if state:
-                getattr(self.pipeline, component).load_state_dict(state, strict=True)
+            if name not in targets:
+                raise KeyError(f"diffusion weight {name!r} is not a tensor of the SR model")
+            targets[name].data.copy_(tensor)
+            seen.add(name)
+        parts = {n.partition(".")[0] for n in seen}
+        missing = sorted(n for n in targets if n.partition(".")[0] in parts and n not in seen)
+        if missing:
+            raise KeyError(f"diffusion weights missing from the update: {missing[:5]} ({len(missing)} in all)")
 
     def named_weights(self, model: str) -> dict[str, torch.Tensor]:
         """The weights this actor samples with, by the learner's names ("policy": the HF engine's parameters;
@@ -152,6 +186,11 @@ class RolloutWorker:
                                       "rollout.engine: hf exposes it by the learner's names")
         return dict(hf_model.named_parameters())
 
+    def transfer_stats(self) -> list[dict[str, float]]:
+        """The vLLM workers' weight-transfer statistics (the largest chunk each held)."""
+        stats = getattr(self.engine, "transfer_stats", None)
+        return stats() if stats is not None else []
+
     def versions(self) -> tuple[int, int]:
         return self.policy_version, self.diffusion_version
 
@@ -159,8 +198,10 @@ class RolloutWorker:
         return self.worker_index
 
 
-def _stream(objects: Sequence) -> Iterable[tuple[str, torch.Tensor]]:
-    """Tensors of serialised buckets; each resolved object is one bucket (bytes) or a list of them."""
-    for obj in objects:
-        for blob in ([obj] if isinstance(obj, (bytes, bytearray)) else obj):
-            yield from deserialize_bucket(blob)
+def _blobs(refs: Sequence) -> Iterator[bytes]:
+    """The serialised buckets behind object-store refs, fetched one ref at a time (each holds a bucket or a list)."""
+    import ray
+
+    for ref in refs:
+        obj = ray.get(ref)
+        yield from ([obj] if isinstance(obj, (bytes, bytearray)) else obj)

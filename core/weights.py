@@ -128,6 +128,12 @@ def deserialize_bucket(data: bytes) -> Bucket:
     return [(name, tensors[name]) for name in names]
 
 
+def deserialize_blobs(blobs: Iterable[bytes]) -> Iterator[NamedTensor]:
+    """The named tensors of a stream of serialised buckets, one bucket in memory at a time."""
+    for blob in blobs:
+        yield from deserialize_bucket(blob)
+
+
 @dataclass
 class WeightSyncStats:
     """What one sync moved and how long it took (logged as ``weight_sync/*``)."""

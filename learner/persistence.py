@@ -42,6 +42,23 @@ def sync_state(w: Rank, model: str) -> tuple[dict[str, Tensor], int | None]:
     return merged(w, model, raw), (lora.adapter_bytes(raw) if model in w.lora else None)
 
 
+def sync_metadata(w: Rank, model: str) -> dict[str, list]:
+    """What ``sync_state`` will ship of ``model`` (names, dtype names, shapes in its order: vLLM's weight-transfer
+    update info), without gathering anything: the same code runs on meta tensors of the full shapes (ZeRO-3's
+    ``ds_shape``), LoRA merging included. Any rank; no collective."""
+    from learner.transfer import update_info
+
+    module = w.engine(model).module
+    raw = {}
+    for name, p in module.named_parameters():
+        raw[name] = torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=p.dtype, device="meta")
+    persistent = set(module.state_dict(keep_vars=True).keys())
+    for name, buf in module.named_buffers():
+        if name in persistent and buf is not None:
+            raw[name] = torch.empty(tuple(buf.shape), dtype=buf.dtype, device="meta")
+    return update_info(merged(w, model, raw).items())
+
+
 def gather_full_state(w: Rank, model: str) -> dict[str, Tensor]:
     """Full CPU weights of ``model`` ("policy" | "diffusion") on rank 0 by the base model's names (LoRA adapters
     merged in), {} on the others. A collective: ALL ranks must call it (ZeRO-3 all-gathers, a bucket at a time)."""

@@ -29,7 +29,7 @@ from core.env import configure_process
 from core.grpo import ChainTags, TrainBatch, build_train_batch, needs_reference, token_credit
 from core.records import ChainAdvantage, Rollout
 from learner import engine as eng
-from learner import grpo_step, lora, persistence, sft_step
+from learner import grpo_step, lora, persistence, sft_step, transfer
 from learner.batching import masked_copy
 from learner.scoring import TraceScorer, load_sr_pipeline
 
@@ -153,7 +153,8 @@ class LearnerWorker:
                 for module in self.diffusion_reference.components.values():
                     if isinstance(module, nn.Module):
                         module.requires_grad_(False)
-        self.sync_group = None  # the collective weight-sync group (rank 0, learner.sync_backend: collective)
+        self.sync_group = None  # the rollout actors' weight-sync group (rank 0, learner.sync_backend: collective)
+        self.transfer: Optional[transfer.Sender] = None  # vLLM's weight-transfer group (rank 0, vLLM policy)
         self.setup_seconds = time.perf_counter() - t0
 
     @classmethod
@@ -257,26 +258,46 @@ class LearnerWorker:
         return persistence.gather_full_state(self, model)
 
     def join_weight_group(self, host: str, port: int, world_size: int, timeout_s: float) -> int:
-        """Rank 0 opens the collective weight-sync group as its root (``core.weight_broadcast``); other ranks
-        take no part in it. Returns this rank."""
+        """Rank 0 opens the rollout actors' collective weight-sync group as its root (``core.weight_broadcast``);
+        other ranks take no part in it. Returns this rank."""
         if self.rank == 0:
             self.sync_group = weight_broadcast.open_group(host, port, 0, world_size, self.cfg.backend, timeout_s)
         return self.rank
 
-    def broadcast_weights(self, models: Sequence[str]) -> dict[str, float]:
-        """All ranks gather each of ``models`` (a collective under ZeRO-3); rank 0 broadcasts it to the rollout
-        actors of the weight-sync group. Returns what rank 0 sent ({} on the others)."""
+    def open_transfer(self, backend: str, init: dict[str, Any]) -> int:
+        """Rank 0 opens vLLM's weight-transfer group as its rank 0 (``learner.transfer``), while every vLLM worker
+        joins it; other ranks take no part."""
+        if self.rank == 0:
+            if self.transfer is not None:
+                self.transfer.close()
+            self.transfer = transfer.open_sender(backend, init)
+        return self.rank
+
+    def sync_metadata(self, model: str) -> dict[str, list]:
+        """Names, dtypes and shapes of what a sync ships of ``model``, in order (no gather, no collective)."""
+        return persistence.sync_metadata(self, model)
+
+    def broadcast_weights(self, models: Sequence[str], transfer_models: Sequence[str] = (),
+                          announced: Optional[dict[str, dict]] = None) -> dict[str, float]:
+        """All ranks gather each of ``models`` (a collective under ZeRO-3); rank 0 sends it: the ``transfer_models``
+        through vLLM's weight transfer, checked against what the workers were ``announced``
+        (``sync_metadata``), the others over the actors' weight-sync group. Returns what rank 0 sent ({} on the
+        others)."""
         out: dict[str, float] = {}
         for model in models:
             state, adapter_bytes = persistence.sync_state(self, model)
-            if self.rank == 0 and adapter_bytes is not None:  # what shipping the LoRA adapters alone would move
+            if self.rank != 0:
+                continue
+            if adapter_bytes is not None:  # what shipping the LoRA adapters alone would move
                 out[f"weight_sync/{model}_adapter_mb"] = adapter_bytes / 2**20
-            if self.rank == 0:
+            if model in transfer_models:
+                stats = self.transfer.send(state.items(), (announced or {})[model])
+            else:
                 stats = weight_broadcast.broadcast_weights(self.sync_group, state.items(),
                                                            self.cfg.sync_bucket_mb << 20, device=self.device)
-                out[f"weight_sync/{model}_mb"] = stats.num_bytes / 2**20
-                out[f"weight_sync/{model}_buckets"] = float(stats.num_buckets)
-                out[f"weight_sync/{model}_broadcast_s"] = stats.seconds
+            out[f"weight_sync/{model}_mb"] = stats.num_bytes / 2**20
+            out[f"weight_sync/{model}_buckets"] = float(stats.num_buckets)
+            out[f"weight_sync/{model}_broadcast_s"] = stats.seconds
         return out
 
     def parameter_digest(self, model: str) -> dict[str, float]:
