@@ -19,6 +19,7 @@ import logging
 import os
 from typing import Any, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from actors.text_engine import BaseTextEngine, TextRequest, TextSample, finish_reason
@@ -114,6 +115,15 @@ class VLLMTextEngine(BaseTextEngine):
         self._ban = {i: float("-inf") for i in self.banned_ids}  # never sample vision tokens / padded rows
         every_stop = sorted(set(self.tokens.stop_ids.values()))  # the most stop ids one request carries
         check_gpu_runner_limits(self._params(TextRequest([0], [], every_stop), self.sampling))
+        self._preflight(every_stop)
+
+    def _preflight(self, stop_ids: Sequence[int]) -> None:
+        """One greedy token for a non-square probe image: vLLM must expand it to exactly the image tokens
+        ``ChainTokens`` (the learner's processor) counts, or ``_generate`` raises here, at start-up, instead of in
+        the first rollout. Seeded and greedy: the engine's own seed sequence is untouched."""
+        probe = np.full((16, 24, 3), 127, dtype=np.uint8)
+        request = TextRequest(self.tokens.prompt_ids(probe), [probe], stop_ids, n=1, max_tokens=1, seed=0)
+        self.generate([request], SamplingConfig(temperature=0.0))
 
     def _params(self, request: TextRequest, s: SamplingConfig):
         from vllm import SamplingParams

@@ -176,6 +176,10 @@ class GRPOConfig:
     sft_coef: float = 0.0
     # Stale chains (trainer.max_staleness > 0): weight of a token / step, min(pi_prox / pi_sampling, tis_cap) (TIS)
     tis_cap: float = 2.0
+    # How the text ratio treats the rollout engine's own numerics (learner.off_policy): tis, every chain's text is
+    # clipped against the learner's first-epoch log-probs and weighted by min(learner / engine, tis_cap) (decoupled
+    # PPO); none, the engine's log-probs are the old policy (the paper's). Both log learner/engine_logp_gap.
+    engine_correction: str = "tis"
     # M image samples per chain for the image loss, for the cost of diffusion only (Flow-GRPO trains on many images
     # per prompt): each chain's three stages are sampled M times from its own texts with other noise, each branch
     # conditioned on its own previous image; branch 0 is the one the policy reads and writes after. Every branch's

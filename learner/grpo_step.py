@@ -1,6 +1,7 @@
 """The GRPO update of one learner rank, on its shard of the step's chains.
 
-    stale chains (async pipeline): ratio against the first epoch's own log-probs (proximal), TIS weights
+    text (grpo.engine_correction: tis) and stale chains: ratio against the first epoch's own log-probs (proximal),
+    TIS weights of proximal over the rollout's
     for each update epoch:                                  (old log-probs stay the rollout's / the proximal)
         for each micro-batch of learner.micro_batch_size chains:
             policy:    re-score prompt + completion with the context images -> clipped surrogate, text tokens
@@ -98,7 +99,7 @@ def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout], sft_reco
             first_epoch = [sums.get("text_ratio_mean", 0.0), sums.get("image_ratio_mean", 0.0)]
     off_policy_metrics.update(_on_policy_check(w, first_epoch, global_tokens if train_text else 0.0,
                                                global_steps if train_image and objective == "trajectory" else 0.0))
-    off_policy_metrics.update(off_policy.tis_metrics(w, fixes, off_policy_metrics["off_policy_chains"]))
+    off_policy_metrics.update(off_policy.tis_metrics(w, fixes))
     metrics = _metrics(w, sums, extremes, norms, lrs, global_tokens, global_steps, len(batch), t0)
     if "image_kl" in metrics:
         metrics["image_kl_beta"] = w.image_kl_beta  # the coefficient this update used

@@ -1,14 +1,23 @@
-"""Off-policy correction of stale chains on a learner rank (the asynchronous pipeline, trainer.max_staleness > 0).
+"""Off-policy correction on a learner rank: stale chains (the asynchronous pipeline, trainer.max_staleness > 0) and
+the gap between the rollout engine's numerics and the learner's (``grpo.engine_correction``).
 
 A chain is stale for a model when the rollout sampled it with an older version of that model than the one the
-learner now holds (``Rollout.policy_version`` / ``diffusion_version`` < the step's ``version``). For those rows
-the PPO ratio is clipped against the proximal policy, the learner's weights before this update, and each text
-token / denoising step is weighted by ``min(pi_prox / pi_behaviour, grpo.tis_cap)``
-(``core.grpo.truncated_importance_weights``: decoupled PPO with truncated importance sampling, not IcePop-style
-masking). The proximal log-probs are the first epoch's own forward (detached), so the correction costs no extra
-forward pass. On-policy rows keep their behaviour log-probs and no weight, so a synchronous run (every chain
-on-policy) computes exactly what it did without this module, at the cost of two all-reduces. Chains more than
-``trainer.max_staleness`` versions old are not trained on (``drop_too_stale``).
+learner now holds (``Rollout.policy_version`` / ``diffusion_version`` < the step's ``version``). Its ratio is
+clipped against the proximal policy, the learner's weights before this update, and each text token / denoising
+step is weighted by ``min(pi_prox / pi_behaviour, grpo.tis_cap)`` (``core.grpo.truncated_importance_weights``:
+decoupled PPO with truncated importance sampling, not IcePop-style masking). The proximal log-probs are the first
+epoch's own forward (detached), so the correction costs no extra forward pass.
+
+The same holds for on-policy text: vLLM's kernels (paged attention, the ViT's varlen attention, fused norms, bf16)
+are not the learner's, so its log-probs differ from the learner's for the very same weights, and a PPO ratio taken
+against them reads that noise as policy change. With ``grpo.engine_correction: tis`` (the default; verl's decoupled
+mode, OpenRLHF's vLLM importance sampling) every chain's text takes the learner's first-epoch log-probs as the
+proximal policy and is weighted by learner over engine, truncated; ``none`` takes the engine's log-probs as the old
+policy (the paper's setting: exact when both sides compute alike, as the tiny CPU default's fp32 does). Either way
+the gap is logged on the on-policy chains: ``engine_logp_gap`` (mean |learner - engine| per token),
+``engine_ratio_mean`` and ``engine_clip_fraction`` (how many tokens the clip would cut on the engine's noise alone).
+The denoising steps are re-scored by the same SR code that sampled them and are corrected only when stale.
+Chains more than ``trainer.max_staleness`` versions old are not trained on (``drop_too_stale``).
 """
 
 from __future__ import annotations
@@ -28,14 +37,17 @@ from learner.rank import Rank
 
 @dataclass
 class Correction:
-    """One micro-batch's off-policy state. ``text_stale`` / ``step_stale``: (B,) rows sampled by an older policy /
-    SR model (None: no stale row). The proximal log-probs are the first update epoch's own forward, detached: the
-    weights do not change within an epoch (one optimizer step per epoch), so they cost no extra pass. They and
-    the truncated importance weights are filled by the first epoch and reused by the later ones."""
+    """One micro-batch's off-policy state. ``text_rows`` / ``step_stale``: (B,) rows whose text / denoising steps take
+    the proximal policy (None: none); ``on_policy``: (B,) rows sampled by the learner's current policy, where the
+    engine gap is measured. The proximal log-probs are the first update epoch's own forward, detached: the weights
+    do not change within an epoch (one optimizer step per epoch), so they cost no extra pass. They and the
+    truncated importance weights are filled by the first epoch and reused by the later ones."""
 
     cap: float
-    text_stale: Optional[Tensor] = None
+    text_rows: Optional[Tensor] = None
     step_stale: Optional[Tensor] = None
+    on_policy: Optional[Tensor] = None
+    clip: tuple[float, float] = (0.2, 0.2)  # the text clip range, for engine_clip_fraction
     text_old: Optional[Tensor] = None  # (B, L) log-probs the text ratio is taken against
     text_weights: Optional[Tensor] = None  # (B, L) truncated importance weights
     step_old: Optional[Tensor] = None  # (B, S)
@@ -45,15 +57,29 @@ class Correction:
 
     def text(self, logp: Tensor, behaviour: Tensor, mask: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """(old log-probs, weights or None) for the text ratio; ``logp``: this epoch's (B, L) forward."""
-        if self.text_stale is None:
+        if self.text_old is None and self.on_policy is not None:
+            self._engine_gap(logp.detach().float().cpu(), behaviour, mask)
+        if self.text_rows is None:
             return behaviour, None
         if self.text_old is None:
-            stale = self.text_stale[:, None]
-            self.text_old = torch.where(stale, logp.detach().float().cpu(), behaviour)
-            iw = truncated_importance_weights(self.text_old, behaviour, mask & stale, self.cap)
+            rows = self.text_rows[:, None]
+            self.text_old = torch.where(rows, logp.detach().float().cpu(), behaviour)
+            iw = truncated_importance_weights(self.text_old, behaviour, mask & rows, self.cap)
             self.text_weights = iw.weights
             self._add("text", iw)
         return self.text_old, self.text_weights
+
+    def _engine_gap(self, learner: Tensor, engine: Tensor, mask: Tensor) -> None:
+        """Sums of the first epoch's learner-over-engine gap on the on-policy rows' loss tokens."""
+        on = mask.bool() & self.on_policy[:, None]
+        delta = (learner - engine.float())[on]
+        ratio = torch.exp(delta.clamp(-20, 20))
+        low, high = self.clip
+        self.sums["gap_abs"] += float(delta.abs().sum())
+        self.sums["gap_ratio"] += float(ratio.sum())
+        self.sums["gap_clipped"] += float(((ratio < 1 - low) | (ratio > 1 + high)).sum())
+        self.sums["gap_tokens"] += float(on.sum())
+        self.on_policy = None  # once: the first epoch's forward is the one before any update
 
     def step(self, col: int, logp: Tensor, behaviour: Tensor, mask: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """(old, weights or None), each (B, 1), for diffusion step column ``col``; ``logp``: its (B, 1) forward."""
@@ -76,7 +102,8 @@ class Correction:
         self.sums[f"{kind}_tokens"] += iw.count
 
 
-_SUMS = ("image_ratio", "image_tokens", "image_truncated", "text_ratio", "text_tokens", "text_truncated")
+_SUMS = ("image_ratio", "image_tokens", "image_truncated", "text_ratio", "text_tokens", "text_truncated",
+         "gap_abs", "gap_ratio", "gap_clipped", "gap_tokens")
 
 
 def chain_staleness(r: Rollout, version: int, models: Sequence[str]) -> int:
@@ -118,28 +145,34 @@ def corrections(w: Rank, micro: Sequence[MicroBatch], version: Optional[int], tr
     stale_total, = w.all_reduce([sum(a > 0 for a in ages)])
     age_max, = w.all_reduce([max(ages, default=0)], "max")
     metrics = {"staleness_max": age_max, "off_policy_chains": stale_total}
-    cap = w.grpo.tis_cap
-    if stale_total == 0:
-        return [Correction(cap) for _ in micro], metrics
-    assert version is not None
+    engine = train_text and w.grpo.engine_correction == "tis"
+    clip = (w.grpo.clip_low, w.grpo.clip_high)
     out = []
     for m in micro:  # every rank has stale rows or not alike: all of them then use the weighted losses
-        out.append(Correction(cap, stale_rows(m, version, "policy") if train_text else None,
-                              stale_rows(m, version, "diffusion") if train_image else None))
+        real = torch.tensor([m.real] * len(m.rollouts), dtype=torch.bool)
+        stale_text = stale_rows(m, version, "policy") if train_text and version is not None else None
+        on_policy = real & ~stale_text if stale_text is not None else real
+        text_rows = real if engine else (stale_text if stale_total > 0 else None)
+        step_stale = (stale_rows(m, version, "diffusion") if train_image and stale_total > 0 and version is not None
+                      else None)
+        out.append(Correction(w.grpo.tis_cap, text_rows, step_stale, on_policy if train_text else None, clip))
     return out, metrics
 
 
-def tis_metrics(w: Rank, fixes: Sequence[Correction], off_policy_chains: float) -> dict[str, float]:
-    """``tis_{text,image}_ratio_mean`` / ``_truncated_fraction`` over ranks (a collective when any chain is stale,
-    on every rank alike)."""
-    if off_policy_chains == 0:
-        return {}
+def tis_metrics(w: Rank, fixes: Sequence[Correction]) -> dict[str, float]:
+    """``tis_{text,image}_ratio_mean`` / ``_truncated_fraction`` over the corrected tokens and ``engine_logp_gap`` /
+    ``engine_ratio_mean`` / ``engine_clip_fraction`` over the on-policy ones, over ranks (a collective on every
+    rank alike)."""
     totals = dict(zip(_SUMS, w.all_reduce([sum(f.sums[k] for f in fixes) for k in _SUMS])))
     out = {}
     for kind in ("text", "image"):
         if totals[f"{kind}_tokens"] > 0:
             out[f"tis_{kind}_ratio_mean"] = totals[f"{kind}_ratio"] / totals[f"{kind}_tokens"]
             out[f"tis_{kind}_truncated_fraction"] = totals[f"{kind}_truncated"] / totals[f"{kind}_tokens"]
+    if totals["gap_tokens"] > 0:
+        out["engine_logp_gap"] = totals["gap_abs"] / totals["gap_tokens"]
+        out["engine_ratio_mean"] = totals["gap_ratio"] / totals["gap_tokens"]
+        out["engine_clip_fraction"] = totals["gap_clipped"] / totals["gap_tokens"]
     return out
 
 

@@ -84,7 +84,8 @@ def test_later_steps_train_chains_one_version_old_with_importance_weights(runs):
             assert 0.0 <= m[f"learner/tis_{kind}_truncated_fraction"] < 0.5, (step, kind)
     assert runs["async"][-1]["async/staleness_max"] == 1
     for m in runs["sync"]:  # the synchronous run is on-policy throughout
-        assert m["async/staleness"] == 0 and m["learner/off_policy_chains"] == 0 and "learner/tis_text_ratio_mean" not in m
+        assert m["async/staleness"] == 0 and m["learner/off_policy_chains"] == 0
+        assert "learner/tis_image_ratio_mean" not in m and m["learner/engine_ratio_mean"] == pytest.approx(1, abs=1e-3)
 
 
 def test_killed_rollout_and_reward_actors_lose_no_group_and_duplicate_none(runs):

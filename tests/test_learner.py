@@ -242,6 +242,10 @@ def test_first_epoch_rescoring_reproduces_the_rollout_log_probs(zero3, chains):
         assert m[f"{kind}_ratio_min"] == pytest.approx(1.0, abs=1e-4)
         assert m[f"{kind}_ratio_max"] == pytest.approx(1.0, abs=1e-4)
         assert m[f"{kind}_clip_fraction"] == 0.0
+    # the text ratio is taken against the learner's own first epoch (grpo.engine_correction: tis), so the check
+    # that the learner reproduces the rollout's log-probs is the engine gap, measured on every on-policy token
+    assert m["engine_ratio_mean"] == pytest.approx(1.0, abs=1e-4) and m["engine_logp_gap"] < 1e-4
+    assert m["engine_clip_fraction"] == 0.0 and m["tis_text_ratio_mean"] == pytest.approx(1.0, abs=1e-4)
     assert m["tokens"] == batch.num_tokens and m["diffusion_steps"] == batch.num_steps and m["chains"] == 4
     # at ratio 1 the surrogate is -mean(A) over tokens: the advantages of the chains weighted by their tokens
     per_chain = batch.loss_mask.sum(1).float()
@@ -630,7 +634,8 @@ def test_off_policy_correction_is_the_identity_when_the_sampling_policy_is_the_l
         assert m[f"tis_{kind}_truncated_fraction"] == 0.0, kind
     for key in ("text_loss", "image_loss", "policy_grad_norm", "diffusion_grad_norm"):
         assert m[key] == pytest.approx(on_policy[key], rel=1e-4, abs=1e-6), key
-    assert "tis_text_ratio_mean" not in on_policy and on_policy["off_policy_chains"] == 0
+    assert "tis_image_ratio_mean" not in on_policy and on_policy["off_policy_chains"] == 0
+    assert on_policy["tis_text_ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # the engine gap's correction
 
 
 @pytest.mark.slow

@@ -28,7 +28,8 @@ EXPECTED_SCALARS = [
     "learner/policy_grad_norm", "learner/diffusion_grad_norm", "learner/policy_lr", "policy/version",
     "timing/rollout", "timing/reward", "timing/wait", "timing/learner", "timing/sync", "timing/step",
     "throughput/samples_per_s", "async/staleness", "async/staleness_max", "learner/staleness_max",
-    "learner/off_policy_chains", "learner/dropped_stale_chains",
+    "learner/off_policy_chains", "learner/dropped_stale_chains", "learner/engine_logp_gap",
+    "learner/engine_ratio_mean", "learner/engine_clip_fraction",
 ]
 
 
@@ -65,6 +66,9 @@ def test_one_step_logs_every_scalar(setup):
         missing = [k for k in EXPECTED_SCALARS if k not in scalars and not k.startswith(("learner/", "timing/l",
                                                                                          "timing/s"))]
     assert not missing, missing
+    if metrics["grpo/kept_chains"] > 0:  # vLLM samples, the learner re-scores: the same numbers (fp32 here)
+        assert metrics["learner/engine_ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+        assert metrics["learner/engine_logp_gap"] < 1e-3 and metrics["learner/engine_clip_fraction"] < 0.02
 
 
 def test_text_and_images_can_be_judged_by_their_own_rewards(setup):

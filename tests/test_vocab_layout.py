@@ -123,3 +123,66 @@ def test_exact_tokenizer_sizes():
     assert len(build_chain_tokenizer(1024, exact=True)) == 1024
     with pytest.raises(ValueError, match="vocab_size must be >= 278"):
         build_chain_tokenizer(100, exact=True)
+
+
+def test_the_gpu_runner_limits_are_vllms_and_a_design_beyond_them_is_named():
+    from vllm import SamplingParams
+
+    from actors.vllm_engine import check_gpu_runner_limits, gpu_runner_limits
+
+    assert gpu_runner_limits() == {"allowed_token_ids": 1024, "logit_bias": 1024, "stop_token_ids": 128}
+    check_gpu_runner_limits(SamplingParams(logit_bias={i: float("-inf") for i in range(404)}))
+    # the design the engine used before: every id but the banned ones, ~151,660 at the 7B layout
+    with pytest.raises(ValueError, match=r"Model Runner V2.*allowed_token_ids: 2000 > 1024"):
+        check_gpu_runner_limits(SamplingParams(allowed_token_ids=list(range(2000))))
+    with pytest.raises(ValueError, match=r"logit_bias: 1025 > 1024"):
+        check_gpu_runner_limits(SamplingParams(logit_bias={i: -1.0 for i in range(1025)}))
+    with pytest.raises(ValueError, match=r"stop_token_ids: 200 > 128"):
+        check_gpu_runner_limits(SamplingParams(stop_token_ids=list(range(200))))
+
+
+@pytest.mark.slow
+def test_vllm_samples_and_the_learner_rescores_at_the_7b_vocabulary_layout(layout_dir, tokens):
+    """The engine at Qwen2.5-VL-7B's layout: its bans (404 ids: 5 vision tokens + 399 padded rows, as logit
+    biases) pass the GPU runner's limits at start-up, it never samples one, and the learner's teacher-forced
+    forward with the same ids masked reproduces its sampling log-probs over two turns with images."""
+    import numpy as np
+    import torch
+
+    from actors.text_engine import TextRequest
+    from actors.vllm_engine import VLLMTextEngine
+    from core.config import SamplingConfig
+    from models.chain_tokens import sequence_log_probs
+    from models.policy import load_policy
+
+    engine = VLLMTextEngine(layout_dir, SamplingConfig(temperature=1.0, seed=0), 6)
+    try:
+        banned = set(engine.banned_ids)
+        assert len(banned) == 404 and tokens.image_pad_id in banned and set(engine._ban) == banned
+        assert banned == set(tokens.banned_ids(QWEN_ROWS))  # what the learner masks
+        model = load_policy(layout_dir)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # sharp weights (the bootstrap's are near-uniform over 152k ids, which any
+            for p in model.parameters():  # position or mask error would barely move), through the weight update
+                if p.ndim >= 2:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+        engine.load_weights(model.state_dict().items(), version=1)
+        rng = np.random.default_rng(0)
+        lr, rough = (rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((16, 16, 3), (16, 24, 3)))
+        request = TextRequest(tokens.prompt_ids(lr), [lr], [tokens.stop_ids["rough"]], n=3)
+        for turn in range(2):
+            samples = engine.generate([request])[0]
+            contexts = [list(request.context_ids) + list(s.token_ids) for s in samples]
+            with torch.no_grad():
+                lp = sequence_log_probs(model, tokens.batch_inputs(contexts, [request.images] * 3),
+                                        banned_ids=sorted(banned))
+            P = len(request.context_ids)
+            # sharp: sampled tokens far from uniform's -log(151,660) = -11.9, so a mask or position error shows
+            assert max(lp[i, P:P + len(s.token_ids)].max() for i, s in enumerate(samples)) > -9
+            for i, s in enumerate(samples):
+                assert not set(s.token_ids) & banned
+                assert (lp[i, P:P + len(s.token_ids)] - torch.tensor(s.log_probs)).abs().max() < 1e-3
+            request = TextRequest(contexts[0] + tokens.image_section_ids("rough", rough), [lr, rough],
+                                  [tokens.stop_ids["middle"]], n=3)
+    finally:
+        del engine.llm
