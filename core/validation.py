@@ -305,7 +305,7 @@ def _check_nccl_gpus(f: Any, cfg: Any) -> None:
         return
     rank = (f"learner.num_gpus = {ln.num_gpus:g}", ln.num_gpus)
     groups = [("learner.num_gpus", ln.num_gpus, "the learner ranks' group", [rank] * ln.num_ranks,
-               "give each rank a whole GPU")]
+               "give each rank a whole GPU of its own")]
     if cfg.mode == "grpo" and ln.sync_backend == "collective":
         layout = rollout_layout(r)
         actor = (f"rollout.num_gpus = {r.num_gpus:g}" if not layout.actors[0].worker_bundles else "a rollout actor, "
@@ -314,7 +314,7 @@ def _check_nccl_gpus(f: Any, cfg: Any) -> None:
         workers = [("a vLLM worker", layout.bundles[w].get("GPU", 0.0)) for a in layout.actors
                    for w in a.worker_bundles] or actors  # TP 1: vLLM runs in the actor's own share
         trained = [m for m in ("policy", "diffusion") if not getattr(cfg, m).freeze]
-        fix = "give them whole GPUs, or use learner.sync_backend object_store"
+        fix = "give each a whole GPU of its own, or use learner.sync_backend object_store"
         if r.engine == "vllm" and "policy" in trained:
             groups.append(("learner.sync_backend", ln.sync_backend, "vLLM's weight-transfer group", [rank] + workers,
                            fix))
@@ -344,6 +344,9 @@ def describe_omegaconf_error(exc: Exception) -> str:
     return message
 
 
+VLLM_MAX_LORA_RANK = 512  # vllm.config.lora.MaxLoRARanks' largest
+
+
 def _validate_lora(f: Any, model: str, sub: Any) -> None:
     """``<model>.lora``: a positive rank and alpha, dropout in [0, 1), at least one valid target pattern, and no
     second way of choosing what trains."""
@@ -365,6 +368,11 @@ def _validate_lora(f: Any, model: str, sub: Any) -> None:
         f(f"{key}.target_modules", list(lora.target_modules), "name at least one module pattern (re.search)")
     _check_patterns(f, f"{key}.target_modules", list(lora.target_modules))
     _check_patterns(f, f"{key}.modules_to_save", list(lora.modules_to_save))
+    if lora.sync not in ("adapters", "merged"):
+        f(f"{key}.sync", lora.sync, "must be adapters or merged")
+    if model == "policy" and lora.sync == "adapters" and lora.rank > VLLM_MAX_LORA_RANK:
+        f(f"{key}.rank", lora.rank, f"adapter sync serves the adapters with vLLM's LoRA, whose rank is at most "
+                                    f"{VLLM_MAX_LORA_RANK} (or set {key}.sync: merged)")
 
 
 def _check_patterns(f: Any, key: str, patterns: list[str]) -> None:

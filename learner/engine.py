@@ -23,7 +23,7 @@ import os
 import re
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -244,17 +244,18 @@ def full_parameters(params: Iterable[nn.Parameter], enabled: bool = True) -> Ite
 
 
 def iter_full_state(
-    module: nn.Module, bucket_bytes: int = 64 << 20, to_cpu: bool = True
+    module: nn.Module, bucket_bytes: int = 64 << 20, to_cpu: bool = True,
+    keep: Optional[Callable[[str], bool]] = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for every parameter, then every persistent buffer, gathered a bucket of
     parameters at a time so memory holds one bucket beyond the shards.
 
     A collective under ZeRO-3: every rank must drive the generator to its end (rank 0 keeps the tensors,
     the others may drop them). Names are those of ``module.named_parameters()`` / ``state_dict()``; a tied
-    parameter appears once, under its first name.
+    parameter appears once, under its first name. ``keep``: only the names it accepts (and only they are gathered).
     """
     names = {id(p): n for n, p in module.named_parameters()}
-    params = list(module.parameters())
+    params = [p for p in module.parameters() if keep is None or keep(names[id(p)])]
     bucket: list[nn.Parameter] = []
     size = 0
 
@@ -275,5 +276,5 @@ def iter_full_state(
         yield from flush()
     persistent = set(module.state_dict(keep_vars=True).keys())
     for name, buf in module.named_buffers():
-        if name in persistent and buf is not None:
+        if name in persistent and buf is not None and (keep is None or keep(name)):
             yield name, (buf.detach().to("cpu", copy=True) if to_cpu else buf.detach().clone())

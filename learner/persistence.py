@@ -9,14 +9,15 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from core.weights import bucket_named_tensors, serialize_bucket
 from learner import engine as eng
-from learner import lora
 from learner.rank import Rank
+from models import lora
 
 WORKER_STATE_FILE = "learner_state.json"
 CHECKPOINT_TAG = "zero"  # DeepSpeed's tag subdirectory; fixed so a checkpoint dir holds exactly one state
@@ -35,9 +36,19 @@ def serialized_state(w: Rank, model: str) -> tuple[list[bytes], dict[str, float]
     return blobs, stats
 
 
+def ships_adapters(w: Rank, model: str) -> bool:
+    """``<model>.lora.sync: adapters``: a sync ships the adapters (and saved modules) alone."""
+    cfg = w.policy_cfg if model == "policy" else w.diffusion_cfg
+    return model in w.lora and cfg.lora is not None and cfg.lora.sync == "adapters"
+
+
 def sync_state(w: Rank, model: str) -> tuple[dict[str, Tensor], int | None]:
-    """What a weight sync ships of ``model`` (rank 0; {} on the others): the merged weights, and with LoRA the
-    bytes the adapters alone would be (None without). A collective, like ``gather_full_state``."""
+    """What a weight sync ships of ``model`` (rank 0; {} on the others): the adapters alone by the adapted model's
+    names (``ships_adapters``: only they are gathered), else the merged weights; and with LoRA the bytes the
+    adapters alone are (None without). A collective, like ``gather_full_state``."""
+    if ships_adapters(w, model):
+        trained = gather_raw_state(w, model, keep=lora.is_trained)
+        return trained, lora.adapter_bytes(trained)
     raw = gather_raw_state(w, model)
     return merged(w, model, raw), (lora.adapter_bytes(raw) if model in w.lora else None)
 
@@ -49,6 +60,9 @@ def sync_metadata(w: Rank, model: str) -> dict[str, list]:
     from learner.transfer import update_info
 
     module = w.engine(model).module
+    if ships_adapters(w, model):
+        raise ValueError(f"{model}.lora.sync is adapters: the adapters travel to the rollout actors, not through "
+                         "vLLM's weight transfer")
     raw = {}
     for name, p in module.named_parameters():
         raw[name] = torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=p.dtype, device="meta")
@@ -65,10 +79,11 @@ def gather_full_state(w: Rank, model: str) -> dict[str, Tensor]:
     return merged(w, model, gather_raw_state(w, model))
 
 
-def gather_raw_state(w: Rank, model: str) -> dict[str, Tensor]:
-    """``gather_full_state`` as the trained module holds it: with LoRA, base layers and adapters apart."""
+def gather_raw_state(w: Rank, model: str, keep: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
+    """``gather_full_state`` as the trained module holds it: with LoRA, base layers and adapters apart; ``keep``:
+    only the names it accepts."""
     module = w.engine(model).module
-    full = eng.iter_full_state(module, bucket_bytes=w.cfg.sync_bucket_mb << 20)
+    full = eng.iter_full_state(module, bucket_bytes=w.cfg.sync_bucket_mb << 20, keep=keep)
     if w.rank == 0:
         return dict(full)
     for _ in full:

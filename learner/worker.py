@@ -29,9 +29,10 @@ from core.env import configure_process
 from core.grpo import ChainTags, TrainBatch, build_train_batch, needs_reference, token_credit
 from core.records import ChainAdvantage, Rollout
 from learner import engine as eng
-from learner import grpo_step, lora, persistence, sft_step, transfer
+from learner import grpo_step, persistence, sft_step, transfer
 from learner.batching import masked_copy
 from learner.scoring import TraceScorer, load_sr_pipeline
+from models import lora
 
 MODELS = ("policy", "diffusion")
 
@@ -256,6 +257,10 @@ class LearnerWorker:
 
     def gather_full_state(self, model: str) -> dict[str, torch.Tensor]:
         return persistence.gather_full_state(self, model)
+
+    def sync_state(self, model: str) -> dict[str, torch.Tensor]:
+        """What a weight sync ships of ``model`` (rank 0): the adapters alone or the merged weights."""
+        return persistence.sync_state(self, model)[0]
 
     def join_weight_group(self, host: str, port: int, world_size: int, timeout_s: float) -> int:
         """Rank 0 opens the rollout actors' collective weight-sync group as its root (``core.weight_broadcast``);

@@ -1,15 +1,16 @@
-"""LoRA adapters (peft) on a learner's model, pure of Ray: add them, switch them off for the reference, and turn
-a gathered state into what the rollout engines and ``from_pretrained`` load (the merged weights) or what peft
-loads (the adapters alone).
+"""LoRA adapters (peft) on a model, pure of Ray: add them (the learner's trained model, and the rollout side's copy
+that receives the adapters), switch them off for the reference, and turn a gathered state into what the rollout
+engines and ``from_pretrained`` load (the merged weights) or what peft and vLLM's LoRA load (the adapters alone).
 
 The adapters are injected into the model itself (``peft.inject_adapter_in_model``): a targeted ``Linear`` /
 ``Conv2d`` named ``X`` becomes a peft layer holding ``X.base_layer.*`` and ``X.lora_A.default.weight`` /
 ``X.lora_B.default.weight``. The model class stays what it was, so DeepSpeed, the log-prob code and the
 checkpoints see one module as before.
 
-Why merged weights for the sync: vLLM's weight reload and the diffusers pipeline load full, strict state dicts by
-the base model's names; the adapters alone would need LoRA support in both engines. The sync therefore moves
-the merged size, and ``adapter_bytes`` says what the adapters alone would have moved.
+A weight sync (``<model>.lora.sync``) ships either the merged weights, which vLLM's reload and the diffusers
+pipeline load by the base model's names, or the adapters alone (``trained_state``): the rollout side then holds the
+same adapters over its base weights (``add_lora`` on an HF policy or the SR model, vLLM's LoRA for a served policy:
+``write_vllm_adapter``), and ``adapter_bytes`` is what moves.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ def add_lora(module: nn.Module, cfg: LoraConfig, key: str) -> dict[str, float]:
     scaling (alpha / rank) by its name, which ``merge_lora`` needs. The adapters start at B = 0: the adapted model
     computes exactly what the base did."""
     import peft
-    from peft.tuners.lora import LoraLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     names = target_names(module, list(cfg.target_modules), key)
@@ -70,6 +70,13 @@ def add_lora(module: nn.Module, cfg: LoraConfig, key: str) -> dict[str, float]:
                          f"names by their end); choose patterns whose modules' names end no other module's name")
     for name, param in module.named_parameters():
         param.requires_grad_(is_trained(name))
+    return layer_scalings(module)
+
+
+def layer_scalings(module: nn.Module) -> dict[str, float]:
+    """Each adapted layer's scaling (alpha / rank) by its name ({} for a model without adapters)."""
+    from peft.tuners.lora import LoraLayer
+
     return {n: float(m.scaling[ADAPTER]) for n, m in module.named_modules() if isinstance(m, LoraLayer)}
 
 
@@ -211,4 +218,32 @@ def save_adapter(directory: str | Path, state: Mapping[str, Tensor], cfg: LoraCo
     save_file({k: v.contiguous() for k, v in adapter_state(state).items()}, str(out / "adapter_model.safetensors"))
     saved = sorted({n.partition(_SAVED)[0] for n in state if _SAVED in n})
     peft_config(cfg, sorted(scalings), base_path, saved).save_pretrained(str(out))
+    return out
+
+
+def trained_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors an adapter sync ships, by the adapted model's own names: the adapters and the saved modules'
+    trained copies (what a rollout-side model with the same ``add_lora`` loads by name)."""
+    return {n: t for n, t in state.items() if is_trained(n)}
+
+
+def split_for_vllm(trained: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(the adapters under peft's saved names, the saved modules under the base model's names): vLLM's LoRA takes
+    the first as an adapter; a saved module (a norm) is no LoRA layer, so its weights go through the weight reload."""
+    adapters = {"base_model.model." + n.replace(f".{ADAPTER}.", "."): t for n, t in trained.items() if ".lora_" in n}
+    saved = {n.replace(_SAVED, "."): t for n, t in trained.items() if _SAVED in n}
+    return adapters, saved
+
+
+def write_vllm_adapter(directory: str | Path, adapters: Mapping[str, Tensor], rank: int, alpha: float) -> Path:
+    """``directory`` in peft's format for vLLM's ``LoRARequest``: the adapter tensors (``split_for_vllm``'s first
+    part) and a config whose targets are the layers they adapt."""
+    import peft
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = sorted({n.removeprefix("base_model.model.").partition(".lora_")[0] for n in adapters})
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(out / "adapter_model.safetensors"))
+    peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=layers).save_pretrained(str(out))
     return out

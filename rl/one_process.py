@@ -132,13 +132,14 @@ class OneProcessGRPO:
                 "throughput/samples_per_s": len(scores) / t["step"]}
 
     def load_weights(self) -> None:
-        """The learner's new weights (LoRA merged) into the text engine and the SR pipeline."""
+        """The learner's new weights into the text engine and the SR pipeline: what a sync ships (the LoRA adapters
+        alone, or the merged weights: ``<model>.lora.sync``)."""
         self.version += 1
         if "policy" in self.learner.engines:
-            self.rollout.engine.load_weights(self.learner.gather_full_state("policy").items(), self.version)
+            self.rollout.engine.load_weights(self.learner.sync_state("policy").items(), self.version)
             self.rollout.policy_version = self.version
         if "diffusion" in self.learner.engines:
-            self.rollout.load_diffusion_state(self.learner.gather_full_state("diffusion").items())
+            self.rollout.load_diffusion_state(self.learner.sync_state("diffusion").items())
             self.rollout.diffusion_version = self.version
 
     def evaluate(self) -> dict[str, float]:

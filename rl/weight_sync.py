@@ -31,7 +31,7 @@ import ray
 
 from core.config import ExperimentConfig
 from core.records import WeightUpdate
-from actors.rollout import transfer_backend
+from actors.rollout import ships_adapters, transfer_backend
 from core.weight_broadcast import SyncGroupError
 from learner.transfer import transfer_init
 
@@ -60,7 +60,9 @@ class CollectiveSync:
         self.bucket_bytes = cfg.learner.sync_bucket_mb << 20
         # the running rollout must finish before a sync: as long as a rollout call may take
         self.pause_timeout_s = cfg.rollout.call_timeout_s or PAUSE_TIMEOUT_S
-        vllm_policy = cfg.rollout.engine == "vllm"
+        # the policy through vLLM's transfer group when vLLM serves its full weights; its adapters alone (small)
+        # go to the actors with the SR model, and the actor hands them to vLLM's LoRA
+        vllm_policy = cfg.rollout.engine == "vllm" and not ships_adapters(cfg, "policy")
         self.transfer_backend = transfer_backend(cfg) if vllm_policy else None
         self.workers_per_actor = cfg.rollout.vllm.tensor_parallel_size
         trained = list(self.learner.trained)

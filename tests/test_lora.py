@@ -13,7 +13,7 @@ from core.config import load_config
 from core.model_config import LoraConfig
 from core.records import ChainAdvantage
 from core.validation import ConfigError
-from learner import lora
+from models import lora
 
 from test_learner import ADVANTAGES, ROOT, _one_rank, _sample_rollouts  # noqa: I001 (tests/ is on sys.path)
 
@@ -331,9 +331,21 @@ def test_export_holds_the_merged_models_and_the_peft_adapters(stepped, small_mod
 
 
 @pytest.mark.slow
-def test_the_sync_ships_merged_weights_and_reports_the_adapter_size(stepped):
+def test_the_sync_ships_the_adapters_alone_or_the_merged_weights(stepped):
+    """``<model>.lora.sync``: adapters (the default) ships the trained tensors by the learner's names; merged the
+    base model's full weights."""
     worker, *_ = stepped
     for model in ("policy", "diffusion"):
+        cfg = (worker.policy_cfg if model == "policy" else worker.diffusion_cfg).lora
+        trained = {n for n, p in worker.engines[model].module.named_parameters() if p.requires_grad}
+        assert cfg.sync == "adapters" and set(worker.sync_state(model)) == trained
         blobs, stats = worker.serialized_state(model)
-        assert blobs and 0 < stats["adapter_bytes"] < stats["bytes"]
-        assert stats["tensors"] == len(worker.gather_full_state(model))
+        assert blobs and stats["tensors"] == len(trained) and stats["adapter_bytes"] <= stats["bytes"]
+        cfg.sync = "merged"
+        try:
+            blobs, stats = worker.serialized_state(model)
+            assert blobs and 0 < stats["adapter_bytes"] < stats["bytes"] / 4
+            assert stats["tensors"] == len(worker.gather_full_state(model))
+            assert set(worker.sync_state(model)) == set(worker.gather_full_state(model))
+        finally:
+            cfg.sync = "adapters"

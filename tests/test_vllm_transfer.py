@@ -112,3 +112,45 @@ def test_weights_arrive_in_every_vllm_worker_process(models, free_port, tp):
             assert s["peak_chunk_bytes"] <= BUCKET + largest < total / 4  # one chunk held, never the model
     finally:
         del engine.llm
+
+
+def test_adapter_sync_serves_what_merged_sync_serves(models):
+    """``policy.lora.sync: adapters``: vLLM serves the learner's LoRA adapters over its base weights (and reloads the
+    saved final norm); its sampling log-probs equal those of an engine given the merged weights, and the adapter
+    sync moves a fraction of the bytes."""
+    import gc
+
+    from actors.vllm_engine import VLLMTextEngine
+    from core.model_config import LoraConfig
+    from models import lora
+
+    cfg = LoraConfig(rank=8, alpha=16, target_modules=[r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj$"],
+                     modules_to_save=[r"language_model\.norm$"])
+    learner = load_policy(models["engine"])
+    scalings = lora.add_lora(learner, cfg, "policy.lora")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a trained state: adapters and the saved norm away from their start
+        for name, p in learner.named_parameters():
+            if lora.is_trained(name):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if "norm" in name else 0.0))
+    raw = {n: t.detach().clone() for n, t in learner.state_dict().items()}
+    shipped = {"adapters": lora.trained_state(raw), "merged": lora.merge_lora(raw, scalings)}
+    mb = {k: sum(t.numel() * t.element_size() for t in v.values()) / 2**20 for k, v in shipped.items()}
+    assert mb["adapters"] < mb["merged"] / 10, mb
+    out = {}
+    for mode in ("adapters", "merged"):
+        engine = VLLMTextEngine(models["engine"], SAMPLING, 8, lora=cfg if mode == "adapters" else None,
+                                max_loras=2)
+        try:
+            request = _request(engine.tokens)
+            before = engine.generate([request])[0]
+            engine.load_weights(shipped[mode].items(), version=1)
+            out[mode] = engine.generate([request])[0]
+        finally:
+            del engine.llm
+            gc.collect()
+    for a, m in zip(out["adapters"], out["merged"]):
+        assert a.token_ids == m.token_ids
+        assert np.allclose(a.log_probs, m.log_probs, atol=1e-5), (a.log_probs, m.log_probs)
+    assert any(b.token_ids != a.token_ids or not np.allclose(b.log_probs, a.log_probs, atol=1e-3)
+               for b, a in zip(before, out["adapters"]))  # the sync changed what is served
