@@ -1,4 +1,6 @@
-"""RolloutGroup: R Ray actors around RolloutWorker, one bundle each (the only Ray code of actors/).
+"""RolloutGroup: R Ray actors around RolloutWorker, one bundle each (the only Ray code of actors/); with vLLM
+tensor-parallel on GPUs, each actor's bundle (no GPU) is followed by its TP workers' GPU bundles, where vLLM's Ray
+executor places them (``core.placement.rollout_layout``).
 
 ``submit_generate`` returns two ObjectRefs per chain: the whole Rollout (tokens, log-probs, diffusion traces) for
 the learner ranks, and its scoring view (text and final image, ``Rollout.scoring_view``) for the reward actors, so
@@ -22,6 +24,7 @@ import ray
 from actors.rollout import RolloutWorker
 from core.actor_group import ActorGroup, ProgressClock
 from core.config import ExperimentConfig
+from core.placement import rollout_layout
 from core.records import Sample, WeightUpdate
 
 WEIGHTS_THREAD = "weights"  # the actors' concurrency group of the collective weight sync
@@ -32,7 +35,7 @@ class RolloutGroup(ActorGroup):
     def __init__(self, cfg: ExperimentConfig):
         rc = cfg.rollout
         super().__init__("rollout", rc.num_actors, rc.num_cpus, rc.num_gpus, cfg.ray.placement_strategy,
-                         f"{cfg.name}-rollout")
+                         f"{cfg.name}-rollout", layout=rollout_layout(rc))
         # the "weights" thread receives a collective weight sync while the default thread runs a rollout
         self.start(RolloutWorker, lambda i: ((cfg, i), {}), max_restarts=rc.max_restarts,
                    max_task_retries=rc.max_restarts, concurrency_groups={WEIGHTS_THREAD: 1})

@@ -140,6 +140,8 @@ class VLLMTextEngine(BaseTextEngine):
         )
         if vllm.in_process and vllm.tensor_parallel_size == 1:
             kwargs["distributed_executor_backend"] = "uni"
+        if os.environ.get("VLLM_RAY_BUNDLE_INDICES"):  # TP workers in the actor's placement group (core.placement)
+            kwargs["distributed_executor_backend"] = "ray"
         self.adapters = AdapterVersions(lora, max_loras) if lora is not None else None
         if self.adapters is not None:  # adapter sync: the policy's LoRA served by vLLM over the base weights
             kwargs.update(enable_lora=True, max_loras=max_loras, max_lora_rank=self.adapters.max_rank)

@@ -1,9 +1,13 @@
 """One actor-group base for the three roles (rollout, reward, learner): a placement group of one bundle per actor,
-the actors started in their bundles, and their shutdown (OpenRLHF's RayActorGroup, verl's resource pool).
+the actors started in their bundles, and their shutdown (OpenRLHF's RayActorGroup, verl's resource pool). A role
+may bring its own ``core.placement.RoleLayout`` instead (the rollout's, when its vLLM runs tensor-parallel on
+GPUs: each actor's bundle is followed by its vLLM workers' GPU bundles, and the actor starts with the environment
+that places them there).
 
 The roles' groups (``actors.group.RolloutGroup``, ``rewards.pool.RewardPool``, ``learner.group.LearnerGroup``)
 subclass it and add their named, typed calls; a role's worker stays a plain class that Ray wraps here. The
-bundles are ``core.placement.role_bundle``, the same ones ``python -m rl.resources`` checks against a cluster.
+bundles are ``core.placement``'s (``uniform_layout`` / ``rollout_layout``), the same ones ``python -m rl.resources``
+checks against a cluster.
 
     group = ActorGroup("rollout", num_actors=2, num_cpus=1, num_gpus=0, strategy="PACK", name="run-rollout")
     group.start(RolloutWorker, lambda i: ((cfg, i), {}), max_restarts=3)
@@ -20,7 +24,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from core.placement import role_bundle
+from core.placement import Bundle, RoleLayout, format_bundles, uniform_layout
 
 # How long a role waits for the cluster (or KubeRay's autoscaler) to place its bundles before it gives up,
 # naming itself and what it asked for: a cluster too small for the run fails, it never hangs.
@@ -59,50 +63,61 @@ class ProgressClock:
         return late
 
 
-def reserve(role: str, num: int, num_cpus: float, num_gpus: float, strategy: str, name: str,
+def reserve(role: str, bundles: list[Bundle], strategy: str, name: str,
             timeout_s: float = READY_TIMEOUT_S) -> PlacementGroup:
-    """A placement group of ``num`` bundles of ``role_bundle(num_cpus, num_gpus)``, placed (or an error)."""
-    bundle = role_bundle(num_cpus, num_gpus)
-    pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy, name=name)
+    """A placement group of ``bundles``, placed (or an error naming the role and what it asked for)."""
+    pg = placement_group([dict(b) for b in bundles], strategy=strategy, name=name)
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
         raise RuntimeError(
-            f"{role} placement group ({num} x {bundle}, strategy {strategy}) not placed after {timeout_s:.0f} s; "
+            f"{role} placement group ({format_bundles(bundles)}, strategy {strategy}) not placed after "
+            f"{timeout_s:.0f} s; "
             f"cluster resources: {ray.cluster_resources()} (check with python -m rl.resources)"
         ) from None
     return pg
 
 
 class ActorGroup:
-    """``num_actors`` actors of one role, actor i in bundle i of the role's placement group."""
+    """``num_actors`` actors of one role, actor i in bundle i of the role's placement group; or, given a ``layout``,
+    actor i in its ``layout.actors[i]`` (own bundle, resources, environment)."""
 
     def __init__(self, role: str, num_actors: int, num_cpus: float, num_gpus: float, strategy: str, name: str,
-                 ready_timeout_s: float = READY_TIMEOUT_S):
+                 ready_timeout_s: float = READY_TIMEOUT_S, layout: Optional[RoleLayout] = None):
         if num_actors < 1:
             raise ValueError(f"{role}: num_actors = {num_actors} must be >= 1")
+        self.layout = layout or uniform_layout(num_actors, num_cpus, num_gpus)
+        if len(self.layout.actors) != num_actors:
+            raise ValueError(f"{role}: the layout places {len(self.layout.actors)} actors, not {num_actors}")
         self.role, self.num_actors = role, num_actors
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.actors: list[Any] = []
-        self.placement_group: Optional[PlacementGroup] = reserve(role, num_actors, num_cpus, num_gpus, strategy,
-                                                                 name, ready_timeout_s)
+        self.placement_group: Optional[PlacementGroup] = reserve(role, self.layout.bundles, strategy, name,
+                                                                 ready_timeout_s)
 
     def bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
         """Schedule a task or actor in bundle ``index`` of this role (e.g. a probe on rank 0's node)."""
         return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=index)
 
     def start(self, worker_cls: type, args: ActorArgs, **options: Any) -> list[Any]:
-        """Start one ``ray.remote(worker_cls)`` actor per bundle; ``options`` are Ray actor options
-        (max_restarts, runtime_env, concurrency_groups, ...). On any failure the group is shut down and the error
-        raised."""
+        """Start one ``ray.remote(worker_cls)`` actor per actor of the layout, in its own bundle with its resources;
+        ``options`` are Ray actor options (max_restarts, runtime_env, concurrency_groups, ...); the layout's
+        environment variables of an actor are added to ``runtime_env`` (Ray merges them with the job's). On any
+        failure the group is shut down and the error raised."""
         groups = options.pop("concurrency_groups", None)  # a class option in Ray, not a per-actor one
         remote = ray.remote(concurrency_groups=groups)(worker_cls) if groups else ray.remote(worker_cls)
         try:
-            for i in range(self.num_actors):
+            for i, place in enumerate(self.layout.actors):
                 a, kw = args(i)
-                self.actors.append(remote.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
-                                                  scheduling_strategy=self.bundle(i), **options).remote(*a, **kw))
+                opts = dict(options)
+                if place.env_vars:
+                    env = dict(opts.get("runtime_env") or {})
+                    env["env_vars"] = {**(env.get("env_vars") or {}), **place.env_vars}
+                    opts["runtime_env"] = env
+                self.actors.append(remote.options(num_cpus=place.num_cpus, num_gpus=place.num_gpus,
+                                                  scheduling_strategy=self.bundle(place.bundle), **opts
+                                                  ).remote(*a, **kw))
         except BaseException:
             self.shutdown()
             raise

