@@ -11,7 +11,7 @@ the GPU-path review, /work/shared/notes/reviews-2026-12/gpu-path.md section 2).
                        adapters with peft), and a ZeRO-3 checkpoint must restore weights and optimizer state
     learner-7b-memory  a Qwen2.5-VL-7B-shaped policy (Qwen2_5_VLConfig with the 7B sizes, random bf16 weights built
                        on the device: no download) with gradient checkpointing, trained in full as
-                       configs/grpo_8node.yaml does and then with the project's LoRA (learner.lora.add_lora); one
+                       configs/grpo_8node.yaml does and then with the project's LoRA (models.lora.add_lora); one
                        learner micro-batch at the cluster's sizes through learner.scoring.policy_log_probs + backward:
                        peak memory and seconds, and the rank-0 sync gather (learner.engine.iter_full_state, LoRA merge)
     sr-cluster-batch   an SD-x4-upscaler-shaped SR pipeline (random UNet, VAE and text encoder with the upscaler's
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -46,8 +47,9 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -58,32 +60,33 @@ CLUSTER_CONFIG = "configs/grpo_8node.yaml"  # the sizes the memory probes reprod
 RECIPE_CONFIG = "configs/grpo_1gpu.yaml"  # the LoRA recipe zero3-lora trains (and learner-7b-memory's LoRA)
 # bf16 keeps 8 significant bits: two learners that agree to float rounding may still round a merged weight to
 # neighbouring bf16 values. 1/64 relative is two to four bf16 steps; float32 (the CPU default) gets a tight one.
-BF16_RTOL, BF16_ATOL = 1 / 64, 1e-5
-FP32_RTOL, FP32_ATOL = 1e-5, 1e-6
+BF16_RTOL, FP32_RTOL = 1 / 64, 1e-5
 
 # Qwen2.5-VL-7B-Instruct's config.json (checked against the published config and transformers' Qwen2.5-VL docs)
-QWEN_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                    num_key_value_heads=4, vocab_size=152_064, max_position_embeddings=128_000, rms_norm_eps=1e-6,
-                    rope_theta=1_000_000.0, mrope_section=[16, 24, 24])
-QWEN_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                      fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+QWEN_7B_TEXT = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152_064,
+                "max_position_embeddings": 128_000, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+                "mrope_section": [16, 24, 24]}
+QWEN_7B_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                  "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                  "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2}
 QWEN_7B_TOKENIZER_IDS = 151_665  # 151,643 BPE + 22 added; the embedding has 152,064 rows (399 padded)
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 56 * 56, 28 * 28 * 16384  # Qwen2.5-VL's preprocessor_config.json
 # stabilityai/stable-diffusion-x4-upscaler's unet/, vae/, text_encoder/ and scheduler/ configs
-SD_X4_UNET = dict(sample_size=128, in_channels=7, out_channels=4, block_out_channels=(256, 512, 512, 1024),
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                    "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                  layers_per_block=2, attention_head_dim=8, cross_attention_dim=1024, num_class_embeds=1000,
-                  only_cross_attention=[True, True, True, False], use_linear_projection=True, norm_num_groups=32,
-                  norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
-                  mid_block_scale_factor=1)
-SD_X4_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512),
-                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                 layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=256, scaling_factor=0.08333)
-SD_X4_TEXT = dict(vocab_size=49_408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                  num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+SD_X4_UNET = {"sample_size": 128, "in_channels": 7, "out_channels": 4, "block_out_channels": (256, 512, 512, 1024),
+              "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                   "CrossAttnDownBlock2D"),
+              "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              "layers_per_block": 2, "attention_head_dim": 8, "cross_attention_dim": 1024, "num_class_embeds": 1000,
+              "only_cross_attention": [True, True, True, False], "use_linear_projection": True,
+              "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0,
+              "downsample_padding": 1, "mid_block_scale_factor": 1}
+SD_X4_VAE = {"in_channels": 3, "out_channels": 3, "block_out_channels": (128, 256, 512),
+             "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
+             "layers_per_block": 2, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 256,
+             "scaling_factor": 0.08333}
+SD_X4_TEXT = {"vocab_size": 49_408, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+              "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 512}
 
 
 class ProbeError(Exception):
@@ -124,13 +127,23 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def _claim_stdout():
-    """Keep fd 1 for the JSON line alone: everything else written to stdout (DeepSpeed's logger, C libraries)
-    goes to stderr from now on. Returns the file the JSON line is written to."""
+@contextlib.contextmanager
+def json_stdout() -> Iterator[Callable[[dict], None]]:
+    """Inside the block fd 1 goes to stderr (DeepSpeed's logger and C libraries print to stdout), so that stdout
+    carries the JSON line alone; yields the function that writes it. fd 1 is restored after the block."""
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
-    return os.fdopen(saved, "w")
+
+    def emit(line: dict) -> None:
+        os.write(saved, (json.dumps(_jsonable(line)) + "\n").encode())
+
+    try:
+        yield emit
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def resolve_device(name: str):
@@ -165,8 +178,8 @@ class Memory:
     def reset(self) -> None:
         import torch
 
-        gc.collect()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # (on the CPU nothing can be reset: skip the slow full collection)
+            gc.collect()
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -206,7 +219,7 @@ def rss_gib() -> float:
 
 
 @contextlib.contextmanager
-def timed(into: dict[str, float], key: str, memory: Optional[Memory] = None) -> Iterator[None]:
+def timed(into: dict[str, float], key: str, memory: Memory | None = None) -> Iterator[None]:
     """Seconds of the block (the device synchronised at both ends) into ``into[key]``."""
     if memory is not None:
         memory.sync()
@@ -227,17 +240,10 @@ def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def tolerances(args, dtype: str) -> tuple[float, float]:
-    """(rtol, atol): the flags', else bf16's or float32's."""
-    rtol, atol = (BF16_RTOL, BF16_ATOL) if dtype in ("bfloat16", "float16") else (FP32_RTOL, FP32_ATOL)
-    return (args.rtol if args.rtol is not None else rtol), (args.atol if args.atol is not None else atol)
-
-
 def compare_states(a: dict, b: dict, rtol: float, atol: float) -> dict[str, Any]:
     """How far state ``b`` is from ``a``, tensor by tensor, in float32: the worst excess over the tolerance
     ``|a - b| <= atol + rtol |a|`` (<= 0: within it), the largest absolute difference, how many elements differ at
     all, and names that only one side has."""
-    import torch
 
     worst, worst_name, max_abs, differ, total = -math.inf, "", 0.0, 0, 0
     for name in sorted(set(a) & set(b)):
@@ -258,6 +264,28 @@ def compare_states(a: dict, b: dict, rtol: float, atol: float) -> dict[str, Any]
             "only_in_second": sorted(set(b) - set(a))[:5], "rtol": rtol, "atol": atol}
 
 
+def compare_trained(before: dict, ref: dict, test: dict, rtol: float, atol_frac: float) -> dict[str, Any]:
+    """Two trainings from the same ``before`` (ZeRO-2's ``ref``, ZeRO-3's ``test``): the relative norm of the
+    difference of their changes, ||(test - before) - (ref - before)|| / ||ref - before||, and each element within
+    ``rtol |ref| + atol_frac max|ref - before|`` (bf16 rounding of the weight plus a fraction of the largest training
+    change: two correct learners may round a near-zero gradient to opposite signs, which Adam turns into a full
+    step; a lost, stale or garbled update differs by the change itself)."""
+    diff2 = ref2 = 0.0
+    max_delta = 0.0
+    for name in sorted(set(before) & set(ref) & set(test)):
+        b, r, t = before[name].float(), ref[name].float(), test[name].float()
+        if r.shape != t.shape:
+            return {"rel_delta_norm": math.inf, "excess": math.inf, "worst": name}
+        diff2 += float(((t - r) ** 2).sum())
+        ref2 += float(((r - b) ** 2).sum())
+        if r.numel():
+            max_delta = max(max_delta, float((r - b).abs().max()))
+    out = compare_states(ref, test, rtol, atol_frac * max_delta)
+    out.update(rel_delta_norm=math.sqrt(diff2) / math.sqrt(ref2) if ref2 > 0 else math.inf,
+               max_training_change=max_delta, atol_frac=atol_frac)
+    return out
+
+
 def moved(before: dict, after: dict) -> int:
     """How many tensors changed."""
     import torch
@@ -267,12 +295,19 @@ def moved(before: dict, after: dict) -> int:
 
 # ============================================================================================ a. zero3-lora
 def zero3_lora(args, checks: Checks) -> dict[str, Any]:
+    """The probe in a temporary directory (models, export, checkpoint), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="zero3_lora_", dir=args.workdir) as root:
+        return _zero3_lora(args, checks, Path(root))
+
+
+def _zero3_lora(args, checks: Checks, root: Path) -> dict[str, Any]:
     import numpy as np
     import torch
     from transformers import AutoTokenizer
 
     from actors.chain_sampler import ChainSampler
     from actors.hf_engine import HFTextEngine
+    from core.chain import TEXT_TAGS
     from core.config import TinyDiffusionConfig, TinyPolicyConfig, load_config
     from core.dtypes import torch_dtype
     from core.records import ChainAdvantage, Sample
@@ -285,19 +320,21 @@ def zero3_lora(args, checks: Checks) -> dict[str, Any]:
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    rtol, atol = tolerances(args, dtype)
+    rtol = args.rtol if args.rtol is not None else (BF16_RTOL if dtype == "bfloat16" else FP32_RTOL)
     memory = Memory(device)
-    t: dict[str, float] = {}
-    root = Path(tempfile.mkdtemp(prefix="zero3_lora_", dir=args.workdir))
+    t: dict[str, Any] = {}
+    steps = args.steps or (1 if args.tiny else 2)
     overrides = [f"policy.path={root / 'policy'}", f"diffusion.path={root / 'diffusion'}", "cold_start=null",
                  "policy.init_from=null", "diffusion.init_from=null", f"learner.backend={'nccl' if cuda else 'gloo'}",
                  f"learner.dtype={dtype}", f"policy.dtype={dtype}", f"diffusion.dtype={dtype}",
-                 f"trainer.total_steps={args.steps + 1}", f"trainer.seed={args.seed}", "learner.num_ranks=1"]
-    if args.tiny:  # the recipe's shape at toy sizes: 2 prompts x 2 chains x 2 image branches, 2 denoising steps
+                 f"trainer.total_steps={steps + 1}", f"trainer.seed={args.seed}", "learner.num_ranks=1"]
+    if args.tiny:  # the recipe's shape at toy sizes: 1 prompt x 2 chains x 2 image branches, 8 px LR images,
+        #            2 denoising steps, one micro-batch
         overrides += ["grpo.group_size=2", "grpo.image_group_size=2", "chain.max_stage_tokens=6",
-                      "diffusion.num_steps=2", "learner.micro_batch_size=2", "data.hr_size=64",
+                      "diffusion.num_steps=2", "learner.micro_batch_size=2", "data.hr_size=32",
                       "learner.num_cpus=2", "rollout.num_cpus=2"]
-    cfg_for = lambda stage: load_config(REPO / args.recipe, [*overrides, f"learner.zero_stage={stage}"])  # noqa: E731
+    prompts = args.prompts or (1 if args.tiny else 2)
+    cfg_for = lambda stage: load_config(REPO / args.recipe, [*overrides, f"learner.zero_stage={stage}"])
     cfg = cfg_for(3)
     if cfg.policy.lora is None or cfg.diffusion.lora is None:
         raise ProbeError(f"{args.recipe}: zero3-lora needs policy.lora and diffusion.lora")
@@ -319,37 +356,51 @@ def zero3_lora(args, checks: Checks) -> dict[str, Any]:
         rng = np.random.default_rng(args.seed)
         lr = cfg.data.hr_size // cfg.data.scale
         samples = [Sample(i, f"random_{i}", rng.integers(0, 256, (lr, lr, 3), dtype=np.uint8), None, (), None)
-                   for i in range(args.prompts)]
+                   for i in range(prompts)]
         torch.manual_seed(args.seed)
         chains = sampler.sample(samples, cfg.grpo.group_size, seed=args.seed)
         del engine, pipe, sampler
     G, M = cfg.grpo.group_size, cfg.grpo.image_group_size
     # advantages: zero-mean within each group, each image branch its own (what rl.advantages hands the learner)
     text_adv = [((i % G) - (G - 1) / 2) / G for i in range(len(chains))]
-    advantages = [ChainAdvantage(a, image_branches=tuple(a * (1 - 0.5 * b) if b % 2 == 0 else -a / (b + 1)
-                                                         for b in range(M)) if M > 1 else None)
+    sections = len(TEXT_TAGS)  # grpo.token_credit: section needs one advantage per written section
+    advantages = [ChainAdvantage(a, sections=tuple(a * (j + 1) / sections for j in range(sections)),
+                                 image_branches=tuple(a * (1 - 0.5 * b) if b % 2 == 0 else -a / (b + 1)
+                                                      for b in range(M)) if M > 1 else None)
                   for a in text_adv]
 
     def build(stage: int) -> LearnerWorker:
-        gc.collect()
-        if cuda:
+        if cuda:  # the previous learner's memory back before the next one is built
+            gc.collect()
             torch.cuda.empty_cache()
         torch.manual_seed(args.seed)  # the LoRA A matrices are drawn at add_lora: the same for every learner
         c = cfg_for(stage)
-        return LearnerWorker.from_config(c, local_dist_env(), logprob_temperature=c.rollout.sampling.temperature)
+        start = time.perf_counter()
+        worker = LearnerWorker.from_config(c, local_dist_env(), logprob_temperature=c.rollout.sampling.temperature)
+        t.setdefault("learner_build_s", []).append(time.perf_counter() - start)
+        return worker
 
     def train(worker: LearnerWorker, n: int) -> list[dict[str, float]]:
-        return [worker.train_chains(advantages, False, *chains) for _ in range(n)]
+        metrics = []
+        for _ in range(n):
+            memory.sync()
+            start = time.perf_counter()
+            metrics.append(worker.train_chains(advantages, False, *chains))
+            memory.sync()
+            t.setdefault(f"step_zero{worker.cfg.zero_stage}_s", []).append(time.perf_counter() - start)
+        return metrics
 
     out: dict[str, Any] = {"dtype": dtype, "chains": len(chains), "image_branches": M,
                            "tokens_per_chain": [int(r.token_ids.numel()) for r in chains][:4],
-                           "recipe": args.recipe, "steps": args.steps}
+                           "recipe": args.recipe, "steps": steps}
     # 1. ZeRO-2: the reference
     with timed(t, "zero2_s", memory):
         w2 = build(2)
         before = {m: w2.gather_full_state(m) for m in ("policy", "diffusion")}
-        m2 = train(w2, args.steps)
+        shipped0 = {m: w2.sync_state(m) for m in ("policy", "diffusion")}
+        m2 = train(w2, steps)
         after2 = {m: w2.gather_full_state(m) for m in ("policy", "diffusion")}
+        shipped2 = {m: w2.sync_state(m) for m in ("policy", "diffusion")}
         del w2
     # 2. ZeRO-3, same seed and data
     memory.reset()
@@ -358,26 +409,35 @@ def zero3_lora(args, checks: Checks) -> dict[str, Any]:
         out["zero3_info"] = {k: v for k, v in w3.info().items() if k in ("parameters", "trainable_parameters",
                                                                          "lora_layers", "zero_stage")}
         start3 = {m: w3.gather_full_state(m) for m in ("policy", "diffusion")}
-        m3 = train(w3, args.steps)
+        m3 = train(w3, steps)
         after3 = {m: w3.gather_full_state(m) for m in ("policy", "diffusion")}
+        shipped3 = {m: w3.sync_state(m) for m in ("policy", "diffusion")}
     out["zero3_peak_gib"] = memory.peak_gib()
+    bf16 = dtype == "bfloat16"
+    delta_rtol = args.delta_rtol if args.delta_rtol is not None else (0.1 if bf16 else 1e-4)
+    atol_frac = args.atol_frac if args.atol_frac is not None else (0.5 if bf16 else 1e-3)
+    keys = ("rel_delta_norm", "excess", "worst", "max_abs_diff", "max_training_change", "elements")
     for model in ("policy", "diffusion"):
         checks.check(f"{model}_zero3_starts_where_zero2_did", compare_states(before[model], start3[model], 0, 0)
                      ["excess"] <= 0, tensors=len(start3[model]))
         n = moved(before[model], after2[model])
         checks.check(f"{model}_training_moved_the_merged_weights", n > 0, tensors_changed=n,
                      of=len(after2[model]))
-        cmp = compare_states(after2[model], after3[model], rtol, atol)
-        out[f"{model}_zero3_vs_zero2"] = cmp
-        checks.check(f"{model}_zero3_equals_zero2", cmp["excess"] <= 0 and not cmp["only_in_first"]
-                     and not cmp["only_in_second"], **{k: cmp.get(k) for k in ("excess", "worst", "max_abs_diff")})
+        # the merged weights (gather_full_state: what from_pretrained and lora.sync: merged see), then the adapters
+        # alone (sync_state: what lora.sync: adapters ships)
+        for what, ref0, ref, test in (("merged", before, after2, after3), ("adapters", shipped0, shipped2, shipped3)):
+            cmp = compare_trained(ref0[model], ref[model], test[model], rtol, atol_frac)
+            out[f"{model}_{what}_zero3_vs_zero2"] = cmp
+            checks.check(f"{model}_{what}_zero3_equals_zero2", cmp["excess"] <= 0 and cmp["rel_delta_norm"] <=
+                         delta_rtol and not cmp.get("only_in_first") and not cmp.get("only_in_second") and
+                         cmp.get("elements", 0) > 0, delta_rtol=delta_rtol, **{k: cmp.get(k) for k in keys})
     for key in ("text_loss", "image_loss", "policy_grad_norm", "diffusion_grad_norm"):
         a, b = [m[key] for m in m2 if key in m], [m[key] for m in m3 if key in m]
         out[f"{key}_zero2"], out[f"{key}_zero3"] = a, b
-        if a and b:
-            diff = max(abs(x - y) / max(abs(x), 1e-6) for x, y in zip(a, b))
+        if a and b:  # relative, on a floor of 1e-3 (a loss of zero-mean advantages can sit near 0)
+            diff = max(abs(x - y) / max(abs(x), abs(y), 1e-3) for x, y in zip(a, b))
             checks.close(f"{key}_zero3_vs_zero2", diff, args.metric_rtol if args.metric_rtol is not None
-                         else (0.05 if dtype == "bfloat16" else 1e-4))
+                         else (0.05 if bf16 else 1e-4))
     out["text_first_epoch_ratio_mean"] = m3[0].get("text_first_epoch_ratio_mean")
     if out["text_first_epoch_ratio_mean"] is not None:  # HF rollout vs learner re-scoring: 1 up to the numerics
         checks.close("text_first_epoch_ratio_near_1", abs(out["text_first_epoch_ratio_mean"] - 1.0),
@@ -392,7 +452,7 @@ def zero3_lora(args, checks: Checks) -> dict[str, Any]:
     with timed(t, "checkpoint_s", memory):
         w3.save_checkpoint(str(root / "ckpt"))
         nxt = train(w3, 1)[0]
-        want = w3.gather_full_state("policy")
+        want = {m: w3.gather_full_state(m) for m in ("policy", "diffusion")}
         del w3
         fresh = build(3)
         fresh.load_checkpoint(str(root / "ckpt"))
@@ -400,12 +460,16 @@ def zero3_lora(args, checks: Checks) -> dict[str, Any]:
         for model in ("policy", "diffusion"):
             cmp = compare_states(after3[model], restored[model], 0, 0)
             checks.check(f"{model}_checkpoint_restores_weights", cmp["excess"] <= 0, max_abs_diff=cmp["max_abs_diff"])
-        checks.check("checkpoint_restores_optimizer_steps", fresh.optimizer_steps == args.steps,
-                     optimizer_steps=fresh.optimizer_steps, want=args.steps)
+        checks.check("checkpoint_restores_optimizer_steps", fresh.optimizer_steps == steps,
+                     optimizer_steps=fresh.optimizer_steps, want=steps)
         again = train(fresh, 1)[0]
-        cmp = compare_states(want, fresh.gather_full_state("policy"), rtol, atol)
-        checks.check("checkpoint_step_equals_uninterrupted_step", cmp["excess"] <= 0,
-                     max_abs_diff=cmp["max_abs_diff"], text_loss=[nxt.get("text_loss"), again.get("text_loss")])
+        for model in ("policy", "diffusion"):  # Adam's next step reads the restored moments
+            cmp = compare_trained(after3[model], want[model], fresh.gather_full_state(model), rtol, atol_frac)
+            checks.check(f"{model}_checkpoint_step_equals_uninterrupted_step", cmp["excess"] <= 0 and
+                         cmp["rel_delta_norm"] <= delta_rtol, max_abs_diff=cmp["max_abs_diff"],
+                         rel_delta_norm=cmp["rel_delta_norm"],
+                         loss=[nxt.get(f"{'text' if model == 'policy' else 'image'}_loss"),
+                               again.get(f"{'text' if model == 'policy' else 'image'}_loss")])
         del fresh
     out["seconds"] = t
     return out
@@ -415,7 +479,6 @@ def export_checks(checks: Checks, written: dict[str, str], gathered: dict, root:
     """The export's policy loads with ``from_pretrained`` and holds the gathered merged weights; the SR pipeline
     loads with diffusers and holds the gathered ones; the peft adapters load onto the base models (float32 on the
     CPU, within a bf16 step of the merged export)."""
-    import torch
     from peft import PeftModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -424,7 +487,8 @@ def export_checks(checks: Checks, written: dict[str, str], gathered: dict, root:
     from models.policy import load_policy
 
     checks.check("export_has_models_and_adapters",
-                 {"policy", "diffusion", "policy_adapter", "diffusion_adapter"} <= set(written), written=sorted(written))
+                 {"policy", "diffusion", "policy_adapter", "diffusion_adapter"} <= set(written),
+                 written=sorted(written))
     policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(written["policy"], dtype=torch_dtype(dtype))
     cmp = compare_states(gathered["policy"], policy.state_dict(), 0, 0)
     checks.check("export_policy_from_pretrained_equals_gathered", cmp["excess"] <= 0 and not cmp["only_in_first"],
@@ -474,6 +538,14 @@ def qwen_7b_config(tokenizer, tiny: bool):
                             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
 
 
+@functools.lru_cache(maxsize=4)
+def chain_tokenizer(size: int, exact: bool = False):
+    """``models.tokenizer.build_chain_tokenizer`` once per process (it trains a BPE: seconds)."""
+    from models.tokenizer import build_chain_tokenizer
+
+    return build_chain_tokenizer(size, exact=exact)
+
+
 def qwen_tokens(tiny: bool):
     """ChainTokens at Qwen2.5-VL-7B's layout: a tokenizer with exactly its 151,665 ids (``models.tokenizer``'s
     synthetic BPE: the real one is not downloaded) and Qwen's image processor; ``tiny``: the 1k chain tokenizer."""
@@ -481,13 +553,12 @@ def qwen_tokens(tiny: bool):
 
     from models.chain_tokens import ChainTokens
     from models.tiny import MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE, tiny_processor
-    from models.tokenizer import build_chain_tokenizer
 
     if tiny:
-        return ChainTokens.from_processor(tiny_processor(build_chain_tokenizer(1024)))
-    tokenizer = build_chain_tokenizer(QWEN_7B_TOKENIZER_IDS, exact=True)
+        return ChainTokens.from_processor(tiny_processor(chain_tokenizer(1024)))
+    tokenizer = chain_tokenizer(QWEN_7B_TOKENIZER_IDS, exact=True)
     size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
-    kw = dict(size=size, patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE)
+    kw = {"size": size, "patch_size": PATCH_SIZE, "merge_size": MERGE_SIZE, "temporal_patch_size": TEMPORAL_PATCH_SIZE}
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tokenizer,
                                     video_processor=Qwen2VLVideoProcessor(**kw), chat_template=tokenizer.chat_template)
     return ChainTokens.from_processor(processor)
@@ -539,8 +610,8 @@ def learner_7b_memory(args, checks: Checks) -> dict[str, Any]:
     from core.config import load_config
     from core.grpo import build_train_batch
     from learner import engine as eng
-    from learner import lora
     from learner.scoring import policy_log_probs
+    from models import lora
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -589,8 +660,8 @@ def learner_7b_memory(args, checks: Checks) -> dict[str, Any]:
             if cluster.policy.gradient_checkpointing:
                 model.enable_input_require_grads()
             model.to(device, dtype)  # DeepSpeed's bf16 engine casts the adapters too (peft makes them float32)
-            out["lora"] = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "layers": len(scalings),
-                           "source": args.config if cluster.policy.lora else args.lora_config}
+            out["lora_config"] = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "layers": len(scalings),
+                                  "source": args.config if cluster.policy.lora else args.lora_config}
         elif variant != "full":
             raise ProbeError(f"--variants: {variant!r} is not full or lora")
         trained = [p for p in model.parameters() if p.requires_grad]
@@ -604,7 +675,7 @@ def learner_7b_memory(args, checks: Checks) -> dict[str, Any]:
                 mask = batch.loss_mask.to(device)
                 loss = -(logp * mask).sum() / mask.sum()
                 loss.backward()
-            res.update(peak_gib=memory.peak_gib(), before_gib=base, loss=float(loss))
+            res.update(peak_gib=memory.peak_gib(), before_gib=base, loss=loss.item())
         grads = [p.grad for p in trained if p.grad is not None]
         res["grads_gib"] = nbytes(grads) / GIB
         res["activation_peak_gib"] = res["peak_gib"] - res["before_gib"]  # what a ZeRO-3 rank adds to its shards
@@ -618,11 +689,17 @@ def learner_7b_memory(args, checks: Checks) -> dict[str, Any]:
         del logp, loss, grads
         model.zero_grad(set_to_none=True)
         memory.reset()
-        if not args.skip_gather:  # rank 0's share of a sync: the full state to the CPU, by sync_bucket_mb buckets
+        if not args.skip_gather:  # rank 0's share of a sync: the state to the CPU, by sync_bucket_mb buckets
+            bucket = cluster.learner.sync_bucket_mb << 20
+            if variant == "lora":  # lora.sync: adapters (the default) gathers and ships the adapters alone
+                with timed(res, "iter_adapters_s", memory):
+                    adapters = dict(eng.iter_full_state(model, bucket_bytes=bucket, keep=lora.is_trained))
+                res["adapters_gib"] = nbytes(adapters.values()) / GIB
+                del adapters
             with timed(res, "iter_full_state_s", memory):
-                state = dict(eng.iter_full_state(model, bucket_bytes=cluster.learner.sync_bucket_mb << 20))
-            res["sync_gib"] = nbytes(state.values()) / GIB
-            if variant == "lora":
+                state = dict(eng.iter_full_state(model, bucket_bytes=bucket))
+            res["full_state_gib"] = nbytes(state.values()) / GIB
+            if variant == "lora":  # lora.sync: merged
                 with timed(res, "merge_lora_s"):
                     merged = lora.merge_lora(state, scalings)
                 res["merged_gib"] = nbytes(merged.values()) / GIB
@@ -648,9 +725,10 @@ def sd_x4_pipeline(tokenizer, tiny: bool, device, dtype):
     from models.sr_pipeline import MAX_NOISE_LEVEL, SRPipeline
 
     unet_kw, vae_kw, text_kw = dict(SD_X4_UNET), dict(SD_X4_VAE), dict(SD_X4_TEXT)
-    if tiny:
-        unet_kw.update(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, attention_head_dim=2,
-                       cross_attention_dim=32, layers_per_block=1)
+    if tiny:  # one level fewer (sizes multiples of 16 with the VAE's 4), toy widths
+        unet_kw.update(block_out_channels=(16, 16, 32), norm_num_groups=8, attention_head_dim=2,
+                       cross_attention_dim=32, layers_per_block=1, down_block_types=unet_kw["down_block_types"][:3],
+                       up_block_types=unet_kw["up_block_types"][1:], only_cross_attention=[True, True, False])
         vae_kw.update(block_out_channels=(8, 8, 16), norm_num_groups=8, layers_per_block=1)
         text_kw.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                        projection_dim=32)
@@ -677,7 +755,6 @@ def sr_cluster_batch(args, checks: Checks) -> dict[str, Any]:
     from core.config import load_config
     from core.grpo import stage_trained_steps
     from learner.scoring import TraceScorer
-    from models.tokenizer import build_chain_tokenizer
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -692,7 +769,7 @@ def sr_cluster_batch(args, checks: Checks) -> dict[str, Any]:
     lr_side = args.lr_size or cluster.data.hr_size // cluster.data.scale
     if args.tiny:
         prompts_per_actor, group, steps, lr_side = (args.prompts or 2), (args.group or 2), (args.steps or 2), \
-            (args.lr_size or 32)
+            (args.lr_size or 16)
         batch = prompts_per_actor * group * g.image_group_size
     sizes = stage_sizes((lr_side, lr_side), stage_scales(cluster.chain))
     mb = (args.micro_batch or cluster.learner.micro_batch_size) * g.image_group_size  # traces a re-scoring call sees
@@ -704,7 +781,7 @@ def sr_cluster_batch(args, checks: Checks) -> dict[str, Any]:
     memory.reset()
     with timed(t, "build_s", memory):
         torch.manual_seed(args.seed)
-        pipe = sd_x4_pipeline(build_chain_tokenizer(1024), args.tiny, device, dtype)
+        pipe = sd_x4_pipeline(chain_tokenizer(1024), args.tiny, device, dtype)
     out["parameters"] = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
                          for name in ("unet", "vae", "text_encoder")}
     out["weights_gib"] = memory.allocated_gib()
@@ -833,7 +910,8 @@ def nccl_group(args, checks: Checks) -> dict[str, Any]:
         out["round_trip"] = "root broadcast, receivers rebuilt every tensor"
     else:
         out["round_trip"] = ("world size 1: no receiver (NCCL refuses a second rank on the same GPU); checked that the "
-                             "group opens, the root's bucketed broadcast runs and leaves its tensors unchanged, timed")
+                             "group opens, the root's bucketed broadcast runs and leaves its tensors unchanged; the "
+                             "times are the root's packing and enqueue (returned) and with the device synchronised")
     out["seconds"] = t
     return out
 
@@ -861,10 +939,15 @@ def parser() -> argparse.ArgumentParser:
                        help="default: bfloat16 on a GPU, float32 on the CPU")
         if name == "zero3-lora":
             s.add_argument("--recipe", default=RECIPE_CONFIG, help="the LoRA config the learners train")
-            s.add_argument("--steps", type=int, default=2, help="GRPO steps per learner")
-            s.add_argument("--prompts", type=int, default=2, help="prompts sampled (x the recipe's group size)")
-            s.add_argument("--rtol", type=float, default=None, help=f"merged-weight tolerance (bf16: {BF16_RTOL})")
-            s.add_argument("--atol", type=float, default=None, help=f"(bf16: {BF16_ATOL})")
+            s.add_argument("--steps", type=int, default=None, help="GRPO steps per learner (default 2; tiny: 1)")
+            s.add_argument("--prompts", type=int, default=None,
+                           help="prompts sampled, x the recipe's group size (default 2; tiny: 1)")
+            s.add_argument("--rtol", type=float, default=None,
+                           help=f"ZeRO-3 vs ZeRO-2, each element: rtol |w| (bf16: {BF16_RTOL:.4f}) ...")
+            s.add_argument("--atol-frac", type=float, default=None,
+                           help="... + this x the largest training change (bf16: 0.5)")
+            s.add_argument("--delta-rtol", type=float, default=None,
+                           help="ZeRO-3 vs ZeRO-2: the changes' difference / the change, in norm (bf16: 0.1)")
             s.add_argument("--metric-rtol", type=float, default=None, help="losses / grad norms (bf16: 0.05)")
         else:
             s.add_argument("--config", default=CLUSTER_CONFIG, help="the cluster config whose sizes are used")
@@ -892,9 +975,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def run_probe(argv: list[str] | None = None) -> tuple[int, dict[str, Any]]:
+    """Parse ``argv`` and run the probe: (exit status, the JSON line as a dict). In-process callers (tests) use this;
+    ``main`` prints the line."""
     args = parser().parse_args(argv)
-    out = _claim_stdout()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     checks = Checks()
     start = time.perf_counter()
@@ -914,12 +998,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     line["failures"] = checks.failures
     if status == 0 and checks.failures:
         status = 1
-    line["ok"] = status == 0
-    line["exit"] = status
-    line["wall_s"] = time.perf_counter() - start
-    line["peak_rss_gib"] = peak_rss_gib()
-    print(json.dumps(_jsonable(line)), file=out, flush=True)
-    out.close()
+    line.update(ok=status == 0, exit=status, wall_s=time.perf_counter() - start, peak_rss_gib=peak_rss_gib())
+    return status, _jsonable(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser().parse_args(argv)  # bad arguments: argparse's message and exit 2, before stdout is taken
+    with json_stdout() as emit:
+        status, line = run_probe(argv)
+        emit(line)
     return status
 
 
