@@ -3,10 +3,12 @@ actors/group.py). Every method is a short delegation; environment set-up happens
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +24,27 @@ from models import lora
 from models.sr_pipeline import SRPipeline
 
 log = logging.getLogger("actors.rollout")
+
+
+ENGINE_DEAD_EXIT = 75  # the exit status of a rollout actor whose vLLM EngineCore died (Ray restarts it)
+
+
+def exits_when_the_engine_dies(method: Callable) -> Callable:
+    """A vLLM EngineCore that died (killed, out of memory) leaves its actor alive but unable to serve: the actor then
+    exits, so Ray restarts it with a fresh engine and re-runs the call (``rollout.max_restarts``), as for any lost
+    actor; a collective sync the restarted actor missed fails naming it and is retried after it rejoins."""
+    @functools.wraps(method)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            if any(cls.__name__ == "EngineDeadError" for cls in type(exc).__mro__):
+                log.error("rollout actor %s: its vLLM engine died (%s); exiting so that Ray restarts it",
+                          getattr(self, "worker_index", "?"), exc)
+                logging.shutdown()
+                os._exit(ENGINE_DEAD_EXIT)
+            raise
+    return wrapped
 
 
 def ships_adapters(cfg: ExperimentConfig, model: str) -> bool:
@@ -74,6 +97,7 @@ class RolloutWorker:
         self.diffusion_version = 0
 
     # ------------------------------------------------------------------------------------------ rollout
+    @exits_when_the_engine_dies
     def generate(self, samples: Sequence[Sample], group_size: int, seed: int,
                  weights: WeightUpdate | None = None, explore: bool = True) -> list[Rollout]:
         """B samples -> B*G rollouts; first loads ``weights`` if this worker is behind and they travel through the
@@ -95,6 +119,7 @@ class RolloutWorker:
         return rollouts + [r.scoring_view() for r in rollouts]
 
     # ------------------------------------------------------------------------------------------ weights
+    @exits_when_the_engine_dies
     def load_weights(self, update: WeightUpdate) -> dict[str, float]:
         """Load object-store buckets into the engine and the pipeline, one bucket at a time."""
         with self._engine_lock:
@@ -119,6 +144,7 @@ class RolloutWorker:
         self.sync_group = weight_broadcast.open_group(host, port, rank, world_size, backend, timeout_s)
         return rank
 
+    @exits_when_the_engine_dies
     def join_transfer(self, init_info: dict[str, Any]) -> int:
         """Every vLLM worker process of this actor joins the learner's weight-transfer group (vLLM's API)."""
         self.engine.join_transfer(init_info)
@@ -140,6 +166,7 @@ class RolloutWorker:
             self._paused = False
             self._engine_lock.release()
 
+    @exits_when_the_engine_dies
     def receive_weights(self, models: Sequence[str], version: int,
                         policy_update: dict[str, Any] | None = None) -> dict[str, float]:
         """Receive ``models`` ("policy", "diffusion", in the learner's order) from the learner rank 0: the policy

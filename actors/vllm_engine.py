@@ -57,6 +57,18 @@ def check_gpu_runner_limits(params: Any) -> None:
                          "vllm/v1/worker/gpu/sample/logit_bias.py): " + "; ".join(over))
 
 
+def sampling_params(request: TextRequest, s: SamplingConfig, seed: Optional[int], max_tokens: int,
+                    eos_ids: set[int], ban: dict[int, float]) -> Any:
+    """vLLM's ``SamplingParams`` of one request: the banned ids as -inf logit biases, the turn's stop ids and EOS,
+    the sampled token's processed log-prob, no detokenising (the text is decoded from the ids as the HF engine
+    does)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(n=request.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
+                          seed=seed, max_tokens=max_tokens, stop_token_ids=sorted(set(request.stop_token_ids) | eos_ids),
+                          logit_bias=ban, logprobs=0, detokenize=False)
+
+
 class AdapterVersions:
     """The policy's LoRA adapters as vLLM serves them (``policy.lora.sync: adapters``): each sync's adapters become
     a ``LoRARequest`` of their own (id = version + 1) from a peft folder this process writes, and every request
@@ -170,20 +182,8 @@ class VLLMTextEngine(BaseTextEngine):
         self.generate([request], SamplingConfig(temperature=0.0))
 
     def _params(self, request: TextRequest, s: SamplingConfig):
-        from vllm import SamplingParams
-
-        return SamplingParams(
-            n=request.n,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k if s.top_k > 0 else -1,
-            seed=self._seeds(request),
-            max_tokens=request.max_tokens or self.max_tokens,
-            stop_token_ids=sorted(set(request.stop_token_ids) | self.eos_ids),
-            logit_bias=self._ban,
-            logprobs=0,  # the sampled token's log-prob only
-            detokenize=False,  # text is decoded from the ids, identically for both engines
-        )
+        return sampling_params(request, s, self._seeds(request), request.max_tokens or self.max_tokens, self.eos_ids,
+                               self._ban)
 
     def _generate(self, requests: Sequence[TextRequest], sampling: SamplingConfig) -> list[list[TextSample]]:
         from vllm.inputs import TokensPrompt

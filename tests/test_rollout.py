@@ -228,3 +228,31 @@ def test_the_held_out_evaluation_asks_the_rollout_actors_not_to_explore():
     with pytest.raises(Asked) as asked:
         HeldOutEval(cfg).run(Rollouts(), None)
     assert asked.value.args == (False,)
+
+
+def test_an_actor_whose_vllm_engine_died_exits_for_ray_to_restart_it():
+    """vLLM raises EngineDeadError once its EngineCore process is gone; the rollout actor then ends its process
+    (Ray restarts it with a fresh engine and re-runs the call); any other error is raised as it is."""
+    import subprocess
+    import sys
+
+    from actors.rollout import ENGINE_DEAD_EXIT
+
+    code = (
+        "from actors.rollout import exits_when_the_engine_dies\n"
+        "from vllm.v1.engine.exceptions import EngineDeadError\n"
+        "class Actor:\n"
+        "    worker_index = 0\n"
+        "    @exits_when_the_engine_dies\n"
+        "    def generate(self, error):\n"
+        "        raise error\n"
+        "try:\n"
+        "    Actor().generate(ValueError('a bug'))\n"
+        "except ValueError:\n"
+        "    print('raised')\n"
+        "Actor().generate(EngineDeadError())\n"
+        "print('still alive')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == ENGINE_DEAD_EXIT, out.stderr[-2000:]
+    assert out.stdout.split() == ["raised"] and "its vLLM engine died" in out.stderr

@@ -186,3 +186,24 @@ def test_vllm_samples_and_the_learner_rescores_at_the_7b_vocabulary_layout(layou
                                   [tokens.stop_ids["middle"]], n=3)
     finally:
         del engine.llm
+
+
+def test_grpo_8node_passes_every_start_up_check(tokens):
+    """The cluster config loads (its validation), its placement fits the RayCluster, its tensor parallelism fits its
+    GPUs, and the sampling parameters its engines send at Qwen2.5-VL-7B's layout are inside the GPU runner's
+    limits: the checks a run makes before its first step."""
+    from actors.text_engine import EOS_TOKENS, TextRequest
+    from actors.vllm_engine import check_gpu_runner_limits, sampling_params
+    from core.placement import fits, placement_requests, rollout_layout, worker_groups_from_manifest
+
+    cfg = load_config(ROOT / "configs/grpo_8node.yaml")
+    assert fits(placement_requests(cfg), worker_groups_from_manifest(ROOT / "cluster/raycluster.yaml"),
+                cfg.ray.placement_strategy) == []
+    assert len(rollout_layout(cfg.rollout).actors) == cfg.rollout.num_actors
+    ban = {i: float("-inf") for i in tokens.banned_ids(QWEN_ROWS)}
+    eos = {tokens.tokenizer.convert_tokens_to_ids(t) for t in EOS_TOKENS}
+    every_stop = sorted(set(tokens.stop_ids.values()))
+    params = sampling_params(TextRequest([0], [], every_stop, n=cfg.grpo.group_size), cfg.rollout.sampling, 0,
+                             cfg.chain.max_stage_tokens, eos, ban)
+    check_gpu_runner_limits(params)
+    assert len(params.logit_bias) == 404 and not params.allowed_token_ids
