@@ -41,6 +41,8 @@ def test_records_are_grouped_and_ordered(run):
     assert len(rs) == B * G
     assert [(r.prompt_id, r.sample_index) for r in rs] == [(s.prompt_id, g) for s in run["samples"] for g in range(G)]
     assert all(r.policy_version == 0 and len(r.finish_reasons) == 3 for r in rs)
+    # the denoising traces the learner re-scores are float32 whatever the SR model's dtype
+    assert all(t.latents.dtype == t.log_probs.dtype == torch.float32 for r in rs for t in r.traces)
 
 
 def test_mask_is_one_only_on_sampled_tokens(run):

@@ -102,7 +102,7 @@ def test_weights_arrive_in_every_vllm_worker_process(models, free_port, tp):
         before = _gap(engine, learner, request)
         _sync(engine, learner, free_port, tp, version=1)
         after = _gap(engine, learner, request)
-        assert after < 1e-3 < before, (before, after)
+        assert after < 1e-4 and before > 1e-2, (before, after)  # float32 kernels: ~1e-6 after the update
         stats = engine.transfer_stats()
         assert len(stats) == tp  # every TP rank received, each bucket by bucket
         largest = max(t.numel() * t.element_size() for t in learner.state_dict().values())
