@@ -6,8 +6,8 @@ that places them there).
 
 The roles' groups (``actors.group.RolloutGroup``, ``rewards.pool.RewardPool``, ``learner.group.LearnerGroup``)
 subclass it and add their named, typed calls; a role's worker stays a plain class that Ray wraps here. The
-bundles are ``core.placement``'s (``uniform_layout`` / ``rollout_layout``), the same ones ``python -m rl.resources``
-checks against a cluster.
+bundles are ``core.placement``'s (``uniform_layout`` / ``rollout_layout``), the same ones
+``python -m tools.resources`` checks against a cluster.
 
     group = ActorGroup("rollout", num_actors=2, num_cpus=1, num_gpus=0, strategy="PACK", name="run-rollout")
     group.start(RolloutWorker, lambda i: ((cfg, i), {}), max_restarts=3)
@@ -74,7 +74,7 @@ def reserve(role: str, bundles: list[Bundle], strategy: str, name: str,
         raise RuntimeError(
             f"{role} placement group ({format_bundles(bundles)}, strategy {strategy}) not placed after "
             f"{timeout_s:.0f} s; "
-            f"cluster resources: {ray.cluster_resources()} (check with python -m rl.resources)"
+            f"cluster resources: {ray.cluster_resources()} (check with python -m tools.resources)"
         ) from None
     return pg
 

@@ -7,7 +7,7 @@ bundle of one whole GPU per TP worker follows it, where vLLM's Ray executor plac
 (``cluster/raycluster.yaml``) that cannot hold all three fails only after ``ActorGroup``'s reservation timeout
 (10 minutes). ``fits`` finds that mismatch offline, from the config and the manifest alone:
 
-    python -m rl.resources configs/grpo_8node.yaml cluster/raycluster.yaml [key=value ...]
+    python -m tools.resources configs/grpo_8node.yaml cluster/raycluster.yaml [key=value ...]
 
 Bundles keep Ray's format, ``{"CPU": x, "GPU": y}`` (no "GPU" key for a CPU-only role), so the launcher can
 build its placement groups from ``placement_requests`` directly.

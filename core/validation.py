@@ -260,7 +260,7 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("trainer.eval_every", t.eval_every, "must be >= 0 (0: no periodic held-out evaluation)")
     if t.eval_every and cfg.mode != "grpo":
         f("trainer.eval_every", t.eval_every, "the periodic held-out evaluation runs in grpo mode (it samples "
-          "through the rollout actors); evaluate a cold-start checkpoint with python -m rl.eval")
+          "through the rollout actors); evaluate a cold-start checkpoint with python -m tools.eval")
     if not (t.resume is False or t.resume is True or t.resume == "auto"):
         f("trainer.resume", t.resume, "must be false, true (a complete checkpoint must exist) or auto (resume when one "
           "exists, start fresh otherwise)")

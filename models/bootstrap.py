@@ -2,7 +2,7 @@
 the config allows it (``models.tiny``), or start from another run's export (``<model>.init_from``).
 
 ``ensure_models(cfg)`` builds ``policy.path`` / ``diffusion.path`` only when missing and ``bootstrap: true``;
-``build_all`` builds both into one folder (``python -m rl.bootstrap OUT_DIR``). Every build goes to a temporary
+``build_all`` builds both into one folder (``python -m tools.bootstrap OUT_DIR``). Every build goes to a temporary
 directory that is renamed into place, so a crash never leaves a half-written model where a later run would
 load it.
 """

@@ -31,5 +31,5 @@ def load_processor(path: PathLike):
 def _require_dir(path: PathLike) -> None:
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(
-            f"no HF model at {path} (config.json missing); build the tiny one with `python -m rl.bootstrap`"
+            f"no HF model at {path} (config.json missing); build the tiny one with `python -m tools.bootstrap`"
         )

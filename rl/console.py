@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Iterator, Optional, TextIO
 
 # Loggers of this project (the top-level packages): their records reach the terminal.
-OWN_PACKAGES = frozenset({"core", "models", "data", "actors", "rewards", "learner", "rl", "__main__"})
+OWN_PACKAGES = frozenset({"core", "models", "data", "actors", "rewards", "learner", "rl", "tools", "lab",
+                          "__main__"})
 _console: Optional[TextIO] = None
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -4,7 +4,7 @@ and every ``eval_every`` steps.
 
 Every evaluation samples the same prompts (the first ``trainer.eval_images`` of the held-out split, each
 ``grpo.group_size`` times at the training temperature) with the same seeds, so two evaluations differ only by
-the policy. For the paper's full metric table of a checkpoint, with the bicubic baseline, use ``rl.eval``.
+the policy. For the paper's full metric table of a checkpoint, with the bicubic baseline, use ``tools.eval``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class HeldOutEval:
     def _panel(self, chains: Sequence[Rollout]) -> dict[str, float]:
         """``eval/panel/<metric>``: the mean raw score of the final images (HR-referenced metrics against HR), and
         ``eval/panel/<metric>_failed``, the chains it could not score (a missing final image, a metric error)."""
-        from rl.eval_metrics import panel_scores
+        from rewards.eval_metrics import panel_scores
 
         finals = [v.images.get("final") for v in chains]
         hrs = [s.hr for s in self.samples for _ in range(self.group_size)]

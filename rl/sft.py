@@ -9,7 +9,7 @@ name.
 
 ``trainer.total_steps`` counts steps (one optimizer step each): the data cursor runs through the
 shuffled-by-hash training split, ``sft.batch_size`` samples a step. The held-out check of an export is
-``python -m rl.eval --checkpoint runs/sft_local/checkpoints --greedy``.
+``python -m tools.eval --checkpoint runs/sft_local/checkpoints --greedy``.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ wait $real || status=1
 wait $placebo || status=1
 tail -n 5 "$OUT/grpo.log" "$OUT/placebo.log"
 echo "gpu_check: all runs in $(( $(date +%s) - start )) s (exit $status)"
-"$PY" -m rl.plot runs/grpo_1gpu runs/grpo_1gpu_placebo --out "$OUT/gpu_curves.png" --window 1 --tags \
+"$PY" -m tools.plot runs/grpo_1gpu runs/grpo_1gpu_placebo --out "$OUT/gpu_curves.png" --window 1 --tags \
   eval/reward/generation/mean eval/reward/total/mean eval/panel/psnry reward/generation/mean reward/format/mean \
   learner/image_kl || true
 "$PY" - "$OUT/gpu_summary.json" <<'PY'

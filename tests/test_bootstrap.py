@@ -17,7 +17,7 @@ from models.bootstrap import ModelMissingError, build_all, ensure_models
 from models.chain_tokens import ChainTokens
 from models.policy import load_policy, load_processor
 from models.tiny import build_tiny_policy
-from rl import bootstrap
+from tools import bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,7 +35,7 @@ from core.placement import (
     ray_node_resources,
     worker_groups_from_manifest,
 )
-from rl.resources import main
+from tools.resources import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -382,7 +382,7 @@ def test_placement_requests_follow_the_config():
 
 def test_placement_requests_equal_what_the_launcher_reserves(monkeypatch):
     """Run the roles' own group code (RolloutGroup, RewardPool, LearnerGroup: one ActorGroup base) with Ray's
-    placement_group faked: what they reserve is what rl.resources checks."""
+    placement_group faked: what they reserve is what tools.resources checks."""
     import core.actor_group as ag
     from actors.group import RolloutGroup
     from learner.group import LearnerGroup
@@ -474,7 +474,7 @@ def test_resources_cli(capsys):
 
 
 def test_resources_module_does_not_import_ray():
-    code = "import sys, rl.resources; print('ray' in sys.modules)"
+    code = "import sys, tools.resources; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -805,7 +805,7 @@ def test_dockerfile_installs_cuda_vllm_and_the_project():
     assert "requirements/gpu.txt" in copied and re.search(r"pip install [^&]*-r \S*gpu\.txt", runs)
     packages = [p.rstrip("*") for p in tomllib.loads((ROOT / "pyproject.toml").read_text())
                 ["tool"]["setuptools"]["packages"]["find"]["include"]]
-    assert len(packages) == 7  # core, models, data, actors, rewards, learner, rl
+    assert len(packages) == 9  # core, models, data, actors, rewards, learner, rl, tools, lab
     ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
     for package in (*packages, "configs", "pyproject.toml"):
         assert package in copied, package  # every package of the project is in the image ...

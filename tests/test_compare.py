@@ -1,4 +1,4 @@
-"""rl.compare: held-out change against its standard error and the training curve's step-to-step noise."""
+"""tools.compare: held-out change against its standard error and the training curve's step-to-step noise."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from rl import compare
+from tools import compare
 
 
 def _report(step, per_reward):

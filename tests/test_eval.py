@@ -1,7 +1,7 @@
-"""rl.eval: the report (JSON + markdown) on held-out skimage crops and on real LR images, and the offline
+"""tools.eval: the report (JSON + markdown) on held-out skimage crops and on real LR images, and the offline
 weight checks that keep pyiqa from downloading.
 
-The evaluation runs in this process (``rl.eval.main``) on tiny bootstrap models with the HF engine and a short
+The evaluation runs in this process (``tools.eval.main``) on tiny bootstrap models with the HF engine and a short
 chain (8 tokens per turn, 2 denoising steps); TORCH_HOME points at an empty folder so which metrics are
 skipped does not depend on what this machine has cached.
 """
@@ -47,7 +47,7 @@ def env(tmp_path_factory, tiny_models):
 
 
 def _run(argv: list[str]) -> int:
-    from rl.eval import main
+    from tools.eval import main
 
     return main(argv)
 
@@ -119,7 +119,7 @@ def test_synthetic_report_markdown(synthetic):
 
 
 def test_the_held_out_panel_is_reported_beside_the_rewards(synthetic):
-    """trainer.eval_panel in rl.eval: every panel metric, raw, on every chain; none of them a reward."""
+    """trainer.eval_panel in tools.eval: every panel metric, raw, on every chain; none of them a reward."""
     report, md = synthetic
     panel = report["panel"]
     assert list(panel) == ["entropy", "gmsd", "psnry"]
@@ -159,7 +159,7 @@ def test_real_lr_report_without_hr(env):
 
 # ------------------------------------------------------------------------------------------ offline weights
 def test_metric_availability_finds_weight_files_in_metric_weights(tmp_path, monkeypatch):
-    from rl.eval_metrics import PAPER_METRICS, metric_availability
+    from rewards.eval_metrics import PAPER_METRICS, metric_availability
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
     musiq = next(m for m in PAPER_METRICS if m.label == "MUSIQ")
@@ -173,7 +173,7 @@ def test_metric_availability_finds_weight_files_in_metric_weights(tmp_path, monk
 def test_no_downloads_fails_at_once_and_restores(tmp_path):
     import torch.hub
 
-    from rl.eval_metrics import DownloadBlocked, no_downloads
+    from rewards.eval_metrics import DownloadBlocked, no_downloads
 
     original = torch.hub.download_url_to_file
     with no_downloads(), pytest.raises(DownloadBlocked, match="would download https://example.invalid/w.pth"):

@@ -1,5 +1,5 @@
-"""rl.gain_probe: the split of a model's detail into a gain along a reference's and the rest, and the CLI end to end
-on tiny models (a model against itself: gain 1, nothing else)."""
+"""lab.gain_probe: the split of a model's detail into a gain along a reference's and the rest, and the CLI end to
+end on tiny models (a model against itself: gain 1, nothing else)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from rl import gain_probe
-from rl.gain_probe import gain_and_rest
+from lab import gain_probe
+from lab.gain_probe import gain_and_rest
 
 from test_eval import env  # noqa: F401 (the module fixture: tiny models and an empty torch hub)
 

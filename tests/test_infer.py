@@ -1,6 +1,6 @@
-"""rl.infer and rl.inference: checkpoint resolution, LR sizing, and the CLI on a folder with a corrupt file.
+"""tools.infer and tools.inference: checkpoint resolution, LR sizing, and the CLI on a folder with a corrupt file.
 
-The CLI runs in this process (``rl.infer.main``) on tiny bootstrap models with the HF engine and a short chain
+The CLI runs in this process (``tools.infer.main``) on tiny bootstrap models with the HF engine and a short chain
 (8 tokens per turn, 2 denoising steps): the test is about files, sizes and exit codes, not image quality.
 """
 
@@ -16,7 +16,7 @@ from PIL import Image
 
 from core.checkpoint import CheckpointError, write_checkpoint
 from core.env import REPO_ROOT
-from rl.inference import UsageError, check_at_least, crop_output, fit_lr, resolve_checkpoint, run_tool
+from tools.inference import UsageError, check_at_least, crop_output, fit_lr, resolve_checkpoint, run_tool
 
 FAST = ["--engine", "hf", "chain.max_stage_tokens=8", "diffusion.num_steps=2"]
 
@@ -103,7 +103,7 @@ def test_resolve_checkpoint_accepts_export_step_and_checkpoints_root(models, tmp
 
 # ------------------------------------------------------------------------------------------ the CLI
 def test_infer_folder_writes_4x_outputs_and_skips_the_corrupt_file(models, tmp_path, capsys):
-    from rl.infer import main
+    from tools.infer import main
 
     src = tmp_path / "in"
     src.mkdir()
@@ -134,7 +134,7 @@ def test_infer_folder_writes_4x_outputs_and_skips_the_corrupt_file(models, tmp_p
 
 
 def test_infer_exit_code_1_when_no_image_succeeds(models, tmp_path, capsys):
-    from rl.infer import main
+    from tools.infer import main
 
     src = tmp_path / "in"
     src.mkdir()
@@ -146,7 +146,7 @@ def test_infer_exit_code_1_when_no_image_succeeds(models, tmp_path, capsys):
 
 
 def test_infer_bad_arguments_exit_2_naming_the_path(tmp_path, capsys):
-    from rl.infer import main
+    from tools.infer import main
 
     rc = main(["--checkpoint", str(tmp_path / "missing"), "--input", str(tmp_path),
                "--output", str(tmp_path / "out")])
@@ -156,7 +156,7 @@ def test_infer_bad_arguments_exit_2_naming_the_path(tmp_path, capsys):
 def test_infer_falls_back_to_hf_when_vllm_is_missing(models, tmp_path, capsys, monkeypatch):
     import sys
 
-    from rl.infer import main
+    from tools.infer import main
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails, as on a machine without vllm
     src = tmp_path / "in"

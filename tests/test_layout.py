@@ -1,5 +1,6 @@
-"""Architecture guards: the packages form floors whose imports only go down, no module is a god module, every
-config key is read by the code, and the pure modules import without Ray."""
+"""Architecture guards: the packages form floors whose imports only go down, nothing of the product imports the
+research probes (lab), no module is a god module, every config key is read by the code, and the pure modules
+import without Ray."""
 
 import ast
 import dataclasses
@@ -11,15 +12,19 @@ from core.config import ExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # Floor of each top-level package: a module may import its own package and lower floors, never a higher floor
-# or a sibling on its own floor.
-FLOORS = {"core": 0, "models": 1, "data": 1, "actors": 2, "rewards": 2, "learner": 2, "rl": 3}
+# or a sibling on its own floor. rl: the drivers; tools: the user tools (python -m tools.eval, ...) and their
+# library; lab: the research probes, which may use everything and which nothing of the product uses.
+FLOORS = {"core": 0, "models": 1, "data": 1, "actors": 2, "rewards": 2, "learner": 2, "rl": 3, "tools": 4, "lab": 5}
+# Where else Python lives in the checkout (run directly, not imported): these must not import lab either.
+SCRIPT_DIRS = ["scripts", "benchmarks"]
 MAX_LINES = 400
 
 PURE_MODULES = [
     "core.config", "core.records", "core.chain", "core.grpo", "core.checkpoint", "core.placement", "core.weights",
     "core.images", "data.degradations", "data.dataset", "data.sft_targets", "rewards.format",
     "rewards.degradation", "rewards.understanding", "rewards.quality", "rewards.total", "rewards.worker", "models.sde",
-    "learner.batching", "rl.monitor", "rl.advantages", "rl.held_out", "rl.one_process",
+    "rewards.eval_metrics", "learner.batching", "rl.monitor", "rl.advantages", "rl.held_out", "rl.one_process",
+    "tools.inference", "tools.compare",
 ]
 
 
@@ -38,14 +43,19 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def test_imports_only_go_down_and_never_sideways():
+def _floor_problems(path: Path, own: str) -> list[str]:
+    """The imports of ``path``, a module of package ``own``, that go up a floor or sideways."""
     problems = []
-    for path in _modules():
-        own = path.relative_to(ROOT).parts[0]
-        for line, target in _imports(path):
-            if target in FLOORS and target != own and FLOORS[target] >= FLOORS[own]:
-                where = "a higher floor" if FLOORS[target] > FLOORS[own] else "a sibling on the same floor"
-                problems.append(f"{path.relative_to(ROOT)}:{line} imports {target} ({where})")
+    for line, target in _imports(path):
+        if target in FLOORS and target != own and FLOORS[target] >= FLOORS[own]:
+            where = "a higher floor" if FLOORS[target] > FLOORS[own] else "a sibling on the same floor"
+            problems.append(f"{path.name}:{line} imports {target} ({where})")
+    return problems
+
+
+def test_imports_only_go_down_and_never_sideways():
+    problems = [f"{path.parent.relative_to(ROOT)}/{problem}" for path in _modules()
+                for problem in _floor_problems(path, path.relative_to(ROOT).parts[0])]
     assert not problems, "\n".join(problems)
 
 
@@ -54,13 +64,46 @@ def test_every_package_of_the_project_has_a_floor():
 
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     assert {p.rstrip("*") for p in include} == set(FLOORS)
+    assert {p.parent.name for p in ROOT.glob("*/__init__.py")} == set(FLOORS)
 
 
 def test_the_floor_check_sees_an_upward_import(tmp_path):
-    """The guard itself can fail: an upward import in a core module is reported."""
+    """The guard itself can fail: an upward or sideways import is reported, a downward one is not."""
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from rl.trainer import GRPOTrainer\n")
     assert (2, "rl") in _imports(bad)
+    assert _floor_problems(bad, "core") == ["bad.py:2 imports rl (a higher floor)"]
+    assert _floor_problems(bad, "learner") == ["bad.py:2 imports rl (a higher floor)"]
+    assert _floor_problems(bad, "tools") == _floor_problems(bad, "lab") == _floor_problems(bad, "rl") == []
+    up = tmp_path / "up.py"
+    up.write_text("import tools.eval\nfrom lab import reward_probe\nfrom rewards.eval_metrics import panel_scores\n")
+    assert _floor_problems(up, "rl") == ["up.py:1 imports tools (a higher floor)",
+                                         "up.py:2 imports lab (a higher floor)"]
+    assert _floor_problems(up, "tools") == ["up.py:2 imports lab (a higher floor)"]
+    assert _floor_problems(up, "lab") == []
+    assert _floor_problems(up, "learner") == ["up.py:1 imports tools (a higher floor)",
+                                              "up.py:2 imports lab (a higher floor)",
+                                              "up.py:3 imports rewards (a sibling on the same floor)"]
+
+
+def _lab_importers(paths: list[Path]) -> list[str]:
+    """``file:line`` of every import of lab in ``paths``."""
+    return [f"{path}:{line}" for path in paths for line, target in _imports(path) if target == "lab"]
+
+
+def test_nothing_outside_lab_imports_lab():
+    """The research probes sit on top: no package of the product, script or benchmark imports them (only lab's
+    own tests do)."""
+    outside = [p for p in _modules() if p.relative_to(ROOT).parts[0] != "lab"]
+    outside += sorted(p for d in SCRIPT_DIRS for p in (ROOT / d).rglob("*.py"))
+    assert outside and not _lab_importers(outside), _lab_importers(outside)
+
+
+def test_the_lab_check_sees_an_import_of_lab(tmp_path):
+    bad, good = tmp_path / "bad.py", tmp_path / "good.py"
+    bad.write_text("import os\n\ndef f():\n    from lab.reward_probe import probe\n    import lab.gain_probe\n")
+    good.write_text("from tools.eval import load_samples\nimport labels\n")
+    assert _lab_importers([bad, good]) == [f"{bad}:4", f"{bad}:5"]
 
 
 def test_no_module_is_a_god_module():

@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from rl.monitor import LABEL_HEIGHT, RunMonitor, image_panel, read_scalars
-from rl.plot import moving_average, plot_runs
+from tools.plot import moving_average, plot_runs
 
 
 def test_panel_layout_and_missing_hr():

@@ -1,4 +1,4 @@
-"""rl.reward_probe: the residual scaling, the decoupled objective against training's own normalisation, a reward
+"""lab.reward_probe: the residual scaling, the decoupled objective against training's own normalisation, a reward
 that one metric games (generation up, decoupled objective down), and the CLI end to end on tiny models."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from core.grpo import decoupled_rewards
-from rl import reward_probe
-from rl.reward_probe import decoupled_scores, probe_rows, scale_residual
+from lab import reward_probe
+from lab.reward_probe import decoupled_scores, probe_rows, scale_residual
 
 from test_eval import FAST, env  # noqa: F401 (the module fixture: tiny models and an empty torch hub)
 

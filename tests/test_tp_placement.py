@@ -23,7 +23,7 @@ from core.placement import (
     uniform_layout,
     worker_groups_from_manifest,
 )
-from rl.resources import main as resources_main
+from tools.resources import main as resources_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_8NODE = ROOT / "configs" / "grpo_8node.yaml"
@@ -94,7 +94,7 @@ def test_rollout_layout_refuses_a_tp_it_cannot_place():
 
 
 def test_rollout_group_reserves_the_layout(monkeypatch):
-    """RolloutGroup's own code, Ray's placement_group faked: TP 2 reserves what rl.resources checks."""
+    """RolloutGroup's own code, Ray's placement_group faked: TP 2 reserves what tools.resources checks."""
     import core.actor_group as ag
     from actors.group import RolloutGroup
 
@@ -114,7 +114,7 @@ def test_rollout_group_reserves_the_layout(monkeypatch):
     assert seen == [placement_requests(cfg)["rollout"]] == [[{"CPU": 8.0, "GPU": 1.0}, {"GPU": 1.0}] * 2]
 
 
-# --------------------------------------------------------------------------------------------- rl.resources
+# --------------------------------------------------------------------------------------------- tools.resources
 def test_resources_cli_passes_grpo_8node(capsys):
     assert resources_main([str(CONFIG_8NODE), str(MANIFEST)]) == 0
     out = capsys.readouterr().out

@@ -133,7 +133,7 @@ def metric_availability(weights: Sequence[WeightFile],
 
 
 class DownloadBlocked(RuntimeError):
-    """A metric asked for a file that is not on disk (rl.eval never downloads)."""
+    """A metric asked for a file that is not on disk (tools.eval never downloads)."""
 
 
 @contextlib.contextmanager
@@ -223,7 +223,7 @@ def usable_reward_metrics(reward_cfg, metric_weights: Optional[str] = None):
                 continue
             weights = _WEIGHTS_BY_NAME.get(m.name)
             if weights is None:
-                dropped[m.name] = "weight files unknown to rl.eval (give its file in the metric's options)"
+                dropped[m.name] = "weight files unknown to tools.eval (give its file in the metric's options)"
                 continue
             found, why = metric_availability(weights, metric_weights)
             if why:
@@ -258,7 +258,7 @@ def panel_summary(panel_cfg: Any, finals: Sequence[Optional[np.ndarray]],
 def panel_scores(scorer: QualityScorer, finals: Sequence[Optional[np.ndarray]],
                  hrs: Sequence[Optional[np.ndarray]]) -> dict[str, list[float]]:
     """The panel's raw scores by metric over the final images there are (a missing final image, or a metric that
-    failed on one, gives no value): what the run's held-out evaluation and ``rl.eval`` both report."""
+    failed on one, gives no value): what the run's held-out evaluation and ``tools.eval`` both report."""
     ok = [i for i, img in enumerate(finals) if img is not None]
     results = scorer([finals[i] for i in ok], [hrs[i] for i in ok])
     return {name: [r.raw[name] for r in results if name in r.raw] for name in scorer.weights}

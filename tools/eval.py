@@ -1,20 +1,20 @@
 """Held-out evaluation of a trained checkpoint: rewards and the paper's image metrics, against bicubic x4.
 
-    python -m rl.eval --checkpoint runs/grpo_local/checkpoints --data skimage [--split eval] [--num N]
-                      [--samples-per-image K] [--out DIR] [--config FILE] [--engine vllm|hf] [--greedy]
-                      [--real-lr] [--metric-weights DIR] [--save-images] [--threads T] [key=value ...]
+    python -m tools.eval --checkpoint runs/grpo_local/checkpoints --data skimage [--split eval] [--num N]
+                         [--samples-per-image K] [--out DIR] [--config FILE] [--engine vllm|hf] [--greedy]
+                         [--real-lr] [--metric-weights DIR] [--save-images] [--threads T] [key=value ...]
 
 Synthetic mode (default): LR images are synthesised from HR crops by the training degradation pipeline
 (``PairDataset`` with the config's data section, ``source`` = ``--data``), so every reward applies and the
 full-reference metrics have their HR (``--split all`` takes every image of a folder of held-out HR images).
 ``--real-lr``: ``--data`` is a folder of real LR images, used as they are (no HR, no degradation labels): only
 the format / understanding (if tags exist) / no-reference terms apply; sizes the SR model cannot take are
-reflect-padded and every stage image cropped back (``rl.inference.fit_lr``).
+reflect-padded and every stage image cropped back (``tools.inference.fit_lr``).
 
 Writes ``OUT/eval.json`` (summary + per-chain values) and ``OUT/eval.md`` (two tables). Reward means are over
 all chains (``--samples-per-image`` per image); the bicubic baseline is computed once per image.
 
-The image metrics are the paper's (``rl.eval_metrics``: which run offline, and why the others are skipped);
+The image metrics are the paper's (``rewards.eval_metrics``: which run offline, and why the others are skipped);
 every metric is also computed for the bicubic x4 upsampling of the same LR image, the baseline column.
 """
 
@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from core.chain import TEXT_TAGS
-from rl.eval_metrics import (
+from rewards.eval_metrics import (
     PAPER_METRICS,
     bicubic_upscale,
     build_image_metrics,
@@ -44,7 +44,7 @@ from rl.eval_metrics import (
     usable_reward_metrics,
 )
 
-log = logging.getLogger("rl.eval")
+log = logging.getLogger("tools.eval")
 
 REWARD_PARTS: tuple[str, ...] = ("format", "degradation", "understanding", "generation", "total")
 REWARD_NOTES = {  # why a component is missing for every chain (rewards/total.py's applicability rules)
@@ -74,7 +74,7 @@ def load_samples(cfg, data: str, split: str, num: Optional[int], real_lr: bool) 
             samples.append(Sample(prompt_id=len(samples), image_id=entry.image_id, lr=lr, hr=None,
                                   tags=entry.tags, degradation=None))
         if not samples:
-            raise SystemExit(f"rl.eval: no usable image in {data}")
+            raise SystemExit(f"tools.eval: no usable image in {data}")
         return samples, {"source": data, "mode": "real-lr", "skipped": skipped}
     dcfg = replace(cfg.data, source=data, eval_source=data if split == "all" else None)
     ds = PairDataset(dcfg, "train" if split == "train" else "eval")
@@ -93,7 +93,7 @@ def _mean(values: Sequence[float]) -> Optional[float]:
 
 def evaluate(args: argparse.Namespace) -> dict:
     from core.env import configure_process
-    from rl.inference import build_sampler, default_device, load_inference_config, resolve_checkpoint
+    from tools.inference import build_sampler, default_device, load_inference_config, resolve_checkpoint
 
     configure_process(args.threads)  # CPU: torch threads capped (oversubscribed cores ran 20x slower here)
     start = time.perf_counter()
@@ -159,7 +159,7 @@ def sample_chains(sampler, samples: Sequence, spi: int, batch_size: int, seed: i
     cropped back; synthetic LR passes unchanged. One sampler call per LR size, ``batch_size`` samples each."""
     import torch
 
-    from rl.inference import crop_output, fit_lr, lr_multiple
+    from tools.inference import crop_output, fit_lr, lr_multiple
 
     multiple = lr_multiple(sampler.pipeline, sampler.scales)
     fitted = {}
@@ -326,9 +326,9 @@ def default_out(ckpt) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rl.inference import model_arguments
+    from tools.inference import model_arguments
 
-    p = model_arguments("python -m rl.eval", __doc__.split("\n\n")[0])
+    p = model_arguments("python -m tools.eval", __doc__.split("\n\n")[0])
     p.add_argument("--data", default="skimage", help="skimage, an image folder, or a .jsonl manifest")
     p.add_argument("--split", default="eval", choices=("eval", "train", "all"),
                    help="held-out images of --data (default), the training ones, or all of them")
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from rl.inference import check_at_least, resolve_checkpoint, run_tool
+    from tools.inference import check_at_least, resolve_checkpoint, run_tool
 
     def work() -> int:
         if args.num is not None:
@@ -363,7 +363,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
         return 0
 
-    return run_tool("rl.eval", work)
+    return run_tool("tools.eval", work)
 
 
 if __name__ == "__main__":

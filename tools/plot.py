@@ -1,6 +1,6 @@
 """Export TensorBoard scalars of one or more runs to a PNG of learning curves.
 
-    python -m rl.plot runs/sft_local runs/grpo_after_sft --out docs/learning_curves.png \
+    python -m tools.plot runs/sft_local runs/grpo_after_sft --out docs/learning_curves.png \
         --tags sft/text_loss sft/token_accuracy reward/total/mean reward/format/mean
 
 Each tag gets a panel; every run that logged it is a line (raw, and a moving average when noisy).
@@ -63,7 +63,7 @@ def plot_runs(runs: list[Path], tags: list[str], out: Path, window: int = 5) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rl.plot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (runs/<name>) or TensorBoard dirs")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tags", nargs="+", default=list(DEFAULT_TAGS))

@@ -1,6 +1,6 @@
-"""Did training help? Two held-out evaluations (``rl.eval``'s eval.json) side by side, against the noise.
+"""Did training help? Two held-out evaluations (``tools.eval``'s eval.json) side by side, against the noise.
 
-    python -m rl.compare runs/eval_start/eval.json runs/eval_end/eval.json --run runs/grpo_after_sft \
+    python -m tools.compare runs/eval_start/eval.json runs/eval_end/eval.json --run runs/grpo_after_sft \
         --out runs/eval_end/compare.md
 
 For every reward and every image metric of the reports (PSNR, SSIM, PIQE, ...: the model's final images): the
@@ -89,7 +89,7 @@ def crop_means(report: dict, name: str) -> Optional[dict[tuple, float]]:
 
 
 def metric_names(*reports: dict) -> list[str]:
-    """The image metrics every report scored (rl.eval's ``model`` columns), in the first report's order."""
+    """The image metrics every report scored (tools.eval's ``model`` columns), in the first report's order."""
     names = [set(c.get("model", {})) for r in reports for c in r["per_chain"]]
     common = set.intersection(*names) if names else set()
     return [n for n in reports[0]["per_chain"][0].get("model", {}) if n in common] if common else []
@@ -147,7 +147,7 @@ def markdown(changes: Sequence[Change], before_name: str, after_name: str) -> st
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rl.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.compare", description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path, help="eval.json of the starting point")
     parser.add_argument("after", type=Path, help="eval.json after training")
     parser.add_argument("--run", type=Path, default=None, help="the training run (its TensorBoard curves)")

@@ -1,15 +1,15 @@
 """Where the image reward can be gamed: the generation reward and the objective GRPO optimises, along the SR
 residual's amplitude.
 
-    python -m rl.reward_probe --checkpoint runs/sft_local/checkpoints [--config FILE] [--num 8]
-                              [--samples-per-image 8] [--scales 0.5,0.8,1,1.25,1.5,2] [--vote-std 0.3]
-                              [--out DIR] [key=value ...]
+    python -m lab.reward_probe --checkpoint runs/sft_local/checkpoints [--config FILE] [--num 8]
+                               [--samples-per-image 8] [--scales 0.5,0.8,1,1.25,1.5,2] [--vote-std 0.3]
+                               [--out DIR] [key=value ...]
 
 Samples of one input differ by their residual's noise pattern, its energy only by ~1.5%, so a sampler never
 tries a globally sharper or smoother image and GRPO cannot learn one from its own samples. This probe tries it
 by hand: every final image's difference to the bicubic upsampling of its stage input (the middle image) is
 scaled by s, and the scaled images are scored by ``reward.metrics`` and ``reward.full_reference`` as in training.
-Per scale it prints each metric's mean, the change of the generation reward (what ``rl.eval`` reports), and the
+Per scale it prints each metric's mean, the change of the generation reward (what ``tools.eval`` reports), and the
 change of the decoupled objective (``grpo.decoupled_normalization``: each metric's change in units of its
 within-group spread at s = 1, weighted as in the generation reward; what the image advantage rewards). A scale
 where the generation reward rises while the decoupled objective falls is a gain one metric buys from the others.
@@ -147,9 +147,10 @@ def probe(args: argparse.Namespace) -> dict:
     from core.env import configure_process
     from rewards.quality import build_quality_scorer, generation_reward
     from rewards.total import metric_weights
-    from rl.eval import load_samples, sample_chains
-    from rl.eval_metrics import bicubic_upscale, no_downloads, usable_reward_metrics
-    from rl.inference import UsageError, build_sampler, default_device, load_inference_config, resolve_checkpoint
+    from rewards.eval_metrics import bicubic_upscale, no_downloads, usable_reward_metrics
+    from tools.eval import load_samples, sample_chains
+    from tools.inference import (UsageError, build_sampler, default_device, load_inference_config,
+                                 resolve_checkpoint)
 
     configure_process(args.threads)
     ckpt = resolve_checkpoint(args.checkpoint)
@@ -196,9 +197,9 @@ def probe(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rl.inference import model_arguments
+    from tools.inference import model_arguments
 
-    p = model_arguments("python -m rl.reward_probe", __doc__.split("\n\n")[0])
+    p = model_arguments("python -m lab.reward_probe", __doc__.split("\n\n")[0])
     p.set_defaults(engine="hf")  # a short sampling job: no vLLM start-up
     p.add_argument("--data", default="skimage", help="skimage, an image folder, or a .jsonl manifest (with HR)")
     p.add_argument("--split", default="eval", choices=("eval", "train", "all"))
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from rl.inference import UsageError, check_at_least, run_tool
+    from tools.inference import UsageError, check_at_least, run_tool
 
     def work() -> int:
         check_at_least("--num", args.num, 1)
@@ -245,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(md)
         return 0
 
-    return run_tool("rl.reward_probe", work)
+    return run_tool("lab.reward_probe", work)
 
 
 if __name__ == "__main__":

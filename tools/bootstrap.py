@@ -1,4 +1,5 @@
-"""``python -m rl.bootstrap OUT_DIR [--config configs/grpo_local.yaml] [--force]``: build the tiny random models.
+"""``python -m tools.bootstrap OUT_DIR [--config configs/grpo_local.yaml] [--force]``: build the tiny random
+models.
 
 Writes ``OUT_DIR/policy`` (Qwen2.5-VL, HF format) and ``OUT_DIR/diffusion`` (diffusers layout) from the config's
 ``policy.tiny`` / ``diffusion.tiny``, offline, in seconds. A run builds them itself when its ``policy.path`` /
@@ -18,7 +19,7 @@ DEFAULT_CONFIG = "configs/grpo_local.yaml"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rl.bootstrap", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bootstrap", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="writes OUT_DIR/policy and OUT_DIR/diffusion")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="takes policy.tiny and diffusion.tiny from here")
     parser.add_argument("--force", action="store_true", help="rebuild models that already exist")

@@ -1,7 +1,8 @@
 """Super-resolve a folder of real low-resolution images with a trained checkpoint (no Ray, one process).
 
-    python -m rl.infer --checkpoint runs/grpo_local/checkpoints --input photos/ --output sr/
-                       [--engine vllm|hf] [--config FILE] [--max-side N] [--greedy] [--seed S] [key=value ...]
+    python -m tools.infer --checkpoint runs/grpo_local/checkpoints --input photos/ --output sr/
+                          [--engine vllm|hf] [--config FILE] [--max-side N] [--greedy] [--seed S]
+                          [key=value ...]
 
 Every image file of ``--input`` (not recursive; a single file works too) is taken as a real LR image: no
 synthesis, no HR. For each one the whole VLCoT chain runs and ``OUTPUT/<stem>/`` gets
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-log = logging.getLogger("rl.infer")
+log = logging.getLogger("tools.infer")
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Summary:
         parts.append(f"{len(self.bad)} skipped (unreadable)")
         if self.failed:
             parts.append(f"{len(self.failed)} failed")
-        return f"rl.infer: {', '.join(parts)} in {seconds:.1f} s"
+        return f"tools.infer: {', '.join(parts)} in {seconds:.1f} s"
 
 
 def list_inputs(path: Path) -> list[Path]:
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from core.env import configure_process
     from core.images import BadImageError, load_rgb, save_png
     from core.records import Sample
-    from rl.inference import (
+    from tools.inference import (
         build_sampler,
         crop_output,
         fit_lr,
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     sampler = build_sampler(cfg, args.engine, args.greedy, args.device, seed=args.seed)
     multiple = lr_multiple(sampler.pipeline, sampler.scales)
     summary = Summary()
-    bar = tqdm(list(zip(files, names)), desc="rl.infer", unit="img", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(list(zip(files, names)), desc="tools.infer", unit="img", dynamic_ncols=True, file=sys.stderr)
     for index, (path, name) in enumerate(bar):
         try:
             image = load_rgb(path)
@@ -127,9 +128,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rl.inference import model_arguments
+    from tools.inference import model_arguments
 
-    p = model_arguments("python -m rl.infer", __doc__.split("\n\n")[0])
+    p = model_arguments("python -m tools.infer", __doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="a folder of LR images (or one image file)")
     p.add_argument("--output", required=True, help="writes OUTPUT/<stem>/{sr,rough,middle}.png and chain.txt")
     p.add_argument("--max-side", type=int, default=None,
@@ -140,14 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from rl.inference import check_at_least, run_tool
+    from tools.inference import check_at_least, run_tool
 
     def work() -> int:
         if args.max_side is not None:
             check_at_least("--max-side", args.max_side, 8)
         return run(args)
 
-    return run_tool("rl.infer", work)
+    return run_tool("tools.infer", work)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``python -m rl.resources CONFIG MANIFEST [key=value ...]``: does a run fit a KubeRay cluster manifest?
+"""``python -m tools.resources CONFIG MANIFEST [key=value ...]``: does a run fit a KubeRay cluster manifest?
 
 Prints what the config asks for and what the manifest offers at maxReplicas; exit 0 when it fits, 1 when it
 does not (each problem on a line), 2 for a bad config or manifest (a ``rollout.vllm.tensor_parallel_size`` that
@@ -27,7 +27,7 @@ from core.placement import (
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2:
-        print("usage: python -m rl.resources CONFIG MANIFEST [key=value ...]", file=sys.stderr)
+        print("usage: python -m tools.resources CONFIG MANIFEST [key=value ...]", file=sys.stderr)
         return 2
     try:
         cfg = load_config(args[0], args[2:])

@@ -1,13 +1,14 @@
 """How a trained SR model's detail differs from a reference's: its gain along the reference's detail, and the rest.
 
-    python -m rl.gain_probe --checkpoint runs/NAME/checkpoints/step_000020 \
-                            --reference runs/sft_local/checkpoints/step_000300/export [--num 32] [--split eval]
+    python -m lab.gain_probe --checkpoint runs/NAME/checkpoints/step_000020 \
+                             --reference runs/sft_local/checkpoints/step_000300/export [--num 32] [--split eval]
 
 Both SR models sample every stage from the same inputs with the same noise: the degraded LR image for the rough
 stage, the photograph's bicubic downscale to the stage before for the middle and final stages, one fixed prompt.
 Per image, the model's sampled x_0 (for a residual model, its detail about the bicubic upsampling) is split into
 s x the reference's plus a rest orthogonal to it: s is the gain GRPO's ``grpo.detail_gain_std`` explores, the rest
-is the change that is not a gain (new noise patterns). ``rl.reward_probe`` says what each gain is worth to the reward.
+is the change that is not a gain (new noise patterns). ``lab.reward_probe`` says what each gain is worth to the
+reward.
 
 Writes OUT/gain.json (default OUT: ./gain_probe/<checkpoint export's parent folder name>) and prints one line a stage.
 """
@@ -78,8 +79,8 @@ def probe(args: argparse.Namespace) -> dict:
     from core.chain import STAGES, stage_scales
     from core.env import configure_process
     from models.sr_pipeline import SRPipeline
-    from rl.eval import load_samples
-    from rl.inference import UsageError, default_device, load_inference_config, resolve_checkpoint
+    from tools.eval import load_samples
+    from tools.inference import UsageError, default_device, load_inference_config, resolve_checkpoint
 
     configure_process(args.threads)
     stages = args.stages.split(",")
@@ -105,7 +106,7 @@ def probe(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rl.gain_probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lab.gain_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="the trained model: a step_N dir, an export, or a run")
     p.add_argument("--reference", required=True, help="the model it is measured against (e.g. the cold start)")
     p.add_argument("--config", default=None, help="default: the checkpoint's run config, else configs/grpo_local.yaml")
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from rl.inference import check_at_least, run_tool
+    from tools.inference import check_at_least, run_tool
 
     def work() -> int:
         check_at_least("--num", args.num, 1)
@@ -135,7 +136,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"of the detail's energy; rms {r['rms']:.4f} against {r['reference_rms']:.4f}")
         return 0
 
-    return run_tool("rl.gain_probe", work)
+    return run_tool("lab.gain_probe", work)
 
 
 if __name__ == "__main__":

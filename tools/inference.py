@@ -1,6 +1,7 @@
-"""Shared by the model tools (``rl.eval``, ``rl.infer``, ``rl.reward_probe``, ``rl.gain_probe``): find a trained
-model from a ``--checkpoint`` argument, build an in-process ChainSampler from it (no Ray: one process, the same
-engines and pipeline the rollout actors use), and run the tool so that a user's error is one line and exit code 2.
+"""Shared by the model tools (``tools.eval``, ``tools.infer``) and the probes (``lab.reward_probe``,
+``lab.gain_probe``): find a trained model from a ``--checkpoint`` argument, build an in-process ChainSampler
+from it (no Ray: one process, the same engines and pipeline the rollout actors use), and run the tool so that a
+user's error is one line and exit code 2.
 
 ``--checkpoint`` may name
   * an export directory: ``policy/`` (HF Qwen2.5-VL) + ``diffusion/`` (diffusers SR pipeline);
@@ -31,7 +32,7 @@ from core.config import ConfigError, ExperimentConfig, load_config
 from core.dtypes import torch_dtype
 from core.env import REPO_ROOT
 
-log = logging.getLogger("rl.inference")
+log = logging.getLogger("tools.inference")
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "grpo_local.yaml"
 ENGINES = ("vllm", "hf")
 
