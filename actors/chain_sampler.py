@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from actors.text_engine import TextEngine, TextRequest, TextSample
-from core.chain import STAGES, TURNS, image_section, parse_chain, sr_prompt, stage_scales, stage_sizes
+from core.chain import STAGES, TURNS, image_section, parse_chain, stage_scales, stage_sizes
 from core.config import ChainConfig, DiffusionConfig, SamplingConfig
 from core.records import DiffusionTrace, Rollout, Sample
 
@@ -56,7 +56,8 @@ class _Chain:
 
 
 def stage_understanding(turn_text: str, stage: str) -> str:
-    """The understanding text the diffusion model is conditioned on for ``stage``.
+    """The understanding text the diffusion model is conditioned on for ``stage``: its prompt, what the cold start
+    trained it on (``data.sft_targets.build_record``).
 
     Uses the ``<{stage}_understand>`` section of the turn when the policy wrote one, else the turn's text with the
     tags stripped, so that a malformed turn still yields an image (and is punished by the format reward only).
@@ -66,14 +67,6 @@ def stage_understanding(turn_text: str, stage: str) -> str:
     if body:
         return body
     return " ".join(parsed.outside.split()) if parsed.outside else ""
-
-
-def stage_prompt(chain_text: str, turn_text: str, stage: str, reads_degradation: bool) -> str:
-    """The SR model's prompt for ``stage``: the turn's understanding text (``stage_understanding``), after the
-    chain's own ``<degradation>`` sentence when ``chain.sr_reads_degradation``; what the cold start trained on
-    (``data.sft_targets.build_record``)."""
-    degradation = parse_chain(chain_text).degradation if reads_degradation else ""
-    return sr_prompt(stage_understanding(turn_text, stage), degradation)
 
 
 class ChainSampler:
@@ -86,7 +79,7 @@ class ChainSampler:
         if not detail_gain_std >= 0:
             raise ValueError(f"detail_gain_std = {detail_gain_std}: must be >= 0")
         self.image_group_size = image_group_size  # M image branches per chain (grpo.image_group_size)
-        self.detail_gain_std = detail_gain_std  # grpo.detail_gain_std: training rollouts only (sample(explore=))
+        self.detail_gain_std = detail_gain_std  # experimental.detail_gain_std: training rollouts only (explore)
         self.engine = engine
         self.pipeline = pipeline
         self.chain = chain
@@ -132,8 +125,7 @@ class ChainSampler:
             # 2. image (branch 0 of every chain, then the other branches, in one diffusion batch)
             t0 = time.perf_counter()
             size = stage_sizes(lr_hw, self.scales)[turn.stage]
-            prompts = [stage_prompt(c.text, c.turn_text, turn.stage, self.chain.sr_reads_degradation)
-                       for c in chains]
+            prompts = [stage_understanding(c.turn_text, turn.stage) for c in chains]
             extra = range(1, self.image_group_size)
             def image_seeds(tag: int) -> list[int]:  # one per image, in the batch's order: branch 0s, then the rest
                 return ([_seed(seed, c.prompt_id, k, c.sample_index, tag) for c in chains]
@@ -142,8 +134,7 @@ class ChainSampler:
             generators = [torch.Generator().manual_seed(s) for s in image_seeds(7)]
             conditions = [c.last_image for c in chains] + [c.branch_images[b - 1] for c in chains for b in extra]
             gains = None
-            stages = self.diffusion.train_stages
-            if explore and self.detail_gain_std > 0 and (stages is None or turn.stage in stages):
+            if explore and self.detail_gain_std > 0:
                 gains = detail_gains(self.detail_gain_std, image_seeds(13))
             images, traces = self.pipeline.sample(
                 conditions, size, prompts + [p for p in prompts for _ in extra],
@@ -206,8 +197,8 @@ class ChainSampler:
 def detail_gains(std: float, seeds: Sequence[int]) -> list[float]:
     """One log-normal factor exp(std * z), z ~ N(0, 1), per image, each from its own seed (so an image's gain does
     not depend on the batch it is sampled in): how much of its sampled detail an image keeps
-    (``grpo.detail_gain_std``). A sampler's images of one input differ only by their noise pattern, so GRPO never
-    sees a sharper or smoother image of the same input; these gains show it one.
+    (``experimental.detail_gain_std``). A sampler's images of one input differ only by their noise pattern, so GRPO
+    never sees a sharper or smoother image of the same input; these gains show it one.
 
     >>> detail_gains(0.0, [1, 2])
     [1.0, 1.0]

@@ -53,7 +53,7 @@ class RolloutGroup(ActorGroup):
                         ) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
         """B samples -> (B*G refs of Rollout, B*G refs of their scoring views), both ordered
         [p0s0, ..., p0s(G-1), p1s0, ...]; prompts split evenly over the actors. ``explore`` False: held out
-        (no ``grpo.detail_gain_std`` gains)."""
+        (no ``experimental.detail_gain_std`` gains)."""
         chains: list[ray.ObjectRef] = []
         views: list[ray.ObjectRef] = []
         chunks = np.array_split(np.arange(len(samples)), len(self.actors))

@@ -92,7 +92,7 @@ class RolloutWorker:
             self.sr_parts.requires_grad_(False)
         self.sampler = ChainSampler(self.engine, self.pipeline, cfg.chain, cfg.diffusion,
                                     image_group_size=cfg.grpo.image_group_size,
-                                    detail_gain_std=cfg.grpo.detail_gain_std)
+                                    detail_gain_std=cfg.experimental.detail_gain_std)
         self.policy_version = 0
         self.diffusion_version = 0
 
@@ -102,7 +102,7 @@ class RolloutWorker:
                  weights: WeightUpdate | None = None, explore: bool = True) -> list[Rollout]:
         """B samples -> B*G rollouts; first loads ``weights`` if this worker is behind and they travel through the
         object store (after a restart, or the asynchronous pipeline's update carried by the call). ``explore``
-        False: without ``grpo.detail_gain_std``'s gains (held-out evaluation)."""
+        False: without ``experimental.detail_gain_std``'s gains (held-out evaluation)."""
         with self._engine_lock:
             if weights is not None and weights.version > max(self.policy_version, self.diffusion_version) \
                     and (weights.policy or weights.diffusion):

@@ -69,12 +69,6 @@ TURNS: tuple[Turn, ...] = (
 )
 
 
-# The tags the policy itself writes, in the only order the grammar allows (the image sections are inserted by
-# the system): <degradation> </degradation> <rough_understand> </rough_understand> <middle_understand> ...
-WRITTEN_TAGS: tuple[str, ...] = tuple(t for turn in TURNS for tag in turn.tags for t in (open_tag(tag),
-                                                                                        close_tag(tag)))
-
-
 def image_section(stage: str, image_text: str = IMAGE_PLACEHOLDER) -> str:
     """The section the system inserts after a turn: ``<rough_image>IMG</rough_image>``."""
     tag = f"{stage}_image"
@@ -113,19 +107,6 @@ def degradation_text(levels: dict[str, str]) -> str:
 
 _LEVEL_WORD = {"no": "none", "none": "none", "light": "light", "medium": "medium", "heavy": "heavy"}
 _ITEM_RE = re.compile(r"\b(no|none|light|medium|heavy)\s+(" + "|".join(DEGRADATION_ITEMS) + r")\b", re.IGNORECASE)
-
-
-def sr_prompt(understanding: str, degradation: str = "") -> str:
-    """The SR model's prompt for one stage: the stage's understanding text, after the chain's degradation sentence
-    when one is given (``chain.sr_reads_degradation``: the SR model is then told what to undo).
-
-    >>> sr_prompt("a red bicycle wheel", " heavy noise,  light blur ")
-    'heavy noise, light blur. a red bicycle wheel'
-    >>> sr_prompt("a red bicycle wheel")
-    'a red bicycle wheel'
-    """
-    degradation = " ".join(degradation.split())
-    return f"{degradation}. {understanding}" if degradation else understanding
 
 
 def _first_statements(text: str) -> dict[str, re.Match]:

@@ -40,9 +40,6 @@ class ChainConfig:
     final_scale: int = 4
     max_stage_tokens: int = 48  # per text turn; a turn stops earlier at its closing tag
     prompt: Optional[str] = None  # None: the paper's RL prompt (core.chain.DEFAULT_PROMPT)
-    # the SR model's prompt starts with the chain's <degradation> sentence (core.chain.sr_prompt); the cold start
-    # must have trained it so (checked against cold_start's config)
-    sr_reads_degradation: bool = False
 
 
 # --------------------------------------------------------------------------------------------- rollout
@@ -140,17 +137,13 @@ class GRPOConfig:
     # {name: trajectory} the clipped surrogate on the recorded denoising steps' log-probs (Flow-GRPO, the default);
     # {name: nft, beta: 1.0, adv_clip: 5.0} DiffusionNFT's forward-process loss on the sampled images (no
     # likelihoods). Both train the steps of diffusion.train_steps_fraction / _start; image_kl_beta applies to both.
+    # The learner runs each through its own micro-step (learner.image_objectives).
     image_objective: dict[str, Any] = field(default_factory=lambda: {"name": "trajectory"})
     kl_beta: float = 0.0  # 0 disables the reference model entirely
     # + image_kl_beta x the exact KL of each trained denoising step to the base SR model's (the run's starting
     # weights, a frozen copy per learner rank; Flow-GRPO's KL term). 0: off, no copy held.
     image_kl_beta: float = 0.0
-    # null: image_kl_beta is fixed. A KL: image_kl_beta is the first update's coefficient, then doubled when the
-    # update's image_kl is above 1.5x this target and halved below it / 1.5 (PPO's adaptive KL; core.grpo.kl_control).
-    image_kl_target: Optional[float] = None
-    update_epochs: int = 1
-    text_loss_weight: float = 1.0
-    image_loss_weight: float = 1.0
+    update_epochs: int = 1  # passes over the step's batch, one optimizer step each (text + image loss, weight 1)
     # Which reward components (weighted by reward.weights) the advantage of the text tokens / of the diffusion
     # steps is normalised from. null: the chain's total, shared by both (the paper); []: none (advantage 0).
     # E.g. image_rewards: [generation] judges the images only by the reward they can change.
@@ -158,8 +151,8 @@ class GRPOConfig:
     image_rewards: Optional[list[str]] = None
     # How a chain's advantages reach its text tokens: a rule of core.grpo.TOKEN_CREDIT with its options.
     # {name: chain}: every sampled token gets the chain's text advantage (the paper). {name: section}: each token
-    # gets the advantage of its section, from section_rewards. Both take stray_tag_penalty (default 0): subtracted
-    # at each sampled tag the grammar does not allow where it was written.
+    # gets the advantage of its section, from section_rewards; its option degradation_items: true gives the tokens
+    # stating a degradation item that item's own advantage (research: docs/journal/2026-12-04-degradation-adapters.md).
     token_credit: dict[str, Any] = field(default_factory=lambda: {"name": "chain"})
     # token_credit section only: the components each text section (degradation, rough/middle/final_understand)
     # learns from, e.g. {degradation: [format, degradation]} or {final_understand: [format/final_understand]}
@@ -167,13 +160,9 @@ class GRPOConfig:
     # tokens get advantage 0 (only the KL term reaches them).
     section_rewards: Optional[dict[str, list[str]]] = None
     # Applied in order to the normalised advantages, each a rule of core.grpo.ADVANTAGE_TRANSFORMS with its
-    # options: [{name: scale_negative, factor: 0.1}] (W-REINFORCE), [{name: placebo_shuffle}] (the placebo
-    # control: advantages permuted within each group, to measure what the reward adds). []: none (the paper).
+    # options: [{name: placebo_shuffle}] (the placebo control: advantages permuted within each group, to measure
+    # what the reward adds). []: none (the paper).
     advantage_transforms: list[dict[str, Any]] = field(default_factory=list)
-    # PPO-ptx (InstructGPT, Ouyang et al. 2022): > 0 adds sft_coef x the cold start's cross-entropy on the
-    # target chains of the step's own training images (data.sft_targets) to the text loss of every update.
-    # The text only: the SR model's denoising loss is not mixed in. 0: off (the paper).
-    sft_coef: float = 0.0
     # Stale chains (trainer.max_staleness > 0): weight of a token / step, min(pi_prox / pi_sampling, tis_cap) (TIS)
     tis_cap: float = 2.0
     # How the text ratio treats the rollout engine's own numerics (learner.off_policy): tis, every chain's text is
@@ -187,16 +176,27 @@ class GRPOConfig:
     # its own image advantage: centred on its chain's M branches (the text is shared, so what is left is the SR
     # model's own doing) and scaled by the spread of those residuals over the group. 1: one image per chain.
     image_group_size: int = 1
-    # > 0: in training rollouts every sampled image of a residual SR model keeps exp(std * z) x its detail (z ~ N(0,1)
-    # per image): sharper and smoother versions of one input for the image loss to compare, which the sampler's
-    # noise alone never makes (docs/experiments.md). DiffusionNFT only (it learns from the images, not the steps).
-    detail_gain_std: float = 0.0
     # Each reward component of an advantage column is normalised within its group on its own before the column's
     # weighted sum, and the generation reward counts as its metrics (quality/<metric>, weighted as in its average):
     # decoupled normalisation (LucidNFT, GDPO). A metric whose spread within a group is small (PSNR between
     # near-identical SR outputs) then weighs as much as one whose spread is large (PIQE), so no single metric
     # carries the advantage. false: the weighted sum is normalised as one reward (the paper).
     decoupled_normalization: bool = False
+
+
+@dataclass
+class ExperimentalConfig:
+    """Research controls with no settled verdict (docs/journal/variants.md): each key is off by default, no product
+    config sets one, and each links the journal entry that used it. A key leaves this section for its own once a
+    pre-registered test settles it, or is removed when one finds no held-out gain."""
+
+    # > 0: in training rollouts every sampled image of a residual SR model keeps exp(std * z) x its detail (z ~ N(0,1)
+    # per image): sharper and smoother versions of one input for the image loss to compare, which the sampler's
+    # noise alone never makes. DiffusionNFT only (it learns from the images, not the steps); the held-out evaluation
+    # never explores. configs/experiments/image_kl2.yaml (0.3) needs it. Journal:
+    # docs/journal/2026-12-05-detail-gains.md (no held-out gain alone), docs/journal/2026-12-07-image-kl2-seed3.md
+    # (the image_kl2 candidate: above its placebo, not a settled result).
+    detail_gain_std: float = 0.0
 
 
 @dataclass
@@ -286,6 +286,7 @@ class ExperimentConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    experimental: ExperimentalConfig = field(default_factory=ExperimentalConfig)  # research controls, off
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -346,10 +347,6 @@ def cold_start_config(cfg: ExperimentConfig, source: str = "<config>") -> Experi
         if init is not None and Path(init) != export / model:
             raise ConfigError(f"{source}: key '{model}.init_from' = {init!r}: the cold start ({cfg.cold_start}) "
                               f"exports {export / model}")
-    if cfg.diffusion.init_from and sft.chain.sr_reads_degradation != cfg.chain.sr_reads_degradation:
-        raise ConfigError(f"{source}: key 'chain.sr_reads_degradation' = {cfg.chain.sr_reads_degradation}, but the "
-                          f"cold start ({cfg.cold_start}) trained the SR model with "
-                          f"{sft.chain.sr_reads_degradation}: its prompts would not be the ones it learned")
     return sft
 
 

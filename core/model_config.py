@@ -76,9 +76,6 @@ class PolicyConfig:
     tiny: TinyPolicyConfig = field(default_factory=TinyPolicyConfig)
     dtype: str = "float32"  # float32 on CPU, bfloat16 on GPU
     freeze: bool = False
-    # keep the vision tower as it is and train the language model only (a common choice for VLM RL: the
-    # tower's gradient reaches every image the policy reads, the fed-back stage images included)
-    freeze_vision: bool = False
     # re.search patterns over the parameter names: only matches train, e.g. ["language_model.norm.weight"] (128
     # gains here: fewer trained parameters, less update noise, as Adam moves each ~lr a step). null: all.
     trainable: Optional[list[str]] = None
@@ -103,10 +100,6 @@ class DiffusionConfig:
     # whose flow-matching schedules decide the image there); 0.5 with fraction 0.5 trains the second half, where a
     # DDPM linear schedule (the tiny models') still has signal: its first half is near pure noise (alpha_bar < 0.08)
     train_steps_start: float = 0.0
-    # the chain stages (rough, middle, final) whose traces get an image loss, and the only ones that
-    # grpo.detail_gain_std explores: the reward judges the final image, so a gain on an earlier stage's image
-    # reaches it only through the next stages and is noise to the final image's vote. null: all stages.
-    train_stages: Optional[list[str]] = None
     dtype: str = "float32"
     freeze: bool = False
     lora: Optional[LoraConfig] = None  # over the TraceScorer's modules: unet.* (and text_encoder.* if named)

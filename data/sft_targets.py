@@ -31,8 +31,7 @@ import cv2
 import numpy as np
 import torch
 
-from core.chain import (STAGES, TURNS, degradation_text, image_section, render_turn, sr_prompt, stage_scales,
-                        stage_sizes)
+from core.chain import STAGES, TURNS, degradation_text, image_section, render_turn, stage_scales, stage_sizes
 from core.records import Rollout, Sample
 
 # Which image each stage's diffusion step is conditioned on: the LR image, then the previous stage's target.
@@ -46,7 +45,7 @@ class StageTarget:
     stage: str  # rough | middle | final
     condition: np.ndarray  # (h, w, 3) uint8: LR for rough, gt_rough for middle, gt_middle for final
     target: np.ndarray  # (H, W, 3) uint8: the HR image at this stage's size
-    text: str  # the diffusion prompt: the stage's understanding text (after the degradation sentence, see sr_prompt)
+    text: str  # the diffusion prompt: the stage's understanding text
 
 
 @dataclass(frozen=True)
@@ -138,11 +137,9 @@ def build_record(
     scales: Mapping[str, int],
     prompt: Optional[str] = None,
     photo_captions: bool = True,
-    sr_reads_degradation: bool = False,
 ) -> SFTRecord:
     """The target chain of ``sample`` as an SFTRecord. ``tokens``: the policy's ``ChainTokens``; ``scales``:
-    stage -> scale (``ChainConfig`` rough/middle/final_scale); ``prompt``: ``chain.prompt`` (None: the paper's);
-    ``sr_reads_degradation``: the SR prompts start with the degradation sentence, as the rollout will give them."""
+    stage -> scale (``ChainConfig`` rough/middle/final_scale); ``prompt``: ``chain.prompt`` (None: the paper's)."""
     if sample.hr is None:
         raise ValueError(f"sample prompt_id={sample.prompt_id} image_id={sample.image_id!r} has no HR image")
     degradation = target_degradation(sample)
@@ -165,9 +162,7 @@ def build_record(
             ids += section
             mask += [0] * len(section)
     images = {"lr": sample.lr, **gt}
-    stages = tuple(StageTarget(s, images[CONDITION_OF[s]], gt[s],
-                               sr_prompt(understand[s], degradation if sr_reads_degradation else ""))
-                   for s in STAGES)
+    stages = tuple(StageTarget(s, images[CONDITION_OF[s]], gt[s], understand[s]) for s in STAGES)
     return SFTRecord(
         prompt_id=int(sample.prompt_id),
         image_id=sample.image_id,
@@ -182,12 +177,10 @@ def build_record(
 
 def target_records(samples: Sequence[Sample], tokens, cfg) -> list[SFTRecord]:
     """The target chains of ``samples`` under the experiment config ``cfg`` (its chain scales and prompt; the
-    photographs' own captions for the skimage source): what the cold start trains on, and GRPO's ``sft_coef``
-    term."""
+    photographs' own captions for the skimage source): what the cold start trains on."""
     c = cfg.chain
     scales = stage_scales(c)
-    return [build_record(s, tokens, scales, c.prompt, cfg.data.source == "skimage", c.sr_reads_degradation)
-            for s in samples]
+    return [build_record(s, tokens, scales, c.prompt, cfg.data.source == "skimage") for s in samples]
 
 
 def to_rollout(record: SFTRecord) -> Rollout:

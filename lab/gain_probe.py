@@ -6,8 +6,8 @@
 Both SR models sample every stage from the same inputs with the same noise: the degraded LR image for the rough
 stage, the photograph's bicubic downscale to the stage before for the middle and final stages, one fixed prompt.
 Per image, the model's sampled x_0 (for a residual model, its detail about the bicubic upsampling) is split into
-s x the reference's plus a rest orthogonal to it: s is the gain GRPO's ``grpo.detail_gain_std`` explores, the rest
-is the change that is not a gain (new noise patterns). ``lab.reward_probe`` says what each gain is worth to the
+s x the reference's plus a rest orthogonal to it: s is the gain GRPO's ``experimental.detail_gain_std`` explores, the
+rest is the change that is not a gain (new noise patterns). ``lab.reward_probe`` says what each gain is worth to the
 reward.
 
 Writes OUT/gain.json (default OUT: ./gain_probe/<checkpoint export's parent folder name>) and prints one line a stage.

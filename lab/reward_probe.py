@@ -14,7 +14,7 @@ change of the decoupled objective (``grpo.decoupled_normalization``: each metric
 within-group spread at s = 1, weighted as in the generation reward; what the image advantage rewards). A scale
 where the generation reward rises while the decoupled objective falls is a gain one metric buys from the others.
 Then GRPO's vote on that direction (``gain_vote``): with every image given a random log-normal gain, as
-``grpo.detail_gain_std`` does, do the group advantages of the plain generation reward favour the more detailed
+``experimental.detail_gain_std`` does, do the group advantages of the plain generation reward favour the more detailed
 images? A vote near 0 leaves the image loss nothing to learn along it.
 
 Writes OUT/probe.json and OUT/probe.md (default OUT: ./probe/<export folder name>).
@@ -95,11 +95,11 @@ def probe_rows(values: Mapping[float, np.ndarray], raw: Mapping[float, np.ndarra
 
 @dataclass(frozen=True)
 class GainVote:
-    """How GRPO's advantages vote on a common detail gain (``grpo.detail_gain_std``): mean over images of the
+    """How GRPO's advantages vote on a common detail gain (``experimental.detail_gain_std``): mean over images of the
     std-scaled group advantage x the image's log-gain. > 0: the better images of an input are its more detailed
     ones, so the image loss is pushed towards more detail."""
 
-    std: float  # the log-gains' std (grpo.detail_gain_std)
+    std: float  # the log-gains' std (experimental.detail_gain_std)
     mean: float
     step_se: float  # std over draws of one step's vote (all groups once): how much one step's vote varies
     positive_share: float  # share of inputs whose vote, averaged over the draws, is > 0
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=lambda v: [float(x) for x in v.split(",")], default=list(DEFAULT_SCALES),
                    help="residual scales, comma-separated (1 is always added)")
     p.add_argument("--vote-std", type=float, default=0.3,
-                   help="log-gain std of the gain vote (grpo.detail_gain_std; 0: no vote; default 0.3)")
+                   help="log-gain std of the gain vote (experimental.detail_gain_std; 0: no vote; default 0.3)")
     p.add_argument("--metric-weights", default=None, help="folder with pyiqa weight files (offline metrics)")
     p.add_argument("--batch-size", type=int, default=4, help="images per sampler call")
     p.add_argument("--out", default=None, help="output folder (default: ./probe/<export folder name>)")

@@ -65,8 +65,24 @@ def micro_batches(batch: TrainBatch, rollouts: Sequence[Rollout], size: int, all
     return out
 
 
+# Metrics of core.grpo.SurrogateOutput that are masked means: aggregated over ranks weighted by their tokens.
+MEAN_METRICS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "approx_kl", "ratio_mean",
+                "old_logp_mean")
+
+
 def add(sums: dict[str, float], key: str, value: float) -> None:
     sums[key] = sums.get(key, 0.0) + value
+
+
+def accumulate(sums: dict[str, float], extremes: dict[str, float], kind: str, metrics: Mapping[str, Any]) -> None:
+    """A surrogate's metrics (``kind``: text or image) into token-weighted sums of the masked means, and running
+    extremes of the ratio."""
+    tokens = float(metrics["tokens"])
+    for name in MEAN_METRICS:
+        add(sums, f"{kind}_{name}", float(metrics[name]) * tokens)
+    if tokens > 0:
+        extremes[f"{kind}_ratio_max"] = max(extremes[f"{kind}_ratio_max"], float(metrics["ratio_max"]))
+        extremes[f"{kind}_ratio_min"] = min(extremes[f"{kind}_ratio_min"], float(metrics["ratio_min"]))
 
 
 def reduce_sums(sums: Mapping[str, float], all_reduce: AllReduce) -> dict[str, float]:

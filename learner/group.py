@@ -81,12 +81,11 @@ class LearnerGroup(ActorGroup):
 
     # ------------------------------------------------------------------ training
     def submit_train(self, chains: Sequence[ray.ObjectRef], advantages: Sequence[ChainAdvantage],
-                     keep: Sequence[bool], sft_records: Sequence[Any] = (), version: Optional[int] = None,
+                     keep: Sequence[bool], version: Optional[int] = None,
                      max_staleness: Optional[int] = None) -> list[ray.ObjectRef]:
         """One GRPO update from chain refs: kept chains are split contiguously over the ranks, and each rank
         fetches and batches its own (the driver never touches tokens or pixels). ``advantages``: one
-        ``ChainAdvantage`` per chain (text, and the images' and sections' own when they have them);
-        ``sft_records``: target chains for ``grpo.sft_coef``'s cross-entropy, split like ``submit_sft``'s.
+        ``ChainAdvantage`` per chain (text, and the images' and sections' own when they have them).
         ``version``: the policy version the learner holds; chains sampled by an older one are stale and get the
         off-policy correction (``learner.off_policy``), and those more than ``max_staleness`` versions old are not
         trained on; None: all treated as on-policy."""
@@ -94,26 +93,24 @@ class LearnerGroup(ActorGroup):
         if not kept:
             raise ValueError("every group was filtered: the driver must skip the learner for this step")
         sizes = contiguous_sizes(len(kept), self.num_ranks)
-        targets = self._record_shards(sft_records) if sft_records else [[] for _ in self.actors]
         refs, lo = [], 0
-        for actor, size, shard in zip(self.actors, sizes, targets):
+        for actor, size in zip(self.actors, sizes):
             idx = kept[lo:lo + size]
             lo += size
             if idx:
                 refs.append(actor.train_chains.remote([advantages[i] for i in idx], False,
-                                                      *[chains[i] for i in idx], sft_records=shard,
-                                                      version=version, max_staleness=max_staleness))
+                                                      *[chains[i] for i in idx], version=version,
+                                                      max_staleness=max_staleness))
             else:  # fewer chains than ranks: a zero-loss copy keeps the collectives in step
                 refs.append(actor.train_chains.remote([ChainAdvantage(0.0)], True, chains[kept[0]],
-                                                      sft_records=shard, version=version,
-                                                      max_staleness=max_staleness))
+                                                      version=version, max_staleness=max_staleness))
         return refs
 
     def train(self, chains: Sequence[ray.ObjectRef], advantages: Sequence[ChainAdvantage],
-              keep: Sequence[bool], sft_records: Sequence[Any] = (), version: Optional[int] = None,
+              keep: Sequence[bool], version: Optional[int] = None,
               max_staleness: Optional[int] = None) -> dict[str, float]:
         """Metrics of the update, aggregated over ranks."""
-        return ray.get(self.submit_train(chains, advantages, keep, sft_records, version, max_staleness))[0]
+        return ray.get(self.submit_train(chains, advantages, keep, version, max_staleness))[0]
 
     def submit_sft(self, records: Sequence[Any]) -> list[ray.ObjectRef]:
         """One supervised cold-start step on ``data.sft_targets.SFTRecord``s (or refs to them): contiguous shards

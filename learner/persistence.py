@@ -176,7 +176,6 @@ def save_checkpoint(w: Rank, directory: str) -> None:
     if w.rank == 0:
         state = {
             "optimizer_steps": w.optimizer_steps,
-            "image_kl_beta": w.image_kl_beta,  # adapted under grpo.image_kl_target: part of the run's state
             "trained": sorted(w.engines),
             "world_size": w.world_size,
             "zero_stage": w.cfg.zero_stage,
@@ -210,7 +209,6 @@ def load_checkpoint(w: Rank, directory: str) -> None:
                 f"{src / name}: DeepSpeed found no checkpoint (tag {CHECKPOINT_TAG!r})"
             )
     w.optimizer_steps = int(state["optimizer_steps"])
-    w.image_kl_beta = float(state.get("image_kl_beta", w.grpo.image_kl_beta))  # older checkpoints: the config's
 
 
 def _copy_dir(src: str, dst: Path) -> str:

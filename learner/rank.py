@@ -22,7 +22,6 @@ class Rank(Protocol):
     tokens: Any  # models.chain_tokens.ChainTokens of the policy (None when it is frozen)
     reference: Any  # the frozen reference policy (grpo.kl_beta > 0): a model, or lora.BasePolicy
     diffusion_reference: Any  # the frozen base SR pipeline (grpo.image_kl_beta > 0), else None
-    image_kl_beta: float  # the image KL's coefficient now: grpo.image_kl_beta, adapted under grpo.image_kl_target
     lora: dict[str, dict[str, float]]  # model -> {adapted layer: scaling}; {} without adapters (policy.lora, diffusion.lora)
     device: torch.device
     rank: int

@@ -1,7 +1,7 @@
 """The supervised cold start on one learner rank (records from ``data.sft_targets``): text cross-entropy on the
 target tokens / global target-token count, plus the SR pipeline's denoising MSE over every stage triple /
 global triple count; one optimizer step per call. Same micro-batching (equal count on every rank), clipping and
-LR schedule as the GRPO step; frozen models are skipped. ``text_cross_entropy`` is also GRPO's PPO-ptx term.
+LR schedule as the GRPO step; frozen models are skipped.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def sft_step(w: Rank, records: Sequence[Any]) -> dict[str, float]:
         raise ValueError("sft_step: this learner was built without the sft config "
                          "(LearnerWorker(..., sft=cfg.sft), or a config with mode: sft)")
     t0 = time.perf_counter()
-    micro, global_tokens = target_micro_batches(w, records, "sft_step")
+    micro, global_tokens = target_micro_batches(w, records)
     real = micro[0].real
     local_images = sum(len(r.stages) for r in records) if real else 0
     global_images, global_records = w.all_reduce([local_images, len(records) if real else 0])
@@ -63,15 +63,14 @@ def sft_step(w: Rank, records: Sequence[Any]) -> dict[str, float]:
     return out
 
 
-def target_micro_batches(w: Rank, records: Sequence[Any], caller: str
-                         ) -> tuple[list[MicroBatch], float]:
+def target_micro_batches(w: Rank, records: Sequence[Any]) -> tuple[list[MicroBatch], float]:
     """``SFTRecord``s -> micro-batches, as many on every rank (padding copies carry no loss), and the global
     count of target tokens. All records weigh 1.0 (data) or all 0.0 (a rank's padding copy)."""
     if not records:
-        raise ValueError(f"{caller}: no records (a rank without data gets a zero-weight copy)")
+        raise ValueError("sft_step: no records (a rank without data gets a zero-weight copy)")
     weights = {float(r.weight) for r in records}
     if not weights <= {0.0, 1.0} or len(weights) != 1:
-        raise ValueError(f"{caller}: record weights must be all 1.0 (data) or all 0.0 (a padding copy), "
+        raise ValueError(f"sft_step: record weights must be all 1.0 (data) or all 0.0 (a padding copy), "
                          f"got {sorted(weights)}")
     rollouts = [to_rollout(r) for r in records]
     pad_id = w.tokens.tokenizer.pad_token_id if w.tokens is not None else 0
@@ -83,7 +82,7 @@ def target_micro_batches(w: Rank, records: Sequence[Any], caller: str
 
 
 def text_cross_entropy(w: Rank, m: MicroBatch, global_tokens: float, sums: dict[str, float],
-                       weight: float, prefix: str = "") -> None:
+                       weight: float) -> None:
     """Cross-entropy on the micro-batch's target tokens / ``global_tokens``, times ``weight``; backward."""
     policy = w.engines["policy"]
     mb = m.batch
@@ -96,9 +95,8 @@ def text_cross_entropy(w: Rank, m: MicroBatch, global_tokens: float, sums: dict[
     policy.backward(weight * text_loss * eng.dp_loss_scale(), scale_wrt_gas=False)
     with torch.no_grad():
         correct = (logits[:, :-1].argmax(-1) == ids[:, 1:]) & mask[:, 1:].bool()  # logit t predicts t+1
-    add(sums, f"{prefix}text_loss", text_loss.item())
-    add(sums, f"{prefix}correct_tokens", float(correct.sum()))
-    add(sums, f"{prefix}target_tokens", float(mb.num_tokens))
+    add(sums, "text_loss", text_loss.item())
+    add(sums, "correct_tokens", float(correct.sum()))
 
 
 def _denoising_loss(w: Rank, m: MicroBatch, global_images: float, sums: dict[str, float],

@@ -5,7 +5,7 @@ group; a test or a single-process run builds one directly (world size 1). Every 
 weights is a collective: every rank must call it, in the same order. The work itself lives in one module per
 job, each a set of functions of the worker:
 
-    learner.grpo_step    the GRPO update (text tokens, denoising steps, PPO-ptx)
+    learner.grpo_step    the GRPO update (text tokens; denoising steps through learner.image_objectives)
     learner.sft_step     the supervised cold start
     learner.persistence  full-weight gathers for the rollout actors, HF export, DeepSpeed checkpoints
     learner.scoring      re-scoring log-probs (policy, SR trajectories)
@@ -37,16 +37,6 @@ from models import lora
 MODELS = ("policy", "diffusion")
 
 
-def vision_tower(model: nn.Module) -> nn.Module:
-    """The vision encoder of a Qwen2.5-VL model (``model.visual`` in older transformers, ``model.model.visual``
-    in newer ones)."""
-    for owner in (model, getattr(model, "model", None)):
-        tower = getattr(owner, "visual", None) if owner is not None else None
-        if isinstance(tower, nn.Module):
-            return tower
-    raise ValueError(f"{type(model).__name__} has no vision tower (.visual): policy.freeze_vision needs one")
-
-
 def restrict_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Freeze every parameter whose name no pattern matches (``re.search``; ``policy.trainable``) and return
     the names left trainable. A pattern that matches no parameter is an error naming it."""
@@ -60,7 +50,7 @@ def restrict_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     for name, param in model.named_parameters():
         if name not in wanted:
             param.requires_grad_(False)
-        elif param.requires_grad:  # (policy.freeze_vision wins over a pattern)
+        elif param.requires_grad:  # (a parameter frozen before stays frozen)
             kept.append(name)
     return kept
 
@@ -116,8 +106,6 @@ class LearnerWorker:
             self.tokens = ChainTokens.from_pretrained(policy.path)
             self.tags = ChainTags.from_tokens(self.tokens)
             model = load_policy(policy.path, learner.dtype, str(self.device)).train()
-            if policy.freeze_vision:
-                vision_tower(model).requires_grad_(False)
             if policy.trainable is not None:
                 restrict_trainable(model, policy.trainable)
             if policy.lora is not None:
@@ -133,7 +121,6 @@ class LearnerWorker:
                                   load_policy(policy.path, learner.dtype, str(self.device)).requires_grad_(False))
         self.pipeline = None
         self.diffusion_reference = None  # the base SR pipeline, frozen (grpo.image_kl_beta > 0)
-        self.image_kl_beta = grpo.image_kl_beta  # adapted after each update under grpo.image_kl_target
         if not diffusion.freeze:
             self.pipeline = load_sr_pipeline(diffusion.path)
             self.pipeline.to(self.device)
@@ -224,8 +211,7 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ training
     def train_chains(self, advantages: Sequence[ChainAdvantage], padding: bool, *rollouts: Rollout,
-                     sft_records: Sequence[Any] = (), version: Optional[int] = None,
-                     max_staleness: Optional[int] = None) -> dict[str, float]:
+                     version: Optional[int] = None, max_staleness: Optional[int] = None) -> dict[str, float]:
         """The GRPO update on this rank's own chains: the batch is built here from the rollouts (varargs, so Ray
         resolves the refs passed for them), so the driver only ever holds refs. ``padding``: this rank got no
         chain and trains a masked copy (zero loss) to stay in step with the others' collectives."""
@@ -233,19 +219,17 @@ class LearnerWorker:
         batch = build_train_batch(list(rollouts), list(advantages), pad_token_id=pad_id or 0,
                                   credit=self.credit, tags=self.tags,
                                   train_steps_fraction=self.diffusion_cfg.train_steps_fraction,
-                                  train_steps_start=self.diffusion_cfg.train_steps_start,
-                                  train_stages=self.diffusion_cfg.train_stages)
+                                  train_steps_start=self.diffusion_cfg.train_steps_start)
         if padding:
             batch = masked_copy(batch)
-        return self.train_step(batch, *rollouts, sft_records=sft_records, version=version,
-                               max_staleness=max_staleness)
+        return self.train_step(batch, *rollouts, version=version, max_staleness=max_staleness)
 
-    def train_step(self, batch: TrainBatch, *rollouts: Rollout, sft_records: Sequence[Any] = (),
-                   version: Optional[int] = None, max_staleness: Optional[int] = None) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, *rollouts: Rollout, version: Optional[int] = None,
+                   max_staleness: Optional[int] = None) -> dict[str, float]:
         """The GRPO update on a built batch (``learner.grpo_step.train_step``); ``version``: the learner's
         policy version before it (stale chains are corrected, those more than ``max_staleness`` versions old
         dropped; None: all on-policy)."""
-        return grpo_step.train_step(self, batch, rollouts, sft_records, version, max_staleness)
+        return grpo_step.train_step(self, batch, rollouts, version, max_staleness)
 
     def sft_step(self, *records: Any) -> dict[str, float]:
         """One supervised step on this rank's ``SFTRecord``s (varargs, so Ray resolves refs)."""

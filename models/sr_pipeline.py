@@ -201,8 +201,8 @@ class SRPipeline(SRTraining, DiffusionPipeline):
         conditions: uint8 (h, w, 3) images (the LR image or the previous stage's), any sizes; a list of
         generators (one per image) makes each image independent of the batch it is sampled in.
         detail_gains: one factor per image on the sampled x_0 of a residual model, its detail about the bicubic
-        upsampling (``grpo.detail_gain_std``, exploration for DiffusionNFT). The trace's last latent is the scaled
-        x_0; the last step's recorded log-prob stays that of the unscaled one, so a trajectory objective must not
+        upsampling (``experimental.detail_gain_std``, exploration for DiffusionNFT). The trace's last latent is the
+        scaled x_0; the last step's recorded log-prob stays that of the unscaled one, so a trajectory objective must not
         read traces sampled with gains other than 1.
         """
         # 1. check inputs

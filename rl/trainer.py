@@ -20,9 +20,7 @@ from core import checkpoint as ckpt
 from core.config import ExperimentConfig
 from core.records import Rollout, Sample, Scores
 from data.dataset import PairDataset
-from data.sft_targets import target_records
 from learner.group import LearnerGroup
-from models.chain_tokens import ChainTokens
 from rewards.pool import RewardPool
 from rl import run_state
 from rl.advantages import advantage_metrics, step_advantages
@@ -42,8 +40,6 @@ class GRPOTrainer:
         resume_from = run_state.resume_point(cfg, self.ckpt_root)  # trainer.resume=true without one fails here
         self.data = PairDataset(cfg.data, "train")
         self.rewards = RewardPool(cfg.reward, strategy=cfg.ray.placement_strategy, name=f"{cfg.name}-reward")
-        # grpo.sft_coef: the step's target chains are tokenized here, as the cold start's driver does
-        self.tokens = ChainTokens.from_pretrained(cfg.policy.path) if cfg.grpo.sft_coef > 0 else None
         self.held_out = HeldOutEval(cfg) if cfg.trainer.eval_every else None
         self.staleness: dict[int, int] = {}  # trained step -> learner version - the version its chains came from
         self.faults: list[run_state.Fault] = []
@@ -100,8 +96,7 @@ class GRPOTrainer:
             staleness = self.version - batch.version
             if bool(keep.any()):
                 with t("learner"):
-                    targets = target_records(samples, self.tokens, cfg) if self.tokens is not None else []
-                    learner_metrics = self.learner.train(refs, adv.per_chain(), keep.tolist(), targets,
+                    learner_metrics = self.learner.train(refs, adv.per_chain(), keep.tolist(),
                                                          version=self.version,
                                                          max_staleness=cfg.trainer.max_staleness)
                 self.staleness[self.step_id + 1] = staleness

@@ -753,7 +753,7 @@ def sr_cluster_batch(args, checks: Checks) -> dict[str, Any]:
 
     from core.chain import STAGES, stage_scales, stage_sizes
     from core.config import load_config
-    from core.grpo import stage_trained_steps
+    from core.grpo import trained_steps
     from learner.scoring import TraceScorer
 
     device = resolve_device(args.device)
@@ -814,9 +814,7 @@ def sr_cluster_batch(args, checks: Checks) -> dict[str, Any]:
     scorer = TraceScorer(pipe).requires_grad_(True).train()
     rescore: dict[str, Any] = {}
     for stage in STAGES:
-        k = list(stage_trained_steps(stage, steps, d.train_steps_fraction, d.train_steps_start, d.train_stages))
-        if not k:
-            continue
+        k = list(trained_steps(steps, d.train_steps_fraction, d.train_steps_start))
         scorer.zero_grad(set_to_none=True)
         memory.reset()
         res = {"step": k[0], "before_gib": memory.allocated_gib()}

@@ -1,5 +1,6 @@
-"""Shared fixtures: the tiny models (built once per session), a free port for in-process learner ranks, and a
-private local Ray cluster per module. Each fixture builds real components; nothing here is a mock."""
+"""Shared fixtures: the tiny models (built once per session), a free port for in-process learner ranks, a
+private local Ray cluster per module, and the model tools' environment (``env``). Each fixture builds real
+components; nothing here is a mock."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.config import TinyDiffusionConfig, TinyPolicyConfig, load_config
 
@@ -24,6 +26,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def fast_model_args() -> list[str]:
+    """The model tools' (tools.eval, tools.infer, lab.*) cheapest arguments: the HF engine, short turns, two
+    denoising steps."""
+    return ["--engine", "hf", "chain.max_stage_tokens=8", "diffusion.num_steps=2"]
 
 
 @pytest.fixture
@@ -72,3 +81,22 @@ def ray_local():
              runtime_env={"env_vars": worker_env()})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_models):
+    """Tiny models (an export: policy/ + diffusion/), an empty torch hub, and the torch thread count restored
+    afterwards."""
+    base = tmp_path_factory.mktemp("eval")
+    (base / "models").symlink_to(tiny_models["policy"].parent, target_is_directory=True)
+    # pyiqa fixes its cache dir at import: import it first, then point both it and TORCH_HOME at an empty
+    # folder, so that undo() leaves pyiqa as the other tests of this process expect it
+    import pyiqa.utils.download_util as pyiqa_download
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCH_HOME", str(base / "torch_home"))
+    mp.setattr(pyiqa_download, "DEFAULT_CACHE_DIR", str(base / "torch_home" / "hub" / "pyiqa"))
+    threads = torch.get_num_threads()
+    yield base
+    torch.set_num_threads(threads)
+    mp.undo()

@@ -18,32 +18,12 @@ from PIL import Image
 
 from core.chain import TEXT_TAGS
 
-FAST = ["--engine", "hf", "chain.max_stage_tokens=8", "diffusion.num_steps=2"]
 REWARDS = ("format", "degradation", "understanding", "generation", "total")
 FR = ("PSNR", "SSIM", "LPIPS", "DISTS")
 NR = ("NIQE", "MUSIQ", "MANIQA", "CLIPIQA", "TOPIQ", "PIQE")
 PANEL = ["trainer.eval_every=5", "trainer.eval_panel={full_reference: [{name: gmsd, lower_better: true}, "
          "{name: psnry}], metrics: [{name: entropy}]}"]
 NEED_WEIGHTS = ("LPIPS", "DISTS", "NIQE", "MUSIQ", "MANIQA", "CLIPIQA", "TOPIQ")
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, tiny_models):
-    """Tiny models (an export: policy/ + diffusion/), an empty torch hub, and the torch thread count restored
-    afterwards."""
-    base = tmp_path_factory.mktemp("eval")
-    (base / "models").symlink_to(tiny_models["policy"].parent, target_is_directory=True)
-    # pyiqa fixes its cache dir at import: import it first, then point both it and TORCH_HOME at an empty
-    # folder, so that undo() leaves pyiqa as the other tests of this process expect it
-    import pyiqa.utils.download_util as pyiqa_download
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TORCH_HOME", str(base / "torch_home"))
-    mp.setattr(pyiqa_download, "DEFAULT_CACHE_DIR", str(base / "torch_home" / "hub" / "pyiqa"))
-    threads = torch.get_num_threads()
-    yield base
-    torch.set_num_threads(threads)
-    mp.undo()
 
 
 def _run(argv: list[str]) -> int:
@@ -53,10 +33,10 @@ def _run(argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def synthetic(env):
+def synthetic(env, fast_model_args):
     out = env / "synthetic"
     rc = _run(["--checkpoint", str(env / "models"), "--data", "skimage", "--split", "eval", "--num", "3",
-               "--out", str(out), "--metric-weights", str(env / "weights"), "--save-images", *FAST, *PANEL])
+               "--out", str(out), "--metric-weights", str(env / "weights"), "--save-images", *fast_model_args, *PANEL])
     assert rc == 0
     return json.loads((out / "eval.json").read_text()), (out / "eval.md").read_text()
 
@@ -131,7 +111,7 @@ def test_the_held_out_panel_is_reported_beside_the_rewards(synthetic):
     assert "## Held-out panel" in md and f"| gmsd↓ | {panel['gmsd']['mean']:.4f} | 3 |" in md
 
 
-def test_real_lr_report_without_hr(env):
+def test_real_lr_report_without_hr(env, fast_model_args):
     src = env / "real"
     src.mkdir()
     rng = np.random.default_rng(0)
@@ -140,7 +120,7 @@ def test_real_lr_report_without_hr(env):
     (src / "a.txt").write_text("noise, texture")  # tags: the understanding reward applies to a only
     out = env / "real_out"
     rc = _run(["--checkpoint", str(env / "models"), "--data", str(src), "--real-lr",
-               "--samples-per-image", "2", "--out", str(out), *FAST])
+               "--samples-per-image", "2", "--out", str(out), *fast_model_args])
     assert rc == 0
     report = json.loads((out / "eval.json").read_text())
     assert report["data"]["mode"] == "real-lr" and report["num_images"] == 2 and report["num_chains"] == 4

@@ -12,7 +12,6 @@ import torch
 from lab import gain_probe
 from lab.gain_probe import gain_and_rest
 
-from test_eval import env  # noqa: F401 (the module fixture: tiny models and an empty torch hub)
 
 
 def test_doctests():

@@ -18,7 +18,6 @@ from core.checkpoint import CheckpointError, write_checkpoint
 from core.env import REPO_ROOT
 from tools.inference import UsageError, check_at_least, crop_output, fit_lr, resolve_checkpoint, run_tool
 
-FAST = ["--engine", "hf", "chain.max_stage_tokens=8", "diffusion.num_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +101,7 @@ def test_resolve_checkpoint_accepts_export_step_and_checkpoints_root(models, tmp
 
 
 # ------------------------------------------------------------------------------------------ the CLI
-def test_infer_folder_writes_4x_outputs_and_skips_the_corrupt_file(models, tmp_path, capsys):
+def test_infer_folder_writes_4x_outputs_and_skips_the_corrupt_file(models, tmp_path, capsys, fast_model_args):
     from tools.infer import main
 
     src = tmp_path / "in"
@@ -113,7 +112,7 @@ def test_infer_folder_writes_4x_outputs_and_skips_the_corrupt_file(models, tmp_p
     (src / "notes.md").write_text("not an image suffix: ignored")
     out = tmp_path / "out"
 
-    rc = main(["--checkpoint", str(models), "--input", str(src), "--output", str(out), *FAST])
+    rc = main(["--checkpoint", str(models), "--input", str(src), "--output", str(out), *fast_model_args])
     err = capsys.readouterr().err
 
     assert rc == 0, err[-3000:]
@@ -133,13 +132,13 @@ def test_infer_folder_writes_4x_outputs_and_skips_the_corrupt_file(models, tmp_p
     assert "2 super-resolved, 1 skipped (unreadable)" in err
 
 
-def test_infer_exit_code_1_when_no_image_succeeds(models, tmp_path, capsys):
+def test_infer_exit_code_1_when_no_image_succeeds(models, tmp_path, capsys, fast_model_args):
     from tools.infer import main
 
     src = tmp_path / "in"
     src.mkdir()
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    rc = main(["--checkpoint", str(models), "--input", str(src), "--output", str(tmp_path / "out"), *FAST])
+    rc = main(["--checkpoint", str(models), "--input", str(src), "--output", str(tmp_path / "out"), *fast_model_args])
     err = capsys.readouterr().err
     assert rc == 1
     assert "skipped " + str(src / "broken.jpg") in err and "0 super-resolved, 1 skipped" in err

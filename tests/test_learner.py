@@ -408,25 +408,6 @@ def test_an_update_raises_a_positive_chains_likelihood_and_lowers_a_negative_one
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stray", ["</final_understand>", "</rough_image>"])  # a written tag, an inserted one
-def test_stray_tag_penalty_reaches_the_learners_loss(models, chains, port, stray):
-    # The first sampled token of one chain becomes a tag the grammar does not allow there.
-    # The learner finds it from the token ids: with the penalty, that token's advantage drops from +1 to 0, so
-    # the first step's text loss -sum(A * ratio) / tokens rises by that token's ratio / tokens.
-    _, rollouts = chains
-    losses = {}
-    for penalty in (0.0, 1.0):
-        worker = _one_rank(models, port, "diffusion.freeze=true", f"grpo.token_credit.stray_tag_penalty={penalty}")
-        ids = rollouts[0].token_ids.clone()
-        ids[int(rollouts[0].text_mask.nonzero()[0])] = worker.tokens.single_token_id(stray)
-        doctored = replace(rollouts[0], token_ids=ids)
-        m = worker.train_chains([ChainAdvantage(1.0)], False, doctored)
-        losses[penalty] = (m["text_loss"], m["tokens"])
-    (plain, tokens), (penalised, _) = losses[0.0], losses[1.0]
-    assert 0.1 / tokens < penalised - plain < 10.0 / tokens, losses  # one token's ratio, ~1
-
-
-@pytest.mark.slow
 def test_train_steps_fraction_halves_the_rescored_and_trained_steps(models, chains, port):
     """diffusion.train_steps_fraction: only the first half of each trace's denoising steps is re-scored (one UNet
     pass per step) and gets a loss; the rest are never run. With diffusion.train_steps_start 0.5, the second half."""
@@ -452,26 +433,6 @@ def test_train_steps_fraction_halves_the_rescored_and_trained_steps(models, chai
     assert half_steps == 4 * 2  # 4 chains x 2 traces x 1 of their 2 steps
 
 
-@pytest.mark.slow
-def test_train_stages_rescore_and_train_only_the_named_stage(models, chains, port):
-    """diffusion.train_stages: the other stages' traces are never re-scored and get no loss."""
-    _, rollouts = chains
-    last = rollouts[0].traces[-1].stage
-    worker = _one_rank(models, port, "policy.freeze=true", f"diffusion.train_stages=[{last}]")
-    stages: list[str] = []
-    rescore = worker.pipeline.trace_log_probs
-
-    def counting(traces, step_indices=None):
-        stages.extend(t.stage for t in traces)
-        return rescore(traces, step_indices)
-
-    worker.pipeline.trace_log_probs = counting
-    m = worker.train_chains([ChainAdvantage(float(a)) for a in ADVANTAGES], False, *rollouts)
-    steps = int(rollouts[0].traces[-1].log_probs.numel())
-    assert set(stages) == {last} and len(stages) == 4 * steps  # 4 chains x the last trace's steps, one by one
-    assert m["diffusion_steps"] == 4 * steps
-
-
 def _one_policy_step(models, chains, port, override: str):
     """A one-rank worker with ``override`` after one step: (worker, the policy's names, the names it changed)."""
     batch, rollouts = chains
@@ -480,18 +441,6 @@ def _one_policy_step(models, chains, port, override: str):
     worker.train_step(batch, *rollouts)
     after = worker.gather_full_state("policy")
     return worker, list(before), {n for n in before if not torch.equal(before[n], after[n])}
-
-
-@pytest.mark.slow
-def test_frozen_vision_tower_stays_while_the_language_model_trains(models, chains, port):
-    from learner.worker import vision_tower
-
-    worker, names, changed = _one_policy_step(models, chains, port, "policy.freeze_vision=true")
-    tower = vision_tower(worker.engines["policy"].module)
-    assert not any(p.requires_grad for p in tower.parameters())
-    visual = [n for n in names if "visual." in n]
-    assert len(visual) == len(list(tower.parameters()))  # the tower's weights, by their full names
-    assert not changed & set(visual) and any("language_model" in n for n in changed)
 
 
 @pytest.mark.slow
@@ -524,30 +473,19 @@ def test_image_clip_range_clips_the_denoising_steps_only(models, chains, port):
 
 
 @pytest.mark.slow
-def test_image_kl_to_the_base_sr_model_is_zero_at_the_start_and_grows_after_an_update(models, chains, port,
-                                                                                     tmp_path):
+def test_image_kl_to_the_base_sr_model_is_zero_at_the_start_and_grows_after_an_update(models, chains, port):
     """grpo.image_kl_beta: the first step starts from the base weights, so the KL is exactly 0 and so is its
-    gradient (the update equals the one without the term); after one update the KL is positive. Under
-    grpo.image_kl_target the coefficient halves after the KL of 0 and doubles after a KL above the target, and a
-    checkpoint carries it on."""
+    gradient (the update equals the one without the term); after one update the KL is positive."""
     batch, rollouts = chains
     plain = _one_rank(models, port, "policy.freeze=true").train_step(batch, *rollouts)
-    adaptive = ("policy.freeze=true", "grpo.image_kl_beta=0.5", "grpo.image_kl_target=1e-12")
-    worker = _one_rank(models, port, *adaptive)
+    worker = _one_rank(models, port, "policy.freeze=true", "grpo.image_kl_beta=0.5")
     assert worker.diffusion_reference is not None and "image_kl" not in plain
     first = worker.train_step(batch, *rollouts)
-    assert first["image_kl"] == 0.0 and first["image_kl_beta"] == 0.5
+    assert first["image_kl"] == 0.0
     for key in ("image_loss", "diffusion_grad_norm"):
         assert first[key] == pytest.approx(plain[key], rel=1e-6), key
     second = worker.train_step(batch, *rollouts)
-    assert second["image_kl"] > 1.5e-12 and second["image_kl_beta"] == 0.25
-    third = worker.train_step(batch, *rollouts)
-    assert third["image_kl"] > 1.5e-12 and third["image_kl_beta"] == 0.5 and worker.image_kl_beta == 1.0
-    worker.save_checkpoint(str(tmp_path))
-    resumed = _one_rank(models, port, *adaptive)
-    assert resumed.image_kl_beta == 0.5  # the config's first coefficient, until the checkpoint is loaded ...
-    resumed.load_checkpoint(str(tmp_path))
-    assert resumed.image_kl_beta == 1.0  # ... which carries the adapted one
+    assert second["image_kl"] > 0
 
 
 @pytest.mark.slow
@@ -601,23 +539,6 @@ def test_nft_moves_the_sr_model_towards_better_images_and_away_from_worse_ones(m
     assert (after < before) if sign > 0 else (after > before), (before, after)
     assert "image_first_epoch_ratio_mean" not in m and m["nft_positive"] > 0 and m["nft_negative"] > 0
     assert m["diffusion_steps"] == 4 * 2 * 2 and m["optimizer_steps"] == 2
-
-
-@pytest.mark.slow
-def test_nft_projected_target_regresses_onto_the_models_own_prediction(models, chains, port):
-    """``target: projected``: the implicit policies regress onto each image's projection on the sampling policy's
-    prediction, which lies nearer that prediction than the image itself (Pythagoras: the image's part orthogonal to
-    it is dropped), so the first epoch's losses are smaller than with the sampled images as targets, on the same
-    chains and forward-process noise."""
-    _, rollouts = chains
-    losses = {}
-    for target in ("sample", "projected"):
-        worker = _one_rank(models, port, "policy.freeze=true", "grpo.update_epochs=1",
-                           f"grpo.image_objective={{name: nft, beta: 1.0, target: {target}}}")
-        m = worker.train_chains([ChainAdvantage(0.0, image=1.0) for _ in rollouts], False, *rollouts)
-        losses[target] = (m["nft_positive"], m["nft_negative"])
-    assert losses["projected"][0] < 0.9 * losses["sample"][0], losses  # 0.27 against 0.46 here
-    assert losses["projected"][1] < 0.9 * losses["sample"][1], losses
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ from core.grpo import decoupled_rewards
 from lab import reward_probe
 from lab.reward_probe import decoupled_scores, probe_rows, scale_residual
 
-from test_eval import FAST, env  # noqa: F401 (the module fixture: tiny models and an empty torch hub)
 
 
 def test_doctests():
@@ -91,10 +90,10 @@ def test_probe_rows_needs_the_samplers_own_images_and_a_group():
         probe_rows(one, one, generation, ["a", "b"], [1.0, 1.0])
 
 
-def test_the_probe_cli_scores_every_scale_with_the_configs_reward(env, tmp_path):  # noqa: F811
+def test_the_probe_cli_scores_every_scale_with_the_configs_reward(env, tmp_path, fast_model_args):
     out = tmp_path / "probe"
     rc = reward_probe.main(["--checkpoint", str(env / "models"), "--num", "2", "--samples-per-image", "2",
-                            "--scales", "0,2", "--out", str(out), *FAST])
+                            "--scales", "0,2", "--out", str(out), *fast_model_args])
     assert rc == 0
     report = json.loads((out / "probe.json").read_text())
     assert report["metrics"] == {"piqe": 1.0, "psnr": 0.5, "ssim": 0.5}  # configs/grpo_local.yaml's reward
@@ -107,7 +106,7 @@ def test_the_probe_cli_scores_every_scale_with_the_configs_reward(env, tmp_path)
     assert "inputs voting for more detail" in (out / "probe.md").read_text()
 
 
-def test_bad_probe_arguments_are_named(env, capsys):  # noqa: F811
+def test_bad_probe_arguments_are_named(env, capsys):
     assert reward_probe.main(["--checkpoint", str(env / "models"), "--samples-per-image", "1"]) == 2
     assert "--samples-per-image 1 must be >= 2" in capsys.readouterr().err
     assert reward_probe.main(["--checkpoint", str(env / "models"), "--scales", "1,-0.5"]) == 2

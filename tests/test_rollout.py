@@ -121,46 +121,6 @@ def test_image_branches_leave_the_chains_as_they_are_and_add_whole_image_traject
         assert torch.equal(three.traces[4].text_ids, three.traces[1].text_ids)  # the same stage text
 
 
-def test_the_sr_prompt_carries_the_chains_degradation_sentence_when_configured():
-    from actors.chain_sampler import stage_prompt
-    from core.chain import TURNS, image_section, render_turn
-
-    und = {"rough": "a lion", "middle": "a lion on a rock", "final": "a lion on a rock under a blue sky"}
-    first = render_turn(TURNS[0], "heavy noise, light blur", und)
-    second = render_turn(TURNS[1], "", und)
-    chain = first + image_section("rough") + second
-    assert stage_prompt(first, first, "rough", True) == "heavy noise, light blur. a lion"
-    assert stage_prompt(chain, second, "middle", True) == "heavy noise, light blur. a lion on a rock"
-    assert stage_prompt(chain, second, "middle", False) == "a lion on a rock"
-    nothing_stated = render_turn(TURNS[0], "", und)
-    assert stage_prompt(nothing_stated, nothing_stated, "rough", True) == "a lion"
-
-
-def test_with_sr_reads_degradation_the_sampler_asks_for_it_and_the_traces_hold_that_prompt(run, monkeypatch):
-    """The wiring: with the key on, every stage's prompt comes from stage_prompt(..., True) (its content is tested
-    above) and is what the trace records for the learner to re-score."""
-    import actors.chain_sampler as chain_sampler
-
-    calls = []
-
-    def spy(chain_text, turn_text, stage, reads_degradation):
-        prompt = stage_prompt(chain_text, turn_text, stage, reads_degradation)
-        calls.append((stage, reads_degradation, prompt))
-        return prompt
-
-    stage_prompt = chain_sampler.stage_prompt
-    monkeypatch.setattr(chain_sampler, "stage_prompt", spy)
-    sampler = run["worker"].sampler
-    monkeypatch.setattr(sampler.chain, "sr_reads_degradation", True)
-    rollouts = run["worker"].generate(run["samples"], G, seed=7)
-    assert len(calls) == 3 * len(rollouts) and all(flag for _, flag, _ in calls)
-    by_stage = {st: [p for s, _, p in calls if s == st] for st in ("rough", "middle", "final")}
-    for i, r in enumerate(rollouts):
-        for trace in r.traces:
-            want = sampler.pipeline.tokenize([by_stage[trace.stage][i]])[0]
-            assert torch.equal(trace.text_ids.cpu(), want.cpu()), trace.stage
-
-
 def test_detail_gains_are_log_normal_per_seed():
     from actors.chain_sampler import detail_gains
 
@@ -172,9 +132,9 @@ def test_detail_gains_are_log_normal_per_seed():
 
 
 def test_training_rollouts_explore_detail_gains_and_held_out_ones_do_not(run, monkeypatch):
-    """grpo.detail_gain_std > 0: each training image's sampled residual is scaled by its own gain (the rough stage,
-    sampled from the same LR and noise, shows it exactly); ``explore=False`` (held-out evaluation) samples the model
-    as it is, identical to a run without the key."""
+    """experimental.detail_gain_std > 0: each training image's sampled residual is scaled by its own gain (the rough
+    stage, sampled from the same LR and noise, shows it exactly); ``explore=False`` (held-out evaluation) samples the
+    model as it is, identical to a run without the key."""
     from actors.chain_sampler import _seed, detail_gains
 
     monkeypatch.setattr(run["worker"].sampler, "detail_gain_std", 0.3)
@@ -193,27 +153,6 @@ def test_training_rollouts_explore_detail_gains_and_held_out_ones_do_not(run, mo
     assert len(set(ratios)) == len(ratios) and max(abs(np.log(ratios))) > 0.05
 
 
-def test_detail_gains_explore_only_the_trained_stages(run, monkeypatch):
-    """diffusion.train_stages: [final]: the rough and middle images are sampled as without gains (the final stage
-    sees the same inputs), and only the final image's residual carries its gain."""
-    from actors.chain_sampler import _seed, detail_gains
-    from core.chain import STAGES
-
-    sampler = run["worker"].sampler
-    monkeypatch.setattr(sampler, "detail_gain_std", 0.3)
-    monkeypatch.setattr(sampler.diffusion, "train_stages", ["final"])
-    explored = run["worker"].generate(run["samples"], G, seed=7)
-    k = STAGES.index("final")
-    for one, e in zip(run["rollouts"], explored):
-        assert [t.stage for t in e.traces] == list(STAGES)
-        for a, b in zip(one.traces[:k], e.traces[:k]):
-            assert torch.equal(a.latents, b.latents)  # no gain before the final stage
-        (gain,) = detail_gains(0.3, [_seed(7, e.prompt_id, k, e.sample_index, 13)])
-        a, b = one.traces[k], e.traces[k]
-        assert torch.equal(a.latents[:-1], b.latents[:-1]) and abs(np.log(gain)) > 0
-        torch.testing.assert_close(b.latents[-1], gain * a.latents[-1], atol=1e-6, rtol=0)
-
-
 def test_the_held_out_evaluation_asks_the_rollout_actors_not_to_explore():
     """rl.held_out samples the model as it is: its generate call carries explore=False."""
     from rl.held_out import HeldOutEval
@@ -225,7 +164,8 @@ def test_the_held_out_evaluation_asks_the_rollout_actors_not_to_explore():
         def submit_generate(self, samples, group_size, seed, explore=True):
             raise Asked(explore)
 
-    cfg = load_config(ROOT / "configs/grpo_random_local.yaml", ["trainer.eval_every=5", "grpo.detail_gain_std=0.3",
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml", ["trainer.eval_every=5",
+                                                               "experimental.detail_gain_std=0.3",
                                                                "grpo.image_objective={name: nft}"])
     with pytest.raises(Asked) as asked:
         HeldOutEval(cfg).run(Rollouts(), None)

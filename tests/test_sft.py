@@ -102,16 +102,6 @@ def test_stage_images_are_the_hr_at_quarter_half_and_full_size(samples, tokens):
     assert [st.text for st in rec.stages] == [PHOTOS_BY_NAME[s.image_id].captions[st] for st in STAGES]
 
 
-def test_with_sr_reads_degradation_every_stage_prompt_starts_with_the_degradation_sentence(samples, tokens):
-    s = samples[1]
-    rec = build_record(s, tokens, SCALES, sr_reads_degradation=True)
-    deg = parse_chain(rec.text).degradation
-    assert parse_degradation_text(deg) == s.degradation.levels
-    captions = PHOTOS_BY_NAME[s.image_id].captions
-    assert [st.text for st in rec.stages] == [f"{deg}. {captions[st]}" for st in STAGES]
-    assert rec.text == build_record(s, tokens, SCALES).text  # the policy's targets do not change
-
-
 def test_texts_from_tags_grow_in_detail_and_bad_samples_are_named(samples, tokens):
     texts = understanding_from_tags(("lion", "rock", "sky"))
     assert texts["rough"] == "This image shows lion, rock and sky."
@@ -235,28 +225,3 @@ def test_a_frozen_policy_is_skipped(models, records, port):
     m = frozen.sft_step(*records)
     assert "text_loss" not in m and "policy_grad_norm" not in m and "token_accuracy" not in m
     assert m["image_loss"] > 0 and m["diffusion_grad_norm"] > 0 and m["optimizer_steps"] == 1
-
-
-@pytest.mark.slow
-def test_grpo_sft_coef_adds_the_cold_start_cross_entropy_to_the_update(models, records, tokens, port):
-    """PPO-ptx: with every GRPO advantage 0, only the sft_coef term can move the policy."""
-    from core.grpo import build_train_batch
-
-    rollouts = [to_rollout(r) for r in records]
-    batch = build_train_batch(rollouts, torch.zeros(len(rollouts)))  # the GRPO term: advantage 0 everywhere
-    plain = _solo(models, port, "mode=grpo", "diffusion.freeze=true")
-    before = {k: v.clone() for k, v in plain.gather_full_state("policy").items()}
-    m = plain.train_step(batch, *rollouts, sft_records=records)  # sft_coef 0 (the paper): records unused
-    assert "ptx_loss" not in m
-    assert all(torch.equal(before[k], v) for k, v in plain.gather_full_state("policy").items())
-
-    ptx = _solo(models, port, "mode=grpo", "diffusion.freeze=true", "grpo.sft_coef=0.5")
-    nll, count = _target_nll(records, tokens, models["policy"])
-    first = ptx.train_step(batch, *rollouts, sft_records=records)
-    assert first["ptx_loss"] == pytest.approx(nll / count, rel=1e-4)  # the plain cross-entropy, unweighted
-    assert 0 <= first["ptx_token_accuracy"] <= 1 and first["policy_grad_norm"] > 0
-    assert not all(torch.equal(before[k], v) for k, v in ptx.gather_full_state("policy").items())
-    later = [ptx.train_step(batch, *rollouts, sft_records=records) for _ in range(3)]
-    assert later[-1]["ptx_loss"] < first["ptx_loss"]
-    m = ptx.train_step(batch, *rollouts, sft_records=[records[0].zero_weight()])  # a rank without targets
-    assert "ptx_loss" not in m

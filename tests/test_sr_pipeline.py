@@ -279,8 +279,8 @@ def test_residual_model_adds_its_sample_to_the_bicubic_upsampling(pipe, monkeypa
 
 
 def test_detail_gains_scale_the_sampled_residual_and_nothing_before_it(pipe):
-    """``grpo.detail_gain_std``: the gain multiplies the sampled x_0 (the residual to the bicubic upsampling), which
-    the trace's last latent holds for DiffusionNFT; every earlier latent and log-prob is the sampler's own."""
+    """``experimental.detail_gain_std``: the gain multiplies the sampled x_0 (the residual to the bicubic upsampling),
+    which the trace's last latent holds for DiffusionNFT; every earlier latent and log-prob is the sampler's own."""
     conditions = _conditions(2)
     plain_images, plain = pipe.sample(conditions, (16, 16), PROMPTS[:2], num_steps=3, generator=_gens(0, 1))
     images, traces = pipe.sample(conditions, (16, 16), PROMPTS[:2], num_steps=3, generator=_gens(0, 1),

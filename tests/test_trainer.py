@@ -160,7 +160,7 @@ def test_killed_reward_actor_work_is_reissued(setup):
 
 
 def test_checkpoint_then_resume_restores_step_cursor_and_weights(setup):
-    """Resumed with PPO-ptx, one prompt a step and a held-out evaluation every 2 steps (a resume may change the
+    """Resumed with one prompt a step and a held-out evaluation every 2 steps (a resume may change the
     batch): the tests after this one use the resumed run."""
     trainer = setup["trainer"]
     path = trainer.save_checkpoint()
@@ -173,7 +173,7 @@ def test_checkpoint_then_resume_restores_step_cursor_and_weights(setup):
     trainer.rewards.shutdown()
     from rl.trainer import GRPOTrainer
 
-    resumed = GRPOTrainer(_config(setup["tmp"], setup["models"], "trainer.resume=true", "grpo.sft_coef=0.5",
+    resumed = GRPOTrainer(_config(setup["tmp"], setup["models"], "trainer.resume=true",
                                   "grpo.prompts_per_step=1", "grpo.filter_zero_variance=false",
                                   f"trainer.eval_every={step + 2}", "trainer.eval_images=1",
                                   "trainer.eval_panel.full_reference=[{name: gmsd, lower_better: true}, {name: fsim}]"))
@@ -187,16 +187,6 @@ def test_checkpoint_then_resume_restores_step_cursor_and_weights(setup):
     setup["resumed_step"] = metrics = resumed.step()  # and it trains on from there
     assert resumed.step_id == step + 1 and resumed.cursor == cursor + 1
     assert metrics["policy/version"] >= 1
-
-
-def test_sft_coef_trains_the_step_target_chains_on_every_rank(setup):
-    """grpo.sft_coef (PPO-ptx) end to end: the driver builds the step's target chains, the group shards them
-    over both learner ranks (one prompt: the second rank gets a zero-weight copy) and the update adds their
-    cross-entropy."""
-    metrics = setup["resumed_step"]
-    assert metrics["learner/ptx_loss"] > 0 and 0 <= metrics["learner/ptx_token_accuracy"] <= 1
-    assert metrics["learner/policy_grad_norm"] > 0
-    assert not any(k.startswith("eval/") for k in metrics)  # not an evaluation step
 
 
 def test_eval_every_writes_held_out_rewards_at_its_steps_only(setup):

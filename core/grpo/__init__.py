@@ -5,7 +5,6 @@
 ``core.grpo.batch``       TrainBatch, build_train_batch, the trained denoising steps
 ``core.grpo.losses``      clipped surrogate (text and image), token_mean, k3 KL, log-probs, TIS weights
 ``core.grpo.objectives``  the image objectives: trajectory (the surrogate) or nft (DiffusionNFT's forward process)
-``core.grpo.kl_control``  the adaptive KL coefficient (PPO's penalty variant)
 
 Everything public is re-exported here: ``from core import grpo; grpo.group_advantages(...)``.
 """
@@ -24,13 +23,10 @@ from core.grpo.advantages import (
     group_order,
     placebo_shuffle,
     registry_entry,
-    scale_negative,
     zero_variance_groups,
 )
-from core.grpo.kl_control import adapt_kl_beta
-from core.grpo.batch import TrainBatch, build_train_batch, stage_trained_steps, trained_steps
-from core.grpo.objectives import (IMAGE_OBJECTIVES, NFTOutput, image_objective, nft_loss, projected_target,
-                                  reward_probability)
+from core.grpo.batch import TrainBatch, build_train_batch, trained_steps
+from core.grpo.objectives import IMAGE_OBJECTIVES, NFTOutput, image_objective, nft_loss, reward_probability
 from core.grpo.credit import (
     TOKEN_CREDIT,
     ChainTags,
@@ -38,7 +34,6 @@ from core.grpo.credit import (
     chain_credit,
     degradation_item_positions,
     section_credit,
-    stray_tags,
     token_credit,
     token_sections,
 )
@@ -58,11 +53,11 @@ from core.grpo.losses import (
 __all__ = [
     "ADVANTAGE_TRANSFORMS", "ChainAdvantages", "GroupFilter", "advantage_transform", "branch_advantages",
     "chain_advantages", "column_advantages", "component_rewards", "decoupled_rewards", "group_advantages",
-    "group_order", "placebo_shuffle", "registry_entry", "scale_negative", "zero_variance_groups", "TrainBatch", "build_train_batch",
-    "trained_steps", "stage_trained_steps", "TOKEN_CREDIT", "ChainTags", "TokenCredit", "chain_credit", "section_credit", "stray_tags",
+    "group_order", "placebo_shuffle", "registry_entry", "zero_variance_groups", "TrainBatch", "build_train_batch",
+    "trained_steps", "TOKEN_CREDIT", "ChainTags", "TokenCredit", "chain_credit", "section_credit",
     "degradation_item_positions",
     "token_credit", "token_sections", "LOG_RATIO_CLAMP", "SurrogateOutput", "clipped_surrogate",
     "gather_token_log_probs", "image_surrogate", "k3_kl", "needs_reference", "token_mean", "ImportanceWeights",
-    "truncated_importance_weights", "IMAGE_OBJECTIVES", "NFTOutput", "image_objective", "nft_loss", "projected_target",
-    "reward_probability", "adapt_kl_beta",
+    "truncated_importance_weights", "IMAGE_OBJECTIVES", "NFTOutput", "image_objective", "nft_loss",
+    "reward_probability",
 ]

@@ -177,17 +177,8 @@ def decoupled_rewards(values: Tensor, weights: Tensor, group_size: int, eps: flo
 
 # ------------------------------------------------------------------------------------------ transforms
 # A transform maps the normalised table (N, C) to a new one; ``generator`` is seeded per step by the driver so a
-# run is reproducible. Options come from the config entry (``{name: scale_negative, factor: 0.1}``).
+# run is reproducible. Options, if a transform takes any, come from the config entry (``{name: ..., option: value}``).
 AdvantageTransform = Callable[..., Tensor]
-
-
-def scale_negative(table: Tensor, group_size: int, generator: torch.Generator, factor: float) -> Tensor:
-    """Multiply every negative advantage by ``factor`` (W-REINFORCE's lambda, Zhu et al. 2025, "The Surprising
-    Effectiveness of Negative Reinforcement in LLM Reasoning"): below 1 the update leans on the chains better
-    than their group's mean; 0 learns only from those."""
-    if not 0 <= factor <= 1:
-        raise ValueError(f"scale_negative: factor = {factor!r} must be in [0, 1]")
-    return torch.where(table < 0, table * factor, table)
 
 
 def placebo_shuffle(table: Tensor, group_size: int, generator: torch.Generator) -> Tensor:
@@ -199,7 +190,6 @@ def placebo_shuffle(table: Tensor, group_size: int, generator: torch.Generator) 
 
 
 ADVANTAGE_TRANSFORMS: dict[str, AdvantageTransform] = {
-    "scale_negative": scale_negative,
     "placebo_shuffle": placebo_shuffle,
 }
 

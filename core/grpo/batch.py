@@ -38,21 +38,6 @@ def trained_steps(num_steps: int, fraction: float = 1.0, start: float = 0.0) -> 
     return range(first, min(num_steps, first + max(1, math.floor(num_steps * fraction + 1e-9))))
 
 
-def stage_trained_steps(stage: str, num_steps: int, fraction: float = 1.0, start: float = 0.0,
-                        stages: Sequence[str] | None = None) -> range:
-    """``trained_steps`` of one trace of ``stage``; none where ``stages`` (``diffusion.train_stages``) leaves the
-    stage out.
-
-    >>> list(stage_trained_steps("final", 8, 0.25, 0.75, ["final"]))
-    [6, 7]
-    >>> list(stage_trained_steps("rough", 8, 1.0, 0.0, ["final"]))
-    []
-    """
-    if stages is not None and stage not in stages:
-        return range(0)
-    return trained_steps(num_steps, fraction, start)
-
-
 @dataclass(frozen=True)
 class TrainBatch:
     """Padded tensors for the learner. Per-token tensors are aligned with ``input_ids`` (entry t is about
@@ -164,7 +149,6 @@ def build_train_batch(
     tags: ChainTags | None = None,
     train_steps_fraction: float = 1.0,
     train_steps_start: float = 0.0,
-    train_stages: Sequence[str] | None = None,
 ) -> TrainBatch:
     """Pad the kept chains into a TrainBatch, each sampled token carrying its advantage.
 
@@ -175,7 +159,7 @@ def build_train_batch(
     and no old log-prob. ``credit`` (``core.grpo.credit.token_credit``) spreads a chain's advantages over its
     tokens, reading ``tags``; the diffusion steps get ``ChainAdvantage.image`` (None: the text's), or with image
     branches each branch's traces its ``ChainAdvantage.image_branches`` entry, on the ``trained_steps`` of each
-    trace of the ``train_stages`` (None: all). All chains filtered out is a valid, empty batch (len 0); the driver
+    trace. All chains filtered out is a valid, empty batch (len 0); the driver
     skips it.
     """
     n = len(rollouts)
@@ -219,7 +203,7 @@ def build_train_batch(
             s = int(trace.log_probs.numel())
             step_old[row, offset:offset + s] = trace.log_probs.float()
             step_adv[row, offset:offset + s] = branch_adv[j * len(branch_adv) // len(r.traces)]
-            trained = stage_trained_steps(trace.stage, s, train_steps_fraction, train_steps_start, train_stages)
+            trained = trained_steps(s, train_steps_fraction, train_steps_start)
             step_mask[row, [offset + k for k in trained]] = True
             offset += s
 

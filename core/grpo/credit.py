@@ -2,20 +2,19 @@
 
 ``grpo.token_credit`` names one rule of ``TOKEN_CREDIT`` (``{name: chain}``, the paper's: every sampled token
 gets the chain's text advantage; ``{name: section}``: each token gets the advantage of the section it was
-written in). Both take ``stray_tag_penalty`` (0: off), subtracted at each sampled tag the grammar does not
-allow where it was written. Pure torch; tag ids come from the policy's tokenizer through ``ChainTags``.
+written in). Pure torch; tag ids come from the policy's tokenizer through ``ChainTags``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from core.chain import DEGRADATION_ITEMS, TAGS, TEXT_TAGS, WRITTEN_TAGS, close_tag, item_statements, open_tag
+from core.chain import DEGRADATION_ITEMS, TAGS, TEXT_TAGS, item_statements, open_tag
 from core.grpo.advantages import registry_entry
 from core.records import ChainAdvantage
 
@@ -25,8 +24,6 @@ class ChainTags:
     """The chain tags' token ids in one tokenizer (each tag is a single token)."""
 
     section_columns: Mapping[int, int]  # opening-tag id -> 1 + index in TEXT_TAGS; 0 for the image sections
-    written_order: tuple[int, ...]  # ids of core.chain.WRITTEN_TAGS, the grammar's order
-    all_ids: frozenset[int]  # every opening and closing chain tag
     # token ids -> text (the tokenizer's decode): where each degradation item is stated (degradation item credit)
     decode: Optional[Callable[[Sequence[int]], str]] = field(default=None, compare=False)
 
@@ -37,8 +34,6 @@ class ChainTags:
         tokenizer = getattr(tokens, "tokenizer", None)
         return cls(
             section_columns={tid(open_tag(t)): TEXT_TAGS.index(t) + 1 if t in TEXT_TAGS else 0 for t in TAGS},
-            written_order=tuple(tid(t) for t in WRITTEN_TAGS),
-            all_ids=frozenset(tid(t) for tag in TAGS for t in (open_tag(tag), close_tag(tag))),
             decode=None if tokenizer is None else (lambda ids: tokenizer.decode(list(ids))),
         )
 
@@ -86,52 +81,19 @@ def degradation_item_positions(token_ids: Tensor, sections: Tensor,
     return out
 
 
-def stray_tags(token_ids: Tensor, sampled: Tensor, tag_order: Sequence[int], tag_ids: Collection[int]) -> Tensor:
-    """Which sampled tokens are tags the grammar does not allow there: (T,) bool.
-
-    ``tag_order``: the ids of the tags the policy writes, in the grammar's order (core.chain.WRITTEN_TAGS);
-    ``tag_ids``: the ids of every chain tag. Walking the sampled tokens, a tag that is the next expected one
-    advances the grammar; any other tag (a closing tag of another section, a second opening tag, an image tag
-    the system should insert) is stray, and the grammar still expects the same tag after it. Tokens the system
-    inserted (``sampled`` 0) are skipped. A stray tag is exactly what makes ``rewards.format`` score 0 in most
-    sampled chains: this marks the token that did it (``stray_tag_penalty``).
-    """
-    out = torch.zeros(token_ids.numel(), dtype=torch.bool)
-    ids = torch.tensor(sorted(tag_ids), dtype=token_ids.dtype)
-    candidates = (torch.isin(token_ids, ids) & sampled.bool()).nonzero().flatten().tolist()
-    k = 0
-    for pos in candidates:
-        if k < len(tag_order) and int(token_ids[pos]) == tag_order[k]:
-            k += 1
-        else:
-            out[pos] = True
-    return out
-
-
-
-def _penalize(adv: Tensor, token_ids: Tensor, sampled: Tensor, tags: ChainTags | None, penalty: float) -> Tensor:
-    if not penalty:
-        return adv
-    if tags is None:
-        raise ValueError("stray_tag_penalty needs the chain tags' token ids (ChainTags)")
-    return adv - penalty * stray_tags(token_ids, sampled, tags.written_order, tags.all_ids)
-
-
 # ------------------------------------------------------------------------------------------ the rules
 # A rule maps one completion's token_ids (T,), its sampled mask (T,) bool, the chain's ChainAdvantage and the
 # ChainTags to per-token advantages (T,) float32, 0 where the system inserted the tokens.
 TokenCredit = Callable[[Tensor, Tensor, ChainAdvantage, "ChainTags | None"], Tensor]
 
 
-def chain_credit(token_ids: Tensor, sampled: Tensor, advantage: ChainAdvantage, tags: ChainTags | None,
-                 stray_tag_penalty: float = 0.0) -> Tensor:
+def chain_credit(token_ids: Tensor, sampled: Tensor, advantage: ChainAdvantage, tags: ChainTags | None) -> Tensor:
     """Every sampled token gets the chain's text advantage (the paper)."""
-    adv = torch.full(token_ids.shape, float(advantage.text)) * sampled
-    return _penalize(adv, token_ids, sampled, tags, stray_tag_penalty)
+    return torch.full(token_ids.shape, float(advantage.text)) * sampled
 
 
 def section_credit(token_ids: Tensor, sampled: Tensor, advantage: ChainAdvantage, tags: ChainTags | None,
-                   stray_tag_penalty: float = 0.0, degradation_items: bool = False) -> Tensor:
+                   degradation_items: bool = False) -> Tensor:
     """Each sampled token gets the advantage of the text section it was written in (``token_sections`` over the
     tags the policy actually wrote; tokens before any tag or inside an image section keep the text's).
 
@@ -153,7 +115,7 @@ def section_credit(token_ids: Tensor, sampled: Tensor, advantage: ChainAdvantage
         item = degradation_item_positions(token_ids, sections, tags.decode)
         items = torch.tensor(advantage.items, dtype=torch.float32)
         adv = torch.where(item >= 0, items[item.clamp(min=0)], adv)
-    return _penalize(adv * sampled, token_ids, sampled, tags, stray_tag_penalty)
+    return adv * sampled
 
 
 TOKEN_CREDIT: dict[str, Callable[..., Tensor]] = {"chain": chain_credit, "section": section_credit}

@@ -9,10 +9,9 @@ that point define an implicit positive policy (1 - beta) f_old + beta f and an i
 1 - r, r the image's reward probability (its advantage mapped to [0, 1]). At f = f_old its gradient is
 2 beta (2r - 1)(f_old - x_0) / scale: a regression towards the better images and away from the worse ones, with
 the low variance of a supervised loss (the trajectory surrogate's gradient is a noise direction per step).
-Its ``target: projected`` keeps of each x_0 only its component along the sampling policy's own prediction
-(``projected_target``): the better images' gain over the model's detail, without their noise pattern.
 
-Pure torch, no config objects: ``image_objective`` turns a config entry into (name, options).
+Pure torch, no config objects: ``image_objective`` turns a config entry into (name, options), and each name's
+learner micro-step is ``learner.image_objectives``'.
 """
 
 from __future__ import annotations
@@ -32,23 +31,15 @@ def trajectory() -> dict[str, float]:
     return {}
 
 
-NFT_TARGETS = ("sample", "projected")
-
-
-def nft(beta: float = 1.0, adv_clip: float = 5.0, target: str = "sample") -> dict[str, Any]:
-    """DiffusionNFT's forward-process objective. ``beta``: how far the implicit policies lie from the old one
-    (it scales the gradient; 1 in the paper); ``adv_clip``: advantages are clipped to +-adv_clip and mapped to
-    r = 0.5 + A / (2 adv_clip) (Flow-GRPO's adv_clip_max is 5). ``target``: what the implicit policies regress
-    onto: ``sample``, the sampled x_0 (the paper); ``projected``, its projection on the sampling policy's
-    prediction (``projected_target``), so the loss moves the model only along its own output: how much detail,
-    not which noise pattern."""
+def nft(beta: float = 1.0, adv_clip: float = 5.0) -> dict[str, Any]:
+    """DiffusionNFT's forward-process objective: the implicit policies regress onto the sampled x_0. ``beta``: how
+    far the implicit policies lie from the old one (it scales the gradient; 1 in the paper); ``adv_clip``:
+    advantages are clipped to +-adv_clip and mapped to r = 0.5 + A / (2 adv_clip) (Flow-GRPO's adv_clip_max is 5)."""
     if not beta > 0:
         raise ValueError(f"nft: beta = {beta!r} must be > 0")
     if not adv_clip > 0:
         raise ValueError(f"nft: adv_clip = {adv_clip!r} must be > 0")
-    if target not in NFT_TARGETS:
-        raise ValueError(f"nft: target = {target!r} is not one of {list(NFT_TARGETS)}")
-    return {"beta": float(beta), "adv_clip": float(adv_clip), "target": target}
+    return {"beta": float(beta), "adv_clip": float(adv_clip)}
 
 
 IMAGE_OBJECTIVES = {"trajectory": trajectory, "nft": nft}
@@ -69,25 +60,6 @@ def reward_probability(advantages: Tensor, adv_clip: float) -> Tensor:
     [0.0, 0.4000000059604645, 0.5, 0.75]
     """
     return (advantages.clamp(-adv_clip, adv_clip) / adv_clip) / 2 + 0.5
-
-
-def projected_target(x0: Tensor, direction: Tensor, min_norm: float = 1e-12) -> Tensor:
-    """Each image's x_0 (N, ...) projected on its ``direction`` (N, ...): (<x0, d> / <d, d>) d, per image.
-
-    With d the sampling policy's x_0 prediction, a sample's projection is that prediction times the sample's gain
-    along it (``grpo.detail_gain_std``'s factor, for a residual model); the orthogonal rest, the sample's own
-    noise pattern, is dropped. A zero direction projects to zero.
-
-    >>> d = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-    >>> projected_target(torch.tensor([[3.0, 4.0], [1.0, 1.0]]), d).tolist()
-    [[3.0, 0.0], [0.0, 1.0]]
-    """
-    if x0.shape != direction.shape:
-        raise ValueError(f"x0 {tuple(x0.shape)} and direction {tuple(direction.shape)} must match")
-    x, d = x0.float(), direction.detach().float()
-    dims = tuple(range(1, x.dim()))
-    coefficient = (x * d).sum(dim=dims, keepdim=True) / (d * d).sum(dim=dims, keepdim=True).clamp_min(min_norm)
-    return coefficient * d
 
 
 @dataclass(frozen=True)
