@@ -1,5 +1,5 @@
-"""Faults change nothing: a 12-step run on the embedded default with a rollout actor killed mid-step, a reward actor
-killed mid-scoring, a rollout actor hung, and a learner rank killed (the run heals itself from its step-8
+"""Faults change nothing: an 8-step run on the embedded default with a rollout actor killed mid-step, a reward actor
+killed mid-scoring, a rollout actor hung, and a learner rank killed (the run heals itself from its step-6
 checkpoint), against the same run without faults. The per-step reward scalars and the final weights must be equal
 to the last bit (CPU, fp32, synchronous; every chain's sampling is seeded by (step, prompt, sample))."""
 
@@ -21,8 +21,9 @@ from rl.monitor import read_scalars
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, EVERY = 12, 4
-KILL_ROLLOUT, KILL_REWARD, HANG_ROLLOUT, KILL_LEARNER = 2, 4, 6, 10  # the 1-based steps the faults hit
+STEPS, EVERY = 8, 3
+KILL_ROLLOUT, KILL_REWARD, HANG_ROLLOUT, KILL_LEARNER = 2, 3, 5, 8  # the 1-based steps the faults hit
+RESUMED_AT = 6  # the learner's death at step 8 heals from the step-6 checkpoint and redoes step 7
 CALL_TIMEOUT_S = 60.0  # covers a rollout actor's restart (engines rebuilt) and its call run again
 
 
@@ -142,9 +143,9 @@ def test_every_fault_was_injected_and_the_run_finished(runs):
     assert faulted["chaos"].done == {"kill rollout", "kill reward", "hang rollout", "kill learner"}
     assert ckpt.load_trainer_state(ckpt.latest_complete(faulted["dir"] / "checkpoints")).step == STEPS
     [fault] = faulted["faults"]  # only the learner's death needs the driver's recovery
-    assert (fault.step, fault.resumed_at, fault.steps_redone) == (KILL_LEARNER, 8, KILL_LEARNER - 1 - 8)
+    assert (fault.step, fault.resumed_at, fault.steps_redone) == (KILL_LEARNER, RESUMED_AT, KILL_LEARNER - 1 - RESUMED_AT)
     s = faulted["scalars"]
-    assert s["faults/recoveries"] == [(9, 1.0)] and s["faults/steps_redone"] == [(9, 1.0)]
+    assert s["faults/recoveries"] == [(RESUMED_AT + 1, 1.0)] and s["faults/steps_redone"] == [(RESUMED_AT + 1, 1.0)]
     assert dict(s["faults/hung_actors_killed"])[HANG_ROLLOUT] == 1.0  # the watchdog, not the hour-long sleep
     assert dict(s["reward/reissued_chains"])[KILL_REWARD] > 0
     print({k: f"{v:.1f} s" for k, v in (("clean", runs["clean"]["seconds"]), ("faults", faulted["seconds"]),
