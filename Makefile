@@ -3,6 +3,7 @@
 SHELL := /bin/bash
 CONFIG ?= configs/grpo_local.yaml
 ARGS ?=
+TEST_WORKERS ?= 2
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: env run sft test bench shell
@@ -15,8 +16,8 @@ run:
 sft:
 	@V=$$(scripts/setup_env.sh) && "$$V/bin/python" -m rl.launch configs/sft_local.yaml $(ARGS)
 
-test:
-	@V=$$(scripts/setup_env.sh) && "$$V/bin/python" -m pytest $(ARGS)  # no path: pyproject testpaths = tests
+test:  # two workers (pytest-xdist), a file at a time each: a file's module fixtures are built once
+	@V=$$(scripts/setup_env.sh) && "$$V/bin/python" -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench:
 	@V=$$(scripts/setup_env.sh) && for b in benchmarks/bench_*.py; do "$$V/bin/python" $$b || exit 1; done

@@ -32,6 +32,7 @@ from actors.text_engine import TextEngine, TextRequest, TextSample
 from core.chain import STAGES, TURNS, image_section, parse_chain, stage_scales, stage_sizes
 from core.config import ChainConfig, DiffusionConfig, SamplingConfig
 from core.records import DiffusionTrace, Rollout, Sample
+from models.sr_pipeline import StepSettings
 
 
 @dataclass
@@ -138,9 +139,8 @@ class ChainSampler:
                 gains = detail_gains(self.detail_gain_std, image_seeds(13))
             images, traces = self.pipeline.sample(
                 conditions, size, prompts + [p for p in prompts for _ in extra],
-                num_steps=self.diffusion.num_steps, eta=self.diffusion.eta, noise_level=self.diffusion.noise_level,
-                generator=generators, guidance_scale=self.diffusion.guidance_scale, stage=turn.stage,
-                detail_gains=gains,
+                num_steps=self.diffusion.num_steps, generator=generators, stage=turn.stage,
+                settings=StepSettings.from_config(self.diffusion), detail_gains=gains,
             )
             n, m = len(chains), self.image_group_size - 1
             for i, c in enumerate(chains):

@@ -6,9 +6,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from actors.text_engine import BaseTextEngine, TextRequest, TextSample, finish_reason
+from actors.text_engine import BaseTextEngine, TextEngineSpec, TextRequest, TextSample, finish_reason
 from core.config import SamplingConfig
-from models.policy import PathLike, load_policy
+from models.policy import load_policy
 
 _LEGACY_PREFIXES = (
     ("model.visual.", "model.visual."),
@@ -52,20 +52,15 @@ class HFTextEngine(BaseTextEngine):
     with its first request's seed.
     """
 
-    def __init__(
-        self,
-        policy_path: PathLike,
-        sampling: SamplingConfig,
-        max_tokens: int,
-        dtype: str = "float32",
-        device: str = "cpu",
-        model=None,
-    ):
+    def __init__(self, spec: TextEngineSpec, model=None):
+        """``spec``: the policy, sampling, budget, ``dtype`` and ``device``; with ``spec.lora``, the learner's adapters
+        are injected by the learner's names (B = 0 until the first sync). ``model``: an already loaded policy."""
         from transformers import GenerationConfig
 
-        super().__init__(policy_path, sampling, max_tokens)
-        self.device = device
-        self.model = model if model is not None else load_policy(policy_path, dtype=dtype, device=device)
+        super().__init__(spec)
+        self.device = spec.device
+        self.model = model if model is not None else load_policy(spec.policy_path, dtype=spec.dtype,
+                                                                   device=spec.device)
         tok = self.tokens.tokenizer
         # A clean generation config: a hub checkpoint's defaults (e.g. Qwen's repetition_penalty=1.05,
         # top_k=1) must not leak into RL sampling, nor HF's global default top_k=50 (set explicitly below).
@@ -73,6 +68,11 @@ class HFTextEngine(BaseTextEngine):
             bos_token_id=tok.pad_token_id, eos_token_id=sorted(self.eos_ids), pad_token_id=tok.pad_token_id
         )
         self.banned_ids = self.tokens.banned_ids(self.model.config.get_text_config().vocab_size)
+        if spec.lora is not None:
+            from models.lora import add_lora
+
+            add_lora(self.model, spec.lora, "policy.lora")
+            self.model.requires_grad_(False)
 
     def _generation_config(self, s: SamplingConfig, max_new_tokens: int):
         from transformers import GenerationConfig

@@ -15,6 +15,7 @@ from torch import nn
 
 from actors.chain_sampler import ChainSampler
 from actors.engines import build_text_engine
+from actors.text_engine import TextEngineSpec
 from core.config import ExperimentConfig
 from core.dtypes import torch_dtype
 from core.env import configure_process
@@ -62,6 +63,17 @@ def transfer_backend(cfg: ExperimentConfig) -> str:
     return "nccl" if cfg.learner.backend == "nccl" else "cpu_gloo"
 
 
+def text_engine_spec(cfg: ExperimentConfig, device: str, worker_index: int = 0) -> TextEngineSpec:
+    """The text engine of rollout worker ``worker_index``, from the config: its own seed, the transfer backend the
+    sync uses, and the policy's adapters when a sync ships them alone (``trainer.max_staleness`` + 1 versions
+    served at once)."""
+    return TextEngineSpec(
+        cfg.policy.path, cfg.rollout.sampling, cfg.chain.max_stage_tokens, vllm=cfg.rollout.vllm,
+        dtype=cfg.policy.dtype, device=device, seed=cfg.trainer.seed + worker_index, transfer=transfer_backend(cfg),
+        lora=cfg.policy.lora if ships_adapters(cfg, "policy") else None, max_loras=cfg.trainer.max_staleness + 1,
+    )
+
+
 class RolloutWorker:
     """Generates grouped VLCoT chains with the latest weights it was given."""
 
@@ -75,13 +87,7 @@ class RolloutWorker:
         # running rollout finishes, no new one starts), then the weights are loaded as they arrive.
         self._engine_lock = threading.Lock()
         self._paused = False
-        self.engine = build_text_engine(
-            cfg.rollout.engine, cfg.policy.path, cfg.rollout.sampling, cfg.chain.max_stage_tokens,
-            vllm=cfg.rollout.vllm, dtype=cfg.policy.dtype, device=device, seed=cfg.trainer.seed + worker_index,
-            transfer=transfer_backend(cfg),
-            lora=cfg.policy.lora if ships_adapters(cfg, "policy") else None,
-            max_loras=cfg.trainer.max_staleness + 1,
-        )
+        self.engine = build_text_engine(cfg.rollout.engine, text_engine_spec(cfg, device, worker_index))
         self.pipeline = SRPipeline.from_pretrained(cfg.diffusion.path).to(device, torch_dtype(cfg.diffusion.dtype))
         # the SR model's trained parts by the learner's names (its TraceScorer's): unet.*, text_encoder.*
         self.sr_parts = nn.ModuleDict({k: getattr(self.pipeline, k) for k in ("unet", "text_encoder")
@@ -244,6 +250,10 @@ class RolloutWorker:
 
     def ping(self) -> int:
         return self.worker_index
+
+    def close(self) -> None:
+        """Release the text engine now (a worker built in a driver's own process: rl.one_process, tests)."""
+        self.engine.close()
 
 
 def _blobs(refs: Sequence) -> Iterator[bytes]:

@@ -27,19 +27,41 @@ A turn is multi-turn-exact: the rollout appends the sampled ids and the inserted
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Literal, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from core.config import SamplingConfig
+from core.config import SamplingConfig, VLLMConfig
 from core.images import ImageLike
+from core.model_config import LoraConfig
 from core.weights import deserialize_blobs
 from models.chain_tokens import ChainTokens
 from models.policy import PathLike, load_processor
 
 FinishReason = Literal["stop", "eos", "length"]
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class TextEngineSpec:
+    """What a text engine is built from, whichever it is (``actors.engines.build_text_engine``): made once from the
+    config (``actors.rollout.text_engine_spec``; a tool or test names the fields it needs) and passed whole."""
+
+    policy_path: PathLike  # the policy's HF directory (weights, tokenizer, processor)
+    sampling: SamplingConfig  # the default sampling of ``generate``
+    max_tokens: int  # a turn's default token budget (chain.max_stage_tokens)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # vLLM's engine settings (the HF engine ignores them)
+    dtype: str = "float32"
+    device: str = "cpu"  # the HF engine's device (vLLM places itself)
+    seed: int = 0  # vLLM's engine seed
+    # vLLM's weight-transfer engine (actors.vllm_worker): nccl / cpu_gloo (the learner's collective) or
+    # safetensors_bytes (object-store buckets); the HF engine loads tensors in its own process
+    transfer: str = "safetensors_bytes"
+    # the policy's adapters, when a sync ships them alone: vLLM serves them as LoRA, the HF model gets the same
+    # adapters injected (by the learner's names; B = 0 until the first sync)
+    lora: Optional[LoraConfig] = None
+    max_loras: int = 1  # vLLM: adapter versions served at once (trainer.max_staleness + 1)
 
 
 @dataclass(frozen=True)
@@ -81,6 +103,10 @@ class TextEngine(Protocol):
         """Replace all policy weights in place (HF names); the iterable is consumed once and may stream."""
         ...
 
+    def close(self) -> None:
+        """Release the engine now (idempotent); its owner calls it before building another in the process."""
+        ...
+
 
 def finish_reason(token_ids: Sequence[int], stop_ids: set[int], eos_ids: set[int]) -> FinishReason:
     if token_ids and token_ids[-1] in stop_ids:
@@ -120,13 +146,14 @@ class BaseTextEngine:
     """What both engines share: the policy's token layout, the EOS ids, the default sampling, seeds, and the
     ``generate`` contract (requests checked, then ``_generate`` on a non-empty list)."""
 
-    def __init__(self, policy_path: PathLike, sampling: SamplingConfig, max_tokens: int):
-        self.sampling = sampling
-        self.max_tokens = max_tokens
-        self.tokens = ChainTokens.from_processor(load_processor(policy_path))
+    def __init__(self, spec: TextEngineSpec):
+        self.spec = spec
+        self.sampling = spec.sampling
+        self.max_tokens = spec.max_tokens
+        self.tokens = ChainTokens.from_processor(load_processor(spec.policy_path))
         self.eos_ids = {self.tokens.tokenizer.convert_tokens_to_ids(t) for t in EOS_TOKENS}
         self.version = 0
-        self._seeds = RequestSeeds(sampling.seed)
+        self._seeds = RequestSeeds(spec.sampling.seed)
 
     def generate(self, requests: Sequence[TextRequest], sampling: Optional[SamplingConfig] = None
                  ) -> list[list[TextSample]]:
@@ -144,3 +171,6 @@ class BaseTextEngine:
     def load_weight_blobs(self, blobs: Iterable[bytes], version: int) -> None:
         """Serialised buckets (``core.weights.serialize_bucket``), loaded one at a time."""
         self.load_weights(deserialize_blobs(blobs), version)
+
+    def close(self) -> None:
+        """Nothing to release beyond what the garbage collector frees."""

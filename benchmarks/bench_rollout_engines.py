@@ -31,7 +31,7 @@ def main() -> None:
     configure_process()
     from actors.chain_sampler import ChainSampler
     from actors.engines import build_text_engine
-    from actors.text_engine import TextRequest
+    from actors.text_engine import TextEngineSpec, TextRequest
     from core.chain import TURNS
     from data.dataset import PairDataset
     from models.bootstrap import ensure_models
@@ -41,9 +41,9 @@ def main() -> None:
     ensure_models(cfg)
     samples = PairDataset(cfg.data, "train").batch(0, args.prompts)
     pipeline = SRPipeline.from_pretrained(cfg.diffusion.path)
-    engines = {name: build_text_engine(name, cfg.policy.path, cfg.rollout.sampling, cfg.chain.max_stage_tokens,
-                                       vllm=cfg.rollout.vllm, dtype=cfg.policy.dtype, seed=0)
-               for name in ("vllm", "hf")}
+    spec = TextEngineSpec(cfg.policy.path, cfg.rollout.sampling, cfg.chain.max_stage_tokens, vllm=cfg.rollout.vllm,
+                          dtype=cfg.policy.dtype, seed=0)
+    engines = {name: build_text_engine(name, spec) for name in ("vllm", "hf")}
 
     def text_turn(engine) -> int:
         stop = [engine.tokens.stop_ids[TURNS[0].stage]]

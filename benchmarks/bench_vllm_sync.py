@@ -96,7 +96,7 @@ def _tokens_per_s(engine, requests) -> float:
 def measure(name: str, overrides: dict, repeats: int, root: Path) -> dict[str, float]:
     import threading
 
-    from actors.text_engine import TextRequest
+    from actors.text_engine import TextEngineSpec, TextRequest
     from actors.vllm_engine import BLOB_BUCKET_BYTES, VLLMTextEngine
     from core import weight_broadcast
     from core.config import SamplingConfig, TinyPolicyConfig, VLLMConfig
@@ -127,7 +127,7 @@ def measure(name: str, overrides: dict, repeats: int, root: Path) -> dict[str, f
         return answer()
 
     sampling = SamplingConfig(temperature=1.0, seed=0)
-    engine = VLLMTextEngine(path, sampling, 32, transfer="cpu_gloo", vllm=VLLMConfig(in_process=False))
+    engine = VLLMTextEngine(TextEngineSpec(path, sampling, 32, transfer="cpu_gloo", vllm=VLLMConfig(in_process=False)))
     try:
         from learner.transfer import transfer_init
 
@@ -147,10 +147,10 @@ def measure(name: str, overrides: dict, repeats: int, root: Path) -> dict[str, f
         out["transfer_s"] = _best(transfer, repeats)
         out["transfer_held_mb"] = max(s["peak_chunk_bytes"] for s in engine.transfer_stats()) / 2**20
     finally:
-        del engine.llm
+        engine.close()
     # the collective before vLLM's API: to the actor, then serialised buckets into the worker (an engine of its own:
     # an engine takes weights through one transfer backend)
-    engine = VLLMTextEngine(path, sampling, 32, vllm=VLLMConfig(in_process=False))
+    engine = VLLMTextEngine(TextEngineSpec(path, sampling, 32, vllm=VLLMConfig(in_process=False)))
     try:
         port = _port()
         conn.send(("open_group", ("127.0.0.1", port, 0, 2, "gloo", 120)))
@@ -172,7 +172,7 @@ def measure(name: str, overrides: dict, repeats: int, root: Path) -> dict[str, f
         if proc.is_alive():
             conn.send(("stop", None))
         proc.join(timeout=60)
-        del engine.llm
+        engine.close()
     # bytes, merged vs adapters: two engines without a transfer group
     cfg = LoraConfig(**LORA)
     adapted = load_policy(path)
@@ -185,8 +185,8 @@ def measure(name: str, overrides: dict, repeats: int, root: Path) -> dict[str, f
     shipped = {"merged": lora.merge_lora(raw, scalings), "adapters": lora.trained_state(raw)}
     rng = np.random.default_rng(0)
     for mode in ("merged", "adapters"):
-        engine = VLLMTextEngine(path, sampling, 64, vllm=VLLMConfig(in_process=False),
-                                lora=cfg if mode == "adapters" else None, max_loras=2)
+        engine = VLLMTextEngine(TextEngineSpec(path, sampling, 64, vllm=VLLMConfig(in_process=False),
+                                               lora=cfg if mode == "adapters" else None, max_loras=2))
         try:
             t = engine.tokens
             images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(8)]
@@ -201,7 +201,7 @@ def measure(name: str, overrides: dict, repeats: int, root: Path) -> dict[str, f
             _tokens_per_s(engine, requests)  # warm-up
             out[f"{mode}_tok_s"] = float(np.median([_tokens_per_s(engine, requests) for _ in range(repeats)]))
         finally:
-            del engine.llm
+            engine.close()
     return out
 
 

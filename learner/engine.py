@@ -29,11 +29,28 @@ import torch
 from torch import nn
 
 from core.config import LearnerConfig, OptimConfig
+from core.env import configure_process, torch_extensions_lock
 
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 # ------------------------------------------------------------------------------------------ process group
+def build_deepspeed_ops() -> list[str]:
+    """JIT-build the DeepSpeed ops this machine's ranks load (on the CPU: its shared-memory comm op), once, under
+    the extensions lock: scripts/setup_env.sh calls it, so no learner rank compiles (~1-2 min) inside a run.
+    Returns the ops' names (none on a GPU build, whose accelerator has no such op)."""
+    configure_process()  # TORCH_EXTENSIONS_DIR: the project's cache, where the ranks look
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return []
+    with torch_extensions_lock():
+        builder.load(verbose=False)
+    return [builder.NAME]
+
+
 def init_distributed(backend: str, timeout_s: float = 1800.0) -> torch.device:
     """Join the learner's process group from the environment and return this rank's device.
 
@@ -56,6 +73,9 @@ def init_distributed(backend: str, timeout_s: float = 1800.0) -> torch.device:
     import deepspeed
 
     if not torch.distributed.is_initialized():
+        # the op DeepSpeed loads in init_distributed, built first under the extensions lock; never the rendezvous
+        # under it (a rank holding the lock would wait there for a rank waiting on the lock)
+        build_deepspeed_ops()
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -30,6 +31,16 @@ from learner.batching import MEAN_METRICS, MicroBatch, accumulate, add, micro_ba
 from learner.off_policy import Correction
 from learner.rank import Rank
 from learner.scoring import policy_log_probs, stage_columns
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """What a step's metrics are averaged over: text tokens and trained denoising steps on all ranks, and this
+    rank's chains (summed over ranks in the metrics)."""
+
+    tokens: float  # text tokens of the step (all ranks)
+    steps: float  # trained denoising steps of the step (all ranks)
+    chains: int  # this rank's chains
 
 
 def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout], version: Optional[int] = None,
@@ -77,8 +88,8 @@ def train_step(w: Rank, batch: TrainBatch, rollouts: Sequence[Rollout], version:
     off_policy_metrics.update(_on_policy_check(w, first_epoch, global_tokens if train_text else 0.0,
                                                global_steps if train_image and objective.ratio else 0.0))
     off_policy_metrics.update(off_policy.tis_metrics(w, fixes))
-    metrics = _metrics(w, sums, extremes, norms, lrs, global_tokens, global_steps, len(batch), t0,
-                       objective.per_step_metrics)
+    counts = StepCounts(tokens=global_tokens, steps=global_steps, chains=len(batch))
+    metrics = _metrics(w, sums, extremes, norms, lrs, counts, t0, objective.per_step_metrics)
     return {**metrics, **off_policy_metrics, "dropped_stale_chains": dropped_total}
 
 
@@ -126,17 +137,17 @@ def _text_micro_step(w: Rank, m: MicroBatch, fix: Correction, global_tokens: flo
     accumulate(sums, extremes, "text", out.metrics)
 
 
-def _metrics(w: Rank, sums: dict[str, float], extremes: dict[str, float],
-             norms: dict[str, list[float]], lrs: dict[str, float], global_tokens: float, global_steps: float,
-             chains: int, t0: float, per_step: Sequence[str]) -> dict[str, float]:
+def _metrics(w: Rank, sums: dict[str, float], extremes: dict[str, float], norms: dict[str, list[float]],
+             lrs: dict[str, float], counts: StepCounts, t0: float, per_step: Sequence[str]) -> dict[str, float]:
     """Sum the per-rank partial sums over ranks and turn them into batch means."""
+    global_tokens, global_steps = counts.tokens, counts.steps
     totals = reduce_sums(sums, w.all_reduce)
     maxima = w.all_reduce([extremes[k] if "max" in k else -extremes[k] for k in sorted(extremes)], "max")
     epochs = w.grpo.update_epochs
     m: dict[str, float] = {
         "tokens": global_tokens,
         "diffusion_steps": global_steps,
-        "chains": w.all_reduce([chains])[0],
+        "chains": w.all_reduce([counts.chains])[0],
         "optimizer_steps": w.optimizer_steps,
     }
     for k in ("text_loss", "image_loss", "kl", "image_kl"):

@@ -80,7 +80,6 @@ class LearnerWorker:
         ``logprob_temperature``: the rollout's sampling temperature (``learner.scoring``). ``sft``: the
         cold-start config; ``sft_step`` needs it (None for a GRPO learner)."""
         from models.chain_tokens import ChainTokens
-        from models.policy import load_policy
 
         self.cfg, self.policy_cfg, self.diffusion_cfg, self.grpo = learner, policy, diffusion, grpo
         self.sft = sft
@@ -103,47 +102,62 @@ class LearnerWorker:
         self.reference: Any = None  # the KL term's frozen policy: a second copy, or the adapters switched off
         self.lora: dict[str, dict[str, float]] = {}  # model -> {adapted layer: scaling}, for the trained adapters
         if not policy.freeze:
-            self.tokens = ChainTokens.from_pretrained(policy.path)
-            self.tags = ChainTags.from_tokens(self.tokens)
-            model = load_policy(policy.path, learner.dtype, str(self.device)).train()
-            if policy.trainable is not None:
-                restrict_trainable(model, policy.trainable)
-            if policy.lora is not None:
-                self.lora["policy"] = lora.add_lora(model, policy.lora, "policy.lora")
-            if policy.gradient_checkpointing:
-                model.gradient_checkpointing_enable()
-                if policy.lora is not None:  # the embeddings are frozen: checkpointed blocks need an input grad
-                    model.enable_input_require_grads()
-            self.engines["policy"] = eng.build_engine(model, learner.policy_optim, learner, optimizer_total,
-                                                       "learner.policy_optim")
-            if needs_reference(grpo.kl_beta):
-                self.reference = (lora.BasePolicy(model) if policy.lora is not None else
-                                  load_policy(policy.path, learner.dtype, str(self.device)).requires_grad_(False))
+            self._set_up_policy(optimizer_total)
         self.pipeline = None
         self.diffusion_reference = None  # the base SR pipeline, frozen (grpo.image_kl_beta > 0)
         if not diffusion.freeze:
-            self.pipeline = load_sr_pipeline(diffusion.path)
-            self.pipeline.to(self.device)
-            for module in self.pipeline.components.values():
-                if isinstance(module, nn.Module):  # the VAE and anything outside the TraceScorer stay frozen
-                    module.requires_grad_(False)
-            scorer = TraceScorer(self.pipeline).to(self.dtype).requires_grad_(True).train()
-            if diffusion.lora is not None:
-                self.lora["diffusion"] = lora.add_lora(scorer, diffusion.lora, "diffusion.lora")
-            self.engines["diffusion"] = eng.build_engine(scorer, learner.diffusion_optim, learner, optimizer_total,
-                                                          "learner.diffusion_optim")
-            if grpo.image_kl_beta > 0 and diffusion.lora is not None:
-                self.diffusion_reference = lora.BasePipeline(self.pipeline, scorer)
-            elif grpo.image_kl_beta > 0:
-                self.diffusion_reference = load_sr_pipeline(diffusion.path)
-                self.diffusion_reference.to(self.device)
-                TraceScorer(self.diffusion_reference).to(self.dtype)  # the trained components' dtype, as above
-                for module in self.diffusion_reference.components.values():
-                    if isinstance(module, nn.Module):
-                        module.requires_grad_(False)
+            self._set_up_sr_model(optimizer_total)
         self.sync_group = None  # the rollout actors' weight-sync group (rank 0, learner.sync_backend: collective)
         self.transfer: Optional[transfer.Sender] = None  # vLLM's weight-transfer group (rank 0, vLLM policy)
         self.setup_seconds = time.perf_counter() - t0
+
+    def _set_up_policy(self, optimizer_total: int) -> None:
+        """The trained policy under DeepSpeed (``policy.trainable``, ``policy.lora``, gradient checkpointing), its
+        token layout and tags, and the KL term's frozen reference when ``grpo.kl_beta`` needs one."""
+        from models.chain_tokens import ChainTokens
+        from models.policy import load_policy
+
+        policy, learner = self.policy_cfg, self.cfg
+        self.tokens = ChainTokens.from_pretrained(policy.path)
+        self.tags = ChainTags.from_tokens(self.tokens)
+        model = load_policy(policy.path, learner.dtype, str(self.device)).train()
+        if policy.trainable is not None:
+            restrict_trainable(model, policy.trainable)
+        if policy.lora is not None:
+            self.lora["policy"] = lora.add_lora(model, policy.lora, "policy.lora")
+        if policy.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            if policy.lora is not None:  # the embeddings are frozen: checkpointed blocks need an input grad
+                model.enable_input_require_grads()
+        self.engines["policy"] = eng.build_engine(model, learner.policy_optim, learner, optimizer_total,
+                                                   "learner.policy_optim")
+        if needs_reference(self.grpo.kl_beta):
+            self.reference = (lora.BasePolicy(model) if policy.lora is not None else
+                              load_policy(policy.path, learner.dtype, str(self.device)).requires_grad_(False))
+
+    def _set_up_sr_model(self, optimizer_total: int) -> None:
+        """The SR pipeline, its trained parts (``TraceScorer``: UNet and text encoder, ``diffusion.lora``) under
+        DeepSpeed, and the frozen base pipeline when ``grpo.image_kl_beta`` > 0."""
+        diffusion, learner = self.diffusion_cfg, self.cfg
+        self.pipeline = load_sr_pipeline(diffusion.path)
+        self.pipeline.to(self.device)
+        for module in self.pipeline.components.values():
+            if isinstance(module, nn.Module):  # the VAE and anything outside the TraceScorer stay frozen
+                module.requires_grad_(False)
+        scorer = TraceScorer(self.pipeline).to(self.dtype).requires_grad_(True).train()
+        if diffusion.lora is not None:
+            self.lora["diffusion"] = lora.add_lora(scorer, diffusion.lora, "diffusion.lora")
+        self.engines["diffusion"] = eng.build_engine(scorer, learner.diffusion_optim, learner, optimizer_total,
+                                                      "learner.diffusion_optim")
+        if self.grpo.image_kl_beta > 0 and diffusion.lora is not None:
+            self.diffusion_reference = lora.BasePipeline(self.pipeline, scorer)
+        elif self.grpo.image_kl_beta > 0:
+            self.diffusion_reference = load_sr_pipeline(diffusion.path)
+            self.diffusion_reference.to(self.device)
+            TraceScorer(self.diffusion_reference).to(self.dtype)  # the trained components' dtype, as above
+            for module in self.diffusion_reference.components.values():
+                if isinstance(module, nn.Module):
+                    module.requires_grad_(False)
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, dist_env: Optional[Mapping[str, str]] = None,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -37,6 +38,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipe
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
+from core.model_config import DiffusionConfig
 from core.images import to_tensor
 from core.records import DiffusionTrace
 from models.sde import Generator, check_stochastic_schedule, ddim_step_with_logprob, logprob_scheduler
@@ -45,6 +47,22 @@ from models.sr_training import SRTraining
 logger = logging.getLogger(__name__)
 
 MAX_NOISE_LEVEL = 350  # the SD x4 upscaler's default: conditioning noise levels 0..350 are embedded
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What every denoising step of ``SRPipeline.sample`` runs with, as each ``DiffusionTrace`` records it (the
+    learner re-scores a trace with the same): DDIM's eta (> 0: a stochastic step), the noise level of the
+    conditioning image (0 .. ``max_noise_level``) and the classifier-free guidance scale (1: none)."""
+
+    eta: float = 1.0
+    noise_level: int = 20
+    guidance_scale: float = 1.0
+
+    @classmethod
+    def from_config(cls, diffusion: DiffusionConfig) -> StepSettings:
+        """The settings of ``diffusion`` (``diffusion.eta``, ``.noise_level``, ``.guidance_scale``)."""
+        return cls(eta=diffusion.eta, noise_level=diffusion.noise_level, guidance_scale=diffusion.guidance_scale)
 
 
 class SRPipeline(SRTraining, DiffusionPipeline):
@@ -189,14 +207,13 @@ class SRPipeline(SRTraining, DiffusionPipeline):
         size: tuple[int, int],
         prompts: Sequence[str],
         num_steps: int = 10,
-        eta: float = 1.0,
-        noise_level: int = 20,
         generator: Generator = None,
-        guidance_scale: float = 1.0,
         stage: str = "",
+        settings: StepSettings = StepSettings(),
         detail_gains: Sequence[float] | None = None,
     ) -> tuple[list[np.ndarray], list[DiffusionTrace]]:
-        """Sample one image per (condition, prompt) at ``size`` = (H, W) and record each trajectory.
+        """Sample one image per (condition, prompt) at ``size`` = (H, W) in ``num_steps`` denoising steps, each run
+        with ``settings`` (eta, the conditioning noise level, the guidance scale), and record each trajectory.
 
         conditions: uint8 (h, w, 3) images (the LR image or the previous stage's), any sizes; a list of
         generators (one per image) makes each image independent of the batch it is sampled in.
@@ -205,66 +222,78 @@ class SRPipeline(SRTraining, DiffusionPipeline):
         scaled x_0; the last step's recorded log-prob stays that of the unscaled one, so a trajectory objective must not
         read traces sampled with gains other than 1.
         """
-        # 1. check inputs
-        B = len(conditions)
-        if len(prompts) != B:
-            raise ValueError(f"{len(prompts)} prompts for {B} conditioning images")
-        if isinstance(generator, list) and len(generator) != B:
-            raise ValueError(f"{len(generator)} generators for a batch of {B}")
+        self._check_sample_inputs(len(conditions), prompts, generator, num_steps, detail_gains)
+        # text
+        ids = self.tokenize(prompts)  # (B, L)
+        text = self.encode_text(ids)  # (B, L, D)
+        uncond = self.encode_text(self.tokenize([""] * len(ids))) if settings.guidance_scale != 1.0 else None
+        # conditioning image with its noise
+        cond = self.prepare_condition(conditions, size, settings.noise_level, generator)  # (B, 3, h, w)
+        # schedule: every step must be a proper Gaussian
+        self.scheduler.set_timesteps(num_steps, device=self.device)
+        check_stochastic_schedule(self.scheduler, settings.eta)
+        latents, log_probs = self._denoise(cond, text, uncond, settings, generator)
+        x = latents[-1]
+        if detail_gains is not None:
+            x = x * torch.tensor(detail_gains, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
+            latents[-1] = x
+        images = self.decode(x, self.residual_base(conditions, size))
+        return images, self._traces(stage, latents, log_probs, cond, ids, settings)
+
+    def _check_sample_inputs(self, batch: int, prompts: Sequence[str], generator: Generator, num_steps: int,
+                             detail_gains: Sequence[float] | None) -> None:
+        if len(prompts) != batch:
+            raise ValueError(f"{len(prompts)} prompts for {batch} conditioning images")
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch}")
         if num_steps < 1:
             raise ValueError(f"num_steps = {num_steps}: must be >= 1")
         if detail_gains is not None:
             if not self.config.get("residual", False):
                 raise ValueError("detail_gains scale the residual to the bicubic upsampling: this SR model is not "
                                  "residual (a plain or latent model has no detail term to scale)")
-            if len(detail_gains) != B or any(not g > 0 for g in detail_gains):
-                raise ValueError(f"detail_gains {list(detail_gains)}: one positive factor per image ({B})")
-        # 2. text
-        ids = self.tokenize(prompts)  # (B, L)
-        text = self.encode_text(ids)  # (B, L, D)
-        uncond = self.encode_text(self.tokenize([""] * B)) if guidance_scale != 1.0 else None
-        # 3. conditioning image with its noise
-        cond = self.prepare_condition(conditions, size, noise_level, generator)  # (B, 3, h, w)
-        levels = torch.full((B,), noise_level, dtype=torch.long, device=self.device)
-        # 4. schedule: every step must be a proper Gaussian
-        self.scheduler.set_timesteps(num_steps, device=self.device)
-        check_stochastic_schedule(self.scheduler, eta)
-        timesteps = self.scheduler.timesteps  # (S,)
-        # 5. x_T
+            if len(detail_gains) != batch or any(not g > 0 for g in detail_gains):
+                raise ValueError(f"detail_gains {list(detail_gains)}: one positive factor per image ({batch})")
+
+    def _denoise(self, cond: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor | None, settings: StepSettings,
+                 generator: Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """From x_T through the scheduler's timesteps: the latents x_T .. x_0 (S + 1 of (B, C, h, w)) and each
+        step's log-prob (S of (B,))."""
+        B = cond.shape[0]
+        levels = torch.full((B,), settings.noise_level, dtype=torch.long, device=self.device)
         channels = self.unet.config.out_channels
         x = randn_tensor((B, channels, *cond.shape[-2:]), generator, self.device, torch.float32)
         x = x * self.scheduler.init_noise_sigma
-        # 6. denoising loop
         latents, log_probs = [x], []
-        for t in timesteps:
+        for t in self.scheduler.timesteps:
             t_b = t.expand(B)
-            out = self.predict(x, t_b, cond, text, levels, guidance_scale, uncond)
-            step = ddim_step_with_logprob(self.scheduler, out, t_b, x, eta, generator=generator)
+            out = self.predict(x, t_b, cond, text, levels, settings.guidance_scale, uncond)
+            step = ddim_step_with_logprob(self.scheduler, out, t_b, x, settings.eta, generator=generator)
             x = step.prev_sample
             latents.append(x)
             log_probs.append(step.log_prob)
-        if detail_gains is not None:
-            x = x * torch.tensor(detail_gains, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
-            latents[-1] = x
-        # 7. images and traces
-        images = self.decode(x, self.residual_base(conditions, size))
+        return latents, log_probs
+
+    def _traces(self, stage: str, latents: list[torch.Tensor], log_probs: list[torch.Tensor], cond: torch.Tensor,
+                ids: torch.Tensor, settings: StepSettings) -> list[DiffusionTrace]:
+        """One ``DiffusionTrace`` per image of the batch, on the CPU."""
         lat = torch.stack(latents, dim=1).cpu()  # (B, S+1, C, h, w)
         lp = torch.stack(log_probs, dim=1).cpu()  # (B, S)
-        traces = [
+        timesteps = self.scheduler.timesteps.cpu()  # (S,)
+        return [
             DiffusionTrace(
                 stage=stage,
                 latents=lat[i].clone(),
                 log_probs=lp[i].clone(),
-                timesteps=timesteps.cpu().clone(),
+                timesteps=timesteps.clone(),
                 condition=cond[i].cpu().clone(),
                 text_ids=ids[i].clone(),
-                noise_level=int(noise_level),
-                eta=float(eta),
-                guidance_scale=float(guidance_scale),
+                noise_level=int(settings.noise_level),
+                eta=float(settings.eta),
+                guidance_scale=float(settings.guidance_scale),
             )
-            for i in range(B)
+            for i in range(lat.shape[0])
         ]
-        return images, traces
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

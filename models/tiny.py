@@ -27,6 +27,7 @@ TEMPORAL_PATCH_SIZE = 2
 # Qwen2.5-VL-7B's vocabulary layout: 151,643 BPE + 22 added ids, 152,064 embedding rows (399 padded past the
 # tokenizer); TinyPolicyConfig(**QWEN2_5_VL_7B_VOCAB) is the tiny policy at that layout.
 QWEN2_5_VL_7B_VOCAB = {"vocab_size": 151_665, "embedding_rows": 152_064}
+GROUP_NORM_GROUPS = 8  # the tiny UNet's GroupNorm: every level's channels are a multiple of it
 
 
 # ------------------------------------------------------------------------------------------ policy
@@ -181,6 +182,21 @@ def build_tiny_sr_pipeline(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokeni
     deepest level and the mid block attend (self + text cross-attention), so for 4 levels attention runs at
     size/8: <= 16x16 up to 128 px. Sizes must be multiples of 2^(num_levels - 1).
     """
+    channels = _unet_channels(cfg, tokenizer)
+    with torch.random.fork_rng(devices=[]):  # one seeded stream: the text encoder's weights, then the UNet's
+        torch.manual_seed(cfg.seed)
+        text_encoder = _tiny_text_encoder(cfg, tokenizer)
+        unet = _tiny_unet(cfg, channels)
+    scheduler, low_res_scheduler = _tiny_schedulers()
+    return SRPipeline(
+        text_encoder, tokenizer, unet, scheduler, low_res_scheduler, vae=None, max_noise_level=MAX_NOISE_LEVEL,
+        residual=True,
+    )
+
+
+def _unet_channels(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The UNet's channels per level (``block_out_channels`` extended to ``num_levels``); raises ValueError naming
+    the key of a shape the model cannot take."""
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(
             f"diffusion.tiny.vocab_size = {cfg.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
@@ -193,8 +209,7 @@ def build_tiny_sr_pipeline(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokeni
     channels = list(cfg.block_out_channels) + [cfg.block_out_channels[-1]] * (
         cfg.num_levels - len(cfg.block_out_channels)
     )
-    groups = 8
-    if any(c % groups or c % cfg.attention_head_dim for c in channels):
+    if any(c % GROUP_NORM_GROUPS or c % cfg.attention_head_dim for c in channels):
         raise ValueError(
             f"diffusion.tiny.block_out_channels = {channels}: each must be a multiple of 8 (GroupNorm) "
             f"and of attention_head_dim = {cfg.attention_head_dim}"
@@ -204,41 +219,54 @@ def build_tiny_sr_pipeline(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokeni
             f"diffusion.tiny.text_heads = {cfg.text_heads} must divide "
             f"text_hidden_size = {cfg.text_hidden_size}"
         )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=cfg.vocab_size,
-                hidden_size=cfg.text_hidden_size,
-                intermediate_size=4 * cfg.text_hidden_size,
-                projection_dim=cfg.text_hidden_size,
-                num_hidden_layers=cfg.text_layers,
-                num_attention_heads=cfg.text_heads,
-                max_position_embeddings=cfg.text_max_length,
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id or tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+    return channels
+
+
+def _tiny_text_encoder(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokenizerBase) -> CLIPTextModel:
+    """A random CLIP text encoder (its weights from the global torch RNG)."""
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.text_hidden_size,
+            intermediate_size=4 * cfg.text_hidden_size,
+            projection_dim=cfg.text_hidden_size,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=cfg.text_max_length,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id or tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
-        n = cfg.num_levels
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=3 + 3,
-            out_channels=3,
-            block_out_channels=tuple(channels),
-            down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
-            up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
-            layers_per_block=cfg.layers_per_block,
-            norm_num_groups=groups,
-            # diffusers' naming quirk: this argument is the number of heads (of size attention_head_dim)
-            attention_head_dim=channels[-1] // cfg.attention_head_dim,
-            cross_attention_dim=cfg.text_hidden_size,
-            num_class_embeds=MAX_NOISE_LEVEL + 1,
-        )
-    # pixel space, residual to the bicubic upsampling, x_0 prediction (models.sr_pipeline: the tiny UNet's 300
-    # cold-start steps give PSNR 21.4 dB this way against 13.1 dB for plain epsilon prediction); DDPM's linear
-    # betas (Ho et al. 2020); x_0 clipped to the residual's range [-2, 2]; trailing spacing and
-    # set_alpha_to_one=False keep every step stochastic (models.sde)
+    )
+
+
+def _tiny_unet(cfg: TinyDiffusionConfig, channels: list[int]) -> UNet2DConditionModel:
+    """A random UNet on [noisy sample, conditioning image] (its weights from the global torch RNG): attention at the
+    deepest level only, the noise level as class labels."""
+    n = cfg.num_levels
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=3 + 3,
+        out_channels=3,
+        block_out_channels=tuple(channels),
+        down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        layers_per_block=cfg.layers_per_block,
+        norm_num_groups=GROUP_NORM_GROUPS,
+        # diffusers' naming quirk: this argument is the number of heads (of size attention_head_dim)
+        attention_head_dim=channels[-1] // cfg.attention_head_dim,
+        cross_attention_dim=cfg.text_hidden_size,
+        num_class_embeds=MAX_NOISE_LEVEL + 1,
+    )
+
+
+def _tiny_schedulers() -> tuple[DDIMScheduler, DDPMScheduler]:
+    """The sampler's DDIM scheduler and the conditioning image's DDPM noise scheduler.
+
+    Pixel space, residual to the bicubic upsampling, x_0 prediction (models.sr_pipeline: the tiny UNet's 300
+    cold-start steps give PSNR 21.4 dB this way against 13.1 dB for plain epsilon prediction); DDPM's linear
+    betas (Ho et al. 2020); x_0 clipped to the residual's range [-2, 2]; trailing spacing and
+    set_alpha_to_one=False keep every step stochastic (models.sde)."""
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="linear",
@@ -254,7 +282,4 @@ def build_tiny_sr_pipeline(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokeni
     low_res_scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02
     )
-    return SRPipeline(
-        text_encoder, tokenizer, unet, scheduler, low_res_scheduler, vae=None, max_noise_level=MAX_NOISE_LEVEL,
-        residual=True,
-    )
+    return scheduler, low_res_scheduler

@@ -79,6 +79,9 @@ class OneProcessSFT:
         return {**{f"sft/{k}": m[k] for k in ("text_loss", "image_loss", "token_accuracy") if k in m},
                 **{f"learner/{k}": v for k, v in m.items()}, "timing/step": time.perf_counter() - start}
 
+    def close(self) -> None:
+        """Nothing beyond the learner, which the process's end releases."""
+
 
 class OneProcessGRPO:
     """``rl.trainer.GRPOTrainer``'s step in one process: sample, score, advantages, update, load the new weights."""
@@ -99,6 +102,10 @@ class OneProcessGRPO:
         self.held_out = HeldOutEval(cfg) if cfg.trainer.eval_every else None
         self.version = 0
         self.example: tuple = ()  # the last step's first chain, its sample and its scores: the image panel
+
+    def close(self) -> None:
+        """Shut the text engine down before another is built in this process (see VLLMTextEngine.close)."""
+        self.rollout.close()
 
     def seed(self, step: int) -> int:
         return self.cfg.trainer.seed * 1_000_003 + step  # rl.trainer's: the same chains for the same step
@@ -198,6 +205,7 @@ def fit(cfg: ExperimentConfig, dist_env: Optional[dict[str, str]] = None) -> Pat
                 run.learner.export_hf(str(export_dir(cfg, done)))
     finally:
         monitor.close()
+        run.close()
     return export_dir(cfg, total)
 
 

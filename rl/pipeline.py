@@ -1,7 +1,7 @@
 """The rollout side of the GRPO loop: sampled and scored batches for the learner, synchronous or up to
 ``trainer.max_staleness`` steps ahead of it.
 
-    pipeline = RolloutPipeline(data, rollouts, rewards, B, G, seed_of, max_staleness=k, first_step, cursor, total)
+    pipeline = RolloutPipeline(data, rollouts, rewards, PipelineConfig(B, G, k, total, seed_of), first_step, cursor)
     batch = pipeline.next()          # step s's chains: refs, their scores, the version that sampled them
     ... the learner trains on batch ...
     pipeline.publish(update)         # the new weights (k = 0: loaded now; k >= 1: carried by later rollouts)
@@ -27,9 +27,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from core.config import ExperimentConfig
 from core.records import Sample, Scores, WeightUpdate
 
 log = logging.getLogger("rl.pipeline")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The schedule of a ``RolloutPipeline``: B prompts x G chains a step, up to ``max_staleness`` steps ahead of the
+    learner (0: synchronous), steps until ``total_steps``, step s sampled with seed ``seed_of(s)``."""
+
+    prompts_per_step: int  # B
+    group_size: int  # G
+    max_staleness: int  # k
+    total_steps: int
+    seed_of: Callable[[int], int]
+
+    def __post_init__(self) -> None:
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig, seed_of: Callable[[int], int]) -> PipelineConfig:
+        """``grpo.prompts_per_step`` x ``grpo.group_size``, ``trainer.max_staleness``, ``trainer.total_steps``."""
+        return cls(cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.trainer.max_staleness, cfg.trainer.total_steps,
+                   seed_of)
 
 
 @dataclass
@@ -48,16 +71,14 @@ class ScoredBatch:
 class RolloutPipeline:
     """Sampled and scored batches in step order, from ``first_step`` to ``total_steps`` - 1."""
 
-    def __init__(self, data: Any, rollouts: Any, rewards: Any, prompts_per_step: int, group_size: int,
-                 seed_of: Callable[[int], int], max_staleness: int, first_step: int, cursor: int,
-                 total_steps: int, version: int = 0):
-        """``data``: a PairDataset; ``rollouts``: the RolloutGroup; ``rewards``: the RewardPool; ``seed_of(step)``:
-        the step's sampling seed; ``version``: the weights the rollout actors hold now."""
-        if max_staleness < 0:
-            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+    def __init__(self, data: Any, rollouts: Any, rewards: Any, config: PipelineConfig, first_step: int = 0,
+                 cursor: int = 0, version: int = 0):
+        """``data``: a PairDataset; ``rollouts``: the RolloutGroup; ``rewards``: the RewardPool; ``config``: the
+        schedule; ``first_step``, ``cursor``: where it starts (a resumed run: its checkpoint's); ``version``: the
+        weights the rollout actors hold now."""
         self.data, self.rollouts, self.rewards = data, rollouts, rewards
-        self.B, self.G, self.seed_of = prompts_per_step, group_size, seed_of
-        self.k, self.total_steps = max_staleness, total_steps
+        self.B, self.G, self.seed_of = config.prompts_per_step, config.group_size, config.seed_of
+        self.k, self.total_steps = config.max_staleness, config.total_steps
         self.version = version  # newest published
         self._next_step, self._next_cursor = first_step, cursor  # the producer's position
         self._finished = first_step  # steps the learner has finished

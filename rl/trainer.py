@@ -26,7 +26,7 @@ from rl import run_state
 from rl.advantages import advantage_metrics, step_advantages
 from rl.held_out import HeldOutEval
 from rl.monitor import RunMonitor, reward_metrics
-from rl.pipeline import RolloutPipeline
+from rl.pipeline import PipelineConfig, RolloutPipeline
 from rl.run_state import PhaseTimer
 from rl.weight_sync import build_weight_sync
 
@@ -58,9 +58,9 @@ class GRPOTrainer:
         self.step_id = self.cursor = self.version = 0
         if resume:
             self._resume()
-        self.pipeline = RolloutPipeline(self.data, self.rollouts, self.rewards, cfg.grpo.prompts_per_step,
-                                        cfg.grpo.group_size, self._seed_of, cfg.trainer.max_staleness,
-                                        self.step_id, self.cursor, cfg.trainer.total_steps, self.version)
+        self.pipeline = RolloutPipeline(self.data, self.rollouts, self.rewards,
+                                        PipelineConfig.from_config(cfg, self._seed_of), self.step_id, self.cursor,
+                                        self.version)
 
     def recover(self) -> None:
         """After a lost actor group (``run_state.run_steps``' healing): tear the rollout and learner groups down and

@@ -342,15 +342,16 @@ def run(args: argparse.Namespace, plan: dict[str, Any], cfg: Any, checks: Checks
                                                           args.perturb, args.backend), daemon=True)
         child.start()
     try:
-        from actors.text_engine import TextRequest
+        from actors.text_engine import TextEngineSpec, TextRequest
         from actors.vllm_engine import VLLMTextEngine
         from core.chain import stage_scales, stage_sizes
 
         # 1. engine
         start = time.perf_counter()
-        engine = VLLMTextEngine(args.model, cfg.rollout.sampling, plan["generate"]["turn_1"]["max_tokens"],
-                                vllm=cfg.rollout.vllm, dtype=cfg.policy.dtype, seed=cfg.trainer.seed,
-                                transfer=plan["engine"]["transfer"])
+        engine = VLLMTextEngine(TextEngineSpec(args.model, cfg.rollout.sampling,
+                                               plan["generate"]["turn_1"]["max_tokens"], vllm=cfg.rollout.vllm,
+                                               dtype=cfg.policy.dtype, seed=cfg.trainer.seed,
+                                               transfer=plan["engine"]["transfer"]))
         result["engine"] = {"start_s": time.perf_counter() - start, "banned_ids": len(engine.banned_ids)}
         result["memory_mib"]["engine"] = gpu_memory_mib()
         checks.check("engine_started_within_gpu_runner_limits", True, banned_ids=len(engine.banned_ids))

@@ -307,6 +307,7 @@ def _zero3_lora(args, checks: Checks, root: Path) -> dict[str, Any]:
 
     from actors.chain_sampler import ChainSampler
     from actors.hf_engine import HFTextEngine
+    from actors.text_engine import TextEngineSpec
     from core.chain import TEXT_TAGS
     from core.config import TinyDiffusionConfig, TinyPolicyConfig, load_config
     from core.dtypes import torch_dtype
@@ -349,8 +350,8 @@ def _zero3_lora(args, checks: Checks, root: Path) -> dict[str, Any]:
         build_tiny_diffusion(dtiny, root / "diffusion", AutoTokenizer.from_pretrained(str(root / "policy")))
     # data: real chains from the HF engine and the SR pipeline (the rollout path of rl.one_process, no rewards)
     with timed(t, "sample_chains_s", memory):
-        engine = HFTextEngine(cfg.policy.path, cfg.rollout.sampling, cfg.chain.max_stage_tokens, dtype=dtype,
-                              device=str(device))
+        engine = HFTextEngine(TextEngineSpec(cfg.policy.path, cfg.rollout.sampling, cfg.chain.max_stage_tokens,
+                                             dtype=dtype, device=str(device)))
         pipe = SRPipeline.from_pretrained(cfg.diffusion.path).to(device, torch_dtype(dtype))
         sampler = ChainSampler(engine, pipe, cfg.chain, cfg.diffusion, image_group_size=cfg.grpo.image_group_size)
         rng = np.random.default_rng(args.seed)
@@ -755,6 +756,7 @@ def sr_cluster_batch(args, checks: Checks) -> dict[str, Any]:
     from core.config import load_config
     from core.grpo import trained_steps
     from learner.scoring import TraceScorer
+    from models.sr_pipeline import StepSettings
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -795,9 +797,8 @@ def sr_cluster_batch(args, checks: Checks) -> dict[str, Any]:
         res: dict[str, Any] = {"latent": list(pipe.latent_size(sizes[stage]))}
         generators = [torch.Generator().manual_seed(args.seed * 1000 + i) for i in range(batch)]
         with timed(res, "seconds", memory):
-            images, tr = pipe.sample(condition, sizes[stage], prompts, num_steps=steps, eta=d.eta,
-                                     noise_level=d.noise_level, generator=generators,
-                                     guidance_scale=d.guidance_scale, stage=stage)
+            images, tr = pipe.sample(condition, sizes[stage], prompts, num_steps=steps, generator=generators,
+                                     stage=stage, settings=StepSettings.from_config(d))
         res["peak_gib"] = memory.peak_gib()
         ok = len(images) == batch and all(im.shape == (*sizes[stage], 3) for im in images) and \
             all(bool(torch.isfinite(x.log_probs).all()) for x in tr)

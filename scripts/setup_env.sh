@@ -28,6 +28,10 @@ pypi install -q --no-deps -r "$LOCK" >&2
 import torch, torchvision, vllm, ray, deepspeed, diffusers, pyiqa, transformers  # noqa: F401
 print(f"setup_env: torch {torch.__version__}, torchvision {torchvision.__version__}, vllm {vllm.__version__}")
 PY
+# DeepSpeed JIT-builds its CPU comm op on first use (~1-2 min on 2 cores): build it now, once, so no learner
+# rank compiles inside a run (a rank killed mid-build used to leave torch's build lock behind: core/env.py).
+PYTHONPATH="$ROOT" "$VENV/bin/python" -c \
+  "from learner.engine import build_deepspeed_ops; print('setup_env: built DeepSpeed ops', build_deepspeed_ops())" >&2
 touch "$VENV/.complete"
 echo "setup_env: done in $(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1)" >&2
 echo "$VENV"

@@ -1,9 +1,16 @@
 """Shared fixtures: the tiny models (built once per session), a free port for in-process learner ranks, a
 private local Ray cluster per module, and the model tools' environment (``env``). Each fixture builds real
-components; nothing here is a mock."""
+components; nothing here is a mock.
+
+Test order (to check that every test passes whatever ran before it): ``REVERSE_TESTS=1`` runs the files in
+reverse order and each file's tests in reverse; ``TEST_ORDER_SEED=N`` shuffles the files, and the tests within
+each file, with seed N (a file's tests stay together, so its module-scoped fixtures are still built once). The
+order used is printed in pytest's header."""
 
 from __future__ import annotations
 
+import os
+import random
 import socket
 from pathlib import Path
 
@@ -20,6 +27,45 @@ SMALL_POLICY = TinyPolicyConfig(hidden_size=64, intermediate_size=128, num_layer
                                 vision_hidden_size=32, vision_depth=1, vision_heads=2)
 SMALL_DIFFUSION = TinyDiffusionConfig(block_out_channels=[16, 32], num_levels=2, text_hidden_size=32,
                                       text_layers=1, text_max_length=16)
+
+
+def _order() -> tuple[bool, int | None]:
+    seed = os.environ.get("TEST_ORDER_SEED", "").strip()
+    return os.environ.get("REVERSE_TESTS", "").strip() not in ("", "0"), int(seed) if seed else None
+
+
+def pytest_report_header(config):
+    reverse, seed = _order()
+    if seed is not None:
+        return f"test order: shuffled, TEST_ORDER_SEED={seed} (files, then the tests within each file)"
+    if reverse:
+        return "test order: reversed (REVERSE_TESTS=1: files, and the tests within each file)"
+    return None
+
+
+# The longest files (minutes each: whole runs with faults, launches, the async pipeline), started first so that
+# `make test`'s two workers (pytest-xdist, one file per worker at a time) do not end with one of them alone.
+LONGEST_FIRST = ("tests/test_chaos.py", "tests/test_launch.py", "tests/test_async.py", "tests/test_trainer.py")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own (fixture-scope) reordering
+def pytest_collection_modifyitems(session, config, items):
+    by_file: dict[str, list] = {}
+    for item in items:  # files in their collected order, each file's tests in theirs
+        by_file.setdefault(item.nodeid.split("::")[0], []).append(item)
+    reverse, seed = _order()
+    if seed is not None:
+        groups = list(by_file.values())
+        rng = random.Random(seed)
+        rng.shuffle(groups)
+        for group in groups:
+            rng.shuffle(group)
+    elif reverse:
+        groups = [list(reversed(group)) for group in reversed(by_file.values())]
+    else:
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        groups = [by_file[f] for f in sorted(by_file, key=lambda f: rank.get(f, len(rank)))]
+    items[:] = [item for group in groups for item in group]
 
 
 def _free_port() -> int:

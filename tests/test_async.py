@@ -88,10 +88,10 @@ def test_later_steps_train_chains_one_version_old_with_importance_weights(runs):
         assert "learner/tis_image_ratio_mean" not in m and m["learner/engine_ratio_mean"] == pytest.approx(1, abs=1e-3)
 
 
-def test_killed_rollout_and_reward_actors_lose_no_group_and_duplicate_none(runs):
-    """A rollout actor and then a reward actor are killed (Ray restarts them) while the pipeline runs ahead of
-    the learner; over the next two steps every batch scored holds each of its B x G chains exactly once and
-    every step trains all of them, one version old at most."""
+@pytest.fixture(scope="module")
+def killed_steps(runs) -> dict:
+    """Two more steps of the asynchronous run, during which a rollout actor and then a reward actor are killed
+    (Ray restarts them): the keys of every batch scored, the steps' metrics, and the step before and after."""
     trainer = runs["trainer"]
     scored: list[list] = []
     original = trainer.rewards.score
@@ -113,7 +113,15 @@ def test_killed_rollout_and_reward_actors_lose_no_group_and_duplicate_none(runs)
         for killer in killers:
             killer.join()
         trainer.rewards.score = original
-    assert trainer.step_id == before + 2 and scored
+    return {"scored": scored, "metrics": metrics, "before": before, "after": trainer.step_id}
+
+
+def test_killed_rollout_and_reward_actors_lose_no_group_and_duplicate_none(killed_steps):
+    """A rollout actor and then a reward actor are killed (Ray restarts them) while the pipeline runs ahead of
+    the learner; over the next two steps every batch scored holds each of its B x G chains exactly once and
+    every step trains all of them, one version old at most."""
+    scored, metrics = killed_steps["scored"], killed_steps["metrics"]
+    assert killed_steps["after"] == killed_steps["before"] + 2 and scored
     for keys in scored:
         assert len(keys) == B * G and len(set(keys)) == B * G
     for m in metrics:
@@ -123,7 +131,9 @@ def test_killed_rollout_and_reward_actors_lose_no_group_and_duplicate_none(runs)
 
 # ============================================================================================ collective sync
 @pytest.fixture(scope="module")
-def collective(tmp_path_factory, tiny_models, ray_local, runs):
+def collective(tmp_path_factory, tiny_models, ray_local, runs, killed_steps):
+    """A run with the collective weight sync after two steps. It ends the asynchronous run first (to free the
+    CPUs), so it depends on ``killed_steps``, the last fixture that steps that run."""
     from rl.trainer import GRPOTrainer
 
     runs["trainer"].pipeline.close()
@@ -138,25 +148,38 @@ def collective(tmp_path_factory, tiny_models, ray_local, runs):
     trainer.pipeline.close()
 
 
-def test_collective_sync_gives_every_rollout_actor_the_learners_weights(collective):
+@pytest.fixture(scope="module")
+def collective_synced(collective) -> dict:
+    """The collective run with nothing in flight and one rollout call made (it loads the weights staged in each
+    actor): the driver's version, the actors' versions, and the learner's and every actor's weights."""
     trainer = collective["trainer"]
     trainer.pipeline.close()  # nothing in flight: the actors hold (or have staged) the last published weights
-    assert all(m["weight_sync/policy_buckets"] >= 1 and m["weight_sync/policy_mb"] > 0 for m in collective["metrics"])
     # the asynchronous sync is staged in each actor and loaded by the first rollout call that carries it
     samples = trainer.data.batch(0, 1)
     ray.get(trainer.rollouts.submit_generate(samples, 1, seed=0)[0])
-    assert set(trainer.rollouts.versions()) == {(trainer.version, trainer.version)}
+    models = ("policy", "diffusion")
+    return {"version": trainer.version, "versions": trainer.rollouts.versions(),
+            "learner": {model: trainer.learner.gather_full_state(model) for model in models},
+            "held": {model: [ray.get(actor.named_weights.remote(model)) for actor in trainer.rollouts.actors]
+                     for model in models}}
+
+
+def test_collective_sync_gives_every_rollout_actor_the_learners_weights(collective, collective_synced):
+    assert all(m["weight_sync/policy_buckets"] >= 1 and m["weight_sync/policy_mb"] > 0 for m in collective["metrics"])
+    version = collective_synced["version"]
+    assert set(collective_synced["versions"]) == {(version, version)}
     for model in ("policy", "diffusion"):
-        learner = trainer.learner.gather_full_state(model)
+        learner = collective_synced["learner"][model]
         assert learner
-        for i, actor in enumerate(trainer.rollouts.actors):
-            held = ray.get(actor.named_weights.remote(model))
+        for i, held in enumerate(collective_synced["held"][model]):
             assert set(learner) <= set(held), (model, i, sorted(set(learner) - set(held))[:3])
             unequal = [n for n, t in learner.items() if not torch.equal(held[n], t)]
             assert not unequal, (model, i, unequal[:5])
 
 
-def test_a_sync_with_a_dead_actor_fails_within_its_timeout_naming_it(collective):
+def test_a_sync_with_a_dead_actor_fails_within_its_timeout_naming_it(collective, collective_synced):
+    """Kills a rollout actor of the collective run: it requests ``collective_synced``, so the other test's
+    reads of the live actors are done before, whatever order the tests run in."""
     trainer = collective["trainer"]
     ray.kill(trainer.rollouts.actors[1], no_restart=True)
     start = time.perf_counter()

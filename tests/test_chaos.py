@@ -1,5 +1,5 @@
-"""Faults change nothing: an 8-step run on the embedded default with a rollout actor killed mid-step, a reward actor
-killed mid-scoring, a rollout actor hung, and a learner rank killed (the run heals itself from its step-6
+"""Faults change nothing: a 6-step run on the embedded default with a rollout actor killed mid-step, a reward actor
+killed mid-scoring, a rollout actor hung, and a learner rank killed (the run heals itself from its step-4
 checkpoint), against the same run without faults. The per-step reward scalars and the final weights must be equal
 to the last bit (CPU, fp32, synchronous; every chain's sampling is seeded by (step, prompt, sample))."""
 
@@ -21,9 +21,9 @@ from rl.monitor import read_scalars
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, EVERY = 8, 3
-KILL_ROLLOUT, KILL_REWARD, HANG_ROLLOUT, KILL_LEARNER = 2, 3, 5, 8  # the 1-based steps the faults hit
-RESUMED_AT = 6  # the learner's death at step 8 heals from the step-6 checkpoint and redoes step 7
+STEPS, EVERY = 6, 2
+KILL_ROLLOUT, KILL_REWARD, HANG_ROLLOUT, KILL_LEARNER = 2, 3, 4, 6  # the 1-based steps the faults hit
+RESUMED_AT = 4  # the learner's death at step 6 heals from the step-4 checkpoint and redoes step 5
 CALL_TIMEOUT_S = 60.0  # covers a rollout actor's restart (engines rebuilt) and its call run again
 
 

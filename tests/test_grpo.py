@@ -1,13 +1,21 @@
 """core.grpo against hand-computed values (the arithmetic is in the comments)."""
 
+import itertools
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from core import grpo
+from core.chain import DEGRADATION_ITEMS, TEXT_TAGS
 from core.records import ChainAdvantage, DiffusionTrace, Rollout, Scores
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LN = math.log
 
@@ -447,19 +455,31 @@ CHAIN_TOTALS = [sum(p[k] for k in ("format", "degradation", "generation")) for p
 UNIT = {"format": 1.0, "degradation": 1.0, "generation": 1.0}
 
 
-def test_chain_advantages_default_is_the_papers_one_total_per_chain():
-    adv = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2)
+def _step(parts=CHAIN_PARTS, totals=CHAIN_TOTALS, group_size=2, **kw):
+    return grpo.StepRewards(parts, totals, UNIT, group_size, **kw)
+
+
+def _col(name, components=None, estimator="grpo", **options):
+    """A column of the plan: ``components`` None for the total, ``estimator`` an ADV_ESTIMATORS name."""
+    return grpo.AdvantageColumn(name, None if components is None else tuple(components), {"name": estimator, **options})
+
+
+def _advantages(*columns, step=None, transforms=(), generator=None):
+    plan = grpo.AdvantagePlan(tuple(columns), tuple(transforms))
+    return grpo.estimate_advantages(step if step is not None else _step(), plan, generator)
+
+
+def test_estimated_advantages_default_is_the_papers_one_total_per_chain():
+    adv = _advantages(_col("text"))
     torch.testing.assert_close(adv.text, grpo.group_advantages(torch.tensor(CHAIN_TOTALS), 2))
     assert adv.image is None and adv.sections is None  # the images and every token share it
     assert adv.groups.keep.tolist() == [True] * 4
 
 
-def test_chain_advantages_give_each_part_its_own_column():
-    tags = ("degradation", "final_understand")
-    adv = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, text_rewards=["format"],
-                                image_rewards=["generation"],
-                                section_rewards={"final_understand": ["format/final_understand"]},
-                                section_tags=tags)
+def test_estimated_advantages_give_each_part_its_own_column():
+    adv = _advantages(_col("text", ["format"]), _col("image", ["generation"]),
+                      _col("section/degradation", ["format"]),  # not named in section_rewards: the text's
+                      _col("section/final_understand", ["format/final_understand"]))
     a = 1 / (2 ** 0.5 + 1e-6)  # G=2: +-1/sqrt(2) around the mean, unbiased std
     torch.testing.assert_close(adv.text, torch.tensor([a, -a, 0.0, 0.0]))
     torch.testing.assert_close(adv.image, torch.tensor([-a, a, -a, a]))
@@ -469,14 +489,44 @@ def test_chain_advantages_give_each_part_its_own_column():
     assert adv.groups.keep.tolist() == [True] * 4  # group 1's images still differ
 
 
-def test_chain_advantages_of_a_frozen_sr_model_keep_no_group_alive():
-    adv = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, text_rewards=["format"],
-                                image_rewards=["generation"], train_images=False)
+def test_without_an_image_column_a_frozen_sr_models_reward_keeps_no_group_alive():
+    adv = _advantages(_col("text", ["format"]))  # the plan of a frozen SR model: no image column
     assert adv.image is None
     assert adv.groups.zero_variance.tolist() == [False, True]  # only generation differed in group 1
-    with pytest.raises(ValueError, match="rough_image"):
-        grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, section_rewards={"rough_image": ["format"]},
-                              section_tags=("degradation",))
+
+
+def test_an_advantage_plan_names_its_columns():
+    for columns in ([_col("image")], [_col("text"), _col("text")], [_col("text"), _col("pixels")],
+                    [_col("text"), _col("image"), _col("image_branches", estimator="image_branches")]):
+        with pytest.raises(ValueError, match="need one text column"):
+            grpo.AdvantagePlan(tuple(columns))
+    with pytest.raises(ValueError, match="one per core.chain.DEGRADATION_ITEMS item"):
+        grpo.AdvantagePlan((_col("text"), _col("item/blur")))
+    with pytest.raises(ValueError, match="3 chains' parts but 4 totals"):
+        _step(parts=CHAIN_PARTS[:3])
+
+
+def test_advantage_estimators_are_registered_by_name_behind_one_signature():
+    assert sorted(grpo.ADV_ESTIMATORS) == ["decoupled", "grpo", "image_branches"]
+    with pytest.raises(ValueError, match="'grpo' is registered already"):
+        grpo.register_adv_est("grpo")(lambda step, components: None)
+
+    @grpo.register_adv_est("test_rank")
+    def rank(step, components, scale=1.0):  # a new estimator: registered, then named in a plan; nothing else
+        r = grpo.joint_rewards(step, components)
+        ranks = r.view(-1, step.group_size).argsort(1).argsort(1).float()
+        adv = (ranks - ranks.mean(1, keepdim=True)) * scale
+        return grpo.Estimate(adv.reshape(-1, 1), grpo.zero_variance_groups(r, step.group_size).zero_variance)
+
+    try:
+        adv = _advantages(_col("text", ["format"]), _col("image", ["generation"], "test_rank", scale=2.0))
+        assert adv.image.tolist() == [-1.0, 1.0, -1.0, 1.0] and adv.groups.keep.tolist() == [True] * 4
+    finally:
+        del grpo.ADV_ESTIMATORS["test_rank"]
+    with pytest.raises(ValueError, match=r"advantage estimator 'gae' is not one of \['decoupled', 'grpo', 'image_"):
+        _advantages(_col("text", estimator="gae"))
+    with pytest.raises(ValueError, match=r"advantage estimator 'grpo': unknown option\(s\) \['decoupled'\]"):
+        _advantages(_col("text", decoupled=True))
 
 
 # ------------------------------------------------------------------------------------------ image branches
@@ -497,11 +547,11 @@ def test_branch_advantages_centre_on_the_chain_and_scale_by_the_group():
         grpo.branch_advantages(torch.zeros(4), 2)
 
 
-def test_chain_advantages_with_image_branches():
+def test_estimated_advantages_with_image_branches():
     branches = [[{"generation": 0.3}, {"generation": 0.5}], [{"generation": 0.5}, {"generation": 0.3}],
                 [{"generation": 0.1}, {"generation": 0.1}], [{"generation": 0.2}, {"generation": 0.2}]]
-    adv = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, text_rewards=["format"],
-                                image_rewards=["generation"], branches=branches)
+    columns = (_col("text", ["format"]), _col("image_branches", ["generation"], "image_branches"))
+    adv = _advantages(*columns, step=_step(branches=branches))
     expected, zero = grpo.branch_advantages(torch.tensor([[0.3, 0.5], [0.5, 0.3], [0.1, 0.1], [0.2, 0.2]]), 2)
     torch.testing.assert_close(adv.image_branches, expected)
     torch.testing.assert_close(adv.image, expected[:, 0])  # branch 0 is the chain's own image
@@ -509,14 +559,13 @@ def test_chain_advantages_with_image_branches():
     records = adv.per_chain()
     assert records[1].image_branches == pytest.approx(tuple(expected[1].tolist()))
     # the placebo moves whole rows, the branches with their chain
-    placebo = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, text_rewards=["format"],
-                                    image_rewards=["generation"], branches=branches,
-                                    transforms=[{"name": "placebo_shuffle"}], generator=torch.Generator().manual_seed(1))
+    placebo = _advantages(*columns, step=_step(branches=branches), transforms=[{"name": "placebo_shuffle"}],
+                          generator=torch.Generator().manual_seed(1))
     rows = {tuple(r) for r in torch.cat([placebo.text[:, None], placebo.image_branches], 1).tolist()}
     assert rows == {tuple(r) for r in torch.cat([adv.text[:, None], adv.image_branches], 1).tolist()}
     with pytest.raises(ValueError, match="needs 2 image branches"):
-        grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, image_rewards=["generation"],
-                              branches=branches[:3] + [branches[3][:1]])
+        _advantages(_col("text"), _col("image_branches", ["generation"], "image_branches"),
+                    step=_step(branches=branches[:3] + [branches[3][:1]]))
 
 
 def test_build_train_batch_gives_each_image_branch_its_own_steps_advantage():
@@ -544,42 +593,42 @@ def test_decoupled_rewards_give_each_component_the_same_say():
         grpo.decoupled_rewards(values, torch.tensor([1.0]), 2)
 
 
-def test_chain_advantages_decoupled_split_generation_into_its_metrics():
+def test_the_decoupled_estimator_splits_generation_into_its_metrics():
     # PIQE spreads widely, PSNR narrowly; each chain's generation is their mean
     piqe, psnr = [0.9, 0.1, 0.5], [0.30, 0.34, 0.33]
-    parts = [{"format": 1.0, "generation": (a + b) / 2, "quality/piqe": a, "quality/psnr": b} for a, b in zip(piqe, psnr)]
-    kw = dict(text_rewards=["format"], image_rewards=["generation"])
-    joint = grpo.chain_advantages(parts, [0.0] * 3, UNIT, 3, **kw)
+    parts = [{"format": 1.0, "generation": (a + b) / 2, "quality/piqe": a, "quality/psnr": b}
+             for a, b in zip(piqe, psnr)]
+    step = lambda mw: _step(parts=parts, totals=[0.0] * 3, group_size=3, metric_weights=mw)  # noqa: E731
+    joint = _advantages(_col("text", ["format"]), _col("image", ["generation"]), step=step({"piqe": 1.0, "psnr": 1.0}))
     assert int(joint.image.argmax()) == 0  # the joint sum follows PIQE alone
-    dec = grpo.chain_advantages(parts, [0.0] * 3, UNIT, 3, decoupled=True, metric_weights={"piqe": 1.0, "psnr": 1.0},
-                                **kw)
+    dec = _advantages(_col("text", ["format"], "decoupled"), _col("image", ["generation"], "decoupled"),
+                      step=step({"piqe": 1.0, "psnr": 1.0}))
     z = lambda v: grpo.group_advantages(torch.tensor(v), 3)  # noqa: E731
     torch.testing.assert_close(dec.image, grpo.group_advantages(z(piqe) + z(psnr), 3))
     assert int(dec.image.argmax()) == 2  # good on both beats best on one
-    only_psnr = grpo.chain_advantages(parts, [0.0] * 3, UNIT, 3, decoupled=True,
-                                      metric_weights={"piqe": 0.0, "psnr": 1.0}, **kw)
+    only_psnr = _advantages(_col("text", ["format"], "decoupled"), _col("image", ["generation"], "decoupled"),
+                            step=step({"piqe": 0.0, "psnr": 1.0}))
     torch.testing.assert_close(only_psnr.image, z(psnr), atol=1e-3, rtol=0)  # (eps of two normalisations)
 
 
-@pytest.mark.parametrize("decoupled", [False, True])
-def test_a_section_that_learns_from_nothing_gets_advantage_zero(decoupled):
+@pytest.mark.parametrize("estimator", ["grpo", "decoupled"])
+def test_a_section_that_learns_from_nothing_gets_advantage_zero(estimator):
     # an empty list silences a section; so does a list of rewards none of these chains has (real LR: no labels)
     parts = [{k: v for k, v in p.items() if k != "degradation"} for p in CHAIN_PARTS]
-    adv = grpo.chain_advantages(parts, CHAIN_TOTALS, UNIT, 2, text_rewards=["format"], decoupled=decoupled,
-                                section_tags=("degradation", "final_understand"),
-                                section_rewards={"degradation": ["degradation"], "final_understand": []})
+    adv = _advantages(_col("text", ["format"], estimator), _col("section/degradation", ["degradation"], estimator),
+                      _col("section/final_understand", [], estimator), step=_step(parts=parts))
     assert adv.sections.abs().max().item() == 0.0
     assert adv.text.abs().max().item() > 0.5  # the format still teaches the other tokens
 
 
 def test_shuffled_advantages_are_a_permutation_within_each_group():
-    kw = dict(text_rewards=["format"], image_rewards=["generation"], section_tags=("final_understand",),
-              section_rewards={"final_understand": ["format/final_understand"]})
-    real = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, **kw)
+    columns = (_col("text", ["format"]), _col("image", ["generation"]),
+               _col("section/final_understand", ["format/final_understand"]))
+    real = _advantages(*columns)
     seen = set()
     for seed in range(8):
-        placebo = grpo.chain_advantages(CHAIN_PARTS, CHAIN_TOTALS, UNIT, 2, transforms=[{"name": "placebo_shuffle"}],
-                                        generator=torch.Generator().manual_seed(seed), **kw)
+        placebo = _advantages(*columns, transforms=[{"name": "placebo_shuffle"}],
+                              generator=torch.Generator().manual_seed(seed))
         rows = torch.cat([placebo.text[:, None], placebo.image[:, None], placebo.sections], dim=1)
         ref = torch.cat([real.text[:, None], real.image[:, None], real.sections], dim=1)
         for g in (0, 2):  # each group's rows are its own rows, whole, in some order
@@ -646,19 +695,18 @@ def test_degradation_item_credit_gives_each_statement_its_items_advantage():
         credit(ids, torch.ones(9, dtype=torch.bool), ChainAdvantage(text=3.0, sections=(0.5,) * 4), TOY_TAGS)
 
 
-def test_chain_advantages_give_each_degradation_item_its_own_column():
+def test_estimated_advantages_give_each_degradation_item_its_own_column():
     items = [(1, 0, 1, 0, 0), (0, 0, 1, 1, 0), (1, 1, 0, 0, 0), (1, 1, 0, 0, 0)]
-    parts = [{**p, **{f"degradation/{k}": float(v) for k, v in zip(("blur", "downsample", "noise", "compression",
-                                                                    "upsample"), it)}}
+    parts = [{**p, **{f"degradation/{k}": float(v) for k, v in zip(DEGRADATION_ITEMS, it)}}
              for p, it in zip(CHAIN_PARTS, items)]
-    for decoupled in (False, True):
-        adv = grpo.chain_advantages(parts, CHAIN_TOTALS, UNIT, 2, text_rewards=["format"], decoupled=decoupled,
-                                    section_tags=("degradation",), section_rewards={"degradation": ["degradation"]},
-                                    degradation_items=True)
+    for estimator in ("grpo", "decoupled"):
+        adv = _advantages(_col("text", ["format"], estimator), _col("section/degradation", ["degradation"], estimator),
+                          *[_col(f"item/{i}", [f"degradation/{i}"], estimator) for i in DEGRADATION_ITEMS],
+                          step=_step(parts=parts))
         expected = grpo.group_advantages(torch.tensor(items, dtype=torch.float32).T.reshape(-1), 2).view(5, 4).T
         torch.testing.assert_close(adv.items, expected, atol=1e-4, rtol=0)
         assert adv.per_chain()[0].items == pytest.approx(tuple(expected[0].tolist()))
-    assert grpo.chain_advantages(parts, CHAIN_TOTALS, UNIT, 2).items is None
+    assert _advantages(_col("text"), step=_step(parts=parts)).items is None
 
 
 def test_trained_steps_take_the_high_noise_end_and_the_batch_marks_only_them():
@@ -723,3 +771,225 @@ def test_doctests_of_the_grpo_modules():
 
     for module in (batch, objectives):
         assert doctest.testmod(module).failed == 0, module.__name__
+
+
+# ------------------------------------------------------------------------------- the estimators == the old function
+def _reference_chain_advantages_before_estimators(
+    parts: Sequence[Mapping[str, float]],
+    totals: Sequence[float],
+    weights: Mapping[str, float],
+    group_size: int,
+    text_rewards: Sequence[str] | None = None,
+    image_rewards: Sequence[str] | None = None,
+    section_rewards: Mapping[str, Sequence[str]] | None = None,
+    section_tags: Sequence[str] = (),
+    train_images: bool = True,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+    transforms: Sequence[Mapping[str, Any]] = (),
+    generator: torch.Generator | None = None,
+    branches: Sequence[Sequence[Mapping[str, float]]] | None = None,
+    decoupled: bool = False,
+    metric_weights: Mapping[str, float] | None = None,
+    degradation_items: bool = False,
+) -> grpo.ChainAdvantages:
+    """REFERENCE ONLY, for the equivalence test below: ``core.grpo.advantages.chain_advantages`` as it was before the
+    registered estimators replaced it (commit e41121e), copied verbatim but for the ``grpo.`` prefixes. Not used by
+    anything else; it documents that ``rl.advantages.step_advantages`` computes exactly what it computed."""
+    def expand(components: Sequence[str] | None) -> list[tuple[str, float]]:
+        names = list(weights) if components is None else list(components)
+        out: list[tuple[str, float]] = []
+        for c in names:
+            base = c.split("/", 1)[0]
+            if base not in weights:
+                raise ValueError(f"unknown reward components [{c!r}]; known: {sorted(weights)}")
+            if decoupled and c == "generation" and metric_weights:
+                total = sum(metric_weights.values()) or 1.0
+                out += [(f"quality/{m}", weights[base] * w / total) for m, w in metric_weights.items() if w > 0]
+            else:
+                out.append((c, weights[base]))
+        return out
+
+    def rewards(rows: Sequence[Mapping[str, float]], components: Sequence[str] | None, size: int) -> torch.Tensor:
+        if not decoupled:
+            if components is None and rows is parts:
+                return torch.tensor([float(t) for t in totals], dtype=torch.float32)
+            return grpo.component_rewards(rows, weights, list(weights) if components is None else components)
+        cols = [c for c, _ in expand(components)]
+        values = torch.tensor([[float(p.get(c, math.nan)) for c in cols] for p in rows], dtype=torch.float32)
+        present = [k for k in range(len(cols)) if not torch.isnan(values[:, k]).all()]  # not applicable: dropped
+        w = torch.tensor([w for _, w in expand(components)], dtype=torch.float32)
+        return grpo.decoupled_rewards(values[:, present], w[present], size, eps)
+
+    text_key = None if text_rewards is None else list(text_rewards)
+    image_key = None if image_rewards is None else list(image_rewards)
+    columns = {"text": rewards(parts, text_rewards, group_size)}
+    image_table: torch.Tensor | None = None
+    image_flat: torch.Tensor | None = None
+    if train_images and branches is not None and len(branches[0]) > 1:
+        m = len(branches[0])
+        if any(len(b) != m for b in branches) or len(branches) != len(parts):
+            raise ValueError(f"branches: every one of the {len(parts)} chains needs {m} image branches")
+        rows = [{**p, **b} for p, chain in zip(parts, branches) for b in chain]  # (N * M), chain-major
+        image_table, image_flat = grpo.branch_advantages(rewards(rows, image_rewards, group_size * m).view(-1, m),
+                                                         group_size, scale_by_std, eps)
+    elif train_images and image_key != text_key:
+        columns["image"] = rewards(parts, image_rewards, group_size)
+    if section_rewards:
+        unknown = sorted(set(section_rewards) - set(section_tags))
+        if unknown:
+            raise ValueError(f"section_rewards names {unknown}, not sections of {list(section_tags)}")
+        for tag in section_tags:
+            names = section_rewards.get(tag)
+            columns[f"section/{tag}"] = columns["text"] if names is None else rewards(parts, names, group_size)
+    if degradation_items:
+        for item in DEGRADATION_ITEMS:
+            columns[f"item/{item}"] = rewards(parts, [f"degradation/{item}"], group_size)
+    table, groups = grpo.column_advantages(torch.stack(list(columns.values()), dim=1), group_size, scale_by_std, eps)
+    if image_table is not None:  # a group stays while any column, or its images, can still teach something
+        flat = groups.zero_variance & image_flat
+        groups = grpo.GroupFilter(zero_variance=flat, keep=(~flat).repeat_interleave(group_size))
+        table = torch.cat([table, image_table], dim=1)
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    for spec in transforms:
+        table = grpo.advantage_transform(spec)(table, group_size, generator)
+    out = {name: table[:, i] for i, name in enumerate(columns)}
+    sections = (torch.stack([out[f"section/{tag}"] for tag in section_tags], dim=1) if section_rewards
+                else None)
+    image_branches = table[:, len(columns):] if image_table is not None else None
+    items = (torch.stack([out[f"item/{item}"] for item in DEGRADATION_ITEMS], dim=1) if degradation_items
+             else None)
+    return grpo.ChainAdvantages(text=out["text"],
+                                image=image_branches[:, 0] if image_branches is not None else out.get("image"),
+                                sections=sections, groups=groups, image_branches=image_branches, items=items)
+
+
+def _reference_step_advantages(cfg, scores, seed):
+    """The old ``rl.advantages.step_advantages``: every ``grpo.*`` knob passed to the reference function."""
+    from rewards.total import metric_weights
+
+    g = cfg.grpo
+    return _reference_chain_advantages_before_estimators(
+        [s.parts for s in scores], [s.total for s in scores], vars(cfg.reward.weights), g.group_size,
+        text_rewards=g.text_rewards, image_rewards=g.image_rewards, section_rewards=g.section_rewards,
+        section_tags=TEXT_TAGS, train_images=not cfg.diffusion.freeze, scale_by_std=g.scale_by_std, eps=g.eps,
+        transforms=g.advantage_transforms, generator=torch.Generator().manual_seed(seed),
+        branches=[s.branches for s in scores] if g.image_group_size > 1 else None,
+        decoupled=g.decoupled_normalization, metric_weights=metric_weights(cfg.reward),
+        degradation_items=bool(g.token_credit.get("degradation_items", False)))
+
+
+SECTIONS = {"degradation": ["format/degradation", "degradation"], "rough_understand": ["understanding"],
+            "final_understand": []}  # middle_understand unnamed: the text's
+
+
+def _config_combinations():
+    """Every combination of the advantage knobs (each validated: one the config allows), on configs/grpo_local.yaml."""
+    from core.config import load_config
+    from core.validation import validate
+
+    base = load_config(ROOT / "configs/grpo_local.yaml")
+    knobs = itertools.product((None, ["format"], ["format", "degradation"]),  # text_rewards
+                              (None, ["generation"], ["format"]),  # image_rewards (["format"]: the text's, once)
+                              ("chain", "section", "items"), (1, 4), (False, True),  # credit, M, diffusion.freeze
+                              (False, True), (False, True), (False, True))  # decoupled, scale_by_std, placebo
+    for text, image, credit, m, frozen, decoupled, scale, placebo in knobs:
+        if frozen and m > 1:
+            continue  # not allowed: a frozen SR model's image branches would train nothing
+        g = replace(base.grpo, text_rewards=text, image_rewards=image, image_group_size=m,
+                    token_credit={"name": "chain"} if credit == "chain" else
+                    {"name": "section", "degradation_items": credit == "items"},
+                    section_rewards=None if credit == "chain" else SECTIONS, decoupled_normalization=decoupled,
+                    scale_by_std=scale, advantage_transforms=[{"name": "placebo_shuffle"}] if placebo else [],
+                    **({"image_objective": {"name": "trajectory"}, "image_kl_beta": 0.0} if frozen else {}))
+        cfg = replace(base, grpo=g, diffusion=replace(base.diffusion, freeze=frozen,
+                                                      lora=None if frozen else base.diffusion.lora))
+        validate(cfg)
+        yield cfg
+
+
+def _random_scores(rng: np.random.Generator, cfg, groups: int = 4) -> list[Scores]:
+    """Scores of ``groups`` groups in group order: group 0 random; 1 flat in everything (its images tie too); 2 the
+    same texts, other images; 3 random with labels missing (no degradation parts) and failed metrics. Sometimes no
+    chain has an understanding part. Values on a coarse grid, so that ties also happen by chance."""
+    from rewards.total import metric_weights
+
+    size, m, mw = cfg.grpo.group_size, cfg.grpo.image_group_size, metric_weights(cfg.reward)
+    pick = lambda values: float(values[rng.integers(len(values))])  # noqa: E731
+    understanding = rng.random() < 0.7
+
+    def text() -> dict[str, float]:
+        out = {"format": pick([0.0, 0.5, 1.0]), "degradation": pick([0.0, 0.25, 0.5, 1.0]),
+               **{f"format/{t}": pick([0.0, 1.0]) for t in TEXT_TAGS},
+               **{f"degradation/{i}": pick([0.0, 1.0]) for i in DEGRADATION_ITEMS}}
+        return {**out, "understanding": pick([0.0, 0.5, 1.0])} if understanding else out
+
+    def image(fail: bool = False) -> dict[str, float]:
+        q = {f"quality/{name}": pick([0.1, 0.4, 0.7, 0.9]) for name in mw if not (fail and name == "psnr")}
+        return {**q, "generation": sum(mw[k.split("/")[1]] * v for k, v in q.items()) / sum(mw.values())}
+
+    scores = []
+    for k in range(groups):
+        shared_text, shared_image = text(), image()
+        for s in range(size):
+            t = shared_text if k in (1, 2) else text()
+            if k == 3 and rng.random() < 0.5:
+                t = {c: v for c, v in t.items() if not c.startswith("degradation")}
+            images = [shared_image] * m if k == 1 else [image(fail=k == 3 and rng.random() < 0.4) for _ in range(m)]
+            shared = set.intersection(*(set(i) for i in images))
+            parts = {**t, **{c: sum(i[c] for i in images) / m for c in shared}}
+            total = sum(w * parts[c] for c, w in vars(cfg.reward.weights).items() if c in parts)
+            scores.append(Scores(prompt_id=k, sample_index=s, parts=parts, total=total,
+                                 branches=tuple(images) if m > 1 else ()))
+    return scores
+
+
+@pytest.fixture
+def one_thread():
+    """Thousands of ops on tensors of a few numbers: a thread pool only adds its overhead (10x on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_registered_estimators_give_exactly_what_the_17_parameter_chain_advantages_gave(one_thread):
+    """Over every combination of the advantage knobs the config allows (text/image rewards None or set, section
+    credit, item credit, image branches M > 1, decoupled on/off, scale_by_std on/off, the placebo, a frozen SR
+    model) and randomised scores, ``rl.advantages.step_advantages`` (the config's plan run by
+    ``grpo.estimate_advantages``) equals the old function's output bit for bit."""
+    from rl.advantages import step_advantages
+
+    rng, seen = np.random.default_rng(0), {"image": 0, "sections": 0, "items": 0, "image_branches": 0, "dropped": 0}
+    for n, cfg in enumerate(_config_combinations()):
+        scores = _random_scores(rng, cfg)
+        new, old = step_advantages(cfg, scores, seed=n), _reference_step_advantages(cfg, scores, seed=n)
+        for field in ("text", "image", "sections", "image_branches", "items"):
+            a, b = getattr(new, field), getattr(old, field)
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (field, cfg.grpo, cfg.diffusion)
+            seen[field] = seen.get(field, 0) + (a is not None)
+        assert torch.equal(new.groups.zero_variance, old.groups.zero_variance), (cfg.grpo, cfg.diffusion)
+        assert torch.equal(new.groups.keep, old.groups.keep) and new.per_chain() == old.per_chain()
+        seen["dropped"] += new.groups.num_filtered > 0
+    assert n + 1 == 3 * 3 * 3 * 2 * 2 * 2 * (2 + 1)  # every combination ran (M > 1 only with the SR model trained)
+    assert min(seen.values()) > 0, seen  # every column kind and the group filter were exercised
+
+
+def test_the_config_plan_and_the_old_function_reject_the_same_mistakes():
+    from rl.advantages import advantage_plan, step_advantages, step_rewards
+
+    cfg = next(c for c in _config_combinations() if c.grpo.image_group_size > 1 and c.grpo.section_rewards)
+    scores = _random_scores(np.random.default_rng(1), cfg)
+    short = scores[:-1] + [replace(scores[-1], branches=scores[-1].branches[:2])]
+    for fn in (step_advantages, _reference_step_advantages):
+        with pytest.raises(ValueError, match="every one of the 16 chains needs 4 image branches"):
+            fn(cfg, short, 0)
+    odd = replace(cfg, grpo=replace(cfg.grpo, section_rewards={"rough_image": ["format"]}))  # not validated
+    with pytest.raises(ValueError, match=r"section_rewards names \['rough_image'\], not sections of"):
+        advantage_plan(odd, step_rewards(odd, scores))
+    with pytest.raises(ValueError, match=r"section_rewards names \['rough_image'\]"):
+        _reference_step_advantages(odd, scores, 0)
+    bad = replace(cfg, grpo=replace(cfg.grpo, text_rewards=["style"]))
+    for fn in (step_advantages, _reference_step_advantages):
+        with pytest.raises(ValueError, match=r"unknown reward components \['style'\]"):
+            fn(bad, scores, 0)

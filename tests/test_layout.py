@@ -1,6 +1,6 @@
 """Architecture guards: the packages form floors whose imports only go down, nothing of the product imports the
-research probes (lab), no module is a god module, every config key is read by the code, and the pure modules
-import without Ray."""
+research probes (lab), no module is a god module, no function is over 80 lines or 8 parameters, every config key
+is read by the code, and the pure modules import without Ray."""
 
 import ast
 import dataclasses
@@ -18,6 +18,11 @@ FLOORS = {"core": 0, "models": 1, "data": 1, "actors": 2, "rewards": 2, "learner
 # Where else Python lives in the checkout (run directly, not imported): these must not import lab either.
 SCRIPT_DIRS = ["scripts", "benchmarks"]
 MAX_LINES = 400
+MAX_FUNCTION_LINES = 80  # a function or method, from its def to its last line (docstring in, decorators out)
+MAX_PARAMETERS = 8  # not counting a method's self / cls; *args and **kwargs count one each
+# Known debt, (lines, parameters) as found: each entry is exempt up to that size only (growing fails), and an entry
+# that is within the caps again fails until it is removed here, so the guard covers every fixed function.
+OVERSIZED_ALLOWED: dict[str, tuple[int, int]] = {}  # "path::function": (lines, parameters) while a split is under way
 
 PURE_MODULES = [
     "core.config", "core.records", "core.chain", "core.grpo", "core.checkpoint", "core.placement", "core.weights",
@@ -109,6 +114,91 @@ def test_the_lab_check_sees_an_import_of_lab(tmp_path):
 def test_no_module_is_a_god_module():
     long = {str(p.relative_to(ROOT)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def _functions(path: Path) -> list[tuple[str, int, int]]:
+    """(qualified name, lines, parameters) of every function and method in ``path``, nested ones included."""
+    out: list[tuple[str, int, int]] = []
+
+    def visit(node: ast.AST, prefix: str, in_class: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = child.args
+                positional = [p.arg for p in a.posonlyargs + a.args]
+                bound = int(in_class and positional[:1] in (["self"], ["cls"]))
+                params = len(positional) - bound + len(a.kwonlyargs) + (a.vararg is not None) + (a.kwarg is not None)
+                out.append((prefix + child.name, child.end_lineno - child.lineno + 1, params))
+                visit(child, f"{prefix}{child.name}.", False)
+            elif isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.", True)
+            else:
+                visit(child, prefix, in_class)
+
+    visit(ast.parse(path.read_text(), str(path)), "", False)
+    return out
+
+
+def _oversized(paths: list[Path], root: Path) -> dict[str, tuple[int, int]]:
+    """``file::name`` -> (lines, parameters) of every function over either cap."""
+    return {f"{path.relative_to(root).as_posix()}::{name}": (lines, params)
+            for path in paths for name, lines, params in _functions(path)
+            if lines > MAX_FUNCTION_LINES or params > MAX_PARAMETERS}
+
+
+def _size_problems(found: dict[str, tuple[int, int]], allowed: dict[str, tuple[int, int]]) -> list[str]:
+    """The oversized functions not allowed (or grown past their allowance), and the allowances no longer needed."""
+    problems = []
+    for key, (lines, params) in sorted(found.items()):
+        if key not in allowed:
+            problems.append(f"{key}: {lines} lines, {params} parameters (caps: {MAX_FUNCTION_LINES} lines, "
+                            f"{MAX_PARAMETERS} parameters)")
+        elif lines > allowed[key][0] or params > allowed[key][1]:
+            problems.append(f"{key}: grew to {lines} lines, {params} parameters (allowed: {allowed[key]})")
+    problems += [f"{key}: within the caps now (or gone): remove it from OVERSIZED_ALLOWED"
+                 for key in sorted(set(allowed) - set(found))]
+    return problems
+
+
+def test_no_function_is_too_long_or_takes_too_many_parameters():
+    """A function over 80 lines or 8 parameters does too much: split it, or pass a dataclass (not **kwargs)."""
+    problems = _size_problems(_oversized(_modules(), ROOT), OVERSIZED_ALLOWED)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_size_check_sees_a_long_function_and_a_long_signature(tmp_path):
+    """The guard itself can fail: 81 lines, or 9 parameters (a method's self / cls not counted, *args and **kwargs
+    one each, keyword-only ones too), nested functions and methods included; an allowance covers its size only and
+    must go once it is not needed."""
+    body = "".join(f"    x{i} = {i}\n" for i in range(79))
+    (tmp_path / "pkg").mkdir()
+    bad = tmp_path / "pkg" / "bad.py"
+    bad.write_text(
+        f"def long():\n{body}    return 0\n"  # 81 lines
+        f"def fits():\n{body[:-len('    x78 = 78')-1]}    return 0\n"  # 80 lines
+        "def wide(a, b, c, d, e, f, g, h, i): pass\n"
+        "def starred(a, b, c, d, e, f, g, *args, **kwargs): pass\n"
+        "def keywords(a, b, c, d, e, f, g, h, *, i=0): pass\n"
+        "class C:\n"
+        "    def method(self, a, b, c, d, e, f, g, h): pass\n"
+        "    @classmethod\n"
+        "    def build(cls, a, b, c, d, e, f, g, h, i): pass\n"
+        "    def outer(self):\n"
+        "        def inner(self, a, b, c, d, e, f, g, h): pass\n"
+    )
+    found = _oversized([bad], tmp_path)
+    assert found == {"pkg/bad.py::long": (81, 0), "pkg/bad.py::wide": (1, 9), "pkg/bad.py::starred": (1, 9),
+                     "pkg/bad.py::keywords": (1, 9), "pkg/bad.py::C.build": (1, 9),
+                     "pkg/bad.py::C.outer.inner": (1, 9)}
+    allowed = {"pkg/bad.py::long": (81, 0), "pkg/bad.py::wide": (1, 8), "pkg/bad.py::gone": (90, 1)}
+    assert _size_problems(found, allowed) == [
+        "pkg/bad.py::C.build: 1 lines, 9 parameters (caps: 80 lines, 8 parameters)",
+        "pkg/bad.py::C.outer.inner: 1 lines, 9 parameters (caps: 80 lines, 8 parameters)",
+        "pkg/bad.py::keywords: 1 lines, 9 parameters (caps: 80 lines, 8 parameters)",
+        "pkg/bad.py::starred: 1 lines, 9 parameters (caps: 80 lines, 8 parameters)",
+        "pkg/bad.py::wide: grew to 1 lines, 9 parameters (allowed: (1, 8))",
+        "pkg/bad.py::gone: within the caps now (or gone): remove it from OVERSIZED_ALLOWED",
+    ]
+    assert _size_problems({}, {}) == []
 
 
 def _config_fields(cls: type, prefix: str = "") -> list[tuple[str, str]]:

@@ -17,16 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from learner_support import ADVANTAGES, learner_config, one_rank_worker, sample_rollouts, solo_worker
 
 from core import grpo
-from core.config import ExperimentConfig, load_config
 from core.records import ChainAdvantage, Rollout
 from learner.batching import contiguous_sizes, masked_copy, micro_batches, reduce_sums
-from learner.worker import LearnerWorker
-from models.chain_tokens import sequence_log_probs
 
-ROOT = Path(__file__).resolve().parents[1]
-ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5])
 TIMINGS: dict[str, float] = {}  # printed at the end of the module (pytest -s) for the report
 
 
@@ -106,73 +102,10 @@ def models(small_models) -> dict[str, Path]:
     return small_models
 
 
-def _sample_rollouts(
-    policy_dir: Path, diffusion_dir: Path, prompts: int = 2, group: int = 2, steps: int = 2
-) -> list[Rollout]:
-    """Real chains: random text turns around two inserted stage images sampled by the SR pipeline.
-
-    Text log-probs come from a direct HF forward of the full sequence (no learner code involved)."""
-    from models.chain_tokens import ChainTokens
-    from models.policy import load_policy
-    from models.sr_pipeline import SRPipeline
-
-    tok = ChainTokens.from_pretrained(policy_dir)
-    model = load_policy(policy_dir)
-    pipe = SRPipeline.from_pretrained(str(diffusion_dir))
-    gen = torch.Generator().manual_seed(0)
-    rng = np.random.default_rng(0)
-    special = set(tok.tokenizer.all_special_ids)
-    vocab = [i for i in range(len(tok.tokenizer)) if i not in special]
-    n = prompts * group
-    lrs = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(prompts)]
-    conds = [lrs[i // group] for i in range(n)]
-    rough, rough_tr = pipe.sample(
-        conds, (16, 16), ["rough"] * n, num_steps=steps, generator=gen, stage="rough"
-    )
-    middle, mid_tr = pipe.sample(rough, (32, 32), ["mid"] * n, num_steps=steps, generator=gen, stage="middle")
-    out = []
-    for p, lr in enumerate(lrs):
-        prompt = tok.prompt_ids(lr)
-        for s in range(group):
-            i = p * group + s
-            turns = [[int(x) for x in rng.choice(vocab, int(rng.integers(2, 6)))] for _ in range(3)]
-            sections = [tok.image_section_ids("rough", rough[i]), tok.image_section_ids("middle", middle[i])]
-            ids = turns[0] + sections[0] + turns[1] + sections[1] + turns[2]
-            mask = torch.tensor(
-                [1] * len(turns[0])
-                + [0] * len(sections[0])
-                + [1] * len(turns[1])
-                + [0] * len(sections[1])
-                + [1] * len(turns[2])
-            )
-            images = [lr, rough[i], middle[i]]
-            with torch.no_grad():  # the engines' definition: 3D M-RoPE positions, banned ids masked
-                inputs = tok.batch_inputs([prompt + ids], [images])
-                banned = tok.banned_ids(model.config.get_text_config().vocab_size)
-                logp = sequence_log_probs(model, inputs, banned_ids=banned)[0, len(prompt):]
-            out.append(
-                Rollout(
-                    prompt_id=p,
-                    sample_index=s,
-                    policy_version=0,
-                    diffusion_version=0,
-                    prompt_ids=torch.tensor(prompt),
-                    token_ids=torch.tensor(ids),
-                    text_mask=mask,
-                    log_probs=torch.where(mask.bool(), logp, torch.zeros(())),
-                    text="",
-                    images={"rough": rough[i], "middle": middle[i]},
-                    context_images=images,
-                    traces=(rough_tr[i], mid_tr[i]),
-                )
-            )
-    return out
-
-
 @pytest.fixture(scope="module")
 def chains(models) -> tuple[grpo.TrainBatch, list[Rollout]]:
     t = time.perf_counter()
-    rollouts = _sample_rollouts(models["policy"], models["diffusion"])
+    rollouts = sample_rollouts(models["policy"], models["diffusion"])
     TIMINGS["sample 4 chains"] = time.perf_counter() - t
     order = [1, 0, 3, 2]  # build_train_batch's rows index the given list: exercise a non-identity mapping
     given = [rollouts[i] for i in order]
@@ -180,46 +113,14 @@ def chains(models) -> tuple[grpo.TrainBatch, list[Rollout]]:
     return batch, given
 
 
-def _config(models, *overrides: str) -> ExperimentConfig:
-    return load_config(
-        ROOT / "configs/grpo_random_local.yaml",
-        [
-            f"policy.path={models['policy']}",
-            f"diffusion.path={models['diffusion']}",
-            "grpo.group_size=2",
-            "grpo.prompts_per_step=2",
-            "learner.num_cpus=0.5",
-            "trainer.total_steps=4",
-            *overrides,
-        ],
-    )
-
-
-def _one_rank(models, port: int, *overrides: str) -> LearnerWorker:
-    """A fresh world-size-1 ZeRO-2 worker, two chains a micro-batch."""
-    return _solo(_config(models, "learner.num_ranks=1", "learner.zero_stage=2", "learner.micro_batch_size=2",
-                         *overrides), port)
-
-
-def _solo(cfg: ExperimentConfig, port: int) -> LearnerWorker:
-    env = {
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }
-    return LearnerWorker.from_config(cfg, env)
-
-
 # ========================================================================================= in-process, ZeRO-3
 @pytest.fixture(scope="module")
 def zero3(models, chains, port, tmp_path_factory) -> dict:
     """One rank holding the whole batch under ZeRO-3: state before/after one step, and a checkpoint of it."""
     batch, rollouts = chains
-    cfg = _config(models, "learner.num_ranks=1", "learner.zero_stage=3", "learner.micro_batch_size=2")
+    cfg = learner_config(models, "learner.num_ranks=1", "learner.zero_stage=3", "learner.micro_batch_size=2")
     t = time.perf_counter()
-    worker = _solo(cfg, port)
+    worker = solo_worker(cfg, port)
     TIMINGS["in-process ZeRO-3 worker start"] = time.perf_counter() - t
     before = {m: worker.gather_full_state(m) for m in ("policy", "diffusion")}
     t = time.perf_counter()
@@ -272,16 +173,25 @@ def test_zero3_step_changes_weights_and_gather_returns_full_shapes(zero3, models
     assert zero3["worker"].info()["parameters"]["policy"] == sum(t.numel() for t in reference.values())
 
 
+@pytest.fixture(scope="module")
+def zero3_export(zero3, tmp_path_factory) -> dict:
+    """The ZeRO-3 worker's HF export after its one step (``zero3["after"]``): the folder and what it wrote. A
+    fixture, so that the test that steps the worker again can have it done first."""
+    out = tmp_path_factory.mktemp("zero3_export")
+    t = time.perf_counter()
+    written = zero3["worker"].export_hf(str(out))
+    TIMINGS["in-process ZeRO-3 export_hf"] = time.perf_counter() - t
+    return {"dir": out, "written": written}
+
+
 @pytest.mark.slow
-def test_export_round_trip_equals_the_gathered_weights(zero3, tmp_path):
+def test_export_round_trip_equals_the_gathered_weights(zero3, zero3_export):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from models.sr_pipeline import SRPipeline
 
-    t = time.perf_counter()
-    written = zero3["worker"].export_hf(str(tmp_path))
-    TIMINGS["in-process ZeRO-3 export_hf"] = time.perf_counter() - t
-    assert written == {"policy": str(tmp_path / "policy"), "diffusion": str(tmp_path / "diffusion")}
+    out, written = zero3_export["dir"], zero3_export["written"]
+    assert written == {"policy": str(out / "policy"), "diffusion": str(out / "diffusion")}
     policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(written["policy"]).state_dict()
     gathered = zero3["after"]["policy"]
     assert set(policy) == set(gathered)
@@ -294,12 +204,14 @@ def test_export_round_trip_equals_the_gathered_weights(zero3, tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_restores_weights_and_optimizer_in_a_fresh_worker(zero3, chains, port):
+def test_checkpoint_restores_weights_and_optimizer_in_a_fresh_worker(zero3, zero3_export, chains, port):
+    """Steps the ZeRO-3 worker a second time: it requests ``zero3_export`` so that the export of the first
+    step is written before, whatever order the tests run in (no other test steps that worker)."""
     batch, rollouts = chains
     original = zero3["worker"]
     second = original.train_step(batch, *rollouts)  # step 2 from the checkpointed state
     want = original.gather_full_state("policy")
-    fresh = _solo(zero3["cfg"], port)
+    fresh = solo_worker(zero3["cfg"], port)
     t = time.perf_counter()
     fresh.load_checkpoint(str(zero3["ckpt"]))
     TIMINGS["in-process ZeRO-3 load_checkpoint"] = time.perf_counter() - t
@@ -333,14 +245,14 @@ def test_bad_inputs_are_clear_errors(zero3, chains, tmp_path):
 def test_frozen_diffusion_is_not_held_trained_or_changed(models, chains, zero3, port, tmp_path):
     batch, rollouts = chains
     source = _dir_digest(models["diffusion"])
-    cfg = _config(
+    cfg = learner_config(
         models,
         "learner.num_ranks=1",
         "learner.zero_stage=0",
         "learner.micro_batch_size=1",
         "diffusion.freeze=true",
     )
-    worker = _solo(cfg, port)
+    worker = solo_worker(cfg, port)
     assert worker.info()["trained"] == ["policy"] and worker.pipeline is None
     m = worker.train_step(batch, *rollouts)
     assert "image_loss" not in m and "diffusion_grad_norm" not in m and m["diffusion_steps"] == 0
@@ -359,7 +271,7 @@ def test_kl_to_reference_update_epochs_and_lr_decay_zero1(models, chains, port):
     from learner.engine import current_lr
 
     batch, rollouts = chains
-    cfg = _config(
+    cfg = learner_config(
         models,
         "learner.num_ranks=1",
         "learner.zero_stage=1",
@@ -369,7 +281,7 @@ def test_kl_to_reference_update_epochs_and_lr_decay_zero1(models, chains, port):
         "grpo.update_epochs=2",
         "learner.policy_optim.schedule=linear",
     )
-    worker = _solo(cfg, port)
+    worker = solo_worker(cfg, port)
     assert worker.reference is not None and not worker.reference.training
     m = worker.train_step(batch, *rollouts)
     assert m["optimizer_steps"] == 2  # one optimizer step per update epoch
@@ -390,16 +302,16 @@ def test_an_update_raises_a_positive_chains_likelihood_and_lowers_a_negative_one
     # one step on a single chain with A = +1 (or -1), re-scoring that chain gives mean ratio > 1 (< 1).
     # The second step's text_loss at A = +1 on that chain alone is -sum(ratio) / tokens, so it reads the ratio.
     batch, rollouts = chains
-    cfg = _config(models, "learner.num_ranks=1", "learner.zero_stage=2", "learner.micro_batch_size=2",
-                  "diffusion.freeze=true", f"learner.policy_optim.name={optimizer}",
-                  f"learner.policy_optim.lr={lr}", "learner.grad_clip=0")
-    worker = _solo(cfg, port)
+    cfg = learner_config(models, "learner.num_ranks=1", "learner.zero_stage=2", "learner.micro_batch_size=2",
+                         "diffusion.freeze=true", f"learner.policy_optim.name={optimizer}",
+                         f"learner.policy_optim.lr={lr}", "learner.grad_clip=0")
+    worker = solo_worker(cfg, port)
     one = (torch.arange(len(batch)) == 0).float()
     probe = grpo.build_train_batch(rollouts, one)
     mean_ratio = {}
     for sign in (1.0, -1.0):
         if sign < 0:
-            worker = _solo(cfg, port)  # fresh weights
+            worker = solo_worker(cfg, port)  # fresh weights
         worker.train_step(grpo.build_train_batch(rollouts, sign * one), *rollouts)
         m = worker.train_step(probe, *rollouts)
         mean_ratio[sign] = -m["text_loss"] * m["tokens"] / float(probe.loss_mask[0].sum())
@@ -414,8 +326,8 @@ def test_train_steps_fraction_halves_the_rescored_and_trained_steps(models, chai
     _, rollouts = chains
     seen = {}
     for fraction, start in ((1.0, 0.0), (0.5, 0.0), (0.5, 0.5)):
-        worker = _one_rank(models, port, "policy.freeze=true", f"diffusion.train_steps_fraction={fraction}",
-                           f"diffusion.train_steps_start={start}")
+        worker = one_rank_worker(models, port, "policy.freeze=true", f"diffusion.train_steps_fraction={fraction}",
+                                 f"diffusion.train_steps_start={start}")
         calls: list[tuple[int, ...]] = []
         rescore = worker.pipeline.trace_log_probs
 
@@ -436,7 +348,7 @@ def test_train_steps_fraction_halves_the_rescored_and_trained_steps(models, chai
 def _one_policy_step(models, chains, port, override: str):
     """A one-rank worker with ``override`` after one step: (worker, the policy's names, the names it changed)."""
     batch, rollouts = chains
-    worker = _one_rank(models, port, "diffusion.freeze=true", override)
+    worker = one_rank_worker(models, port, "diffusion.freeze=true", override)
     before = worker.gather_full_state("policy")
     worker.train_step(batch, *rollouts)
     after = worker.gather_full_state("policy")
@@ -457,8 +369,8 @@ def test_image_clip_range_clips_the_denoising_steps_only(models, chains, port):
     batch, rollouts = chains
     runs = {}
     for clip in ("null", "1e-4"):
-        worker = _one_rank(models, port, "grpo.update_epochs=2", f"grpo.image_clip_range={clip}",
-                           "learner.policy_optim.lr=1e-2", "learner.diffusion_optim.lr=1e-5")
+        worker = one_rank_worker(models, port, "grpo.update_epochs=2", f"grpo.image_clip_range={clip}",
+                                 "learner.policy_optim.lr=1e-2", "learner.diffusion_optim.lr=1e-5")
         runs[clip] = worker.train_step(batch, *rollouts)
     wide, narrow = runs["null"], runs["1e-4"]
     for key in ("text_loss", "text_clip_fraction", "text_ratio_max", "policy_grad_norm"):
@@ -477,8 +389,8 @@ def test_image_kl_to_the_base_sr_model_is_zero_at_the_start_and_grows_after_an_u
     """grpo.image_kl_beta: the first step starts from the base weights, so the KL is exactly 0 and so is its
     gradient (the update equals the one without the term); after one update the KL is positive."""
     batch, rollouts = chains
-    plain = _one_rank(models, port, "policy.freeze=true").train_step(batch, *rollouts)
-    worker = _one_rank(models, port, "policy.freeze=true", "grpo.image_kl_beta=0.5")
+    plain = one_rank_worker(models, port, "policy.freeze=true").train_step(batch, *rollouts)
+    worker = one_rank_worker(models, port, "policy.freeze=true", "grpo.image_kl_beta=0.5")
     assert worker.diffusion_reference is not None and "image_kl" not in plain
     first = worker.train_step(batch, *rollouts)
     assert first["image_kl"] == 0.0
@@ -495,11 +407,11 @@ def test_image_branches_train_like_separate_chains_with_the_same_advantages(mode
     step) covers all branches."""
     _, rollouts = chains
     image_adv = [0.7, -1.3, 0.2, 0.4]
-    separate = _one_rank(models, port, "policy.freeze=true", "learner.micro_batch_size=4").train_chains(
+    separate = one_rank_worker(models, port, "policy.freeze=true", "learner.micro_batch_size=4").train_chains(
         [ChainAdvantage(0.0, image=a) for a in image_adv], False, *rollouts)
     merged = [replace(rollouts[i], traces=rollouts[i].traces + rollouts[i + 1].traces,
                       branch_finals=(np.zeros((32, 32, 3), np.uint8),)) for i in (0, 2)]
-    worker = _one_rank(models, port, "policy.freeze=true")
+    worker = one_rank_worker(models, port, "policy.freeze=true")
     calls: list[int] = []
     rescore = worker.pipeline.trace_log_probs
 
@@ -524,8 +436,8 @@ def test_nft_moves_the_sr_model_towards_better_images_and_away_from_worse_ones(m
     at the chains' noised images is closer to those images; with -1, farther. No likelihood is involved, so there is
     no image ratio to check; two update epochs reuse the first one's predictions as the old policy's."""
     _, rollouts = chains
-    worker = _one_rank(models, port, "policy.freeze=true", "grpo.image_objective={name: nft, beta: 1.0}",
-                       "grpo.update_epochs=2", "learner.diffusion_optim.lr=1e-3")
+    worker = one_rank_worker(models, port, "policy.freeze=true", "grpo.image_objective={name: nft, beta: 1.0}",
+                             "grpo.update_epochs=2", "learner.diffusion_optim.lr=1e-3")
     traces = [r.traces[1] for r in rollouts]  # the middle stage, 32 px
 
     def error() -> float:
@@ -547,8 +459,8 @@ def test_off_policy_correction_is_the_identity_when_the_sampling_policy_is_the_l
     them: the proximal re-scoring reproduces the behaviour log-probs, so every truncated importance weight is 1
     and the update is the on-policy one (learner.off_policy)."""
     batch, rollouts = chains
-    on_policy = _one_rank(models, port).train_step(batch, *rollouts)
-    m = _one_rank(models, port).train_step(batch, *rollouts, version=1, max_staleness=1)
+    on_policy = one_rank_worker(models, port).train_step(batch, *rollouts)
+    m = one_rank_worker(models, port).train_step(batch, *rollouts, version=1, max_staleness=1)
     assert m["off_policy_chains"] == 4 and m["staleness_max"] == 1 and m["dropped_stale_chains"] == 0
     for kind in ("text", "image"):
         assert m[f"tis_{kind}_ratio_mean"] == pytest.approx(1.0, abs=1e-4), kind
@@ -565,7 +477,7 @@ def test_chains_older_than_max_staleness_are_not_trained_on(models, chains, port
     batch, rollouts = chains
     fresh = [i % 2 == 0 for i in range(len(rollouts))]
     labelled = [replace(r, policy_version=3, diffusion_version=3) if f else r for r, f in zip(rollouts, fresh)]
-    m = _one_rank(models, port).train_step(batch, *labelled, version=3, max_staleness=1)
+    m = one_rank_worker(models, port).train_step(batch, *labelled, version=3, max_staleness=1)
     keep = torch.tensor(fresh)
     assert m["dropped_stale_chains"] == 2 and m["off_policy_chains"] == 0
     assert m["tokens"] == int(batch.loss_mask[keep].sum()) and m["diffusion_steps"] == int(batch.step_mask[keep].sum())
@@ -586,7 +498,7 @@ def test_a_trainable_pattern_that_matches_nothing_is_named():
 def group(ray_local, models):
     from learner.group import LearnerGroup
 
-    cfg = _config(models, "learner.num_ranks=2", "learner.zero_stage=2", "learner.micro_batch_size=1")
+    cfg = learner_config(models, "learner.num_ranks=2", "learner.zero_stage=2", "learner.micro_batch_size=1")
     t = time.perf_counter()
     g = LearnerGroup(cfg)
     TIMINGS["Ray 2-rank ZeRO-2 group start"] = time.perf_counter() - t
@@ -597,12 +509,28 @@ def group(ray_local, models):
 
 @pytest.fixture(scope="module")
 def group_step(ray_local, group, chains) -> dict:
+    """The group's first step: its metrics, and the group's policy weights and both models' per-rank
+    parameter digests right after it (later fixtures train the group on and end it)."""
     batch, rollouts = chains
     refs = [ray_local.put(r) for r in rollouts]  # as the driver holds them: each rank fetches only its shard
     t = time.perf_counter()
     metrics = group.train(refs, [ChainAdvantage(float(a)) for a in batch.step_advantages[:, 0]], [True] * len(refs))
     TIMINGS["Ray 2-rank ZeRO-2 train step (4 chains)"] = time.perf_counter() - t
-    return metrics
+    return {"metrics": metrics, "policy": group.gather_full_state("policy"),
+            "digests": {model: group.parameter_digests(model) for model in ("policy", "diffusion")}}
+
+
+@pytest.fixture(scope="module")
+def image_advantage_steps(ray_local, group, group_step, chains) -> tuple[dict, dict]:
+    """Two more group steps after ``group_step``: text advantages with zero image advantages, then the other
+    way round (grpo.image_rewards): their metrics."""
+    _, rollouts = chains
+    refs = [ray_local.put(r) for r in rollouts]
+    n = len(refs)
+    signs = [1.0 if i % 2 else -1.0 for i in range(n)]
+    text_only = group.train(refs, [ChainAdvantage(a, image=0.0) for a in signs], [True] * n)
+    image_only = group.train(refs, [ChainAdvantage(0.0, image=a) for a in signs], [True] * n)
+    return text_only, image_only
 
 
 @pytest.mark.slow
@@ -615,21 +543,21 @@ def test_group_forms_one_zero_group(group):
 
 @pytest.mark.slow
 def test_two_ranks_train_like_one_rank_holding_the_whole_batch(group, group_step, zero3):
-    m, solo = group_step, zero3["metrics"]
+    m, solo = group_step["metrics"], zero3["metrics"]
     # Global token / step counts and DeepSpeed's mean over ranks are undone exactly: the sharded, accumulated
     # update has the loss and gradient norm of the unsharded batch.
     for key in ("tokens", "diffusion_steps", "chains", "text_loss", "image_loss", "text_ratio_mean"):
         assert m[key] == pytest.approx(solo[key], abs=1e-5), key
     for key in ("policy_grad_norm", "diffusion_grad_norm"):
         assert m[key] == pytest.approx(solo[key], rel=1e-4), key
-    weights = group.gather_full_state("policy")
+    weights = group_step["policy"]  # gathered right after the step
     for name, tensor in zero3["after"]["policy"].items():
         torch.testing.assert_close(weights[name], tensor, atol=2e-6, rtol=0, msg=name)
 
 
 @pytest.mark.slow
 def test_replicas_stay_identical_on_both_ranks(group, group_step, zero3):
-    digests = {model: group.parameter_digests(model) for model in ("policy", "diffusion")}
+    digests = group_step["digests"]  # taken right after the step
     for model, (rank0, rank1) in digests.items():
         assert rank0 == rank1, model  # bitwise: ZeRO-2 all-gathers the same updated partitions
         before = {k: float(v.double().sum()) for k, v in zero3["before"][model].items()}
@@ -637,21 +565,17 @@ def test_replicas_stay_identical_on_both_ranks(group, group_step, zero3):
 
 
 @pytest.mark.slow
-def test_image_advantages_drive_only_the_diffusion_update(ray_local, group, group_step, chains):
+def test_image_advantages_drive_only_the_diffusion_update(image_advantage_steps):
     # grpo.image_rewards: the text keeps its advantages, the diffusion steps get their own (zeros here), so
     # the SR model gets no gradient while the policy does; and the other way round.
-    _, rollouts = chains
-    refs = [ray_local.put(r) for r in rollouts]
-    n = len(refs)
-    signs = [1.0 if i % 2 else -1.0 for i in range(n)]
-    m = group.train(refs, [ChainAdvantage(a, image=0.0) for a in signs], [True] * n)
-    assert m["policy_grad_norm"] > 0 and m["diffusion_grad_norm"] == 0.0
-    m = group.train(refs, [ChainAdvantage(0.0, image=a) for a in signs], [True] * n)
-    assert m["policy_grad_norm"] == 0.0 and m["diffusion_grad_norm"] > 0
+    text_only, image_only = image_advantage_steps
+    assert text_only["policy_grad_norm"] > 0 and text_only["diffusion_grad_norm"] == 0.0
+    assert image_only["policy_grad_norm"] == 0.0 and image_only["diffusion_grad_norm"] > 0
 
 
 @pytest.mark.slow
-def test_group_checkpoint_loads_into_a_fresh_group(group, group_step, models, tmp_path):
+def test_group_checkpoint_loads_into_a_fresh_group(group, group_step, image_advantage_steps, models, tmp_path):
+    """Ends the group: it requests every fixture that trains the group, so they run before it in any order."""
     from learner.group import LearnerGroup
 
     saved = {m: group.gather_full_state(m) for m in ("policy", "diffusion")}
@@ -659,7 +583,7 @@ def test_group_checkpoint_loads_into_a_fresh_group(group, group_step, models, tm
     group.save_checkpoint(str(tmp_path))
     TIMINGS["Ray 2-rank save_checkpoint"] = time.perf_counter() - t
     group.shutdown()  # frees the CPUs; the fresh group must not rely on anything the old one held
-    cfg = _config(models, "learner.num_ranks=2", "learner.zero_stage=2", "learner.micro_batch_size=1")
+    cfg = learner_config(models, "learner.num_ranks=2", "learner.zero_stage=2", "learner.micro_batch_size=1")
     t = time.perf_counter()
     with LearnerGroup(cfg) as fresh:
         TIMINGS["Ray fresh group start"] = time.perf_counter() - t

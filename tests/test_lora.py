@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from learner_support import ADVANTAGES, ROOT, one_rank_worker, sample_rollouts
 from torch import nn
 
 from core.config import load_config
@@ -14,8 +15,6 @@ from core.model_config import LoraConfig
 from core.records import ChainAdvantage
 from core.validation import ConfigError
 from models import lora
-
-from test_learner import ADVANTAGES, ROOT, _one_rank, _sample_rollouts  # noqa: I001 (tests/ is on sys.path)
 
 POLICY_TARGETS = r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj$"
 UNET_TARGETS = r"unet\..*(conv1|conv2|to_q|to_k|to_v|to_out\.0)$"
@@ -232,7 +231,7 @@ def test_bad_lora_values_are_config_errors(override, key):
 # ============================================================================================ in the learner
 @pytest.fixture(scope="module")
 def chains(small_models):
-    return _sample_rollouts(small_models["policy"], small_models["diffusion"])
+    return sample_rollouts(small_models["policy"], small_models["diffusion"])
 
 
 LORA = [f"policy.lora={{rank: 4, alpha: 8, target_modules: ['{POLICY_TARGETS}'], "
@@ -245,8 +244,8 @@ LORA = [f"policy.lora={{rank: 4, alpha: 8, target_modules: ['{POLICY_TARGETS}'],
 def stepped(small_models, chains, port):
     """A one-rank learner with adapters on both models (and the policy's final norm and the UNet's output conv
     trained whole) and both KL terms, after one GRPO step."""
-    worker = _one_rank(small_models, port, *LORA, "grpo.kl_beta=0.1", "grpo.image_kl_beta=0.1",
-                       "learner.policy_optim.lr=1e-2", "learner.diffusion_optim.lr=1e-2")
+    worker = one_rank_worker(small_models, port, *LORA, "grpo.kl_beta=0.1", "grpo.image_kl_beta=0.1",
+                             "learner.policy_optim.lr=1e-2", "learner.diffusion_optim.lr=1e-2")
     before = {m: worker.gather_full_state(m) for m in ("policy", "diffusion")}
     raw_before = {m: {n: p.detach().clone() for n, p in worker.engines[m].module.named_parameters()}
                   for m in ("policy", "diffusion")}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from core.records import Scores, WeightUpdate
-from rl.pipeline import RolloutPipeline
+from rl.pipeline import PipelineConfig, RolloutPipeline
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,9 @@ def _run(k: int, steps: int = 8, learner_s: float = 0.03, rollout_s: float = 0.0
          rewards=None):
     """A learner that takes ``learner_s`` a step; returns (batches, staleness per step, rollouts)."""
     rollouts = _Rollouts(rollout_s)
-    p = RolloutPipeline(_Data(), rollouts, rewards or _Rewards(), prompts_per_step=2, group_size=3,
-                        seed_of=lambda s: 1000 + s, max_staleness=k, first_step=0, cursor=0, total_steps=steps)
+    config = PipelineConfig(prompts_per_step=2, group_size=3, max_staleness=k, total_steps=steps,
+                            seed_of=lambda s: 1000 + s)
+    p = RolloutPipeline(_Data(), rollouts, rewards or _Rewards(), config, first_step=0, cursor=0)
     version, batches, staleness = 0, [], []
     try:
         for step in range(steps):
@@ -128,4 +129,4 @@ def test_a_producer_error_reaches_the_learner_side():
 
 def test_negative_staleness_is_rejected():
     with pytest.raises(ValueError, match="max_staleness must be >= 0"):
-        RolloutPipeline(_Data(), _Rollouts(), _Rewards(), 1, 2, lambda s: s, -1, 0, 0, 3)
+        RolloutPipeline(_Data(), _Rollouts(), _Rewards(), PipelineConfig(1, 2, -1, 3, lambda s: s))

@@ -33,7 +33,8 @@ def run(tiny_models):
     worker = RolloutWorker(cfg)
     samples = PairDataset(cfg.data, "train").batch(0, B)
     rollouts = worker.generate(samples, G, seed=7)
-    return {"cfg": cfg, "worker": worker, "samples": samples, "rollouts": rollouts, "models": models}
+    yield {"cfg": cfg, "worker": worker, "samples": samples, "rollouts": rollouts, "models": models}
+    worker.close()
 
 
 def test_records_are_grouped_and_ordered(run):
@@ -198,3 +199,23 @@ def test_an_actor_whose_vllm_engine_died_exits_for_ray_to_restart_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == ENGINE_DEAD_EXIT, out.stderr[-2000:]
     assert out.stdout.split() == ["raised"] and "its vLLM engine died" in out.stderr
+
+
+def test_the_text_engine_spec_follows_the_config():
+    """``actors.rollout.text_engine_spec``: each worker its own seed; the policy's adapters only when a sync ships
+    them alone (then vLLM serves trainer.max_staleness + 1 versions); the transfer backend the sync uses."""
+    from actors.rollout import text_engine_spec
+
+    cfg = load_config(ROOT / "configs/grpo_lora_local.yaml", ["trainer.seed=5", "trainer.max_staleness=2"])
+    merged = text_engine_spec(cfg, "cpu", worker_index=3)
+    assert (merged.policy_path, merged.sampling, merged.max_tokens) == (
+        cfg.policy.path, cfg.rollout.sampling, cfg.chain.max_stage_tokens)
+    assert (merged.vllm, merged.dtype, merged.device, merged.seed) == (cfg.rollout.vllm, cfg.policy.dtype, "cpu", 8)
+    assert merged.lora is None and merged.transfer == "safetensors_bytes"  # policy.lora.sync: merged
+    adapters = text_engine_spec(load_config(ROOT / "configs/grpo_lora_local.yaml", [
+        "trainer.max_staleness=2", "policy.lora.sync=adapters", "learner.sync_backend=collective"]), "cpu")
+    assert adapters.lora is not None and adapters.lora.sync == "adapters" and adapters.max_loras == 3
+    assert adapters.transfer == "safetensors_bytes"  # adapters reach the actor as object-store buckets
+    collective = text_engine_spec(load_config(ROOT / "configs/grpo_lora_local.yaml",
+                                              ["learner.sync_backend=collective"]), "cpu")
+    assert collective.transfer == "cpu_gloo" and collective.lora is None

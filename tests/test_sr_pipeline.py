@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from core.config import TinyDiffusionConfig
-from models.sr_pipeline import SRPipeline
+from models.sr_pipeline import SRPipeline, StepSettings
 from models.tiny import build_tiny_sr_pipeline
 from models.tokenizer import build_chain_tokenizer
 
@@ -43,18 +43,16 @@ def _gens(*seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-def _sample(pipe, size=(16, 16), steps=3, seeds=(0, 1), **kw):
+def _sample(pipe, size=(16, 16), steps=3, seeds=(0, 1), guidance_scale=1.0):
     n = len(seeds)
     return pipe.sample(
         _conditions(n),
         size,
         PROMPTS[:n] * (n // 2) + PROMPTS[: n % 2],
         num_steps=steps,
-        eta=1.0,
-        noise_level=20,
+        settings=StepSettings(eta=1.0, noise_level=20, guidance_scale=guidance_scale),
         generator=_gens(*seeds),
         stage="rough",
-        **kw,
     )
 
 
@@ -197,7 +195,7 @@ def test_bad_inputs_are_named(pipe):
     with pytest.raises(ValueError, match="uint8"):
         pipe.sample([np.zeros((8, 8, 3), np.float32)] * 2, (16, 16), PROMPTS)
     with pytest.raises(ValueError, match="noise_level = 400"):
-        pipe.sample(_conditions(), (16, 16), PROMPTS, noise_level=400)
+        pipe.sample(_conditions(), (16, 16), PROMPTS, settings=StepSettings(noise_level=400))
     with pytest.raises(ValueError, match="1 prompts for 2"):
         pipe.sample(_conditions(), (16, 16), PROMPTS[:1])
     with pytest.raises(ValueError, match="vocab_size = 10"):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from actors.engines import build_text_engine
 from actors.hf_engine import HFTextEngine
-from actors.text_engine import TextEngine, TextRequest, TextSample, finish_reason
+from actors.text_engine import TextEngine, TextEngineSpec, TextRequest, TextSample, finish_reason
 from core.config import SamplingConfig, TinyPolicyConfig
 from models.chain_tokens import ChainTokens, sequence_log_probs
 from models.policy import load_policy, load_processor
@@ -48,16 +48,16 @@ def policy_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_engine(policy_dir) -> HFTextEngine:
-    return HFTextEngine(policy_dir, SAMPLING, MAX_TOKENS)
+    return HFTextEngine(TextEngineSpec(policy_dir, SAMPLING, MAX_TOKENS))
 
 
 @pytest.fixture(scope="module")
 def vllm_engine(policy_dir):
     from actors.vllm_engine import VLLMTextEngine
 
-    engine = VLLMTextEngine(policy_dir, SAMPLING, MAX_TOKENS)
+    engine = VLLMTextEngine(TextEngineSpec(policy_dir, SAMPLING, MAX_TOKENS))
     yield engine
-    del engine.llm
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_finish_reason_and_protocol(hf_engine):
     assert finish_reason([5, 6], {7}, {9}) == "length"
     assert isinstance(hf_engine, TextEngine)
     with pytest.raises(ValueError, match="rollout.engine"):
-        build_text_engine("sglang", "x", SAMPLING, 8)
+        build_text_engine("sglang", TextEngineSpec("x", SAMPLING, 8))
 
 
 def test_bad_requests_are_refused(hf_engine):

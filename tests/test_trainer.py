@@ -1,5 +1,13 @@
 """The GRPO driver in-process on a real local Ray cluster: one step end to end, TensorBoard scalars, killed
-rollout and reward actors mid-step, and checkpoint -> resume with the same step, data cursor and weights."""
+rollout and reward actors mid-step, and checkpoint -> resume with the same step, data cursor and weights.
+
+One run, built up by module-scoped fixtures, each the state it names and each depending on the one before:
+trainer -> stepped -> split_rewards_step -> rollout_killed -> reward_killed -> checkpointed -> resumed ->
+resumed_stepped -> evaluated. Each fixture does its step and records what its test checks at that moment, so
+any test run alone (or in any order) gets the same state as in the full file, and the file does each step
+once. The first trainer is torn down by ``resumed`` (as a crash would), so every step on it is a fixture that
+``checkpointed`` depends on; the learner rank death ends the resumed run, so its test requests the last
+fixture on that run."""
 
 from __future__ import annotations
 
@@ -44,52 +52,39 @@ def _config(tmp: Path, models: dict, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_models, ray_local):
+def trainer(tmp_path_factory, tiny_models, ray_local) -> dict:
+    """A fresh GRPOTrainer at step 0, with its config, output folder and models."""
     from rl.trainer import GRPOTrainer
 
     tmp = tmp_path_factory.mktemp("trainer")
     cfg = _config(tmp, tiny_models)
-    trainer = GRPOTrainer(cfg)
-    yield {"tmp": tmp, "models": tiny_models, "trainer": trainer, "cfg": cfg}
+    return {"tmp": tmp, "models": tiny_models, "trainer": GRPOTrainer(cfg), "cfg": cfg}
 
 
-def test_one_step_logs_every_scalar(setup):
-    trainer = setup["trainer"]
-    metrics = trainer.step()
-    assert trainer.step_id == 1 and trainer.cursor == B
-    assert 0.0 <= metrics["reward/total/mean"] <= 4.0
-    trainer.monitor.flush()
-    scalars = read_scalars(setup["cfg"].trainer.log_dir)
-    if metrics["grpo/kept_chains"] > 0:
-        missing = [k for k in EXPECTED_SCALARS if k not in scalars]
-    else:  # every group had equal rewards: no update, so no learner scalars this step
-        missing = [k for k in EXPECTED_SCALARS if k not in scalars and not k.startswith(("learner/", "timing/l",
-                                                                                         "timing/s"))]
-    assert not missing, missing
-    if metrics["grpo/kept_chains"] > 0:  # vLLM samples, the learner re-scores: the same numbers (fp32 here)
-        assert metrics["learner/engine_ratio_mean"] == pytest.approx(1.0, abs=1e-4)
-        assert metrics["learner/engine_logp_gap"] < 1e-3 and metrics["learner/engine_clip_fraction"] < 0.02
+@pytest.fixture(scope="module")
+def stepped(trainer) -> dict:
+    """The fresh trainer's first step: its metrics, step and cursor, and the TensorBoard scalars after it."""
+    run = trainer["trainer"]
+    metrics = run.step()
+    state = {"trainer": run, "metrics": metrics, "step_id": run.step_id, "cursor": run.cursor}
+    run.monitor.flush()
+    state["scalars"] = read_scalars(trainer["cfg"].trainer.log_dir)
+    return state
 
 
-def test_text_and_images_can_be_judged_by_their_own_rewards(setup):
-    trainer = setup["trainer"]
-    g = trainer.cfg.grpo
+@pytest.fixture(scope="module")
+def split_rewards_step(stepped) -> dict:
+    """One step with the text and the images judged by rewards of their own (grpo.text_rewards /
+    image_rewards / section_rewards), set back afterwards: its metrics."""
+    run = stepped["trainer"]
+    g = run.cfg.grpo
     g.text_rewards, g.image_rewards = ["format", "understanding"], ["generation"]
     g.section_rewards = {"degradation": ["format", "degradation"]}  # the driver's columns (the learner's
     try:  # credit rule stays chain here: section credit at the learner is tests/test_grpo.py's)
-        metrics = trainer.step()
+        metrics = run.step()
     finally:
         g.text_rewards = g.image_rewards = g.section_rewards = None
-    # generation differs between any two chains (the SDE sampler's noise), so no group is filtered even when
-    # the text rewards tie, and the images' advantages are the generation reward normalised in each group:
-    # unit (unbiased) std per group, so sqrt(B (G - 1) / (B G - 1)) over the batch (a little less: grpo.eps is
-    # added to each group's std, and the tiny models' generation rewards differ by ~1e-3)
-    assert metrics["grpo/filtered_groups"] == 0 and metrics["grpo/kept_chains"] == B * G
-    assert metrics["grpo/image_advantage_std"] == pytest.approx((B * (G - 1) / (B * G - 1)) ** 0.5, rel=5e-3)
-    assert metrics["learner/diffusion_grad_norm"] > 0
-    # the <degradation> section has a column of its own; the other sections share the text's
-    assert "grpo/degradation_advantage_std" in metrics
-    assert metrics["grpo/rough_understand_advantage_std"] == pytest.approx(metrics["grpo/advantage_std"])
+    return {"trainer": run, "metrics": metrics}
 
 
 def _kill_during_step(trainer, pick_actor, delay_s: float):
@@ -109,8 +104,11 @@ def _kill_during_step(trainer, pick_actor, delay_s: float):
     return result["metrics"]
 
 
-def test_killed_rollout_actor_restarts_and_the_step_completes(setup):
-    trainer = setup["trainer"]
+@pytest.fixture(scope="module")
+def rollout_killed(split_rewards_step) -> dict:
+    """One step during which a rollout actor is killed (Ray restarts it): the scores of every scoring call,
+    the metrics, and the driver's and the rollout actors' weight versions before and right after."""
+    trainer = split_rewards_step["trainer"]
     versions_before = trainer.version
     scored = []
     original = trainer.rewards.score
@@ -125,18 +123,15 @@ def test_killed_rollout_actor_restarts_and_the_step_completes(setup):
         metrics = _kill_during_step(trainer, lambda: trainer.rollouts.actors[0], delay_s=1.0)
     finally:
         trainer.rewards.score = original
-    scores = scored[-1]
-    keys = [(s.prompt_id, s.sample_index) for s in scores]
-    assert len(scores) == B * G and len(set(keys)) == B * G  # every chain of the step, each scored once
-    assert metrics["grpo/kept_chains"] <= B * G
-    # the restarted actor caught up with the current weights before it sampled again
-    assert all(v[0] == trainer.version for v in trainer.rollouts.versions())
-    assert trainer.version >= versions_before
+    return {"trainer": trainer, "metrics": metrics, "scored": scored, "versions_before": versions_before,
+            "version": trainer.version, "rollout_versions": trainer.rollouts.versions()}
 
 
-def test_killed_reward_actor_work_is_reissued(setup):
-    """The reward actor is killed just as scoring starts (rollouts done): its chains are re-issued."""
-    trainer = setup["trainer"]
+@pytest.fixture(scope="module")
+def reward_killed(rollout_killed) -> dict:
+    """One step whose reward actor is killed just as scoring starts (rollouts done): the scores of every
+    scoring call."""
+    trainer = rollout_killed["trainer"]
     scored = []
     original = trainer.rewards.score
 
@@ -154,46 +149,129 @@ def test_killed_reward_actor_work_is_reissued(setup):
         trainer.step()
     finally:
         trainer.rewards.score = original
+    return {"trainer": trainer, "scored": scored}
+
+
+@pytest.fixture(scope="module")
+def checkpointed(trainer, reward_killed) -> dict:
+    """A checkpoint of the first trainer after all its steps: the path, the latest complete checkpoint right
+    after saving, the step and cursor it holds, and the exported policy weights."""
+    run = reward_killed["trainer"]
+    path = run.save_checkpoint()
+    return {"trainer": run, "path": path,
+            "latest": ckpt.latest_complete(Path(trainer["cfg"].trainer.checkpoint_dir)),
+            "step": run.step_id, "cursor": run.cursor,
+            "saved": load_file(str(next((path / "export" / "policy").glob("*.safetensors"))))}
+
+
+@pytest.fixture(scope="module")
+def resumed(trainer, checkpointed) -> dict:
+    """The first trainer torn down, as a crash would, and the run resumed from ``checkpointed`` in a fresh set
+    of actors, with one prompt a step and a held-out evaluation every 2 steps (a resume may change the batch):
+    its step and cursor and the learner's policy weights as loaded, before any step."""
+    old = checkpointed["trainer"]
+    old.rollouts.shutdown()
+    old.learner.shutdown()
+    old.rewards.shutdown()
+    from rl.trainer import GRPOTrainer
+
+    step = checkpointed["step"]
+    run = GRPOTrainer(_config(trainer["tmp"], trainer["models"], "trainer.resume=true",
+                              "grpo.prompts_per_step=1", "grpo.filter_zero_variance=false",
+                              f"trainer.eval_every={step + 2}", "trainer.eval_images=1",
+                              "trainer.eval_panel.full_reference=[{name: gmsd, lower_better: true}, {name: fsim}]"))
+    return {"trainer": run, "step_id": run.step_id, "cursor": run.cursor,
+            "live": run.learner.gather_full_state("policy")}
+
+
+@pytest.fixture(scope="module")
+def resumed_stepped(resumed) -> dict:
+    """The resumed run's first step (it trains on from the checkpoint): its metrics, step and cursor."""
+    run = resumed["trainer"]
+    metrics = run.step()
+    return {"trainer": run, "metrics": metrics, "step_id": run.step_id, "cursor": run.cursor}
+
+
+@pytest.fixture(scope="module")
+def evaluated(resumed_stepped) -> dict:
+    """The resumed run's second step, its first with a held-out evaluation: its metrics and step, and the
+    TensorBoard scalars after it."""
+    run = resumed_stepped["trainer"]
+    metrics = run.step()
+    state = {"trainer": run, "metrics": metrics, "step_id": run.step_id}
+    run.monitor.flush()
+    state["scalars"] = read_scalars(run.cfg.trainer.log_dir)
+    return state
+
+
+def test_one_step_logs_every_scalar(stepped):
+    metrics, scalars = stepped["metrics"], stepped["scalars"]
+    assert stepped["step_id"] == 1 and stepped["cursor"] == B
+    assert 0.0 <= metrics["reward/total/mean"] <= 4.0
+    if metrics["grpo/kept_chains"] > 0:
+        missing = [k for k in EXPECTED_SCALARS if k not in scalars]
+    else:  # every group had equal rewards: no update, so no learner scalars this step
+        missing = [k for k in EXPECTED_SCALARS if k not in scalars and not k.startswith(("learner/", "timing/l",
+                                                                                         "timing/s"))]
+    assert not missing, missing
+    if metrics["grpo/kept_chains"] > 0:  # vLLM samples, the learner re-scores: the same numbers (fp32 here)
+        assert metrics["learner/engine_ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+        assert metrics["learner/engine_logp_gap"] < 1e-3 and metrics["learner/engine_clip_fraction"] < 0.02
+
+
+def test_text_and_images_can_be_judged_by_their_own_rewards(split_rewards_step):
+    metrics = split_rewards_step["metrics"]
+    # generation differs between any two chains (the SDE sampler's noise), so no group is filtered even when
+    # the text rewards tie, and the images' advantages are the generation reward normalised in each group:
+    # unit (unbiased) std per group, so sqrt(B (G - 1) / (B G - 1)) over the batch (a little less: grpo.eps is
+    # added to each group's std, and the tiny models' generation rewards differ by ~1e-3)
+    assert metrics["grpo/filtered_groups"] == 0 and metrics["grpo/kept_chains"] == B * G
+    assert metrics["grpo/image_advantage_std"] == pytest.approx((B * (G - 1) / (B * G - 1)) ** 0.5, rel=5e-3)
+    assert metrics["learner/diffusion_grad_norm"] > 0
+    # the <degradation> section has a column of its own; the other sections share the text's
+    assert "grpo/degradation_advantage_std" in metrics
+    assert metrics["grpo/rough_understand_advantage_std"] == pytest.approx(metrics["grpo/advantage_std"])
+
+
+def test_killed_rollout_actor_restarts_and_the_step_completes(rollout_killed):
+    metrics = rollout_killed["metrics"]
+    scores = rollout_killed["scored"][-1]
+    keys = [(s.prompt_id, s.sample_index) for s in scores]
+    assert len(scores) == B * G and len(set(keys)) == B * G  # every chain of the step, each scored once
+    assert metrics["grpo/kept_chains"] <= B * G
+    # the restarted actor caught up with the current weights before it sampled again
+    assert all(v[0] == rollout_killed["version"] for v in rollout_killed["rollout_versions"])
+    assert rollout_killed["version"] >= rollout_killed["versions_before"]
+
+
+def test_killed_reward_actor_work_is_reissued(reward_killed):
+    """The reward actor is killed just as scoring starts (rollouts done): its chains are re-issued."""
+    scored = reward_killed["scored"]
     keys = [(s.prompt_id, s.sample_index) for s in scored[-1]]
     assert len(keys) == B * G and len(set(keys)) == B * G  # exactly B x G chains, each scored once
     assert all(s is not None for s in scored[-1])
 
 
-def test_checkpoint_then_resume_restores_step_cursor_and_weights(setup):
+def test_checkpoint_then_resume_restores_step_cursor_and_weights(checkpointed, resumed, resumed_stepped):
     """Resumed with one prompt a step and a held-out evaluation every 2 steps (a resume may change the
-    batch): the tests after this one use the resumed run."""
-    trainer = setup["trainer"]
-    path = trainer.save_checkpoint()
-    assert ckpt.latest_complete(Path(setup["cfg"].trainer.checkpoint_dir)) == path
-    step, cursor = trainer.step_id, trainer.cursor
-    saved = load_file(str(next((path / "export" / "policy").glob("*.safetensors"))))
-    # tear the run down, as a crash would, and resume in a fresh set of actors
-    trainer.rollouts.shutdown()
-    trainer.learner.shutdown()
-    trainer.rewards.shutdown()
-    from rl.trainer import GRPOTrainer
-
-    resumed = GRPOTrainer(_config(setup["tmp"], setup["models"], "trainer.resume=true",
-                                  "grpo.prompts_per_step=1", "grpo.filter_zero_variance=false",
-                                  f"trainer.eval_every={step + 2}", "trainer.eval_images=1",
-                                  "trainer.eval_panel.full_reference=[{name: gmsd, lower_better: true}, {name: fsim}]"))
-    setup["resumed"] = resumed
-    assert resumed.cfg.learner.num_ranks == 2
-    assert (resumed.step_id, resumed.cursor) == (step, cursor)
-    live = resumed.learner.gather_full_state("policy")
+    batch): the fixtures after ``resumed`` step the resumed run."""
+    path, step, cursor, saved = (checkpointed[k] for k in ("path", "step", "cursor", "saved"))
+    assert checkpointed["latest"] == path
+    assert resumed["trainer"].cfg.learner.num_ranks == 2
+    assert (resumed["step_id"], resumed["cursor"]) == (step, cursor)
+    live = resumed["live"]
     assert len(saved) > 0
     for name, tensor in saved.items():  # exported (on-disk) names -> the learner's in-memory names
         assert torch.equal(live[hf_param_name(name)], tensor), name
-    setup["resumed_step"] = metrics = resumed.step()  # and it trains on from there
-    assert resumed.step_id == step + 1 and resumed.cursor == cursor + 1
+    metrics = resumed_stepped["metrics"]  # and it trains on from there
+    assert resumed_stepped["step_id"] == step + 1 and resumed_stepped["cursor"] == cursor + 1
     assert metrics["policy/version"] >= 1
 
 
-def test_eval_every_writes_held_out_rewards_at_its_steps_only(setup):
-    run = setup["resumed"]
-    metrics = run.step()
+def test_eval_every_writes_held_out_rewards_at_its_steps_only(evaluated):
+    run, metrics, scalars = evaluated["trainer"], evaluated["metrics"], evaluated["scalars"]
     every = run.cfg.trainer.eval_every
-    assert run.step_id == every  # the first evaluation step after the resume
+    assert evaluated["step_id"] == every  # the first evaluation step after the resume
     assert metrics["eval/chains"] == 1 * G  # eval_images x group_size held-out chains
     for part in ("format", "degradation", "understanding", "generation", "total"):
         assert 0.0 <= metrics[f"eval/reward/{part}/mean"] <= 4.0, part
@@ -201,22 +279,22 @@ def test_eval_every_writes_held_out_rewards_at_its_steps_only(setup):
     # the held-out-only panel, raw: GMSD (0 = identical to HR) and FSIM (1 = identical), every chain scored
     assert 0.0 < metrics["eval/panel/gmsd"] < 1.0 and 0.0 < metrics["eval/panel/fsim"] < 1.0
     assert metrics["eval/panel/gmsd_failed"] == metrics["eval/panel/fsim_failed"] == 0
-    run.monitor.flush()
-    scalars = read_scalars(run.cfg.trainer.log_dir)
     assert [s for s, _ in scalars["eval/reward/total/mean"]] == [every]
     assert [s for s, _ in scalars["reward/total/mean"]][-2:] == [every - 1, every]
 
 
-def test_learner_rank_death_ends_the_run_cleanly_with_the_checkpoint_intact(setup):
+def test_learner_rank_death_ends_the_run_cleanly_with_the_checkpoint_intact(trainer, evaluated):
+    """Ends the resumed run: it requests ``evaluated``, the last fixture on that run, so every step the other
+    tests check is done (and recorded) before the kill, whatever order the tests run in."""
     from rl.run_state import RunFailed
 
-    trainer = setup["resumed"]
-    root = Path(setup["cfg"].trainer.checkpoint_dir)
+    run = evaluated["trainer"]
+    root = Path(trainer["cfg"].trainer.checkpoint_dir)
     before = ckpt.latest_complete(root)
-    ray.kill(trainer.learner.actors[1], no_restart=True)  # the ZeRO group cannot continue without a rank
-    trainer.cfg.trainer.total_steps = trainer.step_id + 1
-    trainer.cfg.trainer.max_failures = 0  # no healing (tests/test_chaos.py heals it)
+    ray.kill(run.learner.actors[1], no_restart=True)  # the ZeRO group cannot continue without a rank
+    run.cfg.trainer.total_steps = run.step_id + 1
+    run.cfg.trainer.max_failures = 0  # no healing (tests/test_chaos.py heals it)
     with pytest.raises(RunFailed, match="last complete checkpoint: .*step_"):
-        trainer.fit()
+        run.fit()
     assert ckpt.latest_complete(root) == before
     ckpt.verify_checkpoint(before)  # every file of the manifest is there, sizes match

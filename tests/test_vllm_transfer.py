@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.text_engine import TextRequest
+from actors.text_engine import TextEngineSpec, TextRequest
 from core.config import SamplingConfig, TinyPolicyConfig, VLLMConfig
 from learner.transfer import open_sender, transfer_init, update_info
 from models.chain_tokens import sequence_log_probs
@@ -94,8 +94,8 @@ def _sync(engine, learner, free_port, tp: int, version: int) -> None:
 def test_weights_arrive_in_every_vllm_worker_process(models, free_port, tp):
     from actors.vllm_engine import VLLMTextEngine
 
-    engine = VLLMTextEngine(models["engine"], SAMPLING, 8, transfer="cpu_gloo",
-                            vllm=VLLMConfig(in_process=False, tensor_parallel_size=tp))
+    engine = VLLMTextEngine(TextEngineSpec(models["engine"], SAMPLING, 8, transfer="cpu_gloo",
+                                           vllm=VLLMConfig(in_process=False, tensor_parallel_size=tp)))
     try:
         learner = models["learner_model"]
         request = _request(engine.tokens)
@@ -111,14 +111,13 @@ def test_weights_arrive_in_every_vllm_worker_process(models, free_port, tp):
             assert s["chunks"] > 10 and s["bytes"] == total
             assert s["peak_chunk_bytes"] <= BUCKET + largest < total / 4  # one chunk held, never the model
     finally:
-        del engine.llm
+        engine.close()
 
 
 def test_adapter_sync_serves_what_merged_sync_serves(models):
     """``policy.lora.sync: adapters``: vLLM serves the learner's LoRA adapters over its base weights (and reloads the
     saved final norm); its sampling log-probs equal those of an engine given the merged weights, and the adapter
     sync moves a fraction of the bytes."""
-    import gc
 
     from actors.vllm_engine import VLLMTextEngine
     from core.model_config import LoraConfig
@@ -139,16 +138,15 @@ def test_adapter_sync_serves_what_merged_sync_serves(models):
     assert mb["adapters"] < mb["merged"] / 10, mb
     out = {}
     for mode in ("adapters", "merged"):
-        engine = VLLMTextEngine(models["engine"], SAMPLING, 8, lora=cfg if mode == "adapters" else None,
-                                max_loras=2)
+        engine = VLLMTextEngine(TextEngineSpec(models["engine"], SAMPLING, 8,
+                                               lora=cfg if mode == "adapters" else None, max_loras=2))
         try:
             request = _request(engine.tokens)
             before = engine.generate([request])[0]
             engine.load_weights(shipped[mode].items(), version=1)
             out[mode] = engine.generate([request])[0]
         finally:
-            del engine.llm
-            gc.collect()
+            engine.close()
     for a, m in zip(out["adapters"], out["merged"]):
         assert a.token_ids == m.token_ids
         assert np.allclose(a.log_probs, m.log_probs, atol=1e-5), (a.log_probs, m.log_probs)

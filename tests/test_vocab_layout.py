@@ -149,13 +149,13 @@ def test_vllm_samples_and_the_learner_rescores_at_the_7b_vocabulary_layout(layou
     import numpy as np
     import torch
 
-    from actors.text_engine import TextRequest
+    from actors.text_engine import TextEngineSpec, TextRequest
     from actors.vllm_engine import VLLMTextEngine
     from core.config import SamplingConfig
     from models.chain_tokens import sequence_log_probs
     from models.policy import load_policy
 
-    engine = VLLMTextEngine(layout_dir, SamplingConfig(temperature=1.0, seed=0), 6)
+    engine = VLLMTextEngine(TextEngineSpec(layout_dir, SamplingConfig(temperature=1.0, seed=0), 6))
     try:
         banned = set(engine.banned_ids)
         assert len(banned) == 404 and tokens.image_pad_id in banned and set(engine._ban) == banned
@@ -185,7 +185,7 @@ def test_vllm_samples_and_the_learner_rescores_at_the_7b_vocabulary_layout(layou
             request = TextRequest(contexts[0] + tokens.image_section_ids("rough", rough), [lr, rough],
                                   [tokens.stop_ids["middle"]], n=3)
     finally:
-        del engine.llm
+        engine.close()
 
 
 def test_grpo_8node_passes_every_start_up_check(tokens):

@@ -181,6 +181,7 @@ def build_sampler(cfg: ExperimentConfig, engine: str = "vllm", greedy: bool = Fa
     """
     from actors.chain_sampler import ChainSampler
     from actors.engines import build_text_engine
+    from actors.text_engine import TextEngineSpec
     from models.sr_pipeline import SRPipeline
 
     if engine not in ENGINES:
@@ -189,17 +190,17 @@ def build_sampler(cfg: ExperimentConfig, engine: str = "vllm", greedy: bool = Fa
     sampling = cfg.rollout.sampling
     if greedy:
         sampling = replace(sampling, temperature=0.0, top_p=1.0, top_k=-1)
-    args = (cfg.policy.path, sampling, cfg.chain.max_stage_tokens)
-    kwargs = {"vllm": cfg.rollout.vllm, "dtype": cfg.policy.dtype, "device": device, "seed": seed}
+    spec = TextEngineSpec(cfg.policy.path, sampling, cfg.chain.max_stage_tokens, vllm=cfg.rollout.vllm,
+                          dtype=cfg.policy.dtype, device=device, seed=seed)
     if engine == "vllm":
         try:
-            text = build_text_engine("vllm", *args, **kwargs)
+            text = build_text_engine("vllm", spec)
         except Exception as exc:  # noqa: BLE001 - ImportError, or an engine that cannot start here
             print(f"warning: the vLLM engine is not usable ({type(exc).__name__}: {str(exc)[:200]}); "
                   "using the HF engine instead", file=sys.stderr)
             engine = "hf"
     if engine == "hf":
-        text = build_text_engine("hf", *args, **kwargs)
+        text = build_text_engine("hf", spec)
     pipeline = SRPipeline.from_pretrained(cfg.diffusion.path).to(device, torch_dtype(cfg.diffusion.dtype))
     sampler = ChainSampler(text, pipeline, cfg.chain, cfg.diffusion, sampling=sampling)
     sampler.engine_name = engine

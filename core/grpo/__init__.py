@@ -1,6 +1,8 @@
 """GRPO math, pure torch (no Ray, no config objects): advantages, token credit, the train batch, the losses.
 
 ``core.grpo.advantages``  group-relative advantages, zero-variance filter, reward columns, advantage transforms
+``core.grpo.estimators``  StepRewards, the registered advantage estimators (ADV_ESTIMATORS), the column plan and
+                          estimate_advantages (one step's scores -> ChainAdvantages)
 ``core.grpo.credit``      token-credit rules (chain, section) and the chain tags' ids
 ``core.grpo.batch``       TrainBatch, build_train_batch, the trained denoising steps
 ``core.grpo.losses``      clipped surrogate (text and image), token_mean, k3 KL, log-probs, TIS weights
@@ -15,7 +17,6 @@ from core.grpo.advantages import (
     GroupFilter,
     advantage_transform,
     branch_advantages,
-    chain_advantages,
     column_advantages,
     component_rewards,
     decoupled_rewards,
@@ -24,6 +25,17 @@ from core.grpo.advantages import (
     placebo_shuffle,
     registry_entry,
     zero_variance_groups,
+)
+from core.grpo.estimators import (
+    ADV_ESTIMATORS,
+    AdvantageColumn,
+    AdvantagePlan,
+    Estimate,
+    StepRewards,
+    decoupled_column,
+    estimate_advantages,
+    joint_rewards,
+    register_adv_est,
 )
 from core.grpo.batch import TrainBatch, build_train_batch, trained_steps
 from core.grpo.objectives import IMAGE_OBJECTIVES, NFTOutput, image_objective, nft_loss, reward_probability
@@ -52,12 +64,13 @@ from core.grpo.losses import (
 
 __all__ = [
     "ADVANTAGE_TRANSFORMS", "ChainAdvantages", "GroupFilter", "advantage_transform", "branch_advantages",
-    "chain_advantages", "column_advantages", "component_rewards", "decoupled_rewards", "group_advantages",
+    "column_advantages", "component_rewards", "decoupled_rewards", "group_advantages",
     "group_order", "placebo_shuffle", "registry_entry", "zero_variance_groups", "TrainBatch", "build_train_batch",
     "trained_steps", "TOKEN_CREDIT", "ChainTags", "TokenCredit", "chain_credit", "section_credit",
     "degradation_item_positions",
     "token_credit", "token_sections", "LOG_RATIO_CLAMP", "SurrogateOutput", "clipped_surrogate",
     "gather_token_log_probs", "image_surrogate", "k3_kl", "needs_reference", "token_mean", "ImportanceWeights",
     "truncated_importance_weights", "IMAGE_OBJECTIVES", "NFTOutput", "image_objective", "nft_loss",
-    "reward_probability",
+    "reward_probability", "ADV_ESTIMATORS", "AdvantageColumn", "AdvantagePlan", "Estimate", "StepRewards",
+    "decoupled_column", "estimate_advantages", "joint_rewards", "register_adv_est",
 ]

@@ -1,18 +1,18 @@
-"""GRPO advantages: group-relative normalisation, zero-variance filtering, per-part reward columns, and the
-registry of advantage transforms.
+"""GRPO advantages: group-relative normalisation, zero-variance filtering, per-part reward columns, the
+registry of advantage transforms and the per-chain records.
 
 Pure torch (no Ray, no config objects). N chains in group order ``[g0s0, g0s1, ..., g0s(G-1), g1s0, ...]``.
 
-The driver turns one step's ``Scores`` into ``ChainAdvantages`` with ``chain_advantages``: a reward column per
-use (the text tokens, the diffusion steps when they are judged differently, each text section under section
-credit), each normalised within its groups, then the configured transforms (``ADVANTAGE_TRANSFORMS``, chosen
-by name in ``grpo.advantage_transforms``), then one ``ChainAdvantage`` record per chain for the learner.
+These are the primitives; ``core.grpo.estimators`` composes them: the driver turns one step's ``Scores`` into
+``ChainAdvantages`` with ``estimate_advantages``, one reward column per use (the text tokens, the diffusion steps
+when they are judged differently, each text section under section credit, ...), each normalised within its groups
+by a registered advantage estimator, then the configured transforms (``ADVANTAGE_TRANSFORMS``, chosen by name in
+``grpo.advantage_transforms``), then one ``ChainAdvantage`` record per chain for the learner.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.chain import DEGRADATION_ITEMS
 from core.records import ChainAdvantage
 
 
@@ -245,112 +244,6 @@ class ChainAdvantages:
                                sections=row(self.sections, i), image_branches=row(self.image_branches, i),
                                items=row(self.items, i))
                 for i in range(self.text.shape[0])]
-
-
-def chain_advantages(
-    parts: Sequence[Mapping[str, float]],
-    totals: Sequence[float],
-    weights: Mapping[str, float],
-    group_size: int,
-    text_rewards: Sequence[str] | None = None,
-    image_rewards: Sequence[str] | None = None,
-    section_rewards: Mapping[str, Sequence[str]] | None = None,
-    section_tags: Sequence[str] = (),
-    train_images: bool = True,
-    scale_by_std: bool = True,
-    eps: float = 1e-6,
-    transforms: Sequence[Mapping[str, Any]] = (),
-    generator: torch.Generator | None = None,
-    branches: Sequence[Sequence[Mapping[str, float]]] | None = None,
-    decoupled: bool = False,
-    metric_weights: Mapping[str, float] | None = None,
-    degradation_items: bool = False,
-) -> ChainAdvantages:
-    """The advantages of every part of the chain from the chains' reward parts (``Scores.parts``) and totals.
-
-    ``text_rewards`` / ``image_rewards``: the components the text / the diffusion steps learn from (None: the
-    total). The images get a column of their own only when they are trained and judged differently from the
-    text; otherwise they share the text's (the paper), and a frozen SR model's reward keeps no group alive.
-    ``section_rewards``: tag -> components for the tokens of that text section (a tag of ``section_tags``
-    not named there takes the text's advantage). Each column is normalised within its groups on its own;
-    ``transforms`` (``grpo.advantage_transforms`` entries) then apply in order, drawing from ``generator``.
-
-    ``branches`` (``Scores.branches``: per chain, M dicts of the parts each image branch decides; M > 1 and the
-    images trained): the images learn from M columns instead of one, each branch judged with its own image parts
-    (``branch_advantages``). ``decoupled`` (``grpo.decoupled_normalization``): every component of a column is
-    normalised on its own before the weighted sum (``decoupled_rewards``), the generation reward as its metrics
-    (``quality/<metric>`` parts, ``metric_weights``: their weights in the generation average).
-    ``degradation_items``: one more column per ``core.chain.DEGRADATION_ITEMS`` item, from its ``degradation/<item>``
-    part alone (the statement of that item learns from whether it was right, not from the other four).
-    """
-    def expand(components: Sequence[str] | None) -> list[tuple[str, float]]:
-        """(part, weight) of a column: the total's components for None; generation split into its metrics when
-        decoupled."""
-        names = list(weights) if components is None else list(components)
-        out: list[tuple[str, float]] = []
-        for c in names:
-            base = c.split("/", 1)[0]
-            if base not in weights:
-                raise ValueError(f"unknown reward components [{c!r}]; known: {sorted(weights)}")
-            if decoupled and c == "generation" and metric_weights:
-                total = sum(metric_weights.values()) or 1.0
-                out += [(f"quality/{m}", weights[base] * w / total) for m, w in metric_weights.items() if w > 0]
-            else:
-                out.append((c, weights[base]))
-        return out
-
-    def rewards(rows: Sequence[Mapping[str, float]], components: Sequence[str] | None, size: int) -> Tensor:
-        if not decoupled:
-            if components is None and rows is parts:
-                return torch.tensor([float(t) for t in totals], dtype=torch.float32)
-            return component_rewards(rows, weights, list(weights) if components is None else components)
-        cols = [c for c, _ in expand(components)]
-        values = torch.tensor([[float(p.get(c, math.nan)) for c in cols] for p in rows], dtype=torch.float32)
-        present = [k for k in range(len(cols)) if not torch.isnan(values[:, k]).all()]  # not applicable: dropped
-        w = torch.tensor([w for _, w in expand(components)], dtype=torch.float32)
-        return decoupled_rewards(values[:, present], w[present], size, eps)
-
-    text_key = None if text_rewards is None else list(text_rewards)
-    image_key = None if image_rewards is None else list(image_rewards)
-    columns = {"text": rewards(parts, text_rewards, group_size)}
-    image_table: Tensor | None = None
-    image_flat: Tensor | None = None
-    if train_images and branches is not None and len(branches[0]) > 1:
-        m = len(branches[0])
-        if any(len(b) != m for b in branches) or len(branches) != len(parts):
-            raise ValueError(f"branches: every one of the {len(parts)} chains needs {m} image branches")
-        rows = [{**p, **b} for p, chain in zip(parts, branches) for b in chain]  # (N * M), chain-major
-        image_table, image_flat = branch_advantages(rewards(rows, image_rewards, group_size * m).view(-1, m),
-                                                    group_size, scale_by_std, eps)
-    elif train_images and image_key != text_key:
-        columns["image"] = rewards(parts, image_rewards, group_size)
-    if section_rewards:
-        unknown = sorted(set(section_rewards) - set(section_tags))
-        if unknown:
-            raise ValueError(f"section_rewards names {unknown}, not sections of {list(section_tags)}")
-        for tag in section_tags:
-            names = section_rewards.get(tag)
-            columns[f"section/{tag}"] = columns["text"] if names is None else rewards(parts, names, group_size)
-    if degradation_items:
-        for item in DEGRADATION_ITEMS:
-            columns[f"item/{item}"] = rewards(parts, [f"degradation/{item}"], group_size)
-    table, groups = column_advantages(torch.stack(list(columns.values()), dim=1), group_size, scale_by_std, eps)
-    if image_table is not None:  # a group stays while any column, or its images, can still teach something
-        flat = groups.zero_variance & image_flat
-        groups = GroupFilter(zero_variance=flat, keep=(~flat).repeat_interleave(group_size))
-        table = torch.cat([table, image_table], dim=1)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    for spec in transforms:
-        table = advantage_transform(spec)(table, group_size, generator)
-    out = {name: table[:, i] for i, name in enumerate(columns)}
-    sections = (torch.stack([out[f"section/{tag}"] for tag in section_tags], dim=1) if section_rewards
-                else None)
-    image_branches = table[:, len(columns):] if image_table is not None else None
-    items = (torch.stack([out[f"item/{item}"] for item in DEGRADATION_ITEMS], dim=1) if degradation_items
-             else None)
-    return ChainAdvantages(text=out["text"],
-                           image=image_branches[:, 0] if image_branches is not None else out.get("image"),
-                           sections=sections, groups=groups, image_branches=image_branches, items=items)
 
 
 def group_order(records: Sequence[object], group_size: int) -> list[int]:

@@ -140,6 +140,15 @@ def _as_records(advantages: Tensor | Sequence[ChainAdvantage], n: int) -> list[C
     return list(advantages)
 
 
+def _kept_rows(keep: Tensor | None, n: int) -> list[int]:
+    """The indices of the kept rollouts (``keep`` (N,) bool; None keeps all)."""
+    if keep is None:
+        return list(range(n))
+    if keep.shape != (n,):
+        raise ValueError(f"keep must be (N,) with N = {n} rollouts, got {tuple(keep.shape)}")
+    return [i for i in range(n) if bool(keep[i])]
+
+
 def build_train_batch(
     rollouts: Sequence[Rollout],
     advantages: Tensor | Sequence[ChainAdvantage],
@@ -164,11 +173,7 @@ def build_train_batch(
     """
     n = len(rollouts)
     records = _as_records(advantages, n)
-    if keep is None:
-        keep = torch.ones(n, dtype=torch.bool)
-    if keep.shape != (n,):
-        raise ValueError(f"keep must be (N,) with N = {n} rollouts, got {tuple(keep.shape)}")
-    rows = [i for i in range(n) if bool(keep[i])]
+    rows = _kept_rows(keep, n)
     kept = [rollouts[i] for i in rows]
     for r in kept:
         _check_rollout(r)
