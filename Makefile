@@ -16,8 +16,8 @@ run:
 sft:
 	@V=$$(scripts/setup_env.sh) && "$$V/bin/python" -m rl.launch configs/sft_local.yaml $(ARGS)
 
-test:  # two workers (pytest-xdist), a file at a time each: a file's module fixtures are built once
-	@V=$$(scripts/setup_env.sh) && "$$V/bin/python" -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+test:  # two workers (pytest-xdist), a file at a time each (module fixtures built once), files in conftest's order
+	@V=$$(scripts/setup_env.sh) && "$$V/bin/python" -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 bench:
 	@V=$$(scripts/setup_env.sh) && for b in benchmarks/bench_*.py; do "$$V/bin/python" $$b || exit 1; done

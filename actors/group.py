@@ -123,6 +123,10 @@ class RolloutGroup(ActorGroup):
         after that)."""
         self._stop.set()
 
+    def close(self) -> None:
+        """The run is over: stop what the driver runs for this group (Ray's shutdown ends the actors)."""
+        self.stop_watchdog()
+
     def shutdown(self) -> None:
         self.stop_watchdog()
         super().shutdown()

@@ -191,18 +191,30 @@ class RolloutWorker:
                     if self.sync_group is None:
                         raise RuntimeError(f"rollout worker {self.worker_index} is not in the weight-sync group "
                                            "(restarted?)")
-                    tensors = weight_broadcast.receive_weights(self.sync_group, self.device)
-                    if model == "policy":
-                        self.engine.load_weights(tensors, version)
-                    else:
-                        self.load_diffusion_state(tensors)
-                if model == "policy":
-                    self.policy_version = version
-                else:
-                    self.diffusion_version = version
+                    self._install(model, weight_broadcast.receive_weights(self.sync_group, self.device), version)
+                self._set_version(model, version)
             return {"load_s": time.perf_counter() - start, "version": float(version)}
         finally:
             self.resume()
+
+    def load_state(self, model: str, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """``model``'s weights handed over in this process (``rl.one_process``: the learner's own tensors, nothing
+        serialised), loaded in place."""
+        with self._engine_lock:
+            self._install(model, named_tensors, version)
+            self._set_version(model, version)
+
+    def _install(self, model: str, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        if model == "policy":
+            self.engine.load_weights(named_tensors, version)
+        else:
+            self.load_diffusion_state(named_tensors)
+
+    def _set_version(self, model: str, version: int) -> None:
+        if model == "policy":
+            self.policy_version = version
+        else:
+            self.diffusion_version = version
 
     @torch.no_grad()
     def load_diffusion_state(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

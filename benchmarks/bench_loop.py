@@ -24,21 +24,19 @@ from core.env import configure_process, worker_env  # noqa: E402
 
 
 def sequential_steps(cfg, steps: int) -> dict[str, float]:
-    """The paper-style loop in this process (``rl.one_process``): vLLM in-process, rewards in-process, a
-    world-size-1 learner, the same plain classes the Ray actors wrap."""
-    from rl.one_process import OneProcessGRPO
+    """The paper-style loop in this process (``rl.one_process``'s local transport): the same GRPO driver over
+    vLLM in-process, rewards in-process and a world-size-1 learner, the plain classes the Ray actors wrap."""
+    from rl.local_roles import LocalTransport
+    from rl.trainer import GRPOTrainer
 
     cfg.learner.num_ranks = 1
-    run = OneProcessGRPO(cfg)
-    times, sync = [], []
-    for step in range(steps + 1):
-        m = run.step(step)
-        if step > 0:  # step 0 warms up
-            times.append(m["timing/step"])
-            sync.append(m.get("timing/sync", 0.0))
-    B, G = cfg.grpo.prompts_per_step, cfg.grpo.group_size
-    return {"samples_per_s": B * G * len(times) / sum(times), "step_s": sum(times) / len(times),
-            "sync_share": sum(sync) / sum(times)}
+    trainer = GRPOTrainer(cfg, LocalTransport())
+    try:
+        trainer.step()  # warm-up
+        ms = [trainer.step() for _ in range(steps)]
+    finally:
+        trainer.rollouts.close()
+    return _rates(cfg, ms)
 
 
 def distributed_steps(cfg, steps: int) -> dict[str, float]:
@@ -57,6 +55,10 @@ def distributed_steps(cfg, steps: int) -> dict[str, float]:
         trainer.rewards.shutdown()
     finally:
         ray.shutdown()
+    return _rates(cfg, ms)
+
+
+def _rates(cfg, ms: list[dict[str, float]]) -> dict[str, float]:
     step_s = sum(m["timing/step"] for m in ms) / len(ms)
     sync_s = sum(m.get("timing/sync", 0.0) for m in ms) / len(ms)
     return {"samples_per_s": cfg.grpo.prompts_per_step * cfg.grpo.group_size / step_s, "step_s": step_s,

@@ -134,7 +134,7 @@ def export_hf(w: Rank, directory: str) -> dict[str, str]:
         # diffusers' save_pretrained takes no state_dict: gather the whole module for the save
         with eng.full_parameters(module.parameters()):
             if w.rank == 0:
-                module.pipeline.save_pretrained(out / "diffusion")
+                module.sr.pipe.save_pretrained(out / "diffusion")
                 written["diffusion"] = str(out / "diffusion")
     elif w.rank == 0:
         written["diffusion"] = _copy_dir(w.diffusion_cfg.path, out / "diffusion")

@@ -21,7 +21,7 @@ class Rank(Protocol):
     engines: dict[str, Any]  # "policy" / "diffusion" -> DeepSpeed engine, for the models that train
     tokens: Any  # models.chain_tokens.ChainTokens of the policy (None when it is frozen)
     reference: Any  # the frozen reference policy (grpo.kl_beta > 0): a model, or lora.BasePolicy
-    diffusion_reference: Any  # the frozen base SR pipeline (grpo.image_kl_beta > 0), else None
+    diffusion_reference: Any  # the frozen base SR model's SRTraining (grpo.image_kl_beta > 0), else None
     lora: dict[str, dict[str, float]]  # model -> {adapted layer: scaling}; {} without adapters (policy.lora, diffusion.lora)
     device: torch.device
     rank: int

@@ -62,20 +62,19 @@ def policy_log_probs(model: nn.Module, tokens: Any, mb: TrainBatch, rollouts: Se
 
 class TraceScorer(nn.Module):
     """The trainable parts of the SR pipeline (UNet, text encoder) as one module, so that one DeepSpeed
-    engine owns them (and, under ZeRO-3, hooks them); ``forward`` re-scores recorded denoising steps with
-    ``pipeline.trace_log_probs`` or computes the cold start's denoising loss. State-dict names are ``unet.*`` /
-    ``text_encoder.*``, the pipeline's component names, which is what the rollout side loads."""
+    engine owns them (and, under ZeRO-3, hooks them); ``forward`` runs the learner's side of the pipeline
+    (``models.sr_training.SRTraining``): re-scoring recorded denoising steps, DiffusionNFT's forward-process
+    predictions, or the cold start's denoising loss. State-dict names are ``unet.*`` / ``text_encoder.*``, the
+    pipeline's component names, which is what the rollout side loads."""
 
     def __init__(self, pipeline: Any):
+        from models.sr_training import SRTraining  # here: a policy-only learner needs no diffusers
+
         super().__init__()
         self.unet = pipeline.unet
         if getattr(pipeline, "text_encoder", None) is not None:
             self.text_encoder = pipeline.text_encoder
-        self._pipeline = [pipeline]  # in a list: not registered as a submodule (no duplicate parameters)
-
-    @property
-    def pipeline(self) -> Any:
-        return self._pipeline[0]
+        self.sr = SRTraining(pipeline)  # not a module: the components it uses are registered above, once
 
     def forward(
         self,
@@ -89,20 +88,19 @@ class TraceScorer(nn.Module):
         forward_step: Optional[int] = None,
     ) -> Any:
         """GRPO: (N, K) log-probs of the ``step_indices`` (None: all) of recorded ``traces``, or with
-        ``forward_step`` the forward-process predictions of ``pipeline.forward_process`` (DiffusionNFT). SFT
-        (``stages`` given: ``data.sft_targets.StageTarget``s of one size): the scalar denoising MSE of
-        ``pipeline.denoising_loss``. All go through this forward so that DeepSpeed's hooks (ZeRO-3 gathers)
-        see every use of the weights."""
+        ``forward_step`` the forward-process predictions (DiffusionNFT). SFT (``stages`` given:
+        ``data.sft_targets.StageTarget``s of one size): the scalar denoising MSE. All go through this forward so
+        that DeepSpeed's hooks (ZeRO-3 gathers) see every use of the weights."""
         if forward_step is not None:  # DiffusionNFT: (x_0 prediction with grad, the images' x_0, reference's or None)
-            return self.pipeline.forward_process(traces, forward_step, generator, reference)
+            return self.sr.forward_process(traces, forward_step, generator, reference)
         if stages is not None:
-            return self.pipeline.denoising_loss(
+            return self.sr.denoising_loss(
                 [s.target for s in stages], [s.condition for s in stages], [s.text for s in stages],
                 generator=generator, noise_level=noise_level, prompt_dropout=prompt_dropout,
             )
         if reference is not None:  # ((N, K) log-probs with grad, (N, K) KL to the reference's transitions)
-            return self.pipeline.trace_log_probs_and_kl(traces, step_indices, reference)
-        return self.pipeline.trace_log_probs(traces, step_indices)  # (N, K) with grad
+            return self.sr.trace_log_probs_and_kl(traces, step_indices, reference)
+        return self.sr.trace_log_probs(traces, step_indices)  # (N, K) with grad
 
 
 def load_sr_pipeline(path: str) -> Any:

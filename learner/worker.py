@@ -104,7 +104,7 @@ class LearnerWorker:
         if not policy.freeze:
             self._set_up_policy(optimizer_total)
         self.pipeline = None
-        self.diffusion_reference = None  # the base SR pipeline, frozen (grpo.image_kl_beta > 0)
+        self.diffusion_reference = None  # the base SR model's SRTraining, frozen (grpo.image_kl_beta > 0)
         if not diffusion.freeze:
             self._set_up_sr_model(optimizer_total)
         self.sync_group = None  # the rollout actors' weight-sync group (rank 0, learner.sync_backend: collective)
@@ -150,14 +150,15 @@ class LearnerWorker:
         self.engines["diffusion"] = eng.build_engine(scorer, learner.diffusion_optim, learner, optimizer_total,
                                                       "learner.diffusion_optim")
         if self.grpo.image_kl_beta > 0 and diffusion.lora is not None:
-            self.diffusion_reference = lora.BasePipeline(self.pipeline, scorer)
+            self.diffusion_reference = lora.BasePipeline(scorer.sr, scorer)
         elif self.grpo.image_kl_beta > 0:
-            self.diffusion_reference = load_sr_pipeline(diffusion.path)
-            self.diffusion_reference.to(self.device)
-            TraceScorer(self.diffusion_reference).to(self.dtype)  # the trained components' dtype, as above
-            for module in self.diffusion_reference.components.values():
+            base = load_sr_pipeline(diffusion.path)
+            base.to(self.device)
+            frozen = TraceScorer(base).to(self.dtype)  # the trained components' dtype, as above
+            for module in base.components.values():
                 if isinstance(module, nn.Module):
                     module.requires_grad_(False)
+            self.diffusion_reference = frozen.sr
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, dist_env: Optional[Mapping[str, str]] = None,

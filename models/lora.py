@@ -149,20 +149,20 @@ class BasePolicy:
 
 
 class BasePipeline:
-    """The reference SR pipeline of ``grpo.image_kl_beta``: the trained pipeline stepped with the adapters of
-    ``adapted`` (its ``TraceScorer``) off. Offers the methods ``SRPipeline.trace_log_probs_and_kl`` and
-    ``SRPipeline.forward_process`` call on a reference."""
+    """The reference SR model of ``grpo.image_kl_beta``: the trained pipeline's learner side (``sr``, an
+    ``SRTraining``) stepped with the adapters of ``adapted`` (its ``TraceScorer``) off. Offers the methods
+    ``SRTraining.trace_log_probs_and_kl`` and ``SRTraining.forward_process`` call on a reference."""
 
-    def __init__(self, pipeline: Any, adapted: nn.Module):
-        self.pipeline, self.adapted = pipeline, adapted
+    def __init__(self, sr: Any, adapted: nn.Module):
+        self.sr, self.adapted = sr, adapted
 
     def _group_step(self, *args: Any) -> Any:
         with adapters_disabled(self.adapted):
-            return self.pipeline._group_step(*args)
+            return self.sr._group_step(*args)
 
     def predict_x0(self, *args: Any) -> Any:
         with adapters_disabled(self.adapted):
-            return self.pipeline.predict_x0(*args)
+            return self.sr.predict_x0(*args)
 
 
 def lora_delta(a: Tensor, b: Tensor) -> Tensor:

@@ -6,11 +6,10 @@ directory can be named in a cluster config and the tiny random model from ``buil
 the same layout. The UNet sees the noisy sample concatenated with the (noised) conditioning image, and the
 conditioning noise level as ``class_labels``, as in the SD x4 upscaler.
 
-Four entry points (the last three from ``models.sr_training``, the learner's side):
-  ``sample``          rollout: stochastic DDIM (eta > 0), returns uint8 images and one DiffusionTrace each
-  ``trace_log_probs`` learner: re-scores recorded transitions, gradients through the UNet and text encoder
-  ``forward_process`` learner (DiffusionNFT): x_0 predictions at sampled images noised by the forward process
-  ``denoising_loss``  cold-start SFT: epsilon, v or x_0 prediction MSE at random timesteps
+``sample`` (the rollout: stochastic DDIM, eta > 0) returns uint8 images and one DiffusionTrace each. The learner's
+side is composed around a pipeline, not part of it: ``models.sr_training.SRTraining(pipeline)`` re-scores recorded
+transitions (``trace_log_probs``), predicts x_0 from forward-noised samples (``forward_process``, DiffusionNFT) and
+computes the cold start's ``denoising_loss``.
 
 Without a VAE the model works in pixel space ([-1, 1]). With one, latents are VAE latents at size / f
 (f = 2^(VAE levels - 1)) and, as in the SD x4 upscaler, the conditioning image is resized to the latent size.
@@ -42,7 +41,6 @@ from core.model_config import DiffusionConfig
 from core.images import to_tensor
 from core.records import DiffusionTrace
 from models.sde import Generator, check_stochastic_schedule, ddim_step_with_logprob, logprob_scheduler
-from models.sr_training import SRTraining
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +63,7 @@ class StepSettings:
         return cls(eta=diffusion.eta, noise_level=diffusion.noise_level, guidance_scale=diffusion.guidance_scale)
 
 
-class SRPipeline(SRTraining, DiffusionPipeline):
+class SRPipeline(DiffusionPipeline):
     """Text encoder + UNet on [noisy sample, conditioning image] + DDIM, optional VAE (None: pixel space)."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"

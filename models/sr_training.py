@@ -1,12 +1,13 @@
 """The learner's side of ``models.sr_pipeline.SRPipeline`` (a mixin of it): re-scoring recorded trajectories, the
 forward-process predictions of DiffusionNFT, and the cold start's denoising loss. Kept apart from the sampling
 side so that each module reads in one sitting; every method uses the pipeline's components (``self.unet``,
-``self.scheduler``, ...) and its ``predict`` / ``encode_text`` / ``prepare_condition``.
+``self.pipe.scheduler``, ...) and its ``predict`` / ``encode_text`` / ``prepare_condition``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,11 @@ from models.sde import SDEStepOutput, Generator, ddim_step_with_logprob, gaussia
 
 
 class SRTraining:
-    """Re-scoring (GRPO's trajectory objective), forward-process predictions (NFT) and the denoising loss (SFT)."""
+    """Re-scoring (GRPO's trajectory objective), forward-process predictions (NFT) and the denoising loss (SFT) of
+    ``pipeline``'s current weights."""
+
+    def __init__(self, pipeline: Any):
+        self.pipe = pipeline
 
     def trace_log_probs(
         self, traces: Sequence[DiffusionTrace], step_indices: Sequence[int] | None = None
@@ -71,13 +76,13 @@ class SRTraining:
         B, K, S = len(traces), len(steps), len(first.timesteps)
         if any(not 0 <= k < S for k in steps):
             raise ValueError(f"step_indices {steps}: must be in [0, {S})")
-        self.scheduler.set_timesteps(S, device=self.device)
-        if not torch.equal(self.scheduler.timesteps.cpu(), first.timesteps.cpu().long()):
+        self.pipe.scheduler.set_timesteps(S, device=self.pipe.device)
+        if not torch.equal(self.pipe.scheduler.timesteps.cpu(), first.timesteps.cpu().long()):
             raise ValueError(
                 f"trace timesteps {first.timesteps.tolist()} differ from the scheduler's "
-                f"{self.scheduler.timesteps.tolist()} for {S} steps: was the scheduler config changed?"
+                f"{self.pipe.scheduler.timesteps.tolist()} for {S} steps: was the scheduler config changed?"
             )
-        dev = self.device
+        dev = self.pipe.device
         lat = torch.stack([tr.latents for tr in traces]).to(dev)  # (B, S+1, C, h, w)
         k = torch.tensor(steps, device=dev)
         x_t = lat[:, k].flatten(0, 1)  # (B*K, C, h, w), sample-major
@@ -85,23 +90,23 @@ class SRTraining:
         t = first.timesteps.to(dev).long()[k].repeat(B)  # (B*K,)
         cond = torch.stack([tr.condition for tr in traces]).to(dev).repeat_interleave(K, dim=0)
         levels = torch.tensor([tr.noise_level for tr in traces], device=dev).repeat_interleave(K)
-        text = self.encode_text(torch.stack([tr.text_ids for tr in traces])).repeat_interleave(K, dim=0)
+        text = self.pipe.encode_text(torch.stack([tr.text_ids for tr in traces])).repeat_interleave(K, dim=0)
         uncond = None
         if first.guidance_scale != 1.0:
-            uncond = self.encode_text(self.tokenize([""])).expand(B * K, -1, -1)
-        out = self.predict(x_t, t, cond, text, levels, first.guidance_scale, uncond)
-        return ddim_step_with_logprob(self.scheduler, out, t, x_t, first.eta, prev_sample=x_prev)
+            uncond = self.pipe.encode_text(self.pipe.tokenize([""])).expand(B * K, -1, -1)
+        out = self.pipe.predict(x_t, t, cond, text, levels, first.guidance_scale, uncond)
+        return ddim_step_with_logprob(self.pipe.scheduler, out, t, x_t, first.eta, prev_sample=x_prev)
 
     # ------------------------------------------------------------------------------------------ forward process
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, text_ids: torch.Tensor,
                    noise_levels: torch.Tensor) -> torch.Tensor:
         """The model's x_0 for x_t (B, C, h, w) at timesteps t (B,), whatever its prediction type; differentiable.
         condition (B, 3, h, w), text_ids (B, L), noise_levels (B,)."""
-        out = self.predict(x_t, t, condition, self.encode_text(text_ids.to(self.device)), noise_levels)
-        kind = self.scheduler.config.prediction_type
+        out = self.pipe.predict(x_t, t, condition, self.pipe.encode_text(text_ids.to(self.pipe.device)), noise_levels)
+        kind = self.pipe.scheduler.config.prediction_type
         if kind == "sample":
             return out
-        a = self.scheduler.alphas_cumprod.to(self.device)[t].float().view(-1, 1, 1, 1)
+        a = self.pipe.scheduler.alphas_cumprod.to(self.pipe.device)[t].float().view(-1, 1, 1, 1)
         if kind == "epsilon":
             return (x_t - (1 - a).sqrt() * out) / a.sqrt()
         return a.sqrt() * x_t - (1 - a).sqrt() * out  # v_prediction
@@ -119,10 +124,10 @@ class SRTraining:
         if any(tr.latents.shape != first.latents.shape or not torch.equal(tr.timesteps, first.timesteps)
                for tr in traces):
             raise ValueError("forward_process: traces of one shape and schedule per call (one stage)")
-        dev = self.device
+        dev = self.pipe.device
         x0 = torch.stack([tr.latents[-1] for tr in traces]).to(dev).float()  # (N, C, h, w)
         t = first.timesteps.to(dev).long()[step_index].expand(len(traces))
-        x_t = self.scheduler.add_noise(x0, randn_tensor(tuple(x0.shape), generator, dev, torch.float32), t)
+        x_t = self.pipe.scheduler.add_noise(x0, randn_tensor(tuple(x0.shape), generator, dev, torch.float32), t)
         cond = torch.stack([tr.condition for tr in traces]).to(dev)
         ids = torch.stack([tr.text_ids for tr in traces])
         levels = torch.tensor([tr.noise_level for tr in traces], device=dev)
@@ -159,26 +164,26 @@ class SRTraining:
             raise ValueError(f"targets must share one size, got {sorted(sizes)}")
         size = targets[0].shape[:2]
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        x0 = torch.stack([to_tensor(t, low=-1.0) for t in targets]).to(self.device)  # (B, 3, H, W)
-        base = self.residual_base(conditions, size)
+        x0 = torch.stack([to_tensor(t, low=-1.0) for t in targets]).to(self.pipe.device)  # (B, 3, H, W)
+        base = self.pipe.residual_base(conditions, size)
         if base is not None:
             x0 = x0 - base
-        if self.vae is not None:
-            posterior = self.vae.encode(x0.to(self.vae.dtype)).latent_dist
-            x0 = (posterior.sample(generator) * self.vae.config.scaling_factor).float()
+        if self.pipe.vae is not None:
+            posterior = self.pipe.vae.encode(x0.to(self.pipe.vae.dtype)).latent_dist
+            x0 = (posterior.sample(generator) * self.pipe.vae.config.scaling_factor).float()
         keep = torch.rand(B, generator=generator, device=gen_device) >= prompt_dropout
         prompts = [p if keep[i] else "" for i, p in enumerate(prompts)]
-        cond = self.prepare_condition(conditions, size, noise_level, generator)
-        T = self.scheduler.config.num_train_timesteps
-        t = torch.randint(0, T, (B,), generator=generator, device=gen_device).to(self.device)
-        noise = randn_tensor(tuple(x0.shape), generator, self.device, torch.float32)
-        x_t = self.scheduler.add_noise(x0, noise, t)
-        kind = self.scheduler.config.prediction_type
+        cond = self.pipe.prepare_condition(conditions, size, noise_level, generator)
+        T = self.pipe.scheduler.config.num_train_timesteps
+        t = torch.randint(0, T, (B,), generator=generator, device=gen_device).to(self.pipe.device)
+        noise = randn_tensor(tuple(x0.shape), generator, self.pipe.device, torch.float32)
+        x_t = self.pipe.scheduler.add_noise(x0, noise, t)
+        kind = self.pipe.scheduler.config.prediction_type
         target = {"epsilon": noise, "sample": x0}.get(kind)
         if target is None:
-            target = self.scheduler.get_velocity(x0, noise, t)
-        levels = torch.full((B,), noise_level, dtype=torch.long, device=self.device)
-        pred = self.predict(x_t, t, cond, self.encode_text(self.tokenize(prompts)), levels)
+            target = self.pipe.scheduler.get_velocity(x0, noise, t)
+        levels = torch.full((B,), noise_level, dtype=torch.long, device=self.pipe.device)
+        pred = self.pipe.predict(x_t, t, cond, self.pipe.encode_text(self.pipe.tokenize(prompts)), levels)
         return F.mse_loss(pred, target.float())
 
 

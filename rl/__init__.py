@@ -1,3 +1,4 @@
-"""The drivers: launch, the GRPO and SFT trainers, the rollout pipeline, weight sync, run state and checkpoints,
-the held-out evaluation during training, the TensorBoard monitor and quiet console, and one_process (the same
-runs without Ray). The user tools built on them are in ``tools``, the research probes in ``lab``."""
+"""The drivers: launch, the GRPO and SFT trainers over a transport (``rl.transport``: Ray actor groups, or the same
+classes in one process, ``rl.one_process``), the rollout pipeline, weight sync, run state and checkpoints, the
+held-out evaluation during training, the TensorBoard monitor and quiet console. The user tools built on them are in
+``tools``, the research probes in ``lab``."""

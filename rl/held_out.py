@@ -10,7 +10,8 @@ the policy. For the paper's full metric table of a checkpoint, with the bicubic 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,15 +19,16 @@ from core.config import ExperimentConfig
 from core.records import Rollout, Scores
 from data.dataset import PairDataset
 from rl.monitor import reward_metrics
+from rl.run_state import step_seed
 
-EVAL_SEED = 2**30  # offset from the training steps' seeds (trainer.seed * 1_000_003 + step)
+EVAL_SEED = 2**30  # the held-out chains' step in rl.run_state.step_seed: far past any training step
 
 
 class HeldOutEval:
     def __init__(self, cfg: ExperimentConfig):
         self.samples = PairDataset(cfg.data, "eval").batch(0, cfg.trainer.eval_images)
         self.group_size = cfg.grpo.group_size
-        self.seed = cfg.trainer.seed * 1_000_003 + EVAL_SEED
+        self.seed = step_seed(cfg.trainer.seed, EVAL_SEED)
         panel = cfg.trainer.eval_panel
         self.panel = None
         if panel.metrics or panel.full_reference:
@@ -34,20 +36,18 @@ class HeldOutEval:
 
             self.panel = build_panel_scorer(panel)
 
-    def run(self, rollouts, rewards) -> dict[str, float]:
+    def run(self, rollouts, rewards, fetch: Callable[[Any], Any]) -> dict[str, float]:
         """``eval/reward/<part>/mean`` and ``/group_std`` (the quality metrics among them, ``quality/<metric>``),
-        ``eval/panel/*``, ``eval/chains`` and ``timing/eval``. ``rollouts``: the run's RolloutGroup; ``rewards``:
-        its RewardPool."""
-        import ray
-
+        ``eval/panel/*``, ``eval/chains`` and ``timing/eval``. ``rollouts``, ``rewards``: the run's rollout group
+        and reward pool; ``fetch``: its transport's (chain handles -> Rollouts)."""
         start = time.perf_counter()
         _, views = rollouts.submit_generate(self.samples, self.group_size, seed=self.seed, explore=False)
         scores = rewards.score(views, [s for s in self.samples for _ in range(self.group_size)])
-        return {**self.metrics(ray.get(list(views)), scores), "timing/eval": time.perf_counter() - start}
+        return {**self.metrics(fetch(list(views)), scores), "timing/eval": time.perf_counter() - start}
 
     def metrics(self, chains: Sequence[Rollout], scores: Sequence[Scores]) -> dict[str, float]:
         """The ``eval/`` metrics of the held-out chains (their scoring views will do) and their scores, both in
-        the order of ``samples`` x ``group_size`` (``rl.one_process`` samples and scores them itself)."""
+        the order of ``samples`` x ``group_size``."""
         out = {f"eval/{k}": v for k, v in reward_metrics(list(scores), self.group_size).items()}
         out["eval/chains"] = float(len(scores))
         if self.panel is not None:

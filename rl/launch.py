@@ -103,17 +103,11 @@ def _run(cfg: ExperimentConfig, out: Path) -> int:
     import ray
 
     from rl.run_state import RunFailed
+    from rl.transport import RayTransport, trainer_for
 
     init_ray(cfg)
     try:
-        if cfg.mode == "sft":
-            from rl.sft import SFTTrainer
-
-            SFTTrainer(cfg).fit()
-        else:
-            from rl.trainer import GRPOTrainer
-
-            GRPOTrainer(cfg).fit()
+        trainer_for(cfg, RayTransport()).fit()
     except RunFailed as exc:
         log.error("run failed: %s", exc)
         return 1

@@ -66,6 +66,12 @@ def _fault_injection_pause(step: int) -> None:
             time.sleep(float(seconds))
 
 
+def step_seed(run_seed: int, step: int) -> int:
+    """Step ``step``'s seed from ``trainer.seed``: its chains' sampling and its advantage transforms (reproducible,
+    resumable; the held-out evaluation takes a step far past any run's)."""
+    return run_seed * 1_000_003 + step
+
+
 def should_checkpoint(step: int, every: int, total_steps: int) -> bool:
     """Every ``every`` steps and at the last one; never when ``every`` is 0."""
     return bool(every) and (step % every == 0 or step == total_steps)
@@ -81,14 +87,11 @@ def run_steps(trainer: Any, progress: Mapping[str, str]) -> None:
     points replaced (``faults/*`` logs each recovery). One failure too many ends the run with RunFailed naming
     the checkpoint to resume from.
 
-    ``trainer`` has ``cfg``, ``step_id``, ``ckpt_root``, ``monitor``, ``step()``, ``save_checkpoint()`` and
-    ``recover()``; ``trainer.faults`` gets one ``Fault`` per recovery.
+    ``trainer`` has ``cfg``, ``transport``, ``step_id``, ``ckpt_root``, ``monitor``, ``step()``,
+    ``save_checkpoint()`` and ``recover()``; ``trainer.faults`` gets one ``Fault`` per recovery.
     """
-    from ray.exceptions import RayError  # here, so this module imports without Ray
-
-    from core.weight_broadcast import SyncGroupError
-
     cfg = trainer.cfg.trainer
+    lost_actor = trainer.transport.lost_actor_errors()  # Ray's, or none in one process
     trainer.faults = getattr(trainer, "faults", [])
     try:
         while trainer.step_id < cfg.total_steps:
@@ -98,7 +101,7 @@ def run_steps(trainer: Any, progress: Mapping[str, str]) -> None:
                                                            for label, key in progress.items()})
                 if should_checkpoint(trainer.step_id, cfg.checkpoint_every, cfg.total_steps):
                     trainer.save_checkpoint()
-            except (RayError, SyncGroupError) as exc:  # an actor (group) lost
+            except lost_actor as exc:  # an actor (group) lost
                 if len(trainer.faults) >= cfg.max_failures:
                     raise run_failed(trainer.step_id + 1, exc, trainer.ckpt_root) from exc
                 trainer.faults.append(heal(trainer, exc))

@@ -1,6 +1,6 @@
 """The supervised cold-start driver (the paper's first stage): synthesised target chains -> the same DeepSpeed learner.
 
-No rollout or reward actors: each step the driver reads ``sft.batch_size`` training pairs at the data cursor,
+No rollout or reward roles: each step the driver reads ``sft.batch_size`` training pairs at the data cursor,
 synthesises their target chains (``data.sft_targets``) and hands them to the learner group, whose ranks train text
 cross-entropy plus the diffusion denoising loss (``learner.sft_step``). Checkpoints (DeepSpeed state, HF
 export, trainer state) and resume are shared with the GRPO driver (``rl.run_state``); a checkpoint's
@@ -16,23 +16,26 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 from core import checkpoint as ckpt
 from core.config import ExperimentConfig
 from data.dataset import PairDataset
 from data.sft_targets import SFTRecord, target_records
-from learner.group import LearnerGroup
 from models.chain_tokens import ChainTokens
 from rl import run_state
 from rl.monitor import RunMonitor
 from rl.run_state import PhaseTimer
+from rl.transport import RayTransport, Transport
 
 log = logging.getLogger("rl.sft")
 
 
 class SFTTrainer:
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, transport: Optional[Transport] = None):
         self.cfg = cfg
+        self.transport = transport or RayTransport()  # rl.transport: Ray actors, or this process
+        self.transport.check(cfg)
         self.data = PairDataset(cfg.data, "train")
         self.tokens = ChainTokens.from_pretrained(cfg.policy.path)
         self.ckpt_root = Path(cfg.trainer.checkpoint_dir)
@@ -43,7 +46,7 @@ class SFTTrainer:
                                   cfg.trainer.progress_bar, desc="sft")
 
     def start_groups(self, resume: bool) -> None:
-        self.learner = LearnerGroup(self.cfg, sft=self.cfg.sft)
+        self.learner = self.transport.learner_group(self.cfg, sft=self.cfg.sft)
         self.step_id = self.cursor = 0
         if resume:
             run_state.resume(self)

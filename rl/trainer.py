@@ -2,9 +2,10 @@
 
 ``GRPOTrainer.step`` reads like the data-flow diagram: one line and one timer per phase. The rollout and the
 rewards are ``rl.pipeline.RolloutPipeline``'s: inline (trainer.max_staleness = 0, synchronous) or in a producer
-thread up to k steps ahead of the learner (asynchronous). The driver holds ObjectRefs of the chains, never their
-pixels or tokens (except the one chain of an image panel); rewards and learner ranks fetch what they need from
-Ray's object store.
+thread up to k steps ahead of the learner (asynchronous). The roles come from a transport (``rl.transport``): Ray
+actor groups (``rl.launch``; the driver holds ObjectRefs of the chains, never their pixels or tokens, except the one
+chain of an image panel, and rewards and learner ranks fetch what they need from Ray's object store) or the same
+plain classes in this process (``rl.one_process``).
 """
 
 from __future__ import annotations
@@ -12,34 +13,34 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import ray
+from typing import Optional
+
 import torch
 
-from actors.group import RolloutGroup
 from core import checkpoint as ckpt
 from core.config import ExperimentConfig
 from core.records import Rollout, Sample, Scores
 from data.dataset import PairDataset
-from learner.group import LearnerGroup
-from rewards.pool import RewardPool
 from rl import run_state
 from rl.advantages import advantage_metrics, step_advantages
 from rl.held_out import HeldOutEval
 from rl.monitor import RunMonitor, reward_metrics
 from rl.pipeline import PipelineConfig, RolloutPipeline
 from rl.run_state import PhaseTimer
-from rl.weight_sync import build_weight_sync
+from rl.transport import RayTransport, Transport
 
 log = logging.getLogger("rl.trainer")
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, transport: Optional[Transport] = None):
         self.cfg = cfg
+        self.transport = transport or RayTransport()
+        self.transport.check(cfg)
         self.ckpt_root = Path(cfg.trainer.checkpoint_dir)
         resume_from = run_state.resume_point(cfg, self.ckpt_root)  # trainer.resume=true without one fails here
         self.data = PairDataset(cfg.data, "train")
-        self.rewards = RewardPool(cfg.reward, strategy=cfg.ray.placement_strategy, name=f"{cfg.name}-reward")
+        self.rewards = self.transport.reward_pool(cfg)
         self.held_out = HeldOutEval(cfg) if cfg.trainer.eval_every else None
         self.staleness: dict[int, int] = {}  # trained step -> learner version - the version its chains came from
         self.faults: list[run_state.Fault] = []
@@ -52,9 +53,9 @@ class GRPOTrainer:
         """The rollout and learner groups, their weight sync and the pipeline, at step 0 or at the latest complete
         checkpoint (``resume``)."""
         cfg = self.cfg
-        self.rollouts = RolloutGroup(cfg)
-        self.learner = LearnerGroup(cfg, logprob_temperature=cfg.rollout.sampling.temperature)
-        self.weights = build_weight_sync(cfg, self.learner, self.rollouts)  # learner.sync_backend
+        self.rollouts = self.transport.rollout_group(cfg)
+        self.learner = self.transport.learner_group(cfg, logprob_temperature=cfg.rollout.sampling.temperature)
+        self.weights = self.transport.weight_sync(cfg, self.learner, self.rollouts)  # learner.sync_backend
         self.step_id = self.cursor = self.version = 0
         if resume:
             self._resume()
@@ -75,11 +76,11 @@ class GRPOTrainer:
     def fit(self) -> None:
         try:
             if self.held_out is not None and self.step_id == 0:  # where the eval/ curves start: the run's start
-                self.monitor.scalars(0, self.held_out.run(self.rollouts, self.rewards))
+                self.monitor.scalars(0, self._evaluate())
             run_state.run_steps(self, {"reward": "reward/total/mean", "s/step": "timing/step"})
         finally:
             self.pipeline.close()
-            self.rollouts.stop_watchdog()
+            self.rollouts.close()
 
     def step(self) -> dict[str, float]:
         cfg, t = self.cfg, PhaseTimer()
@@ -121,16 +122,19 @@ class GRPOTrainer:
             "data/skipped_files": float(sum(self.data.stats.values())),
         }
         if self.held_out is not None and self.step_id % cfg.trainer.eval_every == 0:
-            metrics.update(self.held_out.run(self.rollouts, self.rewards))
+            metrics.update(self._evaluate())
         self.monitor.scalars(self.step_id, metrics)
         if cfg.trainer.image_every and self.step_id % cfg.trainer.image_every == 0:
             self._log_example(refs[0], samples[0], scores[0])
         self.monitor.flush()
         return metrics
 
+    def _evaluate(self) -> dict[str, float]:
+        return self.held_out.run(self.rollouts, self.rewards, self.transport.fetch)
+
     def _seed_of(self, step: int) -> int:
         """Step ``step``'s seed: its chains' sampling and its advantage transforms (reproducible, resumable)."""
-        return self.cfg.trainer.seed * 1_000_003 + step
+        return run_state.step_seed(self.cfg.trainer.seed, step)
 
     def _seed(self) -> int:
         return self._seed_of(self.step_id)
@@ -142,7 +146,7 @@ class GRPOTrainer:
                 "async/staleness_max": float(seen[-1])}
 
     def _log_example(self, ref, sample: Sample, score: Scores) -> None:
-        rollout: Rollout = ray.get(ref)
+        rollout: Rollout = self.transport.fetch(ref)
         self.monitor.panel(self.step_id, "chain/images", {"lr": sample.lr, **rollout.images, "hr": sample.hr})
         parts = ", ".join(f"{k}={v:.3f}" for k, v in sorted(score.parts.items()))
         self.monitor.text(self.step_id, "chain/text", f"{rollout.text}\n\nreward {score.total:.3f}: {parts}")

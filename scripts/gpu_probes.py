@@ -316,7 +316,7 @@ def _zero3_lora(args, checks: Checks, root: Path) -> dict[str, Any]:
     from models.bootstrap import build_tiny_diffusion
     from models.sr_pipeline import SRPipeline
     from models.tiny import build_tiny_policy
-    from rl.one_process import local_dist_env
+    from rl.local_roles import local_dist_env
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

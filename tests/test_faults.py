@@ -15,7 +15,9 @@ from ray.exceptions import RayActorError
 from core import checkpoint as ckpt
 from core.actor_group import ProgressClock
 from rl import run_state
+from rl.local_roles import LocalTransport
 from rl.run_state import RunFailed
+from rl.transport import RayTransport
 
 
 class FakeMonitor:
@@ -40,7 +42,9 @@ class FlakyTrainer:
     """Steps that raise a RayActorError at the 1-based steps in ``fail_at`` (once each); a checkpoint every
     ``every`` steps kept in memory; ``recover`` goes back to the latest one."""
 
-    def __init__(self, root: Path, total: int, every: int, max_failures: int, fail_at=(), resume=False):
+    def __init__(self, root: Path, total: int, every: int, max_failures: int, fail_at=(), resume=False,
+                 transport=None):
+        self.transport = transport or RayTransport()
         self.cfg = SimpleNamespace(trainer=SimpleNamespace(total_steps=total, checkpoint_every=every,
                                                            max_failures=max_failures, resume=resume))
         self.ckpt_root, self.monitor, self.step_id = root, FakeMonitor(), 0
@@ -84,6 +88,13 @@ def test_one_failure_more_than_max_failures_ends_the_run_naming_the_checkpoint(t
     with pytest.raises(RunFailed):
         run_state.run_steps(t0, {})
     assert t0.recovered == 0
+
+
+def test_in_one_process_there_is_no_actor_to_heal_and_an_error_ends_the_run_at_once(tmp_path):
+    t = FlakyTrainer(tmp_path, total=5, every=1, max_failures=3, fail_at={3}, transport=LocalTransport())
+    with pytest.raises(RayActorError):  # the local transport's lost-actor errors: none
+        run_state.run_steps(t, {})
+    assert t.recovered == 0 and t.ran == [1, 2]
 
 
 def _checkpoint(root: Path, step: int) -> Path:

@@ -29,6 +29,7 @@ PURE_MODULES = [
     "core.images", "data.degradations", "data.dataset", "data.sft_targets", "rewards.format",
     "rewards.degradation", "rewards.understanding", "rewards.quality", "rewards.total", "rewards.worker", "models.sde",
     "rewards.eval_metrics", "learner.batching", "rl.monitor", "rl.advantages", "rl.held_out", "rl.one_process",
+    "rl.trainer", "rl.sft", "rl.transport", "rl.local_roles",
     "tools.inference", "tools.compare",
 ]
 

@@ -329,13 +329,13 @@ def test_train_steps_fraction_halves_the_rescored_and_trained_steps(models, chai
         worker = one_rank_worker(models, port, "policy.freeze=true", f"diffusion.train_steps_fraction={fraction}",
                                  f"diffusion.train_steps_start={start}")
         calls: list[tuple[int, ...]] = []
-        rescore = worker.pipeline.trace_log_probs
+        rescore = worker.engine("diffusion").module.sr.trace_log_probs
 
         def counting(traces, step_indices=None, _rescore=rescore, _calls=calls):
             _calls.extend([tuple(step_indices)] * len(traces))  # one entry per re-scored trace step
             return _rescore(traces, step_indices)
 
-        worker.pipeline.trace_log_probs = counting
+        worker.engine("diffusion").module.sr.trace_log_probs = counting
         m = worker.train_chains([ChainAdvantage(float(a)) for a in ADVANTAGES], False, *rollouts)
         seen[fraction, start] = (calls, m["diffusion_steps"])
     (full, full_steps), (half, half_steps), (late, late_steps) = seen[1.0, 0.0], seen[0.5, 0.0], seen[0.5, 0.5]
@@ -413,13 +413,13 @@ def test_image_branches_train_like_separate_chains_with_the_same_advantages(mode
                       branch_finals=(np.zeros((32, 32, 3), np.uint8),)) for i in (0, 2)]
     worker = one_rank_worker(models, port, "policy.freeze=true")
     calls: list[int] = []
-    rescore = worker.pipeline.trace_log_probs
+    rescore = worker.engine("diffusion").module.sr.trace_log_probs
 
     def counting(traces, step_indices=None):
         calls.append(len(traces))
         return rescore(traces, step_indices)
 
-    worker.pipeline.trace_log_probs = counting
+    worker.engine("diffusion").module.sr.trace_log_probs = counting
     branched = worker.train_chains([ChainAdvantage(0.0, image_branches=tuple(image_adv[i:i + 2])) for i in (0, 2)],
                                    False, *merged)
     assert branched["diffusion_steps"] == separate["diffusion_steps"] and branched["chains"] == 2
@@ -442,7 +442,8 @@ def test_nft_moves_the_sr_model_towards_better_images_and_away_from_worse_ones(m
 
     def error() -> float:
         with torch.no_grad():
-            prediction, x0, _ = worker.pipeline.forward_process(traces, 1, torch.Generator().manual_seed(5))
+            sr = worker.engine("diffusion").module.sr
+            prediction, x0, _ = sr.forward_process(traces, 1, torch.Generator().manual_seed(5))
         return float((prediction - x0).pow(2).mean())
 
     before = error()

@@ -291,11 +291,12 @@ def test_the_adapters_off_reference_gives_exactly_the_base_models_log_probs(step
     assert torch.equal(ref, expected)
     assert not torch.equal(trained, expected)  # the adapters moved the policy
     traces = [r.traces[0] for r in chains]
-    _, kl = worker.pipeline.trace_log_probs_and_kl(traces, [0], worker.diffusion_reference)
+    _, kl = worker.engine("diffusion").module.sr.trace_log_probs_and_kl(traces, [0], worker.diffusion_reference)
     assert float(kl.detach().max()) > 0  # the trained SR model has moved away from its base
     from learner.scoring import load_sr_pipeline
+    from models.sr_training import SRTraining
 
-    _, to_reference = load_sr_pipeline(str(small_models["diffusion"])).trace_log_probs_and_kl(
+    _, to_reference = SRTraining(load_sr_pipeline(str(small_models["diffusion"]))).trace_log_probs_and_kl(
         traces, [0], worker.diffusion_reference)
     assert float(to_reference.detach().max()) == 0.0  # adapters and the saved conv off: exactly the base SR model
 

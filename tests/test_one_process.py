@@ -1,6 +1,6 @@
-"""rl.one_process: the cold start and GRPO in one process without Ray (the GPU check's path), from the same configs:
-an SFT export that a GRPO run starts from, both models through LoRA with image branches, held-out metrics and the
-panel in TensorBoard, the new weights loaded into the sampler after each update."""
+"""rl.one_process: rl.launch's drivers over the local transport, without Ray (the GPU check's path), from the same
+configs: an SFT export that a GRPO run starts from, both models through LoRA with image branches, held-out metrics and
+the panel in TensorBoard, the new weights loaded into the sampler after each update, and a resume."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 
 from core.config import ConfigError, load_config
 from rl.monitor import read_scalars
-from rl.one_process import check_one_process, fit
+from rl.local_roles import LocalTransport
+from rl.one_process import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,14 +23,13 @@ def _models(small_models) -> list[str]:
 
 @pytest.mark.parametrize("override, key", [
     ("trainer.max_staleness=1", "trainer.max_staleness"),
-    ("trainer.resume=auto", "trainer.resume"),
     ("learner.num_ranks=2", "learner.num_ranks"),
 ])
 def test_what_needs_several_processes_is_an_error_naming_the_key(override, key):
     overrides = ["learner.num_ranks=1", override] if key != "learner.num_ranks" else [override]
     cfg = load_config(ROOT / "configs/grpo_random_local.yaml", overrides)
     with pytest.raises(ConfigError, match=f"key '{key}'"):
-        check_one_process(cfg)
+        LocalTransport().check(cfg)
 
 
 @pytest.mark.slow
@@ -42,15 +42,15 @@ def test_cold_start_then_grpo_in_one_process(small_models, tmp_path, free_port):
     assert (export / "policy" / "config.json").is_file() and (export / "diffusion" / "model_index.json").is_file()
     assert read_scalars(tmp_path / "sft" / "tensorboard")["sft/text_loss"][-1][0] == 2
 
-    grpo = load_config(ROOT / "configs/grpo_local.yaml", [
+    grpo_args = [
         *_models(small_models), f"output_dir={tmp_path}/grpo", "cold_start=null",
         f"policy.init_from={export}/policy", f"diffusion.init_from={export}/diffusion",
         "learner.num_ranks=1", "learner.micro_batch_size=2", "rollout.engine=hf", "chain.max_stage_tokens=8",
         "grpo.prompts_per_step=1", "grpo.group_size=2", "grpo.image_group_size=2",
         "grpo.decoupled_normalization=true", "trainer.total_steps=2", "trainer.eval_every=2",
-        "trainer.eval_images=1", "trainer.checkpoint_every=0", "trainer.progress_bar=false",
-        "diffusion.num_steps=2", "diffusion.train_steps_fraction=0.5", "diffusion.train_steps_start=0.5"])
-    final = fit(grpo)
+        "trainer.eval_images=1", "trainer.checkpoint_every=2", "trainer.progress_bar=false",
+        "diffusion.num_steps=2", "diffusion.train_steps_fraction=0.5", "diffusion.train_steps_start=0.5"]
+    final = fit(load_config(ROOT / "configs/grpo_local.yaml", grpo_args))
     scalars = read_scalars(tmp_path / "grpo" / "tensorboard")
     assert [s for s, _ in scalars["reward/total/mean"]] == [1, 2]
     assert [s for s, _ in scalars["eval/panel/psnry"]] == [0, 2] and scalars["eval/chains"][0][1] == 2
@@ -59,3 +59,8 @@ def test_cold_start_then_grpo_in_one_process(small_models, tmp_path, free_port):
     ratios = scalars.get("learner/image_first_epoch_ratio_mean", [])
     assert all(abs(v - 1.0) < 1e-3 for _, v in ratios)  # the on-policy check held in one process too
     assert (final / "policy_adapter").is_dir() and (final / "diffusion_adapter").is_dir()
+
+    # the local transport honours trainer.resume: one more step from the step-2 checkpoint, not from the start
+    fit(load_config(ROOT / "configs/grpo_local.yaml", [*grpo_args, "trainer.total_steps=3", "trainer.resume=true"]))
+    steps = [s for s, _ in read_scalars(tmp_path / "grpo" / "tensorboard")["reward/total/mean"]]
+    assert steps[-1] == 3 and steps.count(1) == 1  # step 3 written, steps 1-2 not redone

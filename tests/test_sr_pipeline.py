@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from core.config import TinyDiffusionConfig
 from models.sr_pipeline import SRPipeline, StepSettings
+from models.sr_training import SRTraining
 from models.tiny import build_tiny_sr_pipeline
 from models.tokenizer import build_chain_tokenizer
 
@@ -93,21 +94,21 @@ def test_recomputed_log_probs_equal_sampling_ones(pipe):
     _, middle = _sample(pipe, size=(32, 32), steps=4, seeds=(2, 3))
     traces = [rough[0], middle[0], rough[1], middle[1]]  # mixed shapes, order must be kept
     with torch.no_grad():
-        lp = pipe.trace_log_probs(traces)
-        sub = pipe.trace_log_probs(traces, step_indices=[3, 0])
+        lp = SRTraining(pipe).trace_log_probs(traces)
+        sub = SRTraining(pipe).trace_log_probs(traces, step_indices=[3, 0])
     recorded = torch.stack([t.log_probs for t in traces])
     assert lp.shape == (4, 4) and sub.shape == (4, 2)
     torch.testing.assert_close(lp, recorded, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sub, recorded[:, [3, 0]], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="step_indices"):
-        pipe.trace_log_probs(traces, step_indices=[4])
+        SRTraining(pipe).trace_log_probs(traces, step_indices=[4])
 
 
 def test_log_prob_gradient_reaches_unet_and_text_encoder(pipe):
     _, traces = _sample(pipe, steps=2)
     pipe.unet.zero_grad(set_to_none=True)
     pipe.text_encoder.zero_grad(set_to_none=True)
-    pipe.trace_log_probs(traces).mean().backward()
+    SRTraining(pipe).trace_log_probs(traces).mean().backward()
     unet_grads = [p.grad for p in pipe.unet.parameters() if p.grad is not None]
     text_grads = [p.grad for p in pipe.text_encoder.parameters() if p.grad is not None]
     assert unet_grads and sum(float(g.abs().sum()) for g in unet_grads) > 0
@@ -123,7 +124,7 @@ def test_classifier_free_guidance_is_recorded_and_rescored(pipe):
     assert guided[0].guidance_scale == 3.0
     assert float((plain[0].latents[-1] - guided[0].latents[-1]).abs().max()) > 1e-3  # not numerical noise
     with torch.no_grad():
-        lp = pipe.trace_log_probs(guided)
+        lp = SRTraining(pipe).trace_log_probs(guided)
     torch.testing.assert_close(lp, torch.stack([t.log_probs for t in guided]), atol=1e-5, rtol=1e-5)
 
 
@@ -172,7 +173,7 @@ def test_denoising_loss_trains(tokenizer):
     conditions = [t[::2, ::2] for t in targets]  # an 8 px LR version
 
     def loss():
-        return pipe.denoising_loss(targets, conditions, PROMPTS, generator=torch.Generator().manual_seed(0))
+        return SRTraining(pipe).denoising_loss(targets, conditions, PROMPTS, generator=torch.Generator().manual_seed(0))
 
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
@@ -186,7 +187,7 @@ def test_denoising_loss_trains(tokenizer):
         after = loss()
     assert after < 0.9 * before
     with pytest.raises(ValueError, match="share one size"):
-        pipe.denoising_loss([targets[0], targets[0][:8]], conditions, PROMPTS)
+        SRTraining(pipe).denoising_loss([targets[0], targets[0][:8]], conditions, PROMPTS)
 
 
 def test_bad_inputs_are_named(pipe):
@@ -231,9 +232,9 @@ def test_vae_branch_samples_in_latent_space_and_round_trips(pipe, tmp_path):
     assert traces[0].latents.shape == (3, 4, 16, 16) and traces[0].condition.shape == (3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(
-            latent.trace_log_probs(traces), torch.stack([t.log_probs for t in traces]), atol=1e-5, rtol=1e-5
+            SRTraining(latent).trace_log_probs(traces), torch.stack([t.log_probs for t in traces]), atol=1e-5, rtol=1e-5
         )
-    loss = latent.denoising_loss(
+    loss = SRTraining(latent).denoising_loss(
         [images[0]], [_conditions(1)[0]], PROMPTS[:1], torch.Generator().manual_seed(0)
     )
     assert torch.isfinite(loss)
@@ -268,7 +269,7 @@ def test_residual_model_adds_its_sample_to_the_bicubic_upsampling(pipe, monkeypa
         assert np.abs(image.astype(int) - base.astype(int)).max() <= 6
         assert np.abs(g.astype(int) - 128).max() <= 6
     targets = [np.full((16, 16, 3), 200, np.uint8)] * 2
-    loss = pipe.denoising_loss(targets, conditions, PROMPTS, generator=torch.Generator().manual_seed(0))
+    loss = SRTraining(pipe).denoising_loss(targets, conditions, PROMPTS, generator=torch.Generator().manual_seed(0))
     residual = torch.stack([to_tensor(t, low=-1.0) for t in targets]) - pipe.upsample(conditions, (16, 16))
     assert float(loss) == pytest.approx(float((residual ** 2).mean()), rel=1e-5)  # prediction 0 vs HR - bicubic
     with pytest.raises(ValueError, match="residual = True needs a pixel-space model"):
