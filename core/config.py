@@ -263,6 +263,8 @@ class TrainerConfig:
     max_staleness: int = 0
     resume: Any = False  # false: fresh | true: from the latest complete checkpoint (one must exist) | auto: if any
     max_failures: int = 0  # a dead learner rank: rebuild learner + rollouts, resume the latest checkpoint, N times
+    overwrite: bool = False  # a fresh run into a used folder moves its outputs aside (core.run_folder)
+    accept_changes: bool = False  # a resume may change trajectory keys (else it stops, listing them)
     seed: int = 0
     progress_bar: bool = True
 

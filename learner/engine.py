@@ -242,6 +242,29 @@ def grad_norm(engine: Any) -> float:
     return float("nan") if norm is None else float(norm)
 
 
+def optimizer_settings(engine: Any) -> tuple[list[dict[str, Any]], list[float]]:
+    """What this learner's config set in the optimizer (every group's hyperparameters but its parameters and
+    rates) and the schedule's base rates: what a resume re-applies over a checkpoint's (``apply_optimizer_settings``)."""
+    schedule = engine.lr_scheduler
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+              for g in schedule.optimizer.param_groups]
+    return groups, list(schedule.base_lrs)
+
+
+def apply_optimizer_settings(engine: Any, settings: tuple[list[dict[str, Any]], list[float]]) -> None:
+    """After a checkpoint load: the config's hyperparameters and base rates at the loaded schedule position (the
+    moments and the step count stay the checkpoint's), so a resume with a changed learning rate trains at it.
+    With the checkpoint's own config this recomputes the rates it held, to the bit."""
+    groups, base_lrs = settings
+    schedule = engine.lr_scheduler
+    schedule.base_lrs = list(base_lrs)
+    rates = [base * fn(schedule.last_epoch) for base, fn in zip(base_lrs, schedule.lr_lambdas)]
+    for group, fresh, base, rate in zip(schedule.optimizer.param_groups, groups, base_lrs, rates):
+        group.update(fresh)
+        group["initial_lr"], group["lr"] = base, rate
+    schedule._last_lr = rates
+
+
 def current_lr(engine: Any) -> float:
     """The learning rate the engine's next step will use."""
     return float(engine.get_lr()[0])

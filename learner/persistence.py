@@ -186,7 +186,9 @@ def save_checkpoint(w: Rank, directory: str) -> None:
 
 
 def load_checkpoint(w: Rank, directory: str) -> None:
-    """Restore what ``save_checkpoint`` wrote (same world size and ZeRO stage). All ranks."""
+    """Restore what ``save_checkpoint`` wrote (same world size and ZeRO stage). All ranks. The optimizer's moments
+    and the schedule's position are the checkpoint's, its hyperparameters and base rates this learner's config's
+    (a resume that changed them was accepted: ``core.run_folder``)."""
     src = Path(directory)
     state_file = src / WORKER_STATE_FILE
     if not state_file.is_file():
@@ -201,6 +203,7 @@ def load_checkpoint(w: Rank, directory: str) -> None:
         if state.get(key) != mine:
             raise ValueError(f"{state_file}: saved with {key}={state.get(key)}, this learner has {mine}")
     for name, e in w.engines.items():
+        settings = eng.optimizer_settings(e)  # this config's, re-applied over the checkpoint's
         path, _client_state = e.load_checkpoint(
             str(src / name), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -208,6 +211,7 @@ def load_checkpoint(w: Rank, directory: str) -> None:
             raise FileNotFoundError(
                 f"{src / name}: DeepSpeed found no checkpoint (tag {CHECKPOINT_TAG!r})"
             )
+        eng.apply_optimizer_settings(e, settings)
     w.optimizer_steps = int(state["optimizer_steps"])
 
 

@@ -15,8 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from core.config import ConfigError, ExperimentConfig, cold_start_config, cold_start_pending, load_config, to_yaml
+from core.config import ConfigError, ExperimentConfig, cold_start_config, cold_start_pending, load_config
 from core.env import configure_process, worker_env
+from core.run_folder import FolderError, claim
 from rl.console import run_console
 
 RUN_LOG = "run.log"
@@ -81,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
                  cfg.diffusion.init_from, cfg.cold_start)
     for run in runs:
         out = Path(run.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with run_console(out / RUN_LOG):
-            code = _run(run, out)
+        try:
+            with claim(run), run_console(out / RUN_LOG):  # the folder locked and checked before any actor
+                code = _run(run, out)
+        except FolderError as exc:
+            print(f"run folder error: {exc}", file=sys.stderr)
+            return 2
         if code:
             return code
     return 0
@@ -97,7 +101,6 @@ def _run(cfg: ExperimentConfig, out: Path) -> int:
     except (FileNotFoundError, ValueError) as exc:
         log.error("model error: %s", exc)
         return 2
-    (out / "config.yaml").write_text(to_yaml(cfg))
     log.info("run %s: outputs in %s, third-party output in %s", cfg.name, out, out / RUN_LOG)
 
     import ray

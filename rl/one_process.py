@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Optional
 
 from core.checkpoint import step_dir_name
-from core.config import ConfigError, ExperimentConfig, cold_start_config, cold_start_pending, load_config, to_yaml
+from core.config import ConfigError, ExperimentConfig, cold_start_config, cold_start_pending, load_config
 from core.env import configure_process
+from core.run_folder import FolderError, claim
 from rl.local_roles import LocalTransport
 from rl.run_state import RunFailed
 from rl.transport import trainer_for
@@ -37,10 +38,8 @@ def fit(cfg: ExperimentConfig, dist_env: Optional[dict[str, str]] = None) -> Pat
     transport = LocalTransport(dist_env)
     transport.check(cfg)
     ensure_models(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    trainer_for(cfg, transport).fit()
+    with claim(cfg):  # the folder locked and checked before anything is built (core.run_folder)
+        trainer_for(cfg, transport).fit()
     return Path(cfg.trainer.checkpoint_dir) / step_dir_name(cfg.trainer.total_steps) / "export"
 
 
@@ -63,6 +62,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.info("%s run %s: outputs in %s", run.mode, run.name, run.output_dir)
         try:
             fit(run)
+        except FolderError as exc:
+            print(f"run folder error: {exc}", file=sys.stderr)
+            return 2
         except RunFailed as exc:
             log.error("run failed: %s", exc)
             return 1

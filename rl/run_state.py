@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from core import checkpoint as ckpt
+from core.run_folder import CONFIG_FILE
 
 log = logging.getLogger("rl.trainer")
 
@@ -153,13 +154,14 @@ def restart(trainer: Any, closers: Sequence[Callable[[], Any]]) -> None:
     trainer.start_groups(resume=latest is not None)
 
 
-def save_checkpoint(learner: Any, root: Path, step: int, cursor: int, keep: int,
+def save_checkpoint(learner: Any, root: Path, step: int, cursor: int, keep: int, config_yaml: str,
                     extra: Optional[dict[str, Any]] = None) -> Path:
-    """DeepSpeed state (all ranks) + HF/diffusers export + trainer state, committed atomically; older
-    checkpoints beyond ``keep`` are pruned. ``learner``: a ``LearnerGroup`` (or anything with its
-    ``save_checkpoint`` / ``export_hf``)."""
+    """DeepSpeed state (all ranks) + HF/diffusers export + trainer state + the run's config (what a resume is
+    compared with: ``core.run_folder``), committed atomically; older checkpoints beyond ``keep`` are pruned.
+    ``learner``: the transport's learner group (anything with ``save_checkpoint`` / ``export_hf``)."""
     tmp = ckpt.begin_checkpoint(root, step)
     try:
+        (tmp / CONFIG_FILE).write_text(config_yaml)
         learner.save_checkpoint(str(tmp / "deepspeed"))
         learner.export_hf(str(tmp / "export"))
         state = ckpt.TrainerState(step=step, data_cursor=cursor, rng=ckpt.capture_rng_state(),

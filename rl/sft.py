@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from core import checkpoint as ckpt
-from core.config import ExperimentConfig
+from core.config import ExperimentConfig, to_yaml
 from data.dataset import PairDataset
 from data.sft_targets import SFTRecord, target_records
 from models.chain_tokens import ChainTokens
@@ -95,4 +95,5 @@ class SFTTrainer:
     def save_checkpoint(self) -> Path:
         """DeepSpeed state (all ranks) + HF/diffusers export + trainer state, committed atomically."""
         return run_state.save_checkpoint(self.learner, self.ckpt_root, self.step_id, self.cursor,
-                                         self.cfg.trainer.keep_checkpoints, {"mode": "sft"})
+                                         self.cfg.trainer.keep_checkpoints, to_yaml(self.cfg),
+                                         {"mode": "sft"})

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from core import checkpoint as ckpt
-from core.config import ExperimentConfig
+from core.config import ExperimentConfig, to_yaml
 from core.records import Rollout, Sample, Scores
 from data.dataset import PairDataset
 from rl import run_state
@@ -155,7 +155,8 @@ class GRPOTrainer:
     def save_checkpoint(self) -> Path:
         """DeepSpeed state (all ranks) + HF/diffusers export + trainer state, committed atomically."""
         return run_state.save_checkpoint(self.learner, self.ckpt_root, self.step_id, self.cursor,
-                                         self.cfg.trainer.keep_checkpoints, {"policy_version": self.version})
+                                         self.cfg.trainer.keep_checkpoints, to_yaml(self.cfg),
+                                         {"policy_version": self.version})
 
     def _resume(self) -> None:
         state = run_state.resume(self)

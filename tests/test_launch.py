@@ -56,7 +56,8 @@ def test_run_killed_mid_checkpoint_resumes_from_the_previous_complete_one(tmp_pa
     out = tmp_path / "run"
     root = out / "checkpoints"
     args = [PY, "-m", "rl.launch", "configs/grpo_random_local.yaml",
-            *_overrides(out, models, "trainer.total_steps=2", "trainer.checkpoint_every=1")]
+            *_overrides(out, models, "trainer.total_steps=2", "trainer.checkpoint_every=1",
+                        "learner.num_ranks=1", "reward.num_actors=1")]  # the fewest processes: resume is the point
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(REALSR_FAULT_CHECKPOINT_PAUSE="2:600"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -78,6 +79,7 @@ def test_run_killed_mid_checkpoint_resumes_from_the_previous_complete_one(tmp_pa
                              capture_output=True, text=True, timeout=480)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "step_000001 at step 1" in resumed.stderr
+    assert "its process is gone" in resumed.stderr  # the killed run's run.lock named and taken over
     # a quiet console: the run's own lines on the terminal, the actors' and libraries' output in run.log
     run_log = (out / "run.log").read_text()
     for noise in ("(RolloutWorker pid=", "(LearnerWorker pid=", "(RewardWorker pid=", "DeepSpeed"):

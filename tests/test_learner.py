@@ -345,6 +345,34 @@ def test_train_steps_fraction_halves_the_rescored_and_trained_steps(models, chai
     assert half_steps == 4 * 2  # 4 chains x 2 traces x 1 of their 2 steps
 
 
+@pytest.mark.slow
+def test_a_resume_trains_at_the_configs_learning_rate_from_the_checkpoints_schedule_position(
+        models, chains, port, tmp_path):
+    """The moments and the step count come from the checkpoint, the rates from the config: the same config gives
+    the saved rate to the bit; a config with 10x the rate (a resume that accepted the change) trains at 10x."""
+    from learner.engine import current_lr
+
+    batch, rollouts = chains
+    warm = ("diffusion.freeze=true", "learner.policy_optim.warmup_steps=4")
+    worker = one_rank_worker(models, port, *warm)
+    worker.train_step(batch, *rollouts)
+    saved_lr = current_lr(worker.engine("policy"))
+    worker.save_checkpoint(str(tmp_path))
+    same = one_rank_worker(models, port, *warm)
+    same.load_checkpoint(str(tmp_path))
+    assert current_lr(same.engine("policy")) == saved_lr and same.optimizer_steps == 1
+    lr = learner_config(models).learner.policy_optim.lr
+    faster = one_rank_worker(models, port, *warm, f"learner.policy_optim.lr={10 * lr}")
+    faster.load_checkpoint(str(tmp_path))
+    assert current_lr(faster.engine("policy")) == pytest.approx(10 * saved_lr, rel=1e-12)  # warmup step 1 of 4
+    group = faster.engine("policy").lr_scheduler.optimizer.param_groups[0]
+    assert group["initial_lr"] == pytest.approx(10 * lr, rel=1e-12)
+    before = faster.gather_full_state("policy")
+    faster.train_step(batch, *rollouts)
+    assert current_lr(faster.engine("policy")) == pytest.approx(10 * lr * 2 / 4, rel=1e-12)  # step 2 of 4
+    assert any(not torch.equal(v, faster.gather_full_state("policy")[k]) for k, v in before.items())
+
+
 def _one_policy_step(models, chains, port, override: str):
     """A one-rank worker with ``override`` after one step: (worker, the policy's names, the names it changed)."""
     batch, rollouts = chains

@@ -169,7 +169,7 @@ def test_the_held_out_evaluation_asks_the_rollout_actors_not_to_explore():
                                                                "experimental.detail_gain_std=0.3",
                                                                "grpo.image_objective={name: nft}"])
     with pytest.raises(Asked) as asked:
-        HeldOutEval(cfg).run(Rollouts(), None)
+        HeldOutEval(cfg).run(Rollouts(), None, fetch=lambda chains: chains)
     assert asked.value.args == (False,)
 
 
