@@ -32,6 +32,12 @@ READY_TIMEOUT_S = 600.0
 ActorArgs = Callable[[int], tuple[tuple, dict]]  # actor index -> (args, kwargs) of the worker's __init__
 
 
+class ActorLost(RuntimeError):
+    """An actor is gone past its restarts (every reward actor, or the rollout actor that made a chain), seen
+    where Ray reports no actor death of its own: the driver heals it by rebuilding the roles
+    (``rl.run_state.run_steps``), as it does a dead learner rank."""
+
+
 class ProgressClock:
     """A hung actor is one that holds work and has returned none of it for ``timeout_s``: per actor, the time
     it last made progress while busy (it took work when idle, or returned a call). ``timeout_s`` 0: never hung.

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from core.actor_group import ActorGroup, ProgressClock
+from core.actor_group import ActorGroup, ActorLost, ProgressClock
 from core.config import RewardConfig
 from core.records import Rollout, Sample, Scores
-from rewards.worker import RewardWorker
+from rewards.worker import RewardWorker, RolloutUnavailable
 
 log = logging.getLogger("rewards.pool")
 
@@ -48,7 +48,9 @@ class RewardPool(ActorGroup):
       that it is gone for good. Scoring tasks are not retried by Ray (``max_task_retries=0``), so only the
       pool re-issues work and every chain gets exactly one result. An actor that holds chains past
       ``cfg.call_timeout_s`` without returning any (a hung process) is killed and handled the same way. A chain whose task loses its actor
-      ``max_attempts`` times (a chain that crashes every process) raises RuntimeError, as do all actors dead.
+      ``max_attempts`` times (a chain that crashes every process) raises RuntimeError; all actors dead raises
+      ``core.actor_group.ActorLost`` (the driver rebuilds the roles), as does a chain whose rollout actor is gone
+      for good (its ref failed: ``rewards.worker.RolloutUnavailable``).
     - an exception raised by the scoring code (a bug, a failed rollout ref) is raised, naming the chains.
     """
 
@@ -138,7 +140,7 @@ class RewardPool(ActorGroup):
         while ready:
             usable = [k for k, a in enumerate(self._actors) if a.state == "ready"]
             if not usable and not self._probes:
-                raise RuntimeError(
+                raise ActorLost(
                     f"all {len(self._actors)} reward actors are dead "
                     f"(each died more than reward.max_restarts = {self.cfg.max_restarts} times)"
                 )
@@ -181,6 +183,8 @@ class RewardPool(ActorGroup):
             return 0
         except Exception as exc:
             ids = [(samples[i].prompt_id, _sample_index(rollouts[i])) for i in chains]
+            if isinstance(exc, RolloutUnavailable):  # the rollout actor that made them is gone for good
+                raise ActorLost(f"chains {ids}: {getattr(exc, 'cause', exc)}") from exc
             raise RuntimeError(f"reward actor {k} failed scoring chains {ids}: {exc}") from exc
         for i, s in zip(chains, scores):
             results[i] = s

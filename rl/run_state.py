@@ -82,11 +82,12 @@ def run_steps(trainer: Any, progress: Mapping[str, str]) -> None:
     """The loop both drivers share: ``trainer.step()`` until ``cfg.trainer.total_steps``, the progress bar
     fed from the step's metrics (``progress``: bar label -> metric key) and a checkpoint when due.
 
-    A Ray failure the actors cannot survive by themselves (a learner rank died, a rollout actor past its
-    restarts) is healed up to ``trainer.max_failures`` times: ``trainer.recover()`` rebuilds the actor groups
-    from the latest complete checkpoint (or from the start), the steps after it are redone and their TensorBoard
-    points replaced (``faults/*`` logs each recovery). One failure too many ends the run with RunFailed naming
-    the checkpoint to resume from.
+    A failure the actors cannot survive by themselves (the transport's ``lost_actor_errors``: a learner rank died, a
+    rollout actor or every reward actor past its restarts, a failed sync) is healed up to ``trainer.max_failures``
+    times: ``trainer.recover()`` rebuilds every role from the latest complete checkpoint (or from the start), the
+    steps after it are redone and their TensorBoard points replaced (``faults/*`` logs each recovery). One failure
+    too many, or the same error at the same step right after a rebuild (``repeated``), ends the run with RunFailed
+    naming the checkpoint to resume from; any other error ends it at once.
 
     ``trainer`` has ``cfg``, ``transport``, ``step_id``, ``ckpt_root``, ``monitor``, ``step()``,
     ``save_checkpoint()`` and ``recover()``; ``trainer.faults`` gets one ``Fault`` per recovery.
@@ -103,11 +104,21 @@ def run_steps(trainer: Any, progress: Mapping[str, str]) -> None:
                 if should_checkpoint(trainer.step_id, cfg.checkpoint_every, cfg.total_steps):
                     trainer.save_checkpoint()
             except lost_actor as exc:  # an actor (group) lost
-                if len(trainer.faults) >= cfg.max_failures:
+                if len(trainer.faults) >= cfg.max_failures or repeated(trainer.faults, trainer.step_id + 1, exc):
                     raise run_failed(trainer.step_id + 1, exc, trainer.ckpt_root) from exc
                 trainer.faults.append(heal(trainer, exc))
     finally:
         trainer.monitor.close()
+
+
+def repeated(faults: Sequence["Fault"], step: int, exc: BaseException) -> bool:
+    """The same error at the same step right after a rebuild: not a lost actor but what the step does (a bug, a
+    bad input, a full disk inside an actor), which another rebuild would only repeat."""
+    if faults and faults[-1].step == step and faults[-1].error == one_line(exc):
+        log.error("step %d failed again with the same error after a rebuild (%s): not a lost actor; ending the "
+                  "run", step, one_line(exc))
+        return True
+    return False
 
 
 @dataclass

@@ -40,7 +40,7 @@ class GRPOTrainer:
         self.ckpt_root = Path(cfg.trainer.checkpoint_dir)
         resume_from = run_state.resume_point(cfg, self.ckpt_root)  # trainer.resume=true without one fails here
         self.data = PairDataset(cfg.data, "train")
-        self.rewards = self.transport.reward_pool(cfg)
+        self.retired = {"reissued": 0, "killed_hung": 0}  # the counts of reward pools a recovery replaced
         self.held_out = HeldOutEval(cfg) if cfg.trainer.eval_every else None
         self.staleness: dict[int, int] = {}  # trained step -> learner version - the version its chains came from
         self.faults: list[run_state.Fault] = []
@@ -50,9 +50,10 @@ class GRPOTrainer:
                                   cfg.trainer.progress_bar)
 
     def start_groups(self, resume: bool) -> None:
-        """The rollout and learner groups, their weight sync and the pipeline, at step 0 or at the latest complete
-        checkpoint (``resume``)."""
+        """Every role (the reward pool, the rollout and learner groups, their weight sync) and the pipeline, at step 0
+        or at the latest complete checkpoint (``resume``)."""
         cfg = self.cfg
+        self.rewards = self.transport.reward_pool(cfg)
         self.rollouts = self.transport.rollout_group(cfg)
         self.learner = self.transport.learner_group(cfg, logprob_temperature=cfg.rollout.sampling.temperature)
         self.weights = self.transport.weight_sync(cfg, self.learner, self.rollouts)  # learner.sync_backend
@@ -64,12 +65,13 @@ class GRPOTrainer:
                                         self.version)
 
     def recover(self) -> None:
-        """After a lost actor group (``run_state.run_steps``' healing): tear the rollout and learner groups down and
-        start them again from the latest complete checkpoint, or from the start with the driver's first RNG
-        state, so that the redone steps are the steps the run would have made (the reward pool heals itself and
-        is kept)."""
-        run_state.restart(self, (self.rollouts.shutdown, self.pipeline.close, self.weights.close,
-                                 self.learner.shutdown))
+        """After a lost actor group (``run_state.run_steps``' healing): tear every role down and start them again
+        from the latest complete checkpoint, or from the start with the driver's first RNG state, so that the redone
+        steps are the steps the run would have made."""
+        self.retired["reissued"] += self.rewards.reissued
+        self.retired["killed_hung"] += self.rewards.killed_hung + self.rollouts.killed_hung
+        run_state.restart(self, (self.rollouts.shutdown, self.rewards.shutdown, self.pipeline.close,
+                                 self.weights.close, self.learner.shutdown))
         self.staleness = {s: v for s, v in self.staleness.items() if s <= self.step_id}
 
     # ------------------------------------------------------------------------------------------ loop
@@ -117,8 +119,9 @@ class GRPOTrainer:
             **self._staleness_metrics(staleness),
             "policy/version": float(self.version),
             "throughput/samples_per_s": len(scores) / t.seconds["step"],
-            "reward/reissued_chains": float(self.rewards.reissued),
-            "faults/hung_actors_killed": float(self.rollouts.killed_hung + self.rewards.killed_hung),
+            "reward/reissued_chains": float(self.retired["reissued"] + self.rewards.reissued),
+            "faults/hung_actors_killed": float(self.rollouts.killed_hung + self.rewards.killed_hung
+                                               + self.retired["killed_hung"]),
             "data/skipped_files": float(sum(self.data.stats.values())),
         }
         if self.held_out is not None and self.step_id % cfg.trainer.eval_every == 0:

@@ -73,9 +73,10 @@ class RayTransport:
     def lost_actor_errors(self) -> tuple[type[BaseException], ...]:
         from ray.exceptions import RayError
 
+        from core.actor_group import ActorLost
         from core.weight_broadcast import SyncGroupError
 
-        return RayError, SyncGroupError
+        return RayError, SyncGroupError, ActorLost
 
 
 def local_transport(dist_env: Optional[dict[str, str]] = None) -> Transport:

@@ -1,6 +1,6 @@
 """Faults change nothing: a 6-step run on the embedded default with a rollout actor killed mid-step, a reward actor
-killed mid-scoring, a rollout actor hung, and a learner rank killed (the run heals itself from its step-4
-checkpoint), against the same run without faults. The per-step reward scalars and the final weights must be equal
+killed mid-scoring, a rollout actor hung, every reward actor killed for good and a learner rank killed (the run heals
+itself twice from its step-4 checkpoint, rebuilding every role), against the same run without faults. The per-step reward scalars and the final weights must be equal
 to the last bit (CPU, fp32, synchronous; every chain's sampling is seeded by (step, prompt, sample))."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from rl.monitor import read_scalars
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 6, 2
-KILL_ROLLOUT, KILL_REWARD, HANG_ROLLOUT, KILL_LEARNER = 2, 3, 4, 6  # the 1-based steps the faults hit
-RESUMED_AT = 4  # the learner's death at step 6 heals from the step-4 checkpoint and redoes step 5
+KILL_ROLLOUT, KILL_REWARD, HANG_ROLLOUT, LOSE_REWARDS, KILL_LEARNER = 2, 3, 4, 5, 6  # the 1-based steps they hit
+RESUMED_AT = 4  # both heals (the reward pool lost at 5, the learner at 6) resume from the step-4 checkpoint
 CALL_TIMEOUT_S = 60.0  # covers a rollout actor's restart (engines rebuilt) and its call run again
 
 
@@ -32,7 +32,7 @@ def _config(out: Path, models: dict):
         f"output_dir={out}", f"policy.path={models['policy']}", f"diffusion.path={models['diffusion']}",
         "policy.bootstrap=false", "diffusion.bootstrap=false", "grpo.prompts_per_step=2", "grpo.group_size=4",
         f"trainer.total_steps={STEPS}", f"trainer.checkpoint_every={EVERY}", "trainer.keep_checkpoints=3",
-        "trainer.image_every=0", "trainer.progress_bar=false", "trainer.max_failures=1",
+        "trainer.image_every=0", "trainer.progress_bar=false", "trainer.max_failures=2",
         "chain.max_stage_tokens=16", "diffusion.num_steps=4", f"rollout.call_timeout_s={CALL_TIMEOUT_S}",
         f"reward.call_timeout_s={CALL_TIMEOUT_S}",
     ])
@@ -70,7 +70,7 @@ class Chaos:
     def step(self):
         t, step = self.trainer, self.trainer.step_id + 1
         fault = {KILL_ROLLOUT: "kill rollout", KILL_REWARD: "kill reward", HANG_ROLLOUT: "hang rollout",
-                 KILL_LEARNER: "kill learner"}.get(step)
+                 LOSE_REWARDS: "lose rewards", KILL_LEARNER: "kill learner"}.get(step)
         if fault is None or fault in self.done:
             return self._step()
         self.done.add(fault)
@@ -102,6 +102,10 @@ class Chaos:
                 t.rewards.score = original
         if fault == "hang rollout":
             ray.get(t.rollouts.actors[0].__ray_call__.remote(_hang_next_rollout))
+            return self._step()
+        if fault == "lose rewards":  # no restarts left: the pool raises ActorLost, the driver rebuilds every role
+            for actor in t.rewards.actors:
+                ray.kill(actor, no_restart=True)
             return self._step()
         ray.kill(t.learner.actors[1], no_restart=True)  # the ZeRO group cannot go on without it
         return self._step()
@@ -140,12 +144,14 @@ def runs(tmp_path_factory, tiny_models, ray_local):
 
 def test_every_fault_was_injected_and_the_run_finished(runs):
     faulted = runs["faults"]
-    assert faulted["chaos"].done == {"kill rollout", "kill reward", "hang rollout", "kill learner"}
+    assert faulted["chaos"].done == {"kill rollout", "kill reward", "hang rollout", "lose rewards", "kill learner"}
     assert ckpt.load_trainer_state(ckpt.latest_complete(faulted["dir"] / "checkpoints")).step == STEPS
-    [fault] = faulted["faults"]  # only the learner's death needs the driver's recovery
+    lost, fault = faulted["faults"]  # the reward pool past its restarts and the learner's death need the driver
+    assert lost.error.startswith("ActorLost") and (lost.step, lost.resumed_at, lost.steps_redone) == (
+        LOSE_REWARDS, RESUMED_AT, 0)
     assert (fault.step, fault.resumed_at, fault.steps_redone) == (KILL_LEARNER, RESUMED_AT, KILL_LEARNER - 1 - RESUMED_AT)
     s = faulted["scalars"]
-    assert s["faults/recoveries"] == [(RESUMED_AT + 1, 1.0)] and s["faults/steps_redone"] == [(RESUMED_AT + 1, 1.0)]
+    assert s["faults/recoveries"][-1] == (RESUMED_AT + 1, 2.0) and s["faults/steps_redone"][-1] == (RESUMED_AT + 1, 1.0)
     assert dict(s["faults/hung_actors_killed"])[HANG_ROLLOUT] == 1.0  # the watchdog, not the hour-long sleep
     assert dict(s["reward/reissued_chains"])[KILL_REWARD] > 0
     print({k: f"{v:.1f} s" for k, v in (("clean", runs["clean"]["seconds"]), ("faults", faulted["seconds"]),

@@ -90,6 +90,36 @@ def test_one_failure_more_than_max_failures_ends_the_run_naming_the_checkpoint(t
     assert t0.recovered == 0
 
 
+class BrokenStepTrainer(FlakyTrainer):
+    """Step ``broken`` raises ``error`` every time it runs (what a bug inside an actor looks like to the driver)."""
+
+    def __init__(self, root: Path, broken: int, error: BaseException, **kw):
+        super().__init__(root, **kw)
+        self.broken, self.error = broken, error
+
+    def step(self):
+        if self.step_id + 1 == self.broken:
+            raise self.error
+        return super().step()
+
+
+def test_the_same_error_at_the_same_step_after_a_rebuild_ends_the_run_without_more_rebuilds(tmp_path, caplog):
+    t = BrokenStepTrainer(tmp_path, 3, RayActorError(), total=6, every=1, max_failures=5)
+    with pytest.raises(RunFailed, match="step 3 failed: RayActorError"):
+        run_state.run_steps(t, {})
+    assert t.recovered == 1 and "not a lost actor" in caplog.text  # one rebuild, not five
+
+
+def test_every_reward_actor_lost_is_healed_like_a_dead_learner_rank(tmp_path):
+    from core.actor_group import ActorLost
+
+    t = BrokenStepTrainer(tmp_path, 3, ActorLost("all 2 reward actors are dead"), total=4, every=1,
+                          max_failures=1)
+    t.step = lambda: FlakyTrainer.step(t) if t.recovered else BrokenStepTrainer.step(t)  # lost once
+    run_state.run_steps(t, {})
+    assert t.recovered == 1 and t.ran == [1, 2, 3, 4] and t.faults[0].error.startswith("ActorLost")
+
+
 def test_in_one_process_there_is_no_actor_to_heal_and_an_error_ends_the_run_at_once(tmp_path):
     t = FlakyTrainer(tmp_path, total=5, every=1, max_failures=3, fail_at={3}, transport=LocalTransport())
     with pytest.raises(RayActorError):  # the local transport's lost-actor errors: none

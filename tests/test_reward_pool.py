@@ -210,6 +210,40 @@ def test_pool_gives_up_on_a_chain_that_always_kills_its_actor(ray_cluster):
 
 
 @pytest.mark.slow
+def test_a_chain_whose_maker_died_for_good_and_every_reward_actor_gone_are_actor_lost(ray_cluster):
+    """What the driver heals (``core.actor_group.ActorLost``): a chain whose maker died for good (not re-issued as
+    if the reward actor had died), and every reward actor killed with no restarts left."""
+    from core.actor_group import ActorLost
+
+    ray, _ = ray_cluster
+    cfg = RewardConfig(num_actors=2, num_cpus=0.5, metrics=[], max_restarts=0)
+    rollouts, samples = batch(1, 2)
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class Maker:
+        def make(self, rollout, delay):
+            time.sleep(delay)
+            return rollout
+
+    pool = RewardPool(cfg, worker_cls=LoggingWorker)
+    try:
+        maker = Maker.remote()
+        refs = [maker.make.remote(r, 30.0) for r in rollouts]
+        time.sleep(1.0)
+        ray.kill(maker, no_restart=True)
+        with pytest.raises(ActorLost, match=r"chains \[\(0, .*a rollout ref failed: ActorDiedError"):
+            pool.score(refs, samples)
+        assert pool.reissued == 0  # not taken for a reward actor's death
+        assert [s.prompt_id for s in pool.score(rollouts, samples)] == [0, 0]  # the pool itself is fine
+        for actor in pool.actors:
+            ray.kill(actor, no_restart=True)
+        with pytest.raises(ActorLost, match="all 2 reward actors are dead"):
+            pool.score(rollouts, samples)
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.slow
 def test_a_hung_reward_actor_is_killed_and_its_chains_reissued(ray_cluster):
     """reward.call_timeout_s: the actor holding the hung chain is killed after the deadline (not an hour later),
     and every chain is still scored exactly once, as without the hang."""
