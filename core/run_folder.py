@@ -13,7 +13,7 @@ checkpoints and TensorBoard points, and a resume never silently trains a config 
 - **A resume** compares the config with the one saved in the checkpoint (``config.yaml``): keys that change the
   trajectory (everything but ``OPERATIONAL`` keys: run length, cadence, resources, deadlines) stop the run, listed
   with their old and new values, unless ``trainer.accept_changes=true``; then the new values take effect (the
-  learner takes its optimizer hyperparameters from the config: ``learner.persistence.load_checkpoint``).
+  learner takes its optimizer hyperparameters from the config: ``learner.persistence.Checkpointer.load``).
 """
 
 from __future__ import annotations

@@ -3,29 +3,33 @@ backward passes (``grpo.image_objective``).
 
 ``core.grpo.IMAGE_OBJECTIVES`` names each objective and validates its options; ``OBJECTIVES`` here maps the same
 names to the class that carries its learner micro-step, so ``learner.grpo_step`` runs whichever the config names
-without a branch on its name. ``for_update`` builds one per update: an objective may keep state across the update's
-epochs. Each runs one backward per trained (stage, step) of the micro-batch, over every chain and image branch
+without a branch on its name. ``learner.sr_model.TrainedSR.objective_for_update`` builds one per update over the SR
+model it trains: an objective may keep state across the update's epochs. Each runs one backward per trained (stage, step) of the micro-batch, over every chain and image branch
 (memory holds one step's UNet graph, as in Flow-GRPO):
 
     trajectory  re-score that denoising step of every trace -> clipped surrogate / global step count (Flow-GRPO)
     nft         the sampled images of that stage noised to the step's timestep -> DiffusionNFT's loss
 
-Both add ``grpo.image_kl_beta`` x their KL to the frozen base SR model (``Rank.diffusion_reference``) when it is held.
+Both add ``grpo.image_kl_beta`` x their KL to the frozen base SR model (``TrainedSR.reference``) when it is held.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from core.config import DiffusionConfig, GRPOConfig
-from core.grpo import IMAGE_OBJECTIVES, image_objective, image_surrogate, nft_loss, reward_probability, token_mean
+from core.grpo import IMAGE_OBJECTIVES, image_surrogate, nft_loss, reward_probability, token_mean
 from core.grpo import trained_steps as _trained_steps
 from learner import engine as eng
 from learner.batching import MicroBatch, accumulate, add
 from learner.off_policy import Correction
-from learner.rank import Rank
 from learner.scoring import StageColumns, stage_columns
+
+if TYPE_CHECKING:
+    from learner.sr_model import TrainedSR
 
 
 def trained_steps(d: DiffusionConfig, stage: StageColumns) -> range:
@@ -48,7 +52,10 @@ class ImageObjective:
     ratio = False
     per_step_metrics: tuple[str, ...] = ()
 
-    def micro_step(self, w: Rank, m: MicroBatch, index: int, fix: Correction, global_steps: float,
+    def __init__(self, sr: "TrainedSR", seed: int):
+        self.sr = sr
+
+    def micro_step(self, m: MicroBatch, index: int, fix: Correction, global_steps: float,
                    sums: dict[str, float], extremes: dict[str, float]) -> None:
         """The backward passes of micro-batch ``m`` (number ``index`` of this rank's update), each loss divided by
         ``global_steps``; metrics into ``sums`` / ``extremes``."""
@@ -61,39 +68,35 @@ class Trajectory(ImageObjective):
 
     ratio = True
 
-    def __init__(self, w: Rank):
-        self.low, self.high = image_clip(w.grpo)
-
-    def micro_step(self, w: Rank, m: MicroBatch, index: int, fix: Correction, global_steps: float,
+    def micro_step(self, m: MicroBatch, index: int, fix: Correction, global_steps: float,
                    sums: dict[str, float], extremes: dict[str, float]) -> None:
         """That step of every chain of the micro-batch, and of each of its image branches (``grpo.image_group_size``),
         re-scored in one UNet call."""
-        diffusion = w.engines["diffusion"]
-        mb = m.batch
-        B = len(m.rollouts)
+        sr, mb, B = self.sr, m.batch, len(m.rollouts)
+        device = sr.ctx.device
         for stage in stage_columns(m.rollouts):
             traces = [r.traces[j] for j in stage.traces for r in m.rollouts]  # branch-major: (M * B)
-            for k in trained_steps(w.diffusion_cfg, stage):
+            for k in trained_steps(sr.cfg, stage):
                 cols = [o + k for o in stage.offsets]  # (M,) step columns of this step in each branch
                 kl = None
-                if w.diffusion_reference is None:
-                    logp = diffusion(traces, step_indices=[k])  # (M * B, 1) with grad
+                if sr.reference is None:
+                    logp = sr.engine(traces, step_indices=[k])  # (M * B, 1) with grad
                 else:
-                    logp, kl = diffusion(traces, step_indices=[k], reference=w.diffusion_reference)
+                    logp, kl = sr.engine(traces, step_indices=[k], reference=sr.reference)
                 logp = logp.float().view(len(cols), B).T  # (B, M)
                 fixes = [fix.step(c, logp[:, b:b + 1], mb.step_old_log_probs, mb.step_mask)
                          for b, c in enumerate(cols)]
-                old = torch.cat([o for o, _ in fixes], dim=1).to(w.device)
-                weights = None if fixes[0][1] is None else torch.cat([wt for _, wt in fixes], dim=1).to(w.device)
-                mask = mb.step_mask[:, cols].to(w.device)
-                out = image_surrogate(logp, old, mb.step_advantages[:, cols].to(w.device), self.low, self.high, mask,
+                old = torch.cat([o for o, _ in fixes], dim=1).to(device)
+                weights = None if fixes[0][1] is None else torch.cat([wt for _, wt in fixes], dim=1).to(device)
+                mask = mb.step_mask[:, cols].to(device)
+                out = image_surrogate(logp, old, mb.step_advantages[:, cols].to(device), sr.clip[0], sr.clip[1], mask,
                                       weights)
                 loss = image_loss = token_mean(out.loss, mask, global_steps)
                 if kl is not None:
                     image_kl = token_mean(kl.float().view(len(cols), B).T, mask, global_steps)
-                    loss = loss + w.grpo.image_kl_beta * image_kl
+                    loss = loss + sr.kl_beta * image_kl
                     add(sums, "image_kl", image_kl.item())
-                diffusion.backward(loss * eng.dp_loss_scale(), scale_wrt_gas=False)
+                sr.engine.backward(loss * eng.dp_loss_scale(), scale_wrt_gas=False)
                 add(sums, "image_loss", image_loss.item())
                 accumulate(sums, extremes, "image", out.metrics)
 
@@ -106,35 +109,35 @@ class NFT(ImageObjective):
 
     per_step_metrics = ("nft_positive", "nft_negative")
 
-    def __init__(self, w: Rank, beta: float, adv_clip: float):
+    def __init__(self, sr: "TrainedSR", seed: int, beta: float, adv_clip: float):
+        super().__init__(sr, seed)
         self.beta, self.adv_clip = beta, adv_clip
-        self.seed = w.optimizer_steps  # this update's noise, the same in every epoch
+        self.seed = seed  # this update's noise, the same in every epoch
         self.old: dict[tuple, Tensor] = {}  # the first epoch's predictions, the sampling policy's, for later epochs
 
-    def micro_step(self, w: Rank, m: MicroBatch, index: int, fix: Correction, global_steps: float,
+    def micro_step(self, m: MicroBatch, index: int, fix: Correction, global_steps: float,
                    sums: dict[str, float], extremes: dict[str, float]) -> None:
         """The sampled image of each stage of every chain and image branch, noised to each trained step."""
-        diffusion = w.engines["diffusion"]
-        mb = m.batch
+        sr, mb = self.sr, m.batch
+        device = sr.ctx.device
         for s, stage in enumerate(stage_columns(m.rollouts)):
             traces = [r.traces[j] for j in stage.traces for r in m.rollouts]  # branch-major: (M * B)
-            for k in trained_steps(w.diffusion_cfg, stage):
+            for k in trained_steps(sr.cfg, stage):
                 key = (self.seed, index, s, k)
                 generator = torch.Generator().manual_seed(hash(key) % 2**31)
-                prediction, x0, ref = diffusion(traces, forward_step=k, generator=generator,
-                                                reference=w.diffusion_reference)
+                prediction, x0, ref = sr.engine(traces, forward_step=k, generator=generator, reference=sr.reference)
                 previous = self.old.setdefault(key, prediction.detach())
                 cols = [o + k for o in stage.offsets]
-                adv = mb.step_advantages[:, cols].T.reshape(-1).to(w.device)  # (M * B), branch-major like the traces
-                mask = mb.step_mask[:, cols].T.reshape(-1).to(w.device)
+                adv = mb.step_advantages[:, cols].T.reshape(-1).to(device)  # (M * B), branch-major like the traces
+                mask = mb.step_mask[:, cols].T.reshape(-1).to(device)
                 out = nft_loss(prediction, previous, x0, reward_probability(adv, self.adv_clip), self.beta)
                 loss = image_loss = token_mean(out.loss, mask, global_steps)
                 if ref is not None:  # the base model's x_0 prediction at the same noised images: an MSE to it
                     image_kl = token_mean((prediction.float() - ref.float()).pow(2).flatten(1).mean(1), mask,
                                           global_steps)
-                    loss = loss + w.grpo.image_kl_beta * image_kl
+                    loss = loss + sr.kl_beta * image_kl
                     add(sums, "image_kl", image_kl.item())
-                diffusion.backward(loss * eng.dp_loss_scale(), scale_wrt_gas=False)
+                sr.engine.backward(loss * eng.dp_loss_scale(), scale_wrt_gas=False)
                 add(sums, "image_loss", image_loss.item())
                 for name, value in (("nft_positive", out.positive), ("nft_negative", out.negative)):
                     add(sums, name, float((value * mask).sum()))
@@ -145,8 +148,3 @@ if set(OBJECTIVES) != set(IMAGE_OBJECTIVES):  # a rule core.grpo validates must 
     raise ImportError(f"learner.image_objectives has {sorted(OBJECTIVES)}, core.grpo.IMAGE_OBJECTIVES "
                       f"{sorted(IMAGE_OBJECTIVES)}")
 
-
-def for_update(w: Rank) -> ImageObjective:
-    """This update's objective: ``grpo.image_objective``'s entry, with its options checked by ``core.grpo``."""
-    name, options = image_objective(w.grpo.image_objective)
-    return OBJECTIVES[name](w, **options)

@@ -29,10 +29,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from core.config import GRPOConfig
 from core.grpo import TrainBatch, truncated_importance_weights
 from core.records import Rollout
 from learner.batching import MicroBatch
-from learner.rank import Rank
+from learner.rank import RankContext
 
 
 @dataclass
@@ -135,18 +136,18 @@ def stale_rows(m: MicroBatch, version: int, model: str) -> Tensor:
     return torch.tensor([m.real and getattr(r, attr) < version for r in m.rollouts], dtype=torch.bool)
 
 
-def corrections(w: Rank, micro: Sequence[MicroBatch], version: Optional[int], train_text: bool, train_image: bool
-                ) -> tuple[list[Correction], dict[str, float]]:
+def corrections(ctx: RankContext, grpo: GRPOConfig, micro: Sequence[MicroBatch], version: Optional[int],
+                train_text: bool, train_image: bool) -> tuple[list[Correction], dict[str, float]]:
     """Per micro-batch Correction, and the step's ``staleness_max`` / ``off_policy_chains`` of the chains it trains
     on (identical on every rank). ``version``: the learner's policy version before this update (None: on-policy)."""
     models = [name for name, on in (("policy", train_text), ("diffusion", train_image)) if on]
     trained = [r for m in micro if m.real for r, on in zip(m.rollouts, _trained_rows(m.batch)) if on]
     ages = [chain_staleness(r, version, models) for r in trained] if version is not None else []
-    stale_total, = w.all_reduce([sum(a > 0 for a in ages)])
-    age_max, = w.all_reduce([max(ages, default=0)], "max")
+    stale_total, = ctx.all_reduce([sum(a > 0 for a in ages)])
+    age_max, = ctx.all_reduce([max(ages, default=0)], "max")
     metrics = {"staleness_max": age_max, "off_policy_chains": stale_total}
-    engine = train_text and w.grpo.engine_correction == "tis"
-    clip = (w.grpo.clip_low, w.grpo.clip_high)
+    engine = train_text and grpo.engine_correction == "tis"
+    clip = (grpo.clip_low, grpo.clip_high)
     out = []
     for m in micro:  # every rank has stale rows or not alike: all of them then use the weighted losses
         real = torch.tensor([m.real] * len(m.rollouts), dtype=torch.bool)
@@ -155,15 +156,15 @@ def corrections(w: Rank, micro: Sequence[MicroBatch], version: Optional[int], tr
         text_rows = real if engine else (stale_text if stale_total > 0 else None)
         step_stale = (stale_rows(m, version, "diffusion") if train_image and stale_total > 0 and version is not None
                       else None)
-        out.append(Correction(w.grpo.tis_cap, text_rows, step_stale, on_policy if train_text else None, clip))
+        out.append(Correction(grpo.tis_cap, text_rows, step_stale, on_policy if train_text else None, clip))
     return out, metrics
 
 
-def tis_metrics(w: Rank, fixes: Sequence[Correction]) -> dict[str, float]:
+def tis_metrics(ctx: RankContext, fixes: Sequence[Correction]) -> dict[str, float]:
     """``tis_{text,image}_ratio_mean`` / ``_truncated_fraction`` over the corrected tokens and ``engine_logp_gap`` /
     ``engine_ratio_mean`` / ``engine_clip_fraction`` over the on-policy ones, over ranks (a collective on every
     rank alike)."""
-    totals = dict(zip(_SUMS, w.all_reduce([sum(f.sums[k] for f in fixes) for k in _SUMS])))
+    totals = dict(zip(_SUMS, ctx.all_reduce([sum(f.sums[k] for f in fixes) for k in _SUMS])))
     out = {}
     for kind in ("text", "image"):
         if totals[f"{kind}_tokens"] > 0:

@@ -1,36 +1,36 @@
-"""What the learner's step and persistence functions use of their rank: the contract ``learner.worker.LearnerWorker``
-fulfils. The functions take a ``Rank``, so they depend on this contract, not on the worker class."""
+"""Who a learner rank is among the others: its place in the group, its device and its one collective for scalars.
+
+Every part of the learner that needs the group (the steps, the trained models, the checkpointer) holds this small
+record instead of the worker, so none of them reaches into another's state.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from core.config import DiffusionConfig, GRPOConfig, LearnerConfig, PolicyConfig, SFTConfig
-from core.grpo import TrainBatch
-from core.records import Rollout
+from learner import engine as eng
 
 
-class Rank(Protocol):
-    cfg: LearnerConfig
-    policy_cfg: PolicyConfig
-    diffusion_cfg: DiffusionConfig
-    grpo: GRPOConfig
-    sft: Optional[SFTConfig]
-    engines: dict[str, Any]  # "policy" / "diffusion" -> DeepSpeed engine, for the models that train
-    tokens: Any  # models.chain_tokens.ChainTokens of the policy (None when it is frozen)
-    reference: Any  # the frozen reference policy (grpo.kl_beta > 0): a model, or lora.BasePolicy
-    diffusion_reference: Any  # the frozen base SR model's SRTraining (grpo.image_kl_beta > 0), else None
-    lora: dict[str, dict[str, float]]  # model -> {adapted layer: scaling}; {} without adapters (policy.lora, diffusion.lora)
-    device: torch.device
+@dataclass(frozen=True)
+class RankContext:
     rank: int
     world_size: int
-    logprob_temperature: float
-    optimizer_steps: int
+    device: torch.device
+    backend: str  # the learner's process-group backend: "gloo" reduces on the CPU, "nccl" on the device
 
-    def all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]: ...
+    @classmethod
+    def current(cls, device: torch.device, backend: str) -> "RankContext":
+        """This process's place in the (already initialised) learner group."""
+        return cls(eng.rank(), eng.world_size(), device, backend)
 
-    def validate_shard(self, batch: TrainBatch, rollouts: Sequence[Rollout]) -> None: ...
+    def all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
+        """Over the learner's ranks (a collective: every rank calls it, in the same order)."""
+        return eng.all_reduce(values, op, self.device if self.backend == "nccl" else "cpu")
 
-    def engine(self, model: str) -> Any: ...
+    def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in a group of one)."""
+        if self.world_size > 1:
+            torch.distributed.barrier()

@@ -2,15 +2,18 @@
 
 ``LearnerWorker`` is a plain class (no Ray). ``learner.group`` runs N of them as Ray actors forming one ZeRO
 group; a test or a single-process run builds one directly (world size 1). Every method that touches model
-weights is a collective: every rank must call it, in the same order. The work itself lives in one module per
-job, each a set of functions of the worker:
+weights is a collective: every rank must call it, in the same order. The worker only holds the parts, each of
+which owns its state:
 
-    learner.grpo_step    the GRPO update (text tokens; denoising steps through learner.image_objectives)
-    learner.sft_step     the supervised cold start
-    learner.persistence  full-weight gathers for the rollout actors, HF export, DeepSpeed checkpoints
-    learner.scoring      re-scoring log-probs (policy, SR trajectories)
-    learner.batching     ranks' shards, equal micro-batch counts, metric reduction
-    learner.engine       DeepSpeed set-up: process group, optimizer, LR schedule, ZeRO-3 gathers
+    learner.policy_model  TrainedPolicy: engine, tokens, reference, KL weight; the text losses
+    learner.sr_model      TrainedSR: engine, frozen base model, image objective (learner.image_objectives); the
+                          denoising loss
+    learner.trained       TrainedModels: the rank's place in the group (learner.rank) and the trained models
+    learner.grpo_step     the GRPO update, a function of TrainedModels
+    learner.sft_step      the supervised cold start, likewise
+    learner.persistence   Checkpointer: full-weight gathers for the rollout actors, HF export, DeepSpeed checkpoints
+    learner.batching      ranks' shards, equal micro-batch counts, metric reduction
+    learner.engine        DeepSpeed set-up: process group, optimizer, LR schedule, ZeRO-3 gathers
 """
 
 from __future__ import annotations
@@ -24,35 +27,17 @@ from torch import nn
 
 from core import weight_broadcast
 from core.config import DiffusionConfig, ExperimentConfig, GRPOConfig, LearnerConfig, PolicyConfig, SFTConfig
-from core.dtypes import torch_dtype
 from core.env import configure_process
-from core.grpo import ChainTags, TrainBatch, build_train_batch, needs_reference, token_credit
+from core.grpo import TrainBatch, build_train_batch, token_credit
 from core.records import ChainAdvantage, Rollout
 from learner import engine as eng
-from learner import grpo_step, persistence, sft_step, transfer
+from learner import grpo_step, sft_step, transfer
 from learner.batching import masked_copy
-from learner.scoring import TraceScorer, load_sr_pipeline
-from models import lora
-
-MODELS = ("policy", "diffusion")
-
-
-def restrict_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Freeze every parameter whose name no pattern matches (``re.search``; ``policy.trainable``) and return
-    the names left trainable. A pattern that matches no parameter is an error naming it."""
-    names = [n for n, _ in model.named_parameters()]
-    matched, unmatched = lora.match_names(names, patterns)
-    if unmatched:
-        raise ValueError(f"policy.trainable: {unmatched} match no parameter of {type(model).__name__}; "
-                         f"its names look like {names[:2] + names[-2:]}")
-    wanted = set(matched)
-    kept = []
-    for name, param in model.named_parameters():
-        if name not in wanted:
-            param.requires_grad_(False)
-        elif param.requires_grad:  # (a parameter frozen before stays frozen)
-            kept.append(name)
-    return kept
+from learner.persistence import Checkpointer
+from learner.policy_model import TrainedPolicy
+from learner.rank import RankContext
+from learner.sr_model import TrainedSR
+from learner.trained import TrainedModels
 
 
 def _numel(params: Iterable[nn.Parameter]) -> int:
@@ -79,86 +64,26 @@ class LearnerWorker:
         WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for this rank (None: already in the environment).
         ``logprob_temperature``: the rollout's sampling temperature (``learner.scoring``). ``sft``: the
         cold-start config; ``sft_step`` needs it (None for a GRPO learner)."""
-        from models.chain_tokens import ChainTokens
-
-        self.cfg, self.policy_cfg, self.diffusion_cfg, self.grpo = learner, policy, diffusion, grpo
-        self.sft = sft
-        self.logprob_temperature = logprob_temperature
+        self.cfg, self.grpo, self.sft = learner, grpo, sft
         configure_process(learner.num_cpus)  # offline flags, threads: the one place this process is set up
         for key, value in (dist_env or {}).items():
             os.environ[key] = str(value)
         t0 = time.perf_counter()
-        self.device = eng.init_distributed(learner.backend)
-        self.rank, self.world_size = eng.rank(), eng.world_size()
-        self.dtype = torch_dtype(learner.dtype)
+        self.ctx = RankContext.current(eng.init_distributed(learner.backend), learner.backend)
+        self.rank, self.world_size = self.ctx.rank, self.ctx.world_size
         self.optimizer_steps = 0
         optimizer_total = max(1, total_steps if sft is not None else total_steps * grpo.update_epochs)
-
-        self.engines: dict[str, Any] = {}
-        self.tokens: Optional[ChainTokens] = None  # the policy's processor + token layout
-        self.tags: Optional[ChainTags] = None  # the chain tags' ids, for token credit
+        trained_policy = (None if policy.freeze else
+                          TrainedPolicy.build(policy, learner, grpo, self.ctx, optimizer_total, logprob_temperature))
+        trained_sr = None if diffusion.freeze else TrainedSR.build(diffusion, learner, grpo, self.ctx, optimizer_total)
+        self.models = TrainedModels(self.ctx, trained_policy, trained_sr, learner.micro_batch_size)
+        self.checkpointer = Checkpointer(self.models, learner, {"policy": policy.path, "diffusion": diffusion.path})
         # a frozen policy has no tokens to credit: the chain rule keeps the batch layout and is never trained on
         self.credit = token_credit(None if policy.freeze else grpo.token_credit)
-        self.reference: Any = None  # the KL term's frozen policy: a second copy, or the adapters switched off
-        self.lora: dict[str, dict[str, float]] = {}  # model -> {adapted layer: scaling}, for the trained adapters
-        if not policy.freeze:
-            self._set_up_policy(optimizer_total)
-        self.pipeline = None
-        self.diffusion_reference = None  # the base SR model's SRTraining, frozen (grpo.image_kl_beta > 0)
-        if not diffusion.freeze:
-            self._set_up_sr_model(optimizer_total)
+        self.train_steps = (diffusion.train_steps_fraction, diffusion.train_steps_start)  # which steps get a loss
         self.sync_group = None  # the rollout actors' weight-sync group (rank 0, learner.sync_backend: collective)
         self.transfer: Optional[transfer.Sender] = None  # vLLM's weight-transfer group (rank 0, vLLM policy)
         self.setup_seconds = time.perf_counter() - t0
-
-    def _set_up_policy(self, optimizer_total: int) -> None:
-        """The trained policy under DeepSpeed (``policy.trainable``, ``policy.lora``, gradient checkpointing), its
-        token layout and tags, and the KL term's frozen reference when ``grpo.kl_beta`` needs one."""
-        from models.chain_tokens import ChainTokens
-        from models.policy import load_policy
-
-        policy, learner = self.policy_cfg, self.cfg
-        self.tokens = ChainTokens.from_pretrained(policy.path)
-        self.tags = ChainTags.from_tokens(self.tokens)
-        model = load_policy(policy.path, learner.dtype, str(self.device)).train()
-        if policy.trainable is not None:
-            restrict_trainable(model, policy.trainable)
-        if policy.lora is not None:
-            self.lora["policy"] = lora.add_lora(model, policy.lora, "policy.lora")
-        if policy.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            if policy.lora is not None:  # the embeddings are frozen: checkpointed blocks need an input grad
-                model.enable_input_require_grads()
-        self.engines["policy"] = eng.build_engine(model, learner.policy_optim, learner, optimizer_total,
-                                                   "learner.policy_optim")
-        if needs_reference(self.grpo.kl_beta):
-            self.reference = (lora.BasePolicy(model) if policy.lora is not None else
-                              load_policy(policy.path, learner.dtype, str(self.device)).requires_grad_(False))
-
-    def _set_up_sr_model(self, optimizer_total: int) -> None:
-        """The SR pipeline, its trained parts (``TraceScorer``: UNet and text encoder, ``diffusion.lora``) under
-        DeepSpeed, and the frozen base pipeline when ``grpo.image_kl_beta`` > 0."""
-        diffusion, learner = self.diffusion_cfg, self.cfg
-        self.pipeline = load_sr_pipeline(diffusion.path)
-        self.pipeline.to(self.device)
-        for module in self.pipeline.components.values():
-            if isinstance(module, nn.Module):  # the VAE and anything outside the TraceScorer stay frozen
-                module.requires_grad_(False)
-        scorer = TraceScorer(self.pipeline).to(self.dtype).requires_grad_(True).train()
-        if diffusion.lora is not None:
-            self.lora["diffusion"] = lora.add_lora(scorer, diffusion.lora, "diffusion.lora")
-        self.engines["diffusion"] = eng.build_engine(scorer, learner.diffusion_optim, learner, optimizer_total,
-                                                      "learner.diffusion_optim")
-        if self.grpo.image_kl_beta > 0 and diffusion.lora is not None:
-            self.diffusion_reference = lora.BasePipeline(scorer.sr, scorer)
-        elif self.grpo.image_kl_beta > 0:
-            base = load_sr_pipeline(diffusion.path)
-            base.to(self.device)
-            frozen = TraceScorer(base).to(self.dtype)  # the trained components' dtype, as above
-            for module in base.components.values():
-                if isinstance(module, nn.Module):
-                    module.requires_grad_(False)
-            self.diffusion_reference = frozen.sr
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, dist_env: Optional[Mapping[str, str]] = None,
@@ -169,60 +94,23 @@ class LearnerWorker:
     # ------------------------------------------------------------------ small helpers
     def info(self) -> dict[str, Any]:
         """Who this rank is and what it trains (the group waits on this after start-up)."""
+        trained = self.models.trained()
         return {
             "rank": self.rank,
             "world_size": self.world_size,
-            "device": str(self.device),
-            "trained": sorted(self.engines),
+            "device": str(self.ctx.device),
+            "trained": sorted(trained),
             "zero_stage": self.cfg.zero_stage,
-            "parameters": {k: _numel(e.module.parameters()) for k, e in self.engines.items()},
-            "trainable_parameters": {k: _numel(p for p in e.module.parameters() if p.requires_grad)
-                                     for k, e in self.engines.items()},
-            "lora_layers": {k: len(v) for k, v in self.lora.items()},
+            "parameters": {k: _numel(m.engine.module.parameters()) for k, m in trained.items()},
+            "trainable_parameters": {k: _numel(p for p in m.engine.module.parameters() if p.requires_grad)
+                                     for k, m in trained.items()},
+            "lora_layers": {k: len(m.lora) for k, m in trained.items() if m.lora is not None},
             "setup_seconds": self.setup_seconds,
         }
 
     def engine(self, model: str) -> Any:
         """The DeepSpeed engine of ``model``; a frozen model is an error saying so."""
-        if model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-        if model not in self.engines:
-            raise ValueError(
-                f"the {model} is frozen (config {model}.freeze = true): the learner does not train "
-                "or hold it, so it has no weights to gather or sync"
-            )
-        return self.engines[model]
-
-    def all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
-        """Over the learner's ranks (a collective)."""
-        return eng.all_reduce(values, op, self.device if self.cfg.backend == "nccl" else "cpu")
-
-    def validate_shard(self, batch: TrainBatch, rollouts: Sequence[Rollout]) -> None:
-        """Check the shard on every rank and agree on the outcome before the first collective, so a bad shard
-        on one rank is an error on all ranks instead of a hang in the others' all-reduce."""
-        error = None
-        try:
-            if len(rollouts) != len(batch):
-                raise ValueError(f"train_step got {len(batch)} batch rows but {len(rollouts)} rollouts "
-                                 "(one per row)")
-            for key, r in zip(batch.keys, rollouts):
-                if key != (int(r.prompt_id), int(r.sample_index)):
-                    raise ValueError(f"batch row {key} is paired with rollout {(r.prompt_id, r.sample_index)}")
-            if "policy" in self.engines:
-                for row, r in enumerate(rollouts):
-                    ids = batch.input_ids[row][batch.attention_mask[row]].tolist()
-                    try:
-                        self.tokens.check_context(ids, r.context_images)
-                    except ValueError as exc:
-                        raise ValueError(
-                            f"rollout prompt_id={r.prompt_id} sample_index={r.sample_index}: {exc}") from None
-        except ValueError as exc:
-            error = exc
-        all_ok = self.all_reduce([0.0 if error else 1.0], "min")[0] > 0
-        if error is not None:
-            raise error
-        if not all_ok:
-            raise RuntimeError("train_step: another learner rank rejected its shard (its error says why)")
+        return self.models.engine(model)
 
     # ------------------------------------------------------------------ training
     def train_chains(self, advantages: Sequence[ChainAdvantage], padding: bool, *rollouts: Rollout,
@@ -230,11 +118,10 @@ class LearnerWorker:
         """The GRPO update on this rank's own chains: the batch is built here from the rollouts (varargs, so Ray
         resolves the refs passed for them), so the driver only ever holds refs. ``padding``: this rank got no
         chain and trains a masked copy (zero loss) to stay in step with the others' collectives."""
-        pad_id = self.tokens.tokenizer.pad_token_id if self.tokens is not None else 0
-        batch = build_train_batch(list(rollouts), list(advantages), pad_token_id=pad_id or 0,
-                                  credit=self.credit, tags=self.tags,
-                                  train_steps_fraction=self.diffusion_cfg.train_steps_fraction,
-                                  train_steps_start=self.diffusion_cfg.train_steps_start)
+        tags = self.models.policy.tags if self.models.policy is not None else None
+        batch = build_train_batch(list(rollouts), list(advantages), pad_token_id=self.models.pad_id,
+                                  credit=self.credit, tags=tags, train_steps_fraction=self.train_steps[0],
+                                  train_steps_start=self.train_steps[1])
         if padding:
             batch = masked_copy(batch)
         return self.train_step(batch, *rollouts, version=version, max_staleness=max_staleness)
@@ -244,22 +131,30 @@ class LearnerWorker:
         """The GRPO update on a built batch (``learner.grpo_step.train_step``); ``version``: the learner's
         policy version before it (stale chains are corrected, those more than ``max_staleness`` versions old
         dropped; None: all on-policy)."""
-        return grpo_step.train_step(self, batch, rollouts, version, max_staleness)
+        metrics = grpo_step.train_step(self.models, self.grpo, batch, rollouts, self.optimizer_steps, version,
+                                       max_staleness)
+        self.optimizer_steps = int(metrics["optimizer_steps"])
+        return metrics
 
     def sft_step(self, *records: Any) -> dict[str, float]:
         """One supervised step on this rank's ``SFTRecord``s (varargs, so Ray resolves refs)."""
-        return sft_step.sft_step(self, records)
+        if self.sft is None:
+            raise ValueError("sft_step: this learner was built without the sft config "
+                             "(LearnerWorker(..., sft=cfg.sft), or a config with mode: sft)")
+        metrics = sft_step.sft_step(self.models, self.sft, records, self.optimizer_steps)
+        self.optimizer_steps = int(metrics["optimizer_steps"])
+        return metrics
 
     # ------------------------------------------------------------------ weights and checkpoints
     def serialized_state(self, model: str) -> tuple[list[bytes], dict[str, float]]:
-        return persistence.serialized_state(self, model)
+        return self.checkpointer.serialized_state(model)
 
     def gather_full_state(self, model: str) -> dict[str, torch.Tensor]:
-        return persistence.gather_full_state(self, model)
+        return self.checkpointer.gather_full_state(model)
 
     def sync_state(self, model: str) -> dict[str, torch.Tensor]:
         """What a weight sync ships of ``model`` (rank 0): the adapters alone or the merged weights."""
-        return persistence.sync_state(self, model)[0]
+        return self.checkpointer.sync_state(model)[0]
 
     def join_weight_group(self, host: str, port: int, world_size: int, timeout_s: float) -> int:
         """Rank 0 opens the rollout actors' collective weight-sync group as its root (``core.weight_broadcast``);
@@ -279,7 +174,7 @@ class LearnerWorker:
 
     def sync_metadata(self, model: str) -> dict[str, list]:
         """Names, dtypes and shapes of what a sync ships of ``model``, in order (no gather, no collective)."""
-        return persistence.sync_metadata(self, model)
+        return self.checkpointer.sync_metadata(model)
 
     def broadcast_weights(self, models: Sequence[str], transfer_models: Sequence[str] = (),
                           announced: Optional[dict[str, dict]] = None) -> dict[str, float]:
@@ -289,7 +184,7 @@ class LearnerWorker:
         others)."""
         out: dict[str, float] = {}
         for model in models:
-            state, adapter_bytes = persistence.sync_state(self, model)
+            state, adapter_bytes = self.checkpointer.sync_state(model)
             if self.rank != 0:
                 continue
             if adapter_bytes is not None:  # what shipping the LoRA adapters alone would move
@@ -298,20 +193,20 @@ class LearnerWorker:
                 stats = self.transfer.send(state.items(), (announced or {})[model])
             else:
                 stats = weight_broadcast.broadcast_weights(self.sync_group, state.items(),
-                                                           self.cfg.sync_bucket_mb << 20, device=self.device)
+                                                           self.cfg.sync_bucket_mb << 20, device=self.ctx.device)
             out[f"weight_sync/{model}_mb"] = stats.num_bytes / 2**20
             out[f"weight_sync/{model}_buckets"] = float(stats.num_buckets)
             out[f"weight_sync/{model}_broadcast_s"] = stats.seconds
         return out
 
     def parameter_digest(self, model: str) -> dict[str, float]:
-        return persistence.parameter_digest(self, model)
+        return self.checkpointer.parameter_digest(model)
 
     def export_hf(self, directory: str) -> dict[str, str]:
-        return persistence.export_hf(self, directory)
+        return self.checkpointer.export_hf(directory)
 
     def save_checkpoint(self, directory: str) -> None:
-        persistence.save_checkpoint(self, directory)
+        self.checkpointer.save(directory, self.optimizer_steps)
 
     def load_checkpoint(self, directory: str) -> None:
-        persistence.load_checkpoint(self, directory)
+        self.optimizer_steps = self.checkpointer.load(directory)

@@ -14,8 +14,6 @@ from typing import Any, Optional, Sequence
 from core.config import ConfigError, ExperimentConfig
 from core.records import ChainAdvantage, Rollout, Sample, Scores, WeightUpdate
 
-MODELS = ("policy", "diffusion")
-
 
 def local_dist_env(port: Optional[int] = None) -> dict[str, str]:
     """A world-size-1 process group on this machine (a free port unless ``port``)."""
@@ -86,7 +84,7 @@ class LocalLearner:
         from learner.worker import LearnerWorker
 
         self.worker = LearnerWorker.from_config(cfg, dist_env, **worker_kwargs)
-        self.trained = tuple(m for m in MODELS if m in self.worker.engines)
+        self.trained = tuple(self.worker.models.trained())
 
     def train(self, chains: Sequence[Rollout], advantages: Sequence[ChainAdvantage], keep: Sequence[bool],
               version: Optional[int] = None, max_staleness: Optional[int] = None) -> dict[str, float]:

@@ -6,7 +6,7 @@ the GPU-path review, /work/shared/notes/reviews-2026-12/gpu-path.md section 2).
 
     zero3-lora         the project's learner (learner.worker.LearnerWorker, world size 1, NCCL/bf16 on a GPU) with the
                        1-GPU recipe's LoRA on both models: 2 GRPO steps on HF-sampled chains under ZeRO-2 and under
-                       ZeRO-3 from the same seed and data; the merged weights (persistence.gather_full_state) must
+                       ZeRO-3 from the same seed and data; the merged weights (learner.persistence.Checkpointer.gather_full_state) must
                        agree within bf16 tolerance, the ZeRO-3 export must load with from_pretrained (and its peft
                        adapters with peft), and a ZeRO-3 checkpoint must restore weights and optimizer state
     learner-7b-memory  a Qwen2.5-VL-7B-shaped policy (Qwen2_5_VLConfig with the 7B sizes, random bf16 weights built

@@ -253,7 +253,7 @@ def test_frozen_diffusion_is_not_held_trained_or_changed(models, chains, zero3, 
         "diffusion.freeze=true",
     )
     worker = solo_worker(cfg, port)
-    assert worker.info()["trained"] == ["policy"] and worker.pipeline is None
+    assert worker.info()["trained"] == ["policy"] and worker.models.sr is None
     m = worker.train_step(batch, *rollouts)
     assert "image_loss" not in m and "diffusion_grad_norm" not in m and m["diffusion_steps"] == 0
     # same weights and batch as the ZeRO-3 worker's first step: the same loss and pre-clip gradient norm
@@ -282,7 +282,7 @@ def test_kl_to_reference_update_epochs_and_lr_decay_zero1(models, chains, port):
         "learner.policy_optim.schedule=linear",
     )
     worker = solo_worker(cfg, port)
-    assert worker.reference is not None and not worker.reference.training
+    assert worker.models.policy.reference is not None and not worker.models.policy.reference.training
     m = worker.train_step(batch, *rollouts)
     assert m["optimizer_steps"] == 2  # one optimizer step per update epoch
     # epoch 1 starts at the reference (KL 0, ratio 1); epoch 2 re-scores the same rollout after an update
@@ -291,7 +291,7 @@ def test_kl_to_reference_update_epochs_and_lr_decay_zero1(models, chains, port):
     lr, ratio = cfg.learner.policy_optim.lr, cfg.learner.policy_optim.min_lr_ratio
     assert m["policy_lr"] == pytest.approx(lr)  # the first step's
     # linear decay over total_steps x update_epochs = 8 optimizer steps: 2 done
-    assert current_lr(worker.engines["policy"]) == pytest.approx(lr * (1 - (1 - ratio) * 2 / 8))
+    assert current_lr(worker.engine("policy")) == pytest.approx(lr * (1 - (1 - ratio) * 2 / 8))
 
 
 @pytest.mark.slow
@@ -419,7 +419,7 @@ def test_image_kl_to_the_base_sr_model_is_zero_at_the_start_and_grows_after_an_u
     batch, rollouts = chains
     plain = one_rank_worker(models, port, "policy.freeze=true").train_step(batch, *rollouts)
     worker = one_rank_worker(models, port, "policy.freeze=true", "grpo.image_kl_beta=0.5")
-    assert worker.diffusion_reference is not None and "image_kl" not in plain
+    assert worker.models.sr.reference is not None and "image_kl" not in plain
     first = worker.train_step(batch, *rollouts)
     assert first["image_kl"] == 0.0
     for key in ("image_loss", "diffusion_grad_norm"):
@@ -513,7 +513,7 @@ def test_chains_older_than_max_staleness_are_not_trained_on(models, chains, port
 
 
 def test_a_trainable_pattern_that_matches_nothing_is_named():
-    from learner.worker import restrict_trainable
+    from learner.policy_model import restrict_trainable
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
     assert restrict_trainable(model, [r"^1\."]) == ["1.weight", "1.bias"]

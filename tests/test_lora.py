@@ -247,7 +247,7 @@ def stepped(small_models, chains, port):
     worker = one_rank_worker(small_models, port, *LORA, "grpo.kl_beta=0.1", "grpo.image_kl_beta=0.1",
                              "learner.policy_optim.lr=1e-2", "learner.diffusion_optim.lr=1e-2")
     before = {m: worker.gather_full_state(m) for m in ("policy", "diffusion")}
-    raw_before = {m: {n: p.detach().clone() for n, p in worker.engines[m].module.named_parameters()}
+    raw_before = {m: {n: p.detach().clone() for n, p in worker.engine(m).module.named_parameters()}
                   for m in ("policy", "diffusion")}
     metrics = worker.train_chains([ChainAdvantage(float(a)) for a in ADVANTAGES], False, *chains)
     return worker, before, raw_before, metrics
@@ -260,7 +260,7 @@ def test_a_step_moves_only_the_adapters_and_the_merged_weights_follow(stepped):
     assert metrics["image_first_epoch_ratio_mean"] == pytest.approx(1.0, abs=1e-3)
     info = worker.info()
     for model in ("policy", "diffusion"):
-        params = dict(worker.engines[model].module.named_parameters())
+        params = dict(worker.engine(model).module.named_parameters())
         changed = {n for n, p in params.items() if not torch.equal(p, raw_before[model][n])}
         assert changed and all(lora.is_trained(n) for n in changed), sorted(changed)[:4]
         assert any(".modules_to_save." in n for n in changed)
@@ -280,24 +280,24 @@ def test_the_adapters_off_reference_gives_exactly_the_base_models_log_probs(step
     from models.policy import load_policy
 
     worker, *_ = stepped
-    assert isinstance(worker.reference, lora.BasePolicy)  # no second copy of the policy in memory
-    assert isinstance(worker.diffusion_reference, lora.BasePipeline)
+    assert isinstance(worker.models.policy.reference, lora.BasePolicy)  # no second copy of the policy in memory
+    assert isinstance(worker.models.sr.reference, lora.BasePipeline)
     batch = build_train_batch(chains, ADVANTAGES)
     base = load_policy(small_models["policy"], "float32", "cpu")
     with torch.no_grad():
-        ref = policy_log_probs(worker.reference, worker.tokens, batch, chains, worker.device, 1.0)
-        expected = policy_log_probs(base, worker.tokens, batch, chains, worker.device, 1.0)
-        trained = policy_log_probs(worker.engines["policy"].module, worker.tokens, batch, chains, worker.device, 1.0)
+        ref = policy_log_probs(worker.models.policy.reference, worker.models.policy.tokens, batch, chains, worker.ctx.device, 1.0)
+        expected = policy_log_probs(base, worker.models.policy.tokens, batch, chains, worker.ctx.device, 1.0)
+        trained = policy_log_probs(worker.engine("policy").module, worker.models.policy.tokens, batch, chains, worker.ctx.device, 1.0)
     assert torch.equal(ref, expected)
     assert not torch.equal(trained, expected)  # the adapters moved the policy
     traces = [r.traces[0] for r in chains]
-    _, kl = worker.engine("diffusion").module.sr.trace_log_probs_and_kl(traces, [0], worker.diffusion_reference)
+    _, kl = worker.engine("diffusion").module.sr.trace_log_probs_and_kl(traces, [0], worker.models.sr.reference)
     assert float(kl.detach().max()) > 0  # the trained SR model has moved away from its base
     from learner.scoring import load_sr_pipeline
     from models.sr_training import SRTraining
 
     _, to_reference = SRTraining(load_sr_pipeline(str(small_models["diffusion"]))).trace_log_probs_and_kl(
-        traces, [0], worker.diffusion_reference)
+        traces, [0], worker.models.sr.reference)
     assert float(to_reference.detach().max()) == 0.0  # adapters and the saved conv off: exactly the base SR model
 
 
@@ -336,8 +336,8 @@ def test_the_sync_ships_the_adapters_alone_or_the_merged_weights(stepped):
     base model's full weights."""
     worker, *_ = stepped
     for model in ("policy", "diffusion"):
-        cfg = (worker.policy_cfg if model == "policy" else worker.diffusion_cfg).lora
-        trained = {n for n, p in worker.engines[model].module.named_parameters() if p.requires_grad}
+        cfg = worker.models.trained()[model].cfg.lora
+        trained = {n for n, p in worker.engine(model).module.named_parameters() if p.requires_grad}
         assert cfg.sync == "adapters" and set(worker.sync_state(model)) == trained
         blobs, stats = worker.serialized_state(model)
         assert blobs and stats["tensors"] == len(trained) and stats["adapter_bytes"] <= stats["bytes"]
