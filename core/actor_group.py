@@ -85,6 +85,21 @@ def reserve(role: str, bundles: list[Bundle], strategy: str, name: str,
     return pg
 
 
+def actor_states(actors: list[Any]) -> list[str]:
+    """The GCS's state of each actor (ALIVE, RESTARTING, DEAD, ...; UNKNOWN where it cannot say). Read from the GCS
+    actor table, which needs no dashboard (Ray's state API does) and never waits on the actor's own queue, so a busy
+    or hung actor still answers."""
+    from ray._private import state as gcs
+
+    out = []
+    for a in actors:
+        try:
+            out.append(str(gcs.actors(actor_id=a._actor_id.hex())["State"]))
+        except Exception:  # noqa: BLE001 - an actor the table does not know counts as not alive
+            out.append("UNKNOWN")
+    return out
+
+
 class ActorGroup:
     """``num_actors`` actors of one role, actor i in bundle i of the role's placement group; or, given a ``layout``,
     actor i in its ``layout.actors[i]`` (own bundle, resources, environment)."""
@@ -128,6 +143,10 @@ class ActorGroup:
             self.shutdown()
             raise
         return self.actors
+
+    def lost_actors(self) -> list[int]:
+        """Indices of the actors the cluster does not report alive (dead, restarting, unknown)."""
+        return [i for i, state in enumerate(actor_states(self.actors)) if state != "ALIVE"]
 
     def shutdown(self) -> None:
         """Kill the actors (no restart) and release the bundles; idempotent."""

@@ -263,6 +263,9 @@ class TrainerConfig:
     max_staleness: int = 0
     resume: Any = False  # false: fresh | true: from the latest complete checkpoint (one must exist) | auto: if any
     max_failures: int = 0  # a dead learner rank: rebuild learner + rollouts, resume the latest checkpoint, N times
+    # consecutive steps whose learner update was skipped (a non-finite gradient norm: weights unchanged) that end the
+    # run, naming the step; 0: never
+    max_skipped_steps: int = 3
     overwrite: bool = False  # a fresh run into a used folder moves its outputs aside (core.run_folder)
     accept_changes: bool = False  # a resume may change trajectory keys (else it stops, listing them)
     seed: int = 0

@@ -203,6 +203,8 @@ def _validate_trainer(f: Any, cfg: Any) -> None:
           "exists, start fresh otherwise)")
     if t.max_failures < 0:
         f("trainer.max_failures", t.max_failures, "must be >= 0 (0: a dead learner rank ends the run)")
+    if t.max_skipped_steps < 0:
+        f("trainer.max_skipped_steps", t.max_skipped_steps, "must be >= 0 (0: skipped updates never end the run)")
     if t.max_staleness < 0:
         f("trainer.max_staleness", t.max_staleness, "must be >= 0 (0: synchronous; k: rollout up to k steps ahead)")
     if t.max_staleness and cfg.mode != "grpo":

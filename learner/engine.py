@@ -19,6 +19,7 @@ Choices, with their reasons:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from contextlib import contextmanager, nullcontext
@@ -188,7 +189,11 @@ def _param_groups(module: nn.Module, optim: OptimConfig, key: str) -> list[dict[
 
 class _ClipAndRecord:
     """Optimizer pre-step hook for ZeRO stage 0 in fp32: DeepSpeed clips there but keeps no grad norm, so
-    we clip ourselves (DeepSpeed's own clipping is switched off) and record the pre-clip norm."""
+    we clip ourselves (DeepSpeed's own clipping is switched off) and record the pre-clip norm.
+
+    A non-finite norm skips the update as DeepSpeed's ZeRO 1-3 and bf16 optimizers do: the gradients are dropped
+    (the optimizer then leaves every parameter and moment as it was) and ``optimizer.overflow`` tells the engine,
+    which counts the step as skipped and does not advance the LR schedule (``update_applied``)."""
 
     def __init__(self, max_norm: float):
         self.max_norm = max_norm
@@ -198,6 +203,10 @@ class _ClipAndRecord:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         max_norm = self.max_norm if self.max_norm > 0 else float("inf")
         self.norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        optimizer.overflow = not math.isfinite(self.norm)
+        if optimizer.overflow:
+            for p in params:
+                p.grad = None
 
 
 def make_optimizer(module: nn.Module, optim: OptimConfig, key: str = "optim") -> torch.optim.Optimizer:
@@ -240,6 +249,12 @@ def grad_norm(engine: Any) -> float:
     hook = getattr(engine, "_realsr_clip_hook", None)
     norm = hook.norm if hook is not None else engine.get_global_grad_norm()
     return float("nan") if norm is None else float(norm)
+
+
+def update_applied(engine: Any) -> bool:
+    """Whether the last ``engine.step()`` changed the weights: False when its gradient norm was not finite (every
+    ZeRO stage and dtype skips such an update; the LR schedule does not advance)."""
+    return bool(engine.was_step_applied())
 
 
 def optimizer_settings(engine: Any) -> tuple[list[dict[str, Any]], list[float]]:

@@ -73,15 +73,19 @@ def train_step(models: TrainedModels, grpo: GRPOConfig, batch: TrainBatch, rollo
     norms: dict[str, list[float]] = {name: [] for name in models.trained()}
     stepped = [name for name, on in (("policy", train_text), ("diffusion", train_image)) if on]
     first_epoch = [0.0, 0.0]  # the first epoch's token-weighted ratio sums: the on-policy check
+    skipped = 0  # model updates skipped for a non-finite gradient (learner/skipped_updates)
     for epoch in range(grpo.update_epochs):
         for i, (m, n, fix) in enumerate(zip(micro, passes, fixes)):
             if train_text:
                 policy.grpo_micro_step(m, fix, global_tokens, sums, extremes)
             if train_image and n:
                 objective.micro_step(m, i, fix, global_steps, sums, extremes)
-        for name, norm in models.step(stepped).items():
-            norms[name].append(norm)
-        optimizer_steps += int(bool(stepped))
+        epoch_norms, epoch_skipped = models.step(stepped)
+        for name, norm in epoch_norms.items():
+            if math.isfinite(norm):  # a skipped update's norm is counted in skipped_updates, not averaged
+                norms[name].append(norm)
+        skipped += epoch_skipped
+        optimizer_steps += int(bool(stepped) and epoch_skipped < len(stepped))
         if epoch == 0:
             first_epoch = [sums.get("text_ratio_mean", 0.0), sums.get("image_ratio_mean", 0.0)]
     ratio = objective is not None and objective.ratio
@@ -91,7 +95,7 @@ def train_step(models: TrainedModels, grpo: GRPOConfig, batch: TrainBatch, rollo
     counts = StepCounts(global_tokens, global_steps, len(batch), grpo.update_epochs, optimizer_steps)
     per_step = objective.per_step_metrics if objective is not None else ()
     metrics = _metrics(ctx, sums, extremes, norms, lrs, counts, t0, per_step)
-    return {**metrics, **off_policy_metrics, "dropped_stale_chains": dropped_total}
+    return {**metrics, **off_policy_metrics, "dropped_stale_chains": dropped_total, "skipped_updates": skipped}
 
 
 def _on_policy_check(ctx: RankContext, sums: Sequence[float], tokens: float, steps: float) -> dict[str, float]:

@@ -6,6 +6,7 @@ micro-batching (equal count on every rank), clipping and LR schedule as the GRPO
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Sequence
 
@@ -39,19 +40,20 @@ def sft_step(models: TrainedModels, sft: SFTConfig, records: Sequence[Any], opti
         if train_image:
             seed = ((optimizer_steps * 1009 + ctx.rank) * 1013 + k) % (2**31 - 1)
             sr.denoising_loss(m, global_images, sums, seed, sft.image_loss_weight)
-    norms = models.step([name for name, on in (("policy", train_text), ("diffusion", train_image)) if on])
-    optimizer_steps += int(bool(norms))
+    stepped = [name for name, on in (("policy", train_text), ("diffusion", train_image)) if on]
+    norms, skipped = models.step(stepped)
+    optimizer_steps += int(bool(stepped) and skipped < len(stepped))
 
     totals = reduce_sums(sums, ctx.all_reduce)
     out: dict[str, float] = {"tokens": global_tokens, "images": global_images, "records": global_records,
-                             "optimizer_steps": optimizer_steps}
+                             "optimizer_steps": optimizer_steps, "skipped_updates": skipped}
     if "text_loss" in totals:
         out["text_loss"] = totals["text_loss"]
         out["token_accuracy"] = totals["correct_tokens"] / global_tokens
     if "image_loss" in totals:
         out["image_loss"] = totals["image_loss"]
     for name in models.trained():
-        if name in norms:
+        if name in norms and math.isfinite(norms[name]):
             out[f"{name}_grad_norm"] = norms[name]
         out[f"{name}_lr"] = lrs[name]
     out["seconds"] = time.perf_counter() - t0

@@ -47,14 +47,17 @@ class TrainedModels:
     def pad_id(self) -> int:
         return self.policy.pad_id if self.policy is not None else 0
 
-    def step(self, models: Sequence[str]) -> dict[str, float]:
-        """One optimizer step of each of ``models``; their gradient norms."""
-        norms = {}
+    def step(self, models: Sequence[str]) -> tuple[dict[str, float], int]:
+        """One optimizer step of each of ``models``: their gradient norms, and how many of them were skipped for a
+        non-finite gradient norm (weights, moments and LR schedule left as they were: ``engine.update_applied``).
+        The norm is reduced over ranks, so every rank skips alike."""
+        norms, skipped = {}, 0
         for name in models:
             e = self.engine(name)
             e.step()
             norms[name] = eng.grad_norm(e)
-        return norms
+            skipped += not eng.update_applied(e)
+        return norms, skipped
 
     def learning_rates(self) -> dict[str, float]:
         return {name: eng.current_lr(m.engine) for name, m in self.trained().items()}

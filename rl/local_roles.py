@@ -161,3 +161,6 @@ class LocalTransport:
 
     def lost_actor_errors(self) -> tuple[type[BaseException], ...]:
         return ()  # no actors: every error ends the run
+
+    def is_lost(self, exc: BaseException, roles: Sequence[Any]) -> bool:
+        return False

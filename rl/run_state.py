@@ -87,28 +87,57 @@ def run_steps(trainer: Any, progress: Mapping[str, str]) -> None:
     times: ``trainer.recover()`` rebuilds every role from the latest complete checkpoint (or from the start), the
     steps after it are redone and their TensorBoard points replaced (``faults/*`` logs each recovery). One failure
     too many, or the same error at the same step right after a rebuild (``repeated``), ends the run with RunFailed
-    naming the checkpoint to resume from; any other error ends it at once.
+    naming the checkpoint to resume from; any other error ends it at once. ``trainer.max_skipped_steps``
+    consecutive steps whose update was skipped for a non-finite gradient end it too (``check_updates``).
 
-    ``trainer`` has ``cfg``, ``transport``, ``step_id``, ``ckpt_root``, ``monitor``, ``step()``,
+    An exception an actor's code raised while every actor is alive (``transport.is_lost``: a bug, a bad input, a
+    full disk) ends the run at once, without a rebuild.
+
+    ``trainer`` has ``cfg``, ``transport``, ``step_id``, ``ckpt_root``, ``monitor``, ``step()``, ``roles()``,
     ``save_checkpoint()`` and ``recover()``; ``trainer.faults`` gets one ``Fault`` per recovery.
     """
     cfg = trainer.cfg.trainer
     lost_actor = trainer.transport.lost_actor_errors()  # Ray's, or none in one process
     trainer.faults = getattr(trainer, "faults", [])
+    streak = 0  # consecutive steps whose update was skipped (check_updates)
     try:
         while trainer.step_id < cfg.total_steps:
             try:
                 metrics = trainer.step()
+                streak = check_updates(metrics, streak, cfg.max_skipped_steps, trainer.step_id, trainer.ckpt_root)
                 trainer.monitor.progress(trainer.step_id, {label: metrics.get(key, float("nan"))
                                                            for label, key in progress.items()})
                 if should_checkpoint(trainer.step_id, cfg.checkpoint_every, cfg.total_steps):
                     trainer.save_checkpoint()
-            except lost_actor as exc:  # an actor (group) lost
+            except lost_actor as exc:  # an actor (group) lost, or an actor's code failed
+                if not trainer.transport.is_lost(exc, trainer.roles()):
+                    log.error("step %d: an actor's code raised %s with every actor alive: not a lost actor; ending "
+                              "the run", trainer.step_id + 1, one_line(exc))
+                    raise run_failed(trainer.step_id + 1, exc, trainer.ckpt_root) from exc
                 if len(trainer.faults) >= cfg.max_failures or repeated(trainer.faults, trainer.step_id + 1, exc):
                     raise run_failed(trainer.step_id + 1, exc, trainer.ckpt_root) from exc
                 trainer.faults.append(heal(trainer, exc))
     finally:
         trainer.monitor.close()
+
+
+def check_updates(metrics: Mapping[str, float], streak: int, limit: int, step: int, root: Path) -> int:
+    """The driver's numerical guard after step ``step``: the learner skipped an update whose gradient norm was not
+    finite (``learner/skipped_updates``; its weights are unchanged). Returns the streak of consecutive steps with a
+    skip; ``limit`` of them in a row end the run with RunFailed naming the step and the checkpoint to resume from
+    (0: never)."""
+    skipped = metrics.get("learner/skipped_updates", 0.0)
+    if not skipped:
+        return 0
+    streak += 1
+    log.warning("step %d: %d learner update(s) skipped for a non-finite gradient norm (the weights are unchanged); "
+                "%d step(s) in a row", step, int(skipped), streak)
+    if limit and streak >= limit:
+        latest = ckpt.latest_complete(root)
+        raise RunFailed(f"step {step}: the learner skipped its update for a non-finite gradient norm in {streak} "
+                        f"consecutive steps (trainer.max_skipped_steps={limit}); last complete checkpoint: "
+                        f"{latest or 'none'}")
+    return streak
 
 
 def repeated(faults: Sequence["Fault"], step: int, exc: BaseException) -> bool:

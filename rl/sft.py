@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from core import checkpoint as ckpt
 from core.config import ExperimentConfig, to_yaml
@@ -50,6 +50,10 @@ class SFTTrainer:
         self.step_id = self.cursor = 0
         if resume:
             run_state.resume(self)
+
+    def roles(self) -> list[Any]:
+        """The live role groups (what ``run_state.run_steps`` asks whether an actor was lost)."""
+        return [self.learner]
 
     def recover(self) -> None:
         """A new learner group from the latest complete checkpoint (or the start) after a lost rank."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -63,6 +63,10 @@ class GRPOTrainer:
         self.pipeline = RolloutPipeline(self.data, self.rollouts, self.rewards,
                                         PipelineConfig.from_config(cfg, self._seed_of), self.step_id, self.cursor,
                                         self.version)
+
+    def roles(self) -> list[Any]:
+        """The live role groups (what ``run_state.run_steps`` asks whether an actor was lost)."""
+        return [self.rollouts, self.rewards, self.learner]
 
     def recover(self) -> None:
         """After a lost actor group (``run_state.run_steps``' healing): tear every role down and start them again

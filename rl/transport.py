@@ -13,7 +13,8 @@ One contract: ``check(cfg)`` before anything is built, then ``rollout_group``, `
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+import time
+from typing import Any, Optional, Protocol, Sequence
 
 from core.config import ExperimentConfig
 
@@ -36,11 +37,16 @@ class Transport(Protocol):
         """A chain handle (or a list of them) -> the Rollout(s)."""
 
     def lost_actor_errors(self) -> tuple[type[BaseException], ...]:
-        """The errors that mean a lost actor: healed by rebuilding the groups (``rl.run_state.run_steps``)."""
+        """The errors that may mean a lost actor (``rl.run_state.run_steps`` asks ``is_lost`` before healing)."""
+
+    def is_lost(self, exc: BaseException, roles: Sequence[Any]) -> bool:
+        """Whether ``exc`` is a lost actor (healed by rebuilding the roles) rather than an error of the code an
+        actor ran (a bug, a bad input, a full disk: the run ends at once). ``roles``: the driver's live groups."""
 
 
 class RayTransport:
     name = "ray"
+    death_grace_s = 5.0  # how long is_lost waits for the cluster to report a death before it blames the code
 
     def check(self, cfg: ExperimentConfig) -> None:
         pass  # core.validation checked everything Ray can run
@@ -77,6 +83,28 @@ class RayTransport:
         from core.weight_broadcast import SyncGroupError
 
         return RayError, SyncGroupError, ActorLost
+
+    def is_lost(self, exc: BaseException, roles: Sequence[Any]) -> bool:
+        """A lost actor: Ray's report of a dead or unreachable actor, a failed sync group, ``ActorLost``; or an
+        exception an actor's code raised (``RayTaskError``) while an actor of ``roles`` is gone: a learner rank sees
+        its peer's death as a collective error. An exception raised while every actor is alive (checked for
+        ``death_grace_s``, the time the cluster takes to report a death) is the code's: not lost."""
+        from ray.exceptions import RayTaskError
+
+        if not isinstance(exc, self.lost_actor_errors()):
+            return False
+        if not isinstance(exc, RayTaskError):
+            return True
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, self.lost_actor_errors()):
+            return self.is_lost(cause, roles)
+        deadline = time.monotonic() + self.death_grace_s
+        while True:
+            if any(role.lost_actors() for role in roles if hasattr(role, "lost_actors")):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
 
 
 def local_transport(dist_env: Optional[dict[str, str]] = None) -> Transport:

@@ -79,6 +79,7 @@ def test_unknown_key_or_wrong_type(override, fragment):
         ("trainer.resume=maybe", "trainer.resume"),
         ("trainer.resume=1", "trainer.resume"),
         ("trainer.max_failures=-1", "trainer.max_failures"),
+        ("trainer.max_skipped_steps=-1", "trainer.max_skipped_steps"),
         ("rollout.call_timeout_s=-5", "rollout.call_timeout_s"),
         ("reward.call_timeout_s=-5", "reward.call_timeout_s"),
         ("learner.sync_backend=nccl", "learner.sync_backend"),

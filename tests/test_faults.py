@@ -43,10 +43,11 @@ class FlakyTrainer:
     ``every`` steps kept in memory; ``recover`` goes back to the latest one."""
 
     def __init__(self, root: Path, total: int, every: int, max_failures: int, fail_at=(), resume=False,
-                 transport=None):
+                 transport=None, max_skipped_steps=3):
         self.transport = transport or RayTransport()
         self.cfg = SimpleNamespace(trainer=SimpleNamespace(total_steps=total, checkpoint_every=every,
-                                                           max_failures=max_failures, resume=resume))
+                                                           max_failures=max_failures, resume=resume,
+                                                           max_skipped_steps=max_skipped_steps))
         self.ckpt_root, self.monitor, self.step_id = root, FakeMonitor(), 0
         self.fail_at, self.saved, self.ran, self.recovered = set(fail_at), [0], [], 0
 
@@ -62,6 +63,9 @@ class FlakyTrainer:
 
     def save_checkpoint(self):
         self.saved.append(self.step_id)
+
+    def roles(self):
+        return getattr(self, "live_roles", [])
 
     def recover(self):
         self.recovered += 1
@@ -110,6 +114,62 @@ def test_the_same_error_at_the_same_step_after_a_rebuild_ends_the_run_without_mo
     assert t.recovered == 1 and "not a lost actor" in caplog.text  # one rebuild, not five
 
 
+class Role:
+    """A role group whose actors ``lost`` the cluster no longer reports alive."""
+
+    def __init__(self, lost=()):
+        self.lost = list(lost)
+
+    def lost_actors(self):
+        return self.lost
+
+
+def _actor_raised(error: BaseException) -> BaseException:
+    """What the driver gets when an actor's method raises ``error``: Ray's RayTaskError that is also an ``error``."""
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError("LearnerWorker.train_chains", "Traceback ...", error).as_instanceof_cause()
+
+
+def test_an_error_an_actors_code_raised_with_every_actor_alive_ends_the_run_at_once(tmp_path, caplog):
+    transport = RayTransport()
+    transport.death_grace_s = 0.2
+    t = BrokenStepTrainer(tmp_path, 3, _actor_raised(ValueError("loss is broken")), total=6, every=1,
+                          max_failures=5, transport=transport)
+    t.live_roles = [Role(), Role()]
+    with pytest.raises(RunFailed, match="step 3 failed: .*ValueError.*last complete checkpoint"):
+        run_state.run_steps(t, {})
+    assert t.recovered == 0 and "not a lost actor" in caplog.text
+
+
+def test_an_actors_error_while_another_actor_is_gone_is_healed(tmp_path):
+    """A learner rank sees its peer's death as a collective error raised by its own code: a lost actor."""
+    transport = RayTransport()
+    transport.death_grace_s = 0.2
+    t = BrokenStepTrainer(tmp_path, 3, _actor_raised(RuntimeError("gloo: connection closed by peer")), total=4,
+                          every=1, max_failures=1, transport=transport)
+    t.live_roles = [Role(), Role(lost=[1])]
+    t.step = lambda: FlakyTrainer.step(t) if t.recovered else BrokenStepTrainer.step(t)  # lost once
+    run_state.run_steps(t, {})
+    assert t.recovered == 1 and t.ran == [1, 2, 3, 4]
+
+
+def test_what_counts_as_a_lost_actor():
+    from core.actor_group import ActorLost
+    from core.weight_broadcast import SyncGroupError
+
+    transport = RayTransport()
+    transport.death_grace_s = 0.2
+    alive, gone = [Role()], [Role(lost=[0])]
+    for lost in (RayActorError(), ActorLost("all reward actors are dead"), SyncGroupError("sync timed out"),
+                 _actor_raised(ActorLost("the rollout actor is gone"))):
+        assert transport.is_lost(lost, alive), lost
+    for error in (_actor_raised(ValueError("bad shard")), _actor_raised(OSError(28, "No space left on device"))):
+        assert not transport.is_lost(error, alive) and transport.is_lost(error, gone)
+    assert not transport.is_lost(ValueError("a driver bug"), gone)
+    assert not LocalTransport().is_lost(RayActorError(), gone)
+
+
 def test_every_reward_actor_lost_is_healed_like_a_dead_learner_rank(tmp_path):
     from core.actor_group import ActorLost
 
@@ -125,6 +185,29 @@ def test_in_one_process_there_is_no_actor_to_heal_and_an_error_ends_the_run_at_o
     with pytest.raises(RayActorError):  # the local transport's lost-actor errors: none
         run_state.run_steps(t, {})
     assert t.recovered == 0 and t.ran == [1, 2]
+
+
+class SkippingTrainer(FlakyTrainer):
+    """The learner skips its update (a non-finite gradient) at the 1-based steps in ``skip_at``."""
+
+    def __init__(self, root: Path, skip_at, **kw):
+        super().__init__(root, **kw)
+        self.skip_at = set(skip_at)
+
+    def step(self):
+        super().step()
+        return {"learner/skipped_updates": 2.0 if self.step_id in self.skip_at else 0.0}
+
+
+def test_consecutive_skipped_updates_end_the_run_naming_the_step(tmp_path, caplog):
+    t = SkippingTrainer(tmp_path, {2, 4, 5, 6, 7}, total=10, every=0, max_failures=2, max_skipped_steps=3)
+    with pytest.raises(RunFailed, match=r"step 6: .*non-finite gradient norm in 3 consecutive steps.*checkpoint: none"):
+        run_state.run_steps(t, {})
+    assert t.ran == [1, 2, 3, 4, 5, 6] and t.recovered == 0  # a finite step (3) resets the count; no rebuild
+    assert "step 2: 2 learner update(s) skipped" in caplog.text
+    never = SkippingTrainer(tmp_path, set(range(1, 6)), total=5, every=0, max_failures=0, max_skipped_steps=0)
+    run_state.run_steps(never, {})
+    assert never.ran == [1, 2, 3, 4, 5]
 
 
 def _checkpoint(root: Path, step: int) -> Path:

@@ -512,6 +512,30 @@ def test_chains_older_than_max_staleness_are_not_trained_on(models, chains, port
     assert m["tokens"] == int(batch.loss_mask[keep].sum()) and m["diffusion_steps"] == int(batch.step_mask[keep].sum())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_non_finite_loss_skips_the_update_and_is_counted(models, chains, port, stage):
+    """NaN advantages make the loss and every gradient NaN: under ZeRO-0 (the project's clipping hook) and ZeRO-2
+    (DeepSpeed's optimizer) both models' updates are skipped, the weights stay as they were, and the next finite
+    step trains normally (no NaN left in the optimizer's moments)."""
+    batch, rollouts = chains
+    worker = one_rank_worker(models, port, f"learner.zero_stage={stage}")
+    nan = replace(batch, advantages=torch.full_like(batch.advantages, float("nan")),
+                  step_advantages=torch.full_like(batch.step_advantages, float("nan")))
+    before = {m: worker.gather_full_state(m) for m in ("policy", "diffusion")}
+    skipped = worker.train_step(nan, *rollouts)
+    after = {m: worker.gather_full_state(m) for m in ("policy", "diffusion")}
+    assert skipped["skipped_updates"] == 2 and worker.optimizer_steps == 0
+    assert "policy_grad_norm" not in skipped and "diffusion_grad_norm" not in skipped
+    for m in before:
+        assert all(torch.equal(before[m][n], after[m][n]) for n in before[m]), m
+    trained = worker.train_step(batch, *rollouts)
+    again = worker.gather_full_state("policy")
+    assert trained["skipped_updates"] == 0 and worker.optimizer_steps == 1
+    assert all(torch.isfinite(t).all() for t in again.values())
+    assert any(not torch.equal(after["policy"][n], again[n]) for n in again)
+
+
 def test_a_trainable_pattern_that_matches_nothing_is_named():
     from learner.policy_model import restrict_trainable
 
@@ -568,6 +592,19 @@ def test_group_forms_one_zero_group(group):
     assert all(i["world_size"] == 2 and i["zero_stage"] == 2 for i in group.infos)
     assert all(i["trained"] == ["diffusion", "policy"] for i in group.infos)
     assert group.master[1] > 0
+
+
+@pytest.mark.slow
+def test_an_error_the_ranks_code_raises_is_not_a_lost_actor(group, tmp_path):
+    """Every rank raises (no learner checkpoint in the folder) and every rank stays alive: the driver ends the run at
+    once instead of rebuilding the roles (``RayTransport.is_lost`` reads the cluster's actor table)."""
+    from rl.transport import RayTransport
+
+    transport = RayTransport()
+    transport.death_grace_s = 1.0
+    with pytest.raises(FileNotFoundError, match="not a learner checkpoint") as raised:
+        group.load_checkpoint(str(tmp_path))
+    assert group.lost_actors() == [] and not transport.is_lost(raised.value, [group])
 
 
 @pytest.mark.slow
