@@ -24,18 +24,13 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from core.faults import ActorLost
 from core.placement import Bundle, RoleLayout, format_bundles, uniform_layout
 
 # How long a role waits for the cluster (or KubeRay's autoscaler) to place its bundles before it gives up,
 # naming itself and what it asked for: a cluster too small for the run fails, it never hangs.
 READY_TIMEOUT_S = 600.0
 ActorArgs = Callable[[int], tuple[tuple, dict]]  # actor index -> (args, kwargs) of the worker's __init__
-
-
-class ActorLost(RuntimeError):
-    """An actor is gone past its restarts (every reward actor, or the rollout actor that made a chain), seen
-    where Ray reports no actor death of its own: the driver heals it by rebuilding the roles
-    (``rl.run_state.run_steps``), as it does a dead learner rank."""
 
 
 class ProgressClock:
@@ -143,6 +138,24 @@ class ActorGroup:
             self.shutdown()
             raise
         return self.actors
+
+    def wait(self, refs: list[Any], timeout_s: float, what: str) -> list[Any]:
+        """``ray.get(refs)`` (ref i: actor i's call) within ``timeout_s`` (0: no deadline). An actor whose call is not
+        back by then while none failed is hung: it is killed (no restart) and ``ActorLost`` names it, so the driver
+        heals it like a dead one. A call that failed is raised as it is (the others may wait on it in a
+        collective), without killing anybody."""
+        if not timeout_s:
+            return ray.get(refs)
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if not pending:
+            return ray.get(refs)
+        ray.get(ready)  # a call that failed: its error, not the ones stuck behind it
+        late = sorted({ref.hex() for ref in pending})
+        hung = [i for i, ref in enumerate(refs) if ref.hex() in late]
+        for i in hung:
+            ray.kill(self.actors[i], no_restart=True)
+        raise ActorLost(f"{self.role} actor(s) {hung} did not finish {what} within {timeout_s:g} s "
+                        f"({self.role}.call_timeout_s): killed as hung")
 
     def lost_actors(self) -> list[int]:
         """Indices of the actors the cluster does not report alive (dead, restarting, unknown)."""

@@ -233,6 +233,9 @@ class LearnerConfig:
     # object store) | collective (a broadcast from rank 0 over a gloo / NCCL group of its own, learner.backend)
     sync_backend: str = "object_store"
     sync_timeout_s: float = 120.0  # a collective sync member that does not answer in this time fails the sync
+    # a learner call (step, weight gather, checkpoint, export) not back on every rank in this time: the late ranks are
+    # killed as hung and the run heals like after a dead rank (trainer.max_failures); 0: no deadline
+    call_timeout_s: float = 1800.0
     master_port: Optional[int] = None  # None: a free port on rank 0's node
 
 

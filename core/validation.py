@@ -64,6 +64,8 @@ def _validate_learner(f: Any, cfg: Any) -> None:
         f("learner.sync_backend", ln.sync_backend, "must be object_store or collective")
     if not ln.sync_timeout_s > 0:
         f("learner.sync_timeout_s", ln.sync_timeout_s, "must be > 0")
+    if ln.call_timeout_s < 0:
+        f("learner.call_timeout_s", ln.call_timeout_s, "must be >= 0 (0: no deadline on learner calls)")
     if ln.num_ranks < 1:
         f("learner.num_ranks", ln.num_ranks, "must be >= 1")
     if ln.zero_stage not in (0, 1, 2, 3):

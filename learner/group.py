@@ -55,7 +55,7 @@ class LearnerGroup(ActorGroup):
             raise ValueError(f"learner.backend = nccl needs learner.num_gpus > 0, got {ln.num_gpus}")
         super().__init__("learner", ln.num_ranks, ln.num_cpus, ln.num_gpus, cfg.ray.placement_strategy,
                          f"{cfg.name}-learner")
-        self.num_ranks = ln.num_ranks
+        self.num_ranks, self.timeout_s = ln.num_ranks, ln.call_timeout_s
         try:
             addr, port = ray.get(_master_address.options(scheduling_strategy=self.bundle(0)).remote(ln.master_port))
         except BaseException:
@@ -110,7 +110,8 @@ class LearnerGroup(ActorGroup):
               keep: Sequence[bool], version: Optional[int] = None,
               max_staleness: Optional[int] = None) -> dict[str, float]:
         """Metrics of the update, aggregated over ranks."""
-        return ray.get(self.submit_train(chains, advantages, keep, version, max_staleness))[0]
+        return self.wait(self.submit_train(chains, advantages, keep, version, max_staleness), self.timeout_s,
+                         "its GRPO step")[0]
 
     def submit_sft(self, records: Sequence[Any]) -> list[ray.ObjectRef]:
         """One supervised cold-start step on ``data.sft_targets.SFTRecord``s (or refs to them): contiguous shards
@@ -135,7 +136,7 @@ class LearnerGroup(ActorGroup):
 
     def sft(self, records: Sequence[Any]) -> dict[str, float]:
         """Metrics of the step, aggregated over ranks (``LearnerWorker.sft_step``)."""
-        return ray.get(self.submit_sft(records))[0]
+        return self.wait(self.submit_sft(records), self.timeout_s, "its SFT step")[0]
 
     def publish_weights(self, version: int, models: Sequence[str] = ("policy", "diffusion")
                         ) -> tuple[WeightUpdate, dict[str, float]]:
@@ -149,8 +150,7 @@ class LearnerGroup(ActorGroup):
                 continue
             outs = [a.serialized_state.options(num_returns=2).remote(model) for a in self.actors]
             blobs_ref, stats_ref = outs[0]
-            ray.get([o[1] for o in outs])  # every rank took part in the gather
-            stats = ray.get(stats_ref)
+            stats = self.wait([o[1] for o in outs], self.timeout_s, f"the {model} gather")[0]  # every rank took part
             refs[model] = (blobs_ref,)
             metrics[f"weight_sync/{model}_mb"] = stats["bytes"] / 2**20
             metrics[f"weight_sync/{model}_buckets"] = stats["buckets"]
@@ -170,7 +170,7 @@ class LearnerGroup(ActorGroup):
 
     def gather_full_state(self, model: str) -> dict[str, Any]:
         """Rank 0's full CPU state dict of ``model`` ("policy" | "diffusion")."""
-        return ray.get(self.submit_gather_full_state(model))[0]
+        return self.wait(self.submit_gather_full_state(model), self.timeout_s, f"the {model} gather")[0]
 
     def parameter_digests(self, model: str) -> list[dict[str, float]]:
         """Per-rank sums of each local parameter (replicas must agree under ZeRO 0-2)."""
@@ -181,17 +181,17 @@ class LearnerGroup(ActorGroup):
 
     def export_hf(self, directory: str) -> dict[str, str]:
         """HF/diffusers directories of both models under ``directory`` (written by rank 0)."""
-        return ray.get(self.submit_export_hf(directory))[0]
+        return self.wait(self.submit_export_hf(directory), self.timeout_s, "the export")[0]
 
     # ------------------------------------------------------------------ checkpoints
     def submit_save_checkpoint(self, directory: str) -> list[ray.ObjectRef]:
         return [a.save_checkpoint.remote(str(directory)) for a in self.actors]
 
     def save_checkpoint(self, directory: str) -> None:
-        ray.get(self.submit_save_checkpoint(directory))
+        self.wait(self.submit_save_checkpoint(directory), self.timeout_s, "the checkpoint")
 
     def submit_load_checkpoint(self, directory: str) -> list[ray.ObjectRef]:
         return [a.load_checkpoint.remote(str(directory)) for a in self.actors]
 
     def load_checkpoint(self, directory: str) -> None:
-        ray.get(self.submit_load_checkpoint(directory))
+        self.wait(self.submit_load_checkpoint(directory), self.timeout_s, "the checkpoint load")

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from core.actor_group import ActorGroup, ActorLost, ProgressClock
+from core.actor_group import ActorGroup, ProgressClock
+from core.faults import ActorLost
 from core.config import RewardConfig
 from core.records import Rollout, Sample, Scores
 from rewards.worker import RewardWorker, RolloutUnavailable

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from core.config import ExperimentConfig
+from core.faults import ActorLost
 from core.records import Sample, Scores, WeightUpdate
 
 log = logging.getLogger("rl.pipeline")
@@ -43,6 +44,7 @@ class PipelineConfig:
     max_staleness: int  # k
     total_steps: int
     seed_of: Callable[[int], int]
+    wait_timeout_s: float = 0.0  # k >= 1: the longest the learner waits for the producer's next batch (0: forever)
 
     def __post_init__(self) -> None:
         if self.max_staleness < 0:
@@ -50,9 +52,13 @@ class PipelineConfig:
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, seed_of: Callable[[int], int]) -> PipelineConfig:
-        """``grpo.prompts_per_step`` x ``grpo.group_size``, ``trainer.max_staleness``, ``trainer.total_steps``."""
+        """``grpo.prompts_per_step`` x ``grpo.group_size``, ``trainer.max_staleness``, ``trainer.total_steps``; the
+        producer's deadline: twice a rollout and a scoring call's (``*.call_timeout_s``: each hung call is killed and
+        run once more), none while either has none."""
+        rollout, reward = cfg.rollout.call_timeout_s, cfg.reward.call_timeout_s
+        wait = 2.0 * (rollout + reward) if rollout > 0 and reward > 0 else 0.0
         return cls(cfg.grpo.prompts_per_step, cfg.grpo.group_size, cfg.trainer.max_staleness, cfg.trainer.total_steps,
-                   seed_of)
+                   seed_of, wait)
 
 
 @dataclass
@@ -79,6 +85,7 @@ class RolloutPipeline:
         self.data, self.rollouts, self.rewards = data, rollouts, rewards
         self.B, self.G, self.seed_of = config.prompts_per_step, config.group_size, config.seed_of
         self.k, self.total_steps = config.max_staleness, config.total_steps
+        self.wait_timeout_s = config.wait_timeout_s
         self.version = version  # newest published
         self._next_step, self._next_cursor = first_step, cursor  # the producer's position
         self._finished = first_step  # steps the learner has finished
@@ -98,7 +105,11 @@ class RolloutPipeline:
             self._next_step += 1
             self._next_cursor += self.B
             return batch
-        item = self._queue.get()
+        try:
+            item = self._queue.get(timeout=self.wait_timeout_s or None)
+        except queue.Empty:  # a call the actors' own deadlines did not end: heal as a lost actor
+            raise ActorLost(f"the rollout producer delivered no batch for step {self._finished + 1} in "
+                            f"{self.wait_timeout_s:g} s (twice rollout.call_timeout_s + reward.call_timeout_s)") from None
         if isinstance(item, BaseException):
             raise item
         return item

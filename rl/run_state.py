@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from core import checkpoint as ckpt
 from core.run_folder import CONFIG_FILE
+from rl.preemption import StopRequest, inject_sigterm
 
 log = logging.getLogger("rl.trainer")
 
@@ -90,6 +91,8 @@ def run_steps(trainer: Any, progress: Mapping[str, str]) -> None:
     naming the checkpoint to resume from; any other error ends it at once. ``trainer.max_skipped_steps``
     consecutive steps whose update was skipped for a non-finite gradient end it too (``check_updates``).
 
+    SIGTERM ends the run at the next step boundary with a checkpoint, normally (``rl.preemption``).
+
     An exception an actor's code raised while every actor is alive (``transport.is_lost``: a bug, a bad input, a
     full disk) ends the run at once, without a rebuild.
 
@@ -101,22 +104,28 @@ def run_steps(trainer: Any, progress: Mapping[str, str]) -> None:
     trainer.faults = getattr(trainer, "faults", [])
     streak = 0  # consecutive steps whose update was skipped (check_updates)
     try:
-        while trainer.step_id < cfg.total_steps:
-            try:
-                metrics = trainer.step()
-                streak = check_updates(metrics, streak, cfg.max_skipped_steps, trainer.step_id, trainer.ckpt_root)
-                trainer.monitor.progress(trainer.step_id, {label: metrics.get(key, float("nan"))
-                                                           for label, key in progress.items()})
-                if should_checkpoint(trainer.step_id, cfg.checkpoint_every, cfg.total_steps):
-                    trainer.save_checkpoint()
-            except lost_actor as exc:  # an actor (group) lost, or an actor's code failed
-                if not trainer.transport.is_lost(exc, trainer.roles()):
-                    log.error("step %d: an actor's code raised %s with every actor alive: not a lost actor; ending "
-                              "the run", trainer.step_id + 1, one_line(exc))
-                    raise run_failed(trainer.step_id + 1, exc, trainer.ckpt_root) from exc
-                if len(trainer.faults) >= cfg.max_failures or repeated(trainer.faults, trainer.step_id + 1, exc):
-                    raise run_failed(trainer.step_id + 1, exc, trainer.ckpt_root) from exc
-                trainer.faults.append(heal(trainer, exc))
+        with StopRequest() as stop:
+            while trainer.step_id < cfg.total_steps and not stop.requested:
+                try:
+                    inject_sigterm(trainer.step_id + 1)
+                    metrics = trainer.step()
+                    streak = check_updates(metrics, streak, cfg.max_skipped_steps, trainer.step_id,
+                                           trainer.ckpt_root)
+                    trainer.monitor.progress(trainer.step_id, {label: metrics.get(key, float("nan"))
+                                                               for label, key in progress.items()})
+                    if stop.requested or should_checkpoint(trainer.step_id, cfg.checkpoint_every, cfg.total_steps):
+                        trainer.save_checkpoint()
+                except lost_actor as exc:  # an actor (group) lost, or an actor's code failed
+                    if not trainer.transport.is_lost(exc, trainer.roles()):
+                        log.error("step %d: an actor's code raised %s with every actor alive: not a lost actor; "
+                                  "ending the run", trainer.step_id + 1, one_line(exc))
+                        raise run_failed(trainer.step_id + 1, exc, trainer.ckpt_root) from exc
+                    if len(trainer.faults) >= cfg.max_failures or repeated(trainer.faults, trainer.step_id + 1, exc):
+                        raise run_failed(trainer.step_id + 1, exc, trainer.ckpt_root) from exc
+                    trainer.faults.append(heal(trainer, exc))
+            if stop.requested and trainer.step_id < cfg.total_steps:
+                log.warning("stopped at step %d of %d on request, checkpoint written; continue with "
+                            "trainer.resume=auto", trainer.step_id, cfg.total_steps)
     finally:
         trainer.monitor.close()
 

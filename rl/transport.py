@@ -79,7 +79,7 @@ class RayTransport:
     def lost_actor_errors(self) -> tuple[type[BaseException], ...]:
         from ray.exceptions import RayError
 
-        from core.actor_group import ActorLost
+        from core.faults import ActorLost
         from core.weight_broadcast import SyncGroupError
 
         return RayError, SyncGroupError, ActorLost

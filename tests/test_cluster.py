@@ -739,7 +739,19 @@ def test_a_failed_rayjob_is_resubmitted_and_resumes_from_the_checkpoint_volume()
     cfg = load_config(CONFIG_8NODE, job["entrypoint"].split()[4:])
     assert cfg.trainer.resume == "auto" and cfg.trainer.max_failures >= 1
     assert cfg.trainer.checkpoint_dir.startswith("/checkpoints/") and cfg.trainer.checkpoint_every > 0
-    assert cfg.rollout.call_timeout_s > 0 and cfg.reward.call_timeout_s > 0
+    assert cfg.rollout.call_timeout_s > 0 and cfg.reward.call_timeout_s > 0 and cfg.learner.call_timeout_s > 0
+
+
+def test_the_job_has_a_deadline_and_a_stopped_driver_has_time_for_its_checkpoint():
+    """``activeDeadlineSeconds`` bounds the whole job; ``ray job stop`` (SIGTERM, then SIGKILL after
+    RAY_JOB_STOP_WAIT_TIME_S) and a deleted head pod (terminationGracePeriodSeconds) leave the driver as long as a
+    learner call may take (``learner.call_timeout_s`` bounds the step and the checkpoint), at least 10 minutes."""
+    job = rayjob()["spec"]
+    assert job["activeDeadlineSeconds"] >= 24 * 3600
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in head["containers"][0].get("env", [])}
+    stop_wait = float(env["RAY_JOB_STOP_WAIT_TIME_S"])
+    assert stop_wait >= 600 and head["terminationGracePeriodSeconds"] >= stop_wait
 
 
 # --------------------------------------------------------------------------------------------- image recipe

@@ -14,6 +14,7 @@ from ray.exceptions import RayActorError
 
 from core import checkpoint as ckpt
 from core.actor_group import ProgressClock
+from core.faults import ActorLost
 from rl import run_state
 from rl.local_roles import LocalTransport
 from rl.run_state import RunFailed
@@ -155,7 +156,6 @@ def test_an_actors_error_while_another_actor_is_gone_is_healed(tmp_path):
 
 
 def test_what_counts_as_a_lost_actor():
-    from core.actor_group import ActorLost
     from core.weight_broadcast import SyncGroupError
 
     transport = RayTransport()
@@ -171,8 +171,6 @@ def test_what_counts_as_a_lost_actor():
 
 
 def test_every_reward_actor_lost_is_healed_like_a_dead_learner_rank(tmp_path):
-    from core.actor_group import ActorLost
-
     t = BrokenStepTrainer(tmp_path, 3, ActorLost("all 2 reward actors are dead"), total=4, every=1,
                           max_failures=1)
     t.step = lambda: FlakyTrainer.step(t) if t.recovered else BrokenStepTrainer.step(t)  # lost once
@@ -208,6 +206,38 @@ def test_consecutive_skipped_updates_end_the_run_naming_the_step(tmp_path, caplo
     never = SkippingTrainer(tmp_path, set(range(1, 6)), total=5, every=0, max_failures=0, max_skipped_steps=0)
     run_state.run_steps(never, {})
     assert never.ran == [1, 2, 3, 4, 5]
+
+
+def _lost_soon(group, seconds: float = 10.0) -> list[int]:
+    """The group's lost actors once the cluster reports a kill (it takes a moment)."""
+    deadline = time.monotonic() + seconds
+    while not group.lost_actors() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return group.lost_actors()
+
+
+def test_a_call_past_its_deadline_kills_the_hung_actor_and_a_failed_call_is_raised_as_it_is(ray_local):
+    """``ActorGroup.wait`` (the learner's ``learner.call_timeout_s``): a rank not back in time is killed and named
+    (ActorLost, healed by the driver); a rank whose call failed while another waits on it is the code's error,
+    raised as it is, and nobody is killed."""
+    from core.actor_group import ActorGroup
+
+    class Sleeper:  # defined here, so that Ray ships it by value (the workers cannot import a test module)
+        def call(self, seconds: float, fail: bool = False) -> float:
+            if fail:
+                raise ValueError("bad shard")
+            time.sleep(seconds)
+            return seconds
+
+    with ActorGroup("learner", 2, 0.5, 0, "PACK", "deadline-test") as group:
+        group.start(Sleeper, lambda i: ((), {}))
+        assert group.wait([a.call.remote(0.1) for a in group.actors], 30, "its step") == [0.1, 0.1]
+        with pytest.raises(ValueError, match="bad shard"):
+            group.wait([group.actors[0].call.remote(0, True), group.actors[1].call.remote(30)], 2, "its step")
+        assert group.lost_actors() == []
+        with pytest.raises(ActorLost, match=r"learner actor\(s\) \[1\] did not finish its step within 2 s"):
+            group.wait([group.actors[0].call.remote(0), group.actors[1].call.remote(60)], 2, "its step")
+        assert _lost_soon(group) == [1]
 
 
 def _checkpoint(root: Path, step: int) -> Path:

@@ -4,10 +4,16 @@ the panel in TensorBoard, the new weights loaded into the sampler after each upd
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from core import checkpoint as ckpt
 from core.config import ConfigError, load_config
 from rl.monitor import read_scalars
 from rl.local_roles import LocalTransport
@@ -64,3 +70,41 @@ def test_cold_start_then_grpo_in_one_process(small_models, tmp_path, free_port):
     fit(load_config(ROOT / "configs/grpo_local.yaml", [*grpo_args, "trainer.total_steps=3", "trainer.resume=true"]))
     steps = [s for s, _ in read_scalars(tmp_path / "grpo" / "tensorboard")["reward/total/mean"]]
     assert steps[-1] == 3 and steps.count(1) == 1  # step 3 written, steps 1-2 not redone
+
+
+def _weights(run: Path) -> dict:
+    """Both models' exported weights at the run's latest complete checkpoint."""
+    export = ckpt.latest_complete(run / "checkpoints") / "export"
+    return {f"{m}/{f.relative_to(export / m)}": t for m in ("policy", "diffusion")
+            for f in sorted((export / m).rglob("*.safetensors")) for t in [load_file(f)]}
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_step_with_a_checkpoint_and_exit_0_and_a_resume_ends_where_an_unstopped_run_does(
+        small_models, tmp_path):
+    """Preemption: SIGTERM as step 2 starts (sent by the driver to itself, through the real handler); step 2
+    finishes, its checkpoint is written, the process exits 0 naming the resume; ``resume=auto`` then makes step 3,
+    and the final weights equal those of a run that was never stopped."""
+    args = [*_models(small_models), "learner.num_ranks=1", "learner.micro_batch_size=2", "rollout.engine=hf",
+            "chain.max_stage_tokens=8", "grpo.prompts_per_step=1", "grpo.group_size=2", "diffusion.num_steps=2",
+            "trainer.total_steps=3", "trainer.checkpoint_every=3", "trainer.progress_bar=false"]
+
+    def run(out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "rl.one_process", "configs/grpo_random_local.yaml",
+                               f"output_dir={out}", *args, *extra], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=900)
+
+    stopped = run(tmp_path / "stopped", REALSR_FAULT_SIGTERM_AT_STEP="2")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "SIGTERM received" in stopped.stderr and "stopped at step 2 of 3" in stopped.stderr
+    assert "trainer.resume=auto" in stopped.stderr
+    assert ckpt.latest_complete(tmp_path / "stopped" / "checkpoints").name == "step_000002"
+    resumed = run(tmp_path / "stopped", "trainer.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    unstopped = run(tmp_path / "unstopped")
+    assert unstopped.returncode == 0, unstopped.stderr[-3000:]
+    final, want = _weights(tmp_path / "stopped"), _weights(tmp_path / "unstopped")
+    assert ckpt.latest_complete(tmp_path / "stopped" / "checkpoints").name == "step_000003"
+    assert final.keys() == want.keys() and final
+    for name in want:
+        assert all(torch.equal(final[name][k], want[name][k]) for k in want[name]), name

@@ -130,3 +130,31 @@ def test_a_producer_error_reaches_the_learner_side():
 def test_negative_staleness_is_rejected():
     with pytest.raises(ValueError, match="max_staleness must be >= 0"):
         RolloutPipeline(_Data(), _Rollouts(), _Rewards(), PipelineConfig(1, 2, -1, 3, lambda s: s))
+
+
+def test_a_producer_that_delivers_nothing_in_time_is_a_lost_actor():
+    """A rollout call that the actors' own deadlines did not end: the learner side gives up after the pipeline's
+    deadline with ActorLost (the driver heals it) instead of waiting forever."""
+    from core.faults import ActorLost
+
+    config = PipelineConfig(prompts_per_step=2, group_size=3, max_staleness=1, total_steps=4,
+                            seed_of=lambda s: s, wait_timeout_s=0.5)
+    p = RolloutPipeline(_Data(), _Rollouts(seconds=3.0), _Rewards(), config)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ActorLost, match="delivered no batch for step 1 in 0.5 s"):
+            p.next()
+        assert time.monotonic() - start < 2.5
+    finally:
+        p.close()
+
+
+def test_the_producers_deadline_is_twice_a_rollout_and_a_scoring_call():
+    from core.config import load_config
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/grpo_random_local.yaml", ["rollout.call_timeout_s=300", "reward.call_timeout_s=100"])
+    assert PipelineConfig.from_config(cfg, lambda s: s).wait_timeout_s == 800.0
+    cfg = load_config(root / "configs/grpo_random_local.yaml", ["rollout.call_timeout_s=0"])
+    assert PipelineConfig.from_config(cfg, lambda s: s).wait_timeout_s == 0.0

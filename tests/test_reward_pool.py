@@ -213,7 +213,7 @@ def test_pool_gives_up_on_a_chain_that_always_kills_its_actor(ray_cluster):
 def test_a_chain_whose_maker_died_for_good_and_every_reward_actor_gone_are_actor_lost(ray_cluster):
     """What the driver heals (``core.actor_group.ActorLost``): a chain whose maker died for good (not re-issued as
     if the reward actor had died), and every reward actor killed with no restarts left."""
-    from core.actor_group import ActorLost
+    from core.faults import ActorLost
 
     ray, _ = ray_cluster
     cfg = RewardConfig(num_actors=2, num_cpus=0.5, metrics=[], max_restarts=0)
