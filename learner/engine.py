@@ -31,6 +31,7 @@ from torch import nn
 
 from core.config import LearnerConfig, OptimConfig
 from core.env import configure_process, torch_extensions_lock
+from learner.checkpoint_engine import weights_only_checkpoint_engine
 
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -241,6 +242,7 @@ def build_engine(module: nn.Module, optim: OptimConfig, learner: LearnerConfig, 
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )
     engine._realsr_clip_hook = hook  # read by grad_norm()
+    engine.checkpoint_engine = weights_only_checkpoint_engine(engine._config)
     return engine
 
 

@@ -132,6 +132,16 @@ def test_infer_folder_writes_4x_outputs_and_skips_the_corrupt_file(models, tmp_p
     assert "2 super-resolved, 1 skipped (unreadable)" in err
 
 
+def test_an_ordinary_photo_is_downscaled_by_default_and_zero_turns_it_off():
+    """Without --max-side a 4000 px photo would be a 16000 px (256 MP) 4x job; the default bounds the input side."""
+    from tools.infer import DEFAULT_MAX_SIDE, build_parser
+
+    base = ["--checkpoint", "c", "--input", "i", "--output", "o"]
+    assert build_parser().parse_args(base).max_side == DEFAULT_MAX_SIDE == 512
+    assert fit_lr(np.zeros((3000, 4000, 3), np.uint8), 8, DEFAULT_MAX_SIDE).lr.shape == (384, 512, 3)
+    assert build_parser().parse_args([*base, "--max-side", "0"]).max_side == 0
+
+
 def test_infer_exit_code_1_when_no_image_succeeds(models, tmp_path, capsys, fast_model_args):
     from tools.infer import main
 

@@ -536,6 +536,33 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(models, chains, port,
     assert any(not torch.equal(after["policy"][n], again[n]) for n in again)
 
 
+class _Payload:
+    """What an attacker who can write the checkpoint folder plants: unpickling it runs ``Path.touch(marker)``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_file_with_a_planted_pickle_payload_is_refused_by_name(models, port, tmp_path):
+    """Resume and healing load DeepSpeed's shards with torch's weights-only unpickler: a real ZeRO-2 checkpoint loads,
+    one whose optimizer file carries a payload is refused naming that file, and the payload never runs."""
+    from learner.checkpoint_engine import CheckpointRefused
+
+    worker = one_rank_worker(models, port, "learner.zero_stage=2")
+    worker.save_checkpoint(str(tmp_path / "ckpt"))
+    worker.load_checkpoint(str(tmp_path / "ckpt"))  # DeepSpeed's own files pass the weights-only load
+    target = sorted((tmp_path / "ckpt" / "policy").rglob("*optim_states.pt"))[0]
+    marker = tmp_path / "payload-ran"
+    torch.save({"optimizer_state_dict": _Payload(marker)}, target)
+    with pytest.raises(CheckpointRefused, match=f"{target}: refused"):
+        worker.load_checkpoint(str(tmp_path / "ckpt"))
+    assert not marker.exists()
+
+
 def test_a_trainable_pattern_that_matches_nothing_is_named():
     from learner.policy_model import restrict_trainable
 

@@ -13,8 +13,8 @@ synthesis, no HR. For each one the whole VLCoT chain runs and ``OUTPUT/<stem>/``
 
 The SR model needs sides that are multiples of its downsampling factor (8 for the tiny models): other inputs
 are reflect-padded and every output is cropped back, so the outputs are exactly scale x the input;
-``--max-side`` first downscales inputs whose longer side exceeds it (both are noted on the console and in
-chain.txt). A file that cannot be read as an image is reported in one line naming it and skipped. Exit code
+``--max-side`` (default 512; 0: never) first downscales inputs whose longer side exceeds it (both are noted on
+the console and in chain.txt). A file that cannot be read as an image is reported in one line naming it and skipped. Exit code
 0 when at least one image was super-resolved, 1 when none was, 2 for a bad argument (checkpoint, config,
 folder).
 """
@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Optional
 
 log = logging.getLogger("tools.infer")
+# An ordinary photo (4000 px) would become a 16000 px (256 MP) 4x job that the kernel kills, ending the batch: inputs
+# are downscaled to this longer side first (a 2048 px, 4 MP output), unless --max-side says otherwise (0: never).
+DEFAULT_MAX_SIDE = 512
 
 
 @dataclass
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             bar.write(f"skipped {path}: {exc.reason}", file=sys.stderr)
             summary.bad.append((str(path), exc.reason))
             continue
-        fitted = fit_lr(image, multiple, args.max_side)
+        fitted = fit_lr(image, multiple, args.max_side or None)
         for note in fitted.notes:
             bar.write(f"note: {path.name}: {note}", file=sys.stderr)
         sample = Sample(prompt_id=index, image_id=name, lr=fitted.lr, hr=None, tags=(), degradation=None)
@@ -133,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = model_arguments("python -m tools.infer", __doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="a folder of LR images (or one image file)")
     p.add_argument("--output", required=True, help="writes OUTPUT/<stem>/{sr,rough,middle}.png and chain.txt")
-    p.add_argument("--max-side", type=int, default=None,
-                   help="downscale inputs whose longer side exceeds this many pixels (before SR)")
+    p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
+                   help=f"downscale inputs whose longer side exceeds this many pixels before SR (default "
+                        f"{DEFAULT_MAX_SIDE}: a 4x output of at most {4 * DEFAULT_MAX_SIDE} px a side; 0: never)")
     return p
 
 
@@ -144,7 +148,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tools.inference import check_at_least, run_tool
 
     def work() -> int:
-        if args.max_side is not None:
+        if args.max_side:
             check_at_least("--max-side", args.max_side, 8)
         return run(args)
 
