@@ -62,7 +62,8 @@ def generation_reward(
     """Weighted mean of the normalised metrics; failed metrics follow ``failed_metric``.
 
     None when no weighted metric applies (none configured, or only full-reference ones without HR).
-    0.0 when every applicable metric failed ("renormalize" has nothing left to average).
+    NaN when every applicable metric failed under "renormalize" (nothing left to average): the chain cannot be
+    scored, and the driver leaves it out of its group (``rl.advantages.step_advantages``) instead of scoring it 0.
 
     >>> s = QualityScore(values={"a": 0.8}, errors={"b": "TimeoutError"})
     >>> generation_reward(s, {"a": 1.0, "b": 1.0}, "renormalize")
@@ -81,7 +82,7 @@ def generation_reward(
     worked = [m for m in applicable if m in score.values]
     weighted = sum(weights[m] * score.values[m] for m in worked)
     denominator = sum(weights[m] for m in worked) if failed_metric == "renormalize" else total_weight
-    return weighted / denominator if denominator > 0 else 0.0
+    return weighted / denominator if denominator > 0 else float("nan")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -13,12 +14,12 @@ from core.records import Scores
 from rewards.total import metric_weights
 
 
-def step_rewards(cfg: ExperimentConfig, scores: Sequence[Scores]) -> grpo.StepRewards:
-    """What the estimators read of one step: ``scores`` (in group order), the reward weights, G, and the image
-    branches' parts when ``grpo.image_group_size`` > 1."""
+def step_rewards(cfg: ExperimentConfig, scores: Sequence[Scores], group_size: int | None = None) -> grpo.StepRewards:
+    """What the estimators read of one step: ``scores`` (in group order), the reward weights, G (``group_size``:
+    another, for a group that lost chains), and the image branches' parts when ``grpo.image_group_size`` > 1."""
     g = cfg.grpo
     return grpo.StepRewards(parts=[s.parts for s in scores], totals=[s.total for s in scores],
-                            weights=vars(cfg.reward.weights), group_size=g.group_size,
+                            weights=vars(cfg.reward.weights), group_size=group_size or g.group_size,
                             branches=[s.branches for s in scores] if g.image_group_size > 1 else None,
                             metric_weights=metric_weights(cfg.reward))
 
@@ -60,16 +61,61 @@ def _names(components: Sequence[str] | None) -> tuple[str, ...] | None:
 
 def step_advantages(cfg: ExperimentConfig, scores: Sequence[Scores], seed: int) -> grpo.ChainAdvantages:
     """``core.grpo.estimate_advantages`` of ``scores`` (in group order) with the plan of ``cfg``; ``seed``: the step's
-    (the advantage transforms draw from it, so a run is reproducible and resumable)."""
-    step = step_rewards(cfg, scores)
-    return grpo.estimate_advantages(step, advantage_plan(cfg, step), torch.Generator().manual_seed(seed))
+    (the advantage transforms draw from it, so a run is reproducible and resumable).
+
+    A chain whose reward could not be computed (a non-finite total: every metric of its generation reward failed)
+    is left out of its group, never scored 0: each group that lost chains is estimated on its own over the chains it
+    kept (every estimator is group-local), the lost ones get advantage 0 and ``scored`` False."""
+    generator = torch.Generator().manual_seed(seed)
+    scored = [math.isfinite(s.total) for s in scores]
+    if all(scored):
+        step = step_rewards(cfg, scores)
+        return grpo.estimate_advantages(step, advantage_plan(cfg, step), generator)
+    G = cfg.grpo.group_size
+    parts = []  # (chain indices, their estimate) for the complete groups together, then each group that lost chains
+    complete = [i for g in range(0, len(scores), G) if all(scored[g:g + G]) for i in range(g, g + G)]
+    if complete:
+        parts.append((complete, G))
+    for g in range(0, len(scores), G):
+        kept = [i for i in range(g, g + G) if scored[i]]
+        if 0 < len(kept) < G:
+            parts.append((kept, len(kept)))
+    estimates = []
+    for rows, size in parts:
+        step = step_rewards(cfg, [scores[i] for i in rows], group_size=size)
+        estimates.append((rows, grpo.estimate_advantages(step, advantage_plan(cfg, step), generator)))
+    return _assemble(len(scores), G, estimates, torch.tensor(scored))
+
+
+def _assemble(n: int, group_size: int, estimates: Sequence[tuple[list[int], grpo.ChainAdvantages]],
+              scored: torch.Tensor) -> grpo.ChainAdvantages:
+    """The step's ChainAdvantages from estimates over subsets of its chains: rows not covered get 0; a group none
+    of whose chains was scored counts as flat."""
+    def column(name: str) -> torch.Tensor | None:
+        found = [(rows, getattr(a, name)) for rows, a in estimates if getattr(a, name) is not None]
+        if not found:
+            return None
+        out = torch.zeros((n, *found[0][1].shape[1:]), dtype=found[0][1].dtype)
+        for rows, values in found:
+            out[rows] = values
+        return out
+
+    flat = torch.ones(n // group_size, dtype=torch.bool)
+    for rows, a in estimates:
+        groups = sorted({i // group_size for i in rows})
+        flat[groups] = a.groups.zero_variance
+    keep = (~flat).repeat_interleave(group_size) & scored
+    return grpo.ChainAdvantages(text=column("text"), image=column("image"), sections=column("sections"),
+                                groups=grpo.GroupFilter(zero_variance=flat, keep=keep),
+                                image_branches=column("image_branches"), items=column("items"), scored=scored)
 
 
 def advantage_metrics(adv: grpo.ChainAdvantages, keep: torch.Tensor) -> dict[str, float]:
     """``grpo/*``: the spread of each advantage column and what the group filter kept."""
     out = {"grpo/advantage_mean": float(adv.text.mean()), "grpo/advantage_std": float(adv.text.std()),
            "grpo/advantage_abs_max": float(adv.text.abs().max()),
-           "grpo/filtered_groups": float(adv.groups.num_filtered), "grpo/kept_chains": float(keep.sum())}
+           "grpo/filtered_groups": float(adv.groups.num_filtered), "grpo/kept_chains": float(keep.sum()),
+           "grpo/unscored_chains": float(0 if adv.scored is None else (~adv.scored).sum())}
     image = adv.image_branches if adv.image_branches is not None else adv.image
     if image is not None:
         out.update({"grpo/image_advantage_std": float(image.std()),

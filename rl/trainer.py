@@ -98,6 +98,8 @@ class GRPOTrainer:
             assert batch.step == self.step_id, (batch.step, self.step_id)
             adv = step_advantages(cfg, scores, self._seed())
             keep = adv.groups.keep if cfg.grpo.filter_zero_variance else torch.ones_like(adv.groups.keep)
+            if adv.scored is not None:  # a chain whose reward could not be computed is never trained on
+                keep = keep & adv.scored
             learner_metrics: dict[str, float] = {}
             sync_metrics: dict[str, float] = {}
             staleness = self.version - batch.version

@@ -993,3 +993,26 @@ def test_the_config_plan_and_the_old_function_reject_the_same_mistakes():
     for fn in (step_advantages, _reference_step_advantages):
         with pytest.raises(ValueError, match=r"unknown reward components \['style'\]"):
             fn(bad, scores, 0)
+
+
+def test_a_chain_whose_reward_could_not_be_computed_is_left_out_of_its_group_never_scored_0():
+    """Every metric of a chain's generation reward failed (total NaN): its group is normalised over the chains it
+    kept, the lost chain gets advantage 0 and is not kept for the learner; a group that lost every chain is flat."""
+    from core.config import load_config
+    from rl.advantages import advantage_metrics, step_advantages
+
+    cfg = load_config(ROOT / "configs/grpo_random_local.yaml", ["grpo.group_size=4", "grpo.prompts_per_step=3"])
+    nan = float("nan")
+    totals = [1.0, 2.0, nan, 4.0, 0.0, 1.0, 2.0, 3.0, nan, nan, nan, nan]
+    scores = [Scores(i // 4, i % 4, {"format": t, "generation": t}, t) for i, t in enumerate(totals)]
+    adv = step_advantages(cfg, scores, seed=0)
+    kept_rows = torch.tensor([1.0, 2.0, 4.0])
+    torch.testing.assert_close(adv.text[[0, 1, 3]], grpo.group_advantages(kept_rows, 3))
+    torch.testing.assert_close(adv.text[4:8], grpo.group_advantages(torch.tensor([0.0, 1.0, 2.0, 3.0]), 4))
+    assert adv.text[2] == 0 and (adv.text[8:] == 0).all()
+    assert adv.scored.tolist() == [True, True, False, True] + [True] * 4 + [False] * 4
+    assert adv.groups.zero_variance.tolist() == [False, False, True]
+    assert adv.groups.keep.tolist() == [True, True, False, True] + [True] * 4 + [False] * 4
+    assert advantage_metrics(adv, adv.groups.keep)["grpo/unscored_chains"] == 5.0
+    whole = step_advantages(cfg, scores[4:8], seed=0)  # no chain lost: the estimate as before, nothing marked
+    assert whole.scored is None and torch.equal(whole.text, adv.text[4:8])

@@ -1,5 +1,6 @@
 """Generation-reward metrics: offline pyiqa ones, failures, timeouts, a network metric from a local file."""
 
+import math
 import os
 import socket
 import sys
@@ -172,7 +173,8 @@ def test_config_mistakes_fail_at_build_naming_the_metric():
 def test_generation_reward_rules():
     s = QualityScore(values={"a": 1.0}, errors={"b": "x"})
     assert generation_reward(s, {"a": 1.0, "b": 3.0}, "zero") == pytest.approx(0.25)
-    assert generation_reward(QualityScore(errors={"a": "x"}), {"a": 1.0}) == 0.0  # all failed
+    assert math.isnan(generation_reward(QualityScore(errors={"a": "x"}), {"a": 1.0}))  # all failed: not scored 0
+    assert generation_reward(QualityScore(errors={"a": "x"}), {"a": 1.0}, "zero") == 0.0  # the rule the user chose
     with pytest.raises(ValueError, match="failed_metric"):
         generation_reward(s, {"a": 1.0}, "average")
 

@@ -235,6 +235,9 @@ class ChainAdvantages:
     groups: GroupFilter
     image_branches: Tensor | None = None
     items: Tensor | None = None  # (N, len(DEGRADATION_ITEMS)): each degradation item's own advantage
+    # (N,) bool: False for a chain whose reward could not be computed (left out of its group, never trained on);
+    # None: every chain was scored
+    scored: Tensor | None = None
 
     def per_chain(self) -> list[ChainAdvantage]:
         """One record per chain, what the learner is sent."""
