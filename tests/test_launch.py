@@ -5,6 +5,7 @@ checkpoint is half written resumes from the previous complete one; ``ray job sub
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -126,7 +127,8 @@ def test_a_missing_cold_start_is_made_first_and_the_run_starts_from_its_export(t
 def test_ray_job_submit_against_a_local_head(tmp_path, models, free_port):
     port, dash, agent, agent_grpc = free_port(), free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    env = _env(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # listen on 127.0.0.1 only
+    # Ray's token auth, as on the cluster: the head, the CLI and the job's driver share one token
+    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -146,6 +148,9 @@ def test_ray_job_submit_against_a_local_head(tmp_path, models, free_port):
             time.sleep(2)
         else:
             pytest.fail(f"the Ray head at {address} did not answer within 120 s")
+        wrong = subprocess.run([RAY, "job", "list", f"--address={address}"], capture_output=True,
+                               env={**env, "RAY_AUTH_TOKEN": secrets.token_hex(16)})
+        assert wrong.returncode != 0  # the job server refuses another token
         submit = [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
                   "python", "-m", "rl.launch", "configs/grpo_random_local.yaml",
                   *_overrides(out, models, "trainer.total_steps=1", "trainer.checkpoint_every=0")]
