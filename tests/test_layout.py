@@ -1,6 +1,7 @@
 """Architecture guards: the packages form floors whose imports only go down, nothing of the product imports the
-research probes (lab), no module is a god module, no function is over 80 lines or 8 parameters, every config key
-is read by the code, and the pure modules import without Ray."""
+research probes (lab), no module is a god module, no function is over 80 lines or 8 parameters (outside tests; the
+GPU scripts' known debt listed, and it may only shrink), every config key is read by the code, and the pure modules
+import without Ray."""
 
 import ast
 import dataclasses
@@ -22,7 +23,15 @@ MAX_FUNCTION_LINES = 80  # a function or method, from its def to its last line (
 MAX_PARAMETERS = 8  # not counting a method's self / cls; *args and **kwargs count one each
 # Known debt, (lines, parameters) as found: each entry is exempt up to that size only (growing fails), and an entry
 # that is within the caps again fails until it is removed here, so the guard covers every fixed function.
-OVERSIZED_ALLOWED: dict[str, tuple[int, int]] = {}  # "path::function": (lines, parameters) while a split is under way
+# The GPU probe scripts and a benchmark (run directly on a GPU machine, outside the product's floors) are the debt.
+OVERSIZED_ALLOWED: dict[str, tuple[int, int]] = {  # "path::function": (lines, parameters) while a split is under way
+    "benchmarks/bench_vllm_sync.py::measure": (110, 4),
+    "scripts/gpu_node_check.py::run": (150, 4),
+    "scripts/gpu_probes.py::_zero3_lora": (174, 3),
+    "scripts/gpu_probes.py::learner_7b_memory": (108, 2),
+    "scripts/gpu_probes.py::sr_cluster_batch": (94, 2),
+}
+LONG_MODULES_ALLOWED = {"scripts/gpu_probes.py": 1013, "scripts/gpu_node_check.py": 542}  # the same rule, modules
 
 PURE_MODULES = [
     "core.config", "core.records", "core.chain", "core.grpo", "core.checkpoint", "core.placement", "core.weights",
@@ -112,9 +121,17 @@ def test_the_lab_check_sees_an_import_of_lab(tmp_path):
     assert _lab_importers([bad, good]) == [f"{bad}:4", f"{bad}:5"]
 
 
+def _everything() -> list[Path]:
+    """Every Python file outside tests: the packages, the scripts and the benchmarks."""
+    return _modules() + sorted(p for d in SCRIPT_DIRS for p in (ROOT / d).rglob("*.py"))
+
+
 def test_no_module_is_a_god_module():
-    long = {str(p.relative_to(ROOT)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
-    assert not long, f"modules over {MAX_LINES} lines: {long}"
+    sizes = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines()) for p in _everything()}
+    long = {k: n for k, n in sizes.items() if n > MAX_LINES}
+    grown = {k: n for k, n in long.items() if n > LONG_MODULES_ALLOWED.get(k, MAX_LINES)}
+    stale = sorted(set(LONG_MODULES_ALLOWED) - set(long))
+    assert not grown and not stale, f"modules over {MAX_LINES} lines (or their allowance): {grown}; within now: {stale}"
 
 
 def _functions(path: Path) -> list[tuple[str, int, int]]:
@@ -162,7 +179,7 @@ def _size_problems(found: dict[str, tuple[int, int]], allowed: dict[str, tuple[i
 
 def test_no_function_is_too_long_or_takes_too_many_parameters():
     """A function over 80 lines or 8 parameters does too much: split it, or pass a dataclass (not **kwargs)."""
-    problems = _size_problems(_oversized(_modules(), ROOT), OVERSIZED_ALLOWED)
+    problems = _size_problems(_oversized(_everything(), ROOT), OVERSIZED_ALLOWED)
     assert not problems, "\n".join(problems)
 
 
