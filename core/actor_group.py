@@ -150,7 +150,7 @@ class ActorGroup:
         if not pending:
             return ray.get(refs)
         ray.get(ready)  # a call that failed: its error, not the ones stuck behind it
-        late = sorted({ref.hex() for ref in pending})
+        late = {ref.hex() for ref in pending}
         hung = [i for i, ref in enumerate(refs) if ref.hex() in late]
         for i in hung:
             ray.kill(self.actors[i], no_restart=True)

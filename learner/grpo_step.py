@@ -82,8 +82,7 @@ def train_step(models: TrainedModels, grpo: GRPOConfig, batch: TrainBatch, rollo
                 objective.micro_step(m, i, fix, global_steps, sums, extremes)
         epoch_norms, epoch_skipped = models.step(stepped)
         for name, norm in epoch_norms.items():
-            if math.isfinite(norm):  # a skipped update's norm is counted in skipped_updates, not averaged
-                norms[name].append(norm)
+            norms[name].append(norm)
         skipped += epoch_skipped
         optimizer_steps += int(bool(stepped) and epoch_skipped < len(stepped))
         if epoch == 0:

@@ -6,7 +6,6 @@ micro-batching (equal count on every rank), clipping and LR schedule as the GRPO
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Sequence
 
@@ -53,7 +52,7 @@ def sft_step(models: TrainedModels, sft: SFTConfig, records: Sequence[Any], opti
     if "image_loss" in totals:
         out["image_loss"] = totals["image_loss"]
     for name in models.trained():
-        if name in norms and math.isfinite(norms[name]):
+        if name in norms:
             out[f"{name}_grad_norm"] = norms[name]
         out[f"{name}_lr"] = lrs[name]
     out["seconds"] = time.perf_counter() - t0

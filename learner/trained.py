@@ -7,6 +7,7 @@ engines (backward, optimizer step) and return what they did.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -48,14 +49,16 @@ class TrainedModels:
         return self.policy.pad_id if self.policy is not None else 0
 
     def step(self, models: Sequence[str]) -> tuple[dict[str, float], int]:
-        """One optimizer step of each of ``models``: their gradient norms, and how many of them were skipped for a
-        non-finite gradient norm (weights, moments and LR schedule left as they were: ``engine.update_applied``).
+        """One optimizer step of each of ``models``: the finite gradient norms, and how many of the updates were
+        skipped for a non-finite one (weights, moments and LR schedule left as they were: ``engine.update_applied``).
         The norm is reduced over ranks, so every rank skips alike."""
         norms, skipped = {}, 0
         for name in models:
             e = self.engine(name)
             e.step()
-            norms[name] = eng.grad_norm(e)
+            norm = eng.grad_norm(e)
+            if math.isfinite(norm):  # a skipped update's norm is counted in skipped, not reported
+                norms[name] = norm
             skipped += not eng.update_applied(e)
         return norms, skipped
 

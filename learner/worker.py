@@ -70,7 +70,6 @@ class LearnerWorker:
             os.environ[key] = str(value)
         t0 = time.perf_counter()
         self.ctx = RankContext.current(eng.init_distributed(learner.backend), learner.backend)
-        self.rank, self.world_size = self.ctx.rank, self.ctx.world_size
         self.optimizer_steps = 0
         optimizer_total = max(1, total_steps if sft is not None else total_steps * grpo.update_epochs)
         trained_policy = (None if policy.freeze else
@@ -96,8 +95,8 @@ class LearnerWorker:
         """Who this rank is and what it trains (the group waits on this after start-up)."""
         trained = self.models.trained()
         return {
-            "rank": self.rank,
-            "world_size": self.world_size,
+            "rank": self.ctx.rank,
+            "world_size": self.ctx.world_size,
             "device": str(self.ctx.device),
             "trained": sorted(trained),
             "zero_stage": self.cfg.zero_stage,
@@ -159,18 +158,18 @@ class LearnerWorker:
     def join_weight_group(self, host: str, port: int, world_size: int, timeout_s: float) -> int:
         """Rank 0 opens the rollout actors' collective weight-sync group as its root (``core.weight_broadcast``);
         other ranks take no part in it. Returns this rank."""
-        if self.rank == 0:
+        if self.ctx.rank == 0:
             self.sync_group = weight_broadcast.open_group(host, port, 0, world_size, self.cfg.backend, timeout_s)
-        return self.rank
+        return self.ctx.rank
 
     def open_transfer(self, backend: str, init: dict[str, Any]) -> int:
         """Rank 0 opens vLLM's weight-transfer group as its rank 0 (``learner.transfer``), while every vLLM worker
         joins it; other ranks take no part."""
-        if self.rank == 0:
+        if self.ctx.rank == 0:
             if self.transfer is not None:
                 self.transfer.close()
             self.transfer = transfer.open_sender(backend, init)
-        return self.rank
+        return self.ctx.rank
 
     def sync_metadata(self, model: str) -> dict[str, list]:
         """Names, dtypes and shapes of what a sync ships of ``model``, in order (no gather, no collective)."""
@@ -185,7 +184,7 @@ class LearnerWorker:
         out: dict[str, float] = {}
         for model in models:
             state, adapter_bytes = self.checkpointer.sync_state(model)
-            if self.rank != 0:
+            if self.ctx.rank != 0:
                 continue
             if adapter_bytes is not None:  # what shipping the LoRA adapters alone would move
                 out[f"weight_sync/{model}_adapter_mb"] = adapter_bytes / 2**20
@@ -193,7 +192,7 @@ class LearnerWorker:
                 stats = self.transfer.send(state.items(), (announced or {})[model])
             else:
                 stats = weight_broadcast.broadcast_weights(self.sync_group, state.items(),
-                                                           self.cfg.sync_bucket_mb << 20, device=self.ctx.device)
+                                                           self.checkpointer.bucket_bytes, device=self.ctx.device)
             out[f"weight_sync/{model}_mb"] = stats.num_bytes / 2**20
             out[f"weight_sync/{model}_buckets"] = float(stats.num_buckets)
             out[f"weight_sync/{model}_broadcast_s"] = stats.seconds

@@ -72,7 +72,7 @@ def step_advantages(cfg: ExperimentConfig, scores: Sequence[Scores], seed: int) 
         step = step_rewards(cfg, scores)
         return grpo.estimate_advantages(step, advantage_plan(cfg, step), generator)
     G = cfg.grpo.group_size
-    parts = []  # (chain indices, their estimate) for the complete groups together, then each group that lost chains
+    parts = []  # (chain indices, group size): the complete groups together, then each group that lost chains
     complete = [i for g in range(0, len(scores), G) if all(scored[g:g + G]) for i in range(g, g + G)]
     if complete:
         parts.append((complete, G))

@@ -109,7 +109,8 @@ class RolloutPipeline:
             item = self._queue.get(timeout=self.wait_timeout_s or None)
         except queue.Empty:  # a call the actors' own deadlines did not end: heal as a lost actor
             raise ActorLost(f"the rollout producer delivered no batch for step {self._finished + 1} in "
-                            f"{self.wait_timeout_s:g} s (twice rollout.call_timeout_s + reward.call_timeout_s)") from None
+                            f"{self.wait_timeout_s:g} s (twice rollout.call_timeout_s + reward.call_timeout_s)"
+                            ) from None
         if isinstance(item, BaseException):
             raise item
         return item
