@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from core.stats import paired_clustered_se
 from tools import compare
 
 
@@ -88,3 +89,118 @@ def test_the_same_crops_are_compared_paired_which_resolves_a_shift_the_crops_spr
     table = compare.markdown(compare.compare(_crop_report(0, 8, 0.0), _crop_report(20, 8, 0.01)), "a", "b")
     assert "paired by crop, 8 crops" in table and "| generation | 0.3505 | 0.3605 | +0.0100 |" in table
     assert "| PSNR | 30.50 | 30.40 | -0.10 |" in table
+
+
+# ------------------------------------------------------------------ clustered by photo (core.stats)
+def test_paired_clustered_se_matches_a_hand_computation():
+    # 3 photos with 2, 2, 1 crops, labels interleaved (grouping is by label, not by position):
+    #   A: 0.1, 0.3   B: -0.2, 0.0   C: 0.5          n = 5, mean = 0.7 / 5 = 0.14
+    #   deviations A: -0.04, +0.16  B: -0.34, -0.14  C: +0.36
+    #   S_A = 0.12, S_B = -0.48, S_C = 0.36 -> sum S_g^2 = 0.0144 + 0.2304 + 0.1296 = 0.3744
+    #   clustered = sqrt(3 / 2 * 0.3744) / 5 = sqrt(0.5616) / 5
+    #   paired: sum dev^2 = 0.0016 + 0.0256 + 0.1156 + 0.0196 + 0.1296 = 0.292, var = 0.292 / 4 = 0.073,
+    #           se = sqrt(0.073 / 5) = sqrt(0.0146)
+    got = paired_clustered_se([0.1, -0.2, 0.3, 0.5, 0.0], ["A", "B", "A", "C", "B"])
+    assert (got.n_crops, got.n_clusters) == (5, 3)
+    assert got.mean == pytest.approx(0.14, abs=1e-12)
+    assert got.se_clustered == pytest.approx(math.sqrt(0.5616) / 5, abs=1e-12)
+    assert got.se_paired == pytest.approx(math.sqrt(0.0146), abs=1e-12)
+    # one crop per photo: CR1 reduces to the plain s.e. (G / (G - 1) * sum dev^2 / n^2 = var / n)
+    alone = paired_clustered_se([0.1, -0.2, 0.3, 0.5, 0.0], range(5))
+    assert alone.se_clustered == pytest.approx(math.sqrt(0.0146), abs=1e-12) and alone.n_clusters == 5
+
+
+def test_clustering_matters_when_crops_of_one_photo_move_together():
+    # 4 photos x 3 crops, the same difference for every crop of a photo: mean 0.2, deviations -0.1, 0.1, -0.3, 0.3
+    # clustered: S_g = 3 x deviation -> sum S^2 = 9 x 0.2 = 1.8 -> sqrt(4 / 3 * 1.8) / 12 = sqrt(2.4) / 12 = 0.129
+    # paired (12 "independent" crops): sum dev^2 = 3 x 0.2 = 0.6 -> sqrt(0.6 / 11 / 12) = 0.067
+    effects = {"p0": 0.1, "p1": 0.3, "p2": -0.1, "p3": 0.5}
+    photos = [p for p in effects for _ in range(3)]
+    got = paired_clustered_se([effects[p] for p in photos], photos)
+    assert got.se_clustered == pytest.approx(math.sqrt(2.4) / 12, abs=1e-12)
+    assert got.se_paired == pytest.approx(math.sqrt(0.6 / 11 / 12), abs=1e-12)
+    assert got.se_clustered > 1.5 * got.se_paired
+
+
+def test_one_photo_leaves_the_clustered_se_undefined_and_bad_input_is_refused():
+    got = paired_clustered_se([0.1, 0.2, 0.4], ["only"] * 3)
+    assert math.isnan(got.se_clustered) and got.n_clusters == 1
+    assert got.se_paired == pytest.approx(np.std([0.1, 0.2, 0.4], ddof=1) / math.sqrt(3))
+    with pytest.raises(ValueError, match="cluster labels"):
+        paired_clustered_se([0.1, 0.2], ["a"])
+    with pytest.raises(ValueError, match="non-empty"):
+        paired_clustered_se([], [])
+
+
+# 4 photos x 3 crops x 2 chains. The model moves every crop of a photo by that photo's effect: the crops agree
+# within a photo, so the crop-paired s.e. is small while the photos disagree (few, independent units).
+PHOTO_EFFECTS = {"astronaut": 0.02, "coffee": 0.06, "chelsea": -0.01, "rocket": 0.05}
+
+
+def _eval_json(step: int, after: bool, photo_ids: bool = True, photos: dict = PHOTO_EFFECTS) -> dict:
+    """An eval.json in tools.eval's format (top-level summary, per-chain records), the crops cut in turn from
+    the photos as PairDataset does when --num exceeds them (prompt_id = cursor, image_id = the photo)."""
+    names, per_chain = list(photos), []
+    for prompt_id in range(3 * len(names)):
+        photo = names[prompt_id % len(names)]
+        for k in range(2):
+            g = 0.3 + 0.05 * prompt_id + 0.01 * k + (photos[photo] if after else 0.0)
+            chain = {"image_id": photo, "prompt_id": prompt_id, "sample_index": k, "lr_size": [64, 64],
+                     "notes": [], "rewards": {"generation": g, "total": 2 * g}, "reward_errors": {},
+                     "model": {"PSNR": 24.0 + prompt_id}, "bicubic": {"PSNR": 23.0 + prompt_id}, "text": "..."}
+            if not photo_ids:
+                del chain["image_id"]
+            per_chain.append(chain)
+    return {"checkpoint": "runs/x/checkpoints", "export": "runs/x/export", "step": step, "engine": "hf",
+            "data": {"source": "skimage", "mode": "synthetic", "split": "eval", "images": names, "skipped": {}},
+            "num_images": 3 * len(names), "samples_per_image": 2, "num_chains": len(per_chain),
+            "rewards": {}, "metrics": {}, "per_chain": per_chain}
+
+
+def _hand_ses(effects: list[float]) -> tuple[float, float]:
+    """(paired, clustered) s.e. of the mean difference when each photo's 3 crops all move by its effect."""
+    diffs = np.repeat(effects, 3)
+    dev = np.asarray(effects) - diffs.mean()
+    g, n = len(effects), diffs.size
+    return float(diffs.std(ddof=1) / math.sqrt(n)), math.sqrt(g / (g - 1) * np.sum((3 * dev) ** 2)) / n
+
+
+def test_compare_end_to_end_shows_the_clustered_se_and_judges_by_it(tmp_path, capsys):
+    a, b, out = tmp_path / "start.json", tmp_path / "end.json", tmp_path / "compare.md"
+    a.write_text(json.dumps(_eval_json(0, after=False)))
+    b.write_text(json.dumps(_eval_json(40, after=True)))
+    assert compare.main([str(a), str(b), "--out", str(out)]) == 0
+    table = out.read_text()
+    assert table == capsys.readouterr().out
+    paired_se, clustered_se = _hand_ses(list(PHOTO_EFFECTS.values()))
+    delta = float(np.mean(list(PHOTO_EFFECTS.values())))  # 0.03
+    assert 2 * paired_se < delta < 2 * clustered_se  # paired alone would call it real; clustered does not
+    gen = next(c for c in compare.compare(json.loads(a.read_text()), json.loads(b.read_text()))
+               if c.reward == "generation")
+    assert gen.paired and gen.n_photos == 4 and gen.delta == pytest.approx(delta)
+    assert gen.stderr == pytest.approx(paired_se) and gen.se_clustered == pytest.approx(clustered_se)
+    assert not gen.beyond_noise
+    assert "2 x std. error (paired by crop, 12 crops)" in table and "clustered by photo, 4 photos" in table
+    row = next(line for line in table.splitlines() if line.startswith("| generation |"))
+    assert row.split(" | ")[4:7] == [f"{2 * paired_se:.4f}", f"{2 * clustered_se:.4f}", "-"]
+    assert row.endswith("| no |")
+    psnr = next(line for line in table.splitlines() if line.startswith("| PSNR |"))
+    assert psnr.endswith("| no |") and "n/a" not in psnr  # no change at all: both s.e. 0
+
+
+def test_a_report_without_photo_ids_still_compares_with_the_clustered_se_unavailable():
+    before, after = _eval_json(0, after=False, photo_ids=False), _eval_json(40, after=True, photo_ids=False)
+    gen = next(c for c in compare.compare(before, after) if c.reward == "generation")
+    paired_se, _ = _hand_ses(list(PHOTO_EFFECTS.values()))
+    assert gen.paired and gen.se_clustered is None and gen.n_photos is None
+    assert gen.stderr == pytest.approx(paired_se) and gen.beyond_noise  # judged by the paired s.e.: 0.03 > 0.0165
+    row = next(line for line in compare.markdown(compare.compare(before, after), "a", "b").splitlines()
+               if line.startswith("| generation |"))
+    assert "n/a (no photo ids)" in row and row.endswith("| yes |")
+    one = {"rocket": 0.0}  # every crop from one photo: clustered undefined, shown so, never 0
+    shifted = _eval_json(1, after=True, photos={"rocket": 0.03})
+    gen = next(c for c in compare.compare(_eval_json(0, after=False, photos=one), shifted)
+               if c.reward == "generation")
+    assert gen.n_photos == 1 and math.isnan(gen.se_clustered) and gen.delta == pytest.approx(0.03)
+    assert gen.verdict_stderr == gen.stderr  # the verdict falls back on the paired s.e.
+    assert "n/a (1 photo)" in compare.markdown([gen], "a", "b")

@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from core.chain import TEXT_TAGS

@@ -7,11 +7,15 @@ For every reward and every image metric of the reports (PSNR, SSIM, PIQE, ...: t
 mean before and after, the change, and its standard error. When both reports hold the same crops (the same
 ``--data``, ``--split`` and ``--num`` give the same crops and degradations), the change is paired by crop: each
 crop's mean over its chains, before and after, and the standard error of the crops' differences, which leaves out
-the spread between crops that both models share. Otherwise the chains' spread, sqrt(var_a / n_a + var_b / n_b).
+the spread between crops that both models share; beside it, the same mean's standard error clustered by photo
+(``core.stats.paired_clustered_se``, the photos named by each chain's ``image_id``): crops cut from one photo share
+its content, so for a claim about new photos they are not independent. It has G - 1 degrees of freedom for G photos
+(few photos: 2 s.e. is optimistic); a report without photo ids shows it as unavailable. Otherwise the chains'
+spread, sqrt(var_a / n_a + var_b / n_b).
 With ``--run``, also the training curve's step-to-step noise of the same
 reward: the std of the differences between consecutive steps' means, / sqrt(2) (the noise of one step's mean;
 a trend barely moves consecutive differences). A change counts as larger than the noise when it exceeds both
-2 standard errors and the step-to-step noise.
+2 standard errors (the clustered one where available) and the step-to-step noise.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from core.chain import TEXT_TAGS
+from core.stats import paired_clustered_se
 from rl.monitor import read_scalars
 
 # each text section's own format (rewards.format.section_format_rewards) right after the chain's
@@ -40,17 +45,29 @@ class Change:
     after: float
     n_before: int
     n_after: int
-    stderr: float  # of after - before
+    stderr: float  # of after - before: of the crops' differences when paired, else of the chains' spread
     step_noise: Optional[float]  # the training curve's, None without a run
     paired: bool = False  # by crop: n_before = n_after = the crops both reports hold
+    # paired only: the s.e. of the mean difference clustered by photo; None when the reports do not name the
+    # photos (or not paired), nan with fewer than 2 photos (undefined)
+    se_clustered: float | None = None
+    n_photos: int | None = None  # the clusters (photos) behind se_clustered
 
     @property
     def delta(self) -> float:
         return self.after - self.before
 
     @property
+    def verdict_stderr(self) -> float:
+        """The standard error the verdict uses: the larger of the paired and the clustered one where that is
+        defined (with few photos the clustered one can come out smaller by chance), else ``stderr``."""
+        if self.se_clustered is not None and math.isfinite(self.se_clustered):
+            return max(self.se_clustered, self.stderr)
+        return self.stderr
+
+    @property
     def beyond_noise(self) -> bool:
-        return abs(self.delta) > max(2 * self.stderr, self.step_noise or 0.0)
+        return abs(self.delta) > max(2 * self.verdict_stderr, self.step_noise or 0.0)
 
 
 def step_to_step_noise(values: Sequence[float]) -> float:
@@ -122,8 +139,12 @@ def compare(before: dict, after: dict, curves: Optional[dict] = None,
             if not crops:
                 continue
             x, y = np.array([a[k] for k in crops]), np.array([b[k] for k in crops])
+            photos = [photo for photo, _ in crops]  # crop key: (image_id = the source photo, prompt_id)
+            clustered = paired_clustered_se(y - x, photos) if None not in photos else None
             out.append(Change(name, float(x.mean()), float(y.mean()), len(crops), len(crops),
-                              math.sqrt(_mean_variance(y - x)), noise, paired=True))
+                              math.sqrt(_mean_variance(y - x)), noise, paired=True,
+                              se_clustered=None if clustered is None else clustered.se_clustered,
+                              n_photos=None if clustered is None else clustered.n_clusters))
             continue
         a, b = chain_values(before, name), chain_values(after, name)
         if not a.size or not b.size:
@@ -133,16 +154,37 @@ def compare(before: dict, after: dict, curves: Optional[dict] = None,
     return out
 
 
+def _clustered_cell(c: Change, digits: int, name_photos: bool) -> str:
+    """2 x the clustered s.e., or why there is none."""
+    if not c.paired:
+        return "-"
+    if c.se_clustered is None:
+        return "n/a (no photo ids)"
+    if not math.isfinite(c.se_clustered):
+        return f"n/a ({c.n_photos} photo)"
+    return f"{2 * c.se_clustered:.{digits}f}" + (f" ({c.n_photos} photos)" if name_photos else "")
+
+
 def markdown(changes: Sequence[Change], before_name: str, after_name: str) -> str:
     paired = [c for c in changes if c.paired]
     se = f"2 x std. error (paired by crop, {paired[0].n_after} crops)" if paired else "2 x std. error"
-    lines = [f"| reward | {before_name} | {after_name} | change | {se} | step-to-step noise | beyond noise |",
-             "|---|---|---|---|---|---|---|"]
+    photos = {c.n_photos for c in paired if c.se_clustered is not None and math.isfinite(c.se_clustered)}
+    one_g = len(photos) == 1  # every row the same photos: name them once, in the header
+    clustered = [f"2 x std. error (clustered by photo{f', {min(photos)} photos' if one_g else ''})"] if paired else []
+    head = ["reward", before_name, after_name, "change", se, *clustered, "step-to-step noise", "beyond noise"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in changes:
         noise = "-" if c.step_noise is None else f"{c.step_noise:.3f}"
         digits = 4 if abs(c.before) < 10 else 2  # rewards in [0, 1] need 4 to show a +0.005; PSNR in dB 2
-        lines.append(f"| {c.reward} | {c.before:.{digits}f} | {c.after:.{digits}f} | {c.delta:+.{digits}f} "
-                     f"| {2 * c.stderr:.{digits}f} | {noise} | {'yes' if c.beyond_noise else 'no'} |")
+        cells = [c.reward, f"{c.before:.{digits}f}", f"{c.after:.{digits}f}", f"{c.delta:+.{digits}f}",
+                 f"{2 * c.stderr:.{digits}f}", *([_clustered_cell(c, digits, not one_g)] if paired else []),
+                 noise, "yes" if c.beyond_noise else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if paired:
+        lines += ["", ("beyond noise: the change exceeds 2 x the larger of the paired and the clustered std. error "
+                       "(the paired one where there is no clustered one) and the step-to-step noise. The clustered "
+                       "std. error has G - 1 degrees of freedom for G photos: with few photos, 2 x std. error is an "
+                       "optimistic bar.")]
     return "\n".join(lines) + "\n"
 
 

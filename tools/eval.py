@@ -12,7 +12,9 @@ the format / understanding (if tags exist) / no-reference terms apply; sizes the
 reflect-padded and every stage image cropped back (``tools.inference.fit_lr``).
 
 Writes ``OUT/eval.json`` (summary + per-chain values) and ``OUT/eval.md`` (two tables). Reward means are over
-all chains (``--samples-per-image`` per image); the bicubic baseline is computed once per image.
+all chains (``--samples-per-image`` per image); the bicubic baseline is computed once per image. Each per-chain
+record names its crop (``prompt_id``) and the photo it was cut from (``image_id``; ``--num`` above the number of
+photos cuts several crops from each): ``tools.compare`` pairs by crop and clusters by photo.
 
 The image metrics are the paper's (``rewards.eval_metrics``: which run offline, and why the others are skipped);
 every metric is also computed for the bicubic x4 upsampling of the same LR image, the baseline column.
