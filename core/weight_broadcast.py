@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from core.rendezvous import tcp_store
 from core.weights import Bucket, NamedTensor, WeightSyncStats, bucket_named_tensors
 
 # dtypes a state dict holds, by the name the header carries (buffers included: position ids, counters, masks)
@@ -40,7 +41,7 @@ def open_group(host: str, port: int, rank: int, world_size: int, backend: str = 
     """This member's handle of a weight-sync group of ``world_size`` (rank 0 = learner rank 0, which hosts the
     store on ``host:port``). Blocks until every member joined, or raises after ``timeout_s``."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+    store = tcp_store(host, port, world_size, rank == 0, timeout)  # rank 0 listens on host only
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
     if backend == "nccl":

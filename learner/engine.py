@@ -31,6 +31,7 @@ from torch import nn
 
 from core.config import LearnerConfig, OptimConfig
 from core.env import configure_process, torch_extensions_lock
+from core.rendezvous import tcp_store
 from learner.checkpoint_engine import weights_only_checkpoint_engine
 
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -78,9 +79,11 @@ def init_distributed(backend: str, timeout_s: float = 1800.0) -> torch.device:
         # the op DeepSpeed loads in init_distributed, built first under the extensions lock; never the rendezvous
         # under it (a rank holding the lock would wait there for a rank waiting on the lock)
         build_deepspeed_ops()
-        deepspeed.init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
-        )
+        rank_id, size, timeout = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), timedelta(seconds=timeout_s)
+        # the store listens on MASTER_ADDR only (torch's own env:// store listens on every interface)
+        store = tcp_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, rank_id == 0, timeout)
+        torch.distributed.init_process_group(backend, store=store, rank=rank_id, world_size=size, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     _drop_stale_deepspeed_groups()
     return device
 

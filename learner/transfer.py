@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+from core.rendezvous import tcp_store
 from core.weights import NamedTensor, WeightSyncStats
 
 NUM_BUFFERS = 2  # vLLM's packed NCCL transfer double-buffers; both sides must use the same number
@@ -78,8 +79,7 @@ class GlooSender:
         import torch.distributed as dist
 
         timeout = datetime.timedelta(seconds=init["timeout_s"])
-        self.store = dist.TCPStore(init["master_address"], init["master_port"], init["world_size"], is_master=True,
-                                   timeout=timeout)
+        self.store = tcp_store(init["master_address"], init["master_port"], init["world_size"], True, timeout)
         self.group = dist.ProcessGroupGloo(self.store, 0, init["world_size"], timeout)
         self.bucket_bytes = init["packed_buffer_size_bytes"]
 

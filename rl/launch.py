@@ -17,6 +17,7 @@ from pathlib import Path
 
 from core.config import ConfigError, ExperimentConfig, cold_start_config, cold_start_pending, load_config
 from core.env import configure_process, worker_env
+from core.rendezvous import loopback_interface
 from core.run_folder import FolderError, claim
 from rl.console import run_console
 
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and cfg.ray.host in ("127.0.0.1", "localhost"):
         os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")  # before Ray is imported: it reads this at import
+        interface = loopback_interface(cfg.ray.host)  # gloo's sockets (learner, weight sync, vLLM's TP) too
+        if interface:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # actors' lines reach run.log without colour codes
 
     runs = [cfg]
