@@ -141,6 +141,25 @@ def _messages(v: jsonschema.Draft7Validator, instance: Any, where: str) -> list[
             for e in sorted(v.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))]
 
 
+def _closed(properties: dict, required: tuple[str, ...] = ()) -> dict:
+    return {"type": "object", "properties": properties, "additionalProperties": False, "required": list(required)}
+
+
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_SELECTOR = _closed({"matchLabels": _LABELS, "matchExpressions": {"type": "array", "items": _closed(
+    {"key": {"type": "string"}, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+     "values": {"type": "array", "items": {"type": "string"}}}, ("key", "operator"))}})
+_PEERS = {"type": "array", "items": _closed({"podSelector": _SELECTOR, "namespaceSelector": _SELECTOR, "ipBlock": _closed(
+    {"cidr": {"type": "string"}, "except": {"type": "array", "items": {"type": "string"}}}, ("cidr",))})}
+_PORTS = {"type": "array", "items": _closed({"protocol": {"enum": ["TCP", "UDP", "SCTP"]},
+                                             "port": {"type": ["integer", "string"]}, "endPort": {"type": "integer"}})}
+# networking.k8s.io/v1 NetworkPolicySpec, written out from the Kubernetes API reference (no KubeRay copy of it)
+NETWORK_POLICY_SPEC = jsonschema.Draft7Validator(_closed({
+    "podSelector": _SELECTOR, "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+    "ingress": {"type": "array", "items": _closed({"from": _PEERS, "ports": _PORTS})},
+    "egress": {"type": "array", "items": _closed({"to": _PEERS, "ports": _PORTS})},
+}, ("podSelector",)))
+
 DEPLOYMENT_SPEC_KEYS = {"replicas", "selector", "template", "strategy", "minReadySeconds", "revisionHistoryLimit",
                         "progressDeadlineSeconds", "paused"}
 
@@ -172,6 +191,8 @@ def schema_errors(doc: dict) -> list[str]:
         errors += _messages(core["pvc_spec"], doc.get("spec", {}), f"{where}/spec")
     elif (api, kind) == ("v1", "Service"):
         errors += _messages(core["service_spec"], doc.get("spec", {}), f"{where}/spec")
+    elif (api, kind) == ("networking.k8s.io/v1", "NetworkPolicy"):
+        errors += _messages(NETWORK_POLICY_SPEC, doc.get("spec", {}), f"{where}/spec")
     else:
         errors.append(f"{where}: no offline schema for apiVersion {api!r} kind {kind!r}")
     return errors
@@ -179,7 +200,7 @@ def schema_errors(doc: dict) -> list[str]:
 
 def test_manifests_exist():
     names = {p.name for p in MANIFESTS}
-    assert {"raycluster.yaml", "rayjob.yaml", "storage.yaml", "tensorboard.yaml"} <= names
+    assert {"raycluster.yaml", "rayjob.yaml", "storage.yaml", "tensorboard.yaml", "networkpolicy.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
@@ -700,6 +721,98 @@ def test_nothing_is_exposed_outside_the_cluster():
             if doc["kind"] == "Service":
                 assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", path.name
             assert doc["kind"] not in ("Ingress", "Route", "Gateway"), path.name
+
+
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def token_problems(doc: dict) -> list[str]:
+    """Why a container that runs the project's code could read a Kubernetes API token ([] = none can): every pod
+    template opts out of the automatic mount, and in a Ray manifest the one projected token volume is mounted by
+    the autoscaler sidecar alone (it scales the worker groups through the API)."""
+    out = [f"{where}: automountServiceAccountToken is not false" for where, t in pod_templates(doc)
+           if t["spec"].get("automountServiceAccountToken") is not False]
+    for where, t in pod_templates(doc):
+        tokens = {v["name"] for v in t["spec"].get("volumes", [])
+                  if any("serviceAccountToken" in src for src in v.get("projected", {}).get("sources", []))}
+        for c in t["spec"].get("containers", []) + t["spec"].get("initContainers", []):
+            out += [f"{where}/{c['name']}: mounts the API token {m['name']}" for m in c.get("volumeMounts", [])
+                    if m["name"] in tokens or m["mountPath"].startswith(TOKEN_PATH)]
+    if doc["kind"] in ("RayCluster", "RayJob"):
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        mounts = spec.get("autoscalerOptions", {}).get("volumeMounts", [])
+        if spec.get("enableInTreeAutoscaling") and not any(m["mountPath"] == TOKEN_PATH for m in mounts):
+            out.append(f"{doc['kind']}: the autoscaler gets no API token")
+    return out
+
+
+def test_no_container_that_runs_project_code_holds_an_api_token():
+    docs_ = [d for path in MANIFESTS for d in docs(path) if list(pod_templates(d))]
+    assert len(docs_) == 3  # the RayCluster, the RayJob, TensorBoard
+    assert [p for d in docs_ for p in token_problems(d)] == []
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (_set("spec.headGroupSpec.template.spec.automountServiceAccountToken", True), "is not false"),
+    (lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMounts"].append(
+        {"name": "autoscaler-token", "mountPath": "/tok"}), "ray-head: mounts the API token"),
+    (_set("spec.autoscalerOptions.volumeMounts", []), "the autoscaler gets no API token"),
+])
+def test_token_check_bites(mutate, fragment):
+    doc = raycluster()
+    mutate(doc)
+    assert any(fragment in p for p in token_problems(doc))
+
+
+DASHBOARD_PORT = 8265
+
+
+def network_problems(policy: dict, templates: list[tuple[str, dict]]) -> list[str]:
+    """Why ``policy`` does not fence the Ray pods ([] = it does): it must select every Ray pod template, admit
+    from anywhere only the (token-guarded) dashboard port, and every other rule only from the same Ray pods."""
+    spec = policy["spec"]
+    selector = spec["podSelector"].get("matchLabels", {})
+    out = [f"{where}: not selected by {selector}" for where, t in templates
+           if any(t.get("metadata", {}).get("labels", {}).get(k) != v for k, v in selector.items())]
+    if not selector or spec["podSelector"].get("matchExpressions"):
+        out.append("podSelector: selects by matchLabels alone, and must name some")
+    if "Ingress" not in spec.get("policyTypes", ["Ingress"]):
+        out.append("policyTypes: Ingress is not restricted")
+    for i, rule in enumerate(spec.get("ingress", [])):
+        peers = rule.get("from")
+        if peers is None:  # from anywhere: the dashboard alone
+            ports = rule.get("ports") or [{}]
+            if any(p.get("port") != DASHBOARD_PORT or "endPort" in p for p in ports):
+                out.append(f"ingress {i}: open to every pod on {ports}")
+        elif any(set(peer) != {"podSelector"} or peer["podSelector"] != spec["podSelector"] for peer in peers):
+            out.append(f"ingress {i}: admits {peers}, not only the Ray pods")
+    return out
+
+
+def _ray_templates() -> list[tuple[str, dict]]:
+    return [(where, t) for doc in (raycluster(), rayjob()) for where, t in pod_templates(doc)
+            if "submitter" not in where]
+
+
+def test_only_the_ray_pods_reach_the_ray_pods_ports():
+    """GCS, the learner's rendezvous and collectives, the weight-sync groups: reachable from the run's own Ray
+    pods only (cluster/networkpolicy.yaml); every Ray pod template of both manifests carries the labels it selects."""
+    templates = _ray_templates()
+    assert len(templates) == 2 * (1 + len(raycluster()["spec"]["workerGroupSpecs"]))
+    assert network_problems(one(CLUSTER / "networkpolicy.yaml", "NetworkPolicy"), templates) == []
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda p, t: t[1][1]["metadata"].pop("labels"), "not selected"),
+    (lambda p, t: p["spec"]["ingress"][1]["ports"].append({"protocol": "TCP", "port": 6379}), "open to every pod"),
+    (lambda p, t: p["spec"]["ingress"][1].pop("ports"), "open to every pod"),
+    (lambda p, t: p["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}}), "not only the Ray pods"),
+    (lambda p, t: p["spec"].update(policyTypes=["Egress"]), "Ingress is not restricted"),
+])
+def test_network_check_bites(mutate, fragment):
+    policy, templates = one(CLUSTER / "networkpolicy.yaml", "NetworkPolicy"), _ray_templates()
+    mutate(policy, templates)
+    assert any(fragment in p for p in network_problems(policy, templates))
 
 
 # --------------------------------------------------------------------------------------------- RayJob
