@@ -4,11 +4,11 @@ Three runs of the embedded default's tiny models (B prompts x G chains a step):
 - synchronous (trainer.max_staleness = 0, object store sync) and asynchronous (k = 1) from the same seed: step 1
   is sampled by version 0 in both, so its scalars must be equal; later steps train chains one version old,
   which the off-policy correction weighs (TIS) and never more than k versions old;
-- the asynchronous run survives a killed rollout actor and a killed reward actor: every step still trains
-  exactly its B x G chains, each scored once;
-- collective sync (learner.sync_backend: collective, k = 1, two HF-engine rollout actors): every rollout actor
-  ends with the learner's weights tensor by tensor, and a sync with a dead actor fails within
-  learner.sync_timeout_s naming it.
+- the cluster's pipeline in small, with faults (asynchronous, learner.sync_backend: collective, two HF-engine
+  rollout actors, run by ``fit``): a rollout actor killed mid-step and a reward actor killed while scoring; every
+  batch holds its B x G chains exactly once, staleness stays within k, the sync forms its groups again, the run
+  completes; afterwards every rollout actor holds the learner's weights tensor by tensor, and a sync with a dead
+  actor fails within learner.sync_timeout_s naming it.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ import torch
 
 from core.config import load_config
 from core.weight_broadcast import SyncGroupError
+from rl.monitor import read_scalars
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 B, G = 2, 4
 STEPS = 2
+FAULT_STEPS = 4
 # scalars that measure the machine (seconds, rates) or the pipeline's own state, not the run's numbers
 NOT_NUMBERS = ("timing/", "throughput/", "async/", "weight_sync/", "learner/seconds", "learner/staleness",
                "learner/off_policy", "learner/tis_", "reward/reissued")
@@ -57,8 +59,7 @@ def runs(tmp_path_factory, tiny_models, ray_local):
     sync.pipeline.close()
     for group in (sync.rollouts, sync.learner, sync.rewards):
         group.shutdown()
-    run = GRPOTrainer(_config(tmp, tiny_models, "async", "trainer.max_staleness=1", "reward.max_restarts=4",
-                              "rollout.max_restarts=4"))
+    run = GRPOTrainer(_config(tmp, tiny_models, "async", "trainer.max_staleness=1"))
     async_metrics = _steps(run, STEPS)
     yield {"sync": sync_metrics, "async": async_metrics, "trainer": run}
     run.pipeline.close()
@@ -89,51 +90,12 @@ def test_later_steps_train_chains_one_version_old_with_importance_weights(runs):
 
 
 @pytest.fixture(scope="module")
-def killed_steps(runs) -> dict:
-    """Two more steps of the asynchronous run, during which a rollout actor and then a reward actor are killed
-    (Ray restarts them): the keys of every batch scored, the steps' metrics, and the step before and after."""
-    trainer = runs["trainer"]
-    scored: list[list] = []
-    original = trainer.rewards.score
-
-    def spy(refs, samples, timings=None):
-        out = original(refs, samples, timings)
-        scored.append([(s.prompt_id, s.sample_index) for s in out])
-        return out
-
-    trainer.rewards.score = spy
-    killers = [threading.Timer(0.5, lambda: ray.kill(trainer.rollouts.actors[0], no_restart=False)),
-               threading.Timer(4.0, lambda: ray.kill(trainer.rewards.actors[0], no_restart=False))]
-    before = trainer.step_id
-    for killer in killers:
-        killer.start()
-    try:
-        metrics = _steps(trainer, 2)
-    finally:
-        for killer in killers:
-            killer.join()
-        trainer.rewards.score = original
-    return {"scored": scored, "metrics": metrics, "before": before, "after": trainer.step_id}
-
-
-def test_killed_rollout_and_reward_actors_lose_no_group_and_duplicate_none(killed_steps):
-    """A rollout actor and then a reward actor are killed (Ray restarts them) while the pipeline runs ahead of
-    the learner; over the next two steps every batch scored holds each of its B x G chains exactly once and
-    every step trains all of them, one version old at most."""
-    scored, metrics = killed_steps["scored"], killed_steps["metrics"]
-    assert killed_steps["after"] == killed_steps["before"] + 2 and scored
-    for keys in scored:
-        assert len(keys) == B * G and len(set(keys)) == B * G
-    for m in metrics:
-        assert m["grpo/kept_chains"] == B * G and m["learner/dropped_stale_chains"] == 0
-        assert m["async/staleness"] <= 1 and m["learner/staleness_max"] <= 1
-
-
-# ============================================================================================ collective sync
-@pytest.fixture(scope="module")
-def collective(tmp_path_factory, tiny_models, ray_local, runs, killed_steps):
-    """A run with the collective weight sync after two steps. It ends the asynchronous run first (to free the
-    CPUs), so it depends on ``killed_steps``, the last fixture that steps that run."""
+def collective(tmp_path_factory, tiny_models, ray_local, runs):
+    """The cluster's pipeline in small, with faults: asynchronous (k = 1), the collective weight sync, two HF-engine
+    rollout actors, run by ``fit`` for FAULT_STEPS steps while rollout actor 0 is killed in step 2 (Ray restarts
+    it; the next sync fails on it, forms the groups again and retries) and reward actor 0 as it scores step 3's
+    chains (they are re-issued). It ends the asynchronous run first, to free the CPUs. Returns the trainer, the
+    keys of every batch scored, the scalars and the faults the driver healed."""
     from rl.trainer import GRPOTrainer
 
     runs["trainer"].pipeline.close()
@@ -142,10 +104,51 @@ def collective(tmp_path_factory, tiny_models, ray_local, runs, killed_steps):
     tmp = tmp_path_factory.mktemp("collective")
     trainer = GRPOTrainer(_config(tmp, tiny_models, "collective", "learner.sync_backend=collective",
                                   "trainer.max_staleness=1", "rollout.engine=hf", "rollout.num_actors=2",
-                                  "rollout.max_restarts=0", "learner.sync_timeout_s=15"))
-    metrics = _steps(trainer, 2)
-    yield {"trainer": trainer, "metrics": metrics}
+                                  "learner.sync_timeout_s=15", f"trainer.total_steps={FAULT_STEPS}",
+                                  "reward.max_restarts=4", "rollout.max_restarts=4"))
+    scored: list[list] = []
+    score, step = trainer.rewards.score, trainer.step
+
+    def spy(refs, samples, timings=None):
+        out = score(refs, samples, timings)
+        scored.append([(s.prompt_id, s.sample_index) for s in out])
+        return out
+
+    def faulty_step():
+        kill = {2: lambda: ray.kill(trainer.rollouts.actors[0], no_restart=False),
+                3: lambda: ray.kill(trainer.rewards.actors[0], no_restart=False)}.get(trainer.step_id + 1)
+        timer = threading.Timer(0.5, kill) if kill else None
+        if timer:
+            timer.start()
+        try:
+            return step()
+        finally:
+            if timer:
+                timer.join()
+
+    trainer.rewards.score, trainer.step = spy, faulty_step
+    trainer.fit()
+    yield {"trainer": trainer, "scored": scored, "faults": trainer.faults,
+           "scalars": read_scalars(trainer.cfg.trainer.log_dir)}
     trainer.pipeline.close()
+
+
+def test_killed_rollout_and_reward_actors_lose_no_group_and_duplicate_none(collective):
+    """Every batch scored holds each of its B x G chains exactly once, every step trains chains at most one version
+    old, the killed rollout actor made the sync form its groups again, and the run completed without a rebuild."""
+    s = collective["scalars"]
+    assert collective["trainer"].step_id == FAULT_STEPS and collective["faults"] == []
+    assert len(collective["scored"]) >= FAULT_STEPS
+    for keys in collective["scored"]:
+        assert len(keys) == B * G and len(set(keys)) == B * G
+    for tag in ("grpo/kept_chains", "async/staleness", "learner/staleness_max"):
+        assert [step for step, _ in s[tag]] == list(range(1, FAULT_STEPS + 1)), tag  # one point a step
+    assert all(v <= 1 for _, v in s["async/staleness"] + s["learner/staleness_max"])
+    assert all(v == B * G for _, v in s["grpo/kept_chains"])  # every chain reached the learner: none lost
+    # chains the restarted actor sampled before it rejoined the sync group may be too stale to train (counted)
+    print({"dropped stale chains": s["learner/dropped_stale_chains"], "regroups": s["weight_sync/regroups"][-1]})
+    assert s["weight_sync/regroups"][-1][1] >= 1
+    assert sum(v for _, v in s["reward/reissued_chains"]) > 0
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +168,8 @@ def collective_synced(collective) -> dict:
 
 
 def test_collective_sync_gives_every_rollout_actor_the_learners_weights(collective, collective_synced):
-    assert all(m["weight_sync/policy_buckets"] >= 1 and m["weight_sync/policy_mb"] > 0 for m in collective["metrics"])
+    assert all(v >= 1 for _, v in collective["scalars"]["weight_sync/policy_buckets"])
+    assert all(v > 0 for _, v in collective["scalars"]["weight_sync/policy_mb"])
     version = collective_synced["version"]
     assert set(collective_synced["versions"]) == {(version, version)}
     for model in ("policy", "diffusion"):
