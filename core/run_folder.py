@@ -192,9 +192,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved_yaml: str, cfg: ExperimentConfig) -> list[tuple[str, Any, Any]]:
-    """(key, checkpoint's value, this config's value) for every trajectory-changing key that differs."""
+    """(key, checkpoint's value, this config's value) for every trajectory-changing key that differs. With the same
+    ``<model>.init_from`` on both sides, ``<model>.path`` is not compared: the run points it at its own copy of
+    init_from (``models.bootstrap.apply_init_from``) after this check, so the saved value is that copy."""
     old, new = _flat(yaml.safe_load(saved_yaml) or {}), _flat(yaml.safe_load(to_yaml(cfg)) or {})
-    keys = sorted(set(old) | set(new))
+    derived = {f"{m}.path" for m in ("policy", "diffusion")
+               if new.get(f"{m}.init_from") and old.get(f"{m}.init_from") == new.get(f"{m}.init_from")}
+    keys = sorted((set(old) | set(new)) - derived)
     return [(k, old.get(k), new.get(k)) for k in keys
             if old.get(k) != new.get(k) and not any(fnmatch(k, pattern) for pattern in OPERATIONAL)]
 

@@ -133,6 +133,17 @@ def test_a_resume_with_a_changed_learning_rate_stops_listing_it_unless_accepted(
     assert "learner.policy_optim.lr: 0.0001 -> 0.0003" in caplog.text
 
 
+def test_a_run_started_from_an_export_resumes_with_the_command_that_started_it(tmp_path):
+    """``<model>.init_from``: the checkpoint's config holds the path of the run's copy (set after the folder check);
+    the same command again is no change, another export is."""
+    started = _cfg(tmp_path, "policy.init_from=/exports/a/policy")
+    started.policy.path = str(tmp_path / "init" / "policy")  # what models.bootstrap.apply_init_from does
+    again = _cfg(tmp_path, "policy.init_from=/exports/a/policy", "trainer.resume=auto")
+    assert config_changes(to_yaml(started), again) == []
+    other = _cfg(tmp_path, "policy.init_from=/exports/b/policy", "trainer.resume=auto")
+    assert [k for k, _, _ in config_changes(to_yaml(started), other)] == ["policy.init_from", "policy.path"]
+
+
 def _launch(*overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "rl.launch", str(CONFIG), *overrides], capture_output=True,
