@@ -8,7 +8,9 @@ each side fetches only what it needs and the driver never holds pixels. Actors r
 (rollout.max_restarts) and Ray re-runs the task in flight on the restarted actor; the call carries the latest
 WeightUpdate, so a restarted actor catches up to the current policy version before it samples (a step never mixes
 versions silently). A call that holds an actor past ``rollout.call_timeout_s`` without returning (a hung process)
-is treated the same way: a watchdog thread kills the actor, Ray restarts it and re-runs the call.
+is treated the same way: a watchdog thread kills the actor, Ray restarts it and re-runs the call. The time an actor
+spends restarting (a vLLM engine loads for minutes on a cluster) does not count: the timeout bounds a live actor's
+silence, so a restart is never taken for a hang.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import ray
 
 from actors.rollout import RolloutWorker
-from core.actor_group import ActorGroup, ProgressClock
+from core.actor_group import ActorGroup, ProgressClock, actor_states
 from core.config import ExperimentConfig
 from core.placement import rollout_layout
 from core.records import Sample, WeightUpdate
@@ -138,9 +140,18 @@ class RolloutGroup(ActorGroup):
                 self._calls[k].append(ref)
                 self._clock.started(k)
 
+    def _hold_restarting(self) -> None:
+        """A busy actor that Ray is restarting is not hung: its clock waits until the cluster reports it alive."""
+        actors = list(self.actors)
+        busy = [k for k, n in enumerate(self._clock.busy) if n and k < len(actors)]
+        for k, state in zip(busy, actor_states([actors[k] for k in busy])):
+            if state != "ALIVE":
+                self._clock.hold(k)
+
     def _watch(self) -> None:
         """Every second: retire the calls that returned, kill the actors whose oldest call is overdue."""
         while not self._stop.wait(1.0) and ray.is_initialized():
+            self._hold_restarting()
             with self._lock:
                 for k, calls in enumerate(self._calls):
                     while calls and ray.wait([calls[0]], timeout=0)[0]:

@@ -52,6 +52,11 @@ class ProgressClock:
         self.busy[k] = max(self.busy[k] - 1, 0)
         self.since[k] = time.monotonic()
 
+    def hold(self, k: int) -> None:
+        """Actor ``k`` is not alive (Ray is restarting it: a vLLM engine takes minutes to load on a cluster). It
+        makes no progress of its own meanwhile, so its clock waits: the call Ray re-runs gets the whole timeout."""
+        self.since[k] = time.monotonic()
+
     def overdue(self) -> list[int]:
         """Busy actors without progress for ``timeout_s``; each is reported once per timeout (the clock restarts,
         which gives a killed actor ``timeout_s`` to restart and finish the call Ray re-runs)."""

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 6, 2
 KILL_ROLLOUT, KILL_REWARD, HANG_ROLLOUT, LOSE_REWARDS, KILL_LEARNER = 2, 3, 4, 5, 6  # the 1-based steps they hit
 RESUMED_AT = 4  # both heals (the reward pool lost at 5, the learner at 6) resume from the step-4 checkpoint
-CALL_TIMEOUT_S = 60.0  # covers a rollout actor's restart (engines rebuilt) and its call run again
+ROLLOUT_TIMEOUT_S = 30.0  # a call's silence while the actor is alive (a restart does not count: its clock waits)
+REWARD_TIMEOUT_S = 60.0
 
 
 def _config(out: Path, models: dict):
@@ -33,8 +34,8 @@ def _config(out: Path, models: dict):
         "policy.bootstrap=false", "diffusion.bootstrap=false", "grpo.prompts_per_step=2", "grpo.group_size=4",
         f"trainer.total_steps={STEPS}", f"trainer.checkpoint_every={EVERY}", "trainer.keep_checkpoints=3",
         "trainer.image_every=0", "trainer.progress_bar=false", "trainer.max_failures=2",
-        "chain.max_stage_tokens=16", "diffusion.num_steps=4", f"rollout.call_timeout_s={CALL_TIMEOUT_S}",
-        f"reward.call_timeout_s={CALL_TIMEOUT_S}",
+        "chain.max_stage_tokens=16", "diffusion.num_steps=4", f"rollout.call_timeout_s={ROLLOUT_TIMEOUT_S}",
+        f"reward.call_timeout_s={REWARD_TIMEOUT_S}",
     ])
 
 

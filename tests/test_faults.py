@@ -295,6 +295,13 @@ def test_progress_clock_flags_only_an_actor_that_holds_work_without_returning():
     time.sleep(0.25)
     assert clock.overdue() == []  # idle actors are never hung
     assert ProgressClock(1, timeout_s=0).overdue() == []
+    clock.started(2)
+    time.sleep(0.15)
+    clock.hold(2)  # restarting meanwhile: the time before counts no more
+    time.sleep(0.1)
+    assert clock.overdue() == []
+    time.sleep(0.15)
+    assert clock.overdue() == [2]  # alive again and silent for the whole timeout
 
 
 def test_restart_runs_every_closer_and_starts_over_with_the_first_rng_state(tmp_path):
