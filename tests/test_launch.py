@@ -1,6 +1,6 @@
-"""``python -m rl.launch`` as a user runs it: a bad config exits with a clear message; the whole run killed while a
-checkpoint is half written resumes from the previous complete one; ``ray job submit`` against a real head on
-127.0.0.1 runs the job."""
+"""``python -m rl.launch`` as a user runs it: a bad config exits with a clear message; a missing cold start is made
+first, and the run after it, killed while a checkpoint is half written, resumes from the previous complete one
+(while it ran, it listened on 127.0.0.1 only); ``ray job submit`` against a real head on 127.0.0.1 runs the job."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from rl.monitor import read_scalars
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 RAY = str(Path(sys.executable).parent / "ray")
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}  # the second: 127.0.0.1 as an IPv6 (dual-stack) socket shows it
 
 
 @pytest.fixture(scope="module")
@@ -52,33 +53,81 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
     assert "grpo.group_size" in out.stderr and "= 1" in out.stderr
 
 
+def _listening_sockets(pid: int) -> set[tuple[str, int, str]]:
+    """(address, port, process title) of every listening TCP socket of process ``pid`` and its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            title = " ".join(proc.cmdline())[:80]
+            found |= {(c.laddr.ip, c.laddr.port, title) for c in proc.net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass  # a process that ended meanwhile
+    return found
+
+
+def _cold_start_config(tmp: Path, out: Path, models: dict) -> Path:
+    """configs/sft_local.yaml as a 1-step cold start into ``out`` on the test's tiny models."""
+    sft_yaml = (ROOT / "configs/sft_local.yaml").read_text()
+    for old, new in (("output_dir: runs/${name}", f"output_dir: {out}"), ("total_steps: 300", "total_steps: 1"),
+                     ("checkpoint_every: 100", "checkpoint_every: 1"), ("path: .models/tiny/policy",
+                     f"path: {models['policy']}"), ("path: .models/tiny/diffusion", f"path: {models['diffusion']}")):
+        assert old in sft_yaml, old
+        sft_yaml = sft_yaml.replace(old, new)
+    (tmp / "sft.yaml").write_text(sft_yaml + "  progress_bar: false\n")
+    return tmp / "sft.yaml"
+
+
 @pytest.mark.slow
-def test_run_killed_mid_checkpoint_resumes_from_the_previous_complete_one(tmp_path, models):
-    out = tmp_path / "run"
-    root = out / "checkpoints"
+def test_a_cold_start_then_a_run_killed_mid_checkpoint_resumes_from_the_previous_complete_one(tmp_path, models):
+    """The config names a cold start not made yet: the first launch runs the SFT config first (once) and starts
+    GRPO from its export; that run is killed (driver and its local Ray cluster) while step 2's checkpoint is half
+    written. The next launch of the same command goes straight to GRPO and resumes from step 1."""
+    out, sft_out = tmp_path / "run", tmp_path / "sft"
+    root, export = out / "checkpoints", sft_out / "checkpoints/step_000001/export"
     args = [PY, "-m", "rl.launch", "configs/grpo_random_local.yaml",
             *_overrides(out, models, "trainer.total_steps=2", "trainer.checkpoint_every=1",
-                        "learner.num_ranks=1", "reward.num_actors=1")]  # the fewest processes: resume is the point
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(REALSR_FAULT_CHECKPOINT_PAUSE="2:600"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                        "learner.num_ranks=1", "reward.num_actors=1",  # the fewest processes: resume is the point
+                        f"cold_start={_cold_start_config(tmp_path, sft_out, models)}",
+                        f"policy.init_from={export}/policy", f"diffusion.init_from={export}/diffusion")]
+    assert cold_start_pending(load_config(ROOT / "configs/grpo_random_local.yaml", args[4:]))
+    console = tmp_path / "first.console"
+    with console.open("w") as sink:
+        proc = subprocess.Popen(args, cwd=ROOT, env=_env(REALSR_FAULT_CHECKPOINT_PAUSE="2:600"), stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 480
+        deadline = time.time() + 600
         while time.time() < deadline:  # wait until step 2's checkpoint is written but not committed
             half = [p for p in root.glob(".tmp-step_000002-*") if (p / "trainer_state.json").exists()]
             if half:
+                listening = _listening_sockets(proc.pid)  # every process of the run is alive, paused
                 break
-            assert proc.poll() is None, "the run ended before its second checkpoint"
+            assert proc.poll() is None, "the run ended before its second checkpoint:\n" + console.read_text()[-3000:]
             time.sleep(1)
         else:
             pytest.fail("no half-written checkpoint of step 2 appeared")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole run: driver and its local Ray cluster
         proc.wait(timeout=60)
+    first = console.read_text()
+    assert "cold start:" in first and "running" in first
+    assert (export / "policy/config.json").is_file() and (export / "diffusion/model_index.json").is_file()
+    for model in ("policy", "diffusion"):  # the run's models are copies of the cold start's export
+        assert (out / "init" / model / ".init_from").read_text() == str((export / model).resolve())
     assert ckpt.latest_complete(root).name == "step_000001"  # the half-written one is never picked
+    # a local run listens on 127.0.0.1 only: Ray's processes, and the learner's rendezvous store
+    assert listening and {ip for ip, _, _ in listening} <= LOOPBACK, sorted(listening)
+    assert any("LearnerWorker" in owner for _, _, owner in listening), sorted(listening)
 
+    # made once: the same command finds the export, goes straight to GRPO and resumes
+    assert not cold_start_pending(load_config(ROOT / "configs/grpo_random_local.yaml", args[4:]))
     resumed = subprocess.run([*args, "trainer.resume=auto"], cwd=ROOT, env=_env(),
                              capture_output=True, text=True, timeout=480)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "cold start:" not in resumed.stderr
     assert "resumed from" in resumed.stderr and "step_000001 at step 1" in resumed.stderr
     assert "its process is gone" in resumed.stderr  # the killed run's run.lock named and taken over
     # a quiet console: the run's own lines on the terminal, the actors' and libraries' output in run.log
@@ -92,35 +141,7 @@ def test_run_killed_mid_checkpoint_resumes_from_the_previous_complete_one(tmp_pa
     assert state.step == 2 and state.data_cursor == 2 * cfg.grpo.prompts_per_step
     steps = [s for s, _ in read_scalars(out / "tensorboard")["policy/version"]]
     assert 2 in steps
-
-
-@pytest.mark.slow
-def test_a_missing_cold_start_is_made_first_and_the_run_starts_from_its_export(tmp_path, models):
-    """``cold_start``: the SFT config runs first, once, and the GRPO run starts from its final export."""
-    sft_out, grpo_out = tmp_path / "sft", tmp_path / "grpo"
-    sft_yaml = (ROOT / "configs/sft_local.yaml").read_text()
-    for old, new in (("output_dir: runs/${name}", f"output_dir: {sft_out}"), ("total_steps: 300", "total_steps: 2"),
-                     ("checkpoint_every: 100", "checkpoint_every: 2"), ("path: .models/tiny/policy",
-                     f"path: {models['policy']}"), ("path: .models/tiny/diffusion", f"path: {models['diffusion']}")):
-        assert old in sft_yaml, old
-        sft_yaml = sft_yaml.replace(old, new)
-    (tmp_path / "sft.yaml").write_text(sft_yaml + "  progress_bar: false\n")
-    export = sft_out / "checkpoints/step_000002/export"
-    args = [PY, "-m", "rl.launch", "configs/grpo_random_local.yaml",
-            *_overrides(grpo_out, models, "trainer.total_steps=1", "trainer.checkpoint_every=1",
-                        f"cold_start={tmp_path}/sft.yaml", f"policy.init_from={export}/policy",
-                        f"diffusion.init_from={export}/diffusion")]
-    assert cold_start_pending(load_config(ROOT / "configs/grpo_random_local.yaml", args[4:]))
-    first = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "cold start:" in first.stderr and "running" in first.stderr
-    assert (export / "policy/config.json").is_file() and (export / "diffusion/model_index.json").is_file()
-    for model in ("policy", "diffusion"):  # the run's models are copies of the cold start's export
-        assert (grpo_out / "init" / model / ".init_from").read_text() == str((export / model).resolve())
-    assert ckpt.latest_complete(grpo_out / "checkpoints").name == "step_000001"
-    assert ckpt.latest_complete(sft_out / "checkpoints").name == "step_000002"
-    # made once: a second launch of the same command finds the export and goes straight to GRPO
-    assert not cold_start_pending(load_config(ROOT / "configs/grpo_random_local.yaml", args[4:]))
+    assert ckpt.latest_complete(sft_out / "checkpoints").name == "step_000001"
 
 
 @pytest.mark.slow
