@@ -51,7 +51,9 @@ class DegradationConfig:
 @dataclass
 class DataConfig:
     source: str = "skimage"  # "skimage" (photos shipped in scikit-image's wheel), a folder, or a .jsonl manifest
-    eval_source: Optional[str] = None  # held-out data; None: the held-out split of `source`
+    # held-out data (a source as above, or "confirmatory": photos no recipe was chosen on, data/test_photos.py);
+    # None: the held-out split of `source`
+    eval_source: Optional[str] = None
     held_out_fraction: float = 0.25  # share of the images of `source` kept out of training (by image, not crop)
     hr_size: int = 64  # HR crop side in pixels; LR side = hr_size / scale
     scale: int = 4

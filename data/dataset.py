@@ -3,6 +3,8 @@
 Sources (``DataConfig.source`` / ``eval_source``):
 
 - ``"skimage"``: the photographs scikit-image ships (``data.photos``), with hand-written tags.
+- ``"confirmatory"``: photographs other installed packages ship that no recipe was chosen on
+  (``data.test_photos``); meant for ``eval_source``.
 - a folder: its image files (not recursive), sorted; tags from a sidecar ``<stem>.txt`` (comma- or
   line-separated), else from ``tags.json`` in the folder (``{"<file name or stem>": [tags] or "a, b"}``),
   else none.
@@ -37,6 +39,7 @@ from core.images import IMAGE_SUFFIXES, BadImageError, load_rgb
 from core.records import Sample
 from data.degradations import degrade
 from data.photos import PHOTOS, photo_path
+from data.test_photos import CONFIRMATORY_PHOTOS, SOURCE_NAME, confirmatory_path
 
 log = logging.getLogger("data")
 
@@ -89,6 +92,10 @@ def _unique_ids(ids: list[str], fallbacks: list[str]) -> list[str]:
 
 def skimage_entries() -> list[ImageEntry]:
     return [ImageEntry(p.name, str(photo_path(p.name)), p.tags) for p in PHOTOS]
+
+
+def confirmatory_entries() -> list[ImageEntry]:
+    return [ImageEntry(p.name, str(confirmatory_path(p.name)), p.tags) for p in CONFIRMATORY_PHOTOS]
 
 
 def folder_entries(folder: Path) -> list[ImageEntry]:
@@ -147,6 +154,8 @@ def list_source(source: str) -> list[ImageEntry]:
     """Every image a source names, with its tags (nothing decoded yet)."""
     if source == "skimage":
         return skimage_entries()
+    if source == SOURCE_NAME:
+        return confirmatory_entries()
     path = Path(source).expanduser()
     if path.is_dir():
         return folder_entries(path)
@@ -154,7 +163,8 @@ def list_source(source: str) -> list[ImageEntry]:
         if not path.is_file():
             raise DataSourceError(f"data source {source}: manifest file not found")
         return manifest_entries(path)
-    raise DataSourceError(f"data source {source!r} is not 'skimage', an existing folder, or a .jsonl manifest")
+    raise DataSourceError(f"data source {source!r} is not 'skimage', {SOURCE_NAME!r}, an existing folder, "
+                          "or a .jsonl manifest")
 
 
 def split_entries(entries: list[ImageEntry], held_out_fraction: float,

@@ -35,7 +35,7 @@ LONG_MODULES_ALLOWED = {"scripts/gpu_probes.py": 1013, "scripts/gpu_node_check.p
 
 PURE_MODULES = [
     "core.config", "core.records", "core.chain", "core.grpo", "core.checkpoint", "core.placement", "core.weights",
-    "core.images", "core.stats", "core.rendezvous", "data.degradations", "data.dataset", "data.sft_targets", "rewards.format",
+    "core.images", "core.stats", "core.rendezvous", "data.degradations", "data.test_photos", "data.dataset", "data.sft_targets", "rewards.format",
     "rewards.degradation", "rewards.understanding", "rewards.quality", "rewards.total", "rewards.worker", "models.sde",
     "rewards.eval_metrics", "learner.batching", "rl.monitor", "rl.advantages", "rl.held_out", "rl.one_process",
     "rl.trainer", "rl.sft", "rl.transport", "rl.local_roles",
