@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -55,3 +56,19 @@ def paired_clustered_se(diffs: Sequence[float], clusters: Sequence[Hashable]) ->
     else:
         se_clustered = math.sqrt(g / (g - 1) * sum(s * s for s in sums.values())) / n
     return ClusteredMean(mean, se_paired, se_clustered, n, g)
+
+
+def crops_for_power(sd: float, effect: float, design_effect: float = 1.0, z_alpha: float = 2.0,
+                    power: float = 0.8) -> int:
+    """How many crops an evaluation needs to see a mean paired difference of ``effect`` beyond ``z_alpha`` standard
+    errors with probability ``power``: n = deff * ((z_alpha + z_power) * sd / effect)^2, rounded up.
+
+    ``sd``: the spread of one crop's difference (a pilot comparison's paired s.e. x sqrt(its crops));
+    ``design_effect``: what clustering by photo multiplies the variance by ((clustered s.e. / paired s.e.)^2 in the
+    pilot; 1: crops independent). Written down before a run, it fixes the number of crops (and, with the crops per
+    photo, of photos) instead of stopping when the curve looks good."""
+    if not (sd > 0 and effect != 0 and design_effect > 0 and 0 < power < 1):
+        raise ValueError(f"need sd > 0, effect != 0, design_effect > 0, 0 < power < 1; got sd={sd}, effect={effect}, "
+                         f"design_effect={design_effect}, power={power}")
+    z_power = NormalDist().inv_cdf(power)
+    return math.ceil(design_effect * ((z_alpha + z_power) * sd / abs(effect)) ** 2)

@@ -2,11 +2,12 @@
 
 import json
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
 
-from core.stats import paired_clustered_se
+from core.stats import crops_for_power, paired_clustered_se
 from tools import compare
 
 
@@ -204,3 +205,26 @@ def test_a_report_without_photo_ids_still_compares_with_the_clustered_se_unavail
     assert gen.n_photos == 1 and math.isnan(gen.se_clustered) and gen.delta == pytest.approx(0.03)
     assert gen.verdict_stderr == gen.stderr  # the verdict falls back on the paired s.e.
     assert "n/a (1 photo)" in compare.markdown([gen], "a", "b")
+
+
+def test_crops_for_power_matches_a_hand_computation():
+    # sd 0.03 per crop, effect 0.006, beyond 2 s.e. with 80% power: z_0.8 = 0.841621; (2.841621 * 5)^2 = 201.87
+    assert crops_for_power(0.03, 0.006) == 202
+    assert crops_for_power(0.03, -0.006) == 202  # a fall is as hard to see as a rise
+    assert crops_for_power(0.03, 0.006, design_effect=2.5) == math.ceil(2.5 * 201.8703)  # clustering costs crops
+    assert crops_for_power(0.03, 0.012) == math.ceil(201.8703 / 4)
+    with pytest.raises(ValueError, match="sd > 0"):
+        crops_for_power(0.0, 0.006)
+
+
+def test_compare_prints_the_crops_a_confirmatory_evaluation_needs(tmp_path, capsys):
+    a, b = tmp_path / "start.json", tmp_path / "end.json"
+    a.write_text(json.dumps(_eval_json(0, after=False)))
+    b.write_text(json.dumps(_eval_json(40, after=True)))
+    assert compare.main([str(a), str(b), "--effect", "0.01"]) == 0
+    out = capsys.readouterr().out
+    paired_se, clustered_se = _hand_ses(list(PHOTO_EFFECTS.values()))
+    sd, deff = paired_se * math.sqrt(12), (clustered_se / paired_se) ** 2  # the pilot: 12 crops, 4 photos
+    expected = math.ceil(deff * ((2 + NormalDist().inv_cdf(0.8)) * sd / 0.01) ** 2)
+    assert f"- generation: {expected}" in out and "crops needed to see a change of 0.01" in out
+    assert "- PSNR:" not in out  # no spread in the pilot: nothing to extrapolate from

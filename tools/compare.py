@@ -15,7 +15,9 @@ spread, sqrt(var_a / n_a + var_b / n_b).
 With ``--run``, also the training curve's step-to-step noise of the same
 reward: the std of the differences between consecutive steps' means, / sqrt(2) (the noise of one step's mean;
 a trend barely moves consecutive differences). A change counts as larger than the noise when it exceeds both
-2 standard errors (the clustered one where available) and the step-to-step noise.
+2 standard errors (the clustered one where available) and the step-to-step noise. ``--effect E`` also prints, with
+this comparison as the pilot, how many crops a confirmatory evaluation needs to see a change of E beyond 2 s.e. with
+80% power (``core.stats.crops_for_power``): the number to write down before the run.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from core.chain import TEXT_TAGS
-from core.stats import paired_clustered_se
+from core.stats import crops_for_power, paired_clustered_se
 from rl.monitor import read_scalars
 
 # each text section's own format (rewards.format.section_format_rewards) right after the chain's
@@ -188,12 +190,33 @@ def markdown(changes: Sequence[Change], before_name: str, after_name: str) -> st
     return "\n".join(lines) + "\n"
 
 
+def crops_needed(c: Change, effect: float) -> Optional[int]:
+    """The crops a confirmatory evaluation needs to see a change of ``effect`` in ``c``'s reward beyond 2 standard
+    errors with 80% power, from this comparison as the pilot: its crops' spread and its design effect (clustered
+    over paired variance, at least 1); None unless paired with a spread."""
+    if not c.paired or c.stderr <= 0:
+        return None
+    deff = 1.0
+    if c.se_clustered is not None and math.isfinite(c.se_clustered):
+        deff = max(1.0, (c.se_clustered / c.stderr) ** 2)
+    return crops_for_power(c.stderr * math.sqrt(c.n_after), effect, deff)
+
+
+def power_lines(changes: Sequence[Change], effect: float) -> list[str]:
+    rows = [(c.reward, crops_needed(c, effect)) for c in changes]
+    return ["", f"crops needed to see a change of {effect:g} beyond 2 x std. error with 80% power (this comparison "
+            "as the pilot: its spread, clustered by photo):",
+            *(f"- {name}: {n}" for name, n in rows if n is not None)]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.compare", description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path, help="eval.json of the starting point")
     parser.add_argument("after", type=Path, help="eval.json after training")
     parser.add_argument("--run", type=Path, default=None, help="the training run (its TensorBoard curves)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
+    parser.add_argument("--effect", type=float, default=None,
+                        help="also print the crops a confirmatory evaluation needs to see a change this large")
     args = parser.parse_args(argv)
     reports = []
     for path in (args.before, args.after):
@@ -207,8 +230,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         curves = read_scalars(log_dir)
         if not curves:
             raise SystemExit(f"no TensorBoard scalars under {log_dir}")
-    table = markdown(compare(*reports, curves), f"before (step {reports[0].get('step')})",
-                     f"after (step {reports[1].get('step')})")
+    changes = compare(*reports, curves)
+    table = markdown(changes, f"before (step {reports[0].get('step')})", f"after (step {reports[1].get('step')})")
+    if args.effect is not None:
+        table += "\n".join(power_lines(changes, args.effect)) + "\n"
     print(table, end="")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
