@@ -47,8 +47,8 @@ OPERATIONAL = (
     "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.image_every", "trainer.eval_every",
     "trainer.eval_images", "trainer.eval_panel.*", "trainer.resume", "trainer.max_failures",
     "trainer.max_skipped_steps", "trainer.progress_bar", "trainer.overwrite", "trainer.accept_changes",
-    "*.num_actors", "*.num_cpus", "*.num_gpus", "*.max_restarts", "*.call_timeout_s", "*.sync_timeout_s", "learner.master_port",
-    "policy.bootstrap", "diffusion.bootstrap",
+    "*.num_actors", "*.num_cpus", "*.num_gpus", "*.max_restarts", "*.call_timeout_s", "*.sync_timeout_s",
+    "learner.master_port", "policy.bootstrap", "diffusion.bootstrap",
 )
 
 

@@ -15,7 +15,7 @@ spread, sqrt(var_a / n_a + var_b / n_b).
 With ``--run``, also the training curve's step-to-step noise of the same
 reward: the std of the differences between consecutive steps' means, / sqrt(2) (the noise of one step's mean;
 a trend barely moves consecutive differences). A change counts as larger than the noise when it exceeds both
-2 standard errors (the clustered one where available) and the step-to-step noise. ``--effect E`` also prints, with
+2 standard errors (the larger of the paired and the clustered one, where both exist) and the step-to-step noise. ``--effect E`` also prints, with
 this comparison as the pilot, how many crops a confirmatory evaluation needs to see a change of E beyond 2 s.e. with
 80% power (``core.stats.crops_for_power``): the number to write down before the run.
 """
