@@ -1,9 +1,10 @@
 """``python -m rl.launch`` as a user runs it: a bad config exits with a clear message; a missing cold start is made
-first, and the run after it, killed while a checkpoint is half written, resumes from the previous complete one
-(while it ran, it listened on 127.0.0.1 only); ``ray job submit`` against a real head on 127.0.0.1 runs the job."""
+first, and the run after it (which listens on 127.0.0.1 only), killed while a checkpoint is half written, resumes
+from the previous complete one when the same command is submitted with ``ray job submit`` to a real head."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -81,23 +82,69 @@ def _cold_start_config(tmp: Path, out: Path, models: dict) -> Path:
     return tmp / "sft.yaml"
 
 
+@contextlib.contextmanager
+def _local_head(env: dict[str, str], free_port):
+    """``ray start --head`` on 127.0.0.1 with its own ports and temp dir; yields the job server's address once
+    ``ray job list`` answers, and stops the head afterwards."""
+    port, dash, agent, agent_grpc = free_port(), free_port(), free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         # own agent ports: another Ray on this machine may hold the defaults (52365), and then jobs never start
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}", "--include-dashboard=true", "--num-cpus=4",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while time.time() < deadline:  # the job server is up once `ray job list` answers
+            if subprocess.run([RAY, "job", "list", f"--address={address}"], env=env,
+                              capture_output=True).returncode == 0:
+                break
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(2)
+        else:
+            pytest.fail(f"the Ray head at {address} did not answer within 120 s")
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _submit(address: str, env: dict[str, str], entrypoint: list[str]) -> subprocess.CompletedProcess:
+    submit = [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--", *entrypoint]
+    for _ in range(90):  # the job agent registers a few seconds (more on a loaded machine) after the dashboard,
+        # and a loaded machine's dashboard can miss the CLI's connection check (made before anything is submitted)
+        job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+        if "No available agent" not in job.stderr and "Failed to connect to Ray" not in job.stderr:
+            return job
+        time.sleep(2)
+    return job
+
+
 @pytest.mark.slow
-def test_a_cold_start_then_a_run_killed_mid_checkpoint_resumes_from_the_previous_complete_one(tmp_path, models):
-    """The config names a cold start not made yet: the first launch runs the SFT config first (once) and starts
-    GRPO from its export; that run is killed (driver and its local Ray cluster) while step 2's checkpoint is half
-    written. The next launch of the same command goes straight to GRPO and resumes from step 1."""
+def test_a_cold_start_then_a_run_killed_mid_checkpoint_resumes_by_ray_job_submit(tmp_path, models, free_port):
+    """The config names a cold start not made yet: the first launch (its own local Ray cluster) runs the SFT config
+    first (once) and starts GRPO from its export; that run is killed (driver and cluster) while step 2's checkpoint
+    is half written. The same command, submitted with ``ray job submit`` to a head on 127.0.0.1 with Ray's token
+    auth (as on the cluster), goes straight to GRPO and resumes from step 1."""
     out, sft_out = tmp_path / "run", tmp_path / "sft"
     root, export = out / "checkpoints", sft_out / "checkpoints/step_000001/export"
-    args = [PY, "-m", "rl.launch", "configs/grpo_random_local.yaml",
-            *_overrides(out, models, "trainer.total_steps=2", "trainer.checkpoint_every=1",
-                        "learner.num_ranks=1", "reward.num_actors=1",  # the fewest processes: resume is the point
-                        f"cold_start={_cold_start_config(tmp_path, sft_out, models)}",
-                        f"policy.init_from={export}/policy", f"diffusion.init_from={export}/diffusion")]
-    assert cold_start_pending(load_config(ROOT / "configs/grpo_random_local.yaml", args[4:]))
+    command = ["-m", "rl.launch", "configs/grpo_random_local.yaml",
+               *_overrides(out, models, "trainer.total_steps=2", "trainer.checkpoint_every=1",
+                           "learner.num_ranks=1", "reward.num_actors=1",  # the fewest processes: resume is the point
+                           f"cold_start={_cold_start_config(tmp_path, sft_out, models)}",
+                           f"policy.init_from={export}/policy", f"diffusion.init_from={export}/diffusion")]
+    assert cold_start_pending(load_config(ROOT / "configs/grpo_random_local.yaml", command[3:]))
     console = tmp_path / "first.console"
     with console.open("w") as sink:
-        proc = subprocess.Popen(args, cwd=ROOT, env=_env(REALSR_FAULT_CHECKPOINT_PAUSE="2:600"), stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([PY, *command], cwd=ROOT, env=_env(REALSR_FAULT_CHECKPOINT_PAUSE="2:600"),
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 600
         while time.time() < deadline:  # wait until step 2's checkpoint is written but not committed
@@ -121,74 +168,30 @@ def test_a_cold_start_then_a_run_killed_mid_checkpoint_resumes_from_the_previous
     # a local run listens on 127.0.0.1 only: Ray's processes, and the learner's rendezvous store
     assert listening and {ip for ip, _, _ in listening} <= LOOPBACK, sorted(listening)
     assert any("LearnerWorker" in owner for _, _, owner in listening), sorted(listening)
-
-    # made once: the same command finds the export, goes straight to GRPO and resumes
-    assert not cold_start_pending(load_config(ROOT / "configs/grpo_random_local.yaml", args[4:]))
-    resumed = subprocess.run([*args, "trainer.resume=auto"], cwd=ROOT, env=_env(),
-                             capture_output=True, text=True, timeout=480)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "cold start:" not in resumed.stderr
-    assert "resumed from" in resumed.stderr and "step_000001 at step 1" in resumed.stderr
-    assert "its process is gone" in resumed.stderr  # the killed run's run.lock named and taken over
     # a quiet console: the run's own lines on the terminal, the actors' and libraries' output in run.log
     run_log = (out / "run.log").read_text()
     for noise in ("(RolloutWorker pid=", "(LearnerWorker pid=", "(RewardWorker pid=", "DeepSpeed"):
-        assert noise not in resumed.stderr + resumed.stdout, noise
+        assert noise not in first, noise
     assert "(RolloutWorker pid=" in run_log and "(LearnerWorker pid=" in run_log
-    assert "resumed from" in run_log  # the run's own lines are in the log too
+    assert "checkpoint " in first and "checkpoint " in run_log  # the run's own lines are in the log too
+
+    # made once: the same command finds the export, goes straight to GRPO and resumes, now as a Ray job
+    assert not cold_start_pending(load_config(ROOT / "configs/grpo_random_local.yaml", command[3:]))
+    # Ray's token auth, as on the cluster: the head, the CLI and the job's driver share one token
+    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    with _local_head(env, free_port) as address:
+        wrong = subprocess.run([RAY, "job", "list", f"--address={address}"], capture_output=True,
+                               env={**env, "RAY_AUTH_TOKEN": secrets.token_hex(16)})
+        assert wrong.returncode != 0  # the job server refuses another token
+        job = _submit(address, env, ["python", *command, "trainer.resume=auto"])
+    said = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in job.stdout.lower(), said[-6000:]
+    assert "joining Ray cluster" in said and "cold start:" not in said
+    assert "resumed from" in said and "step_000001 at step 1" in said
+    assert "its process is gone" in said  # the killed run's run.lock named and taken over
     state = ckpt.load_trainer_state(ckpt.latest_complete(root))
     cfg = load_config(ROOT / "configs/grpo_random_local.yaml")
     assert state.step == 2 and state.data_cursor == 2 * cfg.grpo.prompts_per_step
     steps = [s for s, _ in read_scalars(out / "tensorboard")["policy/version"]]
     assert 2 in steps
     assert ckpt.latest_complete(sft_out / "checkpoints").name == "step_000001"
-
-
-@pytest.mark.slow
-def test_ray_job_submit_against_a_local_head(tmp_path, models, free_port):
-    port, dash, agent, agent_grpc = free_port(), free_port(), free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    # Ray's token auth, as on the cluster: the head, the CLI and the job's driver share one token
-    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         # own agent ports: another Ray on this machine may hold the defaults (52365), and then jobs never start
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}", "--include-dashboard=true", "--num-cpus=4",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        out = tmp_path / "job"
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while time.time() < deadline:  # the job server is up once `ray job list` answers
-            if subprocess.run([RAY, "job", "list", f"--address={address}"], env=env,
-                              capture_output=True).returncode == 0:
-                break
-            assert head.poll() is None, "ray start --head exited"
-            time.sleep(2)
-        else:
-            pytest.fail(f"the Ray head at {address} did not answer within 120 s")
-        wrong = subprocess.run([RAY, "job", "list", f"--address={address}"], capture_output=True,
-                               env={**env, "RAY_AUTH_TOKEN": secrets.token_hex(16)})
-        assert wrong.returncode != 0  # the job server refuses another token
-        submit = [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
-                  "python", "-m", "rl.launch", "configs/grpo_random_local.yaml",
-                  *_overrides(out, models, "trainer.total_steps=1", "trainer.checkpoint_every=0")]
-        for _ in range(90):  # the job agent registers a few seconds (more on a loaded machine) after the dashboard,
-            # and a loaded machine's dashboard can miss the CLI's connection check (made before anything is submitted)
-            job = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
-            if "No available agent" not in job.stderr and "Failed to connect to Ray" not in job.stderr:
-                break
-            time.sleep(2)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in job.stdout.lower()
-        assert "joining Ray cluster" in job.stdout + job.stderr
-        assert "policy/version" in read_scalars(out / "tensorboard")
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
