@@ -96,7 +96,7 @@ class TraceScorer(nn.Module):
         if stages is not None:
             return self.sr.denoising_loss(
                 [s.target for s in stages], [s.condition for s in stages], [s.text for s in stages],
-                generator=generator, noise_level=noise_level, prompt_dropout=prompt_dropout,
+                generator=generator, noise_level=noise_level, prompt_dropout=prompt_dropout, stage=stages[0].stage,
             )
         if reference is not None:  # ((N, K) log-probs with grad, (N, K) KL to the reference's transitions)
             return self.sr.trace_log_probs_and_kl(traces, step_indices, reference)

@@ -4,7 +4,11 @@
 subfolder each, ``save_pretrained``/``from_pretrained`` as mirror images), so a real SD x4 upscaler
 directory can be named in a cluster config and the tiny random model from ``build_tiny_sr_pipeline`` uses
 the same layout. The UNet sees the noisy sample concatenated with the (noised) conditioning image, and the
-conditioning noise level as ``class_labels``, as in the SD x4 upscaler.
+conditioning noise level as ``class_labels``, as in the SD x4 upscaler. A stage-aware model (``stages`` in its
+config, e.g. rough, middle, final) also hears which stage it makes: its class label is
+``stage index * (max_noise_level + 1) + noise level``, one block of class embeddings per stage, so one UNet can learn
+a different output for the rough, middle and final image (the cold start, the rollout and the learner's re-scoring
+all pass the stage; a ``DiffusionTrace`` records it).
 
 ``sample`` (the rollout: stochastic DDIM, eta > 0) returns uint8 images and one DiffusionTrace each. The learner's
 side is composed around a pipeline, not part of it: ``models.sr_training.SRTraining(pipeline)`` re-scores recorded
@@ -79,6 +83,7 @@ class SRPipeline(DiffusionPipeline):
         vae: AutoencoderKL | None = None,
         max_noise_level: int = MAX_NOISE_LEVEL,
         residual: bool = False,
+        stages: Sequence[str] = (),
     ):
         super().__init__()
         if residual and vae is not None:
@@ -96,7 +101,12 @@ class SRPipeline(DiffusionPipeline):
             low_res_scheduler=low_res_scheduler,
             vae=vae,
         )
-        self.register_to_config(max_noise_level=max_noise_level, residual=bool(residual))
+        self.register_to_config(max_noise_level=max_noise_level, residual=bool(residual), stages=list(stages))
+        labels = max(1, len(stages)) * (max_noise_level + 1)
+        if stages and (unet.config.num_class_embeds or 0) < labels:
+            raise ValueError(f"stages {list(stages)}: the UNet needs {labels} class embeddings (one block of "
+                             f"max_noise_level + 1 = {max_noise_level + 1} a stage), it has "
+                             f"{unet.config.num_class_embeds}")
         latent_channels = vae.config.latent_channels if vae is not None else 3
         if unet.config.in_channels != latent_channels + 3:
             raise ValueError(
@@ -159,6 +169,19 @@ class SRPipeline(DiffusionPipeline):
         levels = torch.full((cond.shape[0],), noise_level, dtype=torch.long, device=self.device)
         return self.low_res_scheduler.add_noise(cond, noise, levels).float()
 
+    def class_labels(self, noise_levels: torch.Tensor, stages: Sequence[str]) -> torch.Tensor:
+        """The UNet's class labels for conditioning ``noise_levels`` (B,) of images of ``stages`` (B names): the
+        noise level itself for a stage-blind model, its stage's block of labels for a stage-aware one."""
+        known = list(self.config.get("stages") or [])
+        if not known:
+            return noise_levels
+        unknown = sorted({s for s in stages if s not in known})
+        if unknown or len(stages) != len(noise_levels):
+            raise ValueError(f"stages {list(stages)} for {len(noise_levels)} images: this SR model is stage-aware "
+                             f"and knows the stages {known}, one per image")
+        index = torch.tensor([known.index(s) for s in stages], dtype=torch.long, device=noise_levels.device)
+        return noise_levels + index * (self.config.max_noise_level + 1)
+
     # ------------------------------------------------------------------------------------------ model
     def predict(
         self,
@@ -166,11 +189,11 @@ class SRPipeline(DiffusionPipeline):
         t: torch.Tensor,
         condition: torch.Tensor,
         text: torch.Tensor,
-        noise_levels: torch.Tensor,
+        class_labels: torch.Tensor,
         guidance_scale: float = 1.0,
         uncond_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """UNet output for x_t (B, C, h, w), t (B,), condition (B, 3, h, w), text (B, L, D), levels (B,).
+        """UNet output for x_t (B, C, h, w), t (B,), condition (B, 3, h, w), text (B, L, D), ``class_labels`` (B,).
 
         With guidance_scale != 1 the batch is doubled with ``uncond_text`` (B, L, D) and the outputs are
         combined as uncond + g * (cond - uncond). Returns float32 (B, C, h, w).
@@ -178,12 +201,12 @@ class SRPipeline(DiffusionPipeline):
         x_in = torch.cat([self.scheduler.scale_model_input(x_t, t), condition], dim=1)  # (B, C+3, h, w)
         x_in = x_in.to(self.unet.dtype)
         if guidance_scale == 1.0:
-            return self.unet(x_in, t, encoder_hidden_states=text, class_labels=noise_levels).sample.float()
+            return self.unet(x_in, t, encoder_hidden_states=text, class_labels=class_labels).sample.float()
         out = self.unet(
             torch.cat([x_in, x_in]),
             torch.cat([t, t]),
             encoder_hidden_states=torch.cat([uncond_text, text]),
-            class_labels=torch.cat([noise_levels, noise_levels]),
+            class_labels=torch.cat([class_labels, class_labels]),
         ).sample.float()
         uncond, cond = out.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
@@ -230,7 +253,7 @@ class SRPipeline(DiffusionPipeline):
         # schedule: every step must be a proper Gaussian
         self.scheduler.set_timesteps(num_steps, device=self.device)
         check_stochastic_schedule(self.scheduler, settings.eta)
-        latents, log_probs = self._denoise(cond, text, uncond, settings, generator)
+        latents, log_probs = self._denoise(cond, text, uncond, settings, generator, stage)
         x = latents[-1]
         if detail_gains is not None:
             x = x * torch.tensor(detail_gains, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
@@ -254,11 +277,12 @@ class SRPipeline(DiffusionPipeline):
                 raise ValueError(f"detail_gains {list(detail_gains)}: one positive factor per image ({batch})")
 
     def _denoise(self, cond: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor | None, settings: StepSettings,
-                 generator: Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                 generator: Generator, stage: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """From x_T through the scheduler's timesteps: the latents x_T .. x_0 (S + 1 of (B, C, h, w)) and each
         step's log-prob (S of (B,))."""
         B = cond.shape[0]
-        levels = torch.full((B,), settings.noise_level, dtype=torch.long, device=self.device)
+        levels = self.class_labels(torch.full((B,), settings.noise_level, dtype=torch.long, device=self.device),
+                                   [stage] * B)
         channels = self.unet.config.out_channels
         x = randn_tensor((B, channels, *cond.shape[-2:]), generator, self.device, torch.float32)
         x = x * self.scheduler.init_noise_sigma

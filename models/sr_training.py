@@ -89,7 +89,7 @@ class SRTraining:
         x_prev = lat[:, k + 1].flatten(0, 1)
         t = first.timesteps.to(dev).long()[k].repeat(B)  # (B*K,)
         cond = torch.stack([tr.condition for tr in traces]).to(dev).repeat_interleave(K, dim=0)
-        levels = torch.tensor([tr.noise_level for tr in traces], device=dev).repeat_interleave(K)
+        levels = self._labels(traces).repeat_interleave(K)
         text = self.pipe.encode_text(torch.stack([tr.text_ids for tr in traces])).repeat_interleave(K, dim=0)
         uncond = None
         if first.guidance_scale != 1.0:
@@ -98,11 +98,16 @@ class SRTraining:
         return ddim_step_with_logprob(self.pipe.scheduler, out, t, x_t, first.eta, prev_sample=x_prev)
 
     # ------------------------------------------------------------------------------------------ forward process
+    def _labels(self, traces: Sequence[DiffusionTrace]) -> torch.Tensor:
+        """The class labels the traces were sampled with: their noise levels, and stages for a stage-aware model."""
+        levels = torch.tensor([tr.noise_level for tr in traces], device=self.pipe.device)
+        return self.pipe.class_labels(levels, [tr.stage for tr in traces])
+
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, text_ids: torch.Tensor,
-                   noise_levels: torch.Tensor) -> torch.Tensor:
+                   class_labels: torch.Tensor) -> torch.Tensor:
         """The model's x_0 for x_t (B, C, h, w) at timesteps t (B,), whatever its prediction type; differentiable.
-        condition (B, 3, h, w), text_ids (B, L), noise_levels (B,)."""
-        out = self.pipe.predict(x_t, t, condition, self.pipe.encode_text(text_ids.to(self.pipe.device)), noise_levels)
+        condition (B, 3, h, w), text_ids (B, L), class_labels (B,) (``SRPipeline.class_labels``)."""
+        out = self.pipe.predict(x_t, t, condition, self.pipe.encode_text(text_ids.to(self.pipe.device)), class_labels)
         kind = self.pipe.scheduler.config.prediction_type
         if kind == "sample":
             return out
@@ -130,7 +135,7 @@ class SRTraining:
         x_t = self.pipe.scheduler.add_noise(x0, randn_tensor(tuple(x0.shape), generator, dev, torch.float32), t)
         cond = torch.stack([tr.condition for tr in traces]).to(dev)
         ids = torch.stack([tr.text_ids for tr in traces])
-        levels = torch.tensor([tr.noise_level for tr in traces], device=dev)
+        levels = self._labels(traces)
         prediction = self.predict_x0(x_t, t, cond, ids, levels)
         ref = None
         if reference is not None:
@@ -147,10 +152,12 @@ class SRTraining:
         generator: torch.Generator | None = None,
         noise_level: int = 20,
         prompt_dropout: float = 0.0,
+        stage: str = "",
     ) -> torch.Tensor:
         """Scalar MSE of the UNet's prediction (epsilon, v or x_0 per the scheduler) at random timesteps.
 
-        targets: same-sized uint8 (H, W, 3) HR images; conditions: what ``sample`` would be given for them.
+        targets: same-sized uint8 (H, W, 3) HR images of one ``stage``; conditions: what ``sample`` would be given
+        for them.
         prompt_dropout: share of prompts replaced by "" so that classifier-free guidance has an
         unconditional model to contrast with.
         """
@@ -182,7 +189,8 @@ class SRTraining:
         target = {"epsilon": noise, "sample": x0}.get(kind)
         if target is None:
             target = self.pipe.scheduler.get_velocity(x0, noise, t)
-        levels = torch.full((B,), noise_level, dtype=torch.long, device=self.pipe.device)
+        levels = self.pipe.class_labels(torch.full((B,), noise_level, dtype=torch.long, device=self.pipe.device),
+                                        [stage] * B)
         pred = self.pipe.predict(x_t, t, cond, self.pipe.encode_text(self.pipe.tokenize(prompts)), levels)
         return F.mse_loss(pred, target.float())
 

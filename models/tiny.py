@@ -11,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase
 
+from core.chain import STAGES
 from core.checkpoint import atomic_dir
 from core.config import TinyDiffusionConfig
 from models.chain_tokens import IMAGE_PAD, VISION_END, VISION_START
@@ -180,7 +181,8 @@ def build_tiny_sr_pipeline(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokeni
 
     The UNet has ``cfg.num_levels`` levels (``block_out_channels`` extended with its last entry); only the
     deepest level and the mid block attend (self + text cross-attention), so for 4 levels attention runs at
-    size/8: <= 16x16 up to 128 px. Sizes must be multiples of 2^(num_levels - 1).
+    size/8: <= 16x16 up to 128 px. Sizes must be multiples of 2^(num_levels - 1). Stage-aware: the class label
+    carries the stage (rough, middle, final) with the conditioning noise level (``SRPipeline.class_labels``).
     """
     channels = _unet_channels(cfg, tokenizer)
     with torch.random.fork_rng(devices=[]):  # one seeded stream: the text encoder's weights, then the UNet's
@@ -190,7 +192,7 @@ def build_tiny_sr_pipeline(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokeni
     scheduler, low_res_scheduler = _tiny_schedulers()
     return SRPipeline(
         text_encoder, tokenizer, unet, scheduler, low_res_scheduler, vae=None, max_noise_level=MAX_NOISE_LEVEL,
-        residual=True,
+        residual=True, stages=STAGES,
     )
 
 
@@ -256,7 +258,7 @@ def _tiny_unet(cfg: TinyDiffusionConfig, channels: list[int]) -> UNet2DCondition
         # diffusers' naming quirk: this argument is the number of heads (of size attention_head_dim)
         attention_head_dim=channels[-1] // cfg.attention_head_dim,
         cross_attention_dim=cfg.text_hidden_size,
-        num_class_embeds=MAX_NOISE_LEVEL + 1,
+        num_class_embeds=len(STAGES) * (MAX_NOISE_LEVEL + 1),  # stage-aware: a block of noise levels per stage
     )
 
 

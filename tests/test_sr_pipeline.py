@@ -1,5 +1,6 @@
 """models.sr_pipeline: the tiny SR diffusion policy samples, re-scores, trains and round-trips."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -82,7 +83,7 @@ def test_sampler_is_deterministic_per_generator_and_batch_invariant(pipe):
     # one generator for the batch is deterministic too
     one = [
         pipe.sample(
-            _conditions(), (16, 16), PROMPTS, num_steps=2, generator=torch.Generator().manual_seed(3)
+            _conditions(), (16, 16), PROMPTS, num_steps=2, generator=torch.Generator().manual_seed(3), stage="final"
         )[1]
         for _ in range(2)
     ]
@@ -173,7 +174,8 @@ def test_denoising_loss_trains(tokenizer):
     conditions = [t[::2, ::2] for t in targets]  # an 8 px LR version
 
     def loss():
-        return SRTraining(pipe).denoising_loss(targets, conditions, PROMPTS, generator=torch.Generator().manual_seed(0))
+        return SRTraining(pipe).denoising_loss(targets, conditions, PROMPTS, generator=torch.Generator().manual_seed(0),
+                                               stage="final")
 
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
@@ -187,18 +189,18 @@ def test_denoising_loss_trains(tokenizer):
         after = loss()
     assert after < 0.9 * before
     with pytest.raises(ValueError, match="share one size"):
-        SRTraining(pipe).denoising_loss([targets[0], targets[0][:8]], conditions, PROMPTS)
+        SRTraining(pipe).denoising_loss([targets[0], targets[0][:8]], conditions, PROMPTS, stage="final")
 
 
 def test_bad_inputs_are_named(pipe):
     with pytest.raises(ValueError, match=r"size = \(20, 16\).*multiples of 8"):
-        pipe.sample(_conditions(), (20, 16), PROMPTS)
+        pipe.sample(_conditions(), (20, 16), PROMPTS, stage="final")
     with pytest.raises(ValueError, match="uint8"):
-        pipe.sample([np.zeros((8, 8, 3), np.float32)] * 2, (16, 16), PROMPTS)
+        pipe.sample([np.zeros((8, 8, 3), np.float32)] * 2, (16, 16), PROMPTS, stage="final")
     with pytest.raises(ValueError, match="noise_level = 400"):
-        pipe.sample(_conditions(), (16, 16), PROMPTS, settings=StepSettings(noise_level=400))
+        pipe.sample(_conditions(), (16, 16), PROMPTS, settings=StepSettings(noise_level=400), stage="final")
     with pytest.raises(ValueError, match="1 prompts for 2"):
-        pipe.sample(_conditions(), (16, 16), PROMPTS[:1])
+        pipe.sample(_conditions(), (16, 16), PROMPTS[:1], stage="final")
     with pytest.raises(ValueError, match="vocab_size = 10"):
         build_tiny_sr_pipeline(TinyDiffusionConfig(vocab_size=10), build_chain_tokenizer(1024))
 
@@ -235,7 +237,7 @@ def test_vae_branch_samples_in_latent_space_and_round_trips(pipe, tmp_path):
             SRTraining(latent).trace_log_probs(traces), torch.stack([t.log_probs for t in traces]), atol=1e-5, rtol=1e-5
         )
     loss = SRTraining(latent).denoising_loss(
-        [images[0]], [_conditions(1)[0]], PROMPTS[:1], torch.Generator().manual_seed(0)
+        [images[0]], [_conditions(1)[0]], PROMPTS[:1], torch.Generator().manual_seed(0), stage="final"
     )
     assert torch.isfinite(loss)
     latent.save_pretrained(tmp_path)
@@ -246,7 +248,7 @@ def test_vae_branch_samples_in_latent_space_and_round_trips(pipe, tmp_path):
 
 def test_a_generator_list_must_match_the_batch(pipe):
     with pytest.raises(ValueError, match="1 generators for a batch of 2"):
-        pipe.sample(_conditions(2), (16, 16), PROMPTS[:2], num_steps=2, generator=_gens(0))
+        pipe.sample(_conditions(2), (16, 16), PROMPTS[:2], num_steps=2, generator=_gens(0), stage="final")
 
 
 def test_residual_model_adds_its_sample_to_the_bicubic_upsampling(pipe, monkeypatch):
@@ -263,13 +265,14 @@ def test_residual_model_adds_its_sample_to_the_bicubic_upsampling(pipe, monkeypa
                for b in pipe.upsample(conditions, (16, 16))]
     for model in (pipe, plain):
         monkeypatch.setattr(model, "predict", lambda x_t, *args, **kw: torch.zeros_like(x_t))
-    images, _ = pipe.sample(conditions, (16, 16), PROMPTS, num_steps=8, generator=_gens(0, 1))
-    grey, _ = plain.sample(conditions, (16, 16), PROMPTS, num_steps=8, generator=_gens(0, 1))
+    images, _ = pipe.sample(conditions, (16, 16), PROMPTS, num_steps=8, generator=_gens(0, 1), stage="final")
+    grey, _ = plain.sample(conditions, (16, 16), PROMPTS, num_steps=8, generator=_gens(0, 1), stage="final")
     for image, base, g in zip(images, bicubic, grey):  # the last step's noise is ~0.01: a few grey levels
         assert np.abs(image.astype(int) - base.astype(int)).max() <= 6
         assert np.abs(g.astype(int) - 128).max() <= 6
     targets = [np.full((16, 16, 3), 200, np.uint8)] * 2
-    loss = SRTraining(pipe).denoising_loss(targets, conditions, PROMPTS, generator=torch.Generator().manual_seed(0))
+    loss = SRTraining(pipe).denoising_loss(targets, conditions, PROMPTS, generator=torch.Generator().manual_seed(0),
+                                           stage="final")
     residual = torch.stack([to_tensor(t, low=-1.0) for t in targets]) - pipe.upsample(conditions, (16, 16))
     assert float(loss) == pytest.approx(float((residual ** 2).mean()), rel=1e-5)  # prediction 0 vs HR - bicubic
     with pytest.raises(ValueError, match="residual = True needs a pixel-space model"):
@@ -281,9 +284,10 @@ def test_detail_gains_scale_the_sampled_residual_and_nothing_before_it(pipe):
     """``experimental.detail_gain_std``: the gain multiplies the sampled x_0 (the residual to the bicubic upsampling),
     which the trace's last latent holds for DiffusionNFT; every earlier latent and log-prob is the sampler's own."""
     conditions = _conditions(2)
-    plain_images, plain = pipe.sample(conditions, (16, 16), PROMPTS[:2], num_steps=3, generator=_gens(0, 1))
+    plain_images, plain = pipe.sample(conditions, (16, 16), PROMPTS[:2], num_steps=3, generator=_gens(0, 1),
+                                      stage="final")
     images, traces = pipe.sample(conditions, (16, 16), PROMPTS[:2], num_steps=3, generator=_gens(0, 1),
-                                 detail_gains=[2.0, 0.5])
+                                 detail_gains=[2.0, 0.5], stage="final")
     base = pipe.upsample(conditions, (16, 16))
     for gain, tr, ref, image, b in zip((2.0, 0.5), traces, plain, images, base):
         assert torch.equal(tr.latents[:-1], ref.latents[:-1]) and torch.equal(tr.log_probs, ref.log_probs)
@@ -292,9 +296,38 @@ def test_detail_gains_scale_the_sampled_residual_and_nothing_before_it(pipe):
         assert np.abs(image.astype(float) - want.round().permute(1, 2, 0).numpy()).max() <= 1
     assert not np.array_equal(images[0], plain_images[0])
     with pytest.raises(ValueError, match="one positive factor per image"):
-        pipe.sample(conditions, (16, 16), PROMPTS[:2], num_steps=2, generator=_gens(0, 1), detail_gains=[1.0])
+        pipe.sample(conditions, (16, 16), PROMPTS[:2], num_steps=2, generator=_gens(0, 1), detail_gains=[1.0],
+                    stage="final")
     with pytest.raises(ValueError, match="one positive factor per image"):
-        pipe.sample(conditions, (16, 16), PROMPTS[:2], num_steps=2, generator=_gens(0, 1), detail_gains=[1.0, 0.0])
+        pipe.sample(conditions, (16, 16), PROMPTS[:2], num_steps=2, generator=_gens(0, 1), detail_gains=[1.0, 0.0],
+                    stage="final")
     plain_model = SRPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, pipe.low_res_scheduler)
     with pytest.raises(ValueError, match="this SR model is not residual"):
-        plain_model.sample(conditions, (16, 16), PROMPTS[:2], num_steps=2, detail_gains=[1.0, 1.0])
+        plain_model.sample(conditions, (16, 16), PROMPTS[:2], num_steps=2, detail_gains=[1.0, 1.0], stage="final")
+
+
+def test_a_stage_aware_model_hears_its_stage_in_sampling_and_rescoring(pipe, tmp_path):
+    """The tiny model is stage-aware: the class label is stage index * (max_noise_level + 1) + noise level, so the
+    same inputs give another image at another stage, the learner's re-scoring reads the stage from the trace,
+    and the stages survive a save and load; a stage-blind model keeps the noise level as its label."""
+    levels = torch.tensor([20, 20, 5])
+    assert pipe.config.stages == ["rough", "middle", "final"]
+    assert pipe.class_labels(levels, ["rough", "middle", "final"]).tolist() == [20, 20 + 351, 5 + 2 * 351]
+    with pytest.raises(ValueError, match=r"knows the stages \['rough', 'middle', 'final'\]"):
+        pipe.class_labels(levels, ["rough", "middle", "finale"])
+    rough, rough_tr = _sample(pipe)
+    final, final_tr = pipe.sample(_conditions(2), (16, 16), PROMPTS, num_steps=3, generator=_gens(0, 1),
+                                  stage="final")
+    assert not torch.equal(rough_tr[0].latents[-1], final_tr[0].latents[-1])
+    # re-scoring with the trace's own stage gives the sampler's log-probs back; under another stage it does not
+    rescored = SRTraining(pipe).trace_log_probs(final_tr).detach()
+    torch.testing.assert_close(rescored, torch.stack([t.log_probs for t in final_tr]), atol=1e-4, rtol=0)
+    relabelled = [dataclasses.replace(t, stage="rough") for t in final_tr]
+    assert not torch.allclose(SRTraining(pipe).trace_log_probs(relabelled).detach(), rescored, atol=1e-3)
+    pipe.save_pretrained(tmp_path)
+    assert SRPipeline.from_pretrained(tmp_path).config.stages == ["rough", "middle", "final"]
+    blind = SRPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, pipe.low_res_scheduler)
+    assert torch.equal(blind.class_labels(levels, ["rough", "middle", "final"]), levels)
+    with pytest.raises(ValueError, match="needs 1404 class embeddings"):
+        SRPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, pipe.low_res_scheduler,
+                   stages=["rough", "middle", "final", "extra"])
