@@ -66,7 +66,7 @@ def probe(args: argparse.Namespace) -> dict:
         raise UsageError(f"--num {args.num}: the texts are swapped between photos, so at least 2 photos are needed")
     scales = stage_scales(cfg.chain)
     pipe = SRPipeline.from_pretrained(str(ckpt.diffusion)).to(args.device or default_device())
-    known = list(pipe.config.get("stages") or [])
+    known = list(pipe.stages)
     texts = [understanding_texts(s.image_id, s.tags) for s in samples]
     other = [next(j for j in [*range(i + 1, len(samples)), *range(i)] if samples[j].image_id != s.image_id)
              for i, s in enumerate(samples)]  # the next sample of another photo

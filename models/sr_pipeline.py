@@ -4,11 +4,12 @@
 subfolder each, ``save_pretrained``/``from_pretrained`` as mirror images), so a real SD x4 upscaler
 directory can be named in a cluster config and the tiny random model from ``build_tiny_sr_pipeline`` uses
 the same layout. The UNet sees the noisy sample concatenated with the (noised) conditioning image, and the
-conditioning noise level as ``class_labels``, as in the SD x4 upscaler. A stage-aware model (``stages`` in its
-config, e.g. rough, middle, final) also hears which stage it makes: its class label is
-``stage index * (max_noise_level + 1) + noise level``, one block of class embeddings per stage, so one UNet can learn
-a different output for the rough, middle and final image (the cold start, the rollout and the learner's re-scoring
-all pass the stage; a ``DiffusionTrace`` records it).
+conditioning noise level as ``class_labels``, as in the SD x4 upscaler. A stage-aware model also hears which stage it
+makes: its UNet has one block of max_noise_level + 1 class embeddings per stage of ``core.chain.STAGES`` (rough,
+middle, final), and its class label is ``stage index * (max_noise_level + 1) + noise level``, so one UNet can learn a
+different output for each stage (the cold start, the rollout and the learner's re-scoring all pass the stage; a
+``DiffusionTrace`` records it). A UNet with any other number of class embeddings (the SD x4 upscaler's 1000) is
+stage-blind and hears the noise level alone.
 
 ``sample`` (the rollout: stochastic DDIM, eta > 0) returns uint8 images and one DiffusionTrace each. The learner's
 side is composed around a pipeline, not part of it: ``models.sr_training.SRTraining(pipeline)`` re-scores recorded
@@ -41,6 +42,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipe
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
+from core.chain import STAGES
 from core.model_config import DiffusionConfig
 from core.images import to_tensor
 from core.records import DiffusionTrace
@@ -83,7 +85,6 @@ class SRPipeline(DiffusionPipeline):
         vae: AutoencoderKL | None = None,
         max_noise_level: int = MAX_NOISE_LEVEL,
         residual: bool = False,
-        stages: Sequence[str] = (),
     ):
         super().__init__()
         if residual and vae is not None:
@@ -101,12 +102,7 @@ class SRPipeline(DiffusionPipeline):
             low_res_scheduler=low_res_scheduler,
             vae=vae,
         )
-        self.register_to_config(max_noise_level=max_noise_level, residual=bool(residual), stages=list(stages))
-        labels = max(1, len(stages)) * (max_noise_level + 1)
-        if stages and (unet.config.num_class_embeds or 0) < labels:
-            raise ValueError(f"stages {list(stages)}: the UNet needs {labels} class embeddings (one block of "
-                             f"max_noise_level + 1 = {max_noise_level + 1} a stage), it has "
-                             f"{unet.config.num_class_embeds}")
+        self.register_to_config(max_noise_level=max_noise_level, residual=bool(residual))
         latent_channels = vae.config.latent_channels if vae is not None else 3
         if unet.config.in_channels != latent_channels + 3:
             raise ValueError(
@@ -169,10 +165,17 @@ class SRPipeline(DiffusionPipeline):
         levels = torch.full((cond.shape[0],), noise_level, dtype=torch.long, device=self.device)
         return self.low_res_scheduler.add_noise(cond, noise, levels).float()
 
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages the UNet tells apart: ``STAGES`` when it has one block of class embeddings per stage, else
+        none (stage-blind)."""
+        blocks = (self.unet.config.num_class_embeds or 0) / (self.config.max_noise_level + 1)
+        return STAGES if blocks == len(STAGES) else ()
+
     def class_labels(self, noise_levels: torch.Tensor, stages: Sequence[str]) -> torch.Tensor:
         """The UNet's class labels for conditioning ``noise_levels`` (B,) of images of ``stages`` (B names): the
         noise level itself for a stage-blind model, its stage's block of labels for a stage-aware one."""
-        known = list(self.config.get("stages") or [])
+        known = list(self.stages)
         if not known:
             return noise_levels
         unknown = sorted({s for s in stages if s not in known})

@@ -192,7 +192,7 @@ def build_tiny_sr_pipeline(cfg: TinyDiffusionConfig, tokenizer: PreTrainedTokeni
     scheduler, low_res_scheduler = _tiny_schedulers()
     return SRPipeline(
         text_encoder, tokenizer, unet, scheduler, low_res_scheduler, vae=None, max_noise_level=MAX_NOISE_LEVEL,
-        residual=True, stages=STAGES,
+        residual=True,
     )
 
 
@@ -258,7 +258,7 @@ def _tiny_unet(cfg: TinyDiffusionConfig, channels: list[int]) -> UNet2DCondition
         # diffusers' naming quirk: this argument is the number of heads (of size attention_head_dim)
         attention_head_dim=channels[-1] // cfg.attention_head_dim,
         cross_attention_dim=cfg.text_hidden_size,
-        num_class_embeds=len(STAGES) * (MAX_NOISE_LEVEL + 1),  # stage-aware: a block of noise levels per stage
+        num_class_embeds=len(STAGES) * (MAX_NOISE_LEVEL + 1),  # stage-aware: a block of noise levels a stage
     )
 
 

@@ -307,11 +307,12 @@ def test_detail_gains_scale_the_sampled_residual_and_nothing_before_it(pipe):
 
 
 def test_a_stage_aware_model_hears_its_stage_in_sampling_and_rescoring(pipe, tmp_path):
-    """The tiny model is stage-aware: the class label is stage index * (max_noise_level + 1) + noise level, so the
-    same inputs give another image at another stage, the learner's re-scoring reads the stage from the trace,
-    and the stages survive a save and load; a stage-blind model keeps the noise level as its label."""
+    """The tiny model is stage-aware (a block of max_noise_level + 1 class embeddings a stage): the class label is
+    stage index * 351 + noise level, so the same inputs give another image at another stage, the learner's
+    re-scoring reads the stage from the trace, and a saved model loads stage-aware; a UNet with one block is
+    stage-blind and keeps the noise level as its label."""
     levels = torch.tensor([20, 20, 5])
-    assert pipe.config.stages == ["rough", "middle", "final"]
+    assert pipe.stages == ("rough", "middle", "final") and pipe.unet.config.num_class_embeds == 3 * 351
     assert pipe.class_labels(levels, ["rough", "middle", "final"]).tolist() == [20, 20 + 351, 5 + 2 * 351]
     with pytest.raises(ValueError, match=r"knows the stages \['rough', 'middle', 'final'\]"):
         pipe.class_labels(levels, ["rough", "middle", "finale"])
@@ -325,9 +326,8 @@ def test_a_stage_aware_model_hears_its_stage_in_sampling_and_rescoring(pipe, tmp
     relabelled = [dataclasses.replace(t, stage="rough") for t in final_tr]
     assert not torch.allclose(SRTraining(pipe).trace_log_probs(relabelled).detach(), rescored, atol=1e-3)
     pipe.save_pretrained(tmp_path)
-    assert SRPipeline.from_pretrained(tmp_path).config.stages == ["rough", "middle", "final"]
-    blind = SRPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, pipe.low_res_scheduler)
-    assert torch.equal(blind.class_labels(levels, ["rough", "middle", "final"]), levels)
-    with pytest.raises(ValueError, match="needs 1404 class embeddings"):
-        SRPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, pipe.low_res_scheduler,
-                   stages=["rough", "middle", "final", "extra"])
+    assert SRPipeline.from_pretrained(tmp_path).stages == ("rough", "middle", "final")
+    # one block of class embeddings (the SD x4 upscaler's layout, here 351): stage-blind, the label is the level
+    blind_unet = UNet2DConditionModel.from_config({**pipe.unet.config, "num_class_embeds": 351})
+    blind = SRPipeline(pipe.text_encoder, pipe.tokenizer, blind_unet, pipe.scheduler, pipe.low_res_scheduler)
+    assert blind.stages == () and torch.equal(blind.class_labels(levels, ["rough", "middle", "final"]), levels)
