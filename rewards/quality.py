@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 
 from core.config import EvalPanelConfig, PanelMetricConfig, QualityMetricConfig
 from core.images import to_tensor
+from rewards.sanity_metrics import SANITY_METRICS
 
 # A metric maps (N, 3, H, W) float images in [0, 1] (and, full-reference, references of the same shape) to
 # (N,) or (N, 1) scores. pyiqa's InferenceModel has this signature.
@@ -227,6 +229,13 @@ def _image_problem(img: object) -> str:
     return ""
 
 
+def _create_metric(pyiqa: Any, cfg: QualityMetricConfig, device: str | torch.device) -> MetricFn:
+    """A known-learnable sanity metric (``rewards.sanity_metrics``) by its name, else pyiqa's."""
+    if cfg.name in SANITY_METRICS:
+        return SANITY_METRICS[cfg.name](**dict(cfg.options)).to(device)
+    return pyiqa.create_metric(cfg.name, device=torch.device(device), **dict(cfg.options))
+
+
 def build_quality_scorer(
     metrics: Sequence[QualityMetricConfig],
     device: str | torch.device = "cpu",
@@ -246,7 +255,7 @@ def build_quality_scorer(
         for i, cfg in enumerate(configs):
             where = f"{key}[{i}] (name {cfg.name!r}, options {dict(cfg.options)!r})"
             try:
-                fn = pyiqa.create_metric(cfg.name, device=torch.device(device), **dict(cfg.options))
+                fn = _create_metric(pyiqa, cfg, device)
             except Exception as exc:
                 raise ValueError(f"{where}: pyiqa could not create it: {type(exc).__name__}: {exc}") from exc
             mode = getattr(fn, "metric_mode", None)

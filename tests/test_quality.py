@@ -214,3 +214,17 @@ def test_network_metric_loads_local_random_weights_through_pyiqa(tmp_path, no_ne
     assert all(not s.errors and 0.0 <= s.values["topiq_nr"] <= 1.0 for s in scores)
     hub = os.path.join(os.environ.get("TORCH_HOME", ""), "hub")
     assert not os.path.isdir(hub) or not any(files for _, _, files in os.walk(hub))  # nothing fetched
+
+
+def test_known_learnable_sanity_metrics_build_by_name_and_score_what_they_say():
+    """rewards.sanity_metrics: brightness (the mean intensity) and detail (the mean neighbour difference), both
+    higher better, built by name like a pyiqa metric and checked the same way (a wrong lower_better is named)."""
+    scorer = build_quality_scorer([_cfg("brightness", scale=1.0), _cfg("detail", scale=1.0)])
+    black, white = np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)
+    checker = np.indices((16, 16)).sum(0) % 2 * 255
+    checker = np.repeat(checker[..., None], 3, axis=2).astype(np.uint8)
+    scores = scorer([black, white, checker])
+    assert [s.raw["brightness"] for s in scores] == pytest.approx([0.0, 1.0, 0.5])
+    assert [s.raw["detail"] for s in scores] == pytest.approx([0.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match=r"reward.metrics\[0\] \(name 'brightness'.*lower_better"):
+        build_quality_scorer([_cfg("brightness", scale=1.0, lower_better=True)])
