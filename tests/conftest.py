@@ -45,7 +45,10 @@ def pytest_report_header(config):
 
 # The longest files (minutes each: whole runs with faults, launches, the async pipeline), started first so that
 # `make test`'s two workers (pytest-xdist, one file per worker at a time) do not end with one of them alone.
-LONGEST_FIRST = ("tests/test_chaos.py", "tests/test_launch.py", "tests/test_async.py", "tests/test_trainer.py")
+LONGEST_FIRST = (
+    "tests/test_chaos.py", "tests/test_launch.py", "tests/test_async.py", "tests/test_trainer.py",
+    "tests/test_learnable_reward.py",
+)
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own (fixture-scope) reordering
