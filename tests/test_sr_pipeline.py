@@ -327,7 +327,7 @@ def test_a_stage_aware_model_hears_its_stage_in_sampling_and_rescoring(pipe, tmp
     assert not torch.allclose(SRTraining(pipe).trace_log_probs(relabelled).detach(), rescored, atol=1e-3)
     pipe.save_pretrained(tmp_path)
     assert SRPipeline.from_pretrained(tmp_path).stages == ("rough", "middle", "final")
-    # one block of class embeddings (the SD x4 upscaler's layout, here 351): stage-blind, the label is the level
+    # one block of 351 class embeddings (the stage-blind tiny layout before 2026-12-07): the label is the level
     blind_unet = UNet2DConditionModel.from_config({**pipe.unet.config, "num_class_embeds": 351})
     blind = SRPipeline(pipe.text_encoder, pipe.tokenizer, blind_unet, pipe.scheduler, pipe.low_res_scheduler)
     assert blind.stages == () and torch.equal(blind.class_labels(levels, ["rough", "middle", "final"]), levels)
