@@ -41,6 +41,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 100.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
+def grey_change(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Mean absolute difference of paired uint8 images, in grey levels (0-255), averaged over the pairs."""
+    return float(np.mean([np.abs(x.astype(np.float64) - y).mean() for x, y in zip(a, b)]))
+
+
 def _sample(pipe, conditions, size, texts, stage, cfg, seed) -> list[np.ndarray]:
     from models.sr_pipeline import StepSettings
 
@@ -81,11 +86,10 @@ def probe(args: argparse.Namespace) -> dict:
         relabelled = _sample(pipe, conditions, size[stage], [t[stage] for t in texts], told, cfg, args.seed) \
             if known else own
         want = [t[stage] for t in targets]
-        change = float(np.mean([np.abs(a.astype(float) - b).mean() for a, b in zip(own, swapped)]))
         rows.append(StageUse(
-            stage, float(np.mean([psnr(a, w) for a, w in zip(own, want)])), change,
+            stage, float(np.mean([psnr(a, w) for a, w in zip(own, want)])), grey_change(own, swapped),
             float(np.mean([psnr(a, w) - psnr(b, w) for a, b, w in zip(own, swapped, want)])), told,
-            float(np.mean([np.abs(a.astype(float) - b).mean() for a, b in zip(own, relabelled)]))))
+            grey_change(own, relabelled)))
     return {"checkpoint": str(ckpt.export), "num_images": len(samples), "stage_aware": bool(known),
             "stages": [asdict(r) for r in rows]}
 

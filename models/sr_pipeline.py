@@ -169,8 +169,8 @@ class SRPipeline(DiffusionPipeline):
     def stages(self) -> tuple[str, ...]:
         """The stages the UNet tells apart: ``STAGES`` when it has one block of class embeddings per stage, else
         none (stage-blind)."""
-        blocks = (self.unet.config.num_class_embeds or 0) / (self.config.max_noise_level + 1)
-        return STAGES if blocks == len(STAGES) else ()
+        stage_aware = self.unet.config.num_class_embeds == len(STAGES) * (self.config.max_noise_level + 1)
+        return STAGES if stage_aware else ()
 
     def class_labels(self, noise_levels: torch.Tensor, stages: Sequence[str]) -> torch.Tensor:
         """The UNet's class labels for conditioning ``noise_levels`` (B,) of images of ``stages`` (B names): the

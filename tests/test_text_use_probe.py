@@ -36,3 +36,9 @@ def test_bad_text_use_probe_arguments_are_named(env, capsys):
     assert "--num" in capsys.readouterr().err
     assert text_use_probe.main(["--checkpoint", str(env / "nowhere")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_grey_change_is_the_mean_absolute_difference_over_pairs():
+    a = [np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 10, np.uint8)]
+    b = [np.full((2, 2, 3), 4, np.uint8), np.full((2, 2, 3), 4, np.uint8)]
+    assert text_use_probe.grey_change(a, b) == pytest.approx(5.0)  # (4 + 6) / 2, no uint8 wrap-around
