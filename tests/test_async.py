@@ -1,14 +1,14 @@
 """The asynchronous pipeline and the collective weight sync end to end, on a real local Ray cluster.
 
-Three runs of the embedded default's tiny models (B prompts x G chains a step):
-- synchronous (trainer.max_staleness = 0, object store sync) and asynchronous (k = 1) from the same seed: step 1
-  is sampled by version 0 in both, so its scalars must be equal; later steps train chains one version old,
-  which the off-policy correction weighs (TIS) and never more than k versions old;
-- the cluster's pipeline in small, with faults (asynchronous, learner.sync_backend: collective, two HF-engine
-  rollout actors, run by ``fit``): a rollout actor killed mid-step and a reward actor killed while scoring; every
-  batch holds its B x G chains exactly once, staleness stays within k, the sync forms its groups again, the run
-  completes; afterwards every rollout actor holds the learner's weights tensor by tensor, and a sync with a dead
-  actor fails within learner.sync_timeout_s naming it.
+Two runs of the embedded default's tiny models (B prompts x G chains a step, two HF-engine rollout actors):
+- synchronous (trainer.max_staleness = 0, object store sync), STEPS steps;
+- the cluster's pipeline in small, with faults (asynchronous, k = 1, learner.sync_backend: collective, run by
+  ``fit`` from the same seed): step 1 is sampled by version 0 in both, so its scalars must equal the synchronous
+  run's; later steps train chains one version old, which the off-policy correction weighs (TIS) and never more
+  than k versions old. After the first STEPS steps a rollout actor is killed mid-step and a reward actor killed
+  while scoring; every batch holds its B x G chains exactly once, staleness stays within k, the sync forms its
+  groups again, the run completes; afterwards every rollout actor holds the learner's weights tensor by tensor,
+  and a sync with a dead actor fails within learner.sync_timeout_s naming it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ from rl.monitor import read_scalars
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 B, G = 2, 4
-STEPS = 2
-FAULT_STEPS = 4
+STEPS = 2  # the synchronous run's steps, and the fault-free head of the asynchronous one
+FAULT_STEPS = 5
+KILL_ROLLOUT, KILL_REWARD = 3, 4  # the 1-based steps of the asynchronous run they hit, both after STEPS
+# both runs: two HF-engine rollout actors (the collective sync's groups span both)
+ROLLOUTS = ("rollout.engine=hf", "rollout.num_actors=2", "rollout.max_restarts=4", "reward.max_restarts=4")
 # scalars that measure the machine (seconds, rates) or the pipeline's own state, not the run's numbers
 NOT_NUMBERS = ("timing/", "throughput/", "async/", "weight_sync/", "learner/seconds", "learner/staleness",
                "learner/off_policy", "learner/tis_", "reward/reissued")
@@ -51,18 +54,50 @@ def _steps(trainer, n: int) -> list[dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_models, ray_local):
+    """The synchronous run's STEPS steps (its roles then shut down, to free the CPUs), then the asynchronous,
+    collective run with faults: rollout actor 0 killed in step KILL_ROLLOUT (Ray restarts it; the next sync fails
+    on it, forms the groups again and retries) and reward actor 0 as it scores in step KILL_REWARD (its chains are
+    re-issued). Returns both runs' per-step scalars, the asynchronous trainer, the keys of every batch it scored,
+    its TensorBoard scalars and the faults the driver healed."""
     from rl.trainer import GRPOTrainer
 
     tmp = tmp_path_factory.mktemp("async")
-    sync = GRPOTrainer(_config(tmp, tiny_models, "sync"))
+    sync = GRPOTrainer(_config(tmp, tiny_models, "sync", *ROLLOUTS))
     sync_metrics = _steps(sync, STEPS)
     sync.pipeline.close()
     for group in (sync.rollouts, sync.learner, sync.rewards):
         group.shutdown()
-    run = GRPOTrainer(_config(tmp, tiny_models, "async", "trainer.max_staleness=1"))
-    async_metrics = _steps(run, STEPS)
-    yield {"sync": sync_metrics, "async": async_metrics, "trainer": run}
-    run.pipeline.close()
+    trainer = GRPOTrainer(_config(tmp, tiny_models, "collective", *ROLLOUTS, "learner.sync_backend=collective",
+                                  "trainer.max_staleness=1", "learner.sync_timeout_s=15",
+                                  f"trainer.total_steps={FAULT_STEPS}"))
+    scored: list[list] = []
+    async_metrics: list[dict[str, float]] = []
+    score, step = trainer.rewards.score, trainer.step
+
+    def spy(refs, samples, timings=None):
+        out = score(refs, samples, timings)
+        scored.append([(s.prompt_id, s.sample_index) for s in out])
+        return out
+
+    def faulty_step():
+        kill = {KILL_ROLLOUT: lambda: ray.kill(trainer.rollouts.actors[0], no_restart=False),
+                KILL_REWARD: lambda: ray.kill(trainer.rewards.actors[0], no_restart=False)}.get(trainer.step_id + 1)
+        timer = threading.Timer(0.5, kill) if kill else None
+        if timer:
+            timer.start()
+        try:
+            metrics = step()
+            async_metrics.append(metrics)
+            return metrics
+        finally:
+            if timer:
+                timer.join()
+
+    trainer.rewards.score, trainer.step = spy, faulty_step
+    trainer.fit()
+    yield {"sync": sync_metrics, "async": async_metrics[:STEPS], "trainer": trainer, "scored": scored,
+           "faults": trainer.faults, "scalars": read_scalars(trainer.cfg.trainer.log_dir)}
+    trainer.pipeline.close()
 
 
 def test_the_first_step_is_the_synchronous_one(runs):
@@ -89,57 +124,13 @@ def test_later_steps_train_chains_one_version_old_with_importance_weights(runs):
         assert "learner/tis_image_ratio_mean" not in m and m["learner/engine_ratio_mean"] == pytest.approx(1, abs=1e-3)
 
 
-@pytest.fixture(scope="module")
-def collective(tmp_path_factory, tiny_models, ray_local, runs):
-    """The cluster's pipeline in small, with faults: asynchronous (k = 1), the collective weight sync, two HF-engine
-    rollout actors, run by ``fit`` for FAULT_STEPS steps while rollout actor 0 is killed in step 2 (Ray restarts
-    it; the next sync fails on it, forms the groups again and retries) and reward actor 0 as it scores step 3's
-    chains (they are re-issued). It ends the asynchronous run first, to free the CPUs. Returns the trainer, the
-    keys of every batch scored, the scalars and the faults the driver healed."""
-    from rl.trainer import GRPOTrainer
-
-    runs["trainer"].pipeline.close()
-    for group in (runs["trainer"].rollouts, runs["trainer"].learner, runs["trainer"].rewards):
-        group.shutdown()
-    tmp = tmp_path_factory.mktemp("collective")
-    trainer = GRPOTrainer(_config(tmp, tiny_models, "collective", "learner.sync_backend=collective",
-                                  "trainer.max_staleness=1", "rollout.engine=hf", "rollout.num_actors=2",
-                                  "learner.sync_timeout_s=15", f"trainer.total_steps={FAULT_STEPS}",
-                                  "reward.max_restarts=4", "rollout.max_restarts=4"))
-    scored: list[list] = []
-    score, step = trainer.rewards.score, trainer.step
-
-    def spy(refs, samples, timings=None):
-        out = score(refs, samples, timings)
-        scored.append([(s.prompt_id, s.sample_index) for s in out])
-        return out
-
-    def faulty_step():
-        kill = {2: lambda: ray.kill(trainer.rollouts.actors[0], no_restart=False),
-                3: lambda: ray.kill(trainer.rewards.actors[0], no_restart=False)}.get(trainer.step_id + 1)
-        timer = threading.Timer(0.5, kill) if kill else None
-        if timer:
-            timer.start()
-        try:
-            return step()
-        finally:
-            if timer:
-                timer.join()
-
-    trainer.rewards.score, trainer.step = spy, faulty_step
-    trainer.fit()
-    yield {"trainer": trainer, "scored": scored, "faults": trainer.faults,
-           "scalars": read_scalars(trainer.cfg.trainer.log_dir)}
-    trainer.pipeline.close()
-
-
-def test_killed_rollout_and_reward_actors_lose_no_group_and_duplicate_none(collective):
+def test_killed_rollout_and_reward_actors_lose_no_group_and_duplicate_none(runs):
     """Every batch scored holds each of its B x G chains exactly once, every step trains chains at most one version
     old, the killed rollout actor made the sync form its groups again, and the run completed without a rebuild."""
-    s = collective["scalars"]
-    assert collective["trainer"].step_id == FAULT_STEPS and collective["faults"] == []
-    assert len(collective["scored"]) >= FAULT_STEPS
-    for keys in collective["scored"]:
+    s = runs["scalars"]
+    assert runs["trainer"].step_id == FAULT_STEPS and runs["faults"] == []
+    assert len(runs["scored"]) >= FAULT_STEPS
+    for keys in runs["scored"]:
         assert len(keys) == B * G and len(set(keys)) == B * G
     for tag in ("grpo/kept_chains", "async/staleness", "learner/staleness_max"):
         assert [step for step, _ in s[tag]] == list(range(1, FAULT_STEPS + 1)), tag  # one point a step
@@ -152,10 +143,10 @@ def test_killed_rollout_and_reward_actors_lose_no_group_and_duplicate_none(colle
 
 
 @pytest.fixture(scope="module")
-def collective_synced(collective) -> dict:
-    """The collective run with nothing in flight and one rollout call made (it loads the weights staged in each
+def collective_synced(runs) -> dict:
+    """The asynchronous run with nothing in flight and one rollout call made (it loads the weights staged in each
     actor): the driver's version, the actors' versions, and the learner's and every actor's weights."""
-    trainer = collective["trainer"]
+    trainer = runs["trainer"]
     trainer.pipeline.close()  # nothing in flight: the actors hold (or have staged) the last published weights
     # the asynchronous sync is staged in each actor and loaded by the first rollout call that carries it
     samples = trainer.data.batch(0, 1)
@@ -167,9 +158,9 @@ def collective_synced(collective) -> dict:
                      for model in models}}
 
 
-def test_collective_sync_gives_every_rollout_actor_the_learners_weights(collective, collective_synced):
-    assert all(v >= 1 for _, v in collective["scalars"]["weight_sync/policy_buckets"])
-    assert all(v > 0 for _, v in collective["scalars"]["weight_sync/policy_mb"])
+def test_collective_sync_gives_every_rollout_actor_the_learners_weights(runs, collective_synced):
+    assert all(v >= 1 for _, v in runs["scalars"]["weight_sync/policy_buckets"])
+    assert all(v > 0 for _, v in runs["scalars"]["weight_sync/policy_mb"])
     version = collective_synced["version"]
     assert set(collective_synced["versions"]) == {(version, version)}
     for model in ("policy", "diffusion"):
@@ -181,10 +172,10 @@ def test_collective_sync_gives_every_rollout_actor_the_learners_weights(collecti
             assert not unequal, (model, i, unequal[:5])
 
 
-def test_a_sync_with_a_dead_actor_fails_within_its_timeout_naming_it(collective, collective_synced):
-    """Kills a rollout actor of the collective run: it requests ``collective_synced``, so the other test's
+def test_a_sync_with_a_dead_actor_fails_within_its_timeout_naming_it(runs, collective_synced):
+    """Kills a rollout actor of the asynchronous run: it requests ``collective_synced``, so the other test's
     reads of the live actors are done before, whatever order the tests run in."""
-    trainer = collective["trainer"]
+    trainer = runs["trainer"]
     ray.kill(trainer.rollouts.actors[1], no_restart=True)
     start = time.perf_counter()
     with pytest.raises(SyncGroupError, match="rollout actor 1"):
