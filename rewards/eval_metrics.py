@@ -236,20 +236,32 @@ def usable_reward_metrics(reward_cfg, metric_weights: Optional[str] = None):
     return cfg, dropped
 
 
-def panel_summary(panel_cfg: Any, finals: Sequence[Optional[np.ndarray]],
-                  hrs: Sequence[Optional[np.ndarray]], device: str = "cpu") -> dict[str, dict]:
-    """``trainer.eval_panel`` (held-out-only metrics, never a reward) on the final images: per metric the mean raw
-    score, the chains scored, and its direction. {} when the config has no panel; HR-referenced metrics need HR."""
+def panel_per_chain(panel_cfg: Any, finals: Sequence[Optional[np.ndarray]],
+                    hrs: Sequence[Optional[np.ndarray]], device: str = "cpu") -> tuple[list[dict[str, float]], dict]:
+    """``trainer.eval_panel`` (held-out-only metrics, never a reward) on each final image: one {metric: raw score}
+    per chain (empty for a missing final image; a metric that failed on one is absent), so that a comparison can
+    pair the panel by crop as it pairs the rewards, and the summary ``panel_summary`` makes of them. ([], {}) when
+    the config has no panel; HR-referenced metrics need HR."""
     from rewards.quality import build_panel_scorer
 
     cfg = panel_cfg if all(h is not None for h in hrs) else replace(panel_cfg, full_reference=[])
     specs = list(cfg.metrics) + list(cfg.full_reference)
     if not specs:
-        return {}
-    raw = panel_scores(build_panel_scorer(cfg, device), finals, hrs)
+        return [], {}
+    ok = [i for i, img in enumerate(finals) if img is not None]
+    results = build_panel_scorer(cfg, device)([finals[i] for i in ok], [hrs[i] for i in ok])
+    per_chain: list[dict[str, float]] = [{} for _ in finals]
+    for i, r in zip(ok, results):
+        per_chain[i] = {m.name: float(r.raw[m.name]) for m in specs
+                        if m.name in r.raw and math.isfinite(r.raw[m.name])}
+    return per_chain, panel_summary(specs, per_chain)
+
+
+def panel_summary(specs: Sequence[Any], per_chain: Sequence[dict[str, float]]) -> dict[str, dict]:
+    """Per panel metric: the mean raw score over the chains that have one, how many, and its direction."""
     out = {}
     for m in specs:
-        values = [v for v in raw[m.name] if math.isfinite(v)]
+        values = [c[m.name] for c in per_chain if m.name in c]
         out[m.name] = {"mean": float(np.mean(values)) if values else None, "n": len(values),
                        "lower_better": m.lower_better}
     return out

@@ -228,3 +228,43 @@ def test_compare_prints_the_crops_a_confirmatory_evaluation_needs(tmp_path, caps
     expected = math.ceil(deff * ((2 + NormalDist().inv_cdf(0.8)) * sd / 0.01) ** 2)
     assert f"- generation: {expected}" in out and "crops needed to see a change of 0.01" in out
     assert "- PSNR:" not in out  # no spread in the pilot: nothing to extrapolate from
+
+
+# ------------------------------------------------------------------ several seeds pooled; the panel paired by crop
+def test_pooled_seeds_compare_each_crops_mean_over_the_seeds_with_a_hand_computation(tmp_path, capsys):
+    """Three 'seeds' of the same 8 crops: pooled, each crop's after-value is the mean of its three chains, so the
+    paired change and its s.e. are those of the crops' seed-averaged differences (computed by hand here)."""
+    before = _crop_report(0, 8, 0.0, spi=1)
+    seeds = [_crop_report(16, 8, shift, spi=1) for shift in (0.01, 0.02, 0.06)]
+    for k, r in enumerate(seeds):  # a crop-specific wobble per seed, so the pooled s.e. is not 0
+        for c in r["per_chain"]:
+            c["rewards"]["generation"] += 0.005 * ((c["prompt_id"] * (k + 1)) % 3 - 1)
+    gen = next(c for c in compare.compare(before, compare.pool(seeds)) if c.reward == "generation")
+    per_crop = np.array([[r["per_chain"][i]["rewards"]["generation"] - before["per_chain"][i]["rewards"]["generation"]
+                          for r in seeds] for i in range(8)]).mean(axis=1)
+    assert gen.paired and gen.n_after == 8 and gen.delta == pytest.approx(per_crop.mean())
+    assert gen.stderr == pytest.approx(per_crop.std(ddof=1) / math.sqrt(8))
+    paths = []
+    for k, r in enumerate([before, *seeds]):
+        paths.append(tmp_path / f"r{k}.json")
+        paths[-1].write_text(json.dumps(r))
+    assert compare.main([str(paths[0]), ",".join(str(p) for p in paths[1:])]) == 0
+    assert f"| generation | {gen.before:.4f} | {gen.after:.4f} | {gen.delta:+.4f} |" in capsys.readouterr().out
+    other = _crop_report(16, 8, 0.0, spi=1, data="skimage train 4")
+    with pytest.raises(ValueError, match="same crops"):
+        compare.pool([seeds[0], other])
+    with pytest.raises(SystemExit, match="same crops"):
+        other_path = tmp_path / "other.json"
+        other_path.write_text(json.dumps(other))
+        compare.main([str(paths[0]), f"{paths[1]},{other_path}"])
+
+
+def test_the_held_out_panel_per_chain_is_compared_paired_by_crop():
+    before, after = _crop_report(0, 8, 0.0), _crop_report(20, 8, 0.01)
+    for r, shift in ((before, 0.0), (after, -0.25)):
+        for c in r["per_chain"]:
+            c["panel"] = {"psnry": 25.0 + c["prompt_id"] + shift, "gmsd": 0.2}
+    rows = {c.reward: c for c in compare.compare(before, after)}
+    assert list(rows)[-2:] == ["psnry", "gmsd"]  # after the model's metrics, in the report's order
+    assert rows["psnry"].paired and rows["psnry"].delta == pytest.approx(-0.25)
+    assert rows["psnry"].stderr == pytest.approx(0.0, abs=1e-9) and rows["gmsd"].delta == pytest.approx(0.0)

@@ -105,6 +105,8 @@ def test_the_held_out_panel_is_reported_beside_the_rewards(synthetic):
     for name, p in panel.items():
         assert p["n"] == report["num_chains"] and math.isfinite(p["mean"]), name
         assert f"quality/{name}" not in report["rewards"]
+        per_chain = [row["panel"][name] for row in report["per_chain"]]  # each chain's, for a paired comparison
+        assert p["mean"] == pytest.approx(sum(per_chain) / len(per_chain)), name
     assert panel["gmsd"]["lower_better"] and not panel["psnry"]["lower_better"]
     assert 0 < panel["gmsd"]["mean"] < 1 and 3 < panel["psnry"]["mean"] < 60
     assert "## Held-out panel" in md and f"| gmsd↓ | {panel['gmsd']['mean']:.4f} | 3 |" in md

@@ -82,10 +82,13 @@ def step_to_step_noise(values: Sequence[float]) -> float:
 
 
 def _value(chain: dict, name: str) -> Optional[float]:
-    """A reward (``rewards``) or an image metric of the final image (``model``) of one chain; None where it does
-    not apply or failed."""
-    v = chain.get("rewards", {}).get(name, chain.get("model", {}).get(name))
-    return float(v) if v is not None and math.isfinite(v) else None
+    """A reward (``rewards``), an image metric of the final image (``model``) or a held-out panel metric
+    (``panel``) of one chain; None where it does not apply or failed."""
+    for part in ("rewards", "model", "panel"):
+        v = chain.get(part, {}).get(name)
+        if v is not None:
+            return float(v) if math.isfinite(v) else None
+    return None
 
 
 def chain_values(report: dict, name: str) -> np.ndarray:
@@ -108,10 +111,29 @@ def crop_means(report: dict, name: str) -> Optional[dict[tuple, float]]:
 
 
 def metric_names(*reports: dict) -> list[str]:
-    """The image metrics every report scored (tools.eval's ``model`` columns), in the first report's order."""
-    names = [set(c.get("model", {})) for r in reports for c in r["per_chain"]]
-    common = set.intersection(*names) if names else set()
-    return [n for n in reports[0]["per_chain"][0].get("model", {}) if n in common] if common else []
+    """The image metrics every report scored (tools.eval's ``model`` columns), then the held-out panel's metrics
+    every report has per chain (``panel``), each in the first report's order."""
+    out = []
+    for part in ("model", "panel"):
+        names = [set(c.get(part, {})) for r in reports for c in r["per_chain"]]
+        common = set.intersection(*names) if names else set()
+        out += [n for n in reports[0]["per_chain"][0].get(part, {}) if n in common]
+    return out
+
+
+def pool(reports: Sequence[dict]) -> dict:
+    """Several evaluations of the same crops (e.g. one run per seed) as one report whose chains are all of theirs:
+    each crop's mean is then the mean over every report's chains of it, the pooled estimate a multi-seed
+    comparison is judged on. Refuses reports of other data or crops (they cannot be pooled by crop)."""
+    if len(reports) == 1:
+        return reports[0]
+    first = reports[0]
+    for r in reports[1:]:
+        if r.get("data") != first.get("data") or not same_crops(first, r):
+            raise ValueError("only evaluations of the same crops can be pooled (the same --data, --split and --num)")
+    steps = sorted({r.get("step") for r in reports}, key=str)
+    return {"step": steps[0] if len(steps) == 1 else "/".join(map(str, steps)), "data": first.get("data"),
+            "pooled": len(reports), "per_chain": [c for r in reports for c in r["per_chain"]]}
 
 
 def _mean_variance(x: np.ndarray) -> float:
@@ -211,19 +233,28 @@ def power_lines(changes: Sequence[Change], effect: float) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.compare", description=__doc__.splitlines()[0])
-    parser.add_argument("before", type=Path, help="eval.json of the starting point")
-    parser.add_argument("after", type=Path, help="eval.json after training")
+    parser.add_argument("before", help="eval.json of the starting point; several joined by commas are pooled "
+                        "(each crop's mean over all their chains: e.g. one run per seed)")
+    parser.add_argument("after", help="eval.json after training; several joined by commas are pooled")
     parser.add_argument("--run", type=Path, default=None, help="the training run (its TensorBoard curves)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
     parser.add_argument("--effect", type=float, default=None,
                         help="also print the crops a confirmatory evaluation needs to see a change this large")
     args = parser.parse_args(argv)
     reports = []
-    for path in (args.before, args.after):
+    for side in (args.before, args.after):
+        group = []
+        if not side.strip(","):
+            raise SystemExit("an empty list of eval reports")
+        for path in (Path(p) for p in side.split(",") if p):
+            try:
+                group.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise SystemExit(f"cannot read eval report {path}: {exc}") from None
         try:
-            reports.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SystemExit(f"cannot read eval report {path}: {exc}") from None
+            reports.append(pool(group))
+        except ValueError as exc:
+            raise SystemExit(f"{side}: {exc}") from None
     curves = None
     if args.run is not None:
         log_dir = args.run / "tensorboard" if (args.run / "tensorboard").is_dir() else args.run

@@ -42,7 +42,7 @@ from rewards.eval_metrics import (
     metric_scorer,
     no_downloads,
     panel_markdown,
-    panel_summary,
+    panel_per_chain,
     usable_reward_metrics,
 )
 
@@ -130,12 +130,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     bicubics = {s.prompt_id: bicubic_upscale(s.lr, scale) for s in samples}
     bicubic_values = dict(zip(bicubics, image_metric_values(scorer, list(bicubics.values()),
                                                             [s.hr for s in samples])))
+    panel_values, panel = panel_per_chain(cfg.trainer.eval_panel, finals, [s.hr for s in chain_samples], device)
     per_chain = [{"image_id": s.image_id, "prompt_id": s.prompt_id, "sample_index": r.sample_index,
                   "lr_size": list(s.lr.shape[:2]), "notes": list(fitted[s.prompt_id].notes),
                   "rewards": dict(sc.parts) | {"total": sc.total}, "reward_errors": dict(sc.errors),
-                  "model": values, "bicubic": bicubic_values[s.prompt_id], "text": r.text}
-                 for s, r, sc, values in zip(chain_samples, ordered, scores, model_values)]
-    panel = panel_summary(cfg.trainer.eval_panel, finals, [s.hr for s in chain_samples], device)
+                  "model": values, "bicubic": bicubic_values[s.prompt_id],
+                  **({"panel": panel_values[i]} if panel_values else {}), "text": r.text}
+                 for i, (s, r, sc, values) in enumerate(zip(chain_samples, ordered, scores, model_values))]
     if args.save_images:
         _save_images(Path(args.out), samples, ordered, bicubics)
     timings["metrics_s"] = time.perf_counter() - t0
