@@ -1,6 +1,6 @@
-"""Faults change nothing: a 4-step run on the embedded default with a rollout actor hung (the watchdog kills it
+"""Faults change nothing: a 6-step run on the embedded default with a rollout actor hung (the watchdog kills it
 mid-step, Ray restarts it), a reward actor killed mid-scoring (restarted), every reward actor killed for good, then a
-rollout actor and a learner rank killed for good (the run heals itself twice from its step-2 checkpoint, rebuilding
+rollout actor and a learner rank killed for good (the run heals itself twice from its step-4 checkpoint, rebuilding
 every role), against the same run without faults. The per-step reward scalars and the final weights must be equal
 to the last bit (CPU, fp32, synchronous; every chain's sampling is seeded by (step, prompt, sample))."""
 
@@ -22,9 +22,9 @@ from rl.monitor import read_scalars
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, EVERY = 4, 2
-HANG_ROLLOUT, KILL_REWARD, LOSE_REWARDS, LOSE_ROLLOUT_AND_LEARNER = 1, 2, 3, 4  # the 1-based steps they hit
-RESUMED_AT = 2  # both heals (the reward pool lost at 3, a rollout actor and a learner rank at 4) resume from step 2
+STEPS, EVERY = 6, 2
+HANG_ROLLOUT, KILL_REWARD, LOSE_REWARDS, LOSE_ROLLOUT_AND_LEARNER = 2, 3, 5, 6  # the 1-based steps they hit
+RESUMED_AT = 4  # both heals (the reward pool lost at 5, a rollout actor and a learner rank at 6) resume from step 4
 ROLLOUT_TIMEOUT_S = 30.0  # a call's silence while the actor is alive (a restart does not count: its clock waits)
 REWARD_TIMEOUT_S = 60.0
 
