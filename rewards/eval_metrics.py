@@ -236,24 +236,19 @@ def usable_reward_metrics(reward_cfg, metric_weights: Optional[str] = None):
     return cfg, dropped
 
 
-def panel_per_chain(panel_cfg: Any, finals: Sequence[Optional[np.ndarray]],
-                    hrs: Sequence[Optional[np.ndarray]], device: str = "cpu") -> tuple[list[dict[str, float]], dict]:
-    """``trainer.eval_panel`` (held-out-only metrics, never a reward) on each final image: one {metric: raw score}
-    per chain (empty for a missing final image; a metric that failed on one is absent), so that a comparison can
-    pair the panel by crop as it pairs the rewards, and the summary ``panel_summary`` makes of them. ([], {}) when
-    the config has no panel; HR-referenced metrics need HR."""
+def panel_report(panel_cfg: Any, finals: Sequence[Optional[np.ndarray]],
+                 hrs: Sequence[Optional[np.ndarray]], device: str = "cpu") -> tuple[list[dict[str, float]], dict]:
+    """``trainer.eval_panel`` (held-out-only metrics, never a reward) for ``tools.eval``: each chain's finite raw
+    scores (so that a comparison can pair the panel by crop as it pairs the rewards) and ``panel_summary`` of them.
+    ([], {}) when the config has no panel; HR-referenced metrics need HR."""
     from rewards.quality import build_panel_scorer
 
     cfg = panel_cfg if all(h is not None for h in hrs) else replace(panel_cfg, full_reference=[])
     specs = list(cfg.metrics) + list(cfg.full_reference)
     if not specs:
         return [], {}
-    ok = [i for i, img in enumerate(finals) if img is not None]
-    results = build_panel_scorer(cfg, device)([finals[i] for i in ok], [hrs[i] for i in ok])
-    per_chain: list[dict[str, float]] = [{} for _ in finals]
-    for i, r in zip(ok, results):
-        per_chain[i] = {m.name: float(r.raw[m.name]) for m in specs
-                        if m.name in r.raw and math.isfinite(r.raw[m.name])}
+    per_chain = [{name: float(v) for name, v in raw.items() if math.isfinite(v)}
+                 for raw in panel_per_chain(build_panel_scorer(cfg, device), finals, hrs)]
     return per_chain, panel_summary(specs, per_chain)
 
 
@@ -267,13 +262,24 @@ def panel_summary(specs: Sequence[Any], per_chain: Sequence[dict[str, float]]) -
     return out
 
 
+def panel_per_chain(scorer: QualityScorer, finals: Sequence[Optional[np.ndarray]],
+                    hrs: Sequence[Optional[np.ndarray]]) -> list[dict[str, float]]:
+    """The panel's raw scores of each chain's final image, in the chains' order: {} for a missing final image, and a
+    metric that failed on one is absent."""
+    ok = [i for i, img in enumerate(finals) if img is not None]
+    results = scorer([finals[i] for i in ok], [hrs[i] for i in ok])
+    per_chain: list[dict[str, float]] = [{} for _ in finals]
+    for i, r in zip(ok, results):
+        per_chain[i] = {name: r.raw[name] for name in scorer.weights if name in r.raw}
+    return per_chain
+
+
 def panel_scores(scorer: QualityScorer, finals: Sequence[Optional[np.ndarray]],
                  hrs: Sequence[Optional[np.ndarray]]) -> dict[str, list[float]]:
     """The panel's raw scores by metric over the final images there are (a missing final image, or a metric that
-    failed on one, gives no value): what the run's held-out evaluation and ``tools.eval`` both report."""
-    ok = [i for i, img in enumerate(finals) if img is not None]
-    results = scorer([finals[i] for i in ok], [hrs[i] for i in ok])
-    return {name: [r.raw[name] for r in results if name in r.raw] for name in scorer.weights}
+    failed on one, gives no value): what the run's held-out evaluation reports."""
+    per_chain = panel_per_chain(scorer, finals, hrs)
+    return {name: [c[name] for c in per_chain if name in c] for name in scorer.weights}
 
 
 def panel_markdown(panel: dict[str, dict]) -> list[str]:

@@ -129,7 +129,7 @@ def pool(reports: Sequence[dict]) -> dict:
         return reports[0]
     first = reports[0]
     for r in reports[1:]:
-        if r.get("data") != first.get("data") or not same_crops(first, r):
+        if not same_crops(first, r):  # the same data and crops
             raise ValueError("only evaluations of the same crops can be pooled (the same --data, --split and --num)")
     steps = sorted({r.get("step") for r in reports}, key=str)
     return {"step": steps[0] if len(steps) == 1 else "/".join(map(str, steps)), "data": first.get("data"),

@@ -42,7 +42,7 @@ from rewards.eval_metrics import (
     metric_scorer,
     no_downloads,
     panel_markdown,
-    panel_per_chain,
+    panel_report,
     usable_reward_metrics,
 )
 
@@ -130,7 +130,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     bicubics = {s.prompt_id: bicubic_upscale(s.lr, scale) for s in samples}
     bicubic_values = dict(zip(bicubics, image_metric_values(scorer, list(bicubics.values()),
                                                             [s.hr for s in samples])))
-    panel_values, panel = panel_per_chain(cfg.trainer.eval_panel, finals, [s.hr for s in chain_samples], device)
+    panel_values, panel = panel_report(cfg.trainer.eval_panel, finals, [s.hr for s in chain_samples], device)
     per_chain = [{"image_id": s.image_id, "prompt_id": s.prompt_id, "sample_index": r.sample_index,
                   "lr_size": list(s.lr.shape[:2]), "notes": list(fitted[s.prompt_id].notes),
                   "rewards": dict(sc.parts) | {"total": sc.total}, "reward_errors": dict(sc.errors),
