@@ -15,7 +15,7 @@ The token sequence built here is exactly what the learner forwards to re-score t
 With ``image_group_size`` M > 1 every stage samples M images per chain in the same diffusion batch: branch b is
 conditioned on the stage's text and on its own previous image, so each branch is a whole image trajectory given
 the chain's texts. Branch 0 is fed back to the policy (the chain's ``images``); the other branches' final images
-and traces ride along for the image loss (``Rollout.branch_finals``). Branch 0 draws exactly the noise it draws
+and traces ride along for the image loss (``Rollout.branch_images``). Branch 0 draws exactly the noise it draws
 with M = 1, so the chains themselves do not depend on M (up to the UNet's float rounding in a larger batch).
 """
 
@@ -51,6 +51,7 @@ class _Chain:
     stage_images: dict[str, np.ndarray] | None = None
     traces: list[DiffusionTrace] | None = None  # branch 0's stages
     branch_images: list[np.ndarray] | None = None  # branches 1..M-1: the latest stage image of each
+    branch_stages: list[dict[str, np.ndarray]] | None = None  # branches 1..M-1: every stage image of each
     branch_traces: list[list[DiffusionTrace]] | None = None  # branches 1..M-1: their stages
     finish: list[str] | None = None
     turn_text: str = ""  # the text of the latest turn
@@ -102,6 +103,7 @@ class ChainSampler:
                 chains.append(_Chain(s.prompt_id, g, list(prompt), [s.lr], len(prompt), [], [],
                                      last_image=s.lr, stage_images={}, traces=[], finish=[],
                                      branch_images=[s.lr] * (self.image_group_size - 1),
+                                     branch_stages=[{} for _ in range(self.image_group_size - 1)],
                                      branch_traces=[[] for _ in range(self.image_group_size - 1)]))
         if not chains:
             return []
@@ -145,7 +147,7 @@ class ChainSampler:
             n, m = len(chains), self.image_group_size - 1
             for i, c in enumerate(chains):
                 for b in range(m):
-                    c.branch_images[b] = images[n + i * m + b]
+                    c.branch_images[b] = c.branch_stages[b][turn.stage] = images[n + i * m + b]
                     c.branch_traces[b].append(traces[n + i * m + b])
             images, traces = images[:n], traces[:n]
             timings["diffusion_s"] += time.perf_counter() - t0
@@ -190,7 +192,7 @@ class ChainSampler:
             traces=tuple(c.traces) + tuple(t for branch in c.branch_traces for t in branch),
             timings=dict(timings),
             finish_reasons=tuple(c.finish),
-            branch_finals=tuple(c.branch_images),
+            branch_images=tuple(dict(b) for b in c.branch_stages),
         )
 
 

@@ -28,6 +28,7 @@ TAGS: tuple[str, ...] = (
     "final_image",
 )
 STAGES: tuple[str, ...] = ("rough", "middle", "final")
+PROCESS_STAGES: tuple[str, ...] = STAGES[:-1]  # the stages whose images the chain builds on (stage credit)
 IMAGE_TAGS: tuple[str, ...] = tuple(f"{s}_image" for s in STAGES)
 UNDERSTAND_TAGS: tuple[str, ...] = tuple(f"{s}_understand" for s in STAGES)
 TEXT_TAGS: tuple[str, ...] = ("degradation",) + UNDERSTAND_TAGS  # the sections the policy writes

@@ -112,6 +112,9 @@ class RewardConfig:
     understanding_stages: list[str] = field(default_factory=lambda: ["rough"])
     metrics: list[QualityMetricConfig] = field(default_factory=list)
     full_reference: list[QualityMetricConfig] = field(default_factory=list)  # optional terms against HR
+    # full-reference metrics for the rough and middle images against the HR at their size (the cold start's
+    # targets): the process rewards generation/<stage> that grpo.image_credit {name: stage} reads. []: none.
+    stage_metrics: list[QualityMetricConfig] = field(default_factory=list)
     failed_metric: str = "renormalize"  # renormalize: weights of the metrics that worked | zero: count as 0
     metric_timeout_s: float = 120.0
     call_timeout_s: float = 0.0  # a scoring call not back in this time: its actor is killed, its chains re-issued
@@ -176,6 +179,10 @@ class GRPOConfig:
     # its own image advantage: centred on its chain's M branches (the text is shared, so what is left is the SR
     # model's own doing) and scaled by the spread of those residuals over the group. 1: one image per chain.
     image_group_size: int = 1
+    # Which advantage each stage's denoising steps learn from, a rule of core.grpo.IMAGE_CREDIT: {name: final},
+    # every stage the final image's (an outcome reward: each stage conditions the next); {name: stage}, the rough
+    # and middle steps their own image's (reward.stage_metrics' generation/<stage>, normalised like the final's).
+    image_credit: dict[str, Any] = field(default_factory=lambda: {"name": "final"})
     # Each reward component of an advantage column is normalised within its group on its own before the column's
     # weighted sum, and the generation reward counts as its metrics (quality/<metric>, weighted as in its average):
     # decoupled normalisation (LucidNFT, GDPO). A metric whose spread within a group is small (PSNR between

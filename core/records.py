@@ -67,14 +67,20 @@ class Rollout:
     traces: tuple[DiffusionTrace, ...]
     timings: dict[str, float] = field(default_factory=dict)
     finish_reasons: tuple[str, ...] = ()  # per text turn: "stop" (closing tag) | "length" | "eos"
-    # grpo.image_group_size M > 1: the final images of image branches 1..M-1 (the chain's texts, other diffusion
-    # noise; branch 0 is ``images``); ``traces`` then holds each branch's stage traces in turn, branch 0's first
-    branch_finals: tuple[np.ndarray, ...] = ()
+    # grpo.image_group_size M > 1: the stage images (stage -> (H, W, 3) uint8) of image branches 1..M-1 (the chain's
+    # texts, other diffusion noise; branch 0 is ``images``); ``traces`` then holds each branch's stage traces in
+    # turn, branch 0's first
+    branch_images: tuple[dict[str, np.ndarray], ...] = ()
 
     @property
     def image_branches(self) -> int:
-        """How many image samples this chain has (1 + len(branch_finals))."""
-        return 1 + len(self.branch_finals)
+        """How many image samples this chain has (1 + len(branch_images))."""
+        return 1 + len(self.branch_images)
+
+    @property
+    def branch_finals(self) -> tuple[Optional[np.ndarray], ...]:
+        """The final image of image branches 1..M-1 (None where a branch has none)."""
+        return tuple(b.get("final") for b in self.branch_images)
 
     @classmethod
     def for_scoring(cls, prompt_id: int, sample_index: int, text: str,
@@ -87,13 +93,12 @@ class Rollout:
                    images=dict(images or {}), context_images=[], traces=())
 
     def scoring_view(self) -> "Rollout":
-        """What the rewards read (text and final image), without the tokens, the other images and the diffusion
-        traces: the light record a reward actor fetches instead of the whole rollout."""
-        final = {"final": self.images["final"]} if "final" in self.images else {}
-        view = Rollout.for_scoring(self.prompt_id, self.sample_index, self.text, final)
+        """What the rewards read (text and every branch's stage images), without the tokens, the context images
+        and the diffusion traces: the light record a reward actor fetches instead of the whole rollout."""
+        view = Rollout.for_scoring(self.prompt_id, self.sample_index, self.text, self.images)
         view.policy_version, view.diffusion_version = self.policy_version, self.diffusion_version
         view.finish_reasons = self.finish_reasons
-        view.branch_finals = self.branch_finals
+        view.branch_images = self.branch_images
         return view
 
 
@@ -120,6 +125,9 @@ class ChainAdvantage:
     sections: Optional[tuple[float, ...]] = None  # one per core.chain.TEXT_TAGS section (section credit)
     image_branches: Optional[tuple[float, ...]] = None  # one per image branch (grpo.image_group_size > 1)
     items: Optional[tuple[float, ...]] = None  # one per core.chain.DEGRADATION_ITEMS (degradation item credit)
+    # stage credit (grpo.image_credit stage): per stage before the final (core.chain.PROCESS_STAGES), the
+    # advantage of each image branch's image at that stage (M values; 1 without branches)
+    stages: Optional[tuple[tuple[float, ...], ...]] = None
 
 
 @dataclass(frozen=True)

@@ -180,11 +180,13 @@ def _validate_reward(f: Any, cfg: Any) -> None:
             f("reward.understanding_stages", rw.understanding_stages, f"{stage!r} is not one of {STAGES}")
     if rw.failed_metric not in ("renormalize", "zero"):
         f("reward.failed_metric", rw.failed_metric, "must be renormalize or zero")
-    for i, m in enumerate(list(rw.metrics) + list(rw.full_reference)):
-        if m.weight < 0:
-            f(f"reward.metrics[{i}].weight", m.weight, "must be >= 0")
-        if m.scale <= 0:
-            f(f"reward.metrics[{i}].scale", m.scale, "must be > 0")
+    for key, metrics in (("metrics", rw.metrics), ("full_reference", rw.full_reference),
+                         ("stage_metrics", rw.stage_metrics)):
+        for i, m in enumerate(metrics):
+            if m.weight < 0:
+                f(f"reward.{key}[{i}].weight", m.weight, "must be >= 0")
+            if m.scale <= 0:
+                f(f"reward.{key}[{i}].scale", m.scale, "must be > 0")
     for key, value in vars(rw.weights).items():
         if value < 0:
             f(f"reward.weights.{key}", value, "must be >= 0")
@@ -217,10 +219,11 @@ def _validate_trainer(f: Any, cfg: Any) -> None:
     panel = [m.name for m in list(t.eval_panel.metrics) + list(t.eval_panel.full_reference)]
     if panel and not t.eval_every:
         f("trainer.eval_panel", panel, "needs trainer.eval_every > 0 (the panel is computed at the held-out evaluation)")
-    trained = {m.name for m in list(cfg.reward.metrics) + list(cfg.reward.full_reference)}
+    trained = {m.name for m in list(cfg.reward.metrics) + list(cfg.reward.full_reference)
+               + list(cfg.reward.stage_metrics)}
     if trained & set(panel):
         f("trainer.eval_panel", sorted(trained & set(panel)), "these are training rewards (reward.metrics / "
-          "full_reference): a held-out panel must be metrics the policy is not trained on")
+          "full_reference / stage_metrics): a held-out panel must be metrics the policy is not trained on")
     if t.total_steps < 1:
         f("trainer.total_steps", t.total_steps, "must be >= 1")
     if t.checkpoint_every < 0:

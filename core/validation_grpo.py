@@ -10,7 +10,7 @@ import torch
 
 from core.chain import DEGRADATION_ITEMS, TEXT_TAGS
 from core.grpo.advantages import advantage_transform
-from core.grpo.credit import token_credit
+from core.grpo.credit import image_credit, token_credit
 from core.grpo.objectives import image_objective
 
 
@@ -35,6 +35,7 @@ def validate_grpo(f: Any, cfg: Any) -> None:
     _validate_image_objective(f, cfg)
     _validate_reward_lists(f, cfg)
     _validate_credit_and_transforms(f, cfg)
+    _validate_image_credit(f, cfg)
     if g.update_epochs < 1:
         f("grpo.update_epochs", g.update_epochs, "must be >= 1")
     if not g.tis_cap >= 1:
@@ -111,6 +112,22 @@ def _validate_credit_and_transforms(f: Any, cfg: Any) -> None:
     elif items and not cfg.reward.weights.degradation > 0:
         f("grpo.token_credit.degradation_items", items, "the items learn from the degradation reward, and "
           f"reward.weights.degradation is {cfg.reward.weights.degradation}")
+
+
+def _validate_image_credit(f: Any, cfg: Any) -> None:
+    """grpo.image_credit (an IMAGE_CREDIT entry); stage credit needs a trained SR model and its process rewards."""
+    g = cfg.grpo
+    try:
+        image_credit(g.image_credit)
+    except (ValueError, TypeError) as exc:
+        f("grpo.image_credit", dict(g.image_credit), str(exc))
+    if g.image_credit.get("name") != "stage":
+        return
+    if cfg.diffusion.freeze:
+        f("grpo.image_credit", dict(g.image_credit), "the SR model is frozen (diffusion.freeze): no stage learns")
+    if not cfg.reward.stage_metrics:
+        f("grpo.image_credit", dict(g.image_credit), "stage credit judges the rough and middle images by "
+          "reward.stage_metrics, and there are none")
 
 
 def validate_experimental(f: Any, cfg: Any) -> None:

@@ -114,20 +114,22 @@ def target_degradation(sample: Sample) -> str:
 
 # ------------------------------------------------------------------------------------------ images
 def stage_targets(hr: np.ndarray, lr_hw: tuple[int, int], scales: Mapping[str, int]) -> dict[str, np.ndarray]:
-    """Stage -> the HR image at that stage's size (area filter when shrinking; the HR itself at full size)."""
-    sizes = stage_sizes(lr_hw, dict(scales))
-    out = {}
-    for stage, (h, w) in sizes.items():
-        if hr.shape[:2] == (h, w):
-            out[stage] = hr.copy()
-        elif h > hr.shape[0] or w > hr.shape[1]:
-            raise ValueError(
-                f"stage {stage!r} needs {h}x{w} px but the HR image is only {hr.shape[0]}x{hr.shape[1]}: "
-                "the final stage scale must equal data.scale"
-            )
-        else:
-            out[stage] = cv2.resize(hr, (w, h), interpolation=cv2.INTER_AREA)
-    return out
+    """Stage -> the HR image at that stage's size (``hr_at``)."""
+    return {stage: hr_at(hr, hw, stage) for stage, hw in stage_sizes(lr_hw, dict(scales)).items()}
+
+
+def hr_at(hr: np.ndarray, hw: tuple[int, int], stage: str = "final") -> np.ndarray:
+    """The HR image at size ``hw`` (area filter when shrinking; the HR itself at full size): what a stage of
+    that size is trained towards in the cold start and judged against by stage credit's rewards."""
+    h, w = hw
+    if hr.shape[:2] == (h, w):
+        return hr.copy()
+    if h > hr.shape[0] or w > hr.shape[1]:
+        raise ValueError(
+            f"stage {stage!r} needs {h}x{w} px but the HR image is only {hr.shape[0]}x{hr.shape[1]}: "
+            "the final stage scale must equal data.scale"
+        )
+    return cv2.resize(hr, (w, h), interpolation=cv2.INTER_AREA)
 
 
 # ------------------------------------------------------------------------------------------ records

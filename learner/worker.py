@@ -28,7 +28,7 @@ from torch import nn
 from core import weight_broadcast
 from core.config import DiffusionConfig, ExperimentConfig, GRPOConfig, LearnerConfig, PolicyConfig, SFTConfig
 from core.env import configure_process
-from core.grpo import TrainBatch, build_train_batch, token_credit
+from core.grpo import TrainBatch, build_train_batch, image_credit, token_credit
 from core.records import ChainAdvantage, Rollout
 from learner import engine as eng
 from learner import grpo_step, sft_step, transfer
@@ -79,6 +79,7 @@ class LearnerWorker:
         self.checkpointer = Checkpointer(self.models, learner, {"policy": policy.path, "diffusion": diffusion.path})
         # a frozen policy has no tokens to credit: the chain rule keeps the batch layout and is never trained on
         self.credit = token_credit(None if policy.freeze else grpo.token_credit)
+        self.image_credit = image_credit(None if diffusion.freeze else grpo.image_credit)
         self.train_steps = (diffusion.train_steps_fraction, diffusion.train_steps_start)  # which steps get a loss
         self.sync_group = None  # the rollout actors' weight-sync group (rank 0, learner.sync_backend: collective)
         self.transfer: Optional[transfer.Sender] = None  # vLLM's weight-transfer group (rank 0, vLLM policy)
@@ -119,8 +120,8 @@ class LearnerWorker:
         chain and trains a masked copy (zero loss) to stay in step with the others' collectives."""
         tags = self.models.policy.tags if self.models.policy is not None else None
         batch = build_train_batch(list(rollouts), list(advantages), pad_token_id=self.models.pad_id,
-                                  credit=self.credit, tags=tags, train_steps_fraction=self.train_steps[0],
-                                  train_steps_start=self.train_steps[1])
+                                  credit=self.credit, tags=tags, train_steps=self.train_steps,
+                                  image_credit=self.image_credit)
         if padding:
             batch = masked_copy(batch)
         return self.train_step(batch, *rollouts, version=version, max_staleness=max_staleness)

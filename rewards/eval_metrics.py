@@ -232,7 +232,8 @@ def usable_reward_metrics(reward_cfg, metric_weights: Optional[str] = None):
                 kept.append(replace(m, options={**found, **opts}))
         return kept
 
-    cfg = replace(reward_cfg, metrics=keep(reward_cfg.metrics), full_reference=keep(reward_cfg.full_reference))
+    cfg = replace(reward_cfg, metrics=keep(reward_cfg.metrics), full_reference=keep(reward_cfg.full_reference),
+                  stage_metrics=keep(reward_cfg.stage_metrics))
     return cfg, dropped
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from core.config import EvalPanelConfig, PanelMetricConfig, QualityMetricConfig
+from core.config import EvalPanelConfig, PanelMetricConfig, QualityMetricConfig, RewardConfig
 from core.images import to_tensor
 from rewards.sanity_metrics import SANITY_METRICS
 
@@ -278,3 +278,15 @@ def build_panel_scorer(panel: EvalPanelConfig, device: str | torch.device = "cpu
     return build_quality_scorer([as_metric(m) for m in panel.metrics], device,
                                 [as_metric(m) for m in panel.full_reference],
                                 keys=("trainer.eval_panel.metrics", "trainer.eval_panel.full_reference"))
+
+
+def build_reward_scorers(cfg: RewardConfig, device: str | torch.device = "cpu",
+                         ) -> tuple[QualityScorer | None, QualityScorer | None]:
+    """The reward's two scorers: the final images' (``reward.metrics`` + ``full_reference``) and the stage images'
+    (``reward.stage_metrics``, full-reference only); None where nothing is configured."""
+    final = (build_quality_scorer(cfg.metrics, device, cfg.full_reference, cfg.metric_timeout_s)
+             if cfg.metrics or cfg.full_reference else None)
+    stages = (build_quality_scorer([], device, cfg.stage_metrics, cfg.metric_timeout_s,
+                                   keys=("reward.stage_metrics", "reward.stage_metrics"))
+              if cfg.stage_metrics else None)
+    return final, stages

@@ -12,17 +12,22 @@ Sample, so the whole group loses the same term and group-relative advantages are
 - understanding: needs at least one usable tag.
 - generation: needs at least one configured metric. A chain without a final image scores 0 (its fault, not
   the sample's), with ``errors["generation"]`` saying so. A chain with image branches (``grpo.image_group_size``
-  > 1, ``Rollout.branch_finals``) has every branch's final image scored: ``Scores.branches`` keeps each
+  > 1, ``Rollout.branch_images``) has every branch's final image scored: ``Scores.branches`` keeps each
   branch's generation and quality parts, and ``parts`` (so the total) their means over the branches.
+- ``generation/<stage>`` (with ``reward.stage_metrics``): each image branch's rough and middle image scored by those
+  full-reference metrics against the HR at the image's size (``data.sft_targets.hr_at``, the cold start's target):
+  the process rewards stage credit reads (``grpo.image_credit``); details, never terms of the total.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
-from core.chain import parse_chain
+from core.chain import PROCESS_STAGES, parse_chain
 from core.config import RewardConfig
 from core.records import Rollout, Sample, Scores
+from data.sft_targets import hr_at
 from rewards.degradation import degradation_item_rewards
 from rewards.format import format_reward, section_format_rewards
 from rewards.quality import QualityScore, QualityScorer, generation_reward
@@ -52,15 +57,31 @@ def image_parts(quality: QualityScore | None, cfg: RewardConfig) -> tuple[dict[s
     return parts, dict(quality.errors)
 
 
+def stage_parts(qualities: Mapping[str, QualityScore], cfg: RewardConfig) -> tuple[dict[str, float], dict[str, str]]:
+    """``generation/<stage>`` of one image branch's stage images (their ``reward.stage_metrics`` scores by stage)
+    and the metric errors (``<metric>@<stage>``); a stage whose every metric failed has no part."""
+    weights = {m.name: m.weight for m in cfg.stage_metrics}
+    parts: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    for stage, quality in qualities.items():
+        value = generation_reward(quality, weights, cfg.failed_metric)
+        if value is not None and math.isfinite(value):
+            parts[f"generation/{stage}"] = value
+        errors.update({f"{name}@{stage}": why for name, why in quality.errors.items()})
+    return parts, errors
+
+
 def score_chain(
     text: str, sample: Sample, quality: QualityScore | None, cfg: RewardConfig, sample_index: int = 0,
     branch_qualities: Sequence[QualityScore | None] = (),
+    stage_qualities: Sequence[Mapping[str, QualityScore]] = (),
 ) -> Scores:
     """All reward components of one chain, from its text, its sample and its final image's metrics.
 
     ``quality`` is None when the chain has no final image; ``branch_qualities``: those of its image branches
-    1..M-1 (``Rollout.branch_finals``). Pure: metrics are computed beforehand by a QualityScorer (batched over
-    chains), so this function is cheap and testable without pyiqa.
+    1..M-1 (``Rollout.branch_images``); ``stage_qualities``: per image branch (branch 0 first), its stage images'
+    ``reward.stage_metrics`` scores by stage (() without them). Pure: metrics are computed beforehand by a
+    QualityScorer (batched over chains), so this function is cheap and testable without pyiqa.
     """
     parsed = parse_chain(text)
     weights = vars(cfg.weights)
@@ -77,6 +98,10 @@ def score_chain(
         parts["understanding"] = und
 
     branches = [image_parts(q, cfg) for q in (quality, *branch_qualities)]
+    for (b_parts, b_errors), qualities in zip(branches, stage_qualities):
+        more_parts, more_errors = stage_parts(qualities, cfg)
+        b_parts.update(more_parts)
+        b_errors.update(more_errors)
     for i, (_, errs) in enumerate(branches):
         errors.update({(name if i == 0 else f"{name}@branch{i}"): why for name, why in errs.items()})
     if len(branches) == 1:
@@ -92,9 +117,11 @@ def score_chain(
 
 
 def score_rollouts(
-    rollouts: Sequence[Rollout], samples: Sequence[Sample], cfg: RewardConfig, scorer: QualityScorer | None
+    rollouts: Sequence[Rollout], samples: Sequence[Sample], cfg: RewardConfig, scorer: QualityScorer | None,
+    stage_scorer: QualityScorer | None = None,
 ) -> list[Scores]:
-    """Score chains in one batch: one metric pass over all final images, then ``score_chain`` per chain."""
+    """Score chains in one batch: one metric pass over all final images (``scorer``), one over all stage images
+    before the final (``stage_scorer``, ``reward.stage_metrics``), then ``score_chain`` per chain."""
     if len(rollouts) != len(samples):
         raise ValueError(f"{len(rollouts)} rollouts but {len(samples)} samples")
     for r, s in zip(rollouts, samples):
@@ -115,4 +142,25 @@ def score_rollouts(
         scored = scorer([image for _, _, image in finals], [samples[i].hr for i, _, _ in finals])
         for (i, b, _), q in zip(finals, scored):
             qualities[i][b] = q
-    return [score_chain(r.text, s, q[0], cfg, r.sample_index, q[1:]) for r, s, q in zip(rollouts, samples, qualities)]
+    stages = _stage_qualities(rollouts, samples, cfg, stage_scorer)
+    return [score_chain(r.text, s, q[0], cfg, r.sample_index, q[1:], st)
+            for r, s, q, st in zip(rollouts, samples, qualities, stages)]
+
+
+def _stage_qualities(rollouts: Sequence[Rollout], samples: Sequence[Sample], cfg: RewardConfig,
+                     scorer: QualityScorer | None) -> list[list[dict[str, QualityScore]]]:
+    """Per chain, per image branch: its process stages' ``reward.stage_metrics`` scores by stage, in one metric
+    pass over every chain (nothing without stage metrics; a sample without HR has none)."""
+    out: list[list[dict[str, QualityScore]]] = [[{} for _ in range(r.image_branches)] for r in rollouts]
+    if not cfg.stage_metrics:
+        return out
+    if scorer is None:
+        raise ValueError("reward.stage_metrics are configured but no stage QualityScorer was given")
+    images = [(i, b, stage, image) for i, (r, s) in enumerate(zip(rollouts, samples)) if s.hr is not None
+              for b, branch in enumerate((r.images, *r.branch_images))
+              for stage, image in branch.items() if stage in PROCESS_STAGES]
+    scored = scorer([image for *_, image in images],
+                    [hr_at(samples[i].hr, image.shape[:2], stage) for i, _, stage, image in images])
+    for (i, b, stage, _), q in zip(images, scored):
+        out[i][b][stage] = q
+    return out

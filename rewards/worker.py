@@ -10,7 +10,7 @@ from typing import Any
 
 from core.config import RewardConfig
 from core.records import Rollout, Sample, Scores
-from rewards.quality import QualityScorer, build_quality_scorer
+from rewards.quality import build_reward_scorers
 from rewards.total import score_rollouts
 
 
@@ -23,13 +23,12 @@ class RewardWorker:
 
     def __init__(self, cfg: RewardConfig, device: str = "cpu") -> None:
         self.cfg = cfg
-        self.scorer: QualityScorer | None = None
-        if cfg.metrics or cfg.full_reference:
-            self.scorer = build_quality_scorer(cfg.metrics, device, cfg.full_reference, cfg.metric_timeout_s)
+        self.scorer, self.stage_scorer = build_reward_scorers(cfg, device)
 
     def score(self, pairs: Sequence[tuple[Any, Sample]]) -> list[Scores]:
         """pairs: (Rollout or ObjectRef of a Rollout, its Sample) -> Scores in the same order."""
-        return score_rollouts(_resolve([r for r, _ in pairs]), [s for _, s in pairs], self.cfg, self.scorer)
+        return score_rollouts(_resolve([r for r, _ in pairs]), [s for _, s in pairs], self.cfg, self.scorer,
+                              self.stage_scorer)
 
     def pid(self) -> int:
         return os.getpid()

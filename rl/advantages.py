@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from core import grpo
-from core.chain import DEGRADATION_ITEMS, TEXT_TAGS
+from core.chain import DEGRADATION_ITEMS, PROCESS_STAGES, TEXT_TAGS
 from core.config import ExperimentConfig
 from core.records import Scores
 from rewards.total import metric_weights
@@ -31,7 +31,8 @@ def advantage_plan(cfg: ExperimentConfig, step: grpo.StepRewards) -> grpo.Advant
     a column of their own when ``image_rewards`` differs from ``text_rewards`` (otherwise they share the text's, as
     in the paper); with ``section_rewards`` each of ``TEXT_TAGS``' sections (one it does not name learns from
     ``text_rewards``); with ``token_credit.degradation_items`` each degradation item, from its
-    ``degradation/<item>`` part alone. Then the ``advantage_transforms``."""
+    ``degradation/<item>`` part alone; with ``image_credit`` stage each stage before the final, from its image's
+    ``generation/<stage>`` (per image branch when there are several). Then the ``advantage_transforms``."""
     g = cfg.grpo
     options = {"scale_by_std": g.scale_by_std, "eps": g.eps}
     estimator = {"name": "decoupled" if g.decoupled_normalization else "grpo", **options}
@@ -49,9 +50,13 @@ def advantage_plan(cfg: ExperimentConfig, step: grpo.StepRewards) -> grpo.Advant
                     for tag, names in named.items()]
     if g.token_credit.get("degradation_items", False):
         columns += [column(f"item/{item}", [f"degradation/{item}"]) for item in DEGRADATION_ITEMS]
+    branches = {"name": "image_branches", "decoupled": g.decoupled_normalization, **options}
     if train_images and step.num_branches > 1:
-        columns.append(grpo.AdvantageColumn("image_branches", _names(g.image_rewards), {
-            "name": "image_branches", "decoupled": g.decoupled_normalization, **options}))
+        columns.append(grpo.AdvantageColumn("image_branches", _names(g.image_rewards), branches))
+    if train_images and g.image_credit.get("name") == "stage":
+        columns += [grpo.AdvantageColumn(f"stage/{stage}", (f"generation/{stage}",),
+                                         branches if step.num_branches > 1 else estimator)
+                    for stage in PROCESS_STAGES]
     return grpo.AdvantagePlan(tuple(columns), tuple(g.advantage_transforms))
 
 
@@ -107,7 +112,8 @@ def _assemble(n: int, group_size: int, estimates: Sequence[tuple[list[int], grpo
     keep = (~flat).repeat_interleave(group_size) & scored
     return grpo.ChainAdvantages(text=column("text"), image=column("image"), sections=column("sections"),
                                 groups=grpo.GroupFilter(zero_variance=flat, keep=keep),
-                                image_branches=column("image_branches"), items=column("items"), scored=scored)
+                                image_branches=column("image_branches"), items=column("items"), scored=scored,
+                                stages=column("stages"))
 
 
 def advantage_metrics(adv: grpo.ChainAdvantages, keep: torch.Tensor) -> dict[str, float]:
@@ -124,4 +130,7 @@ def advantage_metrics(adv: grpo.ChainAdvantages, keep: torch.Tensor) -> dict[str
         out.update({f"grpo/{tag}_advantage_std": float(adv.sections[:, i].std()) for i, tag in enumerate(TEXT_TAGS)})
     if adv.items is not None:
         out["grpo/degradation_item_advantage_std"] = float(adv.items.std())
+    if adv.stages is not None:
+        out.update({f"grpo/{stage}_image_advantage_std": float(adv.stages[:, i].std())
+                    for i, stage in enumerate(PROCESS_STAGES)})
     return out

@@ -4,8 +4,10 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
+from core import grpo
 from core.config import ConfigError, ExperimentConfig, ExperimentalConfig, load_config, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,6 +255,35 @@ def test_an_override_of_a_mapping_replaces_it_while_a_section_merges():
     assert cfg.grpo.section_rewards["degradation"] == ["degradation"] and len(cfg.grpo.section_rewards) == 4
     with pytest.raises(ConfigError, match="key 'learner.policy_optim.lr_scale.a'"):
         load_config(ROOT / "configs/grpo_local.yaml", ["learner.policy_optim.lr_scale={a: fast}"])
+
+
+STAGE_CREDIT = ["grpo.image_credit={name: stage}", "grpo.image_group_size=2",
+                "reward.stage_metrics=[{name: psnr, weight: 1.0, scale: 40.0}]"]
+
+
+def test_stage_credit_gives_the_rough_and_middle_steps_their_own_images_advantages():
+    from core.records import Scores
+    from rl.advantages import step_advantages
+
+    cfg = load_config(ROOT / "configs/grpo_local.yaml", STAGE_CREDIT)
+    branch = lambda k, b: {"generation": 0.5, "quality/piqe": 0.5, "quality/psnr": 0.5, "quality/ssim": 0.5,  # noqa: E731
+                           "generation/rough": 0.1 * k * (b + 1), "generation/middle": 0.2}
+    scores = [Scores(prompt_id=0, sample_index=k, parts={"format": 1.0}, total=0.0,
+                     branches=(branch(k, 0), branch(k, 1))) for k in range(4)]
+    adv = step_advantages(cfg, scores, seed=0)
+    rough = torch.tensor([[0.1 * k * (b + 1) for b in range(2)] for k in range(4)])
+    # the stage's values centred on each chain's branches, scaled by the group's spread (the branches' estimator)
+    torch.testing.assert_close(adv.stages[:, 0], grpo.branch_advantages(rough, 4)[0])
+    assert adv.stages[:, 1].abs().max() == 0  # the middle images tie
+    assert adv.image_branches.abs().max() == 0  # and so do the final ones: only the rough steps learn here
+    assert step_advantages(load_config(ROOT / "configs/grpo_local.yaml", STAGE_CREDIT[1:]), scores, seed=0).stages is None
+    for overrides, key, why in (
+            (STAGE_CREDIT[:2], "grpo.image_credit", "reward.stage_metrics, and there are none"),
+            (["grpo.image_credit={name: stage, weight: 1}"], "grpo.image_credit", "unknown option"),
+            (STAGE_CREDIT[:1] + ["reward.stage_metrics=[{name: psnr, scale: 0.0}]"], "reward.stage_metrics\\[0\\].scale",
+             "must be > 0")):
+        with pytest.raises(ConfigError, match=f"key '{key}' = .*{why}"):
+            load_config(ROOT / "configs/grpo_local.yaml", overrides)
 
 
 def test_degradation_item_credit_is_a_section_credit_option_that_needs_the_degradation_reward():

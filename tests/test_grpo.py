@@ -571,11 +571,49 @@ def test_estimated_advantages_with_image_branches():
 def test_build_train_batch_gives_each_image_branch_its_own_steps_advantage():
     r = _rollout(0, 0, 2, 3, steps=(1, 2, 1))
     r.traces = r.traces + r.traces  # branch 1: the same three stages again
-    r.branch_finals = (np.zeros((4, 4, 3), np.uint8),)
+    r.branch_images = ({"final": np.zeros((4, 4, 3), np.uint8)},)
     batch = grpo.build_train_batch([r], [ChainAdvantage(text=1.0, image=0.5, image_branches=(0.5, -2.0))])
     assert batch.step_advantages.tolist() == [[0.5] * 4 + [-2.0] * 4]
     with pytest.raises(ValueError, match="2 image branches and 6 traces, but 3 branch advantages"):
         grpo.build_train_batch([r], [ChainAdvantage(text=1.0, image_branches=(0.5, -2.0, 1.0))])
+
+
+def test_stage_credit_gives_each_stage_its_own_images_advantage():
+    r = _rollout(0, 0, 2, 3, steps=(1, 2, 1))
+    r.traces = r.traces + r.traces  # branch 1: the same three stages again
+    r.branch_images = ({"rough": np.zeros((1, 1, 3), np.uint8), "final": np.zeros((4, 4, 3), np.uint8)},)
+    adv = ChainAdvantage(text=1.0, image=0.5, image_branches=(0.5, -2.0), stages=((0.1, 0.2), (0.3, 0.4)))
+    # final credit (the default): every stage of a branch takes that branch's final-image advantage
+    assert grpo.build_train_batch([r], [adv]).step_advantages.tolist() == [[0.5] * 4 + [-2.0] * 4]
+    staged = grpo.build_train_batch([r], [adv], image_credit=grpo.image_credit({"name": "stage"}))
+    # rough (1 step), middle (2), final (1), branch 0 then branch 1: each stage its own image's advantage
+    torch.testing.assert_close(staged.step_advantages, torch.tensor([[0.1, 0.3, 0.3, 0.5, 0.2, 0.4, 0.4, -2.0]]))
+    with pytest.raises(ValueError, match="stage credit needs 2 advantages for each of"):
+        grpo.build_train_batch([r], [replace(adv, stages=None)], image_credit=grpo.stage_credit)
+    with pytest.raises(ValueError, match="image credit 'process' is not one of"):
+        grpo.image_credit({"name": "process"})
+
+
+def test_estimated_stage_advantages_are_each_stages_branch_advantages():
+    rough, middle = [[0.3, 0.1], [0.2, 0.2], [0.5, 0.9], [0.4, 0.1]], [[0.6, 0.6], [0.1, 0.3], [0.2, 0.2], [0.5, 0.5]]
+    branches = [[{"generation": 0.3 + b, "generation/rough": rough[i][b], "generation/middle": middle[i][b]}
+                 for b in range(2)] for i in range(4)]
+    stage = lambda s: _col(f"stage/{s}", [f"generation/{s}"], "image_branches")  # noqa: E731
+    columns = (_col("text", ["format"]), _col("image_branches", ["generation"], "image_branches"),
+               stage("rough"), stage("middle"))
+    adv = _advantages(*columns, step=_step(branches=branches))
+    for k, values in enumerate((rough, middle)):
+        expected, _ = grpo.branch_advantages(torch.tensor(values), 2)
+        torch.testing.assert_close(adv.stages[:, k], expected)
+    assert adv.stages.shape == (4, 2, 2)
+    assert adv.per_chain()[2].stages == tuple(map(tuple, adv.stages[2].tolist()))  # rough's 2 branches, middle's
+    # the placebo moves a chain's stage advantages with the rest of its row
+    placebo = _advantages(*columns, step=_step(branches=branches), transforms=[{"name": "placebo_shuffle"}],
+                          generator=torch.Generator().manual_seed(1))
+    rows = lambda a: {tuple(r) for r in torch.cat([a.text[:, None], a.stages.flatten(1)], 1).tolist()}  # noqa: E731
+    assert rows(placebo) == rows(adv)
+    with pytest.raises(ValueError, match="stage columns"):
+        grpo.AdvantagePlan((_col("text"), stage("middle"), stage("rough")))
 
 
 # ------------------------------------------------------------------------------------------ decoupled
@@ -714,7 +752,7 @@ def test_trained_steps_take_the_high_noise_end_and_the_batch_marks_only_them():
     assert list(grpo.trained_steps(3, 0.1)) == [0]  # at least one step per trace
     rollouts = [_rollout(0, 0, 2, 3, steps=(4, 4, 4)), _rollout(0, 1, 2, 3, steps=(4, 4, 4))]
     full = grpo.build_train_batch(rollouts, torch.tensor([1.0, -1.0]))
-    half = grpo.build_train_batch(rollouts, torch.tensor([1.0, -1.0]), train_steps_fraction=0.5)
+    half = grpo.build_train_batch(rollouts, torch.tensor([1.0, -1.0]), train_steps=(0.5, 0.0))
     assert full.num_steps == 2 * 12 and half.num_steps == 2 * 6  # half the steps get a loss
     assert half.step_mask[0].tolist() == [True, True, False, False] * 3  # the first two of each stage
     assert half.select([1]).step_old_log_probs.shape == (1, 12)  # untrained steps are kept, not trimmed
@@ -728,8 +766,7 @@ def test_the_step_window_can_start_later_in_the_denoising():
     assert list(grpo.trained_steps(8, 0.25, 0.75)) == [6, 7]
     assert list(grpo.trained_steps(3, 0.1, 0.9)) == [2]  # at least one step, never past the last
     rollouts = [_rollout(0, 0, 2, 3, steps=(4, 4, 4)), _rollout(0, 1, 2, 3, steps=(4, 4, 4))]
-    late = grpo.build_train_batch(rollouts, torch.tensor([1.0, -1.0]), train_steps_fraction=0.5,
-                                  train_steps_start=0.5)
+    late = grpo.build_train_batch(rollouts, torch.tensor([1.0, -1.0]), train_steps=(0.5, 0.5))
     assert late.step_mask[0].tolist() == [False, False, True, True] * 3 and late.num_steps == 2 * 6
     with pytest.raises(ValueError, match="train_steps_start = 1"):
         grpo.trained_steps(8, 0.5, 1.0)

@@ -438,7 +438,7 @@ def test_image_branches_train_like_separate_chains_with_the_same_advantages(mode
     separate = one_rank_worker(models, port, "policy.freeze=true", "learner.micro_batch_size=4").train_chains(
         [ChainAdvantage(0.0, image=a) for a in image_adv], False, *rollouts)
     merged = [replace(rollouts[i], traces=rollouts[i].traces + rollouts[i + 1].traces,
-                      branch_finals=(np.zeros((32, 32, 3), np.uint8),)) for i in (0, 2)]
+                      branch_images=({"final": np.zeros((32, 32, 3), np.uint8)},)) for i in (0, 2)]
     worker = one_rank_worker(models, port, "policy.freeze=true")
     calls: list[int] = []
     rescore = worker.engine("diffusion").module.sr.trace_log_probs

@@ -1,6 +1,6 @@
 """rl.one_process: rl.launch's drivers over the local transport, without Ray (the GPU check's path), from the same
-configs: an SFT export that a GRPO run starts from, both models through LoRA with image branches, held-out metrics and
-the panel in TensorBoard, the new weights loaded into the sampler after each update, and a resume."""
+configs: an SFT export that a GRPO run starts from, both models through LoRA with image branches and stage credit,
+held-out metrics and the panel in TensorBoard, the new weights loaded into the sampler after each update, and a resume."""
 
 from __future__ import annotations
 
@@ -53,13 +53,17 @@ def test_cold_start_then_grpo_in_one_process(small_models, tmp_path, free_port):
         f"policy.init_from={export}/policy", f"diffusion.init_from={export}/diffusion",
         "learner.num_ranks=1", "learner.micro_batch_size=2", "rollout.engine=hf", "chain.max_stage_tokens=8",
         "grpo.prompts_per_step=1", "grpo.group_size=2", "grpo.image_group_size=2",
-        "grpo.decoupled_normalization=true", "trainer.total_steps=2", "trainer.eval_every=2",
+        "grpo.decoupled_normalization=true", "grpo.image_credit={name: stage}",
+        "reward.stage_metrics=[{name: psnr, weight: 1.0, scale: 40.0}]", "trainer.total_steps=2", "trainer.eval_every=2",
         "trainer.eval_images=1", "trainer.checkpoint_every=2", "trainer.progress_bar=false",
         "diffusion.num_steps=2", "diffusion.train_steps_fraction=0.5", "diffusion.train_steps_start=0.5"]
     final = fit(load_config(ROOT / "configs/grpo_local.yaml", grpo_args))
     scalars = read_scalars(tmp_path / "grpo" / "tensorboard")
     assert [s for s, _ in scalars["reward/total/mean"]] == [1, 2]
     assert [s for s, _ in scalars["eval/panel/psnry"]] == [0, 2] and scalars["eval/chains"][0][1] == 2
+    # stage credit: the rough and middle images scored against the HR at their size, each with its own advantage
+    assert all(0 < v < 1 for stage in ("rough", "middle") for _, v in scalars[f"reward/generation/{stage}/mean"])
+    assert all(v > 0 for stage in ("rough", "middle") for _, v in scalars[f"grpo/{stage}_image_advantage_std"])
     trained = [v for _, v in scalars.get("policy/version", [])]
     assert trained and trained[-1] >= 1  # at least one update reached the sampler
     ratios = scalars.get("learner/image_first_epoch_ratio_mean", [])

@@ -3,6 +3,7 @@
 import doctest
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -352,13 +353,38 @@ def test_score_rollouts_batches_final_images_through_the_scorer():
         score_rollouts(rollouts, samples, cfg, None)
 
 
+def test_stage_metrics_score_each_branchs_rough_and_middle_images_against_the_hr_at_their_size():
+    def closeness(x, ref):  # full-reference: 1 - mean absolute difference, (N, 3, H, W) in [0, 1] -> (N,)
+        assert x.shape == ref.shape  # the HR was brought to the stage image's size
+        return 1 - (x - ref).abs().mean(dim=(1, 2, 3))
+
+    cfg, scorer, _ = _brightness_scorer()
+    cfg.stage_metrics = [QualityMetricConfig(name="close")]
+    stage_scorer = QualityScorer([], [(cfg.stage_metrics[0], closeness)])
+    hr = np.full((8, 8, 3), 200, np.uint8)
+    grey = lambda v, n: np.full((n, n, 3), v, np.uint8)  # noqa: E731
+    r = Rollout.for_scoring(0, 0, GOOD, {"rough": grey(200, 2), "middle": grey(100, 4), "final": grey(255, 8)})
+    r.branch_images = ({"rough": grey(0, 2), "middle": grey(200, 4), "final": grey(51, 8)},)
+    scores = score_rollouts([r], [make_sample(0, hr=hr)], cfg, scorer, stage_scorer)[0]
+    expected = [{"rough": 1.0, "middle": 1 - 100 / 255}, {"rough": 1 - 200 / 255, "middle": 1.0}]
+    for branch, want in zip(scores.branches, expected):
+        assert {s: branch[f"generation/{s}"] for s in want} == pytest.approx(want)
+    assert scores.parts["generation/rough"] == pytest.approx((1 + 1 - 200 / 255) / 2)  # the branches' mean
+    plain = score_rollouts([r], [make_sample(0, hr=hr)], replace(cfg, stage_metrics=[]), scorer)[0]
+    assert scores.total == pytest.approx(plain.total)  # a process reward is a detail, never a term of the total
+    no_hr = score_rollouts([r], [make_sample(0)], cfg, scorer, stage_scorer)[0]
+    assert not any(k.startswith("generation/") for k in no_hr.parts)  # real LR: nothing to compare a stage with
+    with pytest.raises(ValueError, match="reward.stage_metrics are configured but no stage QualityScorer"):
+        score_rollouts([r], [make_sample(0, hr=hr)], cfg, scorer)
+
+
 def test_score_rollouts_scores_every_image_branch_and_averages_them():
     cfg, scorer, calls = _brightness_scorer()
     img = _grey
     two = make_rollout(0, 0, final=img(255))
-    two.branch_finals = (img(51),)  # a second image of the same chain: its texts, other noise
+    two.branch_images = ({"final": img(51)},)  # a second image of the same chain: its texts, other noise
     one = make_rollout(0, 1, final=None)
-    one.branch_finals = (img(102),)  # branch 0 failed, branch 1 did not
+    one.branch_images = ({"final": img(102)},)  # branch 0 failed, branch 1 did not
     scores = score_rollouts([two, one], [make_sample(0), make_sample(0)], cfg, scorer)
     assert calls == [3]  # every final image of every chain in one metric pass
     assert [b["generation"] for b in scores[0].branches] == pytest.approx([1.0, 0.2])

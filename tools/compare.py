@@ -31,13 +31,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from core.chain import TEXT_TAGS
+from core.chain import PROCESS_STAGES, TEXT_TAGS
 from core.stats import crops_for_power, paired_clustered_se
 from rl.monitor import read_scalars
 
-# each text section's own format (rewards.format.section_format_rewards) right after the chain's
-REWARDS = ("format", *(f"format/{tag}" for tag in TEXT_TAGS),
-           "degradation", "understanding", "generation", "total")
+# each text section's own format (rewards.format.section_format_rewards) right after the chain's; each process
+# stage's fidelity (reward.stage_metrics) right after the final image's generation
+REWARDS = ("format", *(f"format/{tag}" for tag in TEXT_TAGS), "degradation", "understanding",
+           "generation", *(f"generation/{stage}" for stage in PROCESS_STAGES), "total")
 
 
 @dataclass(frozen=True)

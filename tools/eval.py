@@ -186,15 +186,12 @@ def sample_chains(sampler, samples: Sequence, spi: int, batch_size: int, seed: i
 
 
 def _rewards(rollouts: Sequence, samples: Sequence, reward_cfg, device: str) -> list:
-    from rewards.quality import build_quality_scorer
-    from rewards.total import metric_weights, score_rollouts
+    from rewards.quality import build_reward_scorers
+    from rewards.total import score_rollouts
 
-    scorer = None
-    if metric_weights(reward_cfg):
-        with no_downloads():
-            scorer = build_quality_scorer(reward_cfg.metrics, device, reward_cfg.full_reference,
-                                          timeout_s=reward_cfg.metric_timeout_s)
-    return score_rollouts(rollouts, samples, reward_cfg, scorer)
+    with no_downloads():
+        scorer, stage_scorer = build_reward_scorers(reward_cfg, device)
+    return score_rollouts(rollouts, samples, reward_cfg, scorer, stage_scorer)
 
 
 def image_metric_values(scorer, images: Sequence[Optional[np.ndarray]], hrs: Sequence[Optional[np.ndarray]],

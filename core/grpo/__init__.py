@@ -3,7 +3,7 @@
 ``core.grpo.advantages``  group-relative advantages, zero-variance filter, reward columns, advantage transforms
 ``core.grpo.estimators``  StepRewards, the registered advantage estimators (ADV_ESTIMATORS), the column plan and
                           estimate_advantages (one step's scores -> ChainAdvantages)
-``core.grpo.credit``      token-credit rules (chain, section) and the chain tags' ids
+``core.grpo.credit``      token-credit rules (chain, section), image-credit rules (final, stage), tag ids
 ``core.grpo.batch``       TrainBatch, build_train_batch, the trained denoising steps
 ``core.grpo.losses``      clipped surrogate (text and image), token_mean, k3 KL, log-probs, TIS weights
 ``core.grpo.objectives``  the image objectives: trajectory (the surrogate) or nft (DiffusionNFT's forward process)
@@ -40,12 +40,16 @@ from core.grpo.estimators import (
 from core.grpo.batch import TrainBatch, build_train_batch, trained_steps
 from core.grpo.objectives import IMAGE_OBJECTIVES, NFTOutput, image_objective, nft_loss, reward_probability
 from core.grpo.credit import (
+    IMAGE_CREDIT,
     TOKEN_CREDIT,
     ChainTags,
     TokenCredit,
     chain_credit,
     degradation_item_positions,
+    final_credit,
+    image_credit,
     section_credit,
+    stage_credit,
     token_credit,
     token_sections,
 )
@@ -68,7 +72,7 @@ __all__ = [
     "group_order", "placebo_shuffle", "registry_entry", "zero_variance_groups", "TrainBatch", "build_train_batch",
     "trained_steps", "TOKEN_CREDIT", "ChainTags", "TokenCredit", "chain_credit", "section_credit",
     "degradation_item_positions",
-    "token_credit", "token_sections", "LOG_RATIO_CLAMP", "SurrogateOutput", "clipped_surrogate",
+    "IMAGE_CREDIT", "final_credit", "stage_credit", "image_credit", "token_credit", "token_sections", "LOG_RATIO_CLAMP", "SurrogateOutput", "clipped_surrogate",
     "gather_token_log_probs", "image_surrogate", "k3_kl", "needs_reference", "token_mean", "ImportanceWeights",
     "truncated_importance_weights", "IMAGE_OBJECTIVES", "NFTOutput", "image_objective", "nft_loss",
     "reward_probability", "ADV_ESTIMATORS", "AdvantageColumn", "AdvantagePlan", "Estimate", "StepRewards",

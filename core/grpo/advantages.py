@@ -238,6 +238,8 @@ class ChainAdvantages:
     # (N,) bool: False for a chain whose reward could not be computed (left out of its group, never trained on);
     # None: every chain was scored
     scored: Tensor | None = None
+    # (N, len(PROCESS_STAGES), M): each stage image's own advantage, per image branch (stage credit)
+    stages: Tensor | None = None
 
     def per_chain(self) -> list[ChainAdvantage]:
         """One record per chain, what the learner is sent."""
@@ -245,7 +247,8 @@ class ChainAdvantages:
         return [ChainAdvantage(text=float(self.text[i]),
                                image=None if self.image is None else float(self.image[i]),
                                sections=row(self.sections, i), image_branches=row(self.image_branches, i),
-                               items=row(self.items, i))
+                               items=row(self.items, i),
+                               stages=None if self.stages is None else tuple(map(tuple, self.stages[i].tolist())))
                 for i in range(self.text.shape[0])]
 
 

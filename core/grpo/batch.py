@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from core.grpo.credit import ChainTags, TokenCredit, chain_credit
+from core.grpo.credit import ChainTags, ImageCredit, TokenCredit, chain_credit, final_credit
 from core.records import ChainAdvantage, Rollout
 
 
@@ -118,18 +118,6 @@ def _check_rollout(r: Rollout) -> None:
             )
 
 
-def _branch_advantages(r: Rollout, adv: ChainAdvantage) -> list[float]:
-    """The image advantage of each of the chain's image branches (traces are branch after branch, each branch's
-    stages in turn: ``Rollout.traces``)."""
-    if adv.image_branches is None:
-        return [float(adv.text if adv.image is None else adv.image)]
-    m = r.image_branches
-    if len(adv.image_branches) != m or len(r.traces) % m:
-        raise ValueError(f"rollout prompt_id={r.prompt_id} sample_index={r.sample_index}: {m} image branches and "
-                         f"{len(r.traces)} traces, but {len(adv.image_branches)} branch advantages")
-    return [float(a) for a in adv.image_branches]
-
-
 def _as_records(advantages: Tensor | Sequence[ChainAdvantage], n: int) -> list[ChainAdvantage]:
     if isinstance(advantages, Tensor):
         if advantages.dim() != 1 or advantages.shape[0] != n:
@@ -156,8 +144,8 @@ def build_train_batch(
     pad_token_id: int = 0,
     credit: TokenCredit = chain_credit,
     tags: ChainTags | None = None,
-    train_steps_fraction: float = 1.0,
-    train_steps_start: float = 0.0,
+    train_steps: tuple[float, float] = (1.0, 0.0),
+    image_credit: ImageCredit = final_credit,
 ) -> TrainBatch:
     """Pad the kept chains into a TrainBatch, each sampled token carrying its advantage.
 
@@ -166,10 +154,10 @@ def build_train_batch(
     ``zero_variance_groups(...).keep`` (None keeps all). Rows keep the rollouts' order. Only tokens with
     text_mask 1 are loss tokens: prompt, inserted image blocks and padding carry no loss, no advantage
     and no old log-prob. ``credit`` (``core.grpo.credit.token_credit``) spreads a chain's advantages over its
-    tokens, reading ``tags``; the diffusion steps get ``ChainAdvantage.image`` (None: the text's), or with image
-    branches each branch's traces its ``ChainAdvantage.image_branches`` entry, on the ``trained_steps`` of each
-    trace. All chains filtered out is a valid, empty batch (len 0); the driver
-    skips it.
+    tokens, reading ``tags``; ``image_credit`` (``core.grpo.credit.image_credit``) gives each trace its advantage
+    (``final``: ``ChainAdvantage.image``, None: the text's, or with image branches each branch's traces its
+    ``ChainAdvantage.image_branches`` entry), on the steps ``train_steps`` = (fraction, start) of each trace
+    selects (``trained_steps``). All chains filtered out is a valid, empty batch (len 0); the driver skips it.
     """
     n = len(rollouts)
     records = _as_records(advantages, n)
@@ -202,13 +190,13 @@ def build_train_batch(
         loss_mask[row, p:total] = sampled
         old_log_probs[row, p:total] = torch.where(sampled, r.log_probs.float(), torch.zeros(()))
         token_adv[row, p:total] = credit(r.token_ids, sampled, adv, tags)
-        branch_adv = _branch_advantages(r, adv)
+        trace_adv = image_credit(r, adv)
         offset = 0
         for j, trace in enumerate(r.traces):
             s = int(trace.log_probs.numel())
             step_old[row, offset:offset + s] = trace.log_probs.float()
-            step_adv[row, offset:offset + s] = branch_adv[j * len(branch_adv) // len(r.traces)]
-            trained = trained_steps(s, train_steps_fraction, train_steps_start)
+            step_adv[row, offset:offset + s] = trace_adv[j]
+            trained = trained_steps(s, *train_steps)
             step_mask[row, [offset + k for k in trained]] = True
             offset += s
 

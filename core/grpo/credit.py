@@ -1,8 +1,10 @@
-"""Token credit: how a chain's advantages reach its text tokens, as a registry of named rules.
+"""Credit: how a chain's advantages reach its text tokens and its denoising steps, as registries of named rules.
 
 ``grpo.token_credit`` names one rule of ``TOKEN_CREDIT`` (``{name: chain}``, the paper's: every sampled token
 gets the chain's text advantage; ``{name: section}``: each token gets the advantage of the section it was
-written in). Pure torch; tag ids come from the policy's tokenizer through ``ChainTags``.
+written in). ``grpo.image_credit`` names one rule of ``IMAGE_CREDIT`` (``{name: final}``: every stage's steps get
+their image branch's final-image advantage; ``{name: stage}``: the rough and middle steps get their own stage
+image's). Pure torch; tag ids come from the policy's tokenizer through ``ChainTags``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from core.chain import DEGRADATION_ITEMS, TAGS, TEXT_TAGS, item_statements, open_tag
+from core.chain import DEGRADATION_ITEMS, PROCESS_STAGES, TAGS, TEXT_TAGS, item_statements, open_tag
 from core.grpo.advantages import registry_entry
-from core.records import ChainAdvantage
+from core.records import ChainAdvantage, Rollout
 
 
 @dataclass(frozen=True)
@@ -125,3 +127,55 @@ def token_credit(spec: Mapping[str, Any] | None = None) -> TokenCredit:
     """The rule a ``grpo.token_credit`` entry names, with its options bound (None: the paper's ``chain``)."""
     fn, options = registry_entry(TOKEN_CREDIT, spec or {"name": "chain"}, "token credit", 4)
     return lambda token_ids, sampled, advantage, tags: fn(token_ids, sampled, advantage, tags, **options)
+
+
+# ------------------------------------------------------------------------------------------ image credit
+# A rule maps one chain (its ``Rollout.traces``: each image branch's stages in turn, branch 0's first) and its
+# ChainAdvantage to one advantage per trace, which every denoising step of that trace gets.
+ImageCredit = Callable[[Rollout, ChainAdvantage], list[float]]
+
+
+def branch_of_traces(r: Rollout, advantage: ChainAdvantage) -> list[float]:
+    """Each image branch's final-image advantage (``ChainAdvantage.image_branches``; one branch: ``image``, else
+    the text's), checked against the chain's branches and traces."""
+    if advantage.image_branches is None:
+        return [float(advantage.text if advantage.image is None else advantage.image)]
+    m = r.image_branches
+    if len(advantage.image_branches) != m or len(r.traces) % m:
+        raise ValueError(f"rollout prompt_id={r.prompt_id} sample_index={r.sample_index}: {m} image branches and "
+                         f"{len(r.traces)} traces, but {len(advantage.image_branches)} branch advantages")
+    return [float(a) for a in advantage.image_branches]
+
+
+def final_credit(r: Rollout, advantage: ChainAdvantage) -> list[float]:
+    """Every stage's steps get their branch's final-image advantage: an outcome reward, as in Flow-GRPO, which is
+    the whole trajectory's return because each stage is conditioned on the one before."""
+    branches = branch_of_traces(r, advantage)
+    return [branches[j * len(branches) // len(r.traces)] for j in range(len(r.traces))]
+
+
+def stage_credit(r: Rollout, advantage: ChainAdvantage) -> list[float]:
+    """The steps of a stage before the final (``PROCESS_STAGES``) get their own image's advantage
+    (``ChainAdvantage.stages``, from the ``generation/<stage>`` process reward), the final stage's its branch's
+    final-image advantage: each stage is judged by what it made."""
+    branches = branch_of_traces(r, advantage)
+    stages = advantage.stages
+    if stages is None or len(stages) != len(PROCESS_STAGES) or any(len(s) != len(branches) for s in stages):
+        raise ValueError(f"rollout prompt_id={r.prompt_id} sample_index={r.sample_index}: stage credit needs "
+                         f"{len(branches)} advantages for each of {list(PROCESS_STAGES)} (reward.stage_metrics), "
+                         f"got {stages}")
+    out = []
+    for j, trace in enumerate(r.traces):
+        b = j * len(branches) // len(r.traces)
+        out.append(float(stages[PROCESS_STAGES.index(trace.stage)][b]) if trace.stage in PROCESS_STAGES
+                   else branches[b])
+    return out
+
+
+IMAGE_CREDIT: dict[str, ImageCredit] = {"final": final_credit, "stage": stage_credit}
+
+
+def image_credit(spec: Mapping[str, Any] | None = None) -> ImageCredit:
+    """The rule a ``grpo.image_credit`` entry names, with its options bound (None: ``final``)."""
+    fn, options = registry_entry(IMAGE_CREDIT, spec or {"name": "final"}, "image credit", 2)
+    return lambda r, advantage: fn(r, advantage, **options)

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from core.chain import DEGRADATION_ITEMS
+from core.chain import DEGRADATION_ITEMS, PROCESS_STAGES
 from core.grpo.advantages import (
     ChainAdvantages,
     GroupFilter,
@@ -166,7 +166,7 @@ def image_branch_estimator(step: StepRewards, components: Sequence[str] | None, 
 
 
 # ------------------------------------------------------------------------------------------ the plan
-COLUMN_NAMES = ("text", "image", "image_branches")  # and section/<tag>, item/<degradation item>
+COLUMN_NAMES = ("text", "image", "image_branches")  # and section/<tag>, item/<degradation item>, stage/<stage>
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,8 @@ class AdvantageColumn:
 
     name: who reads it: ``text`` (the text tokens), ``image`` (the diffusion steps, when judged apart from the
     text; without it they take the text's), ``section/<tag>`` (a text section's tokens, section credit),
-    ``item/<item>`` (the statement of a degradation item), ``image_branches`` (one column per image branch);
+    ``item/<item>`` (the statement of a degradation item), ``image_branches`` (one column per image branch),
+    ``stage/<stage>`` (that stage's denoising steps under stage credit: one column, or one per image branch);
     components: the reward components it learns from (None: the total; (): none, advantage 0); estimator: an
     ``ADV_ESTIMATORS`` entry with its options, ``{"name": "grpo", "scale_by_std": True}``."""
 
@@ -198,13 +199,15 @@ class AdvantagePlan:
 
     def __post_init__(self) -> None:
         names = [c.name for c in self.columns]
-        odd = [n for n in names if n not in COLUMN_NAMES and not n.startswith(("section/", "item/"))]
+        odd = [n for n in names if n not in COLUMN_NAMES and not n.startswith(("section/", "item/", "stage/"))]
         if odd or "text" not in names or len(set(names)) < len(names) or {"image", "image_branches"} <= set(names):
             raise ValueError(f"advantage columns {names}: need one text column, unique names among {COLUMN_NAMES}, "
-                             "section/<tag> and item/<item>, and image or image_branches, not both")
-        items = [n for n in names if n.startswith("item/")]
-        if items and items != [f"item/{item}" for item in DEGRADATION_ITEMS]:
-            raise ValueError(f"item columns {items}: one per core.chain.DEGRADATION_ITEMS item, in its order")
+                             "section/<tag>, item/<item> and stage/<stage>, and image or image_branches, not both")
+        for prefix, members, what in (("item/", DEGRADATION_ITEMS, "core.chain.DEGRADATION_ITEMS item"),
+                                      ("stage/", PROCESS_STAGES, "core.chain.PROCESS_STAGES stage")):
+            found = [n for n in names if n.startswith(prefix)]
+            if found and found != [f"{prefix}{m}" for m in members]:
+                raise ValueError(f"{prefix[:-1]} columns {found}: one per {what}, in its order")
 
 
 # ------------------------------------------------------------------------------------------ composition
@@ -226,13 +229,14 @@ def estimate_advantages(step: StepRewards, plan: AdvantagePlan,
 
 def _split(blocks: Mapping[str, Tensor], groups: GroupFilter) -> ChainAdvantages:
     """Named blocks of the table -> ChainAdvantages (the images: branch 0's with branches, else their own column,
-    else None; sections and items in plan order, None without any)."""
+    else None; sections and items in plan order, None without any; the stages (N, stages, K) likewise)."""
     def joined(prefix: str) -> Tensor | None:
         found = [b for name, b in blocks.items() if name.startswith(prefix)]
         return torch.cat(found, dim=1) if found else None
 
     branches = blocks.get("image_branches")
     image = branches if branches is not None else blocks.get("image")
+    stages = [b for name, b in blocks.items() if name.startswith("stage/")]
     return ChainAdvantages(text=blocks["text"][:, 0], image=None if image is None else image[:, 0],
                            sections=joined("section/"), groups=groups, image_branches=branches,
-                           items=joined("item/"))
+                           items=joined("item/"), stages=torch.stack(stages, dim=1) if stages else None)
