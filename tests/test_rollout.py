@@ -111,7 +111,7 @@ def test_image_branches_leave_the_chains_as_they_are_and_add_whole_image_traject
         # every branch keeps each of its stage images, at that stage's size (stage credit scores them)
         assert all({k: v.shape for k, v in b.items()} == {k: v.shape for k, v in three.images.items()}
                    for b in three.branch_images)
-        assert three.scoring_view().branch_images == three.branch_images
+        assert three.scoring_view().branch_images is three.branch_images  # the reward actors read them
         assert [t.stage for t in three.traces] == ["rough", "middle", "final"] * 3
         # the same noise; the UNet's batch differs (float rounding), and a fed-back uint8 image a level off moves
         # the next stage's condition by 1/255
