@@ -50,8 +50,7 @@ class _Chain:
     last_image: Optional[np.ndarray] = None  # branch 0's; the branches' own are in branch_images
     stage_images: dict[str, np.ndarray] | None = None
     traces: list[DiffusionTrace] | None = None  # branch 0's stages
-    branch_images: list[np.ndarray] | None = None  # branches 1..M-1: the latest stage image of each
-    branch_stages: list[dict[str, np.ndarray]] | None = None  # branches 1..M-1: every stage image of each
+    branch_images: list[dict[str, np.ndarray]] | None = None  # branches 1..M-1: each one's stage images so far
     branch_traces: list[list[DiffusionTrace]] | None = None  # branches 1..M-1: their stages
     finish: list[str] | None = None
     turn_text: str = ""  # the text of the latest turn
@@ -102,8 +101,7 @@ class ChainSampler:
             for g in range(group_size):
                 chains.append(_Chain(s.prompt_id, g, list(prompt), [s.lr], len(prompt), [], [],
                                      last_image=s.lr, stage_images={}, traces=[], finish=[],
-                                     branch_images=[s.lr] * (self.image_group_size - 1),
-                                     branch_stages=[{} for _ in range(self.image_group_size - 1)],
+                                     branch_images=[{} for _ in range(self.image_group_size - 1)],
                                      branch_traces=[[] for _ in range(self.image_group_size - 1)]))
         if not chains:
             return []
@@ -135,7 +133,9 @@ class ChainSampler:
                         + [_seed(seed, c.prompt_id, k, c.sample_index, tag, b) for c in chains for b in extra])
 
             generators = [torch.Generator().manual_seed(s) for s in image_seeds(7)]
-            conditions = [c.last_image for c in chains] + [c.branch_images[b - 1] for c in chains for b in extra]
+            previous = TURNS[k - 1].stage if k else None  # a branch's condition: its own previous image, else the LR
+            conditions = [c.last_image for c in chains] + [
+                c.branch_images[b - 1][previous] if previous else c.images[0] for c in chains for b in extra]
             gains = None
             if explore and self.detail_gain_std > 0:
                 gains = detail_gains(self.detail_gain_std, image_seeds(13))
@@ -147,7 +147,7 @@ class ChainSampler:
             n, m = len(chains), self.image_group_size - 1
             for i, c in enumerate(chains):
                 for b in range(m):
-                    c.branch_images[b] = c.branch_stages[b][turn.stage] = images[n + i * m + b]
+                    c.branch_images[b][turn.stage] = images[n + i * m + b]
                     c.branch_traces[b].append(traces[n + i * m + b])
             images, traces = images[:n], traces[:n]
             timings["diffusion_s"] += time.perf_counter() - t0
@@ -192,7 +192,7 @@ class ChainSampler:
             traces=tuple(c.traces) + tuple(t for branch in c.branch_traces for t in branch),
             timings=dict(timings),
             finish_reasons=tuple(c.finish),
-            branch_images=tuple(dict(b) for b in c.branch_stages),
+            branch_images=tuple(dict(b) for b in c.branch_images),
         )
 
 
